@@ -1,0 +1,205 @@
+"""Typed view of the daemon's TOML configuration.
+
+Layers, lowest first: the defaults declared here (mirrored, with comments,
+in ``config/default.toml``), the operator's file (``config/broker.toml`` by
+convention), then environment variables named ``BROKER__<SECTION>__<KEY>``.
+Components receive the frozen section they need as an argument; nothing
+below this module reads files or the environment.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import msgspec
+from msgspec import Meta
+
+from broker.errors import ConfigError
+
+__all__ = [
+    "ENV_PREFIX",
+    "Section",
+    "DaemonConfig",
+    "AmqpConfig",
+    "PostgresConfig",
+    "SqliteConfig",
+    "TopologyConfig",
+    "CoreConfig",
+    "ControlConfig",
+    "LoggingConfig",
+    "TestingConfig",
+    "Config",
+    "load_config",
+]
+
+ENV_PREFIX = "BROKER__"
+
+Seconds = Annotated[float, Meta(gt=0)]
+PositiveInt = Annotated[int, Meta(ge=1)]
+
+
+class Section(
+    msgspec.Struct,
+    frozen=True,
+    kw_only=True,
+    forbid_unknown_fields=True,  # a typo is an error, not a silent default
+    rename="kebab",  # reconnect_interval_s <-> reconnect-interval-s
+):
+    """Base for every section of the configuration."""
+
+
+class DaemonConfig(Section, frozen=True):
+    """``[daemon]``: identity, which transport and store, the application tree."""
+
+    name: str = "q2c-broker"
+    transport: Literal["memory", "amqp"] = "memory"
+    store: Literal["sqlite", "postgres"] = "sqlite"
+    tree: str = "actors.tree:build_tree"
+    shutdown_s: Seconds = 30.0
+
+
+class AmqpConfig(Section, frozen=True):
+    """``[amqp]``: the RabbitMQ connections, publisher and consumer limits."""
+
+    url: str = "amqp://guest:guest@127.0.0.1:5672/"
+    heartbeat_s: Annotated[int, Meta(ge=0, le=600)] = 10
+    prefetch: Annotated[int, Meta(ge=1, le=65_535)] = 1000
+    publish_timeout_s: Seconds = 10.0
+    confirm_window: Annotated[int, Meta(ge=1, le=65_535)] = 2048
+    connect_timeout_s: Seconds = 10.0
+    reconnect_interval_s: Seconds = 1.0
+    reconnect_max_s: Seconds = 15.0
+    management_url: str = "http://127.0.0.1:15672"
+
+
+class PostgresConfig(Section, frozen=True):
+    """``[postgres]``: the store's pool and timeouts."""
+
+    dsn: str = "postgresql://postgres@127.0.0.1:5432/q2c"
+    pool_min_size: Annotated[int, Meta(ge=0)] = 2
+    pool_max_size: PositiveInt = 8
+    command_timeout_s: Seconds = 10.0
+    acquire_timeout_s: Seconds = 10.0
+    application_name: str = "q2c-broker"
+
+
+class SqliteConfig(Section, frozen=True):
+    """``[sqlite]``: the embedded store."""
+
+    path: str = "var/q2c.sqlite3"
+
+
+class TopologyConfig(Section, frozen=True):
+    """``[topology]``: what the daemon declares on RabbitMQ (all names ``q2c.*``)."""
+
+    declare: bool = True
+    shards: Annotated[int, Meta(ge=1, le=256)] = 4
+    retry_tiers_s: tuple[Seconds, ...] = (5.0, 60.0, 600.0)
+    queue_max_length: PositiveInt = 2_000_000
+    delivery_limit: PositiveInt = 20
+    systems: tuple[str, ...] = ()
+    #: Queues for downstream readers: queue name -> event types bound to it.
+    event_queues: dict[str, tuple[str, ...]] = {}
+    apply_policies: bool = True
+
+
+class CoreConfig(Section, frozen=True):
+    """``[core]``: batching, limits, retries and the outbox relay."""
+
+    batch_max: Annotated[int, Meta(ge=1, le=10_000)] = 1000
+    max_message_bytes: PositiveInt = 1_048_576
+    max_attempts: PositiveInt = 5
+    retry_jitter: Annotated[float, Meta(ge=0, le=1)] = 0.2
+    commit_retries: Annotated[int, Meta(ge=0)] = 5
+    mailbox_batches: PositiveInt = 4
+    relay_batch: PositiveInt = 1000
+    relay_poll_s: Seconds = 1.0
+    outbox_lease_s: Seconds = 30.0
+    inbox_retention_days: PositiveInt = 7
+
+
+class ControlConfig(Section, frozen=True):
+    """``[control]``: where the admin socket listens and who may use it."""
+
+    socket_path: str = "var/brokerd.sock"
+    allowed_uids: tuple[int, ...] = ()
+    max_request_bytes: PositiveInt = 65_536
+
+
+class LoggingConfig(Section, frozen=True):
+    """``[logging]``: level and rendering."""
+
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["auto", "json", "console"] = "auto"
+
+
+class TestingConfig(Section, frozen=True):
+    """``[testing]``: fault injection for the crash tests; leave empty in production."""
+
+    crash_at: str = ""
+    crash_after: Annotated[int, Meta(ge=0)] = 0
+
+
+class Config(Section, frozen=True):
+    """The whole configuration; build it with `load_config`."""
+
+    daemon: DaemonConfig = DaemonConfig()
+    amqp: AmqpConfig = AmqpConfig()
+    postgres: PostgresConfig = PostgresConfig()
+    sqlite: SqliteConfig = SqliteConfig()
+    topology: TopologyConfig = TopologyConfig()
+    core: CoreConfig = CoreConfig()
+    control: ControlConfig = ControlConfig()
+    logging: LoggingConfig = LoggingConfig()
+    testing: TestingConfig = TestingConfig()
+    systems: dict[str, dict[str, Any]] = {}  # each adapter converts its own table
+
+
+def load_config(
+    path: Path | None = None, *, environ: Mapping[str, str] = os.environ
+) -> Config:
+    """Return the effective configuration.
+
+    Raises:
+        ConfigError: naming the file or variable and the offending key.
+    """
+    raw: dict[str, Any] = {}
+    if path is not None:
+        try:
+            raw = tomllib.loads(path.read_text(encoding="utf-8"))
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError(f"{path}: {exc}") from exc
+
+    source = str(path) if path is not None else "defaults"
+    for name, value in environ.items():
+        if name.startswith(ENV_PREFIX):
+            section, _, key = name.removeprefix(ENV_PREFIX).lower().partition("__")
+            if not key:
+                raise ConfigError(f"{name}: expected BROKER__<SECTION>__<KEY>")
+            table = raw.setdefault(section, {})
+            if not isinstance(table, dict):
+                raise ConfigError(f"{name}: [{section}] is not a table")
+            table[key.replace("_", "-")] = _env_value(value)
+            source = f"{source} + environment"
+
+    try:
+        # strict=False lets the string "64" from the environment become 64.
+        return msgspec.convert(raw, Config, strict=False)
+    except msgspec.ValidationError as exc:
+        # e.g. "Expected `int` >= 1 - at `$.amqp.prefetch`"
+        raise ConfigError(f"{source}: {exc}") from exc
+
+
+def _env_value(value: str) -> Any:
+    """Read lists and tables from the environment as TOML values; else keep the string."""
+    stripped = value.strip()
+    if stripped[:1] in ("[", "{"):
+        try:
+            return tomllib.loads(f"v = {stripped}")["v"]
+        except tomllib.TOMLDecodeError:
+            return value
+    return value

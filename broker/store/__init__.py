@@ -1,0 +1,280 @@
+"""The store seam: durable inbox, saga state, outbox, dead letters and journal.
+
+Two implementations share this protocol: `broker.store.postgres` (asyncpg,
+production) and `broker.store.sqlite` (the embedded default; in memory for
+unit and runtime tests). One `Store.batch()` is one transaction: the core
+writes a whole batch of deliveries through it and commits once.
+
+Every driver exception is translated where the driver is called:
+`StoreUnavailable` (retry later) or a bug.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from contextlib import AbstractAsyncContextManager
+from datetime import date, datetime
+from typing import Any, Literal, Protocol
+
+import msgspec
+
+__all__ = [
+    "InboxKey",
+    "SagaRecord",
+    "SagaWrite",
+    "OutboxRecord",
+    "OutboxRow",
+    "DeadLetterRecord",
+    "DeadLetterRow",
+    "DeadLetterFilter",
+    "JournalRecord",
+    "JournalRow",
+    "Batch",
+    "Store",
+]
+
+DeadLetterStatus = Literal["parked", "replayed", "purged"]
+
+
+class InboxKey(msgspec.Struct, frozen=True, kw_only=True, gc=False):
+    """An idempotency key to claim for one consumer.
+
+    ``day`` is the business fact's own date (the envelope's ``time``), never
+    the arrival date, so every redelivery lands in the same inbox partition.
+    """
+
+    key: str
+    day: date
+    message_id: str
+
+
+class SagaRecord(msgspec.Struct, frozen=True, kw_only=True, gc=False):
+    """A workflow instance's durable state as stored."""
+
+    workflow: str
+    correlation_id: str
+    version: int
+    state: bytes
+    updated_at: datetime | None = None
+
+
+class SagaWrite(msgspec.Struct, frozen=True, kw_only=True, gc=False):
+    """New state for one instance; ``expected_version`` 0 means "create"."""
+
+    correlation_id: str
+    expected_version: int
+    state: bytes
+
+
+class OutboxRecord(msgspec.Struct, frozen=True, kw_only=True, gc=False):
+    """A message to publish once the transaction that writes it commits."""
+
+    message_id: str
+    exchange: str
+    routing_key: str
+    body: bytes
+    correlation_id: str | None = None
+    type: str | None = None
+    headers: dict[str, str | int] = {}
+
+
+class OutboxRow(msgspec.Struct, frozen=True, kw_only=True, gc=False):
+    """An outbox record with its row id and how often it was tried."""
+
+    id: int
+    message_id: str
+    exchange: str
+    routing_key: str
+    body: bytes
+    correlation_id: str | None
+    type: str | None
+    headers: dict[str, str | int]
+    attempts: int
+
+
+class DeadLetterRecord(msgspec.Struct, frozen=True, kw_only=True):
+    """A message the daemon gave up on, with its original bytes and why.
+
+    Written again for the same ``message_id`` (a redelivered poison message),
+    it bumps ``attempts`` and ``last_seen`` instead of adding a row.
+    """
+
+    message_id: str
+    queue: str
+    routing_key: str
+    reason: str
+    detail: str
+    body: bytes
+    headers: dict[str, Any] = {}
+    attempts: int = 1
+    correlation_id: str | None = None
+    type: str | None = None
+
+
+class DeadLetterRow(msgspec.Struct, frozen=True, kw_only=True):
+    """A stored dead letter."""
+
+    id: int
+    message_id: str
+    queue: str
+    routing_key: str
+    reason: str
+    detail: str
+    body: bytes
+    headers: dict[str, Any]
+    attempts: int
+    correlation_id: str | None
+    type: str | None
+    status: DeadLetterStatus
+    replays: int
+    first_seen: datetime
+    last_seen: datetime
+
+
+class DeadLetterFilter(msgspec.Struct, frozen=True, kw_only=True):
+    """Which dead letters a list, replay or purge applies to (all set fields match)."""
+
+    ids: tuple[int, ...] = ()
+    reason: str | None = None
+    queue: str | None = None
+    type: str | None = None
+    correlation_id: str | None = None
+    status: DeadLetterStatus | None = "parked"
+    limit: int = 100
+
+
+class JournalRecord(msgspec.Struct, frozen=True, kw_only=True, gc=False):
+    """One audit fact about a message: what happened to it, at which stage."""
+
+    message_id: str
+    correlation_id: str | None
+    stage: str
+    type: str | None = None
+    detail: str = ""
+
+
+class JournalRow(msgspec.Struct, frozen=True, kw_only=True):
+    """A stored journal entry."""
+
+    id: int
+    at: datetime
+    message_id: str
+    correlation_id: str | None
+    stage: str
+    type: str | None
+    detail: str
+
+
+class Batch(Protocol):
+    """One open transaction; committed when the ``Store.batch()`` block exits cleanly."""
+
+    async def claim(self, consumer: str, keys: Sequence[InboxKey]) -> set[str]:
+        """Insert inbox keys; return the ones that were new (the rest are duplicates).
+
+        Keys are inserted in sorted order so that overlapping batches of two
+        daemons lock rows in the same order and cannot deadlock. A key
+        claimed by a concurrent, uncommitted transaction blocks until that
+        transaction ends.
+        """
+        ...
+
+    async def release(self, consumer: str, keys: Sequence[str]) -> None:
+        """Remove keys claimed earlier in this transaction (the message failed)."""
+        ...
+
+    async def load_sagas(
+        self, workflow: str, correlation_ids: Sequence[str]
+    ) -> dict[str, SagaRecord]:
+        """Return the stored state of the given instances that exist."""
+        ...
+
+    async def save_sagas(self, workflow: str, writes: Sequence[SagaWrite]) -> None:
+        """Create or update instances, each only at its expected version.
+
+        Raises:
+            ConcurrencyConflict: some instance changed since it was loaded.
+        """
+        ...
+
+    async def add_outbox(self, records: Sequence[OutboxRecord]) -> list[OutboxRow]:
+        """Insert messages to publish, leased to this writer for the lease period.
+
+        The lease stops the relay's poller from publishing rows the writer is
+        about to publish itself; if the writer dies, the lease runs out.
+        """
+        ...
+
+    async def add_dead_letters(self, records: Sequence[DeadLetterRecord]) -> None:
+        """Record dead letters (upsert by message id: attempts and last_seen)."""
+        ...
+
+    async def add_journal(self, records: Sequence[JournalRecord]) -> None:
+        """Append audit entries."""
+        ...
+
+
+class Store(Protocol):
+    """Durable state of the daemon."""
+
+    def batch(self) -> AbstractAsyncContextManager[Batch]:
+        """Open one transaction; commit on clean exit, roll back on error.
+
+        Raises:
+            StoreUnavailable: the database is unreachable or asked us to retry.
+        """
+        ...
+
+    async def claim_outbox(self, *, limit: int, lease_s: float) -> list[OutboxRow]:
+        """Lease unsent rows whose lease ran out (or never was), oldest first."""
+        ...
+
+    async def mark_sent(self, ids: Sequence[int]) -> None:
+        """Record that the broker confirmed these rows."""
+        ...
+
+    async def reschedule_outbox(self, ids: Sequence[int], *, delay_s: float) -> None:
+        """Make rows eligible again after *delay_s* (nack or no answer)."""
+        ...
+
+    async def park_outbox(self, ids: Sequence[int], *, reason: str) -> None:
+        """Stop retrying rows that cannot be routed; they stay for an operator."""
+        ...
+
+    async def list_dead_letters(self, flt: DeadLetterFilter) -> list[DeadLetterRow]:
+        """Dead letters matching *flt*, newest first."""
+        ...
+
+    async def replay_dead_letters(
+        self, flt: DeadLetterFilter, *, max_replays: int, dry_run: bool
+    ) -> list[int]:
+        """Send matching parked dead letters back to their queue through the outbox.
+
+        Each keeps its ``message_id``, so deduplication still applies. Rows
+        already replayed *max_replays* times are skipped (the loop guard).
+        Returns the ids replayed (or that would be, with *dry_run*).
+        """
+        ...
+
+    async def purge_dead_letters(self, flt: DeadLetterFilter, *, dry_run: bool) -> list[int]:
+        """Mark matching dead letters purged (bodies dropped); return their ids."""
+        ...
+
+    async def load_saga(self, workflow: str, correlation_id: str) -> SagaRecord | None:
+        """One instance's state, for status queries and tests."""
+        ...
+
+    async def journal(self, correlation_id: str, *, limit: int = 1000) -> list[JournalRow]:
+        """The audit trail of one correlation id, oldest first."""
+        ...
+
+    async def prune(self, *, retention_days: int) -> dict[str, int]:
+        """Drop inbox partitions and sent outbox rows older than the retention."""
+        ...
+
+    async def counts(self) -> dict[str, int]:
+        """Row counts for status: outbox pending, dead letters parked, sagas."""
+        ...
+
+    async def aclose(self) -> None:
+        """Close the pool or connection."""
+        ...

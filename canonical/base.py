@@ -1,0 +1,29 @@
+"""Base classes for every canonical type.
+
+Canonical types are frozen, keyword-only msgspec Structs. They do not forbid
+unknown fields, so an old reader skips fields a newer writer added; new
+fields always get a default, types never change and tags are never reused.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated
+
+import msgspec
+from msgspec import Meta
+
+__all__ = ["Canonical", "Event", "UtcDatetime"]
+
+UtcDatetime = Annotated[datetime, Meta(tz=True)]
+
+
+class Canonical(msgspec.Struct, frozen=True, kw_only=True):
+    """Immutable, keyword-only; unknown fields are ignored so old readers cope."""
+
+
+class Event(Canonical, frozen=True, tag_field="type"):
+    """A fact that happened; ``type`` carries the tag on the wire.
+
+    Tags read ``<domain>.<entity>.<past-tense verb>`` (``ledger.entry.posted``).
+    """
