@@ -1,0 +1,1 @@
+"""The application: workflows, system actors and the tree that supervises them."""

@@ -1,0 +1,1 @@
+"""Vendor protocols: native views, mapping, clients and sandboxes, per system kind."""

@@ -59,6 +59,7 @@ class DaemonConfig(Section, frozen=True):
     transport: Literal["memory", "amqp"] = "memory"
     store: Literal["sqlite", "postgres"] = "sqlite"
     tree: str = "actors.tree:build_tree"
+    demo: str = "actors.demo:run_demo"
     shutdown_s: Seconds = 30.0
 
 
@@ -113,9 +114,7 @@ class CoreConfig(Section, frozen=True):
     batch_max: Annotated[int, Meta(ge=1, le=10_000)] = 1000
     max_message_bytes: PositiveInt = 1_048_576
     max_attempts: PositiveInt = 5
-    retry_jitter: Annotated[float, Meta(ge=0, le=1)] = 0.2
-    commit_retries: Annotated[int, Meta(ge=0)] = 5
-    mailbox_batches: PositiveInt = 4
+    commit_deadline_s: Seconds = 60.0
     relay_batch: PositiveInt = 1000
     relay_poll_s: Seconds = 1.0
     outbox_lease_s: Seconds = 30.0
@@ -195,7 +194,7 @@ def load_config(
 
 
 def _env_value(value: str) -> Any:
-    """Read lists and tables from the environment as TOML values; else keep the string."""
+    """Read TOML lists and tables from the environment; keep anything else a string."""
     stripped = value.strip()
     if stripped[:1] in ("[", "{"):
         try:

@@ -42,7 +42,7 @@ class Envelope(
         subject: the business document this is about, if any.
         correlation_id: the thread of one deal (or one account, for the ledger).
         causation_id: the id of the message that caused this one.
-        idempotency_key: deterministic from the business fact; duplicates collapse on it.
+        idempotency_key: deterministic from the business fact; duplicates share it.
         traceparent: W3C trace context of the producer, passed through.
         schema_version: version of ``type``'s data schema, for upcasting.
         data: the event, still encoded.

@@ -15,10 +15,34 @@ from msgspec import Meta
 
 from canonical.base import Event
 
-__all__ = ["LedgerEntryPosted", "LedgerEntryApplied", "LedgerEvent", "AccountId"]
+__all__ = [
+    "LedgerEntryPosted",
+    "LedgerEntryApplied",
+    "LedgerEvent",
+    "AccountId",
+    "check_amount",
+]
 
 AccountId = Annotated[str, Meta(min_length=1, max_length=64)]
 EntryId = Annotated[str, Meta(min_length=1, max_length=128)]
+
+
+def check_amount(amount: Decimal) -> None:
+    """Refuse amounts that are not finite, or finer than 1e-6, or of 1e15 and more.
+
+    Raises:
+        ValueError: msgspec reports it as a validation error at the field.
+    """
+    if not amount.is_finite():
+        raise ValueError(f"amount {amount} is not finite")
+    exponent = amount.as_tuple().exponent
+    if isinstance(exponent, int) and exponent < -6:
+        raise ValueError(f"amount {amount} has more than 6 decimal places")
+    if abs(amount) >= _AMOUNT_LIMIT:
+        raise ValueError("amount is 1e15 or more")
+
+
+_AMOUNT_LIMIT = Decimal("1e15")
 
 
 class LedgerEntryPosted(Event, frozen=True, tag="ledger.entry.posted"):
@@ -28,6 +52,9 @@ class LedgerEntryPosted(Event, frozen=True, tag="ledger.entry.posted"):
     entry_id: EntryId
     amount: Decimal
     memo: Annotated[str, Meta(max_length=512)] = ""
+
+    def __post_init__(self) -> None:
+        check_amount(self.amount)
 
 
 class LedgerEntryApplied(Event, frozen=True, tag="ledger.entry.applied"):

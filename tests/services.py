@@ -1,4 +1,4 @@
-"""Per-test isolation on the real services: a fresh RabbitMQ vhost and Postgres database.
+"""Per-test isolation on the real services: a fresh vhost and a fresh database.
 
 Uses the RabbitMQ management HTTP API and a plain ``psql``-free asyncpg
 connection from a worker thread, so fixtures stay synchronous and cheap.
@@ -10,6 +10,7 @@ import asyncio
 import base64
 import json
 import os
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -30,6 +31,8 @@ __all__ = [
     "rabbitmq_available",
     "postgres_available",
     "unique_name",
+    "vhost_of",
+    "close_connections",
 ]
 
 MANAGEMENT_URL = os.environ.get("Q2C_TEST_MANAGEMENT_URL", "http://127.0.0.1:15672")
@@ -45,7 +48,9 @@ def unique_name(prefix: str) -> str:
     return f"{prefix}_{uuid.uuid4().hex[:12]}"
 
 
-def management(method: str, path: str, body: Any = None, timeout_s: float = 10.0) -> Any:
+def management(
+    method: str, path: str, body: Any = None, timeout_s: float = 10.0
+) -> Any:
     """Call the RabbitMQ management API; return the decoded JSON answer (or None)."""
     data = json.dumps(body).encode() if body is not None else None
     req = urllib.request.Request(
@@ -126,3 +131,38 @@ def postgres_available() -> bool:
     except (OSError, asyncpg.PostgresError, TimeoutError):
         return False
     return True
+
+
+def vhost_of(amqp_url: str) -> str:
+    """The (decoded) vhost name of an ``amqp://`` URL made by `create_vhost`."""
+    return urllib.parse.unquote(amqp_url.rsplit("/", 1)[1])
+
+
+def close_connections(vhost: str, name: str, timeout_s: float = 10.0) -> int:
+    """Force-close (320 CONNECTION_FORCED) the named client connections on *vhost*.
+
+    Polls, bounded by *timeout_s*, until the management API lists at least
+    one; returns how many were closed. Blocking: call it from a thread.
+    """
+    quoted = urllib.parse.quote(vhost, safe="")
+    deadline = time.monotonic() + timeout_s
+    while True:
+        rows = management("GET", f"/api/vhosts/{quoted}/connections") or []
+        names = [
+            row["name"]
+            for row in rows
+            if (row.get("client_properties") or {}).get("connection_name") == name
+        ]
+        if names:
+            break
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"no connection named {name!r} on {vhost}")
+        time.sleep(0.05)
+    for conn in names:
+        path = f"/api/connections/{urllib.parse.quote(conn, safe='')}"
+        try:
+            management("DELETE", path)
+        except urllib.error.HTTPError as exc:
+            if exc.code != 404:
+                raise
+    return len(names)

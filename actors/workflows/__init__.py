@@ -1,0 +1,1 @@
+"""Quote-to-cash workflows (process managers keyed by correlation id)."""

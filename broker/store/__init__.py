@@ -166,7 +166,7 @@ class JournalRow(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class Batch(Protocol):
-    """One open transaction; committed when the ``Store.batch()`` block exits cleanly."""
+    """One open transaction, committed when ``Store.batch()`` exits cleanly."""
 
     async def claim(self, consumer: str, keys: Sequence[InboxKey]) -> set[str]:
         """Insert inbox keys; return the ones that were new (the rest are duplicates).
@@ -255,7 +255,9 @@ class Store(Protocol):
         """
         ...
 
-    async def purge_dead_letters(self, flt: DeadLetterFilter, *, dry_run: bool) -> list[int]:
+    async def purge_dead_letters(
+        self, flt: DeadLetterFilter, *, dry_run: bool
+    ) -> list[int]:
         """Mark matching dead letters purged (bodies dropped); return their ids."""
         ...
 
@@ -263,7 +265,9 @@ class Store(Protocol):
         """One instance's state, for status queries and tests."""
         ...
 
-    async def journal(self, correlation_id: str, *, limit: int = 1000) -> list[JournalRow]:
+    async def journal(
+        self, correlation_id: str, *, limit: int = 1000
+    ) -> list[JournalRow]:
         """The audit trail of one correlation id, oldest first."""
         ...
 

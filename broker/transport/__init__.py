@@ -66,7 +66,7 @@ class Delivery:
         redelivered: bool = False,
         message_id: str | None = None,
         correlation_id: str | None = None,
-        type: str | None = None,  # noqa: A002 - the AMQP property's name
+        type: str | None = None,
         content_type: str | None = None,
         headers: dict[str, Any] | None = None,
     ) -> None:

@@ -199,8 +199,9 @@ def build_topology(cfg: TopologyConfig, workflows: Sequence[WorkflowRoute]) -> T
             # Binding keys of a consistent-hash exchange are weights.
             bindings.append(BindingSpec(source=hub, destination=queue, routing_key="1"))
 
-    for system in cfg.systems:
-        queues.append(QueueSpec(name=f"q2c.sys.{system}", arguments=quorum))
+    queues.extend(
+        QueueSpec(name=f"q2c.sys.{system}", arguments=quorum) for system in cfg.systems
+    )
 
     for queue, event_types in sorted(cfg.event_queues.items()):
         queues.append(QueueSpec(name=queue, arguments=quorum))

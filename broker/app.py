@@ -1,0 +1,314 @@
+"""The composition root: config → resources → supervision tree → run → drain.
+
+Start-up, in order: configure logging; load the application tree by its
+dotted path (``[daemon] tree``) so the engine never imports ``actors/``;
+derive the broker topology from the workflows the tree registered; open the
+store (migrating it) and the transport (declaring the topology); then run
+the root supervisor::
+
+    root (rest_for_one, 2 restarts / 60 s)
+    ├── relay        outbox relay: publishes committed rows
+    ├── maintenance  inbox partitions ahead, retention behind
+    ├── app          the application tree (workflows, system actors)
+    └── control      the admin socket, last so it stops first
+
+Shutdown (SIGTERM, SIGINT, ``brokerctl drain``): the shutdown event is set;
+children stop in reverse order, so the control socket closes, the shards
+stop taking deliveries and finish the batch in hand, the relay publishes
+what it holds; then the transport and the store close and one
+``shutdown_complete`` line sums up the run. The root giving up exits
+non-zero, for systemd or Kubernetes to restart the process.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import signal
+import time
+from collections.abc import Callable
+from typing import Any, final
+
+import anyio
+import structlog
+
+from broker.actor import Actor, Context
+from broker.config import Config
+from broker.control.server import ControlServer
+from broker.errors import (
+    BrokerError,
+    ConfigError,
+    StoreUnavailable,
+    TransportUnavailable,
+)
+from broker.handler import DaemonControl
+from broker.logging import configure_logging
+from broker.outbox import OutboxRelay
+from broker.retry import Backoff
+from broker.runtime import Runtime
+from broker.store import Store
+from broker.supervision import ChildSpec, Restart, Strategy, SupervisorSpec
+from broker.system import ActorSystem
+from broker.transport import Transport
+from broker.transport.topology import Topology, build_topology
+
+__all__ = [
+    "Daemon",
+    "load_callable",
+    "load_tree",
+    "open_store",
+    "open_transport",
+    "run",
+]
+
+_log = structlog.get_logger(__name__)
+
+TreeFactory = Callable[[Runtime], SupervisorSpec]
+
+
+def load_callable(dotted: str, key: str) -> Callable[..., Any]:
+    """Import ``package.module:function`` named by config *key*.
+
+    Raises:
+        ConfigError: the module or the function is missing.
+    """
+    module_name, _, attr = dotted.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+        factory = getattr(module, attr)
+    except (ImportError, AttributeError) as exc:
+        raise ConfigError(f"{key} = {dotted!r}: {exc}") from exc
+    if not callable(factory):
+        raise ConfigError(f"{key} = {dotted!r} is not callable")
+    return factory  # type: ignore[no-any-return]
+
+
+def load_tree(dotted: str) -> TreeFactory:
+    """Import the application tree factory (``[daemon] tree``)."""
+    return load_callable(dotted, "[daemon] tree")
+
+
+async def open_store(cfg: Config, *, attempts: int = 30) -> Store:
+    """Open (and migrate) the configured store, retrying while it is unavailable."""
+    backoff = Backoff(0.5, 5.0)
+    for attempt in range(1, attempts + 1):
+        try:
+            if cfg.daemon.store == "postgres":
+                from broker.store.postgres import PostgresStore
+
+                return await PostgresStore.open(
+                    cfg.postgres, lease_s=cfg.core.outbox_lease_s
+                )
+            from broker.store.sqlite import SqliteStore
+
+            return await SqliteStore.open(cfg.sqlite, lease_s=cfg.core.outbox_lease_s)
+        except StoreUnavailable as exc:
+            if attempt == attempts:
+                raise
+            delay = backoff.next_delay()
+            _log.warning(
+                "store_open_failed", attempt=attempt, error=str(exc), retry_in_s=delay
+            )
+            await anyio.sleep(delay)
+    raise AssertionError("unreachable")
+
+
+async def open_transport(cfg: Config, topology: Topology) -> Transport:
+    """Start the configured transport; on RabbitMQ, declare the topology first."""
+    if cfg.daemon.transport == "memory":
+        from broker.transport.memory import MemoryTransport
+
+        return MemoryTransport(topology)
+
+    from broker.transport.amqp import AmqpTransport
+    from broker.transport.declare import declare_topology
+
+    if cfg.topology.declare:
+        backoff = Backoff(cfg.amqp.reconnect_interval_s, cfg.amqp.reconnect_max_s)
+        while True:
+            try:
+                await declare_topology(
+                    cfg.amqp.url,
+                    topology,
+                    management_url=cfg.amqp.management_url,
+                    apply_policies=cfg.topology.apply_policies,
+                )
+                break
+            except TransportUnavailable as exc:
+                delay = backoff.next_delay()
+                _log.warning(
+                    "topology_declare_failed", error=str(exc), retry_in_s=delay
+                )
+                await anyio.sleep(delay)
+    transport = AmqpTransport(cfg.amqp, name=cfg.daemon.name)
+    await transport.start()
+    return transport
+
+
+@final
+class _Maintenance(Actor[None]):
+    """Keeps inbox partitions ahead and drops the ones past retention, hourly."""
+
+    def __init__(self, rt: Runtime, interval_s: float = 3600.0) -> None:
+        self._rt = rt
+        self._interval_s = interval_s
+
+    async def on_start(self, ctx: Context[None]) -> None:
+        ctx.start_soon(self._loop, ctx, name=f"{ctx.id}.loop")
+
+    async def handle(self, msg: None, ctx: Context[None]) -> None:
+        """Takes no messages."""
+
+    async def _loop(self, ctx: Context[None]) -> None:
+        while True:
+            try:
+                dropped = await self._rt.store.prune(
+                    retention_days=self._rt.cfg.core.inbox_retention_days
+                )
+                ctx.log.info("store_pruned", **dropped)
+            except StoreUnavailable as exc:
+                ctx.log.warning("store_prune_failed", error=str(exc))
+            await anyio.sleep(self._interval_s)
+
+
+@final
+class _Control(Actor[None]):
+    """Runs the admin socket server as a supervised child."""
+
+    def __init__(self, server: ControlServer) -> None:
+        self._server = server
+
+    async def on_start(self, ctx: Context[None]) -> None:
+        ctx.start_soon(self._server.serve, name=f"{ctx.id}.serve")
+
+    async def handle(self, msg: None, ctx: Context[None]) -> None:
+        """Takes no messages."""
+
+
+@final
+class Daemon:
+    """One daemon: build it from a config, then `run` it until shutdown."""
+
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.runtime = Runtime(cfg)
+        self.system = ActorSystem()
+        self.shutdown = anyio.Event()
+        self.started = anyio.Event()
+        self.started_at = time.monotonic()
+        self.topology: Topology | None = None
+
+    def request_shutdown(self, reason: str) -> None:
+        """Begin the graceful shutdown (idempotent)."""
+        if not self.shutdown.is_set():
+            _log.info("shutdown_requested", reason=reason)
+            self.shutdown.set()
+
+    def root_spec(self, app: SupervisorSpec, control: ControlServer) -> SupervisorSpec:
+        """Infrastructure first, the application subtree after it, control last."""
+        rt = self.runtime
+        return SupervisorSpec(
+            id="root",
+            strategy=Strategy.REST_FOR_ONE,  # later children depend on earlier ones
+            intensity=2,  # intensities multiply down the tree: keep the top strict
+            period_s=60,
+            children=[
+                ChildSpec(
+                    id="relay",
+                    start=lambda: OutboxRelay(
+                        store=rt.store,
+                        transport=rt.transport,
+                        feed=rt.feed,
+                        core=self.cfg.core,
+                        publish_timeout_s=self.cfg.amqp.publish_timeout_s,
+                        metrics=rt.metrics,
+                        crash=rt.crash,
+                    ),
+                    shutdown_s=self.cfg.daemon.shutdown_s,
+                ),
+                ChildSpec(
+                    id="maintenance", start=lambda: _Maintenance(rt), shutdown_s=1
+                ),
+                ChildSpec(id="app", start=lambda: app, shutdown_s=None),
+                ChildSpec(
+                    id="control",
+                    start=lambda: _Control(control),
+                    restart=Restart.PERMANENT,
+                    shutdown_s=2,
+                ),
+            ],
+        )
+
+    async def run(self) -> None:
+        """Open resources, run the tree until shutdown, close resources.
+
+        Raises:
+            SupervisorGaveUp: the root exceeded its restart intensity.
+            ConfigError: the configuration or the tree is invalid.
+        """
+        cfg = self.cfg
+        rt = self.runtime
+        app = load_tree(cfg.daemon.tree)(rt)
+        self.topology = build_topology(cfg.topology, rt.routes())
+        store = await open_store(cfg)
+        try:
+            transport = await open_transport(cfg, self.topology)
+            try:
+                rt.attach(store=store, transport=transport)
+                control = ControlServer(cfg.control, DaemonControl(self))
+                _log.info(
+                    "daemon_started",
+                    pid=os.getpid(),
+                    transport=cfg.daemon.transport,
+                    store=cfg.daemon.store,
+                    workflows=sorted(rt.workflows),
+                    shards=cfg.topology.shards,
+                )
+                await self.system.run(
+                    self.root_spec(app, control),
+                    started=self.started,
+                    shutdown=self.shutdown,
+                )
+            finally:
+                with anyio.CancelScope(shield=True):
+                    await transport.aclose()
+        finally:
+            with anyio.CancelScope(shield=True):
+                await store.aclose()
+            _log.info(
+                "shutdown_complete",
+                uptime_s=round(time.monotonic() - self.started_at, 3),
+                **rt.metrics.snapshot(),
+            )
+
+
+async def _serve(cfg: Config) -> int:
+    daemon = Daemon(cfg)
+
+    async def watch_signals() -> None:
+        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async for signum in signals:
+                daemon.request_shutdown(signal.Signals(signum).name)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(watch_signals)
+        try:
+            await daemon.run()
+        finally:
+            tg.cancel_scope.cancel()
+    return 0
+
+
+def run(cfg: Config) -> int:
+    """Run the daemon on uvloop until a signal; return the process exit status."""
+    configure_logging(cfg.logging.level, cfg.logging.format)
+    try:
+        return anyio.run(
+            _serve, cfg, backend="asyncio", backend_options={"use_uvloop": True}
+        )
+    except ConfigError as exc:
+        _log.error("config_invalid", error=str(exc))
+        return 78  # EX_CONFIG
+    except BrokerError as exc:
+        _log.error("daemon_failed", error=f"{type(exc).__name__}: {exc}")
+        return 1

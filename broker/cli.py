@@ -1,0 +1,138 @@
+"""Command line: ``brokerd`` (the daemon) and ``brokerctl`` (its admin client).
+
+``brokerd run`` runs the daemon until SIGTERM; ``brokerd migrate`` applies
+the store's migrations and exits; ``brokerd topology`` declares the broker
+topology and exits; ``brokerd check-config`` prints the effective
+configuration (secrets masked). Exit status: 0 ok, 1 failure, 2 usage,
+78 invalid configuration.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import anyio
+import msgspec
+
+from broker.config import Config, load_config
+from broker.errors import BrokerError, ConfigError
+from broker.logging import configure_logging
+
+__all__ = ["main", "ctl_main", "DEFAULT_CONFIG"]
+
+#: Read when ``--config`` is not given and the file exists.
+DEFAULT_CONFIG = Path("config/broker.toml")
+
+
+def _config(path: str | None) -> Config:
+    if path is not None:
+        return load_config(Path(path))
+    return load_config(DEFAULT_CONFIG if DEFAULT_CONFIG.exists() else None)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="brokerd", description="Q2C Broker: the quote-to-cash integration daemon."
+    )
+    parser.add_argument(
+        "--config",
+        help=f"TOML configuration file (default: {DEFAULT_CONFIG} if it exists)",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("run", help="run the daemon until SIGTERM/SIGINT")
+    sub.add_parser("migrate", help="apply the store's migrations and exit")
+    sub.add_parser("topology", help="declare exchanges, queues and policies and exit")
+    sub.add_parser("check-config", help="print the effective configuration and exit")
+    demo = sub.add_parser("demo", help="run the end-to-end demo and print its report")
+    demo.add_argument("--entries", type=int, default=20_000, help="distinct entries")
+    return parser
+
+
+async def _migrate(cfg: Config) -> None:
+    from broker.app import open_store
+
+    store = await open_store(cfg, attempts=3)
+    await store.aclose()
+
+
+async def _topology(cfg: Config) -> None:
+    from broker.app import load_tree
+    from broker.runtime import Runtime
+    from broker.transport.declare import declare_topology
+    from broker.transport.topology import build_topology
+
+    rt = Runtime(cfg)
+    load_tree(cfg.daemon.tree)(rt)
+    await declare_topology(
+        cfg.amqp.url,
+        build_topology(cfg.topology, rt.routes()),
+        management_url=cfg.amqp.management_url,
+        apply_policies=cfg.topology.apply_policies,
+    )
+
+
+def _masked(cfg: Config) -> bytes:
+    raw = msgspec.to_builtins(cfg)
+    for section, key in (("amqp", "url"), ("postgres", "dsn")):
+        value = raw[section][key]
+        if "@" in value:
+            scheme, _, rest = value.partition("://")
+            raw[section][key] = f"{scheme}://***@{rest.rpartition('@')[2]}"
+    return msgspec.json.format(msgspec.json.encode(raw), indent=2)
+
+
+def _demo(cfg: Config, entries: int) -> int:
+    from broker.app import load_callable
+
+    configure_logging("warning", cfg.logging.format)
+    demo = load_callable(cfg.daemon.demo, "[daemon] demo")
+    try:
+        status: int = anyio.run(
+            lambda: demo(cfg, entries=entries),
+            backend="asyncio",
+            backend_options={"use_uvloop": True},
+        )
+    except BrokerError as exc:
+        print(f"brokerd demo: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    return status
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``brokerd``."""
+    args = _parser().parse_args(argv)
+    try:
+        cfg = _config(args.config)
+    except ConfigError as exc:
+        print(f"brokerd: invalid configuration: {exc}", file=sys.stderr)
+        return 78
+    if args.command == "run":
+        from broker.app import run
+
+        return run(cfg)
+    if args.command == "demo":
+        return _demo(cfg, args.entries)
+    configure_logging(cfg.logging.level, cfg.logging.format)
+    try:
+        if args.command == "migrate":
+            anyio.run(_migrate, cfg)
+        elif args.command == "topology":
+            anyio.run(_topology, cfg)
+        else:
+            sys.stdout.buffer.write(_masked(cfg) + b"\n")
+    except ConfigError as exc:
+        print(f"brokerd: invalid configuration: {exc}", file=sys.stderr)
+        return 78
+    except BrokerError as exc:
+        print(f"brokerd {args.command}: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def ctl_main(argv: list[str] | None = None) -> int:
+    """Entry point of ``brokerctl``."""
+    from broker.control.ctl import main as ctl
+
+    return ctl(argv)

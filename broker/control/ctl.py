@@ -1,0 +1,344 @@
+"""``brokerctl``: the operator's command line for a running daemon.
+
+Each invocation sends one request over the control socket and prints the
+result, as aligned tables for people or as JSON with ``--json``.
+
+Exit codes: 0 the daemon did it, 1 the daemon refused or failed (or the
+connection broke), 2 usage or configuration error, 3 no daemon reachable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import anyio
+import msgspec
+
+from broker.config import load_config
+from broker.control.client import ControlClient, DaemonUnreachable
+from broker.control.protocol import (
+    ActorsRequest,
+    DlqListRequest,
+    DlqPurgeRequest,
+    DlqReplayRequest,
+    DlqShowRequest,
+    DrainRequest,
+    Request,
+    RestartRequest,
+    StatusRequest,
+    TraceRequest,
+)
+from broker.errors import ConfigError, ControlError
+
+__all__ = ["EXIT_OK", "EXIT_FAILED", "EXIT_USAGE", "EXIT_UNREACHABLE", "main", "render"]
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_UNREACHABLE = 3
+
+_FILTERS = ("reason", "queue", "type", "correlation_id")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run ``brokerctl`` on *argv* (default ``sys.argv[1:]``); return the exit code."""
+    parser, guarded = _parser()
+    try:
+        args = parser.parse_args(argv)
+        req = _request(args, guarded)
+    except SystemExit as exc:  # argparse's usage errors and --help
+        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+    try:
+        socket_path = args.socket or load_config(args.config).control.socket_path
+    except ConfigError as exc:
+        print(f"brokerctl: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+
+    client = ControlClient(socket_path, timeout_s=args.timeout)
+    try:
+        result = anyio.run(client.request, req)
+    except DaemonUnreachable as exc:
+        print(f"brokerctl: {exc}", file=sys.stderr)
+        return EXIT_UNREACHABLE
+    except ControlError as exc:
+        print(f"brokerctl: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    if args.json:
+        print(msgspec.json.format(msgspec.json.encode(result), indent=2).decode())
+    else:
+        print(render(req, result))
+    return EXIT_OK
+
+
+def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+    """The argument parser, and the replay/purge sub-parsers (for their guard)."""
+    parser = argparse.ArgumentParser(
+        prog="brokerctl",
+        description="Inspect and steer a running brokerd over its control socket.",
+        epilog="exit codes: 0 ok, 1 error reply, 2 usage, 3 daemon not reachable",
+    )
+    parser.add_argument(
+        "--socket",
+        metavar="PATH",
+        help="control socket (default: [control] socket-path of --config)",
+    )
+    parser.add_argument(
+        "--config",
+        metavar="FILE",
+        type=Path,
+        help="daemon config file to take the socket path from",
+    )
+    parser.add_argument("--json", action="store_true", help="print raw JSON results")
+    parser.add_argument(
+        "--timeout",
+        metavar="S",
+        type=_positive(float),
+        default=60.0,
+        help="seconds to wait for a reply (default: 60)",
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    commands.add_parser("status", help="daemon health")
+    commands.add_parser("actors", help="supervision tree, mailbox fill, restarts")
+    dlq = commands.add_parser("dlq", help="dead letters: list, show, replay, purge")
+    actions = dlq.add_subparsers(dest="action", metavar="ACTION", required=True)
+
+    listing = actions.add_parser("list", help="list dead letters, newest first")
+    _add_filters(listing)
+    show = actions.add_parser("show", help="one dead letter, body included")
+    show.add_argument("id", type=_positive(int))
+
+    replay = actions.add_parser("replay", help="send dead letters back to their queue")
+    replay.add_argument("ids", nargs="*", type=_positive(int), metavar="ID")
+    _add_filters(replay)
+    replay.add_argument(
+        "--max-replays",
+        metavar="N",
+        type=_positive(int),
+        default=3,
+        help="skip letters already replayed N times (default: 3)",
+    )
+    purge = actions.add_parser("purge", help="drop dead letters' bodies for good")
+    purge.add_argument("ids", nargs="*", type=_positive(int), metavar="ID")
+    _add_filters(purge)
+    for destructive in (replay, purge):
+        destructive.add_argument(
+            "--dry-run", action="store_true", help="say what would happen; do nothing"
+        )
+        destructive.add_argument(
+            "--all", action="store_true", help="allow acting without ids or a filter"
+        )
+
+    commands.add_parser("drain", help="stop intake and let mailboxes empty")
+    commands.add_parser("restart", help="restart an actor or subtree").add_argument(
+        "actor_id", metavar="ACTOR_ID"
+    )
+    commands.add_parser("trace", help="timeline of one correlation id").add_argument(
+        "correlation_id", metavar="CORRELATION_ID"
+    )
+    return parser, {"replay": replay, "purge": purge}
+
+
+def _add_filters(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--reason", help="e.g. malformed, schema_invalid, rejected")
+    parser.add_argument("--queue")
+    parser.add_argument("--type", help="canonical event type, e.g. order.placed")
+    parser.add_argument("--correlation-id")
+    parser.add_argument(
+        "--status",
+        choices=("parked", "replayed", "purged", "any"),
+        default="parked",
+        help="(default: parked)",
+    )
+    parser.add_argument("--limit", metavar="N", type=_positive(int), default=100)
+
+
+def _request(
+    args: argparse.Namespace, guarded: dict[str, argparse.ArgumentParser]
+) -> Request:
+    """Turn parsed arguments into a request (exits 2 on an unguarded replay/purge)."""
+    match args.command:
+        case "status":
+            return StatusRequest()
+        case "actors":
+            return ActorsRequest()
+        case "drain":
+            return DrainRequest()
+        case "restart":
+            return RestartRequest(actor_id=args.actor_id)
+        case "trace":
+            return TraceRequest(correlation_id=args.correlation_id)
+        case "dlq" if args.action == "show":
+            return DlqShowRequest(id=args.id)
+    selection: dict[str, Any] = {name: getattr(args, name) for name in _FILTERS}
+    selection["status"] = None if args.status == "any" else args.status
+    selection["limit"] = args.limit
+    if args.action == "list":
+        return DlqListRequest(**selection)
+    if not (args.ids or args.all or any(selection[name] for name in _FILTERS)):
+        guarded[args.action].error(
+            f"refusing to {args.action} every dead letter: give ids or a filter "
+            "(--reason, --queue, --type, --correlation-id), or --all"
+        )
+    selection.update(ids=tuple(args.ids), dry_run=args.dry_run, all=args.all)
+    if args.action == "replay":
+        return DlqReplayRequest(max_replays=args.max_replays, **selection)
+    return DlqPurgeRequest(**selection)
+
+
+def _positive(kind: type[int] | type[float]) -> Any:
+    def convert(text: str) -> int | float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"must be positive: {text!r}")
+        return value
+
+    convert.__name__ = kind.__name__  # argparse names the type in its errors
+    return convert
+
+
+# -- human output ---------------------------------------------------------------
+
+
+def render(req: Request, result: Any) -> str:
+    """The human-readable form of *result*, the answer to *req*."""
+    match req:
+        case ActorsRequest() if isinstance(result, dict):
+            return _actor_tree(result)
+        case DlqListRequest(limit=limit) if isinstance(result, list):
+            return _letters(result, limit)
+        case DlqReplayRequest(dry_run=dry_run) if isinstance(result, list):
+            return _ids("replay", "replayed", result, dry_run=dry_run)
+        case DlqPurgeRequest(dry_run=dry_run) if isinstance(result, list):
+            return _ids("purge", "purged", result, dry_run=dry_run)
+        case _:
+            return "\n".join(_block(result, 0))
+
+
+def _actor_tree(root: dict[str, Any]) -> str:
+    rows: list[list[str]] = []
+
+    def walk(node: dict[str, Any], depth: int) -> None:
+        kind = _cell(node.get("kind", "?"))
+        if node.get("strategy"):
+            kind = f"{kind} ({_cell(node['strategy'])})"
+        size, cap = node.get("mailbox_size"), node.get("mailbox_max")
+        rows.append(
+            [
+                "  " * depth + _cell(node.get("id", "?")),
+                kind,
+                _cell(node.get("state")),
+                f"{size}/{cap}" if size is not None and cap is not None else "-",
+                _cell(node.get("restarts")),
+            ]
+        )
+        for child in node.get("children") or ():
+            if isinstance(child, dict):
+                walk(child, depth + 1)
+
+    walk(root, 0)
+    return _table(["ACTOR", "KIND", "STATE", "MAILBOX", "RESTARTS"], rows)
+
+
+def _letters(letters: list[Any], limit: int) -> str:
+    if not letters:
+        return "no dead letters match"
+    rows = [
+        [
+            _cell(letter.get("id")),
+            _cell(letter.get("reason")),
+            _cell(letter.get("queue")),
+            _cell(letter.get("type")),
+            _cell(letter.get("attempts")),
+            _when(letter.get("last_seen")),
+        ]
+        for letter in letters
+        if isinstance(letter, dict)
+    ]
+    table = _table(["ID", "REASON", "QUEUE", "TYPE", "ATTEMPTS", "LAST SEEN"], rows)
+    more = " (limit reached: raise --limit to see more)" if len(rows) >= limit else ""
+    return f"{table}\n{len(rows)} dead letter{'s' if len(rows) != 1 else ''}{more}"
+
+
+def _ids(verb: str, done: str, ids: list[Any], *, dry_run: bool) -> str:
+    count = f"{len(ids)} dead letter{'s' if len(ids) != 1 else ''}"
+    listed = ", ".join(_cell(i) for i in ids)
+    if dry_run:
+        return f"would {verb} {count}" + (f": {listed}" if ids else "") + " (dry run)"
+    return f"{done} {count}" + (f": {listed}" if ids else "")
+
+
+def _block(value: Any, indent: int) -> list[str]:
+    """Lines for any JSON value: aligned key/value pairs, nested blocks, tables."""
+    pad = " " * indent
+    if isinstance(value, dict):
+        width = max((len(str(k)) for k in value), default=0)
+        lines: list[str] = []
+        for key, item in value.items():
+            label = _cell(key)
+            if isinstance(item, dict | list) and item:
+                lines.append(f"{pad}{label}:")
+                lines.extend(_block(item, indent + 2))
+            else:
+                lines.append(f"{pad}{label.ljust(width)}  {_cell(item)}".rstrip())
+        return lines
+    if isinstance(value, list):
+        if value and all(isinstance(item, dict) for item in value):
+            headers = list(dict.fromkeys(k for item in value for k in item))
+            rows = [[_cell(item.get(h)) for h in headers] for item in value]
+            table = _table([h.upper().replace("_", " ") for h in headers], rows)
+            return [pad + line for line in table.splitlines()]
+        return [f"{pad}{_cell(item)}" for item in value] or [f"{pad}(none)"]
+    return [pad + _cell(value)]
+
+
+def _table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    widths = [len(h) for h in headers]
+    for row in rows:
+        widths = [max(w, len(cell)) for w, cell in zip(widths, row, strict=True)]
+    return "\n".join(
+        "  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip()
+        for line in [headers, *rows]
+    )
+
+
+def _cell(value: Any) -> str:
+    """One value as display text; control characters are escaped.
+
+    Dead-letter details come from outside systems: printed raw, an escape
+    sequence in one could rewrite the operator's terminal.
+    """
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, dict | list):
+        value = msgspec.json.encode(value).decode()
+    text = str(value)
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+def _when(value: Any) -> str:
+    """An ISO timestamp as ``YYYY-MM-DD HH:MM:SSZ`` in UTC; anything else as is."""
+    if not isinstance(value, str):
+        return _cell(value)
+    try:
+        moment = datetime.fromisoformat(value)
+    except ValueError:
+        return _cell(value)
+    if moment.tzinfo is not None:
+        moment = moment.astimezone(UTC)
+    return moment.strftime("%Y-%m-%d %H:%M:%S") + ("Z" if moment.tzinfo else "")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

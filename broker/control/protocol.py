@@ -1,0 +1,334 @@
+"""Wire format of the admin control socket: one JSON object per line, each way.
+
+A request is a tagged union on ``cmd``; a reply is ``{"ok": true, "result":
+...}`` or ``{"ok": false, "error": "...", "code": "..."}``. Requests forbid
+unknown fields, because a mistyped filter on ``dlq_purge`` must fail loudly
+rather than purge more than was meant; replies tolerate them, so an older
+``brokerctl`` can still read a newer daemon.
+
+The framing is newline-delimited JSON rather than the length prefix of
+msgspec's asyncio example, so that ``socat`` is a usable client::
+
+    $ echo '{"cmd": "status"}' | socat - UNIX-CONNECT:var/brokerd.sock
+    {"ok":true,"result":{...}}
+
+msgspec never emits a raw newline inside encoded JSON (it escapes them in
+strings), so one encoded object is always exactly one line.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal, NotRequired, TypedDict, get_args
+
+import msgspec
+from msgspec import Meta
+
+from broker.errors import ControlError
+from broker.store import DeadLetterFilter, DeadLetterRow
+
+__all__ = [
+    # Requests
+    "StatusRequest",
+    "ActorsRequest",
+    "DlqListRequest",
+    "DlqShowRequest",
+    "DlqReplayRequest",
+    "DlqPurgeRequest",
+    "DrainRequest",
+    "RestartRequest",
+    "TraceRequest",
+    "Request",
+    "COMMANDS",
+    # Replies
+    "ErrorCode",
+    "Reply",
+    "RequestRefused",
+    "ActorNode",
+    "dead_letter_view",
+    # Framing
+    "command_name",
+    "encode_request",
+    "decode_request",
+    "encode_reply",
+    "decode_reply",
+]
+
+ErrorCode = Literal[
+    "bad_request", "unknown_command", "not_found", "too_large", "forbidden", "failed"
+]
+LetterStatus = Literal["parked", "replayed", "purged"]
+Text = Annotated[str, Meta(min_length=1, max_length=512)]
+RowId = Annotated[int, Meta(ge=1)]
+
+
+class RequestRefused(ControlError):
+    """A request was refused, by the protocol layer or by the daemon's reply.
+
+    ``code`` is one of `ErrorCode`; the message is meant for an operator.
+    """
+
+    def __init__(self, message: str, *, code: ErrorCode) -> None:
+        super().__init__(message)
+        self.code: ErrorCode = code
+
+
+class _Command(
+    msgspec.Struct,
+    frozen=True,
+    kw_only=True,
+    forbid_unknown_fields=True,  # a typo in an admin command is an error
+    tag_field="cmd",
+):
+    """Base of every request; ``cmd`` carries the tag on the wire."""
+
+
+class StatusRequest(_Command, frozen=True, tag="status"):
+    """Daemon health: uptime, connections, supervisor reprs, store counts."""
+
+
+class ActorsRequest(_Command, frozen=True, tag="actors"):
+    """The supervision tree with mailbox fill and restart counts."""
+
+
+class _Selection(_Command, frozen=True):
+    """Which dead letters a DLQ command applies to (every set field must match).
+
+    ``status`` defaults to ``parked``; send ``null`` to match any status.
+    """
+
+    ids: Annotated[tuple[RowId, ...], Meta(max_length=10_000)] = ()
+    reason: Text | None = None
+    queue: Text | None = None
+    type: Text | None = None
+    correlation_id: Text | None = None
+    status: LetterStatus | None = "parked"
+    limit: Annotated[int, Meta(ge=1, le=10_000)] = 100
+
+    def narrows(self) -> bool:
+        """Whether ids or a filter other than ``status``/``limit`` is set."""
+        return bool(self.ids) or any(
+            value is not None
+            for value in (self.reason, self.queue, self.type, self.correlation_id)
+        )
+
+    def to_filter(self) -> DeadLetterFilter:
+        """The store-level filter this selection means."""
+        return DeadLetterFilter(
+            ids=self.ids,
+            reason=self.reason,
+            queue=self.queue,
+            type=self.type,
+            correlation_id=self.correlation_id,
+            status=self.status,
+            limit=self.limit,
+        )
+
+
+class DlqListRequest(_Selection, frozen=True, tag="dlq_list"):
+    """List dead letters matching the selection, newest first."""
+
+
+class DlqShowRequest(_Command, frozen=True, tag="dlq_show"):
+    """One dead letter in full, body included."""
+
+    id: RowId
+
+
+class DlqReplayRequest(_Selection, frozen=True, tag="dlq_replay"):
+    """Send matching parked dead letters back to their queues via the outbox.
+
+    Refused unless it names ids or a filter, or says ``all=true``: replaying
+    the whole DLQ must be a deliberate act. ``max_replays`` is the loop
+    guard: rows already replayed that often are skipped.
+
+    Raises:
+        ValueError: on construction (or ``ValidationError`` on decode) when
+            neither ids, a filter nor ``all`` is given.
+    """
+
+    dry_run: bool = False
+    max_replays: Annotated[int, Meta(ge=1, le=1_000)] = 3
+    all: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.all and not self.narrows():
+            raise ValueError(_UNFILTERED.format(verb="replay"))
+
+
+class DlqPurgeRequest(_Selection, frozen=True, tag="dlq_purge"):
+    """Mark matching dead letters purged (their bodies are dropped).
+
+    Guarded like `DlqReplayRequest`: ids, a filter, or ``all=true``.
+
+    Raises:
+        ValueError: on construction (or ``ValidationError`` on decode) when
+            neither ids, a filter nor ``all`` is given.
+    """
+
+    dry_run: bool = False
+    all: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.all and not self.narrows():
+            raise ValueError(_UNFILTERED.format(verb="purge"))
+
+
+class DrainRequest(_Command, frozen=True, tag="drain"):
+    """Stop intake and let mailboxes empty (the first half of a shutdown)."""
+
+
+class RestartRequest(_Command, frozen=True, tag="restart"):
+    """Restart one actor or subtree through its supervisor."""
+
+    actor_id: Text
+
+
+class TraceRequest(_Command, frozen=True, tag="trace"):
+    """The timeline of one correlation id across systems."""
+
+    correlation_id: Text
+
+
+Request = (
+    StatusRequest
+    | ActorsRequest
+    | DlqListRequest
+    | DlqShowRequest
+    | DlqReplayRequest
+    | DlqPurgeRequest
+    | DrainRequest
+    | RestartRequest
+    | TraceRequest
+)
+
+#: Every ``cmd`` the daemon understands.
+COMMANDS: frozenset[str] = frozenset(
+    str(cls.__struct_config__.tag) for cls in get_args(Request)
+)
+
+_UNFILTERED = (
+    "refusing to {verb} every dead letter: name ids or a filter "
+    "(reason, queue, type, correlation_id), or say all=true"
+)
+
+
+class Reply(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """One answer: ``ok`` with a ``result``, or not ``ok`` with ``error`` and ``code``.
+
+    Unknown fields are ignored, so the daemon may add some later.
+    """
+
+    ok: bool
+    result: Any = None
+    error: str | None = None
+    code: ErrorCode | None = None
+
+    @classmethod
+    def failure(cls, error: str, code: ErrorCode) -> Reply:
+        """An error reply."""
+        return cls(ok=False, error=error, code=code)
+
+
+class ActorNode(TypedDict):
+    """One node of the ``actors`` result: the root supervisor, recursively.
+
+    ``mailbox_size``/``mailbox_max`` are the fill shown as ``12/64``; actors
+    have them, supervisors have ``strategy`` and ``children`` instead.
+    """
+
+    id: str
+    kind: Literal["supervisor", "actor"]
+    state: NotRequired[str]
+    restarts: NotRequired[int]
+    strategy: NotRequired[str]
+    mailbox_size: NotRequired[int]
+    mailbox_max: NotRequired[int]
+    children: NotRequired[list[ActorNode]]
+
+
+def dead_letter_view(row: DeadLetterRow, *, body: bool = False) -> dict[str, Any]:
+    """A dead letter as a JSON-ready dict, for ``dlq_list`` and ``dlq_show`` results.
+
+    Without *body*, the body and headers are left out (listings stay small
+    and keep message contents off operators' terminals). With it, the body
+    is given as text when it is UTF-8 and as ``body_b64`` otherwise.
+    """
+    view: dict[str, Any] = msgspec.to_builtins(row)
+    del view["body"]
+    if not body:
+        del view["headers"]
+        return view
+    try:
+        view["body"] = row.body.decode("utf-8")
+    except UnicodeDecodeError:
+        view["body_b64"] = msgspec.to_builtins(row.body)
+    return view
+
+
+class _Head(msgspec.Struct, frozen=True):
+    """Just the ``cmd`` of a request, to tell unknown commands from bad ones."""
+
+    cmd: str
+
+
+_request_decoder: msgspec.json.Decoder[Request] = msgspec.json.Decoder(Request)
+_head_decoder = msgspec.json.Decoder(_Head)
+_reply_decoder = msgspec.json.Decoder(Reply)
+_encoder = msgspec.json.Encoder()
+
+
+def command_name(req: Request) -> str:
+    """The ``cmd`` tag of a request, e.g. ``"dlq_list"``."""
+    return str(req.__struct_config__.tag)
+
+
+def encode_request(req: Request) -> bytes:
+    """One request as a JSON line (newline included)."""
+    return _encoder.encode(req) + b"\n"
+
+
+def decode_request(line: bytes) -> Request:
+    """Parse one request line (with or without its newline).
+
+    Raises:
+        RequestRefused: ``unknown_command`` for a ``cmd`` not in `COMMANDS`,
+            ``bad_request`` for anything else that is not a valid request.
+    """
+    try:
+        return _request_decoder.decode(line)
+    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+        error = exc
+    try:
+        cmd = _head_decoder.decode(line).cmd
+    except (msgspec.ValidationError, msgspec.DecodeError):
+        cmd = None
+    if cmd is not None and cmd not in COMMANDS:
+        known = ", ".join(sorted(COMMANDS))
+        raise RequestRefused(
+            f"unknown command {cmd!r} (known: {known})", code="unknown_command"
+        ) from error
+    raise RequestRefused(f"bad request: {error}", code="bad_request") from error
+
+
+def encode_reply(reply: Reply) -> bytes:
+    """One reply as a JSON line (newline included).
+
+    Raises:
+        TypeError: the result holds a value JSON cannot carry.
+    """
+    try:
+        return _encoder.encode(reply) + b"\n"
+    except msgspec.EncodeError as exc:  # e.g. a non-finite float in strict mode
+        raise TypeError(str(exc)) from exc
+
+
+def decode_reply(line: bytes) -> Reply:
+    """Parse one reply line.
+
+    Raises:
+        ControlError: the line is not a reply.
+    """
+    try:
+        return _reply_decoder.decode(line)
+    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+        raise ControlError(f"unreadable reply from the daemon: {exc}") from exc

@@ -1,0 +1,455 @@
+"""The admin control socket: a Unix stream socket answering JSON-line requests.
+
+The server owns the socket file and the connections; what each command
+*does* belongs to the composition root, which passes a `ControlHandler`.
+Hardening follows RELIABILITY.md §6.3:
+
+- the parent directory is created with mode 0700 when missing, and the
+  socket is bound under umask 0177 and then chmod-ed 0600;
+- on start, an existing path is replaced only if it is a socket and
+  nothing answers on it; a live one means another daemon owns it;
+- each connection's SO_PEERCRED uid is checked *before* anything is read;
+- a line longer than ``max_request_bytes`` is refused and the connection
+  closed; every request has a deadline, idle connections are dropped, and
+  the number of open connections is bounded;
+- one ``control_command`` log line per request: peer, command, outcome,
+  never arguments or bodies.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import stat
+import struct
+import time
+from collections.abc import Iterable
+from typing import Any, Protocol, assert_never, final
+
+import anyio
+import anyio.abc
+import structlog
+from anyio.abc import SocketAttribute
+from anyio.streams.buffered import BufferedByteReceiveStream
+
+from broker.config import ControlConfig
+from broker.control.protocol import (
+    ActorsRequest,
+    DlqListRequest,
+    DlqPurgeRequest,
+    DlqReplayRequest,
+    DlqShowRequest,
+    DrainRequest,
+    Reply,
+    Request,
+    RequestRefused,
+    RestartRequest,
+    StatusRequest,
+    TraceRequest,
+    command_name,
+    decode_request,
+    encode_reply,
+)
+from broker.errors import BrokerError, ControlError
+from broker.store import DeadLetterFilter
+
+__all__ = ["ControlHandler", "ControlServer"]
+
+log = structlog.get_logger(__name__)
+
+_PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
+_PROBE_TIMEOUT_S = 1.0
+
+
+class ControlHandler(Protocol):
+    """What the daemon does for each control command (the composition root's part).
+
+    Results must be JSON-ready (dicts, lists, str, int, float, bool, None,
+    datetimes). Raise `KeyError` for an unknown id (reply ``not_found``, its
+    first argument is the message), `ValueError` for a request that makes
+    no sense (``bad_request``), or any `BrokerError` (``failed``, with its
+    message).
+    """
+
+    async def status(self) -> dict[str, Any]:
+        """Daemon health; supervisor and mailbox reprs may appear as strings."""
+        ...
+
+    async def actors(self) -> dict[str, Any]:
+        """The root node of the supervision tree, shaped like `ActorNode`."""
+        ...
+
+    async def dlq_list(self, flt: DeadLetterFilter, /) -> list[dict[str, Any]]:
+        """Matching dead letters, newest first (see `dead_letter_view`)."""
+        ...
+
+    async def dlq_show(self, id: int, /) -> dict[str, Any]:
+        """One dead letter with its body (see `dead_letter_view`)."""
+        ...
+
+    async def dlq_replay(
+        self, flt: DeadLetterFilter, /, *, dry_run: bool, max_replays: int
+    ) -> list[int]:
+        """Replay matching parked dead letters; return the ids (to be) replayed."""
+        ...
+
+    async def dlq_purge(self, flt: DeadLetterFilter, /, *, dry_run: bool) -> list[int]:
+        """Purge matching dead letters; return the ids (to be) purged."""
+        ...
+
+    async def drain(self) -> dict[str, Any]:
+        """Stop intake and report what is still in flight."""
+        ...
+
+    async def restart(self, actor_id: str, /) -> dict[str, Any]:
+        """Restart one actor or subtree; report its new state."""
+        ...
+
+    async def trace(self, correlation_id: str, /) -> dict[str, Any]:
+        """The journal and workflow state of one correlation id."""
+        ...
+
+
+@final
+class ControlServer:
+    """Serve the control socket until cancelled; run it as a supervised child.
+
+    Args:
+        cfg: ``[control]``: socket path, allowed uids, request size limit.
+            An empty ``allowed_uids`` admits the daemon's own uid and root;
+            a non-empty one admits exactly the uids listed.
+        handler: carries out the commands.
+        max_connections: open connections beyond this are refused at once.
+        request_timeout_s: deadline for the handler to answer one request.
+        idle_timeout_s: a connection that sends no complete line for this
+            long is closed.
+    """
+
+    def __init__(
+        self,
+        cfg: ControlConfig,
+        handler: ControlHandler,
+        *,
+        max_connections: int = 16,
+        request_timeout_s: float = 30.0,
+        idle_timeout_s: float = 60.0,
+    ) -> None:
+        self._path = cfg.socket_path
+        self._max_request_bytes = cfg.max_request_bytes
+        self._allowed = _allowed_uids(cfg.allowed_uids)
+        self._handler = handler
+        self._max_connections = max_connections
+        self._request_timeout_s = request_timeout_s
+        self._idle_timeout_s = idle_timeout_s
+        self._connections = 0
+
+    def __repr__(self) -> str:
+        return (
+            f"<ControlServer {self._path} "
+            f"{self._connections}/{self._max_connections} connections>"
+        )
+
+    async def serve(
+        self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Bind, report started, accept connections until cancelled.
+
+        The socket file is removed on exit, unless another process has
+        replaced it in the meantime.
+
+        Raises:
+            ControlError: the path is held by a live daemon or is not a
+                socket, or binding failed.
+        """
+        sock, identity = await anyio.to_thread.run_sync(
+            _bind, self._path, self._max_connections
+        )
+        try:
+            listener = await anyio.abc.SocketListener.from_socket(sock)
+        except BaseException:
+            sock.close()
+            await _remove_shielded(self._path, identity)
+            raise
+        try:
+            async with listener, anyio.create_task_group() as tg:
+                log.info("control_socket_bound", path=self._path)
+                task_status.started()
+                while True:
+                    stream = await listener.accept()
+                    tg.start_soon(self._connection, stream)
+        finally:
+            await _remove_shielded(self._path, identity)
+
+    async def _connection(self, stream: anyio.abc.SocketStream) -> None:
+        async with stream:
+            uid, pid = _peer_credentials(stream.extra(SocketAttribute.raw_socket))
+            if uid not in self._allowed:
+                log.warning(
+                    "control_peer_refused", peer_uid=uid, peer_pid=pid, reason="uid"
+                )
+                await self._send(
+                    stream,
+                    Reply.failure(
+                        f"uid {uid} may not use this control socket", "forbidden"
+                    ),
+                )
+                return
+            if self._connections >= self._max_connections:
+                log.warning(
+                    "control_peer_refused",
+                    peer_uid=uid,
+                    peer_pid=pid,
+                    reason="connection_limit",
+                )
+                await self._send(
+                    stream,
+                    Reply.failure(
+                        f"too many control connections (max {self._max_connections})",
+                        "failed",
+                    ),
+                )
+                return
+            self._connections += 1
+            try:
+                await self._converse(stream, uid, pid)
+            finally:
+                self._connections -= 1
+
+    async def _converse(
+        self, stream: anyio.abc.SocketStream, uid: int, pid: int
+    ) -> None:
+        """Answer requests on one connection until EOF, idleness or a fatal error."""
+        lines = BufferedByteReceiveStream(stream)
+        while True:
+            try:
+                line = await self._read_line(lines)
+            except RequestRefused as exc:  # too large: the rest of the line is junk
+                _log_command(uid, pid, "?", exc.code, 0.0)
+                await self._send(stream, Reply.failure(str(exc), exc.code))
+                return
+            if line is None:
+                return
+            if not line.strip():
+                continue
+            started = time.monotonic()
+            command = "?"
+            try:
+                req = decode_request(line)
+            except RequestRefused as exc:
+                reply = Reply.failure(str(exc), exc.code)
+            else:
+                command = command_name(req)
+                reply = await self._execute(req, command)
+            data, outcome = _encode(reply, command)
+            _log_command(uid, pid, command, outcome, time.monotonic() - started)
+            if not await self._send_bytes(stream, data):
+                return
+
+    async def _read_line(self, lines: BufferedByteReceiveStream) -> bytes | None:
+        """The next request line; None on EOF, a dropped peer or idleness.
+
+        Raises:
+            RequestRefused: ``too_large``, the line exceeds the limit.
+        """
+        limit = self._max_request_bytes
+        too_large = RequestRefused(
+            f"request line longer than {limit} bytes", code="too_large"
+        )
+        with anyio.move_on_after(self._idle_timeout_s):
+            try:
+                line = await lines.receive_until(b"\n", limit)
+            except anyio.DelimiterNotFound as exc:
+                raise too_large from exc
+            except (anyio.IncompleteRead, anyio.BrokenResourceError):
+                return None
+            if len(line) > limit:  # one read can overshoot the limit
+                raise too_large
+            return line
+        return None
+
+    async def _execute(self, req: Request, command: str) -> Reply:
+        """Run one request under its deadline and map failures to error codes."""
+        with anyio.move_on_after(self._request_timeout_s):
+            try:
+                return Reply(ok=True, result=await self._dispatch(req))
+            except KeyError as exc:
+                return Reply.failure(_first_arg(exc, "not found"), "not_found")
+            except ValueError as exc:
+                return Reply.failure(_first_arg(exc, "bad request"), "bad_request")
+            except BrokerError as exc:
+                return Reply.failure(str(exc) or type(exc).__name__, "failed")
+            except Exception as exc:
+                # A handler bug must not take the socket down: restarting the
+                # control server would not fix the handler, and each crash
+                # would count against the root supervisor's intensity.
+                log.exception("control_command_crashed", command=command)
+                return Reply.failure(
+                    f"internal error: {type(exc).__name__}: {exc}", "failed"
+                )
+        return Reply.failure(
+            f"{command} did not finish within {self._request_timeout_s:g}s", "failed"
+        )
+
+    async def _dispatch(self, req: Request) -> Any:
+        handler = self._handler
+        match req:
+            case StatusRequest():
+                return await handler.status()
+            case ActorsRequest():
+                return await handler.actors()
+            case DlqListRequest():
+                return await handler.dlq_list(req.to_filter())
+            case DlqShowRequest(id=letter_id):
+                return await handler.dlq_show(letter_id)
+            case DlqReplayRequest(dry_run=dry_run, max_replays=max_replays):
+                return await handler.dlq_replay(
+                    req.to_filter(), dry_run=dry_run, max_replays=max_replays
+                )
+            case DlqPurgeRequest(dry_run=dry_run):
+                return await handler.dlq_purge(req.to_filter(), dry_run=dry_run)
+            case DrainRequest():
+                return await handler.drain()
+            case RestartRequest(actor_id=actor_id):
+                return await handler.restart(actor_id)
+            case TraceRequest(correlation_id=correlation_id):
+                return await handler.trace(correlation_id)
+            case _:
+                assert_never(req)
+
+    async def _send(self, stream: anyio.abc.SocketStream, reply: Reply) -> None:
+        await self._send_bytes(stream, _encode(reply, "?")[0])
+
+    async def _send_bytes(self, stream: anyio.abc.SocketStream, data: bytes) -> bool:
+        """Write one reply; False if the peer is gone or does not read in time."""
+        with anyio.move_on_after(self._request_timeout_s):
+            try:
+                await stream.send(data)
+            except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+                return False
+            return True
+        return False
+
+
+def _allowed_uids(configured: Iterable[int]) -> frozenset[int]:
+    uids = frozenset(configured)
+    return uids or frozenset({os.geteuid(), 0})
+
+
+def _peer_credentials(sock: socket.socket) -> tuple[int, int]:
+    """The (uid, pid) of the process that connected, from SO_PEERCRED."""
+    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
+    pid, uid, _gid = _PEERCRED.unpack(raw)
+    return uid, pid
+
+
+def _first_arg(exc: Exception, default: str) -> str:
+    # str(KeyError("x")) is "'x'", so use the argument itself.
+    return str(exc.args[0]) if exc.args else default
+
+
+def _encode(reply: Reply, command: str) -> tuple[bytes, str]:
+    """The reply's line and its outcome for the log (``ok`` or the error code)."""
+    try:
+        return encode_reply(reply), "ok" if reply.ok else (reply.code or "failed")
+    except TypeError as exc:
+        log.exception("control_reply_unencodable", command=command)
+        failure = Reply.failure(f"the result could not be encoded: {exc}", "failed")
+        return encode_reply(failure), "failed"
+
+
+def _log_command(
+    uid: int, pid: int, command: str, outcome: str, elapsed_s: float
+) -> None:
+    log.info(
+        "control_command",
+        peer_uid=uid,
+        peer_pid=pid,
+        command=command,
+        outcome=outcome,
+        duration_ms=round(elapsed_s * 1000, 3),
+    )
+
+
+# -- socket file handling (blocking; run in a worker thread) -------------------
+
+
+def _bind(path: str, backlog: int) -> tuple[socket.socket, tuple[int, int]]:
+    """Create the directory, clear a stale socket, bind 0600 and listen.
+
+    Returns the listening socket and the file's (st_dev, st_ino), so that
+    only this socket file is removed on exit.
+    """
+    parent = os.path.dirname(os.path.abspath(path))
+    try:
+        if not os.path.isdir(parent):
+            os.makedirs(parent, mode=0o700, exist_ok=True)
+        _clear_stale(path)
+    except OSError as exc:
+        raise ControlError(f"cannot prepare control socket {path}: {exc}") from exc
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        # The umask is process-wide, but this window is one syscall long and
+        # a file created under it can only come out tighter, not looser.
+        previous = os.umask(0o177)
+        try:
+            sock.bind(path)
+        finally:
+            os.umask(previous)
+        os.chmod(path, 0o600)
+        sock.listen(backlog)
+        sock.setblocking(False)
+        info = os.stat(path)
+    except OSError as exc:
+        sock.close()
+        raise ControlError(f"cannot listen on {path}: {exc}") from exc
+    except BaseException:
+        sock.close()
+        raise
+    return sock, (info.st_dev, info.st_ino)
+
+
+def _clear_stale(path: str) -> None:
+    """Remove *path* if it is a socket nobody answers on; refuse anything else.
+
+    Raises:
+        ControlError: the path is not a socket, or a daemon answers on it.
+    """
+    try:
+        info = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(info.st_mode):
+        raise ControlError(f"{path} exists and is not a socket; refusing to replace it")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(_PROBE_TIMEOUT_S)
+    try:
+        probe.connect(path)
+    except ConnectionRefusedError:
+        pass  # stale: left behind by a daemon that died
+    except FileNotFoundError:
+        return
+    except TimeoutError as exc:  # a full backlog: alive, just busy
+        raise ControlError(f"another daemon is listening on {path}") from exc
+    else:
+        raise ControlError(f"another daemon is listening on {path}")
+    finally:
+        probe.close()
+    log.warning("control_stale_socket_removed", path=path)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+
+
+def _remove(path: str, identity: tuple[int, int]) -> None:
+    try:
+        info = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if (info.st_dev, info.st_ino) == identity:
+        os.unlink(path)
+        log.info("control_socket_removed", path=path)
+
+
+async def _remove_shielded(path: str, identity: tuple[int, int]) -> None:
+    with anyio.CancelScope(shield=True):
+        await anyio.to_thread.run_sync(_remove, path, identity)

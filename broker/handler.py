@@ -1,0 +1,123 @@
+"""The daemon's answers to control-socket requests.
+
+Internal: not for use outside broker/. `broker.control.server` owns the
+socket and the protocol; this module owns what the answers say, reading
+the running daemon's parts.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import TYPE_CHECKING, Any, final
+
+import msgspec
+
+from broker.store import DeadLetterFilter, DeadLetterRow
+
+if TYPE_CHECKING:
+    from broker.app import Daemon
+
+__all__ = ["DaemonControl"]
+
+
+def _dead_letter_summary(row: DeadLetterRow) -> dict[str, Any]:
+    out = msgspec.to_builtins(row)
+    out.pop("body", None)
+    out["size_bytes"] = len(row.body)
+    return out  # type: ignore[no-any-return]
+
+
+@final
+class DaemonControl:
+    """Implements the control handler protocol over a running `Daemon`."""
+
+    def __init__(self, daemon: Daemon) -> None:
+        self._d = daemon
+
+    async def status(self) -> dict[str, Any]:
+        """Identity, uptime, transport and store state, counters."""
+        d = self._d
+        rt = d.runtime
+        return {
+            "daemon": d.cfg.daemon.name,
+            "pid": os.getpid(),
+            "uptime_s": round(time.monotonic() - d.started_at, 3),
+            "draining": d.shutdown.is_set(),
+            "transport": rt.transport.status(),
+            "store": await rt.store.counts(),
+            "outbox_feed": repr(rt.feed),
+            "counters": rt.metrics.snapshot(),
+        }
+
+    async def actors(self) -> dict[str, Any]:
+        """The supervision tree with mailbox fill and restart counts."""
+        return self._d.system.tree()
+
+    async def dlq_list(self, flt: DeadLetterFilter) -> list[dict[str, Any]]:
+        """Dead letters matching the filter, without bodies."""
+        rows = await self._d.runtime.store.list_dead_letters(flt)
+        return [_dead_letter_summary(r) for r in rows]
+
+    async def dlq_show(self, dead_letter_id: int) -> dict[str, Any]:
+        """One dead letter with its original body (as text when it is UTF-8).
+
+        Raises:
+            KeyError: no dead letter with that id.
+        """
+        rows = await self._d.runtime.store.list_dead_letters(
+            DeadLetterFilter(ids=(dead_letter_id,), status=None, limit=1)
+        )
+        if not rows:
+            raise KeyError(f"no dead letter {dead_letter_id}")
+        row = rows[0]
+        out = _dead_letter_summary(row)
+        try:
+            out["body"] = row.body.decode("utf-8")
+        except UnicodeDecodeError:
+            out["body_hex"] = row.body.hex()
+        return out
+
+    async def dlq_replay(
+        self, flt: DeadLetterFilter, *, dry_run: bool, max_replays: int
+    ) -> list[int]:
+        """Send matching dead letters back to their queues through the outbox."""
+        return await self._d.runtime.store.replay_dead_letters(
+            flt, max_replays=max_replays, dry_run=dry_run
+        )
+
+    async def dlq_purge(self, flt: DeadLetterFilter, *, dry_run: bool) -> list[int]:
+        """Drop matching dead letters' bodies and mark them purged."""
+        return await self._d.runtime.store.purge_dead_letters(flt, dry_run=dry_run)
+
+    async def drain(self) -> dict[str, Any]:
+        """Stop intake, finish in-flight work, exit 0 (as SIGTERM does)."""
+        self._d.request_shutdown("brokerctl drain")
+        return {"draining": True, "shutdown_s": self._d.cfg.daemon.shutdown_s}
+
+    async def restart(self, actor_id: str) -> dict[str, Any]:
+        """Restart one actor or subtree on operator request.
+
+        Raises:
+            KeyError: no such actor.
+        """
+        await self._d.system.restart(actor_id)
+        return {"restarted": actor_id}
+
+    async def trace(self, correlation_id: str) -> dict[str, Any]:
+        """The journal of one correlation id and its workflow states."""
+        rt = self._d.runtime
+        journal = await rt.store.journal(correlation_id)
+        sagas: dict[str, Any] = {}
+        for name in rt.workflows:
+            rec = await rt.store.load_saga(name, correlation_id)
+            if rec is not None:
+                sagas[name] = {
+                    "version": rec.version,
+                    "state": msgspec.json.decode(rec.state),
+                }
+        return {
+            "correlation_id": correlation_id,
+            "sagas": sagas,
+            "journal": [msgspec.to_builtins(j) for j in journal],
+        }

@@ -1,0 +1,86 @@
+"""structlog set-up: JSON lines when not on a TTY, a console renderer when on one.
+
+Configured once, at start-up. The runtime binds ``correlation_id``,
+``message_id`` and ``actor`` through contextvars; every line carries them.
+A single redaction step masks known sensitive fields (secrets, personal
+data, commercial amounts) whatever logged them, and CR/LF in strings cannot
+split a JSON line.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import MutableMapping
+from typing import Any, Literal
+
+import msgspec
+import structlog
+
+__all__ = ["configure_logging", "SENSITIVE_KEYS", "redact"]
+
+#: Keys whose values never reach a log line.
+SENSITIVE_KEYS = frozenset(
+    {
+        "password",
+        "secret",
+        "token",
+        "authorization",
+        "signature",
+        "dsn",
+        "url",
+        "amount",
+        "price",
+        "balance",
+        "discount",
+        "email",
+        "phone",
+        "iban",
+        "body",
+    }
+)
+
+_LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40}
+_json = msgspec.json.Encoder(enc_hook=repr)
+
+
+def redact(
+    _logger: Any, _method: str, event_dict: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
+    """Mask the values of `SENSITIVE_KEYS` (the one redaction choke point)."""
+    for key in event_dict.keys() & SENSITIVE_KEYS:
+        event_dict[key] = "***"
+    return event_dict
+
+
+def configure_logging(
+    level: Literal["debug", "info", "warning", "error"] = "info",
+    fmt: Literal["auto", "json", "console"] = "auto",
+) -> None:
+    """Configure structlog (and the stdlib root logger for libraries) once."""
+    as_json = fmt == "json" or (fmt == "auto" and not sys.stderr.isatty())
+    shared: list[Any] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        redact,
+    ]
+    if as_json:
+        processors = [
+            *shared,
+            structlog.processors.dict_tracebacks,
+            structlog.processors.JSONRenderer(
+                serializer=lambda obj, **_: _json.encode(obj)
+            ),
+        ]
+        factory: Any = structlog.BytesLoggerFactory(sys.stderr.buffer)
+    else:
+        processors = [*shared, structlog.dev.ConsoleRenderer()]
+        factory = structlog.PrintLoggerFactory(sys.stderr)
+    structlog.configure(
+        processors=processors,
+        wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level]),
+        logger_factory=factory,
+        cache_logger_on_first_use=True,
+    )
+    logging.basicConfig(level=max(_LEVELS[level], logging.WARNING), stream=sys.stderr)

@@ -1,0 +1,239 @@
+"""The outbox relay: publishes committed outbox rows with publisher confirms.
+
+Rows reach the relay two ways. The fast path: a shard that has just
+committed a batch hands the new rows over in memory (`OutboxFeed`), so a
+message is published within milliseconds of its commit. The recovery path:
+a poller leases rows whose writer's lease ran out (the writer crashed, the
+relay restarted, a publish was not confirmed) with ``FOR UPDATE SKIP
+LOCKED``. Either way a row is marked sent only after the broker confirmed
+it; a crash between the confirm and the mark republishes it with the same
+``message_id``, and the receiver's inbox drops the duplicate.
+
+Outcomes: ACK → mark sent; NACK (queue full) → retry with growing delay;
+INDETERMINATE (timeout, connection lost) → retry soon; RETURNED
+(unroutable) → parked for an operator, logged as an error: a routing bug,
+not something time will fix.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any, final
+
+import anyio
+from anyio.abc import ObjectReceiveStream, ObjectSendStream
+
+from broker.actor import Actor, Context
+from broker.config import CoreConfig
+from broker.errors import StoreUnavailable
+from broker.faults import CrashHook
+from broker.metrics import Metrics
+from broker.retry import Backoff
+from broker.store import OutboxRow, Store
+from broker.transport import OutgoingMessage, PublishOutcome, Transport
+
+__all__ = ["OutboxFeed", "OutboxRelay", "to_message"]
+
+
+@final
+class OutboxFeed:
+    """The bounded in-memory hand-over from committing shards to the relay.
+
+    Bounded in batches: when the relay falls behind, ``put`` waits, the
+    shard stops taking deliveries, and RabbitMQ holds the backlog.
+    """
+
+    def __init__(self, max_batches: int = 64) -> None:
+        send: ObjectSendStream[list[OutboxRow]]
+        receive: ObjectReceiveStream[list[OutboxRow]]
+        send, receive = anyio.create_memory_object_stream[list[OutboxRow]](max_batches)
+        self._send = send
+        self.receive = receive
+        self.max_batches = max_batches
+
+    async def put(self, rows: list[OutboxRow]) -> None:
+        """Hand *rows* (already committed) to the relay, waiting for room."""
+        if rows:
+            await self._send.send(rows)
+
+    @property
+    def fill(self) -> int:
+        """Batches waiting for the relay."""
+        return self._send.statistics().current_buffer_used
+
+    def __repr__(self) -> str:
+        return f"<OutboxFeed {self.fill}/{self.max_batches}>"
+
+
+def to_message(row: OutboxRow) -> OutgoingMessage:
+    """The AMQP message for one outbox row."""
+    return OutgoingMessage(
+        exchange=row.exchange,
+        routing_key=row.routing_key,
+        body=row.body,
+        message_id=row.message_id,
+        correlation_id=row.correlation_id,
+        type=row.type,
+        headers=row.headers,
+    )
+
+
+@final
+class OutboxRelay(Actor[None]):
+    """Publish outbox rows and record each one's outcome.
+
+    Owns: the publishing of committed rows. Redelivery safety: rows carry
+    their message id; receivers deduplicate. Failure: a crash loses only the
+    in-memory fast-path rows, whose leases expire and the poller republishes
+    them; a store outage backs off and leaves rows unsent.
+    """
+
+    def __init__(
+        self,
+        *,
+        store: Store,
+        transport: Transport,
+        feed: OutboxFeed,
+        core: CoreConfig,
+        publish_timeout_s: float,
+        metrics: Metrics,
+        crash: CrashHook,
+        workers: int = 3,
+    ) -> None:
+        self._store = store
+        self._transport = transport
+        self._feed = feed
+        self._core = core
+        self._timeout_s = publish_timeout_s
+        self._metrics = metrics
+        self._crash = crash
+        self._workers = workers
+        self.in_flight = 0
+        self._idle = anyio.Event()
+        self._idle.set()
+
+    async def on_start(self, ctx: Context[None]) -> None:
+        """Start the publishing workers and the recovery poller."""
+        for n in range(self._workers):
+            ctx.start_soon(self._work, ctx, name=f"{ctx.id}.worker{n}")
+        ctx.start_soon(self._poll, ctx, name=f"{ctx.id}.poller")
+
+    async def handle(self, msg: None, ctx: Context[None]) -> None:
+        """The relay takes no messages; its work arrives through the feed."""
+
+    async def on_stop(self, ctx: Context[None]) -> None:
+        """Publish what the feed still holds, within the shutdown grace."""
+        while True:
+            try:
+                rows = self._feed.receive.receive_nowait()
+            except anyio.WouldBlock:
+                break
+            await self._publish(rows, ctx)
+        await self._idle.wait()
+
+    async def _work(self, ctx: Context[None]) -> None:
+        receive = self._feed.receive
+        limit = self._core.relay_batch
+        async for first in receive:
+            rows = list(first)
+            while len(rows) < limit:
+                try:
+                    rows.extend(receive.receive_nowait())
+                except anyio.WouldBlock:
+                    break
+            await self._publish(rows, ctx)
+
+    async def _poll(self, ctx: Context[None]) -> None:
+        backoff = Backoff(self._core.relay_poll_s, 30.0)
+        while True:
+            try:
+                rows = await self._store.claim_outbox(
+                    limit=self._core.relay_batch, lease_s=self._core.outbox_lease_s
+                )
+            except StoreUnavailable as exc:
+                delay = backoff.next_delay()
+                ctx.log.warning("outbox_poll_failed", error=str(exc), retry_in_s=delay)
+                await anyio.sleep(delay)
+                continue
+            backoff.reset()
+            if rows:
+                ctx.log.info("outbox_rows_recovered", rows=len(rows))
+                await self._publish(rows, ctx)
+            if len(rows) < self._core.relay_batch:
+                await anyio.sleep(self._core.relay_poll_s)
+
+    async def _publish(self, rows: Sequence[OutboxRow], ctx: Context[None]) -> None:
+        self.in_flight += 1
+        if self.in_flight == 1:
+            self._idle = anyio.Event()
+        try:
+            outcomes = await self._transport.publish(
+                [to_message(r) for r in rows], timeout_s=self._timeout_s
+            )
+            self._crash.passed("after_confirm_before_mark", len(rows))
+            await self._settle(rows, outcomes, ctx)
+        finally:
+            self.in_flight -= 1
+            if self.in_flight == 0:
+                self._idle.set()
+
+    async def _settle(
+        self,
+        rows: Sequence[OutboxRow],
+        outcomes: Sequence[PublishOutcome],
+        ctx: Context[None],
+    ) -> None:
+        acked: list[int] = []
+        nacked: list[OutboxRow] = []
+        unknown: list[int] = []
+        returned: list[OutboxRow] = []
+        for row, outcome in zip(rows, outcomes, strict=True):
+            if outcome is PublishOutcome.ACK:
+                acked.append(row.id)
+            elif outcome is PublishOutcome.NACK:
+                nacked.append(row)
+            elif outcome is PublishOutcome.RETURNED:
+                returned.append(row)
+            else:
+                unknown.append(row.id)
+        try:
+            if acked:
+                await self._store.mark_sent(acked)
+                self._metrics.published.inc(len(acked))
+            if nacked:
+                # The queue is full (reject-publish): wait longer each attempt.
+                attempts = max(r.attempts for r in nacked)
+                delay = min(60.0, math.pow(2, min(attempts, 6)))
+                await self._store.reschedule_outbox(
+                    [r.id for r in nacked], delay_s=delay
+                )
+                self._metrics.publish_failed.labels("nack").inc(len(nacked))
+                ctx.log.warning(
+                    "outbox_publish_nacked", rows=len(nacked), retry_in_s=delay
+                )
+            if unknown:
+                await self._store.reschedule_outbox(unknown, delay_s=1.0)
+                self._metrics.publish_failed.labels("indeterminate").inc(len(unknown))
+                ctx.log.warning("outbox_publish_indeterminate", rows=len(unknown))
+            if returned:
+                await self._store.park_outbox(
+                    [r.id for r in returned],
+                    reason="unroutable (returned by the broker)",
+                )
+                self._metrics.publish_failed.labels("returned").inc(len(returned))
+                for row in returned[:10]:
+                    ctx.log.error(
+                        "outbox_message_unroutable",
+                        exchange=row.exchange,
+                        routing_key=row.routing_key,
+                        message_id=row.message_id,
+                    )
+        except StoreUnavailable as exc:
+            # Unmarked rows stay leased; after the lease the poller republishes
+            # them and receivers drop the duplicates.
+            ctx.log.warning("outbox_mark_failed", error=str(exc), rows=len(rows))
+
+    def status(self) -> dict[str, Any]:
+        """Feed fill and in-flight publishes."""
+        return {"feed": repr(self._feed), "in_flight": self.in_flight}

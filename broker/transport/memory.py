@@ -1,0 +1,679 @@
+"""In-process transport with RabbitMQ's semantics: the embedded default and the tests.
+
+It routes by the same `Topology` the AMQP transport declares, and behaves
+like RabbitMQ wherever the daemon can tell the difference:
+
+* exchanges: topic (``*`` one word, ``#`` zero or more), direct, fanout,
+  ``x-consistent-hash`` (a stable hash of the hash property, default the
+  routing key, picks one binding; weights are treated as equal), the default
+  exchange ``""`` (routes to the queue named by the routing key), and
+  exchange-to-exchange bindings;
+* queues take their limits from queue arguments first, then from the one
+  matching policy (highest priority): ``max-length`` with reject-publish
+  (counting ready messages, as RabbitMQ does), ``message-ttl``,
+  ``dead-letter-exchange`` / ``-routing-key`` / ``-strategy`` and
+  ``delivery-limit``;
+* publishing answers ``ACK`` only when every destination queue stored the
+  message, ``NACK`` when one of them was full, ``RETURNED`` when none matched;
+* consumers: prefetch credit, competing consumers served round-robin, one
+  active consumer at a time on single-active-consumer queues, manual ``ack``
+  (also ``multiple``) and ``reject``. A closed or disconnected subscription
+  returns its unacknowledged deliveries to the *front* of the queue, marked
+  redelivered and counted in ``x-delivery-count``; past the delivery limit
+  they are dead-lettered instead, as on a quorum queue.
+
+Time: a message in a queue with a TTL (the retry tiers) is dead-lettered when
+it reaches the head of the queue and its TTL has passed, through the queue's
+dead-letter exchange, by its own routing key. There is no timer task: every
+operation first runs the due timers, and a waiting ``batch()`` wakes at the
+next due time by itself. With an injected fake *clock*, move the clock and
+call `MemoryTransport.run_timers`.
+
+Durability comes from the outbox in the embedded mode, not from here:
+everything is lost when the process exits, and the outbox republishes it.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import time
+import zlib
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from functools import lru_cache
+from typing import Any
+
+import anyio
+import anyio.lowlevel
+import structlog
+
+from broker.errors import ConfigError, TransportUnavailable
+from broker.transport import Delivery, OutgoingMessage, PublishOutcome
+from broker.transport.topology import BindingSpec, ExchangeSpec, QueueSpec, Topology
+
+__all__ = [
+    "DEFAULT_MAX_LENGTH",
+    "MemorySubscription",
+    "MemoryTransport",
+    "topic_matches",
+]
+
+log = structlog.get_logger(__name__)
+
+#: Queue bound when neither the topology nor the constructor sets one.
+DEFAULT_MAX_LENGTH = 100_000
+#: How long a dead letter whose target is full waits before the next attempt.
+_DEAD_LETTER_RETRY_S = 1.0
+_COUNTER = {
+    PublishOutcome.ACK: "confirmed",
+    PublishOutcome.NACK: "nacked",
+    PublishOutcome.RETURNED: "returned",
+    PublishOutcome.INDETERMINATE: "indeterminate",
+}
+
+
+@lru_cache(maxsize=4096)
+def topic_matches(pattern: str, routing_key: str) -> bool:
+    """Whether topic binding key *pattern* matches *routing_key*.
+
+    Words are separated by dots; ``*`` matches exactly one word and ``#``
+    zero or more, as in AMQP 0-9-1.
+    """
+    words = routing_key.split(".") if routing_key else []
+    # The positions in `words` the pattern consumed so far can end at.
+    ends = {0}
+    for part in pattern.split(".") if pattern else []:
+        if part == "#":
+            ends = set(range(min(ends), len(words) + 1))
+        else:
+            ends = {
+                i + 1
+                for i in ends
+                if i < len(words) and (part == "*" or words[i] == part)
+            }
+            if not ends:
+                return False
+    return len(words) in ends
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class _Message:
+    """One published message, shared by every queue it was routed to."""
+
+    body: bytes
+    exchange: str
+    routing_key: str
+    message_id: str | None
+    correlation_id: str | None
+    type: str | None
+    content_type: str | None
+    headers: dict[str, Any]
+
+
+class _Entry:
+    """A message's life in one queue: redeliveries and, in TTL queues, its due time."""
+
+    __slots__ = ("delivery_count", "due", "message", "redelivered")
+
+    def __init__(self, message: _Message, *, due: float = math.inf) -> None:
+        self.message = message
+        self.redelivered = False
+        self.delivery_count = 0
+        self.due = due
+
+    def delivery(self, tag: int) -> Delivery:
+        msg = self.message
+        headers = dict(msg.headers)
+        if self.delivery_count:
+            headers["x-delivery-count"] = self.delivery_count
+        return Delivery(
+            tag=tag,
+            body=msg.body,
+            exchange=msg.exchange,
+            routing_key=msg.routing_key,
+            redelivered=self.redelivered,
+            message_id=msg.message_id,
+            correlation_id=msg.correlation_id,
+            type=msg.type,
+            content_type=msg.content_type,
+            headers=headers,
+        )
+
+
+class _Queue:
+    """A queue's settings, resolved once from its arguments and policy."""
+
+    def __init__(
+        self, spec: QueueSpec, settings: dict[str, Any], max_length: int | None
+    ) -> None:
+        self.name = spec.name
+        self.single_active = spec.single_active_consumer
+        ttl_ms = settings.get("message-ttl")
+        self.ttl_s: float | None = None if ttl_ms is None else int(ttl_ms) / 1000
+        if max_length is None:
+            max_length = int(settings.get("max-length", DEFAULT_MAX_LENGTH))
+        self.max_length = max_length
+        self.dead_letter_exchange: str | None = settings.get("dead-letter-exchange")
+        self.dead_letter_routing_key: str | None = settings.get(
+            "dead-letter-routing-key"
+        )
+        self.at_least_once = settings.get("dead-letter-strategy") == "at-least-once"
+        limit = settings.get("delivery-limit")
+        self.delivery_limit: int | None = None if limit is None else int(limit)
+        self.ready: deque[_Entry] = deque()
+        #: Dead letters the target did not take yet (at-least-once); they
+        #: count toward this queue's length, as on RabbitMQ.
+        self.parked: deque[_Entry] = deque()
+        self.subscriptions: list[MemorySubscription] = []
+        self.next_consumer = 0
+
+    def is_full(self) -> bool:
+        return len(self.ready) + len(self.parked) >= self.max_length
+
+    def counts(self) -> dict[str, int]:
+        return {
+            "ready": len(self.ready) + len(self.parked),
+            "unacked": sum(len(s._unacked) for s in self.subscriptions),
+            "consumers": len(self.subscriptions),
+        }
+
+
+class MemorySubscription:
+    """A consumer on one queue of a `MemoryTransport`; see `Subscription`."""
+
+    def __init__(
+        self, transport: MemoryTransport, queue: _Queue, prefetch: int, tag: str
+    ) -> None:
+        self.consumer_tag = tag
+        self.delivered = 0
+        self.acked = 0
+        self.rejected = 0
+        self._transport = transport
+        self._queue = queue
+        self._prefetch = prefetch
+        self._next_tag = 1
+        self._unacked: dict[int, _Entry] = {}  # in tag order
+        self._received: deque[Delivery] = deque()  # bounded by prefetch
+        self._wakeup = anyio.Event()
+        self._closed_because: str | None = None
+
+    def __repr__(self) -> str:
+        state = f" closed: {self._closed_because}" if self._closed_because else ""
+        return (
+            f"<MemorySubscription {self._queue.name} "
+            f"{len(self._unacked)}/{self._prefetch} unacked{state}>"
+        )
+
+    @property
+    def queue(self) -> str:
+        """The queue consumed."""
+        return self._queue.name
+
+    @property
+    def alive(self) -> bool:
+        """Whether the subscription still consumes."""
+        return self._closed_because is None
+
+    def status(self) -> dict[str, Any]:
+        """Counters for ``brokerctl status``, as the AMQP subscription reports."""
+        return {
+            "queue": self._queue.name,
+            "consumer_tag": self.consumer_tag,
+            "alive": self.alive,
+            "delivered": self.delivered,
+            "acked": self.acked,
+            "rejected": self.rejected,
+            "buffered": len(self._received),
+            "unacked": len(self._unacked),
+        }
+
+    async def batch(self, max_n: int) -> list[Delivery]:
+        """Wait for at least one delivery; return up to *max_n* received ones.
+
+        Raises:
+            TransportUnavailable: the subscription was closed or disconnected.
+        """
+        if max_n < 1:
+            raise ValueError(f"max_n must be at least 1, not {max_n}")
+        await anyio.lowlevel.checkpoint()
+        while True:
+            if self._closed_because is not None:
+                raise TransportUnavailable(
+                    f"subscription to {self._queue.name!r} {self._closed_because}"
+                )
+            self._transport.run_timers()
+            if self._received:
+                n = min(max_n, len(self._received))
+                self.delivered += n
+                return [self._received.popleft() for _ in range(n)]
+            if self._wakeup.is_set():
+                self._wakeup = anyio.Event()
+            with anyio.move_on_after(self._transport.seconds_to_next_timer()):
+                await self._wakeup.wait()
+
+    def ack(self, tag: int, *, multiple: bool = False) -> None:
+        """Acknowledge *tag* (and, with *multiple*, every earlier delivery).
+
+        As on RabbitMQ, an unknown tag closes the subscription (its other
+        deliveries are redelivered); after a close, acks are ignored.
+        """
+        if self._closed_because is not None:
+            return
+        if tag not in self._unacked:
+            self._unknown_tag(tag)
+            return
+        settled = [t for t in self._unacked if t <= tag] if multiple else [tag]
+        for t in settled:
+            del self._unacked[t]
+        self.acked += len(settled)
+        self._transport._dispatch(self._queue)
+
+    def reject(self, tag: int, *, requeue: bool) -> None:
+        """Refuse one delivery: back to the front of the queue, or dead-lettered."""
+        if self._closed_because is not None:
+            return
+        entry = self._unacked.pop(tag, None)
+        if entry is None:
+            self._unknown_tag(tag)
+            return
+        self.rejected += 1
+        if requeue:
+            self._transport._requeue(self._queue, [entry])
+        else:
+            self._transport._dead_letter(self._queue, entry, "rejected")
+        self._transport._dispatch(self._queue)
+
+    async def close(self) -> None:
+        """Stop consuming; unacknowledged deliveries return to the queue's front."""
+        if self._closed_because is None:
+            entries = self._detach("was closed")
+            self._transport._requeue(self._queue, entries)
+        await anyio.lowlevel.checkpoint()
+
+    def _has_credit(self) -> bool:
+        return len(self._unacked) < self._prefetch
+
+    def _deliver(self, entry: _Entry) -> None:
+        tag = self._next_tag
+        self._next_tag += 1
+        self._unacked[tag] = entry
+        self._received.append(entry.delivery(tag))
+        self._wakeup.set()
+
+    def _detach(self, reason: str) -> list[_Entry]:
+        """Stop for *reason*; return the unacknowledged entries, oldest first."""
+        self._closed_because = reason
+        entries = list(self._unacked.values())
+        self._unacked.clear()
+        self._received.clear()
+        self._queue.subscriptions.remove(self)
+        self._transport._subscriptions.discard(self)
+        self._wakeup.set()
+        return entries
+
+    def _unknown_tag(self, tag: int) -> None:
+        log.warning("delivery_tag_unknown", queue=self._queue.name, tag=tag)
+        entries = self._detach(f"was closed: PRECONDITION_FAILED unknown tag {tag}")
+        self._transport._requeue(self._queue, entries)
+
+
+class MemoryTransport:
+    """The `Transport` in-process, routing by *topology*.
+
+    Args:
+        topology: exchanges, queues, bindings and policies to emulate.
+        clock: monotonic seconds; inject a fake one to drive TTLs in tests.
+        max_length: when given, the bound of every queue, overriding the
+            topology; otherwise queue argument, then policy, then
+            `DEFAULT_MAX_LENGTH`.
+
+    Raises:
+        ConfigError: a binding names an exchange or queue not in *topology*.
+    """
+
+    def __init__(
+        self,
+        topology: Topology,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        max_length: int | None = None,
+    ) -> None:
+        self._clock = clock
+        self._exchanges: dict[str, ExchangeSpec] = {
+            e.name: e for e in topology.exchanges
+        }
+        self._queues = {
+            q.name: _Queue(q, _settings(q, topology), max_length)
+            for q in topology.queues
+        }
+        self._bindings: dict[str, list[BindingSpec]] = {}
+        for binding in topology.bindings:
+            known = (
+                self._queues if binding.destination_type == "queue" else self._exchanges
+            )
+            if (
+                binding.source not in self._exchanges
+                or binding.destination not in known
+            ):
+                raise ConfigError(
+                    f"binding {binding.source!r} -> {binding.destination!r} names "
+                    "an exchange or queue the topology does not declare"
+                )
+            self._bindings.setdefault(binding.source, []).append(binding)
+        self._subscriptions: set[MemorySubscription] = set()
+        self._consumers = 0
+        self._disconnects = 0
+        #: Outcome counters, named as the AMQP transport names them.
+        self._counts = dict.fromkeys(
+            ("published", "confirmed", "nacked", "returned", "indeterminate"), 0
+        )
+        self._next_due = math.inf
+        self._closed = False
+
+    def __repr__(self) -> str:
+        return (
+            f"<MemoryTransport {len(self._queues)} queues "
+            f"{len(self._subscriptions)} subscriptions"
+            f"{' closed' if self._closed else ''}>"
+        )
+
+    async def subscribe(self, queue: str, *, prefetch: int) -> MemorySubscription:
+        """Start consuming *queue* with at most *prefetch* unacknowledged deliveries.
+
+        Raises:
+            ConfigError: *queue* is not in the topology.
+            TransportUnavailable: the transport was closed.
+        """
+        await anyio.lowlevel.checkpoint()
+        if self._closed:
+            raise TransportUnavailable("the memory transport is closed")
+        if prefetch < 1:
+            raise ValueError(f"prefetch must be at least 1, not {prefetch}")
+        try:
+            q = self._queues[queue]
+        except KeyError:
+            raise ConfigError(f"queue {queue!r} is not in the topology") from None
+        self._consumers += 1
+        subscription = MemorySubscription(
+            self, q, prefetch, f"memory-{self._consumers}"
+        )
+        q.subscriptions.append(subscription)
+        self._subscriptions.add(subscription)
+        self._dispatch(q)
+        return subscription
+
+    async def publish(
+        self, messages: Sequence[OutgoingMessage], *, timeout_s: float
+    ) -> list[PublishOutcome]:
+        """Route and store *messages*; one outcome each, in order.
+
+        *timeout_s* is accepted for the protocol: nothing here waits.
+        """
+        await anyio.lowlevel.checkpoint()
+        if self._closed:
+            self._counts["indeterminate"] += len(messages)
+            return [PublishOutcome.INDETERMINATE] * len(messages)
+        self.run_timers()
+        outcomes = [self._publish_one(m) for m in messages]
+        self._counts["published"] += len(messages)
+        for outcome in outcomes:
+            self._counts[_COUNTER[outcome]] += 1
+        return outcomes
+
+    def status(self) -> dict[str, Any]:
+        """The AMQP transport's status shape, plus per-queue message counts."""
+        self.run_timers()
+        return {
+            "connections": {
+                "memory": {
+                    "name": "memory",
+                    "state": "closed" if self._closed else "connected",
+                    "reconnects": self._disconnects,
+                    "last_error": None,
+                    "blocked_reason": None,
+                }
+            },
+            "reconnects": self._disconnects,
+            "subscriptions": [s.status() for s in self._subscriptions],
+            **self._counts,
+            "queues": {q.name: q.counts() for q in self._queues.values()},
+        }
+
+    def queue_depth(self, name: str) -> int:
+        """Messages in queue *name*, ready or unacknowledged (RabbitMQ's "Total")."""
+        self.run_timers()
+        counts = self._queues[name].counts()
+        return counts["ready"] + counts["unacked"]
+
+    def simulate_disconnect(self) -> None:
+        """Drop every subscription as a lost connection would.
+
+        Their ``batch()`` raises `TransportUnavailable` and their unacknowledged
+        deliveries go back to the front of their queues, redelivered. The
+        transport itself stays usable, like a reconnected robust connection.
+        """
+        if not self._closed:
+            self._disconnects += 1
+        returned = [
+            (s._queue, s._detach("lost its connection"))
+            for s in list(self._subscriptions)
+        ]
+        # Requeue only after every consumer is gone, so nothing is handed to
+        # a consumer that is about to die as well.
+        for queue, entries in returned:
+            self._requeue(queue, entries)
+
+    async def aclose(self) -> None:
+        """Close: subscriptions fail, later publishes are indeterminate."""
+        self._closed = True
+        self.simulate_disconnect()
+        await anyio.lowlevel.checkpoint()
+
+    def run_timers(self) -> None:
+        """Dead-letter every message whose TTL has passed; retry parked dead letters.
+
+        Called by every operation; call it yourself after moving a fake clock.
+        """
+        now = self._clock()
+        if now < self._next_due:
+            return
+        self._next_due = math.inf
+        for q in self._queues.values():
+            while q.ttl_s is not None and q.ready and q.ready[0].due <= now:
+                self._dead_letter(q, q.ready.popleft(), "expired")
+            for _ in range(len(q.parked)):
+                if q.parked[0].due > now:
+                    break
+                entry = q.parked.popleft()
+                if not self._route_dead_letter(entry.message):
+                    entry.due = now + _DEAD_LETTER_RETRY_S
+                    q.parked.append(entry)
+            for pending in (q.ready if q.ttl_s is not None else (), q.parked):
+                if pending:
+                    self._next_due = min(self._next_due, pending[0].due)
+
+    def seconds_to_next_timer(self) -> float:
+        """How long until `run_timers` has work: ``math.inf`` when nothing waits."""
+        return max(0.0, self._next_due - self._clock())
+
+    def _publish_one(self, m: OutgoingMessage) -> PublishOutcome:
+        message = _Message(
+            body=m.body,
+            exchange=m.exchange,
+            routing_key=m.routing_key,
+            message_id=m.message_id,
+            correlation_id=m.correlation_id,
+            type=m.type,
+            content_type=m.content_type,
+            headers=dict(m.headers),
+        )
+        targets = self._route(message)
+        if not targets:
+            if m.exchange and m.exchange not in self._exchanges:
+                log.warning("publish_to_unknown_exchange", exchange=m.exchange)
+            return PublishOutcome.RETURNED
+        outcome = PublishOutcome.ACK
+        for q in targets:
+            if q.is_full():
+                outcome = PublishOutcome.NACK  # stored in the others, as RabbitMQ
+            else:
+                self._enqueue(q, message)
+        return outcome
+
+    def _route(self, message: _Message) -> list[_Queue]:
+        """The queues *message* reaches, each once, in binding order."""
+        if not message.exchange:
+            q = self._queues.get(message.routing_key)
+            return [] if q is None else [q]
+        if message.exchange not in self._exchanges:
+            return []
+        found: dict[str, _Queue] = {}
+        self._route_exchange(message.exchange, message, {message.exchange}, found)
+        return list(found.values())
+
+    def _route_exchange(
+        self, name: str, message: _Message, seen: set[str], found: dict[str, _Queue]
+    ) -> None:
+        exchange = self._exchanges[name]
+        bindings = self._bindings.get(name, [])
+        key = message.routing_key
+        match exchange.type:
+            case "fanout":
+                chosen = bindings
+            case "direct":
+                chosen = [b for b in bindings if b.routing_key == key]
+            case "topic":
+                chosen = [b for b in bindings if topic_matches(b.routing_key, key)]
+            case "x-consistent-hash":
+                hashed = _hash_key(exchange, message).encode()
+                chosen = (
+                    [bindings[zlib.crc32(hashed) % len(bindings)]] if bindings else []
+                )
+        for binding in chosen:
+            if binding.destination_type == "queue":
+                found.setdefault(binding.destination, self._queues[binding.destination])
+            elif binding.destination not in seen:
+                seen.add(binding.destination)
+                self._route_exchange(binding.destination, message, seen, found)
+
+    def _enqueue(self, q: _Queue, message: _Message) -> None:
+        if q.ttl_s is None:
+            q.ready.append(_Entry(message))
+        else:
+            due = self._clock() + q.ttl_s
+            q.ready.append(_Entry(message, due=due))
+            self._next_due = min(self._next_due, due)
+        self._dispatch(q)
+
+    def _dispatch(self, q: _Queue) -> None:
+        """Hand ready messages to consumers with credit (the broker's push)."""
+        if not q.subscriptions:
+            return
+        if q.single_active:
+            active = q.subscriptions[0]
+            while q.ready and active._has_credit():
+                active._deliver(q.ready.popleft())
+            return
+        n = len(q.subscriptions)
+        while q.ready:
+            for offset in range(n):
+                subscription = q.subscriptions[(q.next_consumer + offset) % n]
+                if subscription._has_credit():
+                    break
+            else:
+                return  # nobody has credit
+            subscription._deliver(q.ready.popleft())
+            q.next_consumer = (q.next_consumer + offset + 1) % n
+
+    def _requeue(self, q: _Queue, entries: list[_Entry]) -> None:
+        """Put *entries* back at the front, oldest first; dead-letter the exhausted."""
+        kept = []
+        for entry in entries:
+            entry.redelivered = True
+            entry.delivery_count += 1
+            if q.delivery_limit is not None and entry.delivery_count > q.delivery_limit:
+                self._dead_letter(q, entry, "delivery_limit")
+            else:
+                kept.append(entry)
+        q.ready.extendleft(reversed(kept))
+        if q.ttl_s is not None and q.ready:
+            self._next_due = min(self._next_due, q.ready[0].due)
+        self._dispatch(q)
+
+    def _dead_letter(self, q: _Queue, entry: _Entry, reason: str) -> None:
+        """Move *entry* out of *q* through its dead-letter exchange, if it has one."""
+        if q.dead_letter_exchange is None:
+            return  # dropped, as RabbitMQ drops it
+        msg = entry.message
+        headers = dict(msg.headers)
+        headers.setdefault("x-first-death-queue", q.name)
+        headers.setdefault("x-first-death-reason", reason)
+        headers["x-last-death-queue"] = q.name
+        headers["x-last-death-reason"] = reason
+        dead = replace(
+            msg,
+            exchange=q.dead_letter_exchange,
+            routing_key=q.dead_letter_routing_key or msg.routing_key,
+            headers=headers,
+        )
+        if self._route_dead_letter(dead):
+            return
+        if not q.at_least_once:
+            log.info(
+                "dead_letter_dropped",
+                queue=q.name,
+                reason=reason,
+                message_id=msg.message_id,
+            )
+            return
+        log.warning(
+            "dead_letter_deferred",
+            queue=q.name,
+            reason=reason,
+            message_id=msg.message_id,
+            dead_letter_exchange=q.dead_letter_exchange,
+        )
+        due = self._clock() + _DEAD_LETTER_RETRY_S
+        parked = _Entry(dead, due=due)
+        q.parked.append(parked)
+        self._next_due = min(self._next_due, due)
+
+    def _route_dead_letter(self, message: _Message) -> bool:
+        """Store *message* in all its targets, or in none (full or unroutable)."""
+        targets = self._route(message)
+        if not targets or any(q.is_full() for q in targets):
+            return False
+        for q in targets:
+            self._enqueue(q, message)
+        return True
+
+
+def _settings(queue: QueueSpec, topology: Topology) -> dict[str, Any]:
+    """The effective settings of *queue*: its ``x-`` arguments beat its policy."""
+    policies = [
+        p
+        for p in topology.policies
+        if p.apply_to in ("queues", "all") and re.search(p.pattern, queue.name)
+    ]
+    settings: dict[str, Any] = {}
+    if policies:
+        settings.update(max(policies, key=lambda p: p.priority).definition)
+    for name, value in queue.arguments.items():
+        if name.startswith("x-"):
+            settings[name.removeprefix("x-")] = value
+    return settings
+
+
+def _hash_key(exchange: ExchangeSpec, message: _Message) -> str:
+    """What a consistent-hash exchange hashes: a property, a header, or the key."""
+    if (prop := exchange.arguments.get("hash-property")) is not None:
+        value = {
+            "correlation_id": message.correlation_id,
+            "message_id": message.message_id,
+        }.get(prop)
+        return value or ""
+    if (header := exchange.arguments.get("hash-header")) is not None:
+        return str(message.headers.get(header, ""))
+    return message.routing_key

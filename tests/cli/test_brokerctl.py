@@ -1,0 +1,283 @@
+"""``brokerctl`` as a subprocess, against an in-process control server."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+
+from broker.config import ControlConfig
+from broker.control.ctl import EXIT_UNREACHABLE, EXIT_USAGE, main
+from broker.control.server import ControlServer
+from broker.store import DeadLetterFilter
+
+pytestmark = pytest.mark.anyio
+
+ROOT = Path(__file__).resolve().parents[2]
+
+STATUS = {
+    "daemon": "q2c-broker",
+    "uptime_s": 12.5,
+    "supervisors": ["<Supervisor root rest_for_one 0/2 restarts in 60s>"],
+    "store": {"outbox_pending": 3, "dead_letters": 2},
+}
+TREE = {
+    "id": "root",
+    "kind": "supervisor",
+    "strategy": "rest_for_one",
+    "state": "running",
+    "restarts": 0,
+    "children": [
+        {
+            "id": "erp",
+            "kind": "supervisor",
+            "strategy": "one_for_one",
+            "state": "running",
+            "restarts": 1,
+            "children": [
+                {
+                    "id": "erp.order_sync",
+                    "kind": "actor",
+                    "state": "running",
+                    "mailbox_size": 12,
+                    "mailbox_max": 64,
+                    "restarts": 1,
+                }
+            ],
+        },
+        {"id": "control", "kind": "actor", "state": "running", "restarts": 0},
+    ],
+}
+LETTERS = [
+    {
+        "id": 12,
+        "reason": "schema_invalid",
+        "queue": "q2c.erp",
+        "type": "order.placed",
+        "attempts": 1,
+        "last_seen": "2024-05-01T12:00:00.250000+00:00",
+    },
+    {
+        "id": 7,
+        "reason": "malformed",
+        "queue": "q2c.crm",
+        "type": None,
+        "attempts": 20,
+        "last_seen": "2024-04-30T23:59:59+02:00",
+    },
+]
+
+
+class FakeHandler:
+    """Canned answers shaped like the composition root's; records what it was asked."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, Any]] = []
+
+    async def status(self) -> dict[str, Any]:
+        """Canned health."""
+        return STATUS
+
+    async def actors(self) -> dict[str, Any]:
+        """A small tree with one mailbox."""
+        return TREE
+
+    async def dlq_list(self, flt: DeadLetterFilter, /) -> list[dict[str, Any]]:
+        """Two letters."""
+        self.calls.append(("dlq_list", flt))
+        return LETTERS
+
+    async def dlq_show(self, id: int, /) -> dict[str, Any]:
+        """Only letter 12 exists."""
+        if id != 12:
+            raise KeyError(f"no dead letter with id {id}")
+        return {**LETTERS[0], "body": '{"order": "o-1"}'}
+
+    async def dlq_replay(
+        self, flt: DeadLetterFilter, /, *, dry_run: bool, max_replays: int
+    ) -> list[int]:
+        """The ids asked for."""
+        self.calls.append(("dlq_replay", (flt, dry_run, max_replays)))
+        return list(flt.ids)
+
+    async def dlq_purge(self, flt: DeadLetterFilter, /, *, dry_run: bool) -> list[int]:
+        """Nothing matched."""
+        self.calls.append(("dlq_purge", (flt, dry_run)))
+        return []
+
+    async def drain(self) -> dict[str, Any]:
+        """Nothing in flight."""
+        return {"draining": True, "in_flight": 0}
+
+    async def restart(self, actor_id: str, /) -> dict[str, Any]:
+        """The actor, running again."""
+        return {"id": actor_id, "state": "running", "restarts": 2}
+
+    async def trace(self, correlation_id: str, /) -> dict[str, Any]:
+        """A one-entry journal."""
+        return {
+            "correlation_id": correlation_id,
+            "journal": [{"stage": "received", "type": "order.placed"}],
+        }
+
+
+@pytest.fixture
+def socket_path() -> Iterator[str]:
+    """A socket path short enough for AF_UNIX, in a directory removed afterwards."""
+    directory = tempfile.mkdtemp(prefix="ctl", dir="/tmp")
+    try:
+        yield f"{directory}/brokerd.sock"
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+@asynccontextmanager
+async def daemon(socket_path: str) -> AsyncIterator[FakeHandler]:
+    handler = FakeHandler()
+    server = ControlServer(ControlConfig(socket_path=socket_path), handler)
+    with anyio.fail_after(20):
+        async with anyio.create_task_group() as tg:
+            await tg.start(server.serve)
+            yield handler
+            tg.cancel_scope.cancel()
+
+
+async def brokerctl(*args: str) -> subprocess.CompletedProcess[bytes]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BROKER__")}
+    return await anyio.run_process(
+        [sys.executable, "-m", "broker.control.ctl", *args],
+        check=False,
+        cwd=ROOT,
+        env=env,
+    )
+
+
+def out(done: subprocess.CompletedProcess[bytes]) -> str:
+    assert done.returncode == 0, done.stderr.decode()
+    return done.stdout.decode()
+
+
+async def test_status_prints_aligned_pairs(socket_path: str) -> None:
+    """Status is key/value pairs aligned on the key, nested sections indented."""
+    async with daemon(socket_path):
+        text = out(await brokerctl("--socket", socket_path, "status"))
+    assert text == (
+        "daemon       q2c-broker\n"
+        "uptime_s     12.5\n"
+        "supervisors:\n"
+        "  <Supervisor root rest_for_one 0/2 restarts in 60s>\n"
+        "store:\n"
+        "  outbox_pending  3\n"
+        "  dead_letters    2\n"
+    )
+
+
+async def test_actors_prints_an_indented_tree_with_mailbox_fill(
+    socket_path: str,
+) -> None:
+    """Each level indents by two; actors show mailbox fill as size/max."""
+    async with daemon(socket_path):
+        text = out(await brokerctl("--socket", socket_path, "actors"))
+    assert text == (
+        "ACTOR               KIND                       STATE    MAILBOX  RESTARTS\n"
+        "root                supervisor (rest_for_one)  running  -        0\n"
+        "  erp               supervisor (one_for_one)   running  -        1\n"
+        "    erp.order_sync  actor                      running  12/64    1\n"
+        "  control           actor                      running  -        0\n"
+    )
+
+
+async def test_dlq_list_prints_a_table_and_sends_the_filters(
+    socket_path: str,
+) -> None:
+    """The listing is an aligned table in UTC; the flags become the store filter."""
+    async with daemon(socket_path) as handler:
+        text = out(
+            await brokerctl(
+                "--socket", socket_path, "dlq", "list", "--queue", "q2c.erp",
+                "--status", "any", "--limit", "2",
+            )
+        )  # fmt: skip
+    assert text == (
+        "ID  REASON          QUEUE    TYPE          ATTEMPTS  LAST SEEN\n"
+        "12  schema_invalid  q2c.erp  order.placed  1         2024-05-01 12:00:00Z\n"
+        "7   malformed       q2c.crm  -             20        2024-04-30 21:59:59Z\n"
+        "2 dead letters (limit reached: raise --limit to see more)\n"
+    )
+    assert handler.calls == [
+        ("dlq_list", DeadLetterFilter(queue="q2c.erp", status=None, limit=2))
+    ]
+
+
+async def test_json_prints_the_raw_result(socket_path: str) -> None:
+    """--json prints the daemon's result as JSON, untouched."""
+    async with daemon(socket_path):
+        actors = out(await brokerctl("--socket", socket_path, "--json", "actors"))
+        letter = out(
+            await brokerctl("--json", "--socket", socket_path, "dlq", "show", "12")
+        )
+    assert json.loads(actors) == TREE
+    assert json.loads(letter)["body"] == '{"order": "o-1"}'
+
+
+async def test_replay_dry_run_names_what_would_be_replayed(socket_path: str) -> None:
+    """Ids, filters, --dry-run and --max-replays reach the handler; it says dry run."""
+    async with daemon(socket_path) as handler:
+        text = out(
+            await brokerctl(
+                "--socket", socket_path, "dlq", "replay", "3", "4",
+                "--reason", "malformed", "--dry-run", "--max-replays", "5",
+            )
+        )  # fmt: skip
+    assert text == "would replay 2 dead letters: 3, 4 (dry run)\n"
+    flt = DeadLetterFilter(ids=(3, 4), reason="malformed")
+    assert handler.calls == [("dlq_replay", (flt, True, 5))]
+
+
+async def test_an_error_reply_exits_1_with_the_daemons_message(
+    socket_path: str,
+) -> None:
+    """A not_found reply prints the daemon's message on stderr and exits 1."""
+    async with daemon(socket_path):
+        done = await brokerctl("--socket", socket_path, "dlq", "show", "99")
+    assert done.returncode == 1
+    assert done.stderr.decode() == "brokerctl: no dead letter with id 99\n"
+
+
+async def test_no_daemon_exits_3_and_says_how_to_start_one(socket_path: str) -> None:
+    """Without a daemon, brokerctl exits 3 and tells the operator to run brokerd."""
+    done = await brokerctl("--socket", socket_path, "status")
+    assert done.returncode == EXIT_UNREACHABLE
+    assert done.stdout == b""
+    assert done.stderr.decode() == (
+        f"brokerctl: no daemon is listening on {socket_path}: is brokerd running? "
+        "(start it with `brokerd run`)\n"
+    )
+
+
+async def test_the_socket_path_comes_from_the_config_file(socket_path: str) -> None:
+    """--config FILE supplies [control] socket-path when --socket is not given."""
+    config = anyio.Path(socket_path).with_name("broker.toml")
+    await config.write_text(f'[control]\nsocket-path = "{socket_path}"\n')
+    async with daemon(socket_path):
+        text = out(await brokerctl("--config", str(config), "restart", "erp.sync"))
+    assert text == "id        erp.sync\nstate     running\nrestarts  2\n"
+
+
+def test_an_unfiltered_purge_is_a_usage_error(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Purging without ids, a filter or --all exits 2 before contacting any daemon."""
+    assert main(["--socket", "/nonexistent/brokerd.sock", "dlq", "purge"]) == 2
+    assert "refusing to purge every dead letter" in capsys.readouterr().err
+    assert main(["dlq", "list", "--limit", "0"]) == EXIT_USAGE

@@ -1,0 +1,716 @@
+"""One behavioural suite for the Store protocol: embedded SQLite and real PostgreSQL.
+
+Every test in the first part runs twice, against ``SqliteStore(":memory:")``
+and against a `PostgresStore` on a fresh database, so the embedded store the
+unit and runtime tests rely on stays an honest stand-in. The last part pins
+what only the SQLite store has (an injectable clock, files on disk).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sqlite3
+import threading
+from collections.abc import AsyncIterator, Awaitable
+from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
+from typing import Protocol, cast
+
+import anyio
+import anyio.to_thread
+import pytest
+
+from broker.config import PostgresConfig, SqliteConfig
+from broker.errors import ConcurrencyConflict, StoreUnavailable
+from broker.store import (
+    DeadLetterFilter,
+    DeadLetterRecord,
+    InboxKey,
+    JournalRecord,
+    OutboxRecord,
+    OutboxRow,
+    SagaWrite,
+    Store,
+)
+from broker.store.postgres import PostgresStore
+from broker.store.sqlite import SqliteStore
+
+pytestmark = pytest.mark.anyio
+
+#: The writer's lease in most tests: short, so relay-side tests need not wait.
+LEASE_S = 0.02
+
+TODAY = datetime.now(UTC).date()
+
+
+class OpenStore(Protocol):
+    """Opens a store on the backend under test."""
+
+    def __call__(self, *, lease_s: float = LEASE_S) -> Awaitable[Store]:
+        """Open a migrated store whose writer lease is *lease_s*."""
+        ...
+
+
+@pytest.fixture(
+    params=["sqlite", pytest.param("postgres", marks=pytest.mark.integration)]
+)
+def backend(request: pytest.FixtureRequest) -> str:
+    """``":memory:"`` for SQLite, or the DSN of a fresh PostgreSQL database."""
+    if request.param == "postgres":
+        return cast(str, request.getfixturevalue("pg_dsn"))
+    return ":memory:"
+
+
+@pytest.fixture
+async def open_store(backend: str) -> AsyncIterator[OpenStore]:
+    """Open stores on the backend under test; close them afterwards."""
+    opened: list[Store] = []
+
+    async def open_(*, lease_s: float = LEASE_S) -> Store:
+        store: Store
+        if backend == ":memory:":
+            store = await SqliteStore.open(":memory:", lease_s=lease_s)
+        else:
+            cfg = PostgresConfig(dsn=backend, pool_min_size=1, pool_max_size=4)
+            store = await PostgresStore.open(cfg, lease_s=lease_s)
+        opened.append(store)
+        return store
+
+    yield open_
+    for store in opened:
+        await store.aclose()
+
+
+@pytest.fixture
+async def store(open_store: OpenStore) -> Store:
+    """A migrated, empty store with a short writer lease."""
+    return await open_store()
+
+
+def key(name: str, day: date = TODAY) -> InboxKey:
+    return InboxKey(key=name, day=day, message_id=f"msg-{name}")
+
+
+def outbox(message_id: str, **fields: object) -> OutboxRecord:
+    values: dict[str, object] = {
+        "exchange": "q2c.events",
+        "routing_key": "order.placed",
+        "body": f"body-{message_id}".encode(),
+    }
+    values.update(fields)
+    return OutboxRecord(message_id=message_id, **values)  # type: ignore[arg-type]
+
+
+def dead_letter(message_id: str, **fields: object) -> DeadLetterRecord:
+    values: dict[str, object] = {
+        "queue": "q2c.sys.erp",
+        "routing_key": "order.placed",
+        "reason": "schema_invalid",
+        "detail": "Expected `int` - at `$.quantity`",
+        "body": f"body-{message_id}".encode(),
+    }
+    values.update(fields)
+    return DeadLetterRecord(message_id=message_id, **values)  # type: ignore[arg-type]
+
+
+async def add_outbox(store: Store, *records: OutboxRecord) -> list[OutboxRow]:
+    async with store.batch() as b:
+        return await b.add_outbox(records)
+
+
+async def add_dead_letters(store: Store, *records: DeadLetterRecord) -> None:
+    async with store.batch() as b:
+        await b.add_dead_letters(records)
+
+
+async def claim_n(store: Store, n: int, *, lease_s: float = 30.0) -> list[OutboxRow]:
+    """Poll the relay side until *n* rows were leased (bounded: 5 s)."""
+    rows: list[OutboxRow] = []
+    with anyio.fail_after(5):
+        while len(rows) < n:
+            rows += await store.claim_outbox(limit=n - len(rows), lease_s=lease_s)
+            if len(rows) < n:
+                await anyio.sleep(0.01)
+    return rows
+
+
+EMPTY = {
+    "outbox_pending": 0,
+    "outbox_parked": 0,
+    "dead_letters": 0,
+    "sagas": 0,
+    "inbox": 0,
+}
+
+
+# --- inbox -------------------------------------------------------------------------
+
+
+async def test_claim_returns_only_new_keys_and_dedups_within_a_batch(
+    store: Store,
+) -> None:
+    """A key is new once per consumer; repeats inside one claim count once."""
+    async with store.batch() as b:
+        assert await b.claim("erp", [key("a"), key("b"), key("a")]) == {"a", "b"}
+    async with store.batch() as b:
+        assert await b.claim("erp", [key("b"), key("c")]) == {"c"}
+        assert await b.claim("crm", [key("b")]) == {"b"}
+        assert await b.claim("erp", []) == set()
+
+
+async def test_release_frees_a_key_claimed_in_the_same_batch(store: Store) -> None:
+    """A released key (its message failed) is new again for the next batch."""
+    async with store.batch() as b:
+        assert await b.claim("erp", [key("a"), key("b")]) == {"a", "b"}
+        await b.release("erp", ["a"])
+    async with store.batch() as b:
+        assert await b.claim("erp", [key("a"), key("b")]) == {"a"}
+
+
+async def test_an_exception_in_the_batch_rolls_everything_back(store: Store) -> None:
+    """Nothing written in a batch that raised survives: keys, sagas, outbox, DLQ."""
+
+    async def crashing_batch() -> None:
+        async with store.batch() as b:
+            await b.claim("erp", [key("a")])
+            await b.save_sagas(
+                "wf", [SagaWrite(correlation_id="c1", expected_version=0, state=b"s")]
+            )
+            await b.add_outbox([outbox("o1")])
+            await b.add_dead_letters([dead_letter("d1")])
+            await b.add_journal(
+                [JournalRecord(message_id="m1", correlation_id="c1", stage="received")]
+            )
+            raise RuntimeError("handler crashed")
+
+    with pytest.raises(RuntimeError, match="handler crashed"):
+        await crashing_batch()
+
+    assert await store.counts() == EMPTY
+    assert await store.load_saga("wf", "c1") is None
+    assert await store.journal("c1") == []
+    async with store.batch() as b:
+        assert await b.claim("erp", [key("a")]) == {"a"}
+
+
+# --- sagas -------------------------------------------------------------------------
+
+
+async def test_sagas_are_created_at_version_1_and_updated_by_version(
+    store: Store,
+) -> None:
+    """Create with expected version 0, then each update bumps the version by one."""
+    async with store.batch() as b:
+        assert await b.load_sagas("wf", ["c1", "c2"]) == {}
+        await b.save_sagas(
+            "wf",
+            [
+                SagaWrite(correlation_id="c1", expected_version=0, state=b"one"),
+                SagaWrite(correlation_id="c2", expected_version=0, state=b"two"),
+            ],
+        )
+    async with store.batch() as b:
+        loaded = await b.load_sagas("wf", ["c1", "missing"])
+        assert list(loaded) == ["c1"]
+        assert (loaded["c1"].version, loaded["c1"].state) == (1, b"one")
+        await b.save_sagas(
+            "wf", [SagaWrite(correlation_id="c1", expected_version=1, state=b"one+")]
+        )
+
+    saga = await store.load_saga("wf", "c1")
+    assert saga is not None
+    assert (saga.workflow, saga.version, saga.state) == ("wf", 2, b"one+")
+    assert saga.updated_at is not None
+    assert await store.load_saga("other-wf", "c1") is None
+    assert (await store.counts())["sagas"] == 2
+
+
+@pytest.mark.parametrize(
+    ("expected_version", "what"), [(1, "stale update"), (0, "second create")]
+)
+async def test_a_version_conflict_raises_and_rolls_the_batch_back(
+    store: Store, expected_version: int, what: str
+) -> None:
+    """A stale update or a second create raises ConcurrencyConflict; nothing sticks."""
+    async with store.batch() as b:
+        await b.save_sagas(
+            "wf", [SagaWrite(correlation_id="c1", expected_version=0, state=b"v1")]
+        )
+    async with store.batch() as b:
+        await b.save_sagas(
+            "wf", [SagaWrite(correlation_id="c1", expected_version=1, state=b"v2")]
+        )
+
+    async def conflicting_batch() -> None:
+        async with store.batch() as b:
+            await b.claim("wf", [key("k1")])
+            await b.save_sagas(
+                "wf",
+                [
+                    SagaWrite(correlation_id="c2", expected_version=0, state=b"new"),
+                    SagaWrite(
+                        correlation_id="c1",
+                        expected_version=expected_version,
+                        state=what.encode(),
+                    ),
+                ],
+            )
+
+    with pytest.raises(ConcurrencyConflict, match="c1"):
+        await conflicting_batch()
+
+    saga = await store.load_saga("wf", "c1")
+    assert saga is not None
+    assert (saga.version, saga.state) == (2, b"v2")
+    assert await store.load_saga("wf", "c2") is None
+    async with store.batch() as b:
+        assert await b.claim("wf", [key("k1")]) == {"k1"}
+
+
+async def test_a_swallowed_conflict_still_rolls_the_batch_back(store: Store) -> None:
+    """Catching the conflict inside the block does not let a partial batch commit."""
+    async with store.batch() as b:
+        await b.save_sagas(
+            "wf", [SagaWrite(correlation_id="c1", expected_version=0, state=b"v1")]
+        )
+
+    async def swallowing_batch() -> None:
+        async with store.batch() as b:
+            await b.claim("wf", [key("k1")])
+            with contextlib.suppress(ConcurrencyConflict):
+                await b.save_sagas(
+                    "wf",
+                    [SagaWrite(correlation_id="c1", expected_version=0, state=b"x")],
+                )
+
+    with pytest.raises(ConcurrencyConflict):
+        await swallowing_batch()
+
+    async with store.batch() as b:
+        assert await b.claim("wf", [key("k1")]) == {"k1"}
+
+
+async def test_two_writes_to_one_saga_in_one_call_are_refused(store: Store) -> None:
+    """The same instance twice in one save_sagas call is a caller bug (ValueError)."""
+    write = SagaWrite(correlation_id="c1", expected_version=0, state=b"s")
+    with pytest.raises(ValueError, match="one write per instance"):
+        async with store.batch() as b:
+            await b.save_sagas("wf", [write, write])
+
+
+# --- outbox ------------------------------------------------------------------------
+
+
+async def test_outbox_rows_stay_leased_to_their_writer_until_the_lease_ends(
+    open_store: OpenStore,
+) -> None:
+    """The relay cannot claim a row while its writer holds the lease."""
+    store = await open_store(lease_s=1.0)
+    [row] = await add_outbox(store, outbox("o1"))
+
+    assert await store.claim_outbox(limit=10, lease_s=30) == []
+    [claimed] = await claim_n(store, 1)
+    assert claimed.id == row.id
+
+
+async def test_outbox_rows_round_trip_in_order(store: Store) -> None:
+    """Ids follow the input order; the relay gets every field back, oldest first."""
+    records = [
+        outbox(
+            "o1",
+            correlation_id="deal-1",
+            type="order.placed",
+            headers={"x-shard": 3, "x-source": "erp"},
+        ),
+        outbox("o2", exchange="", routing_key="q2c.sys.crm", body=b"\x00\xff"),
+        outbox("o3"),
+    ]
+    rows = await add_outbox(store, *records)
+    assert [r.message_id for r in rows] == ["o1", "o2", "o3"]
+    assert rows[0].id < rows[1].id < rows[2].id
+    assert {r.attempts for r in rows} == {1}
+
+    claimed = await claim_n(store, 3)
+    assert [r.id for r in claimed] == [r.id for r in rows]
+    first, second, _ = claimed
+    assert (first.correlation_id, first.type) == ("deal-1", "order.placed")
+    assert first.headers == {"x-shard": 3, "x-source": "erp"}
+    assert (second.exchange, second.routing_key, second.body) == (
+        "",
+        "q2c.sys.crm",
+        b"\x00\xff",
+    )
+    assert (second.correlation_id, second.type, second.headers) == (None, None, {})
+    assert {r.attempts for r in claimed} == {2}
+
+
+async def test_a_claimed_row_is_leased_until_marked_sent(store: Store) -> None:
+    """A leased row is not handed out twice; once sent it is gone from the relay."""
+    await add_outbox(store, outbox("o1"), outbox("o2"))
+    claimed = await claim_n(store, 2)
+    assert await store.claim_outbox(limit=10, lease_s=30) == []
+    assert (await store.counts())["outbox_pending"] == 2
+
+    await store.mark_sent([r.id for r in claimed])
+    assert (await store.counts())["outbox_pending"] == 0
+
+
+async def test_a_lapsed_relay_lease_makes_the_row_claimable_again(store: Store) -> None:
+    """A relay that died mid-publish loses its lease; the row is claimed again."""
+    [row] = await add_outbox(store, outbox("o1"))
+    [first] = await claim_n(store, 1, lease_s=0.05)
+    [again] = await claim_n(store, 1)
+    assert first.id == again.id == row.id
+    assert again.attempts == first.attempts + 1
+
+
+async def test_reschedule_delays_a_row_and_releases_its_lease(store: Store) -> None:
+    """A nacked row waits out its delay, then is claimable again at once."""
+    [row] = await add_outbox(store, outbox("o1"))
+    await claim_n(store, 1)
+
+    await store.reschedule_outbox([row.id], delay_s=3600)
+    assert await store.claim_outbox(limit=10, lease_s=30) == []
+    assert (await store.counts())["outbox_pending"] == 1
+
+    await store.reschedule_outbox([row.id], delay_s=0.01)
+    [again] = await claim_n(store, 1)
+    assert again.id == row.id
+
+
+async def test_parked_rows_are_never_claimed_again(store: Store) -> None:
+    """An unroutable row is parked: counted as parked, not pending; never claimed."""
+    [row, _] = await add_outbox(store, outbox("o1"), outbox("o2"))
+    await claim_n(store, 2, lease_s=0.01)
+
+    await store.park_outbox([row.id], reason="unroutable: no queue bound")
+    [other] = await claim_n(store, 1)
+    assert other.message_id == "o2"
+    counts = await store.counts()
+    assert (counts["outbox_pending"], counts["outbox_parked"]) == (1, 1)
+
+
+# --- dead letters ------------------------------------------------------------------
+
+
+async def test_a_dead_letter_recorded_again_bumps_attempts(store: Store) -> None:
+    """One row per message id: attempts add up and last_seen moves on."""
+    await add_dead_letters(store, dead_letter("d1"))
+    await add_dead_letters(store, dead_letter("d1", detail="again"), dead_letter("d1"))
+
+    [row] = await store.list_dead_letters(DeadLetterFilter())
+    assert (row.message_id, row.attempts, row.status, row.replays) == (
+        "d1",
+        3,
+        "parked",
+        0,
+    )
+    assert row.body == b"body-d1"
+    assert row.first_seen <= row.last_seen
+    assert (await store.counts())["dead_letters"] == 1
+
+
+async def test_dead_letters_are_listed_newest_first_and_filtered(store: Store) -> None:
+    """Each set filter field must match; ids, status and limit narrow the list."""
+    await add_dead_letters(
+        store,
+        dead_letter("d1", reason="malformed", correlation_id="deal-1"),
+        dead_letter("d2", queue="q2c.sys.crm", type="contact.updated"),
+        dead_letter(
+            "d3", reason="malformed", headers={"x-death": [{"count": 1}]}, type="t"
+        ),
+    )
+    rows = await store.list_dead_letters(DeadLetterFilter())
+    assert [r.message_id for r in rows] == ["d3", "d2", "d1"]
+    assert rows[0].headers == {"x-death": [{"count": 1}]}
+
+    async def ids(**flt: object) -> list[str]:
+        found = await store.list_dead_letters(DeadLetterFilter(**flt))  # type: ignore[arg-type]
+        return [r.message_id for r in found]
+
+    assert await ids(reason="malformed") == ["d3", "d1"]
+    assert await ids(queue="q2c.sys.crm") == ["d2"]
+    assert await ids(type="contact.updated") == ["d2"]
+    assert await ids(correlation_id="deal-1") == ["d1"]
+    assert await ids(reason="malformed", type="t") == ["d3"]
+    assert await ids(ids=(rows[2].id, rows[1].id)) == ["d2", "d1"]
+    assert await ids(limit=1) == ["d3"]
+    assert await ids(status="replayed") == []
+    assert await ids(status=None) == ["d3", "d2", "d1"]
+
+
+async def test_replay_sends_the_original_back_to_its_queue_via_the_outbox(
+    store: Store,
+) -> None:
+    """Same id and body, default exchange to the original queue, plus x-q2c-replay."""
+    await add_dead_letters(
+        store,
+        dead_letter(
+            "d1",
+            queue="q2c.sys.erp",
+            body=b'{"original": true}',
+            headers={"x-source": "crm"},
+            correlation_id="deal-1",
+            type="order.placed",
+        ),
+        dead_letter("d2", reason="other"),
+    )
+    [d1] = await store.list_dead_letters(DeadLetterFilter(reason="schema_invalid"))
+
+    replayed = await store.replay_dead_letters(
+        DeadLetterFilter(ids=(d1.id,)), max_replays=3, dry_run=False
+    )
+    assert replayed == [d1.id]
+
+    [row] = await claim_n(store, 1)
+    assert (row.message_id, row.exchange, row.routing_key) == ("d1", "", "q2c.sys.erp")
+    assert row.body == b'{"original": true}'
+    assert row.headers == {"x-source": "crm", "x-q2c-replay": 1}
+    assert (row.correlation_id, row.type) == ("deal-1", "order.placed")
+
+    [after] = await store.list_dead_letters(DeadLetterFilter(ids=(d1.id,), status=None))
+    assert (after.status, after.replays) == ("replayed", 1)
+    assert (await store.counts())["dead_letters"] == 1  # d2 is still parked
+
+
+async def test_replay_loop_guard_and_a_failing_replay_parks_again(store: Store) -> None:
+    """A replay that fails again is parked again; max_replays stops the loop."""
+    await add_dead_letters(store, dead_letter("d1"))
+    assert (
+        len(
+            await store.replay_dead_letters(
+                DeadLetterFilter(), max_replays=1, dry_run=False
+            )
+        )
+        == 1
+    )
+
+    await add_dead_letters(store, dead_letter("d1", detail="failed after replay"))
+    [row] = await store.list_dead_letters(DeadLetterFilter())
+    assert (row.status, row.attempts, row.replays) == ("parked", 2, 1)
+    assert row.detail == "failed after replay"
+
+    assert (
+        await store.replay_dead_letters(
+            DeadLetterFilter(), max_replays=1, dry_run=False
+        )
+        == []
+    )
+    assert await store.replay_dead_letters(
+        DeadLetterFilter(), max_replays=2, dry_run=False
+    ) == [row.id]
+    rows = await claim_n(store, 2)
+    assert sorted(r.headers["x-q2c-replay"] for r in rows) == [1, 2]
+
+
+async def test_replay_dry_run_changes_nothing(store: Store) -> None:
+    """A dry run names the rows it would replay and writes nothing."""
+    await add_dead_letters(store, dead_letter("d1"), dead_letter("d2"))
+    listed = [r.id for r in await store.list_dead_letters(DeadLetterFilter())]
+
+    assert (
+        await store.replay_dead_letters(DeadLetterFilter(), max_replays=3, dry_run=True)
+        == listed
+    )
+    assert await store.counts() == {**EMPTY, "dead_letters": 2}
+    assert {r.status for r in await store.list_dead_letters(DeadLetterFilter())} == {
+        "parked"
+    }
+
+
+async def test_purge_drops_bodies_and_a_new_failure_parks_again(store: Store) -> None:
+    """Purge empties bodies (a dry run changes nothing); a new failure parks again."""
+    await add_dead_letters(store, dead_letter("d1"), dead_letter("d2", reason="other"))
+    flt = DeadLetterFilter(reason="schema_invalid")
+    [d1] = await store.list_dead_letters(flt)
+
+    assert await store.purge_dead_letters(flt, dry_run=True) == [d1.id]
+    assert (await store.list_dead_letters(flt))[0].body == b"body-d1"
+
+    assert await store.purge_dead_letters(flt, dry_run=False) == [d1.id]
+    [purged] = await store.list_dead_letters(DeadLetterFilter(status="purged"))
+    assert (purged.id, purged.body) == (d1.id, b"")
+    assert await store.purge_dead_letters(
+        DeadLetterFilter(status=None), dry_run=True
+    ) == [r.id for r in await store.list_dead_letters(DeadLetterFilter(reason="other"))]
+    assert (await store.counts())["dead_letters"] == 1
+
+    await add_dead_letters(store, dead_letter("d1"))
+    [revived] = await store.list_dead_letters(flt)
+    assert (revived.status, revived.body, revived.attempts) == ("parked", b"body-d1", 2)
+
+
+# --- journal, retention, counts ----------------------------------------------------
+
+
+async def test_the_journal_of_a_correlation_id_is_in_order(store: Store) -> None:
+    """Entries come back oldest first, across batches, and only for that id."""
+    async with store.batch() as b:
+        await b.add_journal(
+            [
+                JournalRecord(
+                    message_id="m1", correlation_id="deal-1", stage="received"
+                ),
+                JournalRecord(
+                    message_id="m1", correlation_id="deal-2", stage="received"
+                ),
+                JournalRecord(
+                    message_id="m1",
+                    correlation_id="deal-1",
+                    stage="applied",
+                    type="order.placed",
+                    detail="v2",
+                ),
+            ]
+        )
+    async with store.batch() as b:
+        await b.add_journal(
+            [JournalRecord(message_id="m2", correlation_id="deal-1", stage="published")]
+        )
+
+    entries = await store.journal("deal-1")
+    assert [(e.message_id, e.stage) for e in entries] == [
+        ("m1", "received"),
+        ("m1", "applied"),
+        ("m2", "published"),
+    ]
+    assert (entries[1].type, entries[1].detail) == ("order.placed", "v2")
+    assert entries[0].at <= entries[2].at
+    assert len(await store.journal("deal-1", limit=2)) == 2
+
+
+async def test_prune_forgets_keys_older_than_the_retention(store: Store) -> None:
+    """After prune, an old key is new again; keys inside the retention still dedup."""
+    old = key("old", TODAY - timedelta(days=30))
+    edge = key("edge", TODAY - timedelta(days=7))
+    recent = key("recent", TODAY)
+    async with store.batch() as b:
+        assert await b.claim("erp", [old, edge, recent]) == {"old", "edge", "recent"}
+
+    result = await store.prune(retention_days=7)
+    assert set(result) == {
+        "inbox",
+        "inbox_partitions",
+        "journal",
+        "journal_partitions",
+        "outbox",
+    }
+    async with store.batch() as b:
+        assert await b.claim("erp", [old, edge, recent]) == {"old"}
+
+
+async def test_counts_cover_outbox_dead_letters_sagas_and_inbox(store: Store) -> None:
+    """counts() reports pending and parked outbox rows, parked DLQ rows, sagas, keys."""
+    async with store.batch() as b:
+        await b.claim("erp", [key("a"), key("b"), key("c")])
+        await b.save_sagas(
+            "wf", [SagaWrite(correlation_id="c1", expected_version=0, state=b"")]
+        )
+        rows = await b.add_outbox([outbox("o1"), outbox("o2")])
+        await b.add_dead_letters([dead_letter("d1")])
+    await store.park_outbox([rows[0].id], reason="unroutable")
+
+    assert await store.counts() == {
+        "outbox_pending": 1,
+        "outbox_parked": 1,
+        "dead_letters": 1,
+        "sagas": 1,
+        "inbox": 3,
+    }
+
+
+# --- SQLite only -------------------------------------------------------------------
+
+
+class FakeClock:
+    """Seconds since the epoch, moved by hand."""
+
+    def __init__(self) -> None:
+        self.now = datetime.now(UTC).timestamp()
+
+    def __call__(self) -> float:
+        """The current fake time."""
+        return self.now
+
+
+async def test_sqlite_leases_and_retention_follow_the_injected_clock() -> None:
+    """With a fake clock, leases lapse and sent rows age out without waiting."""
+    clock = FakeClock()
+    store = await SqliteStore.open(":memory:", lease_s=30, clock=clock)
+    try:
+        [row] = await add_outbox(store, outbox("o1"))
+        async with store.batch() as b:
+            await b.add_journal(
+                [JournalRecord(message_id="m1", correlation_id="c1", stage="received")]
+            )
+        assert await store.claim_outbox(limit=10, lease_s=30) == []
+        clock.now += 31
+        [claimed] = await store.claim_outbox(limit=10, lease_s=30)
+        await store.mark_sent([claimed.id])
+
+        clock.now += 6 * 86_400
+        assert (await store.prune(retention_days=7))["outbox"] == 0
+        clock.now += 2 * 86_400
+        result = await store.prune(retention_days=7, journal_retention_days=30)
+        assert (result["outbox"], result["journal"]) == (1, 0)
+        assert len(await store.journal("c1")) == 1
+        assert (await store.prune(retention_days=7))["journal"] == 1
+        assert row.id == claimed.id
+    finally:
+        await store.aclose()
+
+
+async def test_sqlite_on_disk_uses_wal_and_reports_a_locked_file(
+    tmp_path: Path,
+) -> None:
+    """A file store runs in WAL mode; another writer's lock gives StoreUnavailable."""
+    path = tmp_path / "var" / "q2c.sqlite3"
+    store = await SqliteStore.open(SqliteConfig(path=str(path)), busy_timeout_s=0.05)
+    other = await anyio.to_thread.run_sync(
+        lambda: sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    )
+    try:
+        mode = await anyio.to_thread.run_sync(
+            lambda: other.execute("PRAGMA journal_mode").fetchone()
+        )
+        assert mode == ("wal",)
+        await anyio.to_thread.run_sync(other.execute, "BEGIN IMMEDIATE")
+
+        with pytest.raises(StoreUnavailable, match="locked") as caught:
+            async with store.batch() as b:
+                await b.claim("erp", [key("a")])
+        assert isinstance(caught.value.__cause__, sqlite3.OperationalError)
+
+        await anyio.to_thread.run_sync(other.execute, "ROLLBACK")
+        async with store.batch() as b:
+            assert await b.claim("erp", [key("a")]) == {"a"}
+    finally:
+        await anyio.to_thread.run_sync(other.close)
+        await store.aclose()
+
+    reopened = await SqliteStore.open(str(path))
+    try:
+        assert await reopened.migrate() == []
+        assert (await reopened.counts())["inbox"] == 1
+    finally:
+        await reopened.aclose()
+
+
+async def test_sqlite_statements_run_off_the_event_loop_thread() -> None:
+    """Every SQL statement runs on a worker thread, never on the event loop's."""
+    loop_thread = threading.get_ident()
+    threads: set[int] = set()
+    store = await SqliteStore.open(":memory:")
+    try:
+        await anyio.to_thread.run_sync(
+            store._conn.set_trace_callback, lambda _: threads.add(threading.get_ident())
+        )
+        async with store.batch() as b:
+            await b.claim("erp", [key("a")])
+            await b.add_outbox([outbox("o1")])
+        await store.counts()
+        await anyio.to_thread.run_sync(store._conn.set_trace_callback, None)
+    finally:
+        await store.aclose()
+    assert threads
+    assert loop_thread not in threads

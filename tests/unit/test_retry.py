@@ -1,0 +1,33 @@
+from __future__ import annotations
+
+import pytest
+
+from broker.errors import RetryLater, UndecodableMessage
+from broker.retry import Backoff, RetryPolicy, is_permanent
+
+
+def test_tiers_grow_then_attempts_run_out() -> None:
+    """Attempt n goes to tier n (capped at the last); after max_attempts, none."""
+    policy = RetryPolicy((5.0, 60.0), max_attempts=4)
+    assert [policy.tier_for(n) for n in (1, 2, 3, 4)] == [5.0, 60.0, 60.0, None]
+
+
+def test_disposition_follows_the_error_tree() -> None:
+    """Permanent errors dead-letter; transient ones and bugs are retried."""
+    assert is_permanent(UndecodableMessage("x"))
+    assert not is_permanent(RetryLater("later"))
+    assert not is_permanent(ValueError("bug"))
+
+
+def test_backoff_is_exponential_capped_and_jittered() -> None:
+    """Delays double up to the cap; jitter only shortens them; reset starts over."""
+    b = Backoff(1.0, 8.0, jitter=0.5, rand=lambda: 1.0)
+    assert [b.next_delay() for _ in range(5)] == [0.5, 1.0, 2.0, 4.0, 4.0]
+    b.reset()
+    assert b.next_delay() == 0.5
+
+
+def test_policy_needs_a_tier() -> None:
+    """An empty tier list is a configuration mistake, refused at once."""
+    with pytest.raises(ValueError, match="tier"):
+        RetryPolicy((), max_attempts=3)
