@@ -32,7 +32,9 @@ __all__ = ["run_demo", "entry_message"]
 OUTPUT_QUEUE = "q2c.events.ledger-applied"
 
 
-def entry_message(account: str, entry_id: str, amount: Decimal) -> OutgoingMessage:
+def entry_message(
+    account: str, entry_id: str, amount: Decimal, *, memo: str = ""
+) -> OutgoingMessage:
     """The AMQP message a producer publishes for one ledger entry."""
     key = f"ledger:{entry_id}"
     env = Envelope(
@@ -43,7 +45,9 @@ def entry_message(account: str, entry_id: str, amount: Decimal) -> OutgoingMessa
         correlation_id=account,
         idempotency_key=key,
         data=encode_event(
-            LedgerEntryPosted(account=account, entry_id=entry_id, amount=amount)
+            LedgerEntryPosted(
+                account=account, entry_id=entry_id, amount=amount, memo=memo
+            )
         ),
     )
     return OutgoingMessage(

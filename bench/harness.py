@@ -29,7 +29,6 @@ import anyio
 import anyio.abc
 import asyncpg
 import psutil
-from aio_pika.abc import AbstractConnection
 
 from bench.workload import BenchError, Expected
 
@@ -49,7 +48,6 @@ __all__ = [
     "CpuMeter",
     "Variant",
     "compare_balances",
-    "close_quietly",
 ]
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -326,7 +324,7 @@ class Variant(Protocol):
     passes_duplicates: bool
     needs_database: bool
 
-    async def prepare(self, env: Env, conn: AbstractConnection) -> None:
+    async def prepare(self, env: Env) -> None:
         """Declare the topology (and migrate), before anything is published."""
         ...
 
@@ -353,9 +351,3 @@ def compare_balances(expected: Expected, got: Expected) -> list[str]:
     if extra:
         problems.append(f"{len(extra)} unexpected accounts, e.g. {extra[:3]}")
     return problems
-
-
-async def close_quietly(conn: AbstractConnection) -> None:
-    """Close *conn* even while the run is being cancelled."""
-    with anyio.CancelScope(shield=True), anyio.move_on_after(10):
-        await conn.close()

@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import base64
 import json
+import os
 import signal
 import sys
 import time
@@ -40,13 +41,11 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
-import aio_pika
 import aiohttp
 import anyio
 import asyncpg
 import msgspec
 import psutil
-from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractExchange
 
 from bench.harness import (
     MANAGEMENT_URL,
@@ -56,7 +55,6 @@ from bench.harness import (
     Env,
     Services,
     Variant,
-    close_quietly,
     compare_balances,
     deadline,
     run_command,
@@ -65,7 +63,6 @@ from bench.harness import (
 from bench.naive import NaiveVariant
 from bench.passthrough import PassthroughVariant
 from bench.workload import (
-    EVENTS_EXCHANGE,
     OUTPUT_QUEUE,
     BenchError,
     Expected,
@@ -78,6 +75,8 @@ from bench.workload import (
     publish_paced,
     ready_count,
 )
+from broker.errors import BrokerError
+from broker.transport.wire import WireChannel, WireConnection
 
 __all__ = ["VARIANTS", "RSS_LIMIT_MB", "EngineVariant", "main"]
 
@@ -139,7 +138,7 @@ class EngineVariant:
             command,
         ]
 
-    async def prepare(self, env: Env, conn: AbstractConnection) -> None:
+    async def prepare(self, env: Env) -> None:
         """``brokerd migrate`` and ``brokerd topology``."""
         log = env.workdir / "setup.log"
         await run_command("brokerd migrate", self._broker(env, "migrate"), log, 120)
@@ -196,8 +195,8 @@ class _Wiring:
 
     variant: Variant
     env: Env
-    conn: AbstractConnection
-    exchange: AbstractExchange
+    conn: WireConnection
+    publisher: WireChannel
     counter: OutputCounter
     meter: CpuMeter
     stack: AsyncExitStack
@@ -207,23 +206,28 @@ class _Wiring:
 async def _wired(
     variant: Variant, services: Services, meter: CpuMeter
 ) -> AsyncIterator[_Wiring]:
-    """Fresh services for *variant*, prepared, with outputs being counted."""
+    """Fresh services for *variant*, prepared, with a publishing channel."""
     async with AsyncExitStack() as stack:
         env = await services.open(
             variant.name, database=variant.needs_database, stack=stack
         )
-        conn = await aio_pika.connect(
-            env.amqp_url, client_properties={"connection_name": "bench"}
+        await variant.prepare(env)
+        conn = await WireConnection.open(
+            env.amqp_url, name="bench", heartbeat_s=30, connect_timeout_s=10
         )
-        stack.push_async_callback(close_quietly, conn)
-        await variant.prepare(env, conn)
-        channel = await conn.channel(publisher_confirms=True, on_return_raises=True)
-        exchange = await channel.get_exchange(EVENTS_EXCHANGE)
-        counter = OutputCounter()  # reads outputs once `counting` starts it
+        stack.push_async_callback(_close, conn)
+        publisher = await conn.channel()
+        await publisher.confirm_select(window=2048)
         yield _Wiring(
-            variant=variant, env=env, conn=conn, exchange=exchange,
-            counter=counter, meter=meter, stack=stack,
+            variant=variant, env=env, conn=conn, publisher=publisher,
+            counter=OutputCounter(),  # reads outputs once `counting` starts it
+            meter=meter, stack=stack,
         )  # fmt: skip
+
+
+async def _close(conn: WireConnection) -> None:
+    with anyio.CancelScope(shield=True):
+        await conn.close()
 
 
 def _tally(w: _Wiring, workload: Workload) -> Tally:
@@ -252,7 +256,7 @@ def _tally_problems(w: _Wiring, tally: Tally, workload: Workload) -> list[str]:
 
 
 async def _poll(
-    channel: AbstractChannel, queues: Sequence[str], until: Callable[[int], bool]
+    channel: WireChannel, queues: Sequence[str], until: Callable[[int], bool]
 ) -> int:
     """The monotonic ns at which the ready count of *queues* satisfies *until*."""
     # Polled: nothing announces a consumer's first delivery or a queue's
@@ -287,7 +291,7 @@ async def _drain(
     tally = _tally(w, workload)
     say(f"{name}: publishing {workload.messages} ({workload.distinct} distinct)")
     async with deadline(f"{name}: publishing the backlog", 60 + s.messages / 200):
-        publish_s = await publish_backlog(w.exchange, workload)
+        publish_s = await publish_backlog(w.publisher, workload)
 
     spawned = time.monotonic_ns()
     log = w.env.workdir / "child.log"
@@ -348,7 +352,7 @@ async def _latency(
     achieved: list[float] = []
 
     async def publish() -> None:
-        achieved.append(await publish_paced(w.exchange, workload, rate))
+        achieved.append(await publish_paced(w.publisher, workload, rate))
 
     await child.wait_for(publish(), "publishing at a fixed rate", 60 + 3 * s.latency_s)
     await child.wait_for(tally.done.wait(), "answering the paced messages", 120)
@@ -498,6 +502,8 @@ async def _main(args: argparse.Namespace, out: dict[str, Any]) -> None:
         shutdown_s=args.shutdown_s,
     )
     out["messages"] = s.messages
+    # Other work on the machine skews every figure; the load says if there was any.
+    out["machine"] = {"cpus": os.cpu_count(), "load_1m_before": os.getloadavg()[0]}
     async with AsyncExitStack() as stack, anyio.create_task_group() as tg:
         tg.start_soon(_stop_on_signal, tg.cancel_scope, out)
         token = base64.b64encode(b"guest:guest").decode()
@@ -525,6 +531,7 @@ async def _main(args: argparse.Namespace, out: dict[str, Any]) -> None:
                 "engine_vs_naive": _ratio(out.get("engine"), out.get("naive")),
             }
             out["correct"] = all(out[name]["correct"] for name in args.only)
+        out["machine"]["load_1m_after"] = os.getloadavg()[0]
         tg.cancel_scope.cancel()
 
 
@@ -581,7 +588,7 @@ def main(argv: list[str] | None = None) -> int:
     status = 0
     try:
         anyio.run(_main, args, out, backend_options={"use_uvloop": True})
-    except* BenchError as group:
+    except* (BenchError, BrokerError) as group:
         out["error"] = "; ".join(str(e) for e in group.exceptions)
         say(f"bench: {out['error']}")
         status = 1

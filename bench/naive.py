@@ -27,7 +27,7 @@ import aio_pika
 import anyio
 import asyncpg
 import structlog
-from aio_pika.abc import AbstractConnection, AbstractExchange, AbstractIncomingMessage
+from aio_pika.abc import AbstractExchange, AbstractIncomingMessage
 from aio_pika.exceptions import AMQPError, ChannelInvalidStateError
 
 from bench.harness import Env, compare_balances
@@ -217,9 +217,9 @@ class NaiveVariant:
     passes_duplicates = False
     needs_database = True
 
-    async def prepare(self, env: Env, conn: AbstractConnection) -> None:
+    async def prepare(self, env: Env) -> None:
         """Queues bound to ``q2c.events``; the child creates its tables."""
-        await declare_pipeline_queues(conn, input_queue=self.input_queues[0])
+        await declare_pipeline_queues(env.amqp_url, input_queue=self.input_queues[0])
 
     def command(self, env: Env) -> list[str]:
         """``python -m bench.naive ...``."""

@@ -22,7 +22,7 @@ from typing import Final
 import aio_pika
 import anyio
 import structlog
-from aio_pika.abc import AbstractConnection, AbstractExchange, AbstractIncomingMessage
+from aio_pika.abc import AbstractExchange, AbstractIncomingMessage
 from aio_pika.exceptions import AMQPError, ChannelInvalidStateError
 
 from bench.harness import Env
@@ -134,9 +134,9 @@ class PassthroughVariant:
     passes_duplicates = True
     needs_database = False
 
-    async def prepare(self, env: Env, conn: AbstractConnection) -> None:
+    async def prepare(self, env: Env) -> None:
         """Queues bound to ``q2c.events``."""
-        await declare_pipeline_queues(conn, input_queue=self.input_queues[0])
+        await declare_pipeline_queues(env.amqp_url, input_queue=self.input_queues[0])
 
     def command(self, env: Env) -> list[str]:
         """``python -m bench.passthrough ...``."""

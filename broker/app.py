@@ -273,6 +273,7 @@ class Daemon:
                 with anyio.CancelScope(shield=True):
                     await transport.aclose()
         finally:
+            rt.feed.close()
             with anyio.CancelScope(shield=True):
                 await store.aclose()
             _log.info(

@@ -57,6 +57,11 @@ class OutboxFeed:
         if rows:
             await self._send.send(rows)
 
+    def close(self) -> None:
+        """Close both ends; rows still inside are in the outbox, leased, and recovered."""
+        self._send.close()
+        self.receive.close()
+
     @property
     def fill(self) -> int:
         """Batches waiting for the relay."""

@@ -564,7 +564,12 @@ class MemoryTransport:
         else:
             due = self._clock() + q.ttl_s
             q.ready.append(_Entry(message, due=due))
-            self._next_due = min(self._next_due, due)
+            if due < self._next_due:
+                self._next_due = due
+                # Waiters computed their timeout before this timer existed:
+                # wake them so one of them runs the timer when it is due.
+                for sub in self._subscriptions:
+                    sub._wakeup.set()
         self._dispatch(q)
 
     def _dispatch(self, q: _Queue) -> None:

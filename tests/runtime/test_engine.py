@@ -1,0 +1,249 @@
+"""The batched core on the in-process transport and an on-disk SQLite store."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from decimal import Decimal
+from pathlib import Path
+
+import anyio
+import msgspec
+import pytest
+
+from actors.demo import entry_message
+from actors.ledger import LedgerState
+from broker import Daemon, load_config
+from broker.config import Config
+from broker.store import DeadLetterFilter
+from broker.transport import Delivery, OutgoingMessage, PublishOutcome
+from canonical import Envelope, LedgerEntryApplied
+
+pytestmark = pytest.mark.anyio
+
+OUT = "q2c.events.ledger-applied"
+
+
+def config(tmp_path: Path, **overrides: str) -> Config:
+    env = {
+        "BROKER__SQLITE__PATH": str(tmp_path / "q2c.sqlite3"),
+        "BROKER__CONTROL__SOCKET_PATH": str(tmp_path / "ctl" / "brokerd.sock"),
+        "BROKER__TOPOLOGY__SHARDS": "2",
+        "BROKER__TOPOLOGY__RETRY_TIERS_S": "[0.05, 0.1]",
+        "BROKER__TOPOLOGY__EVENT_QUEUES": f'{{"{OUT}" = ["ledger.entry.applied"]}}',
+        "BROKER__CORE__MAX_ATTEMPTS": "3",
+        "BROKER__CORE__MAX_MESSAGE_BYTES": "4096",
+        "BROKER__LOGGING__LEVEL": "warning",
+        **overrides,
+    }
+    return load_config(environ=env)
+
+
+@asynccontextmanager
+async def running(cfg: Config) -> AsyncIterator[Daemon]:
+    daemon = Daemon(cfg)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(daemon.run)
+        with anyio.fail_after(20):
+            await daemon.started.wait()
+        try:
+            yield daemon
+        finally:
+            daemon.request_shutdown("test finished")
+
+
+async def publish(daemon: Daemon, messages: list[OutgoingMessage]) -> None:
+    outcomes = await daemon.runtime.transport.publish(messages, timeout_s=5)
+    assert set(outcomes) == {PublishOutcome.ACK}
+
+
+async def collect(daemon: Daemon, queue: str, n: int) -> list[Delivery]:
+    sub = await daemon.runtime.transport.subscribe(queue, prefetch=1000)
+    got: list[Delivery] = []
+    with anyio.fail_after(20):
+        while len(got) < n:
+            batch = await sub.batch(1000)
+            got.extend(batch)
+            sub.ack(batch[-1].tag, multiple=True)
+    await sub.close()
+    return got
+
+
+async def balance(daemon: Daemon, account: str) -> LedgerState:
+    rec = await daemon.runtime.store.load_saga("ledger", account)
+    assert rec is not None
+    return msgspec.json.decode(rec.state, type=LedgerState)
+
+
+async def dead_letters(daemon: Daemon, n: int) -> list[msgspec.Struct]:
+    with anyio.fail_after(20):
+        while True:
+            rows = await daemon.runtime.store.list_dead_letters(DeadLetterFilter())
+            if len(rows) >= n:
+                return list(rows)
+            await anyio.sleep(0.02)
+
+
+async def test_each_entry_applies_once_and_duplicates_are_counted(tmp_path: Path) -> None:
+    """Duplicates in and across batches collapse on the idempotency key."""
+    entries = [entry_message(f"acct-{n % 3}", f"e{n}", Decimal(n)) for n in range(30)]
+    async with running(config(tmp_path)) as daemon:
+        await publish(daemon, entries + entries[:10])
+        outputs = await collect(daemon, OUT, 30)
+        await publish(daemon, entries[10:20])  # a later, separate duplicate batch
+        with anyio.fail_after(10):
+            while daemon.runtime.metrics.snapshot().get("messages_duplicate", 0) < 20:
+                await anyio.sleep(0.02)
+        states = [await balance(daemon, f"acct-{k}") for k in range(3)]
+
+    assert sorted(s.entries for s in states) == [10, 10, 10]
+    assert sum(s.balance for s in states) == sum(range(30))
+    ids = {msgspec.json.decode(o.body, type=Envelope).subject for o in outputs}
+    assert ids == {f"e{n}" for n in range(30)}
+
+
+async def test_outputs_carry_correlation_causation_and_a_derived_key(
+    tmp_path: Path,
+) -> None:
+    """What a message causes shares its correlation id and names it as the cause."""
+    msg = entry_message("acct-x", "e-1", Decimal("12.5"))
+    async with running(config(tmp_path)) as daemon:
+        await publish(daemon, [msg])
+        (out,) = await collect(daemon, OUT, 1)
+
+    env = msgspec.json.decode(out.body, type=Envelope)
+    assert env.correlation_id == "acct-x" == out.correlation_id
+    assert env.causation_id == msg.message_id
+    assert env.idempotency_key == "ledger:e-1/ledger.entry.applied"
+    assert out.message_id == env.id
+    applied = msgspec.json.decode(env.data, type=LedgerEntryApplied)
+    assert (applied.balance, applied.entries) == (Decimal("12.5"), 1)
+
+
+@pytest.mark.parametrize(
+    ("body", "reason"),
+    [
+        (b"{nope", "malformed"),
+        (b'{"a":1,"a":2}', "malformed"),
+        (b"x" * 5000, "oversize"),
+    ],
+)
+async def test_bad_bytes_are_dead_lettered_with_original_bytes(
+    tmp_path: Path, body: bytes, reason: str
+) -> None:
+    """Malformed and oversize deliveries become dead letters at once, bytes intact."""
+    bad = OutgoingMessage(
+        exchange="q2c.events",
+        routing_key="ledger.entry.posted",
+        body=body,
+        message_id="bad-1",
+        correlation_id="acct-1",
+    )
+    good = entry_message("acct-1", "e-good", Decimal(1))
+    async with running(config(tmp_path)) as daemon:
+        await publish(daemon, [bad, good])
+        (row,) = await dead_letters(daemon, 1)
+        dead = await collect(daemon, "q2c.dead", 1)
+        state = await balance(daemon, "acct-1")
+
+    assert (row.reason, row.body, row.attempts) == (reason, body, 1)  # type: ignore[attr-defined]
+    assert dead[0].body == body
+    assert dead[0].headers is not None
+    assert dead[0].headers["x-q2c-reason"] == reason
+    assert state.entries == 1  # the good message next to it was applied
+
+
+async def test_unknown_type_and_schema_invalid_are_told_apart(tmp_path: Path) -> None:
+    """A type nobody handles and data that breaks the schema get their own reasons."""
+    good = entry_message("acct-1", "e-1", Decimal(1))
+    unknown = msgspec.structs.replace(
+        good,
+        body=good.body.replace(b'"type":"ledger.entry.posted"', b'"type":"ledger.x.v9"', 1),
+        message_id="m-unknown",
+    )
+    invalid = msgspec.structs.replace(
+        good, body=good.body.replace(b'"amount":"1"', b'"amount":"abc"'), message_id="m-bad"
+    )
+    async with running(config(tmp_path)) as daemon:
+        await publish(daemon, [unknown, invalid])
+        rows = await dead_letters(daemon, 2)
+
+    reasons = {r.message_id: r.reason for r in rows}  # type: ignore[attr-defined]
+    assert reasons == {"m-unknown": "unknown_type", "m-bad": "schema_invalid"}
+
+
+async def test_a_poison_message_is_retried_through_the_tiers_then_dead_lettered(
+    tmp_path: Path,
+) -> None:
+    """A failing apply goes through each retry tier, then dead-letters; others pass."""
+    cfg = config(tmp_path, BROKER__DAEMON__TREE="tests.runtime.trees:build_poison_tree")
+    poison = entry_message("acct-p", "e-poison", Decimal(5), memo="POISON")
+    fine = entry_message("acct-p", "e-fine", Decimal(7))
+    async with running(cfg) as daemon:
+        await publish(daemon, [poison, fine])
+        (row,) = await dead_letters(daemon, 1)
+        state = await balance(daemon, "acct-p")
+        journal = await daemon.runtime.store.journal("acct-p")
+
+    assert row.reason == "attempts_exhausted"  # type: ignore[attr-defined]
+    assert row.attempts == 3  # type: ignore[attr-defined]
+    assert row.body == poison.body  # type: ignore[attr-defined]
+    assert (state.entries, state.balance) == (1, Decimal(7))
+    stages = [j.stage for j in journal if j.message_id == poison.message_id]
+    assert stages == ["retry_scheduled", "retry_scheduled", "dead_lettered"]
+
+
+async def test_a_permanent_rejection_dead_letters_without_retry(tmp_path: Path) -> None:
+    """PermanentError from apply dead-letters on the first attempt."""
+    cfg = config(tmp_path, BROKER__DAEMON__TREE="tests.runtime.trees:build_poison_tree")
+    msg = entry_message("acct-r", "e-r", Decimal(5), memo="REJECT")
+    async with running(cfg) as daemon:
+        await publish(daemon, [msg])
+        (row,) = await dead_letters(daemon, 1)
+
+    assert (row.reason, row.attempts) == ("rejected", 1)  # type: ignore[attr-defined]
+
+
+async def test_replayed_dead_letter_is_applied_once(tmp_path: Path) -> None:
+    """A dead letter replayed after a fix is applied once; a second replay is refused."""
+    cfg = config(tmp_path, BROKER__DAEMON__TREE="tests.runtime.trees:build_poison_tree")
+    rejected = entry_message("acct-d", "e-d", Decimal(3), memo="REJECT")
+    async with running(cfg) as daemon:
+        await publish(daemon, [rejected])
+        await dead_letters(daemon, 1)
+    # The fix: a daemon whose workflow accepts the entry (the plain ledger).
+    async with running(config(tmp_path)) as daemon:
+        store = daemon.runtime.store
+        replayed = await store.replay_dead_letters(
+            DeadLetterFilter(reason="rejected"), max_replays=1, dry_run=False
+        )
+        assert len(replayed) == 1
+        with anyio.fail_after(10):
+            while await daemon.runtime.store.load_saga("ledger", "acct-d") is None:
+                await anyio.sleep(0.02)
+        again = await store.replay_dead_letters(
+            DeadLetterFilter(reason="rejected", status=None), max_replays=1, dry_run=False
+        )
+        state = await balance(daemon, "acct-d")
+
+    assert again == []
+    assert (state.entries, state.balance) == (1, Decimal(3))
+
+
+async def test_drain_commits_every_delivery_it_took(tmp_path: Path) -> None:
+    """Shutdown mid-stream: every delivery a shard took is committed before exit."""
+    entries = [entry_message("acct-z", f"e{n}", Decimal(1)) for n in range(2000)]
+    cfg = config(tmp_path, BROKER__CORE__BATCH_MAX="50")
+    async with running(cfg) as daemon:
+        await publish(daemon, entries)
+        with anyio.fail_after(10):
+            while not daemon.runtime.metrics.snapshot().get("messages_received"):
+                await anyio.sleep(0.001)
+    counters = daemon.runtime.metrics.snapshot()
+    async with running(cfg) as again:
+        rec = await again.runtime.store.load_saga("ledger", "acct-z")
+
+    assert rec is not None
+    state = msgspec.json.decode(rec.state, type=LedgerState)
+    assert counters["messages_received"] == counters["messages_applied"]
+    assert state.entries == counters["messages_applied"] == state.balance
