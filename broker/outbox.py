@@ -58,7 +58,7 @@ class OutboxFeed:
             await self._send.send(rows)
 
     def close(self) -> None:
-        """Close both ends; rows still inside are in the outbox, leased, and recovered."""
+        """Close both ends; rows left inside are leased in the outbox and recovered."""
         self._send.close()
         self.receive.close()
 

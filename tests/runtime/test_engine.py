@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from decimal import Decimal
 from pathlib import Path
@@ -15,9 +15,10 @@ from actors.demo import entry_message
 from actors.ledger import LedgerState
 from broker import Daemon, load_config
 from broker.config import Config
-from broker.store import DeadLetterFilter
+from broker.store import DeadLetterFilter, DeadLetterRow
 from broker.transport import Delivery, OutgoingMessage, PublishOutcome
 from canonical import Envelope, LedgerEntryApplied
+from tests.polling import eventually
 
 pytestmark = pytest.mark.anyio
 
@@ -75,25 +76,32 @@ async def balance(daemon: Daemon, account: str) -> LedgerState:
     return msgspec.json.decode(rec.state, type=LedgerState)
 
 
-async def dead_letters(daemon: Daemon, n: int) -> list[msgspec.Struct]:
-    with anyio.fail_after(20):
-        while True:
-            rows = await daemon.runtime.store.list_dead_letters(DeadLetterFilter())
-            if len(rows) >= n:
-                return list(rows)
-            await anyio.sleep(0.02)
+async def dead_letters(daemon: Daemon, n: int) -> list[DeadLetterRow]:
+    async def enough() -> list[DeadLetterRow]:
+        rows = await daemon.runtime.store.list_dead_letters(DeadLetterFilter())
+        return rows if len(rows) >= n else []
+
+    return await eventually(enough, timeout_s=20)
 
 
-async def test_each_entry_applies_once_and_duplicates_are_counted(tmp_path: Path) -> None:
+def counter(daemon: Daemon, name: str) -> Callable[[], Awaitable[int]]:
+    async def read() -> int:
+        return int(daemon.runtime.metrics.snapshot().get(name, 0))
+
+    return read
+
+
+async def test_each_entry_applies_once_and_duplicates_are_counted(
+    tmp_path: Path,
+) -> None:
     """Duplicates in and across batches collapse on the idempotency key."""
     entries = [entry_message(f"acct-{n % 3}", f"e{n}", Decimal(n)) for n in range(30)]
     async with running(config(tmp_path)) as daemon:
         await publish(daemon, entries + entries[:10])
         outputs = await collect(daemon, OUT, 30)
         await publish(daemon, entries[10:20])  # a later, separate duplicate batch
-        with anyio.fail_after(10):
-            while daemon.runtime.metrics.snapshot().get("messages_duplicate", 0) < 20:
-                await anyio.sleep(0.02)
+        read = counter(daemon, "messages_duplicate")
+        await eventually(lambda: _at_least(read, 20))
         states = [await balance(daemon, f"acct-{k}") for k in range(3)]
 
     assert sorted(s.entries for s in states) == [10, 10, 10]
@@ -146,7 +154,7 @@ async def test_bad_bytes_are_dead_lettered_with_original_bytes(
         dead = await collect(daemon, "q2c.dead", 1)
         state = await balance(daemon, "acct-1")
 
-    assert (row.reason, row.body, row.attempts) == (reason, body, 1)  # type: ignore[attr-defined]
+    assert (row.reason, row.body, row.attempts) == (reason, body, 1)
     assert dead[0].body == body
     assert dead[0].headers is not None
     assert dead[0].headers["x-q2c-reason"] == reason
@@ -158,17 +166,21 @@ async def test_unknown_type_and_schema_invalid_are_told_apart(tmp_path: Path) ->
     good = entry_message("acct-1", "e-1", Decimal(1))
     unknown = msgspec.structs.replace(
         good,
-        body=good.body.replace(b'"type":"ledger.entry.posted"', b'"type":"ledger.x.v9"', 1),
+        body=good.body.replace(
+            b'"type":"ledger.entry.posted"', b'"type":"ledger.x.v9"', 1
+        ),
         message_id="m-unknown",
     )
     invalid = msgspec.structs.replace(
-        good, body=good.body.replace(b'"amount":"1"', b'"amount":"abc"'), message_id="m-bad"
+        good,
+        body=good.body.replace(b'"amount":"1"', b'"amount":"abc"'),
+        message_id="m-bad",
     )
     async with running(config(tmp_path)) as daemon:
         await publish(daemon, [unknown, invalid])
         rows = await dead_letters(daemon, 2)
 
-    reasons = {r.message_id: r.reason for r in rows}  # type: ignore[attr-defined]
+    reasons = {r.message_id: r.reason for r in rows}
     assert reasons == {"m-unknown": "unknown_type", "m-bad": "schema_invalid"}
 
 
@@ -185,9 +197,9 @@ async def test_a_poison_message_is_retried_through_the_tiers_then_dead_lettered(
         state = await balance(daemon, "acct-p")
         journal = await daemon.runtime.store.journal("acct-p")
 
-    assert row.reason == "attempts_exhausted"  # type: ignore[attr-defined]
-    assert row.attempts == 3  # type: ignore[attr-defined]
-    assert row.body == poison.body  # type: ignore[attr-defined]
+    assert row.reason == "attempts_exhausted"
+    assert row.attempts == 3
+    assert row.body == poison.body
     assert (state.entries, state.balance) == (1, Decimal(7))
     stages = [j.stage for j in journal if j.message_id == poison.message_id]
     assert stages == ["retry_scheduled", "retry_scheduled", "dead_lettered"]
@@ -201,11 +213,11 @@ async def test_a_permanent_rejection_dead_letters_without_retry(tmp_path: Path) 
         await publish(daemon, [msg])
         (row,) = await dead_letters(daemon, 1)
 
-    assert (row.reason, row.attempts) == ("rejected", 1)  # type: ignore[attr-defined]
+    assert (row.reason, row.attempts) == ("rejected", 1)
 
 
 async def test_replayed_dead_letter_is_applied_once(tmp_path: Path) -> None:
-    """A dead letter replayed after a fix is applied once; a second replay is refused."""
+    """A dead letter replayed after a fix applies once; a second replay is refused."""
     cfg = config(tmp_path, BROKER__DAEMON__TREE="tests.runtime.trees:build_poison_tree")
     rejected = entry_message("acct-d", "e-d", Decimal(3), memo="REJECT")
     async with running(cfg) as daemon:
@@ -218,11 +230,11 @@ async def test_replayed_dead_letter_is_applied_once(tmp_path: Path) -> None:
             DeadLetterFilter(reason="rejected"), max_replays=1, dry_run=False
         )
         assert len(replayed) == 1
-        with anyio.fail_after(10):
-            while await daemon.runtime.store.load_saga("ledger", "acct-d") is None:
-                await anyio.sleep(0.02)
+        await eventually(lambda: store.load_saga("ledger", "acct-d"))
         again = await store.replay_dead_letters(
-            DeadLetterFilter(reason="rejected", status=None), max_replays=1, dry_run=False
+            DeadLetterFilter(reason="rejected", status=None),
+            max_replays=1,
+            dry_run=False,
         )
         state = await balance(daemon, "acct-d")
 
@@ -236,9 +248,7 @@ async def test_drain_commits_every_delivery_it_took(tmp_path: Path) -> None:
     cfg = config(tmp_path, BROKER__CORE__BATCH_MAX="50")
     async with running(cfg) as daemon:
         await publish(daemon, entries)
-        with anyio.fail_after(10):
-            while not daemon.runtime.metrics.snapshot().get("messages_received"):
-                await anyio.sleep(0.001)
+        await eventually(counter(daemon, "messages_received"), interval_s=0.001)
     counters = daemon.runtime.metrics.snapshot()
     async with running(cfg) as again:
         rec = await again.runtime.store.load_saga("ledger", "acct-z")
@@ -247,3 +257,7 @@ async def test_drain_commits_every_delivery_it_took(tmp_path: Path) -> None:
     state = msgspec.json.decode(rec.state, type=LedgerState)
     assert counters["messages_received"] == counters["messages_applied"]
     assert state.entries == counters["messages_applied"] == state.balance
+
+
+async def _at_least(read: Callable[[], Awaitable[int]], n: int) -> bool:
+    return await read() >= n
