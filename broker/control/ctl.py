@@ -229,7 +229,8 @@ def _actor_tree(root: dict[str, Any]) -> str:
         kind = _cell(node.get("kind", "?"))
         if node.get("strategy"):
             kind = f"{kind} ({_cell(node['strategy'])})"
-        size, cap = node.get("mailbox_size"), node.get("mailbox_max")
+        mailbox = node.get("mailbox") or {}
+        size, cap = mailbox.get("fill"), mailbox.get("size")
         rows.append(
             [
                 "  " * depth + _cell(node.get("id", "?")),

@@ -232,8 +232,9 @@ class Reply(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
 class ActorNode(TypedDict):
     """One node of the ``actors`` result: the root supervisor, recursively.
 
-    ``mailbox_size``/``mailbox_max`` are the fill shown as ``12/64``; actors
-    have them, supervisors have ``strategy`` and ``children`` instead.
+    It mirrors `broker.system.NodeStatus`: actors have ``mailbox`` (``fill``
+    of ``size``, shown as ``12/64``, and ``high_water``), supervisors have
+    ``children``; ``repr`` is the status string of either.
     """
 
     id: str
@@ -241,8 +242,8 @@ class ActorNode(TypedDict):
     state: NotRequired[str]
     restarts: NotRequired[int]
     strategy: NotRequired[str]
-    mailbox_size: NotRequired[int]
-    mailbox_max: NotRequired[int]
+    repr: NotRequired[str]
+    mailbox: NotRequired[dict[str, int]]
     children: NotRequired[list[ActorNode]]
 
 

@@ -49,8 +49,7 @@ TREE = {
                     "id": "erp.order_sync",
                     "kind": "actor",
                     "state": "running",
-                    "mailbox_size": 12,
-                    "mailbox_max": 64,
+                    "mailbox": {"fill": 12, "size": 64, "high_water": 20},
                     "restarts": 1,
                 }
             ],

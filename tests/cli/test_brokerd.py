@@ -1,0 +1,107 @@
+"""``brokerd`` as a subprocess: configuration errors, the control socket, SIGTERM."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import anyio
+import pytest
+
+from tests.polling import eventually
+
+pytestmark = pytest.mark.anyio
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def env_for(tmp_path: Path, **extra: str) -> dict[str, str]:
+    return {
+        **os.environ,
+        "BROKER__SQLITE__PATH": str(tmp_path / "q2c.sqlite3"),
+        "BROKER__CONTROL__SOCKET_PATH": str(tmp_path / "run" / "brokerd.sock"),
+        "BROKER__LOGGING__FORMAT": "json",
+        **extra,
+    }
+
+
+def brokerctl(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "broker.control.ctl", *args],
+        env=env_for(tmp_path),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+
+
+def test_a_typo_in_the_config_exits_78_naming_the_key(tmp_path: Path) -> None:
+    """A wrong key stops the daemon before it starts, naming file and key path."""
+    path = tmp_path / "broker.toml"
+    path.write_text("[core]\nbatch-maxx = 3\n")
+    done = subprocess.run(
+        [sys.executable, "-m", "broker", "--config", str(path), "run"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert done.returncode == 78
+    assert "batch-maxx" in done.stderr
+    assert "$.core" in done.stderr
+
+
+async def test_runs_answers_brokerctl_and_drains_on_sigterm(tmp_path: Path) -> None:
+    """The embedded daemon serves status and the actor tree, then exits 0 on SIGTERM."""
+    log_path = tmp_path / "daemon.log"
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "broker", "run"],
+            cwd=ROOT,
+            env=env_for(tmp_path),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        sock = str(tmp_path / "run" / "brokerd.sock")
+
+        async def answers() -> subprocess.CompletedProcess[str] | None:
+            done = await anyio.to_thread.run_sync(
+                lambda: brokerctl(tmp_path, "--socket", sock, "--json", "status")
+            )
+            return done if done.returncode == 0 else None
+
+        status = json.loads((await eventually(answers, timeout_s=30)).stdout)
+        assert status["pid"] == proc.pid
+        tree = brokerctl(tmp_path, "--socket", sock, "actors")
+        assert tree.returncode == 0, tree.stderr
+        for node in ("root", "relay", "app", "workflows", "ledger.0", "ledger.3"):
+            assert node in tree.stdout
+        proc.send_signal(signal.SIGTERM)
+        code = await anyio.to_thread.run_sync(lambda: proc.wait(timeout=30))
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert code == 0
+    lines = [
+        json.loads(x) for x in log_path.read_text().splitlines() if x.startswith("{")
+    ]
+    events = [line["event"] for line in lines]
+    assert "daemon_started" in events
+    assert events[-1] == "shutdown_complete"
+    assert not Path(sock).exists()
+
+
+def test_brokerctl_without_a_daemon_says_how_to_start_one(tmp_path: Path) -> None:
+    """No daemon: exit status 3 and a message naming the socket."""
+    done = brokerctl(tmp_path, "--socket", str(tmp_path / "none.sock"), "status")
+    assert done.returncode == 3
+    assert "none.sock" in done.stderr
