@@ -20,6 +20,7 @@ import argparse
 import signal
 import sys
 import uuid
+from contextlib import AsyncExitStack
 from decimal import Decimal
 from typing import Final
 
@@ -248,39 +249,34 @@ class NaiveVariant:
 
 async def _run(amqp_url: str, dsn: str, queue_name: str) -> int:
     with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-        pool = await asyncpg.create_pool(dsn, min_size=HANDLERS, max_size=HANDLERS)
-        try:
+        async with AsyncExitStack() as stack:
+            pool = await asyncpg.create_pool(dsn, min_size=HANDLERS, max_size=HANDLERS)
+            stack.push_async_callback(pool.close)
             await pool.execute(SCHEMA)
             connection = await aio_pika.connect(
                 amqp_url, client_properties={"connection_name": "bench naive"}
             )
-            try:
-                publish = await connection.channel(
-                    publisher_confirms=True, on_return_raises=True
-                )
-                pipeline = NaivePipeline(
-                    pool, await publish.get_exchange(EVENTS_EXCHANGE)
-                )
-                consume = await connection.channel()
-                await consume.set_qos(prefetch_count=PREFETCH)
-                queue = await consume.get_queue(queue_name)
-                tag = await queue.consume(pipeline.on_message)
-                async for signum in signals:
-                    _log.info("signal_received", signal=signal.Signals(signum).name)
-                    break
-                await queue.cancel(tag)
-                with anyio.fail_after(30):
-                    await pipeline.drain()
-            finally:
-                await connection.close()
-        finally:
-            await pool.close()
-    _log.info(
-        "naive_stopped",
-        applied=pipeline.applied,
-        duplicates=pipeline.duplicates,
-        failed=pipeline.failed,
-    )
+            stack.push_async_callback(connection.close)
+            publish = await connection.channel(
+                publisher_confirms=True, on_return_raises=True
+            )
+            pipeline = NaivePipeline(pool, await publish.get_exchange(EVENTS_EXCHANGE))
+            consume = await connection.channel()
+            await consume.set_qos(prefetch_count=PREFETCH)
+            queue = await consume.get_queue(queue_name)
+            tag = await queue.consume(pipeline.on_message)
+            async for signum in signals:
+                _log.info("signal_received", signal=signal.Signals(signum).name)
+                break
+            await queue.cancel(tag)
+            with anyio.fail_after(30):
+                await pipeline.drain()
+        _log.info(
+            "naive_stopped",
+            applied=pipeline.applied,
+            duplicates=pipeline.duplicates,
+            failed=pipeline.failed,
+        )
     return 0
 
 

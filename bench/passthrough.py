@@ -162,7 +162,7 @@ async def _run(amqp_url: str, queue_name: str, output: str, group: int) -> int:
         connection = await aio_pika.connect(
             amqp_url, client_properties={"connection_name": "bench passthrough"}
         )
-        try:
+        async with connection:
             publish = await connection.channel(
                 publisher_confirms=True, on_return_raises=True
             )
@@ -180,11 +180,11 @@ async def _run(amqp_url: str, queue_name: str, output: str, group: int) -> int:
             await queue.cancel(tag)
             with anyio.fail_after(30):
                 await copier.drain()
-        finally:
-            await connection.close()
-    _log.info(
-        "passthrough_stopped", copied=copier.copied, failed=copier.failure is not None
-    )
+        _log.info(
+            "passthrough_stopped",
+            copied=copier.copied,
+            failed=copier.failure is not None,
+        )
     return 1 if copier.failure is not None else 0
 
 

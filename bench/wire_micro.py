@@ -25,7 +25,8 @@ import uvloop
 from pamqp import commands
 
 from broker.transport import OutgoingMessage, PublishOutcome
-from broker.transport.wire import WireChannel, WireConnection
+from broker.transport.channel import WireChannel
+from broker.transport.wire import WireConnection
 
 BATCH = 1000
 BODY = b"x" * 1024

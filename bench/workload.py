@@ -32,7 +32,8 @@ import msgspec
 
 from broker.codec import encode_envelope, encode_event
 from broker.transport import OutgoingMessage, PublishOutcome
-from broker.transport.wire import WireChannel, WireConnection
+from broker.transport.channel import WireChannel
+from broker.transport.wire import WireConnection
 from canonical.envelope import CONTENT_TYPE, Envelope
 from canonical.ledger import LedgerEntryPosted
 

@@ -211,8 +211,10 @@ class WorkflowShard(Actor[None]):
                 bad.append((d, exc))
         self._metrics.received.labels(self._queue).inc(len(deliveries))
 
+        decoded = time.perf_counter()
         outcome = await self._commit_with_retry(items, bad, ctx)
         self._crash.passed("after_commit_before_ack", len(deliveries))
+        committed = time.perf_counter()
         await self._feed.put(outcome.outbox)
         sub.ack(deliveries[-1].tag, multiple=True)
 
@@ -237,6 +239,8 @@ class WorkflowShard(Actor[None]):
             retried=outcome.retried,
             dead_lettered=len(outcome.dead),
             duration_ms=round(elapsed * 1000, 2),
+            commit_ms=round((committed - decoded) * 1000, 2),
+            handoff_ms=round((started + elapsed - committed) * 1000, 2),
         )
 
     async def _commit_with_retry(

@@ -29,7 +29,9 @@ import structlog
 from broker.config import AmqpConfig
 from broker.errors import ConfigError, TransportUnavailable
 from broker.transport import Delivery, OutgoingMessage, PublishOutcome
-from broker.transport.wire import WireChannel, WireConnection, parse_url
+from broker.transport.channel import WireChannel
+from broker.transport.frames import parse_url
+from broker.transport.wire import WireConnection
 
 __all__ = ["AmqpTransport", "AmqpSubscription"]
 

@@ -1,18 +1,10 @@
 """In-process transport with RabbitMQ's semantics: the embedded default and the tests.
 
-It routes by the same `Topology` the AMQP transport declares, and behaves
-like RabbitMQ wherever the daemon can tell the difference:
+It routes by the same `Topology` the AMQP transport declares, through the
+exchanges, queues and bindings of a `Vhost` (see `broker.transport.vhost`
+for the exchange types and queue limits it emulates), and behaves like
+RabbitMQ wherever the daemon can tell the difference:
 
-* exchanges: topic (``*`` one word, ``#`` zero or more), direct, fanout,
-  ``x-consistent-hash`` (a stable hash of the hash property, default the
-  routing key, picks one binding; weights are treated as equal), the default
-  exchange ``""`` (routes to the queue named by the routing key), and
-  exchange-to-exchange bindings;
-* queues take their limits from queue arguments first, then from the one
-  matching policy (highest priority): ``max-length`` with reject-publish
-  (counting ready messages, as RabbitMQ does), ``message-ttl``,
-  ``dead-letter-exchange`` / ``-routing-key`` / ``-strategy`` and
-  ``delivery-limit``;
 * publishing answers ``ACK`` only when every destination queue stored the
   message, ``NACK`` when one of them was full, ``RETURNED`` when none matched;
 * consumers: prefetch credit, competing consumers served round-robin, one
@@ -36,13 +28,10 @@ everything is lost when the process exits, and the outbox republishes it.
 from __future__ import annotations
 
 import math
-import re
 import time
-import zlib
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
-from functools import lru_cache
+from dataclasses import replace
 from typing import Any
 
 import anyio
@@ -51,19 +40,16 @@ import structlog
 
 from broker.errors import ConfigError, TransportUnavailable
 from broker.transport import Delivery, OutgoingMessage, PublishOutcome
-from broker.transport.topology import BindingSpec, ExchangeSpec, QueueSpec, Topology
+from broker.transport.topology import Topology
+from broker.transport.vhost import Entry, Message, Queue, Vhost
 
 __all__ = [
-    "DEFAULT_MAX_LENGTH",
     "MemorySubscription",
     "MemoryTransport",
-    "topic_matches",
 ]
 
 log = structlog.get_logger(__name__)
 
-#: Queue bound when neither the topology nor the constructor sets one.
-DEFAULT_MAX_LENGTH = 100_000
 #: How long a dead letter whose target is full waits before the next attempt.
 _DEAD_LETTER_RETRY_S = 1.0
 _COUNTER = {
@@ -74,117 +60,11 @@ _COUNTER = {
 }
 
 
-@lru_cache(maxsize=4096)
-def topic_matches(pattern: str, routing_key: str) -> bool:
-    """Whether topic binding key *pattern* matches *routing_key*.
-
-    Words are separated by dots; ``*`` matches exactly one word and ``#``
-    zero or more, as in AMQP 0-9-1.
-    """
-    words = routing_key.split(".") if routing_key else []
-    # The positions in `words` the pattern consumed so far can end at.
-    ends = {0}
-    for part in pattern.split(".") if pattern else []:
-        if part == "#":
-            ends = set(range(min(ends), len(words) + 1))
-        else:
-            ends = {
-                i + 1
-                for i in ends
-                if i < len(words) and (part == "*" or words[i] == part)
-            }
-            if not ends:
-                return False
-    return len(words) in ends
-
-
-@dataclass(frozen=True, kw_only=True, slots=True)
-class _Message:
-    """One published message, shared by every queue it was routed to."""
-
-    body: bytes
-    exchange: str
-    routing_key: str
-    message_id: str | None
-    correlation_id: str | None
-    type: str | None
-    content_type: str | None
-    headers: dict[str, Any]
-
-
-class _Entry:
-    """A message's life in one queue: redeliveries and, in TTL queues, its due time."""
-
-    __slots__ = ("delivery_count", "due", "message", "redelivered")
-
-    def __init__(self, message: _Message, *, due: float = math.inf) -> None:
-        self.message = message
-        self.redelivered = False
-        self.delivery_count = 0
-        self.due = due
-
-    def delivery(self, tag: int) -> Delivery:
-        msg = self.message
-        headers = dict(msg.headers)
-        if self.delivery_count:
-            headers["x-delivery-count"] = self.delivery_count
-        return Delivery(
-            tag=tag,
-            body=msg.body,
-            exchange=msg.exchange,
-            routing_key=msg.routing_key,
-            redelivered=self.redelivered,
-            message_id=msg.message_id,
-            correlation_id=msg.correlation_id,
-            type=msg.type,
-            content_type=msg.content_type,
-            headers=headers,
-        )
-
-
-class _Queue:
-    """A queue's settings, resolved once from its arguments and policy."""
-
-    def __init__(
-        self, spec: QueueSpec, settings: dict[str, Any], max_length: int | None
-    ) -> None:
-        self.name = spec.name
-        self.single_active = spec.single_active_consumer
-        ttl_ms = settings.get("message-ttl")
-        self.ttl_s: float | None = None if ttl_ms is None else int(ttl_ms) / 1000
-        if max_length is None:
-            max_length = int(settings.get("max-length", DEFAULT_MAX_LENGTH))
-        self.max_length = max_length
-        self.dead_letter_exchange: str | None = settings.get("dead-letter-exchange")
-        self.dead_letter_routing_key: str | None = settings.get(
-            "dead-letter-routing-key"
-        )
-        self.at_least_once = settings.get("dead-letter-strategy") == "at-least-once"
-        limit = settings.get("delivery-limit")
-        self.delivery_limit: int | None = None if limit is None else int(limit)
-        self.ready: deque[_Entry] = deque()
-        #: Dead letters the target did not take yet (at-least-once); they
-        #: count toward this queue's length, as on RabbitMQ.
-        self.parked: deque[_Entry] = deque()
-        self.subscriptions: list[MemorySubscription] = []
-        self.next_consumer = 0
-
-    def is_full(self) -> bool:
-        return len(self.ready) + len(self.parked) >= self.max_length
-
-    def counts(self) -> dict[str, int]:
-        return {
-            "ready": len(self.ready) + len(self.parked),
-            "unacked": sum(len(s._unacked) for s in self.subscriptions),
-            "consumers": len(self.subscriptions),
-        }
-
-
 class MemorySubscription:
     """A consumer on one queue of a `MemoryTransport`; see `Subscription`."""
 
     def __init__(
-        self, transport: MemoryTransport, queue: _Queue, prefetch: int, tag: str
+        self, transport: MemoryTransport, queue: Queue, prefetch: int, tag: str
     ) -> None:
         self.consumer_tag = tag
         self.delivered = 0
@@ -194,7 +74,7 @@ class MemorySubscription:
         self._queue = queue
         self._prefetch = prefetch
         self._next_tag = 1
-        self._unacked: dict[int, _Entry] = {}  # in tag order
+        self._unacked: dict[int, Entry] = {}  # in tag order
         self._received: deque[Delivery] = deque()  # bounded by prefetch
         self._wakeup = anyio.Event()
         self._closed_because: str | None = None
@@ -295,14 +175,14 @@ class MemorySubscription:
     def _has_credit(self) -> bool:
         return len(self._unacked) < self._prefetch
 
-    def _deliver(self, entry: _Entry) -> None:
+    def _deliver(self, entry: Entry) -> None:
         tag = self._next_tag
         self._next_tag += 1
         self._unacked[tag] = entry
         self._received.append(entry.delivery(tag))
         self._wakeup.set()
 
-    def _detach(self, reason: str) -> list[_Entry]:
+    def _detach(self, reason: str) -> list[Entry]:
         """Stop for *reason*; return the unacknowledged entries, oldest first."""
         self._closed_because = reason
         entries = list(self._unacked.values())
@@ -341,27 +221,7 @@ class MemoryTransport:
         max_length: int | None = None,
     ) -> None:
         self._clock = clock
-        self._exchanges: dict[str, ExchangeSpec] = {
-            e.name: e for e in topology.exchanges
-        }
-        self._queues = {
-            q.name: _Queue(q, _settings(q, topology), max_length)
-            for q in topology.queues
-        }
-        self._bindings: dict[str, list[BindingSpec]] = {}
-        for binding in topology.bindings:
-            known = (
-                self._queues if binding.destination_type == "queue" else self._exchanges
-            )
-            if (
-                binding.source not in self._exchanges
-                or binding.destination not in known
-            ):
-                raise ConfigError(
-                    f"binding {binding.source!r} -> {binding.destination!r} names "
-                    "an exchange or queue the topology does not declare"
-                )
-            self._bindings.setdefault(binding.source, []).append(binding)
+        self._vhost = Vhost(topology, max_length=max_length)
         self._subscriptions: set[MemorySubscription] = set()
         self._consumers = 0
         self._disconnects = 0
@@ -374,7 +234,7 @@ class MemoryTransport:
 
     def __repr__(self) -> str:
         return (
-            f"<MemoryTransport {len(self._queues)} queues "
+            f"<MemoryTransport {len(self._vhost.queues)} queues "
             f"{len(self._subscriptions)} subscriptions"
             f"{' closed' if self._closed else ''}>"
         )
@@ -392,7 +252,7 @@ class MemoryTransport:
         if prefetch < 1:
             raise ValueError(f"prefetch must be at least 1, not {prefetch}")
         try:
-            q = self._queues[queue]
+            q = self._vhost.queues[queue]
         except KeyError:
             raise ConfigError(f"queue {queue!r} is not in the topology") from None
         self._consumers += 1
@@ -438,13 +298,13 @@ class MemoryTransport:
             "reconnects": self._disconnects,
             "subscriptions": [s.status() for s in self._subscriptions],
             **self._counts,
-            "queues": {q.name: q.counts() for q in self._queues.values()},
+            "queues": {q.name: q.counts() for q in self._vhost.queues.values()},
         }
 
     def queue_depth(self, name: str) -> int:
         """Messages in queue *name*, ready or unacknowledged (RabbitMQ's "Total")."""
         self.run_timers()
-        counts = self._queues[name].counts()
+        counts = self._vhost.queues[name].counts()
         return counts["ready"] + counts["unacked"]
 
     def simulate_disconnect(self) -> None:
@@ -480,7 +340,7 @@ class MemoryTransport:
         if now < self._next_due:
             return
         self._next_due = math.inf
-        for q in self._queues.values():
+        for q in self._vhost.queues.values():
             while q.ttl_s is not None and q.ready and q.ready[0].due <= now:
                 self._dead_letter(q, q.ready.popleft(), "expired")
             for _ in range(len(q.parked)):
@@ -499,7 +359,7 @@ class MemoryTransport:
         return max(0.0, self._next_due - self._clock())
 
     def _publish_one(self, m: OutgoingMessage) -> PublishOutcome:
-        message = _Message(
+        message = Message(
             body=m.body,
             exchange=m.exchange,
             routing_key=m.routing_key,
@@ -509,9 +369,9 @@ class MemoryTransport:
             content_type=m.content_type,
             headers=dict(m.headers),
         )
-        targets = self._route(message)
+        targets = self._vhost.route(message)
         if not targets:
-            if m.exchange and m.exchange not in self._exchanges:
+            if m.exchange and m.exchange not in self._vhost.exchanges:
                 log.warning("publish_to_unknown_exchange", exchange=m.exchange)
             return PublishOutcome.RETURNED
         outcome = PublishOutcome.ACK
@@ -522,48 +382,12 @@ class MemoryTransport:
                 self._enqueue(q, message)
         return outcome
 
-    def _route(self, message: _Message) -> list[_Queue]:
-        """The queues *message* reaches, each once, in binding order."""
-        if not message.exchange:
-            q = self._queues.get(message.routing_key)
-            return [] if q is None else [q]
-        if message.exchange not in self._exchanges:
-            return []
-        found: dict[str, _Queue] = {}
-        self._route_exchange(message.exchange, message, {message.exchange}, found)
-        return list(found.values())
-
-    def _route_exchange(
-        self, name: str, message: _Message, seen: set[str], found: dict[str, _Queue]
-    ) -> None:
-        exchange = self._exchanges[name]
-        bindings = self._bindings.get(name, [])
-        key = message.routing_key
-        match exchange.type:
-            case "fanout":
-                chosen = bindings
-            case "direct":
-                chosen = [b for b in bindings if b.routing_key == key]
-            case "topic":
-                chosen = [b for b in bindings if topic_matches(b.routing_key, key)]
-            case "x-consistent-hash":
-                hashed = _hash_key(exchange, message).encode()
-                chosen = (
-                    [bindings[zlib.crc32(hashed) % len(bindings)]] if bindings else []
-                )
-        for binding in chosen:
-            if binding.destination_type == "queue":
-                found.setdefault(binding.destination, self._queues[binding.destination])
-            elif binding.destination not in seen:
-                seen.add(binding.destination)
-                self._route_exchange(binding.destination, message, seen, found)
-
-    def _enqueue(self, q: _Queue, message: _Message) -> None:
+    def _enqueue(self, q: Queue, message: Message) -> None:
         if q.ttl_s is None:
-            q.ready.append(_Entry(message))
+            q.ready.append(Entry(message))
         else:
             due = self._clock() + q.ttl_s
-            q.ready.append(_Entry(message, due=due))
+            q.ready.append(Entry(message, due=due))
             if due < self._next_due:
                 self._next_due = due
                 # Waiters computed their timeout before this timer existed:
@@ -572,7 +396,7 @@ class MemoryTransport:
                     sub._wakeup.set()
         self._dispatch(q)
 
-    def _dispatch(self, q: _Queue) -> None:
+    def _dispatch(self, q: Queue) -> None:
         """Hand ready messages to consumers with credit (the broker's push)."""
         if not q.subscriptions:
             return
@@ -592,7 +416,7 @@ class MemoryTransport:
             subscription._deliver(q.ready.popleft())
             q.next_consumer = (q.next_consumer + offset + 1) % n
 
-    def _requeue(self, q: _Queue, entries: list[_Entry]) -> None:
+    def _requeue(self, q: Queue, entries: list[Entry]) -> None:
         """Put *entries* back at the front, oldest first; dead-letter the exhausted."""
         kept = []
         for entry in entries:
@@ -607,7 +431,7 @@ class MemoryTransport:
             self._next_due = min(self._next_due, q.ready[0].due)
         self._dispatch(q)
 
-    def _dead_letter(self, q: _Queue, entry: _Entry, reason: str) -> None:
+    def _dead_letter(self, q: Queue, entry: Entry, reason: str) -> None:
         """Move *entry* out of *q* through its dead-letter exchange, if it has one."""
         if q.dead_letter_exchange is None:
             return  # dropped, as RabbitMQ drops it
@@ -641,44 +465,15 @@ class MemoryTransport:
             dead_letter_exchange=q.dead_letter_exchange,
         )
         due = self._clock() + _DEAD_LETTER_RETRY_S
-        parked = _Entry(dead, due=due)
+        parked = Entry(dead, due=due)
         q.parked.append(parked)
         self._next_due = min(self._next_due, due)
 
-    def _route_dead_letter(self, message: _Message) -> bool:
+    def _route_dead_letter(self, message: Message) -> bool:
         """Store *message* in all its targets, or in none (full or unroutable)."""
-        targets = self._route(message)
+        targets = self._vhost.route(message)
         if not targets or any(q.is_full() for q in targets):
             return False
         for q in targets:
             self._enqueue(q, message)
         return True
-
-
-def _settings(queue: QueueSpec, topology: Topology) -> dict[str, Any]:
-    """The effective settings of *queue*: its ``x-`` arguments beat its policy."""
-    policies = [
-        p
-        for p in topology.policies
-        if p.apply_to in ("queues", "all") and re.search(p.pattern, queue.name)
-    ]
-    settings: dict[str, Any] = {}
-    if policies:
-        settings.update(max(policies, key=lambda p: p.priority).definition)
-    for name, value in queue.arguments.items():
-        if name.startswith("x-"):
-            settings[name.removeprefix("x-")] = value
-    return settings
-
-
-def _hash_key(exchange: ExchangeSpec, message: _Message) -> str:
-    """What a consistent-hash exchange hashes: a property, a header, or the key."""
-    if (prop := exchange.arguments.get("hash-property")) is not None:
-        value = {
-            "correlation_id": message.correlation_id,
-            "message_id": message.message_id,
-        }.get(prop)
-        return value or ""
-    if (header := exchange.arguments.get("hash-header")) is not None:
-        return str(message.headers.get(header, ""))
-    return message.routing_key

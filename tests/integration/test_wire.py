@@ -19,7 +19,9 @@ from pamqp import header as pheader
 
 from broker.errors import TransportUnavailable
 from broker.transport import Delivery, OutgoingMessage, PublishOutcome
-from broker.transport.wire import ClosedByBroker, WireChannel, WireConnection, parse_url
+from broker.transport.channel import WireChannel
+from broker.transport.frames import ClosedByBroker, parse_url
+from broker.transport.wire import WireConnection
 from tests import services
 
 pytestmark = [pytest.mark.anyio, pytest.mark.integration]

@@ -9,7 +9,7 @@ from structlog.testing import capture_logs
 from broker.config import TopologyConfig
 from broker.errors import ConfigError, TransportUnavailable
 from broker.transport import Delivery, OutgoingMessage, PublishOutcome
-from broker.transport.memory import MemorySubscription, MemoryTransport, topic_matches
+from broker.transport.memory import MemorySubscription, MemoryTransport
 from broker.transport.topology import (
     DEAD_QUEUE,
     EVENTS_EXCHANGE,
@@ -22,6 +22,7 @@ from broker.transport.topology import (
     retry_exchange,
     shard_queue,
 )
+from broker.transport.vhost import topic_matches
 
 pytestmark = pytest.mark.anyio
 

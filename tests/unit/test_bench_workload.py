@@ -23,16 +23,17 @@ from broker.codec import Decoders, decode_envelope
 from canonical.ledger import LedgerEntryPosted
 
 
-def _workload(**kw: object) -> Workload:
-    args: dict[str, object] = {
-        "phase": "d",
-        "messages": 5000,
-        "accounts": 50,
-        "duplicates": 0.1,
-        "seed": 7,
-    }
-    args.update(kw)
-    return Workload(**args)  # type: ignore[arg-type]  # test helper over keywords
+def _workload(
+    *, phase: str = "d", messages: int = 5000, seed: int = 7, stamped: bool = False
+) -> Workload:
+    return Workload(
+        phase=phase,
+        messages=messages,
+        accounts=50,
+        duplicates=0.1,
+        seed=seed,
+        stamped=stamped,
+    )
 
 
 def test_publish_order_repeats_exactly_the_fraction_and_after_the_original() -> None:
@@ -100,7 +101,7 @@ def test_same_seed_same_workload() -> None:
 
 def test_expected_balances_sum_the_distinct_entries_once() -> None:
     """Balances add each distinct entry once, however often it is published."""
-    w = _workload(messages=2000, accounts=3)
+    w = Workload(phase="d", messages=2000, accounts=3, duplicates=0.1, seed=7)
     total = sum((w.amount(i) for i in range(w.distinct)), Decimal(0))
     expected = w.expected()
     assert sum(n for _, n in expected.values()) == w.distinct

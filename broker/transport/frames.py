@@ -1,0 +1,207 @@
+"""The AMQP 0-9-1 wire format, where the wire client writes it by hand.
+
+pamqp marshals the handshake and the rare methods; hand-written `struct`
+code handles the frames that come once per message: Basic.Deliver with its
+content header and body, Basic.Publish with its content, and Basic.Ack /
+Basic.Nack in both directions. This module owns what that code shares: the
+frame layouts and method ids, short strings, field tables (encoded and
+decoded without pamqp for the common value types), the broker's Close as an
+exception (`ClosedByBroker`) and the ``amqp://`` URL (`parse_url`).
+"""
+
+from __future__ import annotations
+
+import struct
+import urllib.parse
+from collections.abc import Mapping
+from typing import Any, Final, final
+
+from pamqp import decode as pdecode
+from pamqp import encode as pencode
+from pamqp import frame as pframe
+from pamqp.base import Frame
+
+from broker.errors import TransportUnavailable
+
+__all__ = [
+    # connecting and closing
+    "AmqpParams",
+    "parse_url",
+    "ClosedByBroker",
+    # byte layouts
+    "PROTOCOL_HEADER",
+    "HEARTBEAT_FRAME",
+    "FRAME_END",
+    "BASIC_DELIVER",
+    "BASIC_ACK",
+    "BASIC_NACK",
+    "FRAME_HEADER",
+    "U16",
+    "U32",
+    "U64",
+    "TAG_BITS",
+    "BODY_SIZE_FLAGS",
+    "ACK_FRAME",
+    "HEADER_FRAME",
+    # marshalling
+    "shortstr",
+    "encode_table",
+    "decode_table",
+    "method_frame",
+]
+
+PROTOCOL_HEADER: Final = b"AMQP\x00\x00\x09\x01"
+HEARTBEAT_FRAME: Final = b"\x08\x00\x00\x00\x00\x00\x00\xce"
+FRAME_END: Final = b"\xce"
+
+# Method ids as one big-endian 32-bit number: class << 16 | method.
+BASIC_DELIVER: Final = 0x003C003C
+BASIC_ACK: Final = 0x003C0050
+BASIC_NACK: Final = 0x003C0078
+
+FRAME_HEADER = struct.Struct(">BHI")
+U16 = struct.Struct(">H")
+U32 = struct.Struct(">I")
+_I8 = struct.Struct(">b")
+_I16 = struct.Struct(">h")
+_I32 = struct.Struct(">i")
+_I64 = struct.Struct(">q")
+U64 = struct.Struct(">Q")
+TAG_BITS = struct.Struct(">QB")
+BODY_SIZE_FLAGS = struct.Struct(">QH")  # body size, first property-flags word
+# type, channel, size, method, delivery tag, bits, frame end
+ACK_FRAME = struct.Struct(">BHIIQBB")
+# type, channel, size, class, weight, body size, property flags
+HEADER_FRAME = struct.Struct(">BHIHHQH")
+
+
+class ClosedByBroker(TransportUnavailable):
+    """The broker closed a connection or channel with a reply code.
+
+    ``code`` is the AMQP reply code (e.g. 404 NOT_FOUND, 406
+    PRECONDITION_FAILED, 320 CONNECTION_FORCED), ``text`` the broker's words.
+    """
+
+    def __init__(self, what: str, code: int, text: str) -> None:
+        super().__init__(f"{what} closed by broker: {code} {text}")
+        self.code = code
+        self.text = text
+
+
+@final
+class AmqpParams:
+    """Where and as whom to connect, parsed from an ``amqp://`` URL.
+
+    The password is kept out of ``repr`` so the object may be logged.
+    """
+
+    __slots__ = ("host", "password", "port", "tls", "user", "vhost")
+
+    def __init__(
+        self, *, host: str, port: int, user: str, password: str, vhost: str, tls: bool
+    ) -> None:
+        self.host = host
+        self.port = port
+        self.user = user
+        self.password = password
+        self.vhost = vhost
+        self.tls = tls
+
+    def __repr__(self) -> str:
+        scheme = "amqps" if self.tls else "amqp"
+        where = f"{self.user}@{self.host}:{self.port}"
+        return f"<AmqpParams {scheme}://{where} vhost={self.vhost!r}>"
+
+
+def parse_url(url: str) -> AmqpParams:
+    """Parse ``amqp[s]://user:password@host:port/vhost`` (vhost url-encoded).
+
+    An empty path means the vhost ``/``; missing credentials mean guest.
+
+    Raises:
+        ValueError: not an amqp or amqps URL (the message omits the password).
+    """
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("amqp", "amqps"):
+        raise ValueError(f"not an AMQP URL (scheme {parts.scheme!r})")
+    tls = parts.scheme == "amqps"
+    path = parts.path[1:] if parts.path.startswith("/") else parts.path
+    return AmqpParams(
+        host=parts.hostname or "localhost",
+        port=parts.port or (5671 if tls else 5672),
+        user=urllib.parse.unquote(parts.username or "guest"),
+        password=urllib.parse.unquote(parts.password or "guest"),
+        vhost=urllib.parse.unquote(path) if path else "/",
+        tls=tls,
+    )
+
+
+def shortstr(value: str) -> bytes:
+    """Encode an AMQP short string (length byte, then UTF-8).
+
+    Raises:
+        ValueError: *value* is longer than 255 bytes encoded.
+    """
+    raw = value.encode()
+    if len(raw) > 255:
+        raise ValueError(f"AMQP short string longer than 255 bytes: {value[:40]!r}...")
+    return bytes((len(raw),)) + raw
+
+
+def encode_table(headers: Mapping[str, Any]) -> bytes:
+    """Encode a field table; str and int values skip pamqp's generic path."""
+    parts: list[bytes] = []
+    for key, value in headers.items():
+        parts.append(shortstr(key))
+        kind = type(value)
+        if kind is str:
+            raw = value.encode()
+            parts.append(b"S" + U32.pack(len(raw)) + raw)
+        elif kind is int and -(1 << 63) <= value < (1 << 63):
+            parts.append(b"l" + _I64.pack(value))
+        else:
+            parts.append(pencode.encode_table_value(value))
+    data = b"".join(parts)
+    return U32.pack(len(data)) + data
+
+
+def decode_table(buf: bytearray, p: int, end: int) -> dict[str, Any]:
+    """Decode a field table; common value types skip pamqp's generic path."""
+    out: dict[str, Any] = {}
+    while p < end:
+        n = buf[p]
+        key = buf[p + 1 : p + 1 + n].decode()
+        p += 1 + n
+        kind = buf[p]
+        if kind == 0x53:  # S: long string (bytes when not UTF-8, as pamqp does)
+            n = U32.unpack_from(buf, p + 1)[0]
+            raw = bytes(buf[p + 5 : p + 5 + n])
+            try:
+                out[key] = raw.decode()
+            except UnicodeDecodeError:
+                out[key] = raw
+            p += 5 + n
+        elif kind == 0x6C:  # l: signed 64
+            out[key] = _I64.unpack_from(buf, p + 1)[0]
+            p += 9
+        elif kind == 0x49:  # I: signed 32
+            out[key] = _I32.unpack_from(buf, p + 1)[0]
+            p += 5
+        elif kind == 0x73:  # s: signed 16
+            out[key] = _I16.unpack_from(buf, p + 1)[0]
+            p += 3
+        elif kind == 0x62:  # b: signed 8
+            out[key] = _I8.unpack_from(buf, p + 1)[0]
+            p += 2
+        elif kind == 0x74:  # t: boolean
+            out[key] = bool(buf[p + 1])
+            p += 2
+        else:  # nested tables, arrays, timestamps, floats ...: rare
+            used, out[key] = pdecode.embedded_value(bytes(buf[p:end]))
+            p += used
+    return out
+
+
+def method_frame(channel: int, method: Frame) -> bytes:
+    """Marshal *method* as a method frame on *channel* (through pamqp)."""
+    return pframe.marshal(method, channel)
