@@ -4,7 +4,7 @@ Enabled only by ``[testing] crash-at``; a production config leaves it empty
 and the hook costs one comparison. The points are the boundaries whose
 crash-safety the product promises (RELIABILITY.md §7):
 
-* ``mid_txn``: the batch's effects are written, the transaction not committed;
+* ``mid_txn``: the batch is applied in memory, its one atomic write not yet sent;
 * ``after_commit_before_ack``: committed, deliveries not acknowledged;
 * ``after_confirm_before_mark``: the broker confirmed outbox rows, not yet marked sent.
 """

@@ -50,7 +50,7 @@ from broker.metrics import Metrics
 from broker.outbox import OutboxFeed
 from broker.retry import Backoff, RetryPolicy
 from broker.store import (
-    Batch,
+    BatchWrite,
     DeadLetterRecord,
     InboxKey,
     JournalRecord,
@@ -253,10 +253,7 @@ class WorkflowShard(Actor[None]):
         deadline = time.monotonic() + self._core.commit_deadline_s
         while True:
             try:
-                outcome = _Outcome()
-                async with self._store.batch() as tx:
-                    await self._write(tx, items, bad, outcome, ctx)
-                    self._crash.passed("mid_txn", len(items) + len(bad))
+                outcome = await self._write(items, bad)
             except TransientError as exc:
                 # StoreUnavailable or ConcurrencyConflict: the transaction rolled
                 # back; the deliveries are still ours, unacknowledged.
@@ -275,14 +272,11 @@ class WorkflowShard(Actor[None]):
                 return outcome
 
     async def _write(
-        self,
-        tx: Batch,
-        items: list[_Item],
-        bad: list[tuple[Delivery, PermanentError]],
-        out: _Outcome,
-        ctx: Context[None],
-    ) -> None:
+        self, items: list[_Item], bad: list[tuple[Delivery, PermanentError]]
+    ) -> _Outcome:
+        """Read (one round trip), apply in memory, write (one round trip)."""
         wf = self._wf
+        out = _Outcome()
         now = utcnow()
         records: list[OutboxRecord] = []
         dead: list[DeadLetterRecord] = []
@@ -292,25 +286,17 @@ class WorkflowShard(Actor[None]):
             self._dead_letter(d, exc.reason, str(exc), 1, records, dead, journal)
             out.dead.append(exc.reason)
 
-        fresh: set[str] = set()
-        if items:
-            keys = [
-                InboxKey(
-                    key=i.envelope.idempotency_key,
-                    day=i.envelope.time.date(),
-                    message_id=i.envelope.id,
-                )
-                for i in items
-            ]
-            fresh = await tx.claim(wf.name, keys)
-
+        read = await self._store.prepare_batch(
+            wf.name,
+            sorted({i.envelope.idempotency_key for i in items}),
+            wf.name,
+            sorted({i.envelope.correlation_id for i in items}),
+        )
+        seen: set[str] = set(read.claimed)
         to_apply: list[_Item] = []
         for item in items:
             key = item.envelope.idempotency_key
-            if key in fresh:
-                fresh.discard(key)  # a second copy in this batch is a duplicate
-                to_apply.append(item)
-            else:
+            if key in seen:  # claimed before, or earlier in this batch
                 out.duplicates += 1
                 journal.append(
                     JournalRecord(
@@ -320,19 +306,18 @@ class WorkflowShard(Actor[None]):
                         type=item.envelope.type,
                     )
                 )
+            else:
+                seen.add(key)
+                to_apply.append(item)
 
         states: dict[str, Any] = {}
         versions: dict[str, int] = {}
-        if to_apply:
-            stored = await tx.load_sagas(
-                wf.name, sorted({i.envelope.correlation_id for i in to_apply})
-            )
-            for cid, rec in stored.items():
-                states[cid] = self._state_decoder.decode(rec.state)
-                versions[cid] = rec.version
+        for cid, rec in read.sagas.items():
+            states[cid] = self._state_decoder.decode(rec.state)
+            versions[cid] = rec.version
 
         dirty: set[str] = set()
-        released: list[str] = []
+        released: set[str] = set()
         for item in to_apply:
             env = item.envelope
             cid = env.correlation_id
@@ -340,7 +325,7 @@ class WorkflowShard(Actor[None]):
             try:
                 applied = wf.apply(state, item.event, env)
             except PermanentError as exc:
-                released.append(env.idempotency_key)
+                released.add(env.idempotency_key)
                 self._dead_letter(
                     item.delivery,
                     exc.reason,
@@ -353,7 +338,7 @@ class WorkflowShard(Actor[None]):
                 out.dead.append(exc.reason)
                 continue
             except Exception as exc:  # noqa: BLE001 - one bad message must not stall the shard
-                released.append(env.idempotency_key)
+                released.add(env.idempotency_key)
                 self._schedule_retry(item, exc, records, dead, journal, out)
                 continue
             states[cid] = applied.state
@@ -398,26 +383,33 @@ class WorkflowShard(Actor[None]):
                     )
                 )
 
-        if released:
-            await tx.release(wf.name, released)
-        if dirty:
-            await tx.save_sagas(
-                wf.name,
-                [
-                    SagaWrite(
-                        correlation_id=cid,
-                        expected_version=versions.get(cid, 0),
-                        state=self._encoder.encode(states[cid]),
-                    )
-                    for cid in sorted(dirty)
-                ],
-            )
-        if records:
-            out.outbox = await tx.add_outbox(records)
-        if dead:
-            await tx.add_dead_letters(dead)
-        if journal:
-            await tx.add_journal(journal)
+        write = BatchWrite(
+            consumer=wf.name,
+            workflow=wf.name,
+            keys=[
+                InboxKey(
+                    key=i.envelope.idempotency_key,
+                    day=i.envelope.time.date(),
+                    message_id=i.envelope.id,
+                )
+                for i in to_apply
+                if i.envelope.idempotency_key not in released
+            ],
+            sagas=[
+                SagaWrite(
+                    correlation_id=cid,
+                    expected_version=versions.get(cid, 0),
+                    state=self._encoder.encode(states[cid]),
+                )
+                for cid in sorted(dirty)
+            ],
+            outbox=records,
+            dead_letters=dead,
+            journal=journal,
+        )
+        self._crash.passed("mid_txn", len(items) + len(bad))
+        out.outbox = await self._store.commit_batch(write)
+        return out
 
     def _dead_letter(
         self,

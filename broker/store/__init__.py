@@ -29,6 +29,8 @@ __all__ = [
     "DeadLetterFilter",
     "JournalRecord",
     "JournalRow",
+    "BatchRead",
+    "BatchWrite",
     "Batch",
     "Store",
 ]
@@ -165,6 +167,27 @@ class JournalRow(msgspec.Struct, frozen=True, kw_only=True):
     detail: str
 
 
+class BatchRead(msgspec.Struct, frozen=True, kw_only=True):
+    """What a batch needs to know before it applies anything."""
+
+    #: The given idempotency keys that are already claimed (duplicates).
+    claimed: frozenset[str]
+    #: The stored state of the given instances that exist.
+    sagas: dict[str, SagaRecord]
+
+
+class BatchWrite(msgspec.Struct, frozen=True, kw_only=True):
+    """Everything one batch writes, committed atomically by `Store.commit_batch`."""
+
+    consumer: str
+    workflow: str
+    keys: Sequence[InboxKey] = ()
+    sagas: Sequence[SagaWrite] = ()
+    outbox: Sequence[OutboxRecord] = ()
+    dead_letters: Sequence[DeadLetterRecord] = ()
+    journal: Sequence[JournalRecord] = ()
+
+
 class Batch(Protocol):
     """One open transaction, committed when ``Store.batch()`` exits cleanly."""
 
@@ -215,6 +238,33 @@ class Batch(Protocol):
 
 class Store(Protocol):
     """Durable state of the daemon."""
+
+    async def prepare_batch(
+        self,
+        consumer: str,
+        keys: Sequence[str],
+        workflow: str,
+        correlation_ids: Sequence[str],
+    ) -> BatchRead:
+        """Read, in one round trip, which keys are claimed and the instances' states.
+
+        Nothing is locked: `commit_batch` checks that nothing changed since.
+        """
+        ...
+
+    async def commit_batch(self, write: BatchWrite) -> list[OutboxRow]:
+        """Write a whole batch atomically, in one round trip; return the outbox rows.
+
+        Claims every key (all must be new), creates or updates every instance
+        at its expected version, and inserts the outbox rows (leased to this
+        writer), dead letters and journal entries.
+
+        Raises:
+            ConcurrencyConflict: a key was claimed or an instance changed since
+                `prepare_batch`; nothing was written.
+            StoreUnavailable: the database is unreachable or asked us to retry.
+        """
+        ...
 
     def batch(self) -> AbstractAsyncContextManager[Batch]:
         """Open one transaction; commit on clean exit, roll back on error.

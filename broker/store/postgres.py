@@ -25,6 +25,8 @@ import structlog
 from broker.config import PostgresConfig
 from broker.errors import ConcurrencyConflict, ConfigError, StoreUnavailable
 from broker.store import (
+    BatchRead,
+    BatchWrite,
     DeadLetterFilter,
     DeadLetterRecord,
     DeadLetterRow,
@@ -207,6 +209,30 @@ FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[])
     WITH ORDINALITY AS u(message_id, correlation_id, stage, type, detail, n)
 ORDER BY u.n
 """
+
+# --- SQL: the batch in two round trips (prepare_batch, commit_batch) ----------------
+
+_PREPARE_BATCH = """
+SELECT 0, key, NULL::bigint, NULL::bytea, NULL::timestamptz
+FROM inbox WHERE consumer = $1 AND key = ANY($2::text[])
+UNION ALL
+SELECT 1, correlation_id, version, state, updated_at
+FROM saga WHERE workflow = $3 AND correlation_id = ANY($4::text[])
+"""
+
+_COMMIT_BATCH = """
+SELECT q2c_commit_batch(
+    $1, $2::text[], $3::date[], $4::text[],
+    $5, $6::text[], $7::bigint[], $8::bytea[],
+    $9::text[], $10::text[], $11::text[], $12::bytea[], $13::text[], $14::text[],
+    $15::text[], $16,
+    $17::text[], $18::text[], $19::text[], $20::text[], $21::text[], $22::bytea[],
+    $23::text[], $24::int[], $25::text[], $26::text[],
+    $27::text[], $28::text[], $29::text[], $30::text[], $31::text[])
+"""
+
+#: SQLSTATEs q2c_commit_batch raises when another writer got there first.
+_CONFLICTS = frozenset({"QC001", "QC002"})
 
 # --- SQL: the relay, operators and maintenance ---------------------------------------
 
@@ -741,6 +767,99 @@ class PostgresStore:
         if created:
             _log.info("partitions_created", count=created)
         return created
+
+    async def prepare_batch(
+        self,
+        consumer: str,
+        keys: Sequence[str],
+        workflow: str,
+        correlation_ids: Sequence[str],
+    ) -> BatchRead:
+        """Claimed keys and stored instances, in one statement, without locks."""
+        rows = await self._fetch(
+            _PREPARE_BATCH, consumer, list(keys), workflow, list(correlation_ids)
+        )
+        claimed = frozenset(r[1] for r in rows if r[0] == 0)
+        sagas = {
+            r[1]: SagaRecord(
+                workflow=workflow,
+                correlation_id=r[1],
+                version=r[2],
+                state=r[3],
+                updated_at=r[4],
+            )
+            for r in rows
+            if r[0] == 1
+        }
+        return BatchRead(claimed=claimed, sagas=sagas)
+
+    async def commit_batch(self, write: BatchWrite) -> list[OutboxRow]:
+        """Write the whole batch with one call of ``q2c_commit_batch``.
+
+        Raises:
+            ConcurrencyConflict: a key was claimed, or an instance changed,
+                since `prepare_batch`; nothing was written.
+            StoreUnavailable: the database is unreachable or asked us to retry.
+        """
+        keys = {k.key: k for k in write.keys}
+        outbox = write.outbox
+        dead = _unique_dead_letters(write.dead_letters)
+        journal = write.journal
+        sagas = write.sagas
+        try:
+            rows = await self._fetch(
+                _COMMIT_BATCH,
+                write.consumer,
+                list(keys),
+                [k.day for k in keys.values()],
+                [k.message_id for k in keys.values()],
+                write.workflow,
+                [w.correlation_id for w in sagas],
+                [w.expected_version for w in sagas],
+                [w.state for w in sagas],
+                [r.message_id for r in outbox],
+                [r.exchange for r in outbox],
+                [r.routing_key for r in outbox],
+                [r.body for r in outbox],
+                [r.correlation_id for r in outbox],
+                [r.type for r in outbox],
+                [_json(r.headers) for r in outbox],
+                self._lease_s,
+                [r.message_id for r in dead],
+                [r.queue for r in dead],
+                [r.routing_key for r in dead],
+                [r.reason for r in dead],
+                [r.detail for r in dead],
+                [r.body for r in dead],
+                [_json(r.headers) for r in dead],
+                [r.attempts for r in dead],
+                [r.correlation_id for r in dead],
+                [r.type for r in dead],
+                [r.message_id for r in journal],
+                [r.correlation_id for r in journal],
+                [r.stage for r in journal],
+                [r.type for r in journal],
+                [r.detail for r in journal],
+            )
+        except asyncpg.PostgresError as exc:
+            if exc.sqlstate in _CONFLICTS:
+                raise ConcurrencyConflict(str(exc)) from exc
+            raise
+        ids = sorted(r[0] for r in rows)
+        return [
+            OutboxRow(
+                id=row_id,
+                message_id=r.message_id,
+                exchange=r.exchange,
+                routing_key=r.routing_key,
+                body=r.body,
+                correlation_id=r.correlation_id,
+                type=r.type,
+                headers=r.headers,
+                attempts=1,
+            )
+            for row_id, r in zip(ids, outbox, strict=True)
+        ]
 
     @asynccontextmanager
     async def batch(self) -> AsyncIterator[PostgresBatch]:

@@ -33,6 +33,8 @@ import structlog
 from broker.config import SqliteConfig
 from broker.errors import ConcurrencyConflict, StoreUnavailable
 from broker.store import (
+    BatchRead,
+    BatchWrite,
     DeadLetterFilter,
     DeadLetterRecord,
     DeadLetterRow,
@@ -643,6 +645,55 @@ class SqliteStore:
         """Apply pending migrations; return the names applied."""
         migrations = await load_migrations("sqlite")
         return await self._locked(lambda conn: apply_sqlite(conn, migrations))
+
+    async def prepare_batch(
+        self,
+        consumer: str,
+        keys: Sequence[str],
+        workflow: str,
+        correlation_ids: Sequence[str],
+    ) -> BatchRead:
+        """Claimed keys and stored instances (no locks: commit_batch re-checks)."""
+
+        def run(conn: sqlite3.Connection) -> BatchRead:
+            claimed = frozenset(
+                r[0]
+                for r in conn.execute(
+                    "SELECT key FROM inbox WHERE consumer = :consumer"
+                    " AND key IN (SELECT value FROM json_each(:keys))",
+                    {"consumer": consumer, "keys": _json(list(keys))},
+                )
+            )
+            sagas = {
+                r[0]: _saga(workflow, r)
+                for r in conn.execute(
+                    _LOAD_SAGAS,
+                    {"workflow": workflow, "ids": _json(list(correlation_ids))},
+                )
+            }
+            return BatchRead(claimed=claimed, sagas=sagas)
+
+        return await self._locked(run)
+
+    async def commit_batch(self, write: BatchWrite) -> list[OutboxRow]:
+        """Write the whole batch in one transaction.
+
+        Raises:
+            ConcurrencyConflict: a key was claimed, or an instance changed,
+                since `prepare_batch`; nothing was written.
+        """
+        async with self.batch() as tx:
+            unique = {k.key for k in write.keys}
+            claimed = await tx.claim(write.consumer, write.keys)
+            if len(claimed) != len(unique):
+                raise ConcurrencyConflict(
+                    f"{len(unique) - len(claimed)} of {len(unique)} idempotency keys "
+                    f"of {write.consumer} were claimed concurrently"
+                )
+            await tx.save_sagas(write.workflow, write.sagas)
+            await tx.add_dead_letters(write.dead_letters)
+            await tx.add_journal(write.journal)
+            return await tx.add_outbox(write.outbox)
 
     @asynccontextmanager
     async def batch(self) -> AsyncIterator[SqliteBatch]:

@@ -23,6 +23,7 @@ import pytest
 from broker.config import PostgresConfig, SqliteConfig
 from broker.errors import ConcurrencyConflict, StoreUnavailable
 from broker.store import (
+    BatchWrite,
     DeadLetterFilter,
     DeadLetterRecord,
     InboxKey,
@@ -714,3 +715,90 @@ async def test_sqlite_statements_run_off_the_event_loop_thread() -> None:
         await store.aclose()
     assert threads
     assert loop_thread not in threads
+
+
+# --- the two-round-trip batch: prepare_batch, commit_batch -------------------------
+
+
+def batch_write(**fields: object) -> BatchWrite:
+    values: dict[str, object] = {"consumer": "ledger", "workflow": "ledger"}
+    values.update(fields)
+    return BatchWrite(**values)  # type: ignore[arg-type]
+
+
+async def test_prepare_reports_claimed_keys_and_stored_instances(store: Store) -> None:
+    """prepare_batch names the keys already claimed and returns existing instances."""
+    await store.commit_batch(
+        batch_write(
+            keys=[key("k1")],
+            sagas=[SagaWrite(correlation_id="acct-1", expected_version=0, state=b"s1")],
+        )
+    )
+    read = await store.prepare_batch("ledger", ["k1", "k2"], "ledger", ["acct-1", "x"])
+    assert read.claimed == frozenset({"k1"})
+    assert list(read.sagas) == ["acct-1"]
+    assert (read.sagas["acct-1"].version, read.sagas["acct-1"].state) == (1, b"s1")
+
+
+async def test_commit_batch_writes_everything_and_leases_the_outbox(
+    store: Store,
+) -> None:
+    """One commit claims keys, writes instances, dead letters, journal and outbox."""
+    rows = await store.commit_batch(
+        batch_write(
+            keys=[key("k1"), key("k2")],
+            sagas=[SagaWrite(correlation_id="acct-1", expected_version=0, state=b"s")],
+            outbox=[outbox("m1"), outbox("m2", headers={"x-a": 1})],
+            dead_letters=[dead_letter("d1")],
+            journal=[
+                JournalRecord(message_id="k1", correlation_id="acct-1", stage="applied")
+            ],
+        )
+    )
+    assert [r.message_id for r in rows] == ["m1", "m2"]
+    assert rows[0].id < rows[1].id
+    assert rows[1].headers == {"x-a": 1}
+    assert await store.claim_outbox(limit=10, lease_s=LEASE_S) == []  # leased to us
+    counts = await store.counts()
+    assert (counts["dead_letters"], counts["sagas"], counts["outbox_pending"]) == (
+        1,
+        1,
+        2,
+    )
+    assert [j.stage for j in await store.journal("acct-1")] == ["applied"]
+
+
+async def test_commit_batch_refuses_a_key_claimed_since_prepare(store: Store) -> None:
+    """A key claimed by another writer in between: conflict, and nothing written."""
+    await store.commit_batch(batch_write(keys=[key("k1")]))
+    with pytest.raises(ConcurrencyConflict):
+        await store.commit_batch(
+            batch_write(
+                keys=[key("k1"), key("k2")],
+                sagas=[SagaWrite(correlation_id="a", expected_version=0, state=b"s")],
+                outbox=[outbox("m1")],
+            )
+        )
+    read = await store.prepare_batch("ledger", ["k2"], "ledger", ["a"])
+    assert read.claimed == frozenset()
+    assert read.sagas == {}
+    assert (await store.counts())["outbox_pending"] == 0
+
+
+async def test_commit_batch_refuses_an_instance_changed_since_prepare(
+    store: Store,
+) -> None:
+    """An instance written at another version in between: conflict, nothing written."""
+    first = SagaWrite(correlation_id="a", expected_version=0, state=b"v1")
+    await store.commit_batch(batch_write(sagas=[first]))
+    stale = SagaWrite(correlation_id="a", expected_version=0, state=b"stale")
+    with pytest.raises(ConcurrencyConflict):
+        await store.commit_batch(batch_write(keys=[key("k9")], sagas=[stale]))
+    await store.commit_batch(
+        batch_write(
+            sagas=[SagaWrite(correlation_id="a", expected_version=1, state=b"v2")]
+        )
+    )
+    read = await store.prepare_batch("ledger", ["k9"], "ledger", ["a"])
+    assert read.claimed == frozenset()
+    assert (read.sagas["a"].version, read.sagas["a"].state) == (2, b"v2")
