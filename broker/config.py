@@ -116,6 +116,7 @@ class CoreConfig(Section, frozen=True):
     max_attempts: PositiveInt = 5
     commit_deadline_s: Seconds = 60.0
     relay_batch: PositiveInt = 1000
+    relay_workers: Annotated[int, Meta(ge=1, le=256)] = 8
     relay_poll_s: Seconds = 1.0
     outbox_lease_s: Seconds = 30.0
     inbox_retention_days: PositiveInt = 7

@@ -104,7 +104,6 @@ class OutboxRelay(Actor[None]):
         publish_timeout_s: float,
         metrics: Metrics,
         crash: CrashHook,
-        workers: int = 3,
     ) -> None:
         self._store = store
         self._transport = transport
@@ -113,7 +112,7 @@ class OutboxRelay(Actor[None]):
         self._timeout_s = publish_timeout_s
         self._metrics = metrics
         self._crash = crash
-        self._workers = workers
+        self._workers = core.relay_workers
         self.in_flight = 0
         self._idle = anyio.Event()
         self._idle.set()
