@@ -172,15 +172,29 @@ class OutboxRelay(Actor[None]):
         if self.in_flight == 1:
             self._idle = anyio.Event()
         try:
-            outcomes = await self._transport.publish(
-                [to_message(r) for r in rows], timeout_s=self._timeout_s
-            )
-            self._crash.passed("after_confirm_before_mark", len(rows))
-            await self._settle(rows, outcomes, ctx)
+            # A row that failed before is published on its own: if the broker
+            # refuses it (and closes the channel, as it does for a message over
+            # its size limit), the rows that shared its first publish are not
+            # held back with it round after round.
+            fresh = [r for r in rows if r.attempts <= 1]
+            if fresh:
+                await self._publish_together(fresh, ctx)
+            for row in rows:
+                if row.attempts > 1:
+                    await self._publish_together([row], ctx)
         finally:
             self.in_flight -= 1
             if self.in_flight == 0:
                 self._idle.set()
+
+    async def _publish_together(
+        self, rows: Sequence[OutboxRow], ctx: Context[None]
+    ) -> None:
+        outcomes = await self._transport.publish(
+            [to_message(r) for r in rows], timeout_s=self._timeout_s
+        )
+        self._crash.passed("after_confirm_before_mark", len(rows))
+        await self._settle(rows, outcomes, ctx)
 
     async def _settle(
         self,
@@ -190,7 +204,7 @@ class OutboxRelay(Actor[None]):
     ) -> None:
         acked: list[int] = []
         nacked: list[OutboxRow] = []
-        unknown: list[int] = []
+        unknown: list[OutboxRow] = []
         returned: list[OutboxRow] = []
         for row, outcome in zip(rows, outcomes, strict=True):
             if outcome is PublishOutcome.ACK:
@@ -200,15 +214,14 @@ class OutboxRelay(Actor[None]):
             elif outcome is PublishOutcome.RETURNED:
                 returned.append(row)
             else:
-                unknown.append(row.id)
+                unknown.append(row)
         try:
             if acked:
                 await self._store.mark_sent(acked)
                 self._metrics.published.inc(len(acked))
             if nacked:
                 # The queue is full (reject-publish): wait longer each attempt.
-                attempts = max(r.attempts for r in nacked)
-                delay = min(60.0, math.pow(2, min(attempts, 6)))
+                delay = _retry_delay(nacked, first_s=2.0)
                 await self._store.reschedule_outbox(
                     [r.id for r in nacked], delay_s=delay
                 )
@@ -217,9 +230,17 @@ class OutboxRelay(Actor[None]):
                     "outbox_publish_nacked", rows=len(nacked), retry_in_s=delay
                 )
             if unknown:
-                await self._store.reschedule_outbox(unknown, delay_s=1.0)
+                # No answer: the connection dropped, the broker refused the
+                # channel, or the confirm was late. Soon at first, then slower,
+                # so a row the broker keeps refusing cannot become a hot loop.
+                delay = _retry_delay(unknown, first_s=0.5)
+                await self._store.reschedule_outbox(
+                    [r.id for r in unknown], delay_s=delay
+                )
                 self._metrics.publish_failed.labels("indeterminate").inc(len(unknown))
-                ctx.log.warning("outbox_publish_indeterminate", rows=len(unknown))
+                ctx.log.warning(
+                    "outbox_publish_indeterminate", rows=len(unknown), retry_in_s=delay
+                )
             if returned:
                 await self._store.park_outbox(
                     [r.id for r in returned],
@@ -241,3 +262,9 @@ class OutboxRelay(Actor[None]):
     def status(self) -> dict[str, Any]:
         """Feed fill and in-flight publishes."""
         return {"feed": repr(self._feed), "in_flight": self.in_flight}
+
+
+def _retry_delay(rows: Sequence[OutboxRow], *, first_s: float) -> float:
+    """Doubling with the rows' attempts, capped at a minute."""
+    attempts = max(r.attempts for r in rows)
+    return min(60.0, first_s * math.pow(2, min(max(attempts - 1, 0), 7)))

@@ -1,0 +1,148 @@
+"""Faults on the shared services, and exact queue state (RELIABILITY.md §5.2).
+
+Broker- and database-wide faults (``rabbitmqctl stop_app``, a runtime
+``max_message_size``, ``pg_ctlcluster restart``) always restore the service
+in a ``finally``; tests that use them are marked ``chaos``.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import AsyncIterator, Iterable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+import aio_pika
+import anyio
+import asyncpg
+
+__all__ = [
+    "QueueStat",
+    "queue_stats",
+    "rabbitmqctl",
+    "rabbitmq_outage",
+    "max_message_size",
+    "restart_postgres",
+]
+
+PG_CLUSTER = ("15", "main")
+
+
+async def rabbitmqctl(*args: str, timeout_s: float = 60.0) -> str:
+    """Run ``rabbitmqctl ARGS``; its standard output.
+
+    Raises:
+        subprocess.CalledProcessError: a non-zero exit.
+    """
+    with anyio.fail_after(timeout_s):
+        done = await anyio.run_process(["rabbitmqctl", *args], check=True)
+    return done.stdout.decode()
+
+
+@dataclass(frozen=True, kw_only=True)
+class QueueStat:
+    """One queue as its leader sees it now (a passive declare, not statistics)."""
+
+    ready: int
+    consumers: int
+
+
+async def queue_stats(url: str, queues: Iterable[str]) -> dict[str, QueueStat]:
+    """Ready messages and consumers of *queues*, exact at this moment.
+
+    A passive ``queue.declare`` asks the quorum queue's leader; ``rabbitmqctl
+    list_queues`` and the management API report quorum-queue metrics that
+    are refreshed only every few seconds.
+    """
+    out: dict[str, QueueStat] = {}
+    connection = await aio_pika.connect(url, timeout=5)
+    async with connection:
+        channel = await connection.channel()
+        for name in queues:
+            declared = await channel.declare_queue(name, passive=True)
+            result = declared.declaration_result
+            out[name] = QueueStat(
+                ready=result.message_count or 0, consumers=result.consumer_count or 0
+            )
+    return out
+
+
+async def rabbitmq_outage(hold_s: float) -> None:
+    """``rabbitmqctl stop_app`` for *hold_s*, then ``start_app``, always.
+
+    Returns once the broker has started again (``await_startup``).
+    """
+    try:
+        await rabbitmqctl("stop_app")
+        await anyio.sleep(hold_s)  # the outage itself, not a wait for a condition
+    finally:
+        with anyio.CancelScope(shield=True):
+            await rabbitmqctl("start_app")
+            await rabbitmqctl("await_startup")
+
+
+async def _rabbit_env(key: str) -> str:
+    return (await rabbitmqctl("eval", f"application:get_env(rabbit, {key}).")).strip()
+
+
+@asynccontextmanager
+async def max_message_size(limit: int) -> AsyncIterator[None]:
+    """Set the broker's ``max_message_size`` (new channels see it); restore it after."""
+    original = await _rabbit_env("max_message_size")
+    try:
+        await rabbitmqctl(
+            "eval", f"application:set_env(rabbit, max_message_size, {limit})."
+        )
+        yield
+    finally:
+        with anyio.CancelScope(shield=True):
+            if original.startswith("{ok,"):
+                value = int(original.removeprefix("{ok,").removesuffix("}"))
+                await rabbitmqctl(
+                    "eval", f"application:set_env(rabbit, max_message_size, {value})."
+                )
+            else:
+                await rabbitmqctl(
+                    "eval", "application:unset_env(rabbit, max_message_size)."
+                )
+
+
+async def _postgres_accepts(dsn: str, timeout_s: float) -> None:
+    with anyio.fail_after(timeout_s):
+        while True:
+            try:
+                conn = await asyncpg.connect(dsn, timeout=2)
+            except (OSError, asyncpg.PostgresError, TimeoutError):
+                await anyio.sleep(0.2)  # bounded poll while the server starts
+                continue
+            await conn.close()
+            return
+
+
+async def _pg_ctlcluster(action: str, *, check: bool) -> int:
+    # No pipes: the restarted postmaster inherits them and would hold them
+    # open forever, and run_process would wait for their EOF.
+    done = await anyio.run_process(
+        ["pg_ctlcluster", "--skip-systemctl-redirect", *PG_CLUSTER, action],
+        check=check,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    return done.returncode
+
+
+async def restart_postgres(dsn: str) -> None:
+    """``pg_ctlcluster 15 main restart`` (fast mode); return once it accepts again.
+
+    If the restart fails, the cluster is started, so the service is always
+    left running.
+    """
+    try:
+        with anyio.fail_after(60):
+            await _pg_ctlcluster("restart", check=True)
+    finally:
+        with anyio.CancelScope(shield=True):
+            if await _pg_ctlcluster("status", check=False) != 0:
+                await _pg_ctlcluster("start", check=False)
+            await _postgres_accepts(dsn, 60)

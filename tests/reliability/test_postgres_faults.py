@@ -1,0 +1,47 @@
+"""PostgreSQL restart under load (§7: 9)."""
+
+from __future__ import annotations
+
+import anyio
+import pytest
+
+from tests.reliability.checker import wait_applied
+from tests.reliability.faults import restart_postgres
+from tests.reliability.scenario import Scenario
+from tests.reliability.workload import Workload
+
+pytestmark = [pytest.mark.anyio, pytest.mark.integration]
+
+ENTRIES = 5000
+BACKLOG = 4500
+
+
+@pytest.mark.chaos
+async def test_postgres_restart_under_load_loses_and_duplicates_nothing(
+    scenario: Scenario,
+) -> None:
+    """Scenario 9: ``pg_ctlcluster 15 main restart`` while batches commit.
+
+    In-flight transactions fail; the shards hold their deliveries
+    unacknowledged and retry the commit with back-off while the pool
+    reconnects; rows the relay could not mark are republished after their
+    lease. The daemon is never restarted; no loss, no duplicated effect.
+    """
+    daemon = scenario.daemon
+    workload = Workload.build(ENTRIES)
+    await daemon.declare()
+    assert (await scenario.publish(workload.stream[:BACKLOG])).confirmed == BACKLOG
+    await daemon.start()
+    await daemon.wait_ready()
+    async with anyio.create_task_group() as tg:
+        await wait_applied(scenario.pg_dsn, ENTRIES // 10)
+        reports = scenario.publish_in_background(
+            tg, workload.stream[BACKLOG:], pause_s=0.2
+        )
+        await restart_postgres(scenario.pg_dsn)
+    assert sum(r.confirmed for r in reports) == len(workload.stream) - BACKLOG
+    assert daemon.returncode is None, "the daemon died instead of riding it out"
+    status = await daemon.wait_ready()
+    assert status["counters"]["batch_commit_retries"] > 0, "the fault missed the load"
+
+    await scenario.finish(workload)
