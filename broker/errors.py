@@ -113,7 +113,7 @@ class StoreUnavailable(TransientError):
 
 
 class ConcurrencyConflict(TransientError):
-    """A saga row changed under us (version check failed): reload and retry."""
+    """Another writer claimed a key or changed an instance first: reload and retry."""
 
 
 class TransportUnavailable(TransientError):

@@ -2,8 +2,11 @@
 
 Two implementations share this protocol: `broker.store.postgres` (asyncpg,
 production) and `broker.store.sqlite` (the embedded default; in memory for
-unit and runtime tests). One `Store.batch()` is one transaction: the core
-writes a whole batch of deliveries through it and commits once.
+unit and runtime tests). The core writes a whole batch of deliveries in two
+round trips: `Store.prepare_batch` reads, without locks, which keys are
+claimed and the instances' states; `Store.commit_batch` then writes
+everything the batch decided as one `BatchWrite`, atomically, and raises
+`ConcurrencyConflict` (writing nothing) if another writer got there first.
 
 Every driver exception is translated where the driver is called:
 `StoreUnavailable` (retry later) or a bug.
@@ -12,7 +15,6 @@ Every driver exception is translated where the driver is called:
 from __future__ import annotations
 
 from collections.abc import Sequence
-from contextlib import AbstractAsyncContextManager
 from datetime import date, datetime
 from typing import Any, Literal, Protocol
 
@@ -31,7 +33,6 @@ __all__ = [
     "JournalRow",
     "BatchRead",
     "BatchWrite",
-    "Batch",
     "Store",
 ]
 
@@ -188,54 +189,6 @@ class BatchWrite(msgspec.Struct, frozen=True, kw_only=True):
     journal: Sequence[JournalRecord] = ()
 
 
-class Batch(Protocol):
-    """One open transaction, committed when ``Store.batch()`` exits cleanly."""
-
-    async def claim(self, consumer: str, keys: Sequence[InboxKey]) -> set[str]:
-        """Insert inbox keys; return the ones that were new (the rest are duplicates).
-
-        Keys are inserted in sorted order so that overlapping batches of two
-        daemons lock rows in the same order and cannot deadlock. A key
-        claimed by a concurrent, uncommitted transaction blocks until that
-        transaction ends.
-        """
-        ...
-
-    async def release(self, consumer: str, keys: Sequence[str]) -> None:
-        """Remove keys claimed earlier in this transaction (the message failed)."""
-        ...
-
-    async def load_sagas(
-        self, workflow: str, correlation_ids: Sequence[str]
-    ) -> dict[str, SagaRecord]:
-        """Return the stored state of the given instances that exist."""
-        ...
-
-    async def save_sagas(self, workflow: str, writes: Sequence[SagaWrite]) -> None:
-        """Create or update instances, each only at its expected version.
-
-        Raises:
-            ConcurrencyConflict: some instance changed since it was loaded.
-        """
-        ...
-
-    async def add_outbox(self, records: Sequence[OutboxRecord]) -> list[OutboxRow]:
-        """Insert messages to publish, leased to this writer for the lease period.
-
-        The lease stops the relay's poller from publishing rows the writer is
-        about to publish itself; if the writer dies, the lease runs out.
-        """
-        ...
-
-    async def add_dead_letters(self, records: Sequence[DeadLetterRecord]) -> None:
-        """Record dead letters (upsert by message id: attempts and last_seen)."""
-        ...
-
-    async def add_journal(self, records: Sequence[JournalRecord]) -> None:
-        """Append audit entries."""
-        ...
-
-
 class Store(Protocol):
     """Durable state of the daemon."""
 
@@ -255,21 +208,16 @@ class Store(Protocol):
     async def commit_batch(self, write: BatchWrite) -> list[OutboxRow]:
         """Write a whole batch atomically, in one round trip; return the outbox rows.
 
-        Claims every key (all must be new), creates or updates every instance
-        at its expected version, and inserts the outbox rows (leased to this
-        writer), dead letters and journal entries.
+        Claims every key (all must be new; a key repeated in *write* counts
+        once), creates or updates every instance at its expected version, and
+        inserts the outbox rows (leased to this writer, ids in input order),
+        dead letters (upserted by message id: attempts add up, also within
+        *write*) and journal entries (in order).
 
         Raises:
+            ValueError: one instance appears twice in ``write.sagas``.
             ConcurrencyConflict: a key was claimed or an instance changed since
                 `prepare_batch`; nothing was written.
-            StoreUnavailable: the database is unreachable or asked us to retry.
-        """
-        ...
-
-    def batch(self) -> AbstractAsyncContextManager[Batch]:
-        """Open one transaction; commit on clean exit, roll back on error.
-
-        Raises:
             StoreUnavailable: the database is unreachable or asked us to retry.
         """
         ...

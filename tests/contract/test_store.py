@@ -8,7 +8,6 @@ what only the SQLite store has (an injectable clock, files on disk).
 
 from __future__ import annotations
 
-import contextlib
 import sqlite3
 import threading
 from collections.abc import AsyncIterator, Awaitable
@@ -23,6 +22,7 @@ import pytest
 from broker.config import PostgresConfig, SqliteConfig
 from broker.errors import ConcurrencyConflict, StoreUnavailable
 from broker.store import (
+    BatchRead,
     BatchWrite,
     DeadLetterFilter,
     DeadLetterRecord,
@@ -114,14 +114,30 @@ def dead_letter(message_id: str, **fields: object) -> DeadLetterRecord:
     return DeadLetterRecord(message_id=message_id, **values)  # type: ignore[arg-type]
 
 
+def batch_write(**fields: object) -> BatchWrite:
+    """A write of the ``ledger`` consumer and workflow, with *fields* set."""
+    values: dict[str, object] = {"consumer": "ledger", "workflow": "ledger"}
+    values.update(fields)
+    return BatchWrite(**values)  # type: ignore[arg-type]
+
+
+def saga(correlation_id: str, expected_version: int, state: bytes = b"s") -> SagaWrite:
+    return SagaWrite(
+        correlation_id=correlation_id, expected_version=expected_version, state=state
+    )
+
+
 async def add_outbox(store: Store, *records: OutboxRecord) -> list[OutboxRow]:
-    async with store.batch() as b:
-        return await b.add_outbox(records)
+    return await store.commit_batch(batch_write(outbox=records))
 
 
 async def add_dead_letters(store: Store, *records: DeadLetterRecord) -> None:
-    async with store.batch() as b:
-        await b.add_dead_letters(records)
+    await store.commit_batch(batch_write(dead_letters=records))
+
+
+async def claimed(store: Store, *names: str, consumer: str = "ledger") -> set[str]:
+    """Which of *names* *consumer* has claimed."""
+    return set((await store.prepare_batch(consumer, names, "ledger", [])).claimed)
 
 
 async def claim_n(store: Store, n: int, *, lease_s: float = 30.0) -> list[OutboxRow]:
@@ -147,156 +163,108 @@ EMPTY = {
 # --- inbox -------------------------------------------------------------------------
 
 
-async def test_claim_returns_only_new_keys_and_dedups_within_a_batch(
+async def test_keys_are_claimed_once_per_consumer_and_dedup_within_a_batch(
     store: Store,
 ) -> None:
-    """A key is new once per consumer; repeats inside one claim count once."""
-    async with store.batch() as b:
-        assert await b.claim("erp", [key("a"), key("b"), key("a")]) == {"a", "b"}
-    async with store.batch() as b:
-        assert await b.claim("erp", [key("b"), key("c")]) == {"c"}
-        assert await b.claim("crm", [key("b")]) == {"b"}
-        assert await b.claim("erp", []) == set()
+    """A key is claimed once per consumer; repeated inside one write it counts once."""
+    await store.commit_batch(batch_write(keys=[key("a"), key("b"), key("a")]))
+    assert await claimed(store, "a", "b", "c") == {"a", "b"}
+
+    with pytest.raises(ConcurrencyConflict, match="claimed concurrently"):
+        await store.commit_batch(batch_write(keys=[key("b"), key("c")]))
+    assert await claimed(store, "c") == set()
+
+    await store.commit_batch(batch_write(keys=[key("c")]))
+    await store.commit_batch(batch_write(consumer="crm", keys=[key("b")]))
+    await store.commit_batch(batch_write())
+    assert await claimed(store, "a", "b", "c", consumer="crm") == {"b"}
+    assert (await store.counts())["inbox"] == 4
 
 
-async def test_release_frees_a_key_claimed_in_the_same_batch(store: Store) -> None:
-    """A released key (its message failed) is new again for the next batch."""
-    async with store.batch() as b:
-        assert await b.claim("erp", [key("a"), key("b")]) == {"a", "b"}
-        await b.release("erp", ["a"])
-    async with store.batch() as b:
-        assert await b.claim("erp", [key("a"), key("b")]) == {"a"}
+@pytest.mark.parametrize(
+    ("conflict", "match"),
+    [
+        ("claimed key", "claimed concurrently"),
+        ("stale update", "changed since"),
+        ("second create", "changed since"),
+    ],
+)
+async def test_a_conflicting_commit_writes_nothing(
+    store: Store, conflict: str, match: str
+) -> None:
+    """A claimed key, stale update or second create: a conflict, and no row written."""
+    await store.commit_batch(batch_write(keys=[key("k0")], sagas=[saga("c1", 0, b"1")]))
+    await store.commit_batch(batch_write(sagas=[saga("c1", 1, b"v2")]))
+    before = await store.counts()
+    expected = {"claimed key": 2, "stale update": 1, "second create": 0}[conflict]
+    keys = [key("k1"), key("k0")] if conflict == "claimed key" else [key("k1")]
 
-
-async def test_an_exception_in_the_batch_rolls_everything_back(store: Store) -> None:
-    """Nothing written in a batch that raised survives: keys, sagas, outbox, DLQ."""
-
-    async def crashing_batch() -> None:
-        async with store.batch() as b:
-            await b.claim("erp", [key("a")])
-            await b.save_sagas(
-                "wf", [SagaWrite(correlation_id="c1", expected_version=0, state=b"s")]
+    with pytest.raises(ConcurrencyConflict, match=match):
+        await store.commit_batch(
+            batch_write(
+                keys=keys,
+                sagas=[saga("c2", 0), saga("c1", expected, conflict.encode())],
+                outbox=[outbox("o1")],
+                dead_letters=[dead_letter("d1")],
+                journal=[
+                    JournalRecord(message_id="m1", correlation_id="c1", stage="applied")
+                ],
             )
-            await b.add_outbox([outbox("o1")])
-            await b.add_dead_letters([dead_letter("d1")])
-            await b.add_journal(
-                [JournalRecord(message_id="m1", correlation_id="c1", stage="received")]
-            )
-            raise RuntimeError("handler crashed")
+        )
 
-    with pytest.raises(RuntimeError, match="handler crashed"):
-        await crashing_batch()
-
-    assert await store.counts() == EMPTY
-    assert await store.load_saga("wf", "c1") is None
+    assert await store.counts() == before
+    read = await store.prepare_batch("ledger", ["k1"], "ledger", ["c1", "c2"])
+    assert read.claimed == frozenset()
+    assert list(read.sagas) == ["c1"]
+    assert (read.sagas["c1"].version, read.sagas["c1"].state) == (2, b"v2")
     assert await store.journal("c1") == []
-    async with store.batch() as b:
-        assert await b.claim("erp", [key("a")]) == {"a"}
+    assert await store.list_dead_letters(DeadLetterFilter(status=None)) == []
 
 
 # --- sagas -------------------------------------------------------------------------
+
+
+async def test_prepare_reports_claimed_keys_and_stored_instances(store: Store) -> None:
+    """prepare_batch names the keys already claimed and returns existing instances."""
+    await store.commit_batch(
+        batch_write(keys=[key("k1")], sagas=[saga("acct-1", 0, b"s1")])
+    )
+    read = await store.prepare_batch("ledger", ["k1", "k2"], "ledger", ["acct-1", "x"])
+    assert read.claimed == frozenset({"k1"})
+    assert list(read.sagas) == ["acct-1"]
+    assert (read.sagas["acct-1"].version, read.sagas["acct-1"].state) == (1, b"s1")
+    assert (await store.prepare_batch("crm", ["k1"], "other", ["acct-1"])) == BatchRead(
+        claimed=frozenset(), sagas={}
+    )
 
 
 async def test_sagas_are_created_at_version_1_and_updated_by_version(
     store: Store,
 ) -> None:
     """Create with expected version 0, then each update bumps the version by one."""
-    async with store.batch() as b:
-        assert await b.load_sagas("wf", ["c1", "c2"]) == {}
-        await b.save_sagas(
-            "wf",
-            [
-                SagaWrite(correlation_id="c1", expected_version=0, state=b"one"),
-                SagaWrite(correlation_id="c2", expected_version=0, state=b"two"),
-            ],
-        )
-    async with store.batch() as b:
-        loaded = await b.load_sagas("wf", ["c1", "missing"])
-        assert list(loaded) == ["c1"]
-        assert (loaded["c1"].version, loaded["c1"].state) == (1, b"one")
-        await b.save_sagas(
-            "wf", [SagaWrite(correlation_id="c1", expected_version=1, state=b"one+")]
-        )
+    await store.commit_batch(
+        batch_write(workflow="wf", sagas=[saga("c1", 0, b"one"), saga("c2", 0, b"two")])
+    )
+    read = await store.prepare_batch("ledger", [], "wf", ["c1", "missing"])
+    assert list(read.sagas) == ["c1"]
+    assert (read.sagas["c1"].version, read.sagas["c1"].state) == (1, b"one")
+    await store.commit_batch(batch_write(workflow="wf", sagas=[saga("c1", 1, b"one+")]))
 
-    saga = await store.load_saga("wf", "c1")
-    assert saga is not None
-    assert (saga.workflow, saga.version, saga.state) == ("wf", 2, b"one+")
-    assert saga.updated_at is not None
+    loaded = await store.load_saga("wf", "c1")
+    assert loaded is not None
+    assert (loaded.workflow, loaded.version, loaded.state) == ("wf", 2, b"one+")
+    assert loaded.updated_at is not None
     assert await store.load_saga("other-wf", "c1") is None
     assert (await store.counts())["sagas"] == 2
 
 
-@pytest.mark.parametrize(
-    ("expected_version", "what"), [(1, "stale update"), (0, "second create")]
-)
-async def test_a_version_conflict_raises_and_rolls_the_batch_back(
-    store: Store, expected_version: int, what: str
-) -> None:
-    """A stale update or a second create raises ConcurrencyConflict; nothing sticks."""
-    async with store.batch() as b:
-        await b.save_sagas(
-            "wf", [SagaWrite(correlation_id="c1", expected_version=0, state=b"v1")]
-        )
-    async with store.batch() as b:
-        await b.save_sagas(
-            "wf", [SagaWrite(correlation_id="c1", expected_version=1, state=b"v2")]
-        )
-
-    async def conflicting_batch() -> None:
-        async with store.batch() as b:
-            await b.claim("wf", [key("k1")])
-            await b.save_sagas(
-                "wf",
-                [
-                    SagaWrite(correlation_id="c2", expected_version=0, state=b"new"),
-                    SagaWrite(
-                        correlation_id="c1",
-                        expected_version=expected_version,
-                        state=what.encode(),
-                    ),
-                ],
-            )
-
-    with pytest.raises(ConcurrencyConflict, match="c1"):
-        await conflicting_batch()
-
-    saga = await store.load_saga("wf", "c1")
-    assert saga is not None
-    assert (saga.version, saga.state) == (2, b"v2")
-    assert await store.load_saga("wf", "c2") is None
-    async with store.batch() as b:
-        assert await b.claim("wf", [key("k1")]) == {"k1"}
-
-
-async def test_a_swallowed_conflict_still_rolls_the_batch_back(store: Store) -> None:
-    """Catching the conflict inside the block does not let a partial batch commit."""
-    async with store.batch() as b:
-        await b.save_sagas(
-            "wf", [SagaWrite(correlation_id="c1", expected_version=0, state=b"v1")]
-        )
-
-    async def swallowing_batch() -> None:
-        async with store.batch() as b:
-            await b.claim("wf", [key("k1")])
-            with contextlib.suppress(ConcurrencyConflict):
-                await b.save_sagas(
-                    "wf",
-                    [SagaWrite(correlation_id="c1", expected_version=0, state=b"x")],
-                )
-
-    with pytest.raises(ConcurrencyConflict):
-        await swallowing_batch()
-
-    async with store.batch() as b:
-        assert await b.claim("wf", [key("k1")]) == {"k1"}
-
-
-async def test_two_writes_to_one_saga_in_one_call_are_refused(store: Store) -> None:
-    """The same instance twice in one save_sagas call is a caller bug (ValueError)."""
-    write = SagaWrite(correlation_id="c1", expected_version=0, state=b"s")
+async def test_two_writes_to_one_saga_in_one_batch_are_refused(store: Store) -> None:
+    """The same instance twice in one BatchWrite is a caller bug (ValueError)."""
     with pytest.raises(ValueError, match="one write per instance"):
-        async with store.batch() as b:
-            await b.save_sagas("wf", [write, write])
+        await store.commit_batch(
+            batch_write(keys=[key("k1")], sagas=[saga("c1", 0), saga("c1", 0)])
+        )
+    assert await store.counts() == EMPTY
 
 
 # --- outbox ------------------------------------------------------------------------
@@ -409,6 +377,27 @@ async def test_a_dead_letter_recorded_again_bumps_attempts(store: Store) -> None
     assert row.body == b"body-d1"
     assert row.first_seen <= row.last_seen
     assert (await store.counts())["dead_letters"] == 1
+
+
+async def test_a_dead_letter_twice_in_one_batch_is_merged(store: Store) -> None:
+    """One message id twice in one write: one row, attempts add up, the last wins."""
+    await store.commit_batch(
+        batch_write(
+            dead_letters=[
+                dead_letter("d1", attempts=2, detail="first"),
+                dead_letter("d2"),
+                dead_letter("d1", attempts=3, detail="second", correlation_id="c"),
+            ]
+        )
+    )
+    rows = {r.message_id: r for r in await store.list_dead_letters(DeadLetterFilter())}
+    assert set(rows) == {"d1", "d2"}
+    assert (rows["d1"].attempts, rows["d1"].detail, rows["d1"].correlation_id) == (
+        5,
+        "second",
+        "c",
+    )
+    assert rows["d2"].attempts == 1
 
 
 async def test_dead_letters_are_listed_newest_first_and_filtered(store: Store) -> None:
@@ -546,9 +535,9 @@ async def test_purge_drops_bodies_and_a_new_failure_parks_again(store: Store) ->
 
 async def test_the_journal_of_a_correlation_id_is_in_order(store: Store) -> None:
     """Entries come back oldest first, across batches, and only for that id."""
-    async with store.batch() as b:
-        await b.add_journal(
-            [
+    await store.commit_batch(
+        batch_write(
+            journal=[
                 JournalRecord(
                     message_id="m1", correlation_id="deal-1", stage="received"
                 ),
@@ -564,10 +553,16 @@ async def test_the_journal_of_a_correlation_id_is_in_order(store: Store) -> None
                 ),
             ]
         )
-    async with store.batch() as b:
-        await b.add_journal(
-            [JournalRecord(message_id="m2", correlation_id="deal-1", stage="published")]
+    )
+    await store.commit_batch(
+        batch_write(
+            journal=[
+                JournalRecord(
+                    message_id="m2", correlation_id="deal-1", stage="published"
+                )
+            ]
         )
+    )
 
     entries = await store.journal("deal-1")
     assert [(e.message_id, e.stage) for e in entries] == [
@@ -585,8 +580,7 @@ async def test_prune_forgets_keys_older_than_the_retention(store: Store) -> None
     old = key("old", TODAY - timedelta(days=30))
     edge = key("edge", TODAY - timedelta(days=7))
     recent = key("recent", TODAY)
-    async with store.batch() as b:
-        assert await b.claim("erp", [old, edge, recent]) == {"old", "edge", "recent"}
+    await store.commit_batch(batch_write(keys=[old, edge, recent]))
 
     result = await store.prune(retention_days=7)
     assert set(result) == {
@@ -596,19 +590,20 @@ async def test_prune_forgets_keys_older_than_the_retention(store: Store) -> None
         "journal_partitions",
         "outbox",
     }
-    async with store.batch() as b:
-        assert await b.claim("erp", [old, edge, recent]) == {"old"}
+    assert await claimed(store, "old", "edge", "recent") == {"edge", "recent"}
+    await store.commit_batch(batch_write(keys=[old]))
 
 
 async def test_counts_cover_outbox_dead_letters_sagas_and_inbox(store: Store) -> None:
     """counts() reports pending and parked outbox rows, parked DLQ rows, sagas, keys."""
-    async with store.batch() as b:
-        await b.claim("erp", [key("a"), key("b"), key("c")])
-        await b.save_sagas(
-            "wf", [SagaWrite(correlation_id="c1", expected_version=0, state=b"")]
+    rows = await store.commit_batch(
+        batch_write(
+            keys=[key("a"), key("b"), key("c")],
+            sagas=[saga("c1", 0, b"")],
+            outbox=[outbox("o1"), outbox("o2")],
+            dead_letters=[dead_letter("d1")],
         )
-        rows = await b.add_outbox([outbox("o1"), outbox("o2")])
-        await b.add_dead_letters([dead_letter("d1")])
+    )
     await store.park_outbox([rows[0].id], reason="unroutable")
 
     assert await store.counts() == {
@@ -639,11 +634,16 @@ async def test_sqlite_leases_and_retention_follow_the_injected_clock() -> None:
     clock = FakeClock()
     store = await SqliteStore.open(":memory:", lease_s=30, clock=clock)
     try:
-        [row] = await add_outbox(store, outbox("o1"))
-        async with store.batch() as b:
-            await b.add_journal(
-                [JournalRecord(message_id="m1", correlation_id="c1", stage="received")]
+        [row] = await store.commit_batch(
+            batch_write(
+                outbox=[outbox("o1")],
+                journal=[
+                    JournalRecord(
+                        message_id="m1", correlation_id="c1", stage="received"
+                    )
+                ],
             )
+        )
         assert await store.claim_outbox(limit=10, lease_s=30) == []
         clock.now += 31
         [claimed] = await store.claim_outbox(limit=10, lease_s=30)
@@ -678,13 +678,12 @@ async def test_sqlite_on_disk_uses_wal_and_reports_a_locked_file(
         await anyio.to_thread.run_sync(other.execute, "BEGIN IMMEDIATE")
 
         with pytest.raises(StoreUnavailable, match="locked") as caught:
-            async with store.batch() as b:
-                await b.claim("erp", [key("a")])
+            await store.commit_batch(batch_write(keys=[key("a")]))
         assert isinstance(caught.value.__cause__, sqlite3.OperationalError)
 
         await anyio.to_thread.run_sync(other.execute, "ROLLBACK")
-        async with store.batch() as b:
-            assert await b.claim("erp", [key("a")]) == {"a"}
+        await store.commit_batch(batch_write(keys=[key("a")]))
+        assert await claimed(store, "a") == {"a"}
     finally:
         await anyio.to_thread.run_sync(other.close)
         await store.aclose()
@@ -706,9 +705,8 @@ async def test_sqlite_statements_run_off_the_event_loop_thread() -> None:
         await anyio.to_thread.run_sync(
             store._conn.set_trace_callback, lambda _: threads.add(threading.get_ident())
         )
-        async with store.batch() as b:
-            await b.claim("erp", [key("a")])
-            await b.add_outbox([outbox("o1")])
+        await store.prepare_batch("ledger", ["a"], "ledger", ["c1"])
+        await store.commit_batch(batch_write(keys=[key("a")], outbox=[outbox("o1")]))
         await store.counts()
         await anyio.to_thread.run_sync(store._conn.set_trace_callback, None)
     finally:
@@ -717,27 +715,7 @@ async def test_sqlite_statements_run_off_the_event_loop_thread() -> None:
     assert loop_thread not in threads
 
 
-# --- the two-round-trip batch: prepare_batch, commit_batch -------------------------
-
-
-def batch_write(**fields: object) -> BatchWrite:
-    values: dict[str, object] = {"consumer": "ledger", "workflow": "ledger"}
-    values.update(fields)
-    return BatchWrite(**values)  # type: ignore[arg-type]
-
-
-async def test_prepare_reports_claimed_keys_and_stored_instances(store: Store) -> None:
-    """prepare_batch names the keys already claimed and returns existing instances."""
-    await store.commit_batch(
-        batch_write(
-            keys=[key("k1")],
-            sagas=[SagaWrite(correlation_id="acct-1", expected_version=0, state=b"s1")],
-        )
-    )
-    read = await store.prepare_batch("ledger", ["k1", "k2"], "ledger", ["acct-1", "x"])
-    assert read.claimed == frozenset({"k1"})
-    assert list(read.sagas) == ["acct-1"]
-    assert (read.sagas["acct-1"].version, read.sagas["acct-1"].state) == (1, b"s1")
+# --- the whole batch in one commit -------------------------------------------------
 
 
 async def test_commit_batch_writes_everything_and_leases_the_outbox(
@@ -747,7 +725,7 @@ async def test_commit_batch_writes_everything_and_leases_the_outbox(
     rows = await store.commit_batch(
         batch_write(
             keys=[key("k1"), key("k2")],
-            sagas=[SagaWrite(correlation_id="acct-1", expected_version=0, state=b"s")],
+            sagas=[saga("acct-1", 0)],
             outbox=[outbox("m1"), outbox("m2", headers={"x-a": 1})],
             dead_letters=[dead_letter("d1")],
             journal=[
@@ -759,46 +737,11 @@ async def test_commit_batch_writes_everything_and_leases_the_outbox(
     assert rows[0].id < rows[1].id
     assert rows[1].headers == {"x-a": 1}
     assert await store.claim_outbox(limit=10, lease_s=LEASE_S) == []  # leased to us
-    counts = await store.counts()
-    assert (counts["dead_letters"], counts["sagas"], counts["outbox_pending"]) == (
-        1,
-        1,
-        2,
-    )
+    assert await store.counts() == {
+        "outbox_pending": 2,
+        "outbox_parked": 0,
+        "dead_letters": 1,
+        "sagas": 1,
+        "inbox": 2,
+    }
     assert [j.stage for j in await store.journal("acct-1")] == ["applied"]
-
-
-async def test_commit_batch_refuses_a_key_claimed_since_prepare(store: Store) -> None:
-    """A key claimed by another writer in between: conflict, and nothing written."""
-    await store.commit_batch(batch_write(keys=[key("k1")]))
-    with pytest.raises(ConcurrencyConflict):
-        await store.commit_batch(
-            batch_write(
-                keys=[key("k1"), key("k2")],
-                sagas=[SagaWrite(correlation_id="a", expected_version=0, state=b"s")],
-                outbox=[outbox("m1")],
-            )
-        )
-    read = await store.prepare_batch("ledger", ["k2"], "ledger", ["a"])
-    assert read.claimed == frozenset()
-    assert read.sagas == {}
-    assert (await store.counts())["outbox_pending"] == 0
-
-
-async def test_commit_batch_refuses_an_instance_changed_since_prepare(
-    store: Store,
-) -> None:
-    """An instance written at another version in between: conflict, nothing written."""
-    first = SagaWrite(correlation_id="a", expected_version=0, state=b"v1")
-    await store.commit_batch(batch_write(sagas=[first]))
-    stale = SagaWrite(correlation_id="a", expected_version=0, state=b"stale")
-    with pytest.raises(ConcurrencyConflict):
-        await store.commit_batch(batch_write(keys=[key("k9")], sagas=[stale]))
-    await store.commit_batch(
-        batch_write(
-            sagas=[SagaWrite(correlation_id="a", expected_version=1, state=b"v2")]
-        )
-    )
-    read = await store.prepare_batch("ledger", ["k9"], "ledger", ["a"])
-    assert read.claimed == frozenset()
-    assert (read.sagas["a"].version, read.sagas["a"].state) == (2, b"v2")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from datetime import date, timedelta
 from typing import Any, TypeAlias
 
@@ -19,8 +20,8 @@ import pytest
 
 from broker.config import PostgresConfig
 from broker.errors import ConcurrencyConflict, ConfigError, StoreUnavailable
-from broker.store import InboxKey, OutboxRecord, SagaWrite
-from broker.store.migrate import migrate
+from broker.store import BatchWrite, InboxKey, OutboxRecord, SagaWrite
+from broker.store.migrate import load_migrations, migrate
 from broker.store.postgres import PostgresStore, store_errors
 from tests import services
 
@@ -53,7 +54,20 @@ async def open_store(pg_dsn: str) -> AsyncIterator[OpenStore]:
 @pytest.fixture
 async def admin(pg_dsn: str) -> AsyncIterator[Admin]:
     """A plain connection for inspecting (and disturbing) the test's database."""
-    conn = await asyncpg.connect(pg_dsn)
+    async with session(pg_dsn) as conn:
+        yield conn
+
+
+@pytest.fixture
+async def other(pg_dsn: str) -> AsyncIterator[Admin]:
+    """Another daemon's session: holds row locks in a transaction of its own."""
+    async with session(pg_dsn) as conn:
+        yield conn
+
+
+@asynccontextmanager
+async def session(dsn: str) -> AsyncIterator[Admin]:
+    conn = await asyncpg.connect(dsn)
     try:
         yield conn
     finally:
@@ -94,6 +108,37 @@ async def wait_for_lock_waiters(admin: Admin, n: int) -> None:
 
 def key(name: str, day: date) -> InboxKey:
     return InboxKey(key=name, day=day, message_id=f"msg-{name}")
+
+
+def write(**fields: object) -> BatchWrite:
+    """A write of the ``erp`` consumer and the ``wf`` workflow, with *fields* set."""
+    values: dict[str, object] = {"consumer": "erp", "workflow": "wf"}
+    values.update(fields)
+    return BatchWrite(**values)  # type: ignore[arg-type]
+
+
+#: Another session claims a key: consumer, key, day.
+INSERT_KEY = (
+    "INSERT INTO inbox (consumer, key, day, message_id) VALUES ($1, $2, $3, 'x')"
+)
+
+
+def create(correlation_id: str) -> SagaWrite:
+    """Create an instance: version 1, state ``v1``."""
+    return SagaWrite(correlation_id=correlation_id, expected_version=0, state=b"v1")
+
+
+def outbox_records(n: int) -> list[OutboxRecord]:
+    return [
+        OutboxRecord(message_id=f"o{i}", exchange="x", routing_key="r", body=b"")
+        for i in range(n)
+    ]
+
+
+async def claimed(store: PostgresStore, keys: list[InboxKey]) -> set[str]:
+    """Which of *keys* the ``erp`` consumer has claimed."""
+    read = await store.prepare_batch("erp", [k.key for k in keys], "wf", [])
+    return set(read.claimed)
 
 
 # --- errors at the boundary (no database needed) -----------------------------------
@@ -148,8 +193,9 @@ async def test_migrations_are_recorded_and_idempotent_under_concurrency(
         for store in stores:
             tg.start_soon(run, store)
 
-    assert sorted(results, key=len) == [[], [], ["0001_init.sql"]]
-    assert await admin.fetchval("SELECT count(*) FROM schema_migrations") == 1
+    names = [m.name for m in await load_migrations("postgres")]
+    assert sorted(results, key=len) == [[], [], names]
+    assert await admin.fetchval("SELECT count(*) FROM schema_migrations") == len(names)
     assert await stores[0].migrate() == []
 
 
@@ -197,15 +243,13 @@ async def test_keys_for_a_day_without_partition_wait_in_default_then_move(
     """No insert fails for want of a partition; a later partition adopts the rows."""
     store = await open_store()
     future = await utc_today(admin) + timedelta(days=20)
-    async with store.batch() as b:
-        assert await b.claim("erp", [key("later", future)]) == {"later"}
+    await store.commit_batch(write(keys=[key("later", future)]))
     where = "SELECT tableoid::regclass::text FROM inbox WHERE key = 'later'"
     assert await admin.fetchval(where) == "inbox_default"
 
     assert await store.ensure_partitions(ahead_days=20) == 26  # 13 inbox + 13 journal
     assert await admin.fetchval(where) == f"inbox_p{future:%Y%m%d}"
-    async with store.batch() as b:
-        assert await b.claim("erp", [key("later", future)]) == set()
+    assert await claimed(store, [key("later", future)]) == {"later"}
 
 
 @pytest.mark.integration
@@ -216,13 +260,12 @@ async def test_prune_drops_whole_partitions_older_than_the_retention(
     store = await open_store()
     today = await utc_today(admin)
     await store.ensure_partitions(retention_days=30)
-    async with store.batch() as b:
-        keys = [
-            key("ancient", today - timedelta(days=60)),  # DEFAULT partition
-            key("old", today - timedelta(days=20)),
-            key("kept", today - timedelta(days=7)),
-        ]
-        assert len(await b.claim("erp", keys)) == 3
+    keys = [
+        key("ancient", today - timedelta(days=60)),  # DEFAULT partition
+        key("old", today - timedelta(days=20)),
+        key("kept", today - timedelta(days=7)),
+    ]
+    await store.commit_batch(write(keys=keys))
 
     result = await store.prune(retention_days=7)
 
@@ -230,24 +273,24 @@ async def test_prune_drops_whole_partitions_older_than_the_retention(
     assert result["inbox"] == 1  # "ancient", from the DEFAULT partition
     oldest = min(p for p in await partitions(admin, "inbox") if p != "inbox_default")
     assert oldest == f"inbox_p{today - timedelta(days=7):%Y%m%d}"
-    async with store.batch() as b:
-        assert await b.claim("erp", keys) == {"ancient", "old"}
+    assert await claimed(store, keys) == {"kept"}
 
 
 @pytest.mark.integration
 async def test_prune_gives_up_on_a_busy_parent_instead_of_stalling_inserts(
-    open_store: OpenStore, admin: Admin
+    open_store: OpenStore, admin: Admin, other: Admin
 ) -> None:
-    """Dropping a partition waits at most the lock timeout, then StoreUnavailable."""
+    """Dropping a partition waits at most the lock timeout; commits then go on."""
     store = await open_store()
     today = await utc_today(admin)
     await store.ensure_partitions(retention_days=30)
 
-    async with store.batch() as b:
-        await b.claim("erp", [key("busy", today)])  # holds a lock on inbox
+    async with other.transaction():
+        await other.execute(INSERT_KEY, "crm", "busy", today)  # holds a lock on inbox
         with anyio.fail_after(5), pytest.raises(StoreUnavailable, match="lock"):
             await store.prune(retention_days=7)
-        await b.claim("erp", [key("still-fine", today)])
+        with anyio.fail_after(5):
+            await store.commit_batch(write(keys=[key("still-fine", today)]))
 
     assert (await store.prune(retention_days=7))["inbox_partitions"] == 23
 
@@ -258,15 +301,7 @@ async def test_prune_deletes_outbox_rows_sent_before_the_retention(
 ) -> None:
     """Sent rows older than the retention go; recent and unsent rows stay."""
     store = await open_store(lease_s=0.01)
-    async with store.batch() as b:
-        rows = await b.add_outbox(
-            [
-                OutboxRecord(
-                    message_id=f"o{i}", exchange="x", routing_key="r", body=b""
-                )
-                for i in range(3)
-            ]
-        )
+    rows = await store.commit_batch(write(outbox=outbox_records(3)))
     await store.mark_sent([rows[0].id, rows[1].id])
     await admin.execute(
         "UPDATE outbox SET sent_at = now() - interval '8 days' WHERE id = $1",
@@ -282,89 +317,94 @@ async def test_prune_deletes_outbox_rows_sent_before_the_retention(
 
 
 @pytest.mark.integration
-async def test_a_key_claimed_by_an_open_transaction_blocks_until_it_ends(
-    open_store: OpenStore, admin: Admin
+@pytest.mark.parametrize("held", ["key", "saga"])
+@pytest.mark.parametrize("ending", ["commit", "rollback"])
+async def test_a_commit_blocked_by_another_write_conflicts_or_wins_as_that_ends(
+    open_store: OpenStore, admin: Admin, other: Admin, held: str, ending: str
 ) -> None:
-    """The second claimer waits for the first to commit, then sees a duplicate."""
+    """Blocked by another session's row: its commit means a conflict, a rollback not."""
     store = await open_store()
     today = await utc_today(admin)
-    first = [key(f"k{i}", today) for i in range(10)]
-    second = [*reversed(first), key("k-new", today)]
-    got: set[str] = set()
-
-    async def claim_second() -> None:
-        nonlocal got
-        async with store.batch() as b:
-            got = await b.claim("erp", second)
-
-    with anyio.fail_after(10):
-        async with anyio.create_task_group() as tg, store.batch() as b:
-            assert len(await b.claim("erp", first)) == 10
-            tg.start_soon(claim_second)
-            await wait_for_lock_waiters(admin, 1)
-            # Committed: now the waiting claim can finish.
-    assert got == {"k-new"}
-
-
-@pytest.mark.integration
-async def test_overlapping_claims_in_any_order_neither_deadlock_nor_double_claim(
-    open_store: OpenStore, admin: Admin
-) -> None:
-    """Concurrent batches of shuffled, overlapping keys: no deadlock, each key once."""
-    store = await open_store(pool_max_size=6)
-    today = await utc_today(admin)
-    rng = random.Random(7)
-    universe = [f"k{i:04d}" for i in range(600)]
-
-    async def worker(consumer: str, names: list[str], out: list[set[str]]) -> None:
-        async with store.batch() as b:
-            out.append(await b.claim(consumer, [key(n, today) for n in names]))
-
-    for round_ in range(5):
-        claimed: list[set[str]] = []
-
-        with anyio.fail_after(30):
-            async with anyio.create_task_group() as tg:
-                for _ in range(5):
-                    names = rng.sample(universe, 400)
-                    tg.start_soon(worker, f"c{round_}", names, claimed)
-
-        assert sum(len(c) for c in claimed) == len(set().union(*claimed))
-
-
-@pytest.mark.integration
-async def test_two_updates_of_one_saga_at_the_same_version_one_wins(
-    open_store: OpenStore, admin: Admin
-) -> None:
-    """The second writer waits for the first, then fails its version check."""
-    store = await open_store()
-    async with store.batch() as b:
-        await b.save_sagas(
-            "wf", [SagaWrite(correlation_id="c1", expected_version=0, state=b"v1")]
-        )
+    await store.commit_batch(write(sagas=[create("c1")]))
+    keys = [key(f"k{i}", today) for i in range(10)]
+    mine = write(
+        keys=[*reversed(keys), key("k-new", today)],
+        sagas=[SagaWrite(correlation_id="c1", expected_version=1, state=b"mine")],
+    )
     outcome: list[str] = []
 
-    async def second_writer() -> None:
+    async def commit() -> None:
         try:
-            async with store.batch() as b:
-                await b.save_sagas(
-                    "wf",
-                    [SagaWrite(correlation_id="c1", expected_version=1, state=b"B")],
-                )
+            await store.commit_batch(mine)
+            outcome.append("committed")
         except ConcurrencyConflict:
             outcome.append("conflict")
 
-    async with anyio.create_task_group() as tg, store.batch() as b:
-        await b.save_sagas(
-            "wf", [SagaWrite(correlation_id="c1", expected_version=1, state=b"A")]
+    tx = other.transaction()
+    await tx.start()
+    if held == "key":
+        await other.execute(INSERT_KEY, "erp", "k5", today)
+    else:
+        await other.execute(
+            "UPDATE saga SET version = 2, state = 'theirs' WHERE correlation_id = 'c1'"
         )
-        tg.start_soon(second_writer)
-        await wait_for_lock_waiters(admin, 1)
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(commit)
+            await wait_for_lock_waiters(admin, 1)
+            await (tx.commit() if ending == "commit" else tx.rollback())
 
-    assert outcome == ["conflict"]
-    saga = await store.load_saga("wf", "c1")
-    assert saga is not None
-    assert (saga.version, saga.state) == (2, b"A")
+    stored = await store.load_saga("wf", "c1")
+    assert stored is not None
+    if ending == "rollback":
+        assert outcome == ["committed"]
+        assert await claimed(store, [key("k-new", today)]) == {"k-new"}
+        assert (stored.version, stored.state) == (2, b"mine")
+    else:
+        assert outcome == ["conflict"]
+        assert await claimed(store, [key("k-new", today)]) == set()
+        theirs = (1, b"v1") if held == "key" else (2, b"theirs")
+        assert (stored.version, stored.state) == theirs
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("rows", ["keys", "sagas"])
+async def test_overlapping_commits_in_opposite_orders_never_deadlock(
+    open_store: OpenStore, admin: Admin, rows: str
+) -> None:
+    """Two concurrent commits of overlapping rows: one wins them all, one conflicts."""
+    store = await open_store()
+    today = await utc_today(admin)
+    rng = random.Random(7)
+    universe = [f"r{i:04d}" for i in range(300)]
+
+    def batch(round_: int, names: list[str]) -> BatchWrite:
+        if rows == "keys":
+            return write(consumer=f"c{round_}", keys=[key(n, today) for n in names])
+        creates = [create(n) for n in names]
+        return write(workflow=f"wf{round_}", sagas=creates)
+
+    async def commit(names: list[str], won: list[list[str]], round_: int) -> None:
+        try:
+            await store.commit_batch(batch(round_, names))
+        except ConcurrencyConflict:
+            return
+        won.append(names)
+
+    with anyio.fail_after(30):
+        for round_ in range(40):
+            ascending = sorted(rng.sample(universe, 200))
+            descending = sorted(rng.sample(universe, 200), reverse=True)
+            won: list[list[str]] = []
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(commit, ascending, won, round_)
+                tg.start_soon(commit, descending, won, round_)
+
+            assert len(won) == 1, f"round {round_}: {len(won)} winners"
+            read = await store.prepare_batch(
+                f"c{round_}", universe, f"wf{round_}", universe
+            )
+            assert set(read.claimed if rows == "keys" else read.sagas) == set(won[0])
 
 
 @pytest.mark.integration
@@ -373,15 +413,7 @@ async def test_concurrent_relays_never_lease_the_same_row(
 ) -> None:
     """FOR UPDATE SKIP LOCKED: four pollers split the rows, none is leased twice."""
     store = await open_store(lease_s=0.01, pool_max_size=6)
-    async with store.batch() as b:
-        await b.add_outbox(
-            [
-                OutboxRecord(
-                    message_id=f"o{i}", exchange="x", routing_key="r", body=b""
-                )
-                for i in range(300)
-            ]
-        )
+    await store.commit_batch(write(outbox=outbox_records(300)))
     leased: list[int] = []
 
     async def relay() -> None:
@@ -403,7 +435,7 @@ async def test_concurrent_relays_never_lease_the_same_row(
 
 @pytest.mark.integration
 async def test_killed_connections_give_store_unavailable_or_success_never_a_hang(
-    open_store: OpenStore, admin: Admin
+    open_store: OpenStore, admin: Admin, other: Admin
 ) -> None:
     """After pg_terminate_backend, calls fail fast or succeed; the pool reconnects."""
     app = services.unique_name("q2c_kill")
@@ -425,44 +457,49 @@ async def test_killed_connections_give_store_unavailable_or_success_never_a_hang
                 outcomes.append("unavailable")
     assert len(outcomes) <= 3
 
-    async def batch_losing_its_connection() -> None:
-        async with store.batch() as b:
-            await b.claim("erp", [key("a", today)])
-            assert await admin.fetchval(kill, app) >= 1
-            await b.claim("erp", [key("b", today)])
+    batch = write(keys=[key("a", today), key("b", today)])
+    lost: list[StoreUnavailable] = []
 
-    with anyio.fail_after(10), pytest.raises(StoreUnavailable):
-        await batch_losing_its_connection()
+    async def commit_losing_its_connection() -> None:
+        try:
+            await store.commit_batch(batch)
+        except StoreUnavailable as exc:
+            lost.append(exc)
+
+    tx = other.transaction()
+    await tx.start()
+    await other.execute(INSERT_KEY, "erp", "b", today)  # our commit waits for it
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(commit_losing_its_connection)
+            await wait_for_lock_waiters(admin, 1)
+            assert await admin.fetchval(kill, app) >= 1
+    await tx.rollback()
+    assert len(lost) == 1
 
     with anyio.fail_after(10):
         while True:
             try:
-                async with store.batch() as b:
-                    assert await b.claim("erp", [key("a", today)]) == {"a"}
+                await store.commit_batch(batch)
                 break
             except StoreUnavailable:
                 continue
+    assert await claimed(store, list(batch.keys)) == {"a", "b"}
 
 
 @pytest.mark.integration
 async def test_a_statement_stuck_on_a_lock_times_out_as_store_unavailable(
-    open_store: OpenStore,
+    open_store: OpenStore, other: Admin
 ) -> None:
     """command_timeout bounds every statement: a lock wait ends in StoreUnavailable."""
     store = await open_store(command_timeout_s=0.5)
-    async with store.batch() as b:
-        await b.save_sagas(
-            "wf", [SagaWrite(correlation_id="c1", expected_version=0, state=b"")]
-        )
+    await store.commit_batch(write(sagas=[create("c1")]))
+    update = SagaWrite(correlation_id="c1", expected_version=1, state=b"mine")
 
-    async def blocked_load() -> None:
-        async with store.batch() as b:
-            await b.load_sagas("wf", ["c1"])
-
-    async with store.batch() as holder:
-        await holder.load_sagas("wf", ["c1"])  # FOR UPDATE: the row is ours
+    async with other.transaction():
+        await other.execute("UPDATE saga SET state = 'theirs'")  # the row is theirs
         with anyio.fail_after(5), pytest.raises(StoreUnavailable) as caught:
-            await blocked_load()
+            await store.commit_batch(write(sagas=[update]))
     assert isinstance(caught.value.__cause__, TimeoutError)
     assert repr(store) == "<PostgresStore q2c-broker 0/4 connections>"
 
@@ -471,22 +508,28 @@ async def test_a_statement_stuck_on_a_lock_times_out_as_store_unavailable(
 
 
 @pytest.mark.integration
-async def test_claim_throughput_with_1000_key_batches(
+async def test_commit_throughput_with_1000_key_batches(
     open_store: OpenStore, admin: Admin
 ) -> None:
-    """Prints keys/s for 1000-key claims (new, then duplicates); asserts counts only."""
+    """Prints keys/s for 1000-key commits and duplicate checks; asserts counts only."""
     store = await open_store()
     today = await utc_today(admin)
     batches = [[key(f"b{i}-k{j}", today) for j in range(1000)] for i in range(20)]
 
-    for label, expected in (("new", 1000), ("duplicate", 0)):
-        started = time.perf_counter()
-        for keys in batches:
-            async with store.batch() as b:
-                assert len(await b.claim("bench", keys)) == expected
-        elapsed = time.perf_counter() - started
-        print(
-            f"\nclaim ({label}): {len(batches)} x 1000 keys in {elapsed:.3f} s = "
-            f"{len(batches) * 1000 / elapsed:,.0f} keys/s "
-            f"({elapsed / len(batches) * 1000:.1f} ms per batch)"
-        )
+    started = time.perf_counter()
+    for keys in batches:
+        assert await store.commit_batch(write(keys=keys)) == []
+    report("commit (new)", len(batches), time.perf_counter() - started)
+
+    started = time.perf_counter()
+    for keys in batches:
+        assert len(await claimed(store, keys)) == 1000
+    report("prepare (duplicate)", len(batches), time.perf_counter() - started)
+
+
+def report(label: str, batches: int, elapsed: float) -> None:
+    print(
+        f"\n{label}: {batches} x 1000 keys in {elapsed:.3f} s = "
+        f"{batches * 1000 / elapsed:,.0f} keys/s "
+        f"({elapsed / batches * 1000:.1f} ms per batch)"
+    )
