@@ -61,6 +61,15 @@ def _reject_constant(name: str) -> NoReturn:
     raise UndecodableMessage(f"JSON constant {name} is not allowed")
 
 
+# One decoder, reused: json.loads with hooks builds a new one per call.
+_strict_json = json.JSONDecoder(
+    object_pairs_hook=_reject_duplicates,
+    parse_int=_check_number,
+    parse_float=_check_number,
+    parse_constant=_reject_constant,
+)
+
+
 def check_json(body: bytes) -> None:
     """Refuse JSON that msgspec would accept but that is ambiguous or hostile.
 
@@ -74,13 +83,7 @@ def check_json(body: bytes) -> None:
             nesting too deep, or not JSON at all.
     """
     try:
-        json.loads(
-            body,
-            object_pairs_hook=_reject_duplicates,
-            parse_int=_check_number,
-            parse_float=_check_number,
-            parse_constant=_reject_constant,
-        )
+        _strict_json.decode(body.decode("utf-8"))
     except UndecodableMessage:
         raise
     except RecursionError as exc:
