@@ -293,6 +293,7 @@ class WorkflowShard(Actor[None]):
             sorted({i.envelope.idempotency_key for i in items}),
             wf.name,
             sorted({i.envelope.correlation_id for i in items}),
+            days=sorted({i.envelope.time.date() for i in items}),
         )
         seen: set[str] = set(read.claimed)
         to_apply: list[_Item] = []

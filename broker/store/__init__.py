@@ -198,10 +198,14 @@ class Store(Protocol):
         keys: Sequence[str],
         workflow: str,
         correlation_ids: Sequence[str],
+        *,
+        days: Sequence[date] = (),
     ) -> BatchRead:
         """Read, in one round trip, which keys are claimed and the instances' states.
 
         Nothing is locked: `commit_batch` checks that nothing changed since.
+        *days*, when given, are the only inbox days the keys can be on (each
+        key's `InboxKey.day`), so the read skips every other day's partition.
         """
         ...
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
+from datetime import date
 from typing import Final, TypeAlias, final
 
 import anyio
@@ -287,11 +288,15 @@ class PostgresStore:
         keys: Sequence[str],
         workflow: str,
         correlation_ids: Sequence[str],
+        *,
+        days: Sequence[date] = (),
     ) -> BatchRead:
         """Claimed keys and stored instances, in one statement, without locks."""
-        rows = await self._fetch(
-            sql.PREPARE_BATCH, consumer, list(keys), workflow, list(correlation_ids)
-        )
+        args = [consumer, list(keys), workflow, list(correlation_ids)]
+        if days:
+            rows = await self._fetch(sql.PREPARE_BATCH_ON_DAYS, *args, list(days))
+        else:
+            rows = await self._fetch(sql.PREPARE_BATCH, *args)
         return BatchRead(
             claimed=frozenset(r[0] for r in rows if r[4]),
             sagas={r[0]: saga_record(workflow, r) for r in rows if not r[4]},

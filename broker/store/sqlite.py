@@ -341,8 +341,13 @@ class SqliteStore:
         keys: Sequence[str],
         workflow: str,
         correlation_ids: Sequence[str],
+        *,
+        days: Sequence[date] = (),
     ) -> BatchRead:
-        """Claimed keys and stored instances (no locks: commit_batch re-checks)."""
+        """Claimed keys and stored instances (no locks: commit_batch re-checks).
+
+        SQLite's inbox is not partitioned; *days* changes nothing here.
+        """
         key_params = {"consumer": consumer, "keys": encode_json(list(keys))}
         saga_params = {"workflow": workflow, "ids": encode_json(list(correlation_ids))}
 

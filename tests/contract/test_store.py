@@ -745,3 +745,23 @@ async def test_commit_batch_writes_everything_and_leases_the_outbox(
         "inbox": 2,
     }
     assert [j.stage for j in await store.journal("acct-1")] == ["applied"]
+
+
+async def test_prepare_on_days_finds_keys_claimed_on_those_days(store: Store) -> None:
+    """Narrowed to the keys' own days, prepare still sees every claimed key."""
+    yesterday = TODAY - timedelta(days=1)
+    await store.commit_batch(
+        BatchWrite(
+            consumer="ledger",
+            workflow="ledger",
+            keys=[key("k-today"), key("k-yesterday", yesterday)],
+        )
+    )
+    read = await store.prepare_batch(
+        "ledger",
+        ["k-today", "k-yesterday", "k-new"],
+        "ledger",
+        [],
+        days=[yesterday, TODAY],
+    )
+    assert read.claimed == frozenset({"k-today", "k-yesterday"})
