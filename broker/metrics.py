@@ -26,6 +26,13 @@ class Metrics:
             ["queue"],
             registry=r,
         )
+        self.redelivered = Counter(
+            "q2c_messages_redelivered",
+            "Deliveries the broker marked as delivered before (after a lost "
+            "connection, a crash or a requeue)",
+            ["queue"],
+            registry=r,
+        )
         self.applied = Counter(
             "q2c_messages_applied",
             "Messages applied to workflow state",

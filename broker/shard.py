@@ -220,6 +220,9 @@ class WorkflowShard(Actor[None]):
             except PermanentError as exc:
                 bad.append((d, exc))
         self._metrics.received.labels(self._queue).inc(len(deliveries))
+        redelivered = sum(1 for d in deliveries if d.redelivered)
+        if redelivered:
+            self._metrics.redelivered.labels(self._queue).inc(redelivered)
 
         decoded = time.perf_counter()
         outcome = await self._commit_with_retry(items, bad, ctx)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import anyio
 import pytest
 
@@ -14,6 +16,13 @@ pytestmark = [pytest.mark.anyio, pytest.mark.integration]
 
 ENTRIES = 5000
 BACKLOG = 4500
+
+#: Small batches with a pause after each: the backlog drains over seconds, so
+#: the restart lands while batches are being committed.
+SLOW: dict[str, dict[str, Any]] = {
+    "core": {"batch-max": 20, "batch-linger-s": 0.1},
+    "amqp": {"prefetch": 50},
+}
 
 
 @pytest.mark.chaos
@@ -31,7 +40,7 @@ async def test_postgres_restart_under_load_loses_and_duplicates_nothing(
     workload = Workload.build(ENTRIES)
     await daemon.declare()
     assert (await scenario.publish(workload.stream[:BACKLOG])).confirmed == BACKLOG
-    await daemon.start()
+    await daemon.start(SLOW)
     await daemon.wait_ready()
     async with anyio.create_task_group() as tg:
         await wait_applied(scenario.pg_dsn, ENTRIES // 10)
