@@ -301,10 +301,9 @@ class WorkflowShard(Actor[None]):
 
         read = await self._store.prepare_batch(
             wf.name,
-            sorted({i.envelope.idempotency_key for i in items}),
+            list({k.key: k for k in map(_inbox_key, items)}.values()),
             wf.name,
             sorted({i.envelope.correlation_id for i in items}),
-            days=sorted({i.envelope.time.date() for i in items}),
         )
         seen: set[str] = set(read.claimed)
         to_apply: list[_Item] = []
@@ -401,11 +400,7 @@ class WorkflowShard(Actor[None]):
             consumer=wf.name,
             workflow=wf.name,
             keys=[
-                InboxKey(
-                    key=i.envelope.idempotency_key,
-                    day=i.envelope.time.date(),
-                    message_id=i.envelope.id,
-                )
+                _inbox_key(i)
                 for i in to_apply
                 if i.envelope.idempotency_key not in released
             ],
@@ -551,6 +546,12 @@ class WorkflowShard(Actor[None]):
             "batches": self.batches,
             "in_batch": self.in_batch,
         }
+
+
+def _inbox_key(item: _Item) -> InboxKey:
+    """The inbox key of a delivery: its idempotency key on its fact's own day."""
+    env = item.envelope
+    return InboxKey(key=env.idempotency_key, day=env.time.date(), message_id=env.id)
 
 
 def _plain_headers(headers: dict[str, Any] | None) -> dict[str, str | int]:

@@ -195,17 +195,15 @@ class Store(Protocol):
     async def prepare_batch(
         self,
         consumer: str,
-        keys: Sequence[str],
+        keys: Sequence[InboxKey],
         workflow: str,
         correlation_ids: Sequence[str],
-        *,
-        days: Sequence[date] = (),
     ) -> BatchRead:
         """Read, in one round trip, which keys are claimed and the instances' states.
 
+        A key is looked up on its own day (`InboxKey.day`, part of the inbox
+        key), so each lookup is one index probe in one day's partition.
         Nothing is locked: `commit_batch` checks that nothing changed since.
-        *days*, when given, are the only inbox days the keys can be on (each
-        key's `InboxKey.day`), so the read skips every other day's partition.
         """
         ...
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
-from datetime import date
 from typing import Final, TypeAlias, final
 
 import anyio
@@ -29,6 +28,7 @@ from broker.store import (
     BatchWrite,
     DeadLetterFilter,
     DeadLetterRow,
+    InboxKey,
     JournalRow,
     OutboxRow,
     SagaRecord,
@@ -285,18 +285,19 @@ class PostgresStore:
     async def prepare_batch(
         self,
         consumer: str,
-        keys: Sequence[str],
+        keys: Sequence[InboxKey],
         workflow: str,
         correlation_ids: Sequence[str],
-        *,
-        days: Sequence[date] = (),
     ) -> BatchRead:
         """Claimed keys and stored instances, in one statement, without locks."""
-        args = [consumer, list(keys), workflow, list(correlation_ids)]
-        if days:
-            rows = await self._fetch(sql.PREPARE_BATCH_ON_DAYS, *args, list(days))
-        else:
-            rows = await self._fetch(sql.PREPARE_BATCH, *args)
+        rows = await self._fetch(
+            sql.PREPARE_BATCH,
+            consumer,
+            [k.key for k in keys],
+            workflow,
+            list(correlation_ids),
+            [k.day for k in keys],
+        )
         return BatchRead(
             claimed=frozenset(r[0] for r in rows if r[4]),
             sagas={r[0]: saga_record(workflow, r) for r in rows if not r[4]},

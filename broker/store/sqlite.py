@@ -36,6 +36,7 @@ from broker.store import (
     BatchWrite,
     DeadLetterFilter,
     DeadLetterRow,
+    InboxKey,
     JournalRow,
     OutboxRecord,
     OutboxRow,
@@ -338,17 +339,12 @@ class SqliteStore:
     async def prepare_batch(
         self,
         consumer: str,
-        keys: Sequence[str],
+        keys: Sequence[InboxKey],
         workflow: str,
         correlation_ids: Sequence[str],
-        *,
-        days: Sequence[date] = (),
     ) -> BatchRead:
-        """Claimed keys and stored instances (no locks: commit_batch re-checks).
-
-        SQLite's inbox is not partitioned; *days* changes nothing here.
-        """
-        key_params = {"consumer": consumer, "keys": encode_json(list(keys))}
+        """Claimed keys and stored instances (no locks: commit_batch re-checks)."""
+        key_params = {"consumer": consumer, "keys": encode_json([k.key for k in keys])}
         saga_params = {"workflow": workflow, "ids": encode_json(list(correlation_ids))}
 
         def run(conn: sqlite3.Connection) -> BatchRead:

@@ -137,7 +137,8 @@ async def add_dead_letters(store: Store, *records: DeadLetterRecord) -> None:
 
 async def claimed(store: Store, *names: str, consumer: str = "ledger") -> set[str]:
     """Which of *names* *consumer* has claimed."""
-    return set((await store.prepare_batch(consumer, names, "ledger", [])).claimed)
+    keys = [key(n) for n in names]
+    return set((await store.prepare_batch(consumer, keys, "ledger", [])).claimed)
 
 
 async def claim_n(store: Store, n: int, *, lease_s: float = 30.0) -> list[OutboxRow]:
@@ -213,7 +214,7 @@ async def test_a_conflicting_commit_writes_nothing(
         )
 
     assert await store.counts() == before
-    read = await store.prepare_batch("ledger", ["k1"], "ledger", ["c1", "c2"])
+    read = await store.prepare_batch("ledger", [key("k1")], "ledger", ["c1", "c2"])
     assert read.claimed == frozenset()
     assert list(read.sagas) == ["c1"]
     assert (read.sagas["c1"].version, read.sagas["c1"].state) == (2, b"v2")
@@ -229,13 +230,15 @@ async def test_prepare_reports_claimed_keys_and_stored_instances(store: Store) -
     await store.commit_batch(
         batch_write(keys=[key("k1")], sagas=[saga("acct-1", 0, b"s1")])
     )
-    read = await store.prepare_batch("ledger", ["k1", "k2"], "ledger", ["acct-1", "x"])
+    read = await store.prepare_batch(
+        "ledger", [key("k1"), key("k2")], "ledger", ["acct-1", "x"]
+    )
     assert read.claimed == frozenset({"k1"})
     assert list(read.sagas) == ["acct-1"]
     assert (read.sagas["acct-1"].version, read.sagas["acct-1"].state) == (1, b"s1")
-    assert (await store.prepare_batch("crm", ["k1"], "other", ["acct-1"])) == BatchRead(
-        claimed=frozenset(), sagas={}
-    )
+    assert (
+        await store.prepare_batch("crm", [key("k1")], "other", ["acct-1"])
+    ) == BatchRead(claimed=frozenset(), sagas={})
 
 
 async def test_sagas_are_created_at_version_1_and_updated_by_version(
@@ -590,7 +593,8 @@ async def test_prune_forgets_keys_older_than_the_retention(store: Store) -> None
         "journal_partitions",
         "outbox",
     }
-    assert await claimed(store, "old", "edge", "recent") == {"edge", "recent"}
+    read = await store.prepare_batch("ledger", [old, edge, recent], "ledger", [])
+    assert read.claimed == {"edge", "recent"}
     await store.commit_batch(batch_write(keys=[old]))
 
 
@@ -705,7 +709,7 @@ async def test_sqlite_statements_run_off_the_event_loop_thread() -> None:
         await anyio.to_thread.run_sync(
             store._conn.set_trace_callback, lambda _: threads.add(threading.get_ident())
         )
-        await store.prepare_batch("ledger", ["a"], "ledger", ["c1"])
+        await store.prepare_batch("ledger", [key("a")], "ledger", ["c1"])
         await store.commit_batch(batch_write(keys=[key("a")], outbox=[outbox("o1")]))
         await store.counts()
         await anyio.to_thread.run_sync(store._conn.set_trace_callback, None)
@@ -747,8 +751,12 @@ async def test_commit_batch_writes_everything_and_leases_the_outbox(
     assert [j.stage for j in await store.journal("acct-1")] == ["applied"]
 
 
-async def test_prepare_on_days_finds_keys_claimed_on_those_days(store: Store) -> None:
-    """Narrowed to the keys' own days, prepare still sees every claimed key."""
+async def test_prepare_looks_each_key_up_on_its_own_day(store: Store) -> None:
+    """A key claimed on one day is not a duplicate of the same key on another day.
+
+    The inbox key includes the fact's own date (the partition), so the same
+    idempotency key with another date is another fact.
+    """
     yesterday = TODAY - timedelta(days=1)
     await store.commit_batch(
         BatchWrite(
@@ -759,9 +767,8 @@ async def test_prepare_on_days_finds_keys_claimed_on_those_days(store: Store) ->
     )
     read = await store.prepare_batch(
         "ledger",
-        ["k-today", "k-yesterday", "k-new"],
+        [key("k-today"), key("k-yesterday", yesterday), key("k-new")],
         "ledger",
         [],
-        days=[yesterday, TODAY],
     )
     assert read.claimed == frozenset({"k-today", "k-yesterday"})

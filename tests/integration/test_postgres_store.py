@@ -137,7 +137,7 @@ def outbox_records(n: int) -> list[OutboxRecord]:
 
 async def claimed(store: PostgresStore, keys: list[InboxKey]) -> set[str]:
     """Which of *keys* the ``erp`` consumer has claimed."""
-    read = await store.prepare_batch("erp", [k.key for k in keys], "wf", [])
+    read = await store.prepare_batch("erp", keys, "wf", [])
     return set(read.claimed)
 
 
@@ -402,7 +402,10 @@ async def test_overlapping_commits_in_opposite_orders_never_deadlock(
 
             assert len(won) == 1, f"round {round_}: {len(won)} winners"
             read = await store.prepare_batch(
-                f"c{round_}", universe, f"wf{round_}", universe
+                f"c{round_}",
+                [key(k, today) for k in universe],
+                f"wf{round_}",
+                universe,
             )
             assert set(read.claimed if rows == "keys" else read.sagas) == set(won[0])
 
