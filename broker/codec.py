@@ -27,6 +27,7 @@ from canonical.envelope import Envelope
 
 __all__ = [
     "Decoders",
+    "JSON_CONTENT_TYPES",
     "check_json",
     "decode_envelope",
     "encode_envelope",
@@ -92,15 +93,28 @@ def check_json(body: bytes) -> None:
         raise UndecodableMessage(f"not JSON: {exc}") from exc
 
 
-def decode_envelope(body: bytes, *, max_bytes: int) -> Envelope:
+#: Content types an envelope may be sent with (absent is accepted too).
+JSON_CONTENT_TYPES = frozenset({"application/cloudevents+json", "application/json"})
+
+
+def decode_envelope(
+    body: bytes, *, max_bytes: int, content_type: str | None = None
+) -> Envelope:
     """Decode and check one envelope.
 
     Raises:
         MessageTooLarge: *body* is over *max_bytes* (checked before any parsing).
-        UndecodableMessage: not a well-formed envelope.
+        UndecodableMessage: not a well-formed envelope, or declared as
+            something other than JSON.
     """
     if len(body) > max_bytes:
         raise MessageTooLarge(f"{len(body)} bytes is over the {max_bytes}-byte limit")
+    if content_type is not None:
+        media_type = content_type.partition(";")[0].strip().lower()
+        if media_type not in JSON_CONTENT_TYPES:
+            raise UndecodableMessage(
+                f"content type {content_type[:100]!r} is not a JSON CloudEvent"
+            )
     check_json(body)
     try:
         return _envelope_decoder.decode(body)

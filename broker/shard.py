@@ -215,7 +215,9 @@ class WorkflowShard(Actor[None]):
         max_bytes = self._core.max_message_bytes
         for d in deliveries:
             try:
-                envelope = decode_envelope(d.body, max_bytes=max_bytes)
+                envelope = decode_envelope(
+                    d.body, max_bytes=max_bytes, content_type=d.content_type
+                )
                 items.append(_Item(d, envelope, self._decoders.decode_data(envelope)))
             except PermanentError as exc:
                 bad.append((d, exc))

@@ -74,6 +74,8 @@ class _Connection(asyncpg.Connection):
     def get_reset_query(self) -> str:
         """Nothing to reset (see the class docstring)."""
         return ""
+
+
 _Conn: TypeAlias = "asyncpg.pool.PoolConnectionProxy[asyncpg.Record]"
 
 _RETRYABLE: Final = (

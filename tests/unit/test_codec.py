@@ -133,3 +133,24 @@ def test_any_valid_entry_round_trips(account: str, cents: int) -> None:
     )
     raw = encode_event(event)
     assert msgspec.json.decode(raw, type=LedgerEntryPosted) == event
+
+
+@pytest.mark.parametrize(
+    ("content_type", "ok"),
+    [
+        (None, True),
+        ("application/cloudevents+json", True),
+        ("application/json; charset=utf-8", True),
+        ("text/plain", False),
+        ("application/xml", False),
+    ],
+)
+def test_only_json_content_types_are_read(content_type: str | None, ok: bool) -> None:
+    """A body declared as anything but JSON is malformed, whatever it contains."""
+    if ok:
+        decode_envelope(envelope_bytes(), max_bytes=LIMIT, content_type=content_type)
+    else:
+        with pytest.raises(UndecodableMessage, match="content type"):
+            decode_envelope(
+                envelope_bytes(), max_bytes=LIMIT, content_type=content_type
+            )
