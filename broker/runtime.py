@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 from typing import Any, final
 
+from broker.commit import GroupCommit
 from broker.config import Config
 from broker.faults import CrashHook
 from broker.metrics import Metrics
@@ -42,6 +43,9 @@ class Runtime:
             cfg.topology.retry_tiers_s, max_attempts=cfg.core.max_attempts
         )
         self.workflows: dict[str, Workflow[Any]] = {}
+        # One group commit per workflow, shared by its shards; created when
+        # the first shard starts, so it captures the open store.
+        self._commits: dict[str, GroupCommit] = {}
         self._store: Store | None = None
         self._transport: Transport | None = None
 
@@ -80,15 +84,24 @@ class Runtime:
         ]
 
     def _shard(self, workflow: Workflow[Any], queue: str) -> WorkflowShard:
+        commit = self._commits.get(workflow.name)
+        if commit is None:
+            commit = self._commits[workflow.name] = GroupCommit(
+                workflow=workflow,
+                store=self.store,
+                core=self.cfg.core,
+                retry=self.retry,
+                metrics=self.metrics,
+                crash=self.crash,
+            )
         return WorkflowShard(
             workflow=workflow,
             queue=queue,
             transport=self.transport,
-            store=self.store,
+            commit=commit,
             feed=self.feed,
             core=self.cfg.core,
             prefetch=self.cfg.amqp.prefetch,
-            retry=self.retry,
             metrics=self.metrics,
             crash=self.crash,
         )
