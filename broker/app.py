@@ -291,12 +291,19 @@ async def _serve(cfg: Config) -> int:
             async for signum in signals:
                 daemon.request_shutdown(signal.Signals(signum).name)
 
+    failure: BrokerError | None = None
     async with anyio.create_task_group() as tg:
         tg.start_soon(watch_signals)
         try:
             await daemon.run()
+        except BrokerError as exc:
+            # Raised again outside the task group, so that it is not wrapped
+            # in an ExceptionGroup and `run` can map it to an exit status.
+            failure = exc
         finally:
             tg.cancel_scope.cancel()
+    if failure is not None:
+        raise failure
     return 0
 
 

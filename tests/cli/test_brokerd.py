@@ -97,3 +97,24 @@ def test_brokerctl_without_a_daemon_says_how_to_start_one(tmp_path: Path) -> Non
     done = brokerctl(tmp_path, "--socket", str(tmp_path / "none.sock"), "status")
     assert done.returncode == 3
     assert "none.sock" in done.stderr
+
+
+def test_the_root_giving_up_ends_the_process_non_zero(tmp_path: Path) -> None:
+    """An application that keeps crashing exhausts the tree; brokerd exits 1, not 0."""
+    done = subprocess.run(
+        [sys.executable, "-m", "broker", "run"],
+        cwd=ROOT,
+        env=env_for(
+            tmp_path, BROKER__DAEMON__TREE="tests.runtime.trees:build_crashing_tree"
+        ),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 1, done.stderr[-2000:]
+    events = [
+        json.loads(x)["event"] for x in done.stderr.splitlines() if x.startswith("{")
+    ]
+    assert "restart_limit_reached" in events
+    assert "daemon_failed" in events

@@ -6,11 +6,11 @@ from collections.abc import Mapping
 from typing import Any, final
 
 from actors.ledger import LedgerState, LedgerWorkflow
-from broker import Applied, ChildSpec, Runtime, SupervisorSpec
+from broker import Actor, Applied, ChildSpec, Context, Runtime, SupervisorSpec
 from broker.errors import UpstreamRejected
 from canonical import Envelope, LedgerEntryPosted
 
-__all__ = ["PoisonLedger", "build_poison_tree"]
+__all__ = ["PoisonLedger", "build_crashing_tree", "build_poison_tree"]
 
 
 @final
@@ -50,4 +50,22 @@ def build_poison_tree(rt: Runtime) -> SupervisorSpec:
     return SupervisorSpec(
         id="app",
         children=[ChildSpec(id="workflows", start=lambda: workflows, shutdown_s=None)],
+    )
+
+
+@final
+class _AlwaysCrashes(Actor[None]):
+    """Crashes as soon as it starts: drives its supervisors past their intensity."""
+
+    async def on_start(self, ctx: Context[None]) -> None:
+        raise RuntimeError("this actor always crashes")
+
+
+def build_crashing_tree(rt: Runtime) -> SupervisorSpec:
+    """An application whose only actor always crashes, so the root gives up."""
+    return SupervisorSpec(
+        id="app",
+        intensity=1,
+        period_s=60,
+        children=[ChildSpec(id="app.crasher", start=_AlwaysCrashes)],
     )
