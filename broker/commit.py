@@ -165,9 +165,16 @@ class GroupCommit:
                 group, self._pending = self._pending, []
                 try:
                     rows = await self._write_with_retry(group)
-                except BaseException as exc:
+                except Exception as exc:
+                    # Nothing was written: every shard in the group fails with
+                    # the same cause, and their deliveries come back.
                     for r in group:
                         r.done, r.error = True, exc
+                    raise
+                except BaseException:
+                    # This writer was cancelled, not the others: nothing was
+                    # written, so their batches wait for the next writer.
+                    self._pending[:0] = [r for r in group if r is not req]
                     raise
                 for r in group:
                     r.done = True
