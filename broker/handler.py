@@ -13,19 +13,13 @@ from typing import TYPE_CHECKING, Any, final
 
 import msgspec
 
-from broker.store import DeadLetterFilter, DeadLetterRow
+from broker.control.protocol import dead_letter_view
+from broker.store import DeadLetterFilter
 
 if TYPE_CHECKING:
     from broker.app import Daemon
 
 __all__ = ["DaemonControl"]
-
-
-def _dead_letter_summary(row: DeadLetterRow) -> dict[str, Any]:
-    out = msgspec.to_builtins(row)
-    out.pop("body", None)
-    out["size_bytes"] = len(row.body)
-    return out  # type: ignore[no-any-return]
 
 
 @final
@@ -55,12 +49,12 @@ class DaemonControl:
         return self._d.system.tree()
 
     async def dlq_list(self, flt: DeadLetterFilter) -> list[dict[str, Any]]:
-        """Dead letters matching the filter, without bodies."""
+        """Dead letters matching the filter, without bodies or headers."""
         rows = await self._d.runtime.store.list_dead_letters(flt)
-        return [_dead_letter_summary(r) for r in rows]
+        return [dead_letter_view(r) for r in rows]
 
     async def dlq_show(self, dead_letter_id: int) -> dict[str, Any]:
-        """One dead letter with its original body (as text when it is UTF-8).
+        """One dead letter, with headers and body (text if UTF-8, else base64).
 
         Raises:
             KeyError: no dead letter with that id.
@@ -70,13 +64,7 @@ class DaemonControl:
         )
         if not rows:
             raise KeyError(f"no dead letter {dead_letter_id}")
-        row = rows[0]
-        out = _dead_letter_summary(row)
-        try:
-            out["body"] = row.body.decode("utf-8")
-        except UnicodeDecodeError:
-            out["body_hex"] = row.body.hex()
-        return out
+        return dead_letter_view(rows[0], body=True)
 
     async def dlq_replay(
         self, flt: DeadLetterFilter, *, dry_run: bool, max_replays: int
