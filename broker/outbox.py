@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any, final
+from typing import final
 
 import anyio
 from anyio.abc import ObjectReceiveStream, ObjectSendStream
@@ -287,10 +287,6 @@ class OutboxRelay(Actor[None]):
             # Unmarked rows stay leased; after the lease the poller republishes
             # them and receivers drop the duplicates.
             ctx.log.warning("outbox_mark_failed", error=str(exc), rows=len(rows))
-
-    def status(self) -> dict[str, Any]:
-        """Feed fill and in-flight publishes."""
-        return {"feed": repr(self._feed), "in_flight": self.in_flight}
 
 
 def _retry_delay(rows: Sequence[OutboxRow], *, first_s: float) -> float:

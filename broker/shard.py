@@ -190,11 +190,3 @@ class WorkflowShard(Actor[None]):
             commit_ms=round((committed - decoded) * 1000, 2),
             handoff_ms=round((started + elapsed - committed) * 1000, 2),
         )
-
-    def status(self) -> dict[str, Any]:
-        """Batches handled and the size of the one in hand."""
-        return {
-            "queue": self._queue,
-            "batches": self.batches,
-            "in_batch": self.in_batch,
-        }
