@@ -15,36 +15,13 @@ from broker.errors import ActorStopped, AskTimeout, MailboxFull
 from broker.mailbox import Mailbox
 from broker.supervision import ChildSpec, Restart, SupervisorSpec
 from broker.system import ActorSystem
+from tests.runtime.journal import Journal
 
 pytestmark = pytest.mark.anyio
 
 
 class Boom(Exception):
     """The bug an actor crashes with in these tests."""
-
-
-class Journal:
-    """An append-only list of what happened, which tests can wait on."""
-
-    def __init__(self) -> None:
-        self.entries: list[str] = []
-        self._changed = anyio.Event()
-
-    def add(self, entry: str) -> None:
-        """Record ``entry`` and wake the waiters."""
-        self.entries.append(entry)
-        self._changed.set()
-        self._changed = anyio.Event()
-
-    def count(self, entry: str) -> int:
-        """How often ``entry`` was recorded."""
-        return self.entries.count(entry)
-
-    async def wait_for(self, entry: str, count: int = 1) -> None:
-        """Wait (at most 5 s) until ``entry`` was recorded ``count`` times."""
-        with anyio.fail_after(5):
-            while self.entries.count(entry) < count:
-                await self._changed.wait()
 
 
 class Worker(Actor[str]):

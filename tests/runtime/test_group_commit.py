@@ -18,6 +18,7 @@ from broker.faults import CrashHook
 from broker.metrics import Metrics
 from broker.retry import RetryPolicy
 from broker.store import BatchRead, BatchWrite, InboxKey, OutboxRow
+from broker.store.rows import written_outbox
 from broker.transport import Delivery
 from canonical import Envelope, LedgerEntryPosted
 
@@ -51,20 +52,7 @@ class GatedStore:
             await self.gate.wait()
         elif self.fail_after_first is not None:
             raise self.fail_after_first
-        return [
-            OutboxRow(
-                id=n,
-                message_id=r.message_id,
-                exchange=r.exchange,
-                routing_key=r.routing_key,
-                body=r.body,
-                correlation_id=r.correlation_id,
-                type=r.type,
-                headers=r.headers,
-                attempts=1,
-            )
-            for n, r in enumerate(write.outbox)
-        ]
+        return written_outbox(range(len(write.outbox)), write.outbox)
 
 
 def item(entry_id: str, account: str) -> Item:
