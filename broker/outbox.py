@@ -250,25 +250,19 @@ class OutboxRelay(Actor[None]):
                 self._has_confirmed.set()
             if nacked:
                 # The queue is full (reject-publish): wait longer each attempt.
-                delay = _retry_delay(nacked, first_s=2.0)
-                await self._store.reschedule_outbox(
-                    [r.id for r in nacked], delay_s=delay
-                )
-                self._metrics.publish_failed.labels("nack").inc(len(nacked))
-                ctx.log.warning(
-                    "outbox_publish_nacked", rows=len(nacked), retry_in_s=delay
+                await self._reschedule(
+                    nacked, "nack", "outbox_publish_nacked", first_s=2.0, ctx=ctx
                 )
             if unknown:
                 # No answer: the connection dropped, the broker refused the
                 # channel, or the confirm was late. Soon at first, then slower,
                 # so a row the broker keeps refusing cannot become a hot loop.
-                delay = _retry_delay(unknown, first_s=0.5)
-                await self._store.reschedule_outbox(
-                    [r.id for r in unknown], delay_s=delay
-                )
-                self._metrics.publish_failed.labels("indeterminate").inc(len(unknown))
-                ctx.log.warning(
-                    "outbox_publish_indeterminate", rows=len(unknown), retry_in_s=delay
+                await self._reschedule(
+                    unknown,
+                    "indeterminate",
+                    "outbox_publish_indeterminate",
+                    first_s=0.5,
+                    ctx=ctx,
                 )
             if returned:
                 await self._store.park_outbox(
@@ -287,6 +281,21 @@ class OutboxRelay(Actor[None]):
             # Unmarked rows stay leased; after the lease the poller republishes
             # them and receivers drop the duplicates.
             ctx.log.warning("outbox_mark_failed", error=str(exc), rows=len(rows))
+
+    async def _reschedule(
+        self,
+        rows: Sequence[OutboxRow],
+        outcome: str,
+        event: str,
+        *,
+        first_s: float,
+        ctx: Context[None],
+    ) -> None:
+        """Make *rows* eligible again after a delay that grows with their attempts."""
+        delay = _retry_delay(rows, first_s=first_s)
+        await self._store.reschedule_outbox([r.id for r in rows], delay_s=delay)
+        self._metrics.publish_failed.labels(outcome).inc(len(rows))
+        ctx.log.warning(event, rows=len(rows), retry_in_s=delay)
 
 
 def _retry_delay(rows: Sequence[OutboxRow], *, first_s: float) -> float:
