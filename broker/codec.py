@@ -24,6 +24,7 @@ from broker.errors import (
     UnknownMessageType,
 )
 from canonical.envelope import Envelope
+from canonical.upcast import current_version, upcast
 
 __all__ = [
     "Decoders",
@@ -128,7 +129,9 @@ class Decoders:
     """One reused decoder per event type a consumer understands."""
 
     def __init__(self, types: Mapping[str, type[Any]]) -> None:
+        self._types = dict(types)
         self._decoders = {tag: msgspec.json.Decoder(t) for tag, t in types.items()}
+        self._versions = {tag: current_version(tag) for tag in types}
 
     def __contains__(self, event_type: str) -> bool:
         return event_type in self._decoders
@@ -144,11 +147,21 @@ class Decoders:
         if decoder is None:
             raise UnknownMessageType(f"no handler for type {envelope.type!r}")
         try:
+            if envelope.schema_version != self._versions[envelope.type]:
+                return self._upcast(envelope)
             return decoder.decode(envelope.data)
         except (msgspec.ValidationError, ValueError, TypeError) as exc:
             raise SchemaInvalid(f"{envelope.type}: {exc}") from exc
         except (msgspec.DecodeError, RecursionError) as exc:
             raise SchemaInvalid(f"{envelope.type}: {exc}") from exc
+
+    def _upcast(self, envelope: Envelope) -> Any:
+        """An older schema version: upcast the plain value, then convert it."""
+        data = msgspec.json.decode(envelope.data)
+        if not isinstance(data, dict):
+            raise TypeError("event data is not a JSON object")
+        data = upcast(envelope.type, envelope.schema_version, data)
+        return msgspec.convert(data, self._types[envelope.type])
 
 
 def encode_event(event: Any) -> msgspec.Raw:

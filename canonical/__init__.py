@@ -8,6 +8,7 @@ from __future__ import annotations
 from canonical.base import Canonical, Event, UtcDatetime
 from canonical.envelope import Envelope
 from canonical.ledger import LedgerEntryApplied, LedgerEntryPosted, LedgerEvent
+from canonical.scalars import CountryCode, CurrencyCode, Money, Sku
 
 __all__ = [
     "Canonical",
@@ -17,4 +18,8 @@ __all__ = [
     "LedgerEntryApplied",
     "LedgerEntryPosted",
     "LedgerEvent",
+    "CountryCode",
+    "CurrencyCode",
+    "Money",
+    "Sku",
 ]
