@@ -20,6 +20,7 @@ __all__ = [
     "SchemaInvalid",
     "UpstreamUnavailable",
     "UpstreamRejected",
+    "SignatureInvalid",
     "StoreUnavailable",
     "ConcurrencyConflict",
     "TransportUnavailable",
@@ -99,13 +100,26 @@ class UpstreamUnavailable(TransientError):
 
 
 class UpstreamRejected(PermanentError):
-    """An external system understood the request and refused it."""
+    """An external system understood the request and refused it.
+
+    ``code`` is the vendor's own error code (``DUPLICATE_VALUE``,
+    ``SD/311``, ``resource_missing``) so a connector can tell a business
+    refusal (order fallout) from an integration fault.
+    """
 
     reason = "rejected"
 
-    def __init__(self, system: str, detail: str) -> None:
+    def __init__(self, system: str, detail: str, *, code: str = "") -> None:
         super().__init__(f"{system} rejected the request: {detail}")
         self.system = system
+        self.code = code
+        self.detail = detail
+
+
+class SignatureInvalid(PermanentError):
+    """A webhook's signature is missing, malformed, wrong or outside its tolerance."""
+
+    reason = "signature_invalid"
 
 
 class StoreUnavailable(TransientError):
