@@ -103,6 +103,8 @@ shards = {shards}
 {output_queue} = ["ledger.entry.applied"]
 [control]
 socket-path = {socket}
+[http]
+port = 0
 [logging]
 level = "warning"
 format = "json"

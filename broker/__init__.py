@@ -11,16 +11,22 @@ from broker.actor import Actor, ActorRef, Context
 from broker.app import Daemon
 from broker.config import Config, load_config
 
+# Webhooks and the process API
+from broker.connector import Inbound, WebhookSource
+
 # Errors
 from broker.errors import (
     BrokerError,
     ConfigError,
     PermanentError,
     RetryLater,
+    SchemaInvalid,
+    SignatureInvalid,
     TransientError,
     UpstreamRejected,
     UpstreamUnavailable,
 )
+from broker.http import ApiError, ApiRequest, ApiResponse, RouteHandler
 from broker.runtime import Runtime
 from broker.supervision import ChildSpec, Restart, Strategy, SupervisorSpec
 
@@ -44,11 +50,20 @@ __all__ = [
     "Daemon",
     "Config",
     "load_config",
+    # Webhooks and the process API
+    "Inbound",
+    "WebhookSource",
+    "ApiError",
+    "ApiRequest",
+    "ApiResponse",
+    "RouteHandler",
     # Errors
     "BrokerError",
     "ConfigError",
     "PermanentError",
     "RetryLater",
+    "SchemaInvalid",
+    "SignatureInvalid",
     "TransientError",
     "UpstreamRejected",
     "UpstreamUnavailable",

@@ -10,11 +10,13 @@ the root supervisor::
     ├── relay        outbox relay: publishes committed rows
     ├── maintenance  inbox partitions ahead, retention behind
     ├── app          the application tree (workflows, system actors)
+    ├── http         webhooks, process API, probes, metrics (``[http]``)
     └── control      the admin socket, last so it stops first
 
 Shutdown (SIGTERM, SIGINT, ``brokerctl drain``): the shutdown event is set;
-children stop in reverse order, so the control socket closes, the shards
-stop taking deliveries and finish the batch in hand, the relay publishes
+children stop in reverse order, so the control socket closes, the HTTP
+server stops taking webhooks (intake first) and answers those in hand, the
+shards stop taking deliveries and finish the batch in hand, the relay publishes
 what it holds; then the transport and the store close and one
 ``shutdown_complete`` line sums up the run. The root giving up exits
 non-zero, for systemd or Kubernetes to restart the process.
@@ -42,6 +44,7 @@ from broker.errors import (
     TransportUnavailable,
 )
 from broker.handler import DaemonControl
+from broker.http import HttpServer
 from broker.logging import configure_logging
 from broker.outbox import OutboxRelay
 from broker.retry import Backoff
@@ -230,6 +233,7 @@ class Daemon:
                     id="maintenance", start=lambda: _Maintenance(rt), shutdown_s=1
                 ),
                 ChildSpec(id="app", start=lambda: app, shutdown_s=None),
+                *self._http_child(),
                 ChildSpec(
                     id="control",
                     start=lambda: _Control(control),
@@ -238,6 +242,30 @@ class Daemon:
                 ),
             ],
         )
+
+    def _http_child(self) -> list[ChildSpec]:
+        """The HTTP server's spec, if ``[http] enabled``."""
+        cfg = self.cfg.http
+        if not cfg.enabled:
+            return []
+        rt = self.runtime
+        return [
+            ChildSpec(
+                id="http",
+                start=lambda: HttpServer(
+                    cfg=cfg,
+                    sources=rt.webhooks,
+                    routes=rt.api_routes,
+                    store=rt.store,
+                    transport=rt.transport,
+                    metrics=rt.metrics,
+                    on_listening=rt.http_listening,
+                    title=self.cfg.daemon.name,
+                ),
+                # Requests in hand get publish-timeout-s to be confirmed.
+                shutdown_s=cfg.publish_timeout_s + 2,
+            )
+        ]
 
     async def run(self) -> None:
         """Open resources, run the tree until shutdown, close resources.

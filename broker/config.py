@@ -30,6 +30,7 @@ __all__ = [
     "TopologyConfig",
     "CoreConfig",
     "ControlConfig",
+    "HttpConfig",
     "LoggingConfig",
     "TestingConfig",
     "Config",
@@ -131,6 +132,20 @@ class ControlConfig(Section, frozen=True):
     max_request_bytes: PositiveInt = 65_536
 
 
+class HttpConfig(Section, frozen=True):
+    """``[http]``: webhook ingress, the process API, health and metrics."""
+
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    #: 0 picks a free port; the bound one is logged and in `Runtime.http_url`.
+    port: Annotated[int, Meta(ge=0, le=65_535)] = 8080
+    max_body_bytes: PositiveInt = 1_048_576
+    #: Webhook requests handled at once; more are answered 429 at once.
+    max_inflight: PositiveInt = 64
+    retry_after_s: Seconds = 5.0
+    publish_timeout_s: Seconds = 10.0
+
+
 class LoggingConfig(Section, frozen=True):
     """``[logging]``: level and rendering."""
 
@@ -155,6 +170,7 @@ class Config(Section, frozen=True):
     topology: TopologyConfig = TopologyConfig()
     core: CoreConfig = CoreConfig()
     control: ControlConfig = ControlConfig()
+    http: HttpConfig = HttpConfig()
     logging: LoggingConfig = LoggingConfig()
     testing: TestingConfig = TestingConfig()
     systems: dict[str, dict[str, Any]] = {}  # each adapter converts its own table

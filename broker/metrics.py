@@ -9,13 +9,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 __all__ = ["Metrics"]
 
 
 class Metrics:
-    """The daemon's counters and histograms."""
+    """The daemon's counters, gauges and histograms."""
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
@@ -66,8 +66,48 @@ class Metrics:
             ["outcome"],
             registry=r,
         )
+        self.webhook_requests = Counter(
+            "q2c_webhook_requests",
+            "Webhook requests answered, by system and outcome (accepted, echo, "
+            "signature_invalid, schema_invalid, too_large, throttled, refused, "
+            "unconfirmed, unroutable, ...)",
+            ["system", "outcome"],
+            registry=r,
+        )
         self.commit_retries = Counter(
             "q2c_batch_commit_retries", "Batch transactions retried", registry=r
+        )
+        self.gateway_calls = Counter(
+            "q2c_gateway_calls",
+            "Calls to external systems, by system and outcome (ok, rejected, "
+            "invalid, unavailable, timeout, error)",
+            ["system", "outcome"],
+            registry=r,
+        )
+        self.gateway_commands = Counter(
+            "q2c_gateway_commands",
+            "Commands a system actor finished with, by system and outcome "
+            "(completed, duplicate, retry_scheduled, dead_lettered, returned)",
+            ["system", "outcome"],
+            registry=r,
+        )
+        self.gateway_in_flight = Gauge(
+            "q2c_gateway_in_flight",
+            "Calls to an external system in flight",
+            ["system"],
+            registry=r,
+        )
+        self.gateway_breaker_state = Gauge(
+            "q2c_gateway_breaker_state",
+            "A system's circuit breaker: 0 closed, 1 half-open, 2 open",
+            ["system"],
+            registry=r,
+        )
+        self.gateway_breaker_opened = Counter(
+            "q2c_gateway_breaker_opened",
+            "Times a system's circuit breaker opened",
+            ["system"],
+            registry=r,
         )
         self.batch_size = Histogram(
             "q2c_batch_size",

@@ -7,16 +7,25 @@ from them and supervises one `WorkflowShard` per shard queue) and reaches
 the store and the transport for its own actors. Resources are opened after
 the tree is built, so specs capture the runtime and read its attributes
 only when a child starts.
+
+The HTTP surface is registered here too, while the tree is built: webhook
+sources (`Runtime.webhook`) and the process API's routes
+(`Runtime.http_route`); the daemon's HTTP server serves them once started,
+and `Runtime.http_url` tells where.
 """
 
 from __future__ import annotations
 
 import functools
+import re
+from collections.abc import Mapping
 from typing import Any, final
 
 from broker.commit import GroupCommit
 from broker.config import Config
+from broker.connector import WebhookSource
 from broker.faults import CrashHook
+from broker.http import ApiRoute, RouteHandler
 from broker.metrics import Metrics
 from broker.outbox import OutboxFeed
 from broker.retry import RetryPolicy
@@ -28,6 +37,8 @@ from broker.transport.topology import WorkflowRoute, shard_queue
 from broker.workflow import Workflow
 
 __all__ = ["Runtime"]
+
+_SYSTEM = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 
 
 @final
@@ -43,6 +54,11 @@ class Runtime:
             cfg.topology.retry_tiers_s, max_attempts=cfg.core.max_attempts
         )
         self.workflows: dict[str, Workflow[Any]] = {}
+        #: Webhook sources by system name, served at ``POST /webhooks/<system>``.
+        self.webhooks: dict[str, WebhookSource] = {}
+        #: The process API, served under ``/api/v1``.
+        self.api_routes: list[ApiRoute] = []
+        self._http_url: str | None = None
         # One group commit per workflow, shared by its shards; created when
         # the first shard starts, so it captures the open store.
         self._commits: dict[str, GroupCommit] = {}
@@ -75,6 +91,82 @@ class Runtime:
         """Called by the composition root once resources are open."""
         self._store = store
         self._transport = transport
+
+    @property
+    def http_url(self) -> str:
+        """The HTTP server's base URL, e.g. ``http://127.0.0.1:8080``.
+
+        With ``[http] port = 0`` this is where the free port is found. Read it
+        once the daemon started (``Daemon.started``).
+
+        Raises:
+            RuntimeError: the server is not listening (not started, disabled,
+                or stopped).
+        """
+        if self._http_url is None:
+            raise RuntimeError("the HTTP server is not listening")
+        return self._http_url
+
+    def http_listening(self, url: str | None) -> None:
+        """Called by the HTTP server with its base URL, and None once it closed."""
+        self._http_url = url
+
+    def webhook(self, source: WebhookSource) -> None:
+        """Serve *source* at ``POST /webhooks/<source.system>``.
+
+        Raises:
+            ValueError: the system is registered twice, or its name is not a
+                plain path segment.
+        """
+        system = source.system
+        if system in self.webhooks:
+            raise ValueError(f"webhook source {system!r} is registered twice")
+        if not _SYSTEM.match(system):
+            raise ValueError(f"webhook system {system!r} is not a plain path segment")
+        self.webhooks[system] = source
+
+    def http_route(
+        self,
+        method: str,
+        path: str,
+        handler: RouteHandler,
+        *,
+        summary: str,
+        operation: Mapping[str, Any] | None = None,
+        request_type: Any = None,
+        response_type: Any = None,
+    ) -> None:
+        """Serve *handler* at ``/api/v1`` + *path* and describe it in the OpenAPI.
+
+        Args:
+            method: ``GET``, ``POST``, ``PUT``, ``PATCH`` or ``DELETE``.
+            path: relative to ``/api/v1``, with ``{name}`` variables, e.g.
+                ``/deals/{deal_id}``; the handler finds them in
+                ``request.params``.
+            handler: ``async (ApiRequest) -> ApiResponse | value``.
+            summary: the operation's one-line OpenAPI summary.
+            operation: more of the OpenAPI Operation Object (``parameters``,
+                ``responses``, ``tags`` ...); it wins over what is generated.
+            request_type: the JSON body's type (a msgspec Struct): its schema
+                becomes the ``requestBody``; decode with ``request.json(T)``.
+            response_type: the 200 answer's type: its schema is documented.
+
+        Raises:
+            ValueError: a bad method or path, or the route is registered twice.
+        """
+        route = ApiRoute(
+            method=method.upper(),
+            path=path,
+            handler=handler,
+            summary=summary,
+            operation=dict(operation or {}),
+            request_type=request_type,
+            response_type=response_type,
+        )
+        for other in self.api_routes:
+            if (other.method, other.path) == (route.method, route.path):
+                raise ValueError(f"route {route.method} {path} is registered twice")
+        self.api_routes.append(route)
 
     def routes(self) -> list[WorkflowRoute]:
         """The registered workflows, as the topology needs them."""

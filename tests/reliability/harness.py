@@ -64,6 +64,7 @@ def base_config(*, name: str, amqp_url: str, pg_dsn: str, socket_path: str) -> C
             "store": "postgres",
             "shutdown-s": 10.0,
         },
+        "http": {"port": 0},
         "amqp": {
             "url": amqp_url,
             "prefetch": 200,

@@ -35,6 +35,7 @@ def config(tmp_path: Path, **overrides: str) -> Config:
         "BROKER__CORE__MAX_ATTEMPTS": "3",
         "BROKER__CORE__MAX_MESSAGE_BYTES": "4096",
         "BROKER__LOGGING__LEVEL": "warning",
+        "BROKER__HTTP__PORT": "0",
         **overrides,
     }
     return load_config(environ=env)

@@ -1,0 +1,885 @@
+"""The HTTP server: webhook ingress, the process API, health and metrics.
+
+Routes:
+
+* ``POST /webhooks/{system}``: a vendor pushes an event (see below).
+* ``/api/v1/...``: the process API, routes registered by the application
+  through `Runtime.http_route`; ``GET /api/v1/openapi.json`` describes them
+  (OpenAPI 3.1, JSON Schema generated from the registrants' Structs).
+* ``GET /healthz`` (the process answers), ``GET /readyz`` (the transport is
+  connected and the store answers: 200 or 503), ``GET /metrics``
+  (Prometheus text from the daemon's registry).
+
+A webhook is answered only once its fate is known, so that nothing is
+acknowledged that is not durable (DESIGN.md §4-5):
+
+====================================================  ======================
+what happened                                         answer
+====================================================  ======================
+no source registered for ``system``                   404
+``max-inflight`` webhook requests already in hand     429 + ``Retry-After``
+body over ``max-body-bytes`` (declared or streamed)    413, before reading
+``source.verify`` raised `SignatureInvalid`           401, logged, counted
+``source.parse`` raised a `PermanentError`            400 + a dead letter
+no event (an echo of our own write)                   202, nothing published
+every event confirmed by the broker (``ACK``)         202
+a queue refused one (``NACK``), or no answer          503 + ``Retry-After``
+an event matched no queue (``RETURNED``)              500, logged as error
+====================================================  ======================
+
+Each event becomes a CloudEvents envelope published to ``q2c.events`` with
+routing key = its type. Its id is `webhook_message_id` of the vendor's
+source and event id, so a vendor resending the same event produces the same
+message id and (from the adapter) the same idempotency key: the replay is
+answered 202 again and the workflows' inbox drops the duplicate downstream.
+
+An unparseable payload is dead-lettered (original bytes, reason, headers
+without credentials or signatures) in queue ``/webhooks/<system>``, for an
+operator to read; replaying such a record through the outbox cannot route
+(there is no such broker queue): fix the adapter and have the vendor resend.
+Unauthenticated traffic is never stored.
+
+Every answer is JSON; an error is ``{"error": <code>, "detail": <text>}``
+and never carries a stack trace. Every request is one ``http_request`` log
+line (method, path, status, ``duration_ms``), never with bodies or headers.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import hashlib
+import importlib.metadata
+import math
+import re
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Final, TypeVar, final
+
+import anyio
+import msgspec
+import structlog
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from broker.actor import Actor, Context
+from broker.codec import encode_envelope, encode_event, utcnow
+from broker.commit import message_id_for
+from broker.config import HttpConfig
+from broker.connector import Inbound, WebhookSource
+from broker.errors import (
+    ActorStopped,
+    BrokerError,
+    ConfigError,
+    PermanentError,
+    SignatureInvalid,
+    TransientError,
+    TransportUnavailable,
+)
+from broker.metrics import Metrics
+from broker.store import BatchWrite, DeadLetterRecord, Store
+from broker.transport import OutgoingMessage, PublishOutcome, Transport
+from broker.transport.topology import EVENTS_EXCHANGE
+from canonical.envelope import Envelope
+
+__all__ = [
+    "API_PREFIX",
+    "OPENAPI_PATH",
+    "WEBHOOK_PATH",
+    "ApiError",
+    "ApiRequest",
+    "ApiResponse",
+    "ApiRoute",
+    "ErrorBody",
+    "HttpServer",
+    "RouteHandler",
+    "WebhookAccepted",
+    "openapi_document",
+    "webhook_message_id",
+]
+
+API_PREFIX: Final = "/api/v1"
+WEBHOOK_PATH: Final = "/webhooks/{system}"
+OPENAPI_PATH: Final = "/openapi.json"
+
+_log = structlog.get_logger(__name__)
+_encoder = msgspec.json.Encoder(decimal_format="string")
+_T = TypeVar("_T")
+_METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE"})
+_PATH = re.compile(r"^(/[A-Za-z0-9._~-]+|/\{[A-Za-z_][A-Za-z0-9_]*\})+$")
+_PARAM = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
+#: Header names that may carry credentials: never stored with a dead letter.
+_SECRET_HEADER = re.compile(
+    r"auth|signature|cookie|token|secret|api-?key|password|credential", re.I
+)
+_READY_TIMEOUT_S = 5.0
+#: Per-request fields for the ``http_request`` line, filled in by handlers.
+_fields: contextvars.ContextVar[dict[str, object]] = contextvars.ContextVar(
+    "q2c_http_fields"
+)
+
+
+class ErrorBody(msgspec.Struct, frozen=True, kw_only=True):
+    """The body of every error answer."""
+
+    error: str
+    detail: str
+
+
+class WebhookAccepted(msgspec.Struct, frozen=True, kw_only=True):
+    """The 202 answer to a webhook: the message ids its events were published as."""
+
+    accepted: int
+    message_ids: list[str]
+
+
+class ApiError(BrokerError):
+    """Raise from a route handler to answer with a JSON error.
+
+    Args:
+        status: the HTTP status.
+        code: the short machine-readable ``error``.
+        detail: the human-readable ``detail``; shown to the client.
+        retry_after_s: sent as ``Retry-After`` (rounded up), if given.
+    """
+
+    def __init__(
+        self, status: int, code: str, detail: str, *, retry_after_s: float | None = None
+    ) -> None:
+        super().__init__(f"{status} {code}: {detail}")
+        self.status = status
+        self.code = code
+        self.detail = detail
+        self.retry_after_s = retry_after_s
+
+
+@final
+class ApiRequest:
+    """What a process API handler gets: the request, read and framework-free.
+
+    Attributes:
+        method: ``GET``, ``POST`` ...
+        path: the full path, e.g. ``/api/v1/deals/d-1``.
+        params: the path template's variables, e.g. ``{"deal_id": "d-1"}``.
+        query: the query string's parameters.
+        headers: case-insensitive.
+        body: the raw body (at most ``max-body-bytes``).
+    """
+
+    __slots__ = ("body", "headers", "method", "params", "path", "query")
+
+    def __init__(
+        self,
+        *,
+        method: str,
+        path: str,
+        params: Mapping[str, str],
+        query: Mapping[str, str],
+        headers: Mapping[str, str],
+        body: bytes,
+    ) -> None:
+        self.method = method
+        self.path = path
+        self.params = params
+        self.query = query
+        self.headers = headers
+        self.body = body
+
+    def json(self, type_: type[_T]) -> _T:
+        """Decode the body as *type_* (a msgspec Struct, say).
+
+        Raises:
+            ApiError: 400 ``bad_request``, naming what does not match.
+        """
+        try:
+            return msgspec.json.decode(self.body, type=type_)
+        except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+            raise ApiError(400, "bad_request", str(exc)) from exc
+
+
+@final
+class ApiResponse:
+    """A handler's answer when it is not a plain 200 with a JSON body.
+
+    A handler may also return any msgspec-encodable value: 200 with it as JSON.
+    """
+
+    __slots__ = ("body", "headers", "status")
+
+    def __init__(
+        self,
+        body: object = None,
+        *,
+        status: int = 200,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        self.body = body
+        self.status = status
+        self.headers = dict(headers or {})
+
+
+#: A process API handler: an `ApiRequest` in, an `ApiResponse` (or any
+#: msgspec-encodable value, answered 200) out. It may raise `ApiError`;
+#: a `PermanentError` answers 400, a `TransientError` or `ActorStopped` 503.
+RouteHandler = Callable[[ApiRequest], Awaitable[object]]
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ApiRoute:
+    """One process API route, as registered through `Runtime.http_route`.
+
+    Attributes:
+        method: the HTTP method.
+        path: under ``/api/v1``, with ``{name}`` variables: ``/deals/{deal_id}``.
+        handler: the coroutine function that answers.
+        summary: the OpenAPI summary.
+        operation: more of the OpenAPI Operation Object (``parameters``,
+            ``responses``, ``tags``, ``operationId`` ...); it wins over what
+            is generated.
+        request_type: the JSON body's type: documented as ``requestBody``.
+        response_type: the 200 answer's type: documented under ``responses``.
+
+    Raises:
+        ValueError: an unknown method or a path that is not a template.
+    """
+
+    method: str
+    path: str
+    handler: RouteHandler
+    summary: str
+    operation: Mapping[str, Any] = field(default_factory=dict)
+    request_type: Any = None
+    response_type: Any = None
+
+    def __post_init__(self) -> None:
+        if self.method not in _METHODS:
+            raise ValueError(
+                f"HTTP method {self.method!r} is not one of {sorted(_METHODS)}"
+            )
+        if not _PATH.match(self.path) or self.path.startswith(API_PREFIX):
+            raise ValueError(
+                f"route path {self.path!r}: expected /segment/{{variable}}/... "
+                f"relative to {API_PREFIX}"
+            )
+        if self.path == OPENAPI_PATH:
+            raise ValueError(f"{API_PREFIX}{OPENAPI_PATH} is the server's own")
+
+    @property
+    def full_path(self) -> str:
+        """The path served: ``/api/v1`` + `path`."""
+        return API_PREFIX + self.path
+
+
+def webhook_message_id(source: str, vendor_id: str) -> str:
+    """The message id of a webhook event: the same vendor event, the same id."""
+    return message_id_for(f"{source}#{vendor_id}")
+
+
+def _schema_ref(
+    by_type: Mapping[Any, dict[str, Any]], type_: Any
+) -> dict[str, Any] | None:
+    return None if type_ is None else by_type[type_]
+
+
+def _json_content(schema: Mapping[str, Any]) -> dict[str, Any]:
+    return {"application/json": {"schema": dict(schema)}}
+
+
+def openapi_document(
+    routes: Sequence[ApiRoute],
+    systems: Sequence[str],
+    *,
+    title: str = "Q2C Broker",
+    version: str = "0",
+) -> dict[str, Any]:
+    """The OpenAPI 3.1 document of the process API, the webhooks and the probes.
+
+    Schemas of the routes' Struct types go to ``components/schemas`` (through
+    `msgspec.json.schema_components`) and are referenced from the operations.
+    """
+    types: list[Any] = [ErrorBody, WebhookAccepted]
+    for route in routes:
+        for t in (route.request_type, route.response_type):
+            if t is not None and t not in types:
+                types.append(t)
+    schemas, components = msgspec.json.schema_components(
+        types, ref_template="#/components/schemas/{name}"
+    )
+    by_type = dict(zip(types, schemas, strict=True))
+    error = _json_content(by_type[ErrorBody])
+    retry_after = {
+        "Retry-After": {
+            "description": "Seconds to wait before retrying",
+            "schema": {"type": "integer"},
+        }
+    }
+
+    def fails(description: str, *, retry: bool = False) -> dict[str, Any]:
+        answer: dict[str, Any] = {"description": description, "content": error}
+        if retry:
+            answer["headers"] = retry_after
+        return answer
+
+    paths: dict[str, dict[str, Any]] = {}
+    for route in routes:
+        op: dict[str, Any] = {
+            "summary": route.summary,
+            "operationId": _operation_id(route),
+        }
+        named = [
+            {"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
+            for name in _PARAM.findall(route.path)
+        ]
+        if named:
+            op["parameters"] = named
+        request = _schema_ref(by_type, route.request_type)
+        if request is not None:
+            op["requestBody"] = {"required": True, "content": _json_content(request)}
+        response = _schema_ref(by_type, route.response_type)
+        op["responses"] = {
+            "200": {"description": "OK"}
+            | ({"content": _json_content(response)} if response is not None else {}),
+            "default": fails("An error"),
+        }
+        op.update(route.operation)
+        paths.setdefault(route.full_path, {})[route.method.lower()] = op
+
+    paths[WEBHOOK_PATH] = {
+        "post": {
+            "summary": "Receive a signed event from an external system",
+            "operationId": "post_webhook",
+            "parameters": [
+                {
+                    "name": "system",
+                    "in": "path",
+                    "required": True,
+                    "schema": {"type": "string", "enum": sorted(systems)},
+                }
+            ],
+            "requestBody": {
+                "required": True,
+                "description": "The vendor's payload, signed as the vendor signs it",
+                "content": {"*/*": {"schema": {}}},
+            },
+            "responses": {
+                "202": {
+                    "description": "Every event it carried is durably queued",
+                    "content": _json_content(by_type[WebhookAccepted]),
+                },
+                "400": fails("Not a payload of this system (dead-lettered)"),
+                "401": fails("Signature missing, wrong or outside its tolerance"),
+                "404": fails("No such system"),
+                "413": fails("Body over the size limit"),
+                "429": fails("Too many webhook requests in flight", retry=True),
+                "500": fails("An event could not be routed"),
+                "503": fails("The broker refused or did not confirm", retry=True),
+            },
+        }
+    }
+    text = {"text/plain": {"schema": {"type": "string"}}}
+    paths["/healthz"] = {
+        "get": {
+            "summary": "The process answers",
+            "responses": {"200": {"description": "Alive"}},
+        }
+    }
+    paths["/readyz"] = {
+        "get": {
+            "summary": "The transport is connected and the store answers",
+            "responses": {"200": {"description": "Ready"}, "503": fails("Not ready")},
+        }
+    }
+    paths["/metrics"] = {
+        "get": {
+            "summary": "Prometheus metrics",
+            "responses": {"200": {"description": "Exposition format", "content": text}},
+        }
+    }
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": title, "version": version},
+        "paths": paths,
+        "components": {"schemas": components},
+    }
+
+
+def _operation_id(route: ApiRoute) -> str:
+    words = re.sub(r"[^A-Za-z0-9]+", "_", route.path).strip("_")
+    return f"{route.method.lower()}_{words}"
+
+
+def _package_version() -> str:
+    try:
+        return importlib.metadata.version("q2c-broker")
+    except importlib.metadata.PackageNotFoundError:
+        return "0"
+
+
+def _json(
+    body: object, status: int = 200, headers: Mapping[str, str] | None = None
+) -> web.Response:
+    return web.Response(
+        body=_encoder.encode(body),
+        status=status,
+        headers=headers,
+        content_type="application/json",
+    )
+
+
+def _error(
+    status: int,
+    code: str,
+    detail: str,
+    *,
+    retry_after_s: float | None = None,
+    headers: Mapping[str, str] | None = None,
+) -> web.Response:
+    extra = dict(headers or {})
+    if retry_after_s is not None:
+        extra["Retry-After"] = str(max(1, math.ceil(retry_after_s)))
+    return _json(ErrorBody(error=code, detail=detail), status, extra)
+
+
+def _safe_headers(headers: Mapping[str, str]) -> dict[str, str]:
+    """The request headers worth keeping with a dead letter: no credentials."""
+    return {
+        name: value[:1000]
+        for name, value in headers.items()
+        if not _SECRET_HEADER.search(name)
+    }
+
+
+def _event_type(event: object) -> str:
+    tag = getattr(type(event), "__struct_config__", None)
+    if tag is None or not isinstance(tag.tag, str):
+        raise TypeError(f"{type(event).__name__} is not a tagged canonical event")
+    return tag.tag
+
+
+def _message(inbound: Inbound) -> OutgoingMessage:
+    """The envelope of one webhook event, ready to publish to ``q2c.events``."""
+    event_type = _event_type(inbound.event)
+    message_id = webhook_message_id(inbound.source, inbound.id)
+    envelope = Envelope(
+        id=message_id,
+        source=inbound.source,
+        type=event_type,
+        time=utcnow(),
+        subject=inbound.subject,
+        correlation_id=inbound.correlation_id,
+        idempotency_key=inbound.idempotency_key,
+        traceparent=inbound.traceparent,
+        data=encode_event(inbound.event),
+    )
+    return OutgoingMessage(
+        exchange=EVENTS_EXCHANGE,
+        routing_key=event_type,
+        body=encode_envelope(envelope),
+        message_id=message_id,
+        correlation_id=inbound.correlation_id,
+        type=event_type,
+    )
+
+
+@final
+class HttpServer(Actor[None]):
+    """Serves HTTP as a supervised child; takes no messages.
+
+    Owns: the listening socket and every request in hand. ``on_start`` binds
+    (a bind failure raises `ConfigError` naming the address, crashing the
+    child: the root supervisor gives up and the daemon exits non-zero);
+    then a background task holds the server. A stop cancels that task, which
+    closes the listener at once (intake stops first), lets the requests in
+    hand finish within ``publish-timeout-s`` + 1 s, then closes connections.
+    The same cleanup runs after a crash, so a restart can bind again.
+
+    Args:
+        cfg: the ``[http]`` section.
+        sources: webhook sources by system name.
+        routes: the process API.
+        store: for dead letters and readiness.
+        transport: for publishing and readiness.
+        metrics: the daemon's registry and counters.
+        on_listening: called with the base URL once bound, None once closed.
+        title: the OpenAPI document's title.
+    """
+
+    def __init__(
+        self,
+        *,
+        cfg: HttpConfig,
+        sources: Mapping[str, WebhookSource],
+        routes: Sequence[ApiRoute],
+        store: Store,
+        transport: Transport,
+        metrics: Metrics,
+        on_listening: Callable[[str | None], None] = lambda url: None,
+        title: str = "Q2C Broker",
+    ) -> None:
+        self._cfg = cfg
+        self._sources = dict(sources)
+        self._routes = list(routes)
+        self._store = store
+        self._transport = transport
+        self._metrics = metrics
+        self._on_listening = on_listening
+        self._title = title
+        self._inflight = 0
+        self._grace_s = cfg.publish_timeout_s + 1.0
+
+    @property
+    def inflight(self) -> int:
+        """Webhook requests in hand."""
+        return self._inflight
+
+    def __repr__(self) -> str:
+        return (
+            f"<HttpServer {self._cfg.host}:{self._cfg.port} "
+            f"{self._inflight}/{self._cfg.max_inflight} webhooks in flight>"
+        )
+
+    async def on_start(self, ctx: Context[None]) -> None:
+        """Bind and start serving.
+
+        Raises:
+            ConfigError: the address cannot be bound (in use, not local, ...).
+        """
+        runner = web.AppRunner(
+            self._application(),
+            access_log=None,  # one http_request line per request instead
+            handle_signals=False,
+            shutdown_timeout=self._grace_s,
+        )
+        await runner.setup()
+        try:
+            site = web.TCPSite(runner, self._cfg.host, self._cfg.port)
+            await site.start()
+        except OSError as exc:
+            await self._cleanup(runner)
+            where = f"{self._cfg.host}:{self._cfg.port}"
+            raise ConfigError(f"[http] cannot listen on {where}: {exc}") from exc
+        except BaseException:
+            await self._cleanup(runner)
+            raise
+        host, port = runner.addresses[0][:2]
+        base = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+        self._on_listening(base)
+        ctx.log.info("http_listening", host=host, port=port)
+        ctx.start_soon(self._hold, runner, ctx, name=f"{ctx.id}.serve")
+
+    async def handle(self, msg: None, ctx: Context[None]) -> None:
+        """Takes no messages."""
+
+    async def _hold(self, runner: web.AppRunner, ctx: Context[None]) -> None:
+        try:
+            await anyio.sleep_forever()
+        finally:
+            self._on_listening(None)
+            await self._cleanup(runner)
+            ctx.log.info("http_stopped")
+
+    async def _cleanup(self, runner: web.AppRunner) -> None:
+        # Shielded: this also runs while the child is being cancelled, and a
+        # listener left open would make the restart fail to bind.
+        with anyio.CancelScope(shield=True), anyio.move_on_after(self._grace_s + 1):
+            await runner.cleanup()
+
+    def _application(self) -> web.Application:
+        app = web.Application(
+            middlewares=[self._middleware], client_max_size=self._cfg.max_body_bytes
+        )
+        app.router.add_post(WEBHOOK_PATH, self._webhook)
+        app.router.add_get(API_PREFIX + OPENAPI_PATH, self._openapi)
+        for route in self._routes:
+            app.router.add_route(route.method, route.full_path, self._api(route))
+        app.router.add_get("/healthz", self._healthz)
+        app.router.add_get("/readyz", self._readyz)
+        app.router.add_get("/metrics", self._metrics_text)
+        return app
+
+    # --- every request --------------------------------------------------------
+
+    @web.middleware
+    async def _middleware(
+        self,
+        request: web.Request,
+        handler: Callable[[web.Request], Awaitable[web.StreamResponse]],
+    ) -> web.StreamResponse:
+        """Errors become JSON; every request becomes one log line."""
+        fields: dict[str, object] = {}
+        token = _fields.set(fields)
+        started = time.perf_counter()
+        status = 499  # stays so if the request is cancelled (client gone, shutdown)
+        try:
+            try:
+                response = await handler(request)
+            except ApiError as exc:
+                response = _error(
+                    exc.status, exc.code, exc.detail, retry_after_s=exc.retry_after_s
+                )
+            except web.HTTPException as exc:  # the router's 404 and 405
+                allow = (
+                    {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else {}
+                )
+                code = exc.reason.lower().replace(" ", "_")
+                response = _error(exc.status, code, exc.reason, headers=allow)
+            except Exception:  # noqa: BLE001 - a bug answers 500 without its traceback, which goes to the log
+                _log.exception(
+                    "http_handler_failed", method=request.method, path=request.path
+                )
+                response = _error(500, "internal_error", "internal error; see the log")
+            status = response.status
+            return response
+        finally:
+            _fields.reset(token)
+            _log.info(
+                "http_request",
+                method=request.method,
+                path=request.path[:200],
+                status=status,
+                duration_ms=round((time.perf_counter() - started) * 1000, 3),
+                **fields,
+            )
+
+    async def _read_body(self, request: web.Request) -> bytes:
+        """The body, refused with 413 past ``max-body-bytes`` without buffering more."""
+        limit = self._cfg.max_body_bytes
+        declared = request.content_length
+        if declared is not None and declared > limit:
+            raise ApiError(
+                413,
+                "body_too_large",
+                f"Content-Length {declared} is over the {limit}-byte limit",
+            )
+        body = bytearray()
+        while chunk := await request.content.read(limit + 1 - len(body)):
+            body += chunk
+            if len(body) > limit:
+                raise ApiError(
+                    413, "body_too_large", f"the body is over the {limit}-byte limit"
+                )
+        return bytes(body)
+
+    # --- webhooks -------------------------------------------------------------
+
+    async def _webhook(self, request: web.Request) -> web.StreamResponse:
+        system = request.match_info["system"]
+        source = self._sources.get(system)
+        if source is None:
+            self._metrics.webhook_requests.labels("_unknown", "unknown_system").inc()
+            raise ApiError(
+                404, "unknown_system", f"no webhook source for {system[:64]!r}"
+            )
+        fields = _fields.get()
+        fields.update(system=system, outcome="error")
+        if self._inflight >= self._cfg.max_inflight:
+            fields["outcome"] = "throttled"
+            self._metrics.webhook_requests.labels(system, "throttled").inc()
+            raise ApiError(
+                429,
+                "too_many_requests",
+                f"{self._inflight} webhook requests are in flight; retry later",
+                retry_after_s=self._cfg.retry_after_s,
+            )
+        self._inflight += 1
+        try:
+            return await self._ingest(request, system, source, fields)
+        finally:
+            self._inflight -= 1
+            self._metrics.webhook_requests.labels(system, str(fields["outcome"])).inc()
+
+    async def _ingest(
+        self,
+        request: web.Request,
+        system: str,
+        source: WebhookSource,
+        fields: dict[str, object],
+    ) -> web.StreamResponse:
+        retry_after_s = self._cfg.retry_after_s
+        fields["outcome"] = "too_large"
+        body = await self._read_body(request)
+        fields["size_bytes"] = len(body)
+        try:
+            source.verify(request.headers, body, now=time.time())
+        except SignatureInvalid as exc:
+            fields["outcome"] = "signature_invalid"
+            # The detail is what the client is told; signatures and secrets
+            # never reach it, nor the log.
+            _log.warning("webhook_signature_invalid", system=system, detail=str(exc))
+            raise ApiError(401, "signature_invalid", str(exc)) from exc
+        try:
+            events = source.parse(request.headers, body)
+        except PermanentError as exc:
+            fields["outcome"] = "dead_letter_failed"
+            await self._dead_letter(system, request, body, exc)
+            fields["outcome"] = exc.reason
+            raise ApiError(400, exc.reason, str(exc)) from exc
+        fields["events"] = len(events)
+        if not events:
+            fields["outcome"] = "echo"
+            return _json(WebhookAccepted(accepted=0, message_ids=[]), 202)
+
+        messages = [_message(inbound) for inbound in events]
+        try:
+            outcomes = await self._transport.publish(
+                messages, timeout_s=self._cfg.publish_timeout_s
+            )
+        except TransportUnavailable as exc:
+            outcomes = [PublishOutcome.INDETERMINATE] * len(messages)
+            _log.warning("webhook_publish_unavailable", system=system, error=str(exc))
+        if PublishOutcome.RETURNED in outcomes:
+            fields["outcome"] = "unroutable"
+            unroutable = sorted(
+                {
+                    m.routing_key
+                    for m, o in zip(messages, outcomes, strict=True)
+                    if o is PublishOutcome.RETURNED
+                }
+            )
+            _log.error(
+                "webhook_unroutable",
+                system=system,
+                types=unroutable,
+                hint="no queue is bound to q2c.events for these types",
+            )
+            raise ApiError(
+                500, "unroutable", f"no queue takes event type(s) {unroutable}"
+            )
+        if PublishOutcome.NACK in outcomes:
+            fields["outcome"] = "refused"
+            _log.warning("webhook_publish_refused", system=system, events=len(events))
+            raise ApiError(
+                503,
+                "queue_full",
+                "the broker refused the events (a queue is full); retry later",
+                retry_after_s=retry_after_s,
+            )
+        if PublishOutcome.INDETERMINATE in outcomes:
+            fields["outcome"] = "unconfirmed"
+            raise ApiError(
+                503,
+                "publish_unconfirmed",
+                "the broker did not confirm the events in time; retry later",
+                retry_after_s=retry_after_s,
+            )
+        fields["outcome"] = "accepted"
+        ids = [m.message_id for m in messages]
+        return _json(WebhookAccepted(accepted=len(ids), message_ids=ids), 202)
+
+    async def _dead_letter(
+        self, system: str, request: web.Request, body: bytes, exc: PermanentError
+    ) -> None:
+        digest = hashlib.sha256(body).hexdigest()
+        record = DeadLetterRecord(
+            message_id=f"webhook:{system}:sha256:{digest}",
+            queue=f"/webhooks/{system}",
+            routing_key="",
+            reason=exc.reason,
+            detail=str(exc)[:2000],
+            body=body,
+            headers=_safe_headers(request.headers),
+        )
+        try:
+            await self._store.commit_batch(
+                BatchWrite(
+                    consumer="ingress", workflow="ingress", dead_letters=[record]
+                )
+            )
+        except TransientError as err:
+            # Not stored: the sender must keep the payload and try again.
+            _log.warning("webhook_dead_letter_failed", system=system, error=str(err))
+            raise ApiError(
+                503,
+                "store_unavailable",
+                "the payload is invalid but could not be recorded; retry later",
+                retry_after_s=self._cfg.retry_after_s,
+            ) from err
+        _log.warning(
+            "webhook_dead_lettered",
+            system=system,
+            message_id=record.message_id,
+            reason=exc.reason,
+            detail=record.detail[:200],
+        )
+
+    # --- process API ----------------------------------------------------------
+
+    def _api(
+        self, route: ApiRoute
+    ) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+        async def answer(request: web.Request) -> web.StreamResponse:
+            body = await self._read_body(request) if request.body_exists else b""
+            call = ApiRequest(
+                method=request.method,
+                path=request.path,
+                params=dict(request.match_info),
+                query=request.query,
+                headers=request.headers,
+                body=body,
+            )
+            try:
+                result = await route.handler(call)
+            except ApiError:
+                raise
+            except PermanentError as exc:
+                raise ApiError(400, exc.reason, str(exc)) from exc
+            except (TransientError, ActorStopped) as exc:
+                delay = getattr(exc, "retry_after_s", None) or self._cfg.retry_after_s
+                raise ApiError(
+                    503, "unavailable", str(exc), retry_after_s=delay
+                ) from exc
+            if not isinstance(result, ApiResponse):
+                return _json(result)
+            if result.body is None:
+                return web.Response(status=result.status, headers=result.headers)
+            return _json(result.body, result.status, result.headers)
+
+        return answer
+
+    async def _openapi(self, request: web.Request) -> web.StreamResponse:
+        return _json(
+            openapi_document(
+                self._routes,
+                list(self._sources),
+                title=self._title,
+                version=_package_version(),
+            )
+        )
+
+    # --- probes ---------------------------------------------------------------
+
+    async def _healthz(self, request: web.Request) -> web.StreamResponse:
+        return _json({"status": "ok"})
+
+    async def _readyz(self, request: web.Request) -> web.StreamResponse:
+        checks = {"transport": self._transport_check(), "store": "ok"}
+        try:
+            with anyio.fail_after(_READY_TIMEOUT_S):
+                await self._store.counts()
+        except Exception as exc:  # noqa: BLE001 - whatever fails the probe means "not ready"; logged
+            _log.warning("readiness_store_failed", error=f"{type(exc).__name__}: {exc}")
+            checks["store"] = f"unavailable ({type(exc).__name__})"
+        failing = {name: state for name, state in checks.items() if state != "ok"}
+        if failing:
+            detail = "; ".join(f"{name}: {state}" for name, state in failing.items())
+            return _json(
+                {"error": "not_ready", "detail": detail, "checks": checks}, 503
+            )
+        return _json({"status": "ready", "checks": checks})
+
+    def _transport_check(self) -> str:
+        connections = self._transport.status().get("connections") or {}
+        if not connections:
+            return "no connection"
+        down = [
+            f"{role} {link.get('state')}"
+            for role, link in connections.items()
+            if link.get("state") != "connected"
+        ]
+        return ", ".join(down) if down else "ok"
+
+    async def _metrics_text(self, request: web.Request) -> web.StreamResponse:
+        return web.Response(
+            body=generate_latest(self._metrics.registry),
+            headers={"Content-Type": CONTENT_TYPE_LATEST},
+        )
