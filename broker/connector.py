@@ -22,7 +22,7 @@ from typing import Any, Protocol
 
 import msgspec
 
-from canonical import Envelope
+from canonical import Envelope, UtcDatetime
 
 __all__ = ["Connector", "Inbound", "WebhookSource"]
 
@@ -68,6 +68,9 @@ class Inbound(msgspec.Struct, frozen=True, kw_only=True):
         idempotency_key: deterministic from the business fact.
         subject: the business document it is about.
         traceparent: the vendor's W3C trace context, when it sent one.
+        time: when the fact happened, by the vendor's clock (UTC); the
+            arrival time when absent. A replay keeps it, so its inbox key
+            falls on the same day as the original's.
     """
 
     event: Any
@@ -77,6 +80,7 @@ class Inbound(msgspec.Struct, frozen=True, kw_only=True):
     idempotency_key: str
     subject: str | None = None
     traceparent: str | None = None
+    time: UtcDatetime | None = None
 
 
 class WebhookSource(Protocol):

@@ -464,7 +464,7 @@ def _message(inbound: Inbound) -> OutgoingMessage:
         id=message_id,
         source=inbound.source,
         type=event_type,
-        time=utcnow(),
+        time=inbound.time or utcnow(),
         subject=inbound.subject,
         correlation_id=inbound.correlation_id,
         idempotency_key=inbound.idempotency_key,
