@@ -1,0 +1,202 @@
+"""BillingConnector against the sandbox: one command, exactly one subscription."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from decimal import Decimal
+from pathlib import Path
+
+import msgspec
+import pytest
+
+from adapters.billing import BillingConnector, StripeClient, StripeSandbox
+from adapters.billing.mapping import META_ACCOUNT, META_DEAL
+from broker.errors import (
+    SchemaInvalid,
+    UnknownMessageType,
+    UpstreamRejected,
+    UpstreamUnavailable,
+)
+from canonical import Envelope
+from canonical.commerce import SubscriptionItem
+from canonical.q2c import SubscriptionCreated, SubscriptionRequested
+
+pytestmark = pytest.mark.anyio
+
+GOLDEN = Path(__file__).resolve().parents[2] / "contract" / "golden" / "billing"
+
+
+# Read once at import: the tests below run on the event loop.
+COMMAND = msgspec.json.decode(
+    (GOLDEN / "subscription_requested.json").read_bytes(), type=SubscriptionRequested
+)
+
+
+def command(**changes: object) -> SubscriptionRequested:
+    cmd = COMMAND
+    if not changes:
+        return cmd
+    return msgspec.structs.replace(
+        cmd, subscription=msgspec.structs.replace(cmd.subscription, **changes)
+    )
+
+
+def envelope(
+    key: str = "billing.subscription.requested:sub-0061x00000AbCdE",
+) -> Envelope:
+    return Envelope(
+        id="msg-1",
+        source="/q2c/deal",
+        type="billing.subscription.requested",
+        time=datetime(2026, 1, 1, tzinfo=UTC),
+        correlation_id="deal-0061x00000AbCdE",
+        idempotency_key=key,
+    )
+
+
+async def test_the_connector_declares_its_command(client: StripeClient) -> None:
+    """One command tag, mapped to its Struct; the system name is configurable."""
+    connector = BillingConnector(client, system="stripe-eu")
+    assert connector.system == "stripe-eu"
+    assert connector.commands == {
+        "billing.subscription.requested": SubscriptionRequested
+    }
+
+
+async def test_a_subscription_request_creates_customer_products_and_subscription(
+    sandbox: StripeSandbox, client: StripeClient
+) -> None:
+    """The outcome reports Stripe's id, status and per-period amount."""
+    (created,) = await BillingConnector(client).handle(command(), envelope())
+    assert isinstance(created, SubscriptionCreated)
+    assert created.deal_id == "deal-0061x00000AbCdE"
+    assert created.status == "active"
+    assert str(created.amount_per_period) == "218.38 EUR"
+    native = sandbox.account.subscriptions[created.native_id]
+    assert native.metadata[META_DEAL] == "deal-0061x00000AbCdE"
+    (customer,) = sandbox.account.customers.values()
+    assert customer.metadata == {META_ACCOUNT: "acct-0011x00000XyZaB"}
+    assert customer.name == "Acme Maschinenbau GmbH"
+    assert customer.address is not None
+    assert customer.address.city == "Stuttgart"
+    assert sorted(sandbox.account.products) == [
+        "q2c-sku-ARCHIVE-TB",
+        "q2c-sku-SEAT-PRO",
+        "q2c-sku-SUPPORT-24X7",
+    ]
+
+
+async def test_a_redelivered_command_has_exactly_one_effect(
+    sandbox: StripeSandbox, client: StripeClient
+) -> None:
+    """Same envelope again: Stripe replays its answer; still one subscription."""
+    connector = BillingConnector(client)
+    first = await connector.handle(command(), envelope())
+    again = await connector.handle(command(), envelope())
+    assert first == again
+    assert len(sandbox.account.subscriptions) == 1
+    assert len(sandbox.account.customers) == 1
+    assert sandbox.counts["idempotent_replays"] >= 1
+
+
+async def test_an_existing_customer_is_found_by_metadata(
+    sandbox: StripeSandbox, client: StripeClient
+) -> None:
+    """A customer tagged with the account id is reused, and brought up to date."""
+    existing = await client.create_customer(
+        idempotency_key="older",
+        params={"name": "Old Name", "metadata": {META_ACCOUNT: "acct-0011x00000XyZaB"}},
+    )
+    (created,) = await BillingConnector(client).handle(command(), envelope())
+    assert isinstance(created, SubscriptionCreated)
+    assert sandbox.account.subscriptions[created.native_id].customer == existing.id
+    assert list(sandbox.account.customers) == [existing.id]
+    assert sandbox.account.customers[existing.id].name == "Acme Maschinenbau GmbH"
+
+
+async def test_search_lag_does_not_create_a_twin_customer(
+    sandbox: StripeSandbox, client: StripeClient
+) -> None:
+    """Two deals of one account while search lags: one customer, two subscriptions."""
+    sandbox.knobs.search_lag_s = 3600
+    connector = BillingConnector(client)
+    await connector.handle(command(), envelope("deal-a"))
+    await connector.handle(command(id="sub-0061x00000OtHeR"), envelope("deal-b"))
+    assert len(sandbox.account.customers) == 1
+    assert len(sandbox.account.subscriptions) == 2
+
+
+async def test_products_created_elsewhere_in_between_are_fine(
+    sandbox: StripeSandbox, client: StripeClient
+) -> None:
+    """A product that already exists is used, not created again."""
+    await client.create_product(
+        idempotency_key="someone-else", params={"id": "q2c-sku-SEAT-PRO", "name": "x"}
+    )
+    await BillingConnector(client).handle(command(), envelope())
+    assert sandbox.account.products["q2c-sku-SEAT-PRO"].name == "x"
+    assert len(sandbox.account.products) == 3
+
+
+async def test_unmappable_subscriptions_fail_before_any_call(
+    sandbox: StripeSandbox, client: StripeClient
+) -> None:
+    """A fractional quantity is SchemaInvalid, and Stripe is not touched."""
+    items = (
+        SubscriptionItem(
+            sku="SEAT-PRO", quantity=Decimal("1.5"), unit_amount=Decimal(1)
+        ),
+    )
+    with pytest.raises(SchemaInvalid, match="not a whole number"):
+        await BillingConnector(client).handle(command(items=items), envelope())
+    assert sandbox.counts["requests"] == 0
+
+
+async def test_a_stripe_refusal_propagates_with_its_code(
+    sandbox: StripeSandbox, client: StripeClient
+) -> None:
+    """No canonical billing rejection exists: the refusal is raised."""
+    items = (
+        SubscriptionItem(sku="SEAT-PRO", quantity=Decimal(1), unit_amount=Decimal(-5)),
+    )
+    with pytest.raises(UpstreamRejected) as caught:
+        await BillingConnector(client).handle(command(items=items), envelope())
+    assert caught.value.code == "parameter_invalid_integer"
+    assert sandbox.account.subscriptions == {}
+
+
+async def test_an_outage_is_transient(
+    sandbox: StripeSandbox, client: StripeClient
+) -> None:
+    """Stripe down: UpstreamUnavailable, for the runtime to retry."""
+    sandbox.knobs.outage = True
+    with pytest.raises(UpstreamUnavailable):
+        await BillingConnector(client).handle(command(), envelope())
+
+
+async def test_a_retry_after_a_fault_still_has_one_effect(
+    sandbox: StripeSandbox, client: StripeClient
+) -> None:
+    """Faults on the way fail the attempt; the retry completes it once."""
+    connector = BillingConnector(client)
+    sandbox.knobs.error_rate = 0.5
+    outcome: list[SubscriptionCreated] = []
+    for _ in range(30):
+        try:
+            (created,) = await connector.handle(command(), envelope())
+        except UpstreamUnavailable:
+            continue
+        assert isinstance(created, SubscriptionCreated)
+        outcome.append(created)
+        break
+    assert outcome, "no attempt got through"
+    sandbox.knobs.error_rate = 0.0
+    assert await connector.handle(command(), envelope()) == outcome
+    assert len(sandbox.account.subscriptions) == 1
+    assert len(sandbox.account.customers) == 1
+
+
+async def test_other_commands_are_not_understood(client: StripeClient) -> None:
+    """A command of another system is a permanent error."""
+    with pytest.raises(UnknownMessageType, match="billing has no command"):
+        await BillingConnector(client).handle(object(), envelope())
