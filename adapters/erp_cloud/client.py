@@ -1,0 +1,559 @@
+"""A typed async client for SAP S/4HANA Cloud's OData V2 APIs.
+
+`SapClient` speaks ``API_SALES_ORDER_SRV``, ``API_BUSINESS_PARTNER`` and
+``API_PRODUCT_SRV`` as a communication user (HTTP Basic). Modifying calls
+need SAP's CSRF handshake: the first one fetches a token (``HEAD`` on the
+service root with ``X-CSRF-Token: Fetch``); the token is bound to the session
+cookie SAP sets, which the client's cookie jar keeps. When SAP drops the
+session and answers 403 ``x-csrf-token: Required``, the client fetches a new
+token and repeats the call once.
+
+Errors are translated here and nowhere else: 429, 5xx, timeouts and
+connection failures raise `UpstreamUnavailable` (with ``Retry-After`` when
+given); a stale ``If-Match`` (412) raises `ConcurrencyConflict` (read again,
+then retry); other refusals raise `SapRejected`, an `UpstreamRejected` with
+SAP's T100 code (``V1/302``) and the ``errordetails``. Warnings on a success
+arrive in the ``sap-message`` header and are returned as `SapNotice` values.
+"""
+
+from __future__ import annotations
+
+import email.utils
+from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime
+from types import TracebackType
+from typing import Annotated, Any, Final, Protocol, Self, TypeVar
+
+import aiohttp
+import msgspec
+from msgspec import Meta
+from multidict import CIMultiDict, CIMultiDictProxy
+
+from adapters.erp_cloud import edm
+from adapters.erp_cloud.views import (
+    A_BusinessPartner,
+    A_CustomerSalesArea,
+    A_Product,
+    A_SalesOrder,
+    Collection,
+    ErrorDetail,
+    ODataError,
+    SapNotice,
+    Single,
+)
+from broker.errors import (
+    ConcurrencyConflict,
+    ConfigError,
+    UpstreamRejected,
+    UpstreamUnavailable,
+)
+
+__all__ = [
+    "SapApi",
+    "SapSettings",
+    "SapClient",
+    "SapRejected",
+    "settings_from_table",
+    "SALES_ORDER_SERVICE",
+    "BUSINESS_PARTNER_SERVICE",
+    "PRODUCT_SERVICE",
+]
+
+T = TypeVar("T")
+
+SALES_ORDER_SERVICE: Final = "API_SALES_ORDER_SRV"
+BUSINESS_PARTNER_SERVICE: Final = "API_BUSINESS_PARTNER"
+PRODUCT_SERVICE: Final = "API_PRODUCT_SRV"
+_ROOT = "/sap/opu/odata/sap"
+_MAX_BODY_BYTES = 16 * 1024 * 1024
+_NOTICE = msgspec.json.Decoder(SapNotice | list[SapNotice])
+
+
+class SapSettings(
+    msgspec.Struct,
+    frozen=True,
+    kw_only=True,
+    forbid_unknown_fields=True,
+    rename="kebab",
+):
+    """``[systems.<name>]`` for an S/4HANA Cloud tenant.
+
+    Attributes:
+        base_url: the tenant's API host (``https://my000000-api.s4hana.cloud.sap``);
+            the services live under ``/sap/opu/odata/sap/``.
+        username: the communication user of the communication arrangement.
+        password: its password (from the environment, never a file in the
+            repository).
+        sap_client: sent as the ``sap-client`` query parameter when set
+            (on-premise and private cloud systems with several clients).
+        timeout_s: per request.
+        system: the name in errors (``erp_cloud``).
+    """
+
+    base_url: Annotated[str, Meta(pattern=r"^https?://")]
+    username: Annotated[str, Meta(min_length=1)]
+    password: str = ""
+    sap_client: Annotated[str, Meta(pattern=r"^\d{3}$")] | None = None
+    timeout_s: Annotated[float, Meta(gt=0)] = 10.0
+    system: str = "erp_cloud"
+
+    def __repr__(self) -> str:
+        return (
+            f"SapSettings(base_url={self.base_url!r}, username={self.username!r}, "
+            f"password={'***' if self.password else ''!r}, system={self.system!r})"
+        )
+
+
+def settings_from_table(table: Mapping[str, Any]) -> SapSettings:
+    """Convert a ``[systems.<name>]`` table.
+
+    Raises:
+        ConfigError: naming the offending key.
+    """
+    try:
+        return msgspec.convert(dict(table), SapSettings, strict=False)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(f"SAP settings: {exc}") from exc
+
+
+class SapRejected(UpstreamRejected):
+    """SAP refused the request: its T100 ``code`` and the ``errordetails``.
+
+    Attributes:
+        status: the HTTP status (400 for validation errors).
+        details: SAP's ``innererror.errordetails``, one per problem.
+    """
+
+    def __init__(
+        self,
+        system: str,
+        detail: str,
+        *,
+        code: str,
+        status: int,
+        details: Sequence[ErrorDetail] = (),
+    ) -> None:
+        super().__init__(system, detail, code=code)
+        self.status = status
+        self.details = tuple(details)
+
+
+class SapApi(Protocol):
+    """What the connector needs from SAP; `SapClient` implements it."""
+
+    async def find_orders(
+        self, sold_to: str, po_ref: str, *, top: int = 50
+    ) -> tuple[A_SalesOrder, ...]:
+        """Orders of *sold_to* with customer reference *po_ref*."""
+        ...
+
+    async def create_order(
+        self, order: A_SalesOrder
+    ) -> tuple[A_SalesOrder, tuple[SapNotice, ...]]:
+        """Deep-insert an order; the created order and SAP's warnings."""
+        ...
+
+    async def find_business_partners(
+        self, search_term: str
+    ) -> tuple[A_BusinessPartner, ...]:
+        """Partners by ``SearchTerm1``, with customer and sales areas."""
+        ...
+
+    async def create_business_partner(
+        self, partner: A_BusinessPartner
+    ) -> A_BusinessPartner:
+        """Deep-insert a partner."""
+        ...
+
+    async def update_business_partner(
+        self, partner: str, changes: A_BusinessPartner, *, etag: str
+    ) -> str:
+        """PATCH a partner; the new ETag."""
+        ...
+
+    async def create_sales_area(self, area: A_CustomerSalesArea) -> A_CustomerSalesArea:
+        """Extend a customer to a sales area."""
+        ...
+
+
+class _Reply(msgspec.Struct, frozen=True):
+    status: int
+    headers: CIMultiDictProxy[str]
+    body: bytes
+
+
+class SapClient:
+    """Calls SAP on one `aiohttp.ClientSession`; close it with `aclose`.
+
+    The session's cookie jar keeps SAP's session cookie, to which the CSRF
+    token is bound; it accepts cookies from IP-address hosts too, as a
+    sandbox on 127.0.0.1 needs.
+    """
+
+    def __init__(self, settings: SapSettings) -> None:
+        self._settings = settings
+        self._system = settings.system
+        self._root = settings.base_url.rstrip("/") + _ROOT
+        self._authorization = aiohttp.encode_basic_auth(
+            settings.username, settings.password
+        )
+        self._session: aiohttp.ClientSession | None = None
+        self._token: str | None = None
+
+    def __repr__(self) -> str:
+        state = "token" if self._token else "no token"
+        return f"<SapClient {self._system} {self._settings.base_url} {state}>"
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Close the HTTP session (a later call opens a new one)."""
+        if self._session is not None:
+            session, self._session = self._session, None
+            self._token = None
+            await session.close()
+
+    def _http(self) -> aiohttp.ClientSession:
+        # Opened on first use, inside the event loop that will run it.
+        if self._session is None:
+            self._session = aiohttp.ClientSession(
+                cookie_jar=aiohttp.CookieJar(unsafe=True),
+                timeout=aiohttp.ClientTimeout(total=self._settings.timeout_s),
+            )
+        return self._session
+
+    # -- sales orders ------------------------------------------------------------
+
+    async def find_orders(
+        self, sold_to: str, po_ref: str, *, top: int = 50
+    ) -> tuple[A_SalesOrder, ...]:
+        """The orders of *sold_to* with customer reference *po_ref* (oldest first).
+
+        The read that makes a create safe to repeat: SAP has no idempotency
+        key, so the caller looks for its own reference before creating.
+        """
+        flt = (
+            f"SoldToParty eq {edm.odata_literal(sold_to)} and "
+            f"PurchaseOrderByCustomer eq {edm.odata_literal(po_ref)}"
+        )
+        params = {"$filter": flt, "$top": str(top)}
+        reply = await self._call("GET", SALES_ORDER_SERVICE, "/A_SalesOrder", params)
+        return self._decode(reply, Collection[A_SalesOrder]).d.results
+
+    async def get_order(self, sales_order: str) -> tuple[A_SalesOrder, str | None]:
+        """One order with its items, and its ETag for a later `update_order`."""
+        path = f"/A_SalesOrder({edm.odata_literal(sales_order)})"
+        params = {"$expand": "to_Item,to_Item/to_PricingElement,to_Partner"}
+        reply = await self._call("GET", SALES_ORDER_SERVICE, path, params)
+        order = self._decode(reply, Single[A_SalesOrder]).d
+        return order, reply.headers.get("ETag") or _etag_of(order)
+
+    async def create_order(
+        self, order: A_SalesOrder
+    ) -> tuple[A_SalesOrder, tuple[SapNotice, ...]]:
+        """Deep-insert *order* (header with items, partners, conditions).
+
+        Returns:
+            The created order as SAP returned it, and the warnings SAP
+            attached (a repeated customer reference is one).
+
+        Raises:
+            SapRejected: a validation error (400) or another refusal.
+            UpstreamUnavailable: SAP is down, slow or rate-limiting.
+        """
+        reply = await self._call(
+            "POST",
+            SALES_ORDER_SERVICE,
+            "/A_SalesOrder",
+            body=edm.encode(msgspec.structs.replace(order, metadata=None)),
+        )
+        return self._decode(reply, Single[A_SalesOrder]).d, _notices(reply)
+
+    async def update_order(
+        self, sales_order: str, changes: A_SalesOrder, *, etag: str
+    ) -> str:
+        """PATCH the header fields set in *changes*; returns the new ETag.
+
+        Raises:
+            ConcurrencyConflict: *etag* is stale: the order changed since read.
+        """
+        path = f"/A_SalesOrder({edm.odata_literal(sales_order)})"
+        reply = await self._call(
+            "PATCH",
+            SALES_ORDER_SERVICE,
+            path,
+            body=edm.encode(changes),
+            headers={"If-Match": etag},
+        )
+        return reply.headers.get("ETag", "")
+
+    # -- business partners -------------------------------------------------------
+
+    async def find_business_partners(
+        self, search_term: str
+    ) -> tuple[A_BusinessPartner, ...]:
+        """Partners whose ``SearchTerm1`` is *search_term*, with their customer."""
+        params = {
+            "$filter": f"SearchTerm1 eq {edm.odata_literal(search_term.upper())}",
+            "$expand": "to_Customer,to_Customer/to_CustomerSalesArea",
+        }
+        reply = await self._call(
+            "GET", BUSINESS_PARTNER_SERVICE, "/A_BusinessPartner", params
+        )
+        return self._decode(reply, Collection[A_BusinessPartner]).d.results
+
+    async def get_business_partner(
+        self, partner: str
+    ) -> tuple[A_BusinessPartner, str | None]:
+        """One partner with its customer and sales areas, and its ETag."""
+        path = f"/A_BusinessPartner({edm.odata_literal(partner)})"
+        params = {"$expand": "to_Customer,to_Customer/to_CustomerSalesArea"}
+        reply = await self._call("GET", BUSINESS_PARTNER_SERVICE, path, params)
+        found = self._decode(reply, Single[A_BusinessPartner]).d
+        return found, reply.headers.get("ETag") or _etag_of(found)
+
+    async def create_business_partner(
+        self, partner: A_BusinessPartner
+    ) -> A_BusinessPartner:
+        """Deep-insert a partner (with roles, customer and sales areas)."""
+        reply = await self._call(
+            "POST",
+            BUSINESS_PARTNER_SERVICE,
+            "/A_BusinessPartner",
+            body=edm.encode(partner),
+        )
+        return self._decode(reply, Single[A_BusinessPartner]).d
+
+    async def update_business_partner(
+        self, partner: str, changes: A_BusinessPartner, *, etag: str
+    ) -> str:
+        """PATCH the fields set in *changes*; returns the new ETag.
+
+        Raises:
+            ConcurrencyConflict: *etag* is stale.
+        """
+        path = f"/A_BusinessPartner({edm.odata_literal(partner)})"
+        reply = await self._call(
+            "PATCH",
+            BUSINESS_PARTNER_SERVICE,
+            path,
+            body=edm.encode(changes),
+            headers={"If-Match": etag},
+        )
+        return reply.headers.get("ETag", "")
+
+    async def create_sales_area(self, area: A_CustomerSalesArea) -> A_CustomerSalesArea:
+        """Extend a customer to one more sales area."""
+        reply = await self._call(
+            "POST",
+            BUSINESS_PARTNER_SERVICE,
+            "/A_CustomerSalesArea",
+            body=edm.encode(area),
+        )
+        return self._decode(reply, Single[A_CustomerSalesArea]).d
+
+    # -- products ----------------------------------------------------------------
+
+    async def list_products(
+        self, *, product_group: str | None = None, top: int | None = None
+    ) -> tuple[A_Product, ...]:
+        """Products with their list price and floor, optionally of one group."""
+        params: dict[str, str] = {}
+        if product_group is not None:
+            params["$filter"] = f"ProductGroup eq {edm.odata_literal(product_group)}"
+        if top is not None:
+            params["$top"] = str(top)
+        reply = await self._call("GET", PRODUCT_SERVICE, "/A_Product", params)
+        return self._decode(reply, Collection[A_Product]).d.results
+
+    # -- the wire ----------------------------------------------------------------
+
+    async def _call(
+        self,
+        method: str,
+        service: str,
+        path: str,
+        params: Mapping[str, str] | None = None,
+        *,
+        body: bytes | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> _Reply:
+        writing = method not in ("GET", "HEAD")
+        for attempt in (1, 2):
+            sent = CIMultiDict({"Accept": "application/json", **(headers or {})})
+            if writing:
+                if self._token is None:
+                    self._token = await self._fetch_token(service)
+                sent["X-CSRF-Token"] = self._token
+                sent["Content-Type"] = "application/json"
+            reply = await self._send(method, service, path, params, body, sent)
+            if (
+                writing
+                and attempt == 1
+                and reply.status == 403
+                and reply.headers.get("x-csrf-token", "").lower() == "required"
+            ):
+                # The session (and its token) expired: fetch anew, once.
+                self._token = None
+                continue
+            self._raise_for(method, path, reply)
+            return reply
+        raise UpstreamUnavailable(
+            self._system, f"{method} {path}: CSRF token refused again after a refetch"
+        )
+
+    async def _fetch_token(self, service: str) -> str:
+        headers = CIMultiDict({"X-CSRF-Token": "Fetch", "Accept": "application/json"})
+        reply = await self._send("HEAD", service, "/", None, None, headers)
+        self._raise_for("HEAD", "/ (CSRF token fetch)", reply)
+        token = reply.headers.get("x-csrf-token", "")
+        if not token or token.lower() == "required":
+            raise UpstreamUnavailable(
+                self._system, f"{service} returned no CSRF token on fetch"
+            )
+        return token
+
+    async def _send(
+        self,
+        method: str,
+        service: str,
+        path: str,
+        params: Mapping[str, str] | None,
+        body: bytes | None,
+        headers: CIMultiDict[str],
+    ) -> _Reply:
+        query = dict(params or {})
+        if self._settings.sap_client:
+            query["sap-client"] = self._settings.sap_client
+        url = f"{self._root}/{service}{path}"
+        headers["Authorization"] = self._authorization
+        try:
+            async with self._http().request(
+                method, url, params=query, data=body, headers=headers
+            ) as response:
+                data = await _read_bounded(response)
+                return _Reply(response.status, response.headers, data)
+        except TimeoutError as exc:
+            raise UpstreamUnavailable(
+                self._system,
+                f"{method} {service}{path} timed out after "
+                f"{self._settings.timeout_s:g} s",
+            ) from exc
+        except aiohttp.ClientError as exc:
+            raise UpstreamUnavailable(
+                self._system, f"{method} {service}{path}: {type(exc).__name__}: {exc}"
+            ) from exc
+
+    def _raise_for(self, method: str, path: str, reply: _Reply) -> None:
+        status = reply.status
+        if 200 <= status < 300:
+            return
+        where = f"{method} {path}"
+        error = _error_of(reply.body)
+        said = (
+            f"{error.error.code}: {error.error.message.value}"
+            if error is not None
+            else reply.body[:200].decode("utf-8", "replace").strip()
+        )
+        if status == 429 or status >= 500:
+            raise UpstreamUnavailable(
+                self._system,
+                f"{where} answered {status}: {said}",
+                retry_after_s=_retry_after(reply.headers.get("Retry-After")),
+            )
+        if status == 412:
+            raise ConcurrencyConflict(
+                f"{self._system}: {where} answered 412: the entity changed since "
+                "it was read; read it again for a fresh ETag"
+            )
+        if (
+            status == 403
+            and reply.headers.get("x-csrf-token", "").lower() == "required"
+        ):
+            raise UpstreamUnavailable(
+                self._system, f"{where}: CSRF token refused ({said})"
+            )
+        inner = error.error.innererror if error is not None else None
+        details = inner.errordetails if inner is not None else ()
+        extra = "; ".join(d.message for d in details if d.message not in said)
+        raise SapRejected(
+            self._system,
+            f"{where} answered {status}: {said}" + (f" ({extra})" if extra else ""),
+            code=error.error.code if error is not None else f"HTTP{status}",
+            status=status,
+            details=details,
+        )
+
+    def _decode(self, reply: _Reply, type_: type[T]) -> T:
+        try:
+            return edm.decode(reply.body, type_)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            # A proxy's error page with status 200 looks like this; it passes.
+            raise UpstreamUnavailable(
+                self._system, f"unreadable answer ({reply.status}): {exc}"
+            ) from exc
+
+
+async def _read_bounded(response: aiohttp.ClientResponse) -> bytes:
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in response.content.iter_chunked(65_536):
+        size += len(chunk)
+        if size > _MAX_BODY_BYTES:
+            raise aiohttp.ClientPayloadError(
+                f"response larger than {_MAX_BODY_BYTES} bytes"
+            )
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _error_of(body: bytes) -> ODataError | None:
+    try:
+        return edm.decode(body, ODataError)
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return None
+
+
+def _notices(reply: _Reply) -> tuple[SapNotice, ...]:
+    """Every message of the ``sap-message`` headers, flattened."""
+    found: list[SapNotice] = []
+    for value in reply.headers.getall("sap-message", ()):
+        try:
+            decoded = _NOTICE.decode(value.encode())
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            # Still a message SAP meant the caller to see: keep its text.
+            found.append(SapNotice(message=value, severity="warning"))
+            continue
+        for notice in decoded if isinstance(decoded, list) else [decoded]:
+            found.extend(notice.flatten())
+    return tuple(found)
+
+
+def _etag_of(entity: Any) -> str | None:
+    metadata = getattr(entity, "metadata", None)
+    return metadata.etag if metadata is not None else None
+
+
+def _retry_after(value: str | None) -> float | None:
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return max(0.0, (when - datetime.now(UTC)).total_seconds())

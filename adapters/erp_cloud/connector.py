@@ -1,0 +1,234 @@
+"""The cloud ERP's connector: book orders and keep customers in SAP S/4HANA Cloud."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any, final
+
+import msgspec
+
+from adapters.erp_cloud.client import SapApi, SapRejected
+from adapters.erp_cloud.mapping import (
+    MappingOptions,
+    SalesArea,
+    order_booked,
+    order_rejected,
+    sales_area_of,
+    search_term,
+    to_business_partner,
+    to_sales_area,
+    to_sales_order,
+)
+from adapters.erp_cloud.views import A_BusinessPartner, expanded
+from broker.errors import UnknownMessageType
+from canonical import Envelope
+from canonical.commerce import Account, Order
+from canonical.q2c import CustomerSynced, CustomerSyncRequested, OrderBookingRequested
+
+__all__ = ["SapConnector"]
+
+#: Code of a refusal the broker itself raises before SAP is called.
+MAPPING_REFUSED = "Q2C/MAPPING"
+
+
+@final
+class SapConnector:
+    """Implements `broker.connector.Connector` for SAP S/4HANA Cloud.
+
+    ``erp.order.booking_requested``: make sure the account is a customer in
+    the order's sales area (business partner found by ``SearchTerm1``,
+    created when absent, extended to the sales area when missing), then look
+    for an order of that sold-to with the order's customer reference, and
+    create one only if there is none.
+
+    Redelivery is safe although SAP offers no idempotency key: every step
+    reads before it writes, keyed on values derived from the command (the
+    account id's search term; ``customer_ref``, which the deal determines,
+    as it determines the command's idempotency key). A command redelivered
+    after SAP created the order but before its answer arrived finds that
+    order and reports it as booked; nothing is created twice. Two deliveries
+    racing each other could both create; SAP's customer-reference check then
+    flags the second, and its warning travels in ``OrderBooked.warnings``.
+
+    ``erp.customer.sync_requested``: the same customer lookup, in the
+    configured sales areas; an existing partner gets its name (and blocked
+    flag, for a deleted account) patched with ``If-Match``.
+
+    Failures: SAP's 400 on the order (a validation or business error) and an
+    order the mapping cannot express become ``erp.order.rejected`` (order
+    fallout, an operator's case). Every other refusal raises `SapRejected`
+    (dead letter); outages, throttling and a stale ETag raise transient
+    errors and the command is retried.
+
+    Args:
+        client: the SAP API (`SapClient`).
+        system: the configured system name.
+        options: the tenant's customizing (`MappingOptions`).
+        customer_areas: sales areas a customer sync creates customers in.
+    """
+
+    def __init__(
+        self,
+        client: SapApi,
+        *,
+        system: str = "erp_cloud",
+        options: MappingOptions | None = None,
+        customer_areas: Sequence[SalesArea] = (),
+    ) -> None:
+        self._client = client
+        self._system = system
+        self._options = options or MappingOptions()
+        self._customer_areas = tuple(customer_areas)
+
+    def __repr__(self) -> str:
+        return f"<SapConnector {self._system}>"
+
+    @property
+    def system(self) -> str:
+        """The configured system name."""
+        return self._system
+
+    @property
+    def commands(self) -> Mapping[str, type[Any]]:
+        """Book an order; sync a customer."""
+        return {
+            "erp.order.booking_requested": OrderBookingRequested,
+            "erp.customer.sync_requested": CustomerSyncRequested,
+        }
+
+    async def handle(self, command: Any, envelope: Envelope) -> Sequence[Any]:
+        """Carry out one command.
+
+        Returns:
+            ``[OrderBooked]`` or ``[OrderRejected]`` for a booking;
+            ``[CustomerSynced]`` for a customer sync (nothing for a deleted
+            account SAP never knew).
+
+        Raises:
+            SapRejected: SAP refused a call other than the order create.
+            UpstreamUnavailable: SAP is down, slow or throttling.
+            ConcurrencyConflict: the partner changed while it was patched.
+            UnknownMessageType: a command this connector does not take.
+        """
+        match command:
+            case OrderBookingRequested(order=order):
+                return await self._book(order)
+            case CustomerSyncRequested(account=account, content_hash=digest):
+                return await self._sync(account, digest)
+            case _:
+                raise UnknownMessageType(
+                    f"{self._system} does not take {type(command).__name__}"
+                )
+
+    async def _book(self, order: Order) -> Sequence[Any]:
+        area = sales_area_of(order, self._options)
+        try:
+            # Mapped before any call: an order SAP cannot take is fallout now.
+            draft = to_sales_order(order, sold_to="", options=self._options)
+        except ValueError as exc:
+            return [order_rejected(order, code=MAPPING_REFUSED, message=str(exc))]
+        sold_to = await self._customer(
+            order.account, (area,), payment_terms=draft.CustomerPaymentTerms
+        )
+        existing = await self._client.find_orders(sold_to, order.customer_ref)
+        if existing:
+            return [order_booked(order, existing[0])]
+        insert = msgspec.structs.replace(draft, SoldToParty=sold_to)
+        try:
+            created, notices = await self._client.create_order(insert)
+        except SapRejected as exc:
+            if exc.status != 400:
+                raise
+            return [order_rejected(order, code=exc.code, message=exc.detail)]
+        return [order_booked(order, created, notices)]
+
+    async def _sync(self, account: Account, digest: str) -> Sequence[Any]:
+        found = await self._partner(account)
+        if found is None and account.deleted:
+            return []
+        customer = await self._customer(account, self._customer_areas)
+        if found is not None:
+            await self._patch_partner(found, account)
+        return [
+            CustomerSynced(
+                account_id=account.id,
+                system=self._system,
+                native_id=customer,
+                content_hash=digest,
+            )
+        ]
+
+    async def _partner(self, account: Account) -> A_BusinessPartner | None:
+        found = await self._client.find_business_partners(search_term(account.id))
+        return found[0] if found else None
+
+    async def _customer(
+        self,
+        account: Account,
+        areas: Sequence[SalesArea],
+        *,
+        payment_terms: str | None = None,
+    ) -> str:
+        """The customer number of *account*, defined in every one of *areas*."""
+        partner = await self._partner(account)
+        if partner is None:
+            partner = await self._client.create_business_partner(
+                to_business_partner(
+                    account,
+                    areas=areas,
+                    payment_terms=payment_terms,
+                    options=self._options,
+                )
+            )
+        customer = partner.Customer or partner.BusinessPartner or ""
+        for area in areas:
+            if not _defined_in(partner, area):
+                await self._extend(account, customer, area, payment_terms)
+        return customer
+
+    async def _extend(
+        self,
+        account: Account,
+        customer: str,
+        area: SalesArea,
+        payment_terms: str | None,
+    ) -> None:
+        sales_area = to_sales_area(
+            area, account=account, payment_terms=payment_terms, customer=customer
+        )
+        try:
+            await self._client.create_sales_area(sales_area)
+        except SapRejected:
+            # A redelivery may race the first attempt; if the area exists now,
+            # the goal is met, whatever the refusal said.
+            partner = await self._partner(account)
+            if partner is None or not _defined_in(partner, area):
+                raise
+
+    async def _patch_partner(
+        self, partner: A_BusinessPartner, account: Account
+    ) -> None:
+        name = account.name[:40]
+        changes = A_BusinessPartner(
+            OrganizationBPName1=name if partner.OrganizationBPName1 != name else None,
+            BusinessPartnerIsBlocked=True
+            if account.deleted and not partner.BusinessPartnerIsBlocked
+            else None,
+        )
+        etag = partner.metadata.etag if partner.metadata is not None else None
+        if changes == A_BusinessPartner() or not partner.BusinessPartner:
+            return
+        await self._client.update_business_partner(
+            partner.BusinessPartner, changes, etag=etag or "*"
+        )
+
+
+def _defined_in(partner: A_BusinessPartner, area: SalesArea) -> bool:
+    customer = partner.to_Customer
+    if customer is None:
+        return False
+    wanted = (area.sales_organization, area.distribution_channel, area.division)
+    return any(
+        (a.SalesOrganization, a.DistributionChannel, a.Division) == wanted
+        for a in expanded(customer.to_CustomerSalesArea)
+    )

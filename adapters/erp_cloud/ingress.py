@@ -1,0 +1,180 @@
+"""SAP S/4HANA Cloud business events pushed to ``POST /webhooks/<system>``.
+
+SAP Event Mesh delivers each event as one structured-mode CloudEvent, signed
+with ``X-Q2C-Signature`` (`adapters.erp_cloud.signature`). What becomes of
+each type:
+
+- ``…OutboundDelivery.Created.v1`` → ``erp.shipment.dispatched``;
+- ``…BillingDocument.Created.v1`` → ``erp.invoice.issued`` (the amount is
+  what the deal compares with the order: a difference is an invoice
+  mismatch);
+- ``…SalesOrder.Created.v1`` → nothing: for our orders it is the echo of our
+  own create, already reported as ``erp.order.booked``; for orders keyed in
+  SAP no deal is waiting;
+- any other ``sap.s4.beh.*`` type → nothing (a topic the subscription
+  carries that the broker does not use).
+
+A document whose ``PurchaseOrderByCustomer`` is not a ``Q2C-…`` reference
+belongs to no deal and is dropped the same way. The event's ``source`` and
+``id`` are the dedupe key; the idempotency key names the SAP document.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any, TypeVar, final
+
+import msgspec
+
+from adapters.cloudevents import parse_structured
+from adapters.erp_cloud import edm, signature
+from adapters.erp_cloud.mapping import deal_of, invoice_issued, shipment_dispatched
+from adapters.erp_cloud.views import (
+    BILLING_DOCUMENT_CREATED,
+    OUTBOUND_DELIVERY_CREATED,
+    SALES_ORDER_CREATED,
+    BillingDocumentEventData,
+    OutboundDeliveryEventData,
+    SalesOrderEventData,
+)
+from broker.connector import Inbound
+from broker.errors import SchemaInvalid, SignatureInvalid
+
+__all__ = ["SapEventWebhook"]
+
+D = TypeVar("D", bound=msgspec.Struct)
+
+_SAP_EVENTS = "sap.s4.beh."
+
+
+@final
+class SapEventWebhook:
+    """Implements `broker.connector.WebhookSource` for SAP business events.
+
+    Args:
+        secrets: the signing secrets in force (two while rotating).
+        system: the path segment after ``/webhooks/``.
+        tolerance_s: how far the signature's timestamp may be from now.
+    """
+
+    def __init__(
+        self,
+        secrets: Sequence[str],
+        *,
+        system: str = "erp_cloud",
+        tolerance_s: float = signature.DEFAULT_TOLERANCE_S,
+    ) -> None:
+        if not secrets:
+            raise ValueError("SapEventWebhook needs at least one secret")
+        self._secrets = tuple(secrets)
+        self._system = system
+        self._tolerance_s = tolerance_s
+
+    def __repr__(self) -> str:
+        return f"<SapEventWebhook {self._system} {len(self._secrets)} secrets>"
+
+    @property
+    def system(self) -> str:
+        """The path segment after ``/webhooks/``."""
+        return self._system
+
+    def verify(self, headers: Mapping[str, str], body: bytes, *, now: float) -> None:
+        """Check ``X-Q2C-Signature`` over the raw *body*.
+
+        Raises:
+            SignatureInvalid: missing, malformed, stale, or signed with no
+                secret this webhook holds.
+        """
+        header = _header(headers, signature.HEADER)
+        try:
+            signature.verify(
+                header,
+                body,
+                self._secrets,
+                now=now,
+                tolerance_s=self._tolerance_s,
+            )
+        except SignatureInvalid as exc:
+            raise SignatureInvalid(f"{self._system}: {exc}") from exc
+
+    def parse(self, headers: Mapping[str, str], body: bytes) -> Sequence[Inbound]:
+        """The canonical events in one delivery (often none, see the module doc).
+
+        Raises:
+            SchemaInvalid: not a CloudEvent, not an SAP business event, or a
+                known type whose data is not what SAP sends.
+        """
+        event = parse_structured(body)
+        if not event.type.startswith(_SAP_EVENTS):
+            raise SchemaInvalid(
+                f"{self._system}: {event.type!r} is not an SAP business event"
+            )
+        if event.type == SALES_ORDER_CREATED:
+            _data(event.id, event.data, SalesOrderEventData)
+            return []
+        if event.type == OUTBOUND_DELIVERY_CREATED:
+            delivery = _data(event.id, event.data, OutboundDeliveryEventData)
+            ref = deal_of(delivery.PurchaseOrderByCustomer)
+            if ref is None:
+                return []
+            canonical: Any = shipment_dispatched(delivery, ref, at=event.time)
+            key = f"{self._system}:outbound-delivery:{delivery.OutboundDelivery}"
+            subject = canonical.shipment.id
+        elif event.type == BILLING_DOCUMENT_CREATED:
+            billing = _data(event.id, event.data, BillingDocumentEventData)
+            ref = deal_of(billing.PurchaseOrderByCustomer)
+            if ref is None:
+                return []
+            try:
+                canonical = invoice_issued(billing, ref, at=event.time)
+            except ValueError as exc:
+                raise SchemaInvalid(f"{self._system}: {exc}") from exc
+            key = f"{self._system}:billing-document:{billing.BillingDocument}"
+            subject = canonical.invoice.id
+        else:
+            return []
+        return [
+            Inbound(
+                event=_checked(self._system, event.id, canonical),
+                id=event.id,
+                source=event.source,
+                correlation_id=ref.deal_id,
+                idempotency_key=key,
+                subject=subject,
+                traceparent=event.traceparent,
+            )
+        ]
+
+
+def _header(headers: Mapping[str, str], name: str) -> str | None:
+    wanted = name.lower()
+    for key, value in headers.items():
+        if key.lower() == wanted:
+            return value
+    return None
+
+
+def _data(event_id: str, data: bytes | None, view: type[D]) -> D:
+    if data is None:
+        raise SchemaInvalid(f"SAP event {event_id!r} carries no data")
+    try:
+        return edm.decode(data, view)
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        raise SchemaInvalid(
+            f"SAP event {event_id!r}: data is not a {view.__name__}: {exc}"
+        ) from exc
+
+
+def _checked(system: str, event_id: str, event: msgspec.Struct) -> Any:
+    """*event* after a round trip through its own schema.
+
+    Constructing a Struct does not apply its constraints (a SKU's pattern,
+    an id's shape); decoding does, so a value SAP sent that the canonical
+    model refuses is caught here, naming the field, not by a consumer.
+    """
+    try:
+        return msgspec.convert(msgspec.to_builtins(event), type(event))
+    except msgspec.ValidationError as exc:
+        raise SchemaInvalid(
+            f"{system}: event {event_id!r} does not fit {type(event).__name__}: {exc}"
+        ) from exc

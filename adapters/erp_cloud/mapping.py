@@ -1,0 +1,522 @@
+"""Pure mapping between canonical documents and SAP S/4HANA Cloud's OData views.
+
+Out: a canonical `Order` becomes an ``A_SalesOrder`` deep insert; an
+`Account` becomes an ``A_BusinessPartner`` with the customer role. Back: the
+created order becomes `OrderBooked`, a refusal `OrderRejected`, the business
+events `ShipmentDispatched` and `InvoiceIssued`, ``A_Product`` the catalogue.
+No I/O here; the connector calls SAP, the ingress reads its events.
+
+Decisions that are not obvious from the field names:
+
+* ``PurchaseOrderByCustomer`` is the order's ``customer_ref`` (``Q2C-<crm
+  id>``, ≤ 35 characters, derived from the deal, so every redelivery of the
+  booking command carries the same one): what SAP's customer-reference check
+  compares, what the connector looks up before it creates, and what SAP's
+  events echo, which is how an event finds its deal again.
+* The sales area comes from the legal entity when `MappingOptions.sales_areas`
+  names it, else from the order's own ``sales_org`` / ``distribution_channel``
+  / ``division``.
+* Prices: each item carries one manual price condition
+  (`MappingOptions.price_condition`, rate per 1 unit) so SAP books the
+  quote's price instead of re-pricing. The rate is ``unit_price`` when
+  quantity * unit price is the line's net amount, else the effective unit
+  price ``net_amount / quantity`` (a line discount).
+* Navigation properties go as ``{"results": [...]}``, the form SAP's OpenAPI
+  description gives for deep inserts.
+* Item numbers are the canonical line number * 10 (SAP's 10, 20, …);
+  ``HigherLevelItem`` is the bundle parent's, ``ExternalItemID`` the line
+  number. A line that is not shipped is item category ``TAD`` (service),
+  else ``TAN``.
+* A business partner is found by ``SearchTerm1``. SAP keeps it upper case and
+  ≤ 20 characters, and a Salesforce id is case-sensitive and 18 long, so the
+  term is ``Q2C`` + 17 base-32 characters of the SHA-256 of the canonical
+  account id (`search_term`): deterministic, and 85 bits against collisions.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+from collections.abc import Iterable, Sequence
+from datetime import datetime
+from decimal import ROUND_HALF_UP, Decimal
+
+import msgspec
+
+from adapters.erp_cloud.edm import edm_decimal
+from adapters.erp_cloud.views import (
+    A_BusinessPartner,
+    A_BusinessPartnerRole,
+    A_Customer,
+    A_CustomerSalesArea,
+    A_Product,
+    A_SalesOrder,
+    A_SalesOrderItem,
+    A_SalesOrderItemPrElement,
+    BillingDocumentEventData,
+    Navigation,
+    OutboundDeliveryEventData,
+    SapNotice,
+    expanded,
+)
+from adapters.fieldmap import FieldMapping
+from canonical.commerce import (
+    Account,
+    Invoice,
+    Order,
+    OrderLine,
+    PriceBookEntry,
+    Product,
+    Shipment,
+    ShipmentLine,
+)
+from canonical.ids import deal_of_customer_ref, order_id
+from canonical.q2c import InvoiceIssued, OrderBooked, OrderRejected, ShipmentDispatched
+from canonical.scalars import Money
+
+__all__ = [
+    "FIELD_MAP",
+    "SalesArea",
+    "MappingOptions",
+    "OrderContext",
+    "DealRef",
+    "search_term",
+    "sales_area_of",
+    "to_sales_order",
+    "from_sales_order",
+    "order_booked",
+    "order_rejected",
+    "to_business_partner",
+    "deal_of",
+    "shipment_dispatched",
+    "invoice_issued",
+    "catalogue_entry",
+    "to_sales_area",
+]
+
+_ITEM_STEP = 10
+_SERVICE_ITEM = "TAD"
+_STANDARD_ITEM = "TAN"
+_CUSTOMER_ROLE = "FLCU01"
+_STATUS = {"A": "open", "B": "in_process", "C": "completed"}
+
+
+class SalesArea(msgspec.Struct, frozen=True, kw_only=True):
+    """An SAP sales area: sales organization, distribution channel, division."""
+
+    sales_organization: str
+    distribution_channel: str = "10"
+    division: str = "00"
+
+
+class MappingOptions(msgspec.Struct, frozen=True, kw_only=True):
+    """The tenant's customizing the mapping needs.
+
+    Attributes:
+        order_type: ``SalesOrderType`` of booked orders.
+        price_condition: the condition type that carries a manual price in
+            the tenant's pricing procedure (``PMP0`` by default).
+        sender_system: ``SenderBusinessSystemName`` on every order.
+        sales_areas: legal entity → sales area.
+        payment_terms: canonical payment terms → SAP's key (≤ 4 characters);
+            terms not listed are sent as they are when they fit.
+        partner_grouping: ``BusinessPartnerGrouping`` of new partners.
+        language: ``CorrespondenceLanguage`` of new partners.
+    """
+
+    order_type: str = "OR"
+    price_condition: str = "PMP0"
+    sender_system: str = "Q2C_BROKER"
+    sales_areas: dict[str, SalesArea] = {}
+    payment_terms: dict[str, str] = {}
+    partner_grouping: str | None = None
+    language: str = "EN"
+
+
+class OrderContext(msgspec.Struct, frozen=True, kw_only=True):
+    """What a canonical `Order` holds that an SAP order does not."""
+
+    order_id: str
+    deal_id: str
+    quote_id: str
+    account: Account
+    legal_entity: str
+    region: str
+    tax_country: str
+    currency: str
+    payment_terms: str
+
+
+class DealRef(msgspec.Struct, frozen=True, kw_only=True):
+    """The canonical deal and order an SAP document belongs to."""
+
+    deal_id: str
+    order_id: str
+
+
+FIELD_MAP: tuple[FieldMapping, ...] = (
+    FieldMapping("(MappingOptions.order_type)", "SalesOrderType", "OR by default"),
+    FieldMapping("order.legal_entity", "SalesOrganization", "via sales_areas"),
+    FieldMapping("order.sales_org", "SalesOrganization", "when no sales area"),
+    FieldMapping("order.distribution_channel", "DistributionChannel"),
+    FieldMapping("order.division", "OrganizationDivision"),
+    FieldMapping("order.account.id", "SoldToParty", "BP found by SearchTerm1"),
+    FieldMapping("order.customer_ref", "PurchaseOrderByCustomer", "the dedupe key"),
+    FieldMapping("order.id", "ExternalDocumentID", "when ≤ 40 characters"),
+    FieldMapping("(MappingOptions.sender_system)", "SenderBusinessSystemName"),
+    FieldMapping("order.currency", "TransactionCurrency"),
+    FieldMapping("order.payment_terms", "CustomerPaymentTerms", "payment_terms map"),
+    FieldMapping("order.net_total", "TotalNetAmount", "computed by SAP; read back"),
+    FieldMapping("order.lines[].number", "to_Item[].SalesOrderItem", "* 10"),
+    FieldMapping("order.lines[].number", "to_Item[].ExternalItemID"),
+    FieldMapping("order.lines[].parent", "to_Item[].HigherLevelItem", "* 10"),
+    FieldMapping("order.lines[].sku", "to_Item[].Material"),
+    FieldMapping("order.lines[].quantity", "to_Item[].RequestedQuantity", "≤ 3 dp"),
+    FieldMapping("order.lines[].plant", "to_Item[].ProductionPlant", "if set"),
+    FieldMapping(
+        "order.lines[].physical", "to_Item[].SalesOrderItemCategory", "TAN/TAD"
+    ),
+    FieldMapping(
+        "order.lines[].unit_price",
+        "to_Item[].to_PricingElement[].ConditionRateValue",
+        "PMP0 per 1; net/qty on discounted lines",
+    ),
+    FieldMapping("order.lines[].net_amount", "to_Item[].NetAmount", "computed by SAP"),
+    FieldMapping("account.id", "A_BusinessPartner.SearchTerm1", "search_term()"),
+    FieldMapping("account.name", "A_BusinessPartner.OrganizationBPName1", "first 40"),
+    FieldMapping("account.currency", "A_CustomerSalesArea.Currency"),
+    FieldMapping("(SAP event) PurchaseOrderByCustomer", "deal_id, order_id", "Q2C-X"),
+    FieldMapping("shipment.number", "OutboundDelivery"),
+    FieldMapping("invoice.number", "BillingDocument"),
+    FieldMapping("invoice.amount", "TotalNetAmount + TransactionCurrency"),
+    FieldMapping("product.sku", "A_Product.Product"),
+    FieldMapping("product.family", "A_Product.ProductGroup"),
+    FieldMapping("product.physical", "A_Product.ProductType", "SERV/DIEN → False"),
+    FieldMapping("price.list_price / floor_price", "A_Product.ListPrice / PriceFloor"),
+)
+
+
+def search_term(account_id: str) -> str:
+    """``SearchTerm1`` of the business partner of canonical account *account_id*."""
+    digest = hashlib.sha256(account_id.encode("utf-8")).digest()
+    return "Q2C" + base64.b32encode(digest).decode("ascii")[:17]
+
+
+def sales_area_of(order: Order, options: MappingOptions) -> SalesArea:
+    """The order's sales area: its legal entity's, else its own fields."""
+    configured = options.sales_areas.get(order.legal_entity)
+    if configured is not None:
+        return configured
+    return SalesArea(
+        sales_organization=order.sales_org,
+        distribution_channel=order.distribution_channel,
+        division=order.division,
+    )
+
+
+def _payment_terms(terms: str, options: MappingOptions) -> str:
+    mapped = options.payment_terms.get(terms, terms)
+    if not mapped or len(mapped) > 4:
+        raise ValueError(
+            f"payment terms {terms!r} have no SAP key (≤ 4 characters); "
+            "add them to the payment-terms map"
+        )
+    return mapped
+
+
+def _item_number(line: int) -> str:
+    number = line * _ITEM_STEP
+    if number > 999_999:
+        raise ValueError(f"line {line} does not fit SAP's 6-digit item number")
+    return str(number)
+
+
+def _rate(line: OrderLine) -> Decimal:
+    exact = (line.quantity * line.unit_price).quantize(
+        line.net_amount, rounding=ROUND_HALF_UP
+    )
+    if exact == line.net_amount:
+        return edm_decimal(line.unit_price, places=9)
+    return edm_decimal(line.net_amount / line.quantity, places=9)
+
+
+def to_sales_order(
+    order: Order, *, sold_to: str, options: MappingOptions
+) -> A_SalesOrder:
+    """The deep insert that books *order* for customer *sold_to*.
+
+    Raises:
+        ValueError: payment terms without an SAP key, or a line number too
+            large for SAP's item numbers.
+    """
+    area = sales_area_of(order, options)
+    items = tuple(
+        A_SalesOrderItem(
+            SalesOrderItem=_item_number(line.number),
+            HigherLevelItem=None if line.parent is None else _item_number(line.parent),
+            SalesOrderItemCategory=_STANDARD_ITEM if line.physical else _SERVICE_ITEM,
+            ExternalItemID=str(line.number),
+            Material=line.sku,
+            RequestedQuantity=edm_decimal(line.quantity),
+            ProductionPlant=line.plant or None,
+            to_PricingElement=Navigation(
+                results=(
+                    A_SalesOrderItemPrElement(
+                        ConditionType=options.price_condition,
+                        ConditionRateValue=_rate(line),
+                        ConditionCurrency=order.currency,
+                        ConditionQuantity=Decimal(1),
+                    ),
+                )
+            ),
+        )
+        for line in order.lines
+    )
+    return A_SalesOrder(
+        SalesOrderType=options.order_type,
+        SalesOrganization=area.sales_organization,
+        DistributionChannel=area.distribution_channel,
+        OrganizationDivision=area.division,
+        SoldToParty=sold_to,
+        PurchaseOrderByCustomer=order.customer_ref,
+        ExternalDocumentID=order.id if len(order.id) <= 40 else None,
+        SenderBusinessSystemName=options.sender_system,
+        TransactionCurrency=order.currency,
+        CustomerPaymentTerms=_payment_terms(order.payment_terms, options),
+        to_Item=Navigation(results=items),
+    )
+
+
+def from_sales_order(sales_order: A_SalesOrder, context: OrderContext) -> Order:
+    """The canonical `Order` an SAP order (read back, or a request) describes.
+
+    Raises:
+        ValueError: an item without material or quantity, or a value that
+            does not fit the canonical model.
+    """
+    currency = sales_order.TransactionCurrency or context.currency
+    lines = tuple(_line_of(item) for item in expanded(sales_order.to_Item))
+    total = sales_order.TotalNetAmount
+    if total is None:
+        total = sum((line.net_amount for line in lines), Decimal(0))
+    return Order(
+        id=context.order_id,
+        deal_id=context.deal_id,
+        quote_id=context.quote_id,
+        account=context.account,
+        currency=currency,
+        lines=lines,
+        net_total=Money(amount=total, currency=currency),
+        payment_terms=sales_order.CustomerPaymentTerms or context.payment_terms,
+        legal_entity=context.legal_entity,
+        sales_org=sales_order.SalesOrganization or "",
+        distribution_channel=sales_order.DistributionChannel or "10",
+        division=sales_order.OrganizationDivision or "00",
+        region=context.region,
+        erp="cloud",
+        customer_ref=sales_order.PurchaseOrderByCustomer or _ref_of(context),
+        tax_country=context.tax_country,
+    )
+
+
+def _ref_of(context: OrderContext) -> str:
+    return "Q2C-" + context.deal_id.partition("-")[2]
+
+
+def _line_of(item: A_SalesOrderItem) -> OrderLine:
+    if not item.Material or item.RequestedQuantity is None:
+        raise ValueError(f"item {item.SalesOrderItem} has no material or quantity")
+    number = _line_number(item.ExternalItemID, item.SalesOrderItem)
+    parent = (
+        None
+        if not item.HigherLevelItem
+        else int(item.HigherLevelItem) // _ITEM_STEP or int(item.HigherLevelItem)
+    )
+    rates = [
+        e.ConditionRateValue / (e.ConditionQuantity or Decimal(1))
+        for e in expanded(item.to_PricingElement)
+        if e.ConditionRateValue is not None
+    ]
+    unit_price = rates[-1] if rates else Decimal(0)
+    net = item.NetAmount
+    if net is None:
+        net = (item.RequestedQuantity * unit_price).quantize(
+            Decimal("0.01"), rounding=ROUND_HALF_UP
+        )
+    return OrderLine(
+        number=number,
+        sku=item.Material,
+        quantity=item.RequestedQuantity,
+        unit_price=unit_price,
+        net_amount=net,
+        physical=item.SalesOrderItemCategory != _SERVICE_ITEM,
+        parent=parent,
+        plant=item.ProductionPlant or "",
+    )
+
+
+def _line_number(external: str | None, item: str | None) -> int:
+    if external and external.isdigit():
+        return int(external)
+    if item and item.isdigit():
+        return int(item) // _ITEM_STEP or int(item)
+    raise ValueError(f"item {item!r} has no usable number")
+
+
+def order_booked(
+    order: Order, created: A_SalesOrder, notices: Sequence[SapNotice] = ()
+) -> OrderBooked:
+    """``erp.order.booked`` for the order SAP created (or had created before)."""
+    currency = created.TransactionCurrency or order.currency
+    total = created.TotalNetAmount
+    return OrderBooked(
+        order_id=order.id,
+        deal_id=order.deal_id,
+        erp="cloud",
+        erp_order_id=created.SalesOrder or "",
+        status=_STATUS.get(created.OverallSDProcessStatus or "", "open"),
+        net_total=order.net_total
+        if total is None
+        else Money(amount=total, currency=currency),
+        customer_ref=created.PurchaseOrderByCustomer or order.customer_ref,
+        warnings=tuple(
+            f"{n.code}: {n.message}" if n.code else n.message for n in notices
+        ),
+    )
+
+
+def order_rejected(order: Order, *, code: str, message: str) -> OrderRejected:
+    """``erp.order.rejected``: SAP refused the order (fallout)."""
+    return OrderRejected(
+        order_id=order.id,
+        deal_id=order.deal_id,
+        erp="cloud",
+        code=code,
+        message=message[:2000],
+        net_total=order.net_total,
+    )
+
+
+def to_business_partner(
+    account: Account,
+    *,
+    areas: Iterable[SalesArea],
+    payment_terms: str | None,
+    options: MappingOptions,
+) -> A_BusinessPartner:
+    """A business partner (organisation) with the customer role in *areas*."""
+    name = account.name
+    return A_BusinessPartner(
+        BusinessPartnerCategory="2",
+        BusinessPartnerGrouping=options.partner_grouping,
+        OrganizationBPName1=name[:40],
+        SearchTerm1=search_term(account.id),
+        CorrespondenceLanguage=options.language,
+        to_BusinessPartnerRole=Navigation(
+            results=(A_BusinessPartnerRole(BusinessPartnerRole=_CUSTOMER_ROLE),)
+        ),
+        to_Customer=A_Customer(
+            to_CustomerSalesArea=Navigation(
+                results=tuple(
+                    to_sales_area(area, account=account, payment_terms=payment_terms)
+                    for area in areas
+                )
+            )
+        ),
+    )
+
+
+def to_sales_area(
+    area: SalesArea,
+    *,
+    account: Account,
+    payment_terms: str | None,
+    customer: str | None = None,
+) -> A_CustomerSalesArea:
+    """The customer's data in one sales area."""
+    return A_CustomerSalesArea(
+        Customer=customer,
+        SalesOrganization=area.sales_organization,
+        DistributionChannel=area.distribution_channel,
+        Division=area.division,
+        Currency=account.currency,
+        CustomerPaymentTerms=payment_terms,
+    )
+
+
+def deal_of(reference: str | None) -> DealRef | None:
+    """The deal behind a customer reference SAP echoes; None if not one of ours."""
+    if not reference:
+        return None
+    try:
+        deal = deal_of_customer_ref(reference)
+    except ValueError:
+        return None
+    return DealRef(deal_id=deal, order_id=order_id(deal))
+
+
+def shipment_dispatched(
+    data: OutboundDeliveryEventData, ref: DealRef, *, at: datetime | None
+) -> ShipmentDispatched:
+    """``erp.shipment.dispatched`` for an outbound delivery."""
+    return ShipmentDispatched(
+        shipment=Shipment(
+            id=f"shipment-cloud-{data.OutboundDelivery}",
+            order_id=ref.order_id,
+            number=data.OutboundDelivery,
+            lines=tuple(
+                ShipmentLine(sku=item.Material, quantity=item.ActualDeliveryQuantity)
+                for item in data.Items
+            ),
+            dispatched_at=data.EventRaisedDateTime or at,
+        ),
+        deal_id=ref.deal_id,
+        erp="cloud",
+    )
+
+
+def invoice_issued(
+    data: BillingDocumentEventData, ref: DealRef, *, at: datetime | None
+) -> InvoiceIssued:
+    """``erp.invoice.issued`` for a billing document.
+
+    Raises:
+        ValueError: the event carries no amount or currency.
+    """
+    if data.TotalNetAmount is None or not data.TransactionCurrency:
+        raise ValueError(f"billing document {data.BillingDocument} has no amount")
+    return InvoiceIssued(
+        invoice=Invoice(
+            id=f"invoice-cloud-{data.BillingDocument}",
+            order_id=ref.order_id,
+            number=data.BillingDocument,
+            amount=Money(amount=data.TotalNetAmount, currency=data.TransactionCurrency),
+            issued_at=data.EventRaisedDateTime or at,
+        ),
+        deal_id=ref.deal_id,
+        erp="cloud",
+    )
+
+
+def catalogue_entry(
+    product: A_Product, *, default_currency: str
+) -> tuple[Product, PriceBookEntry | None]:
+    """A product of ``API_PRODUCT_SRV`` and its price book entry (None: unpriced)."""
+    canonical = Product(
+        sku=product.Product,
+        name=product.ProductDescription or product.Product,
+        family=product.ProductGroup or "UNGROUPED",
+        physical=product.ProductType not in ("SERV", "DIEN"),
+        active=not product.IsMarkedForDeletion,
+    )
+    if product.ListPrice is None:
+        return canonical, None
+    price = PriceBookEntry(
+        sku=product.Product,
+        currency=product.Currency or default_currency,
+        list_price=product.ListPrice,
+        floor_price=product.PriceFloor
+        if product.PriceFloor is not None
+        else product.ListPrice,
+    )
+    return canonical, price
