@@ -1,0 +1,225 @@
+"""The CRM connector: write a deal's progress back, and read changed records back."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal, final
+
+from adapters.cpq.client import CpqClient
+from adapters.cpq.mapping import quote_from_records
+from adapters.cpq.views import QuoteStatus
+from adapters.crm import views as v
+from adapters.crm.client import SalesforceClient
+from adapters.crm.mapping import (
+    ACCOUNT_FIELDS,
+    OPPORTUNITY,
+    OPPORTUNITY_FIELDS,
+    account_from_sf,
+    command_key,
+    native_id,
+    opportunity_from_sf,
+    opportunity_update,
+)
+from adapters.crm.soql import select
+from broker.errors import UnknownMessageType, UpstreamRejected
+from canonical import Envelope, Event
+from canonical.commerce import Account
+from canonical.q2c import (
+    AccountChanged,
+    OpportunityCreated,
+    OpportunityUpdated,
+    OpportunityUpdateRequested,
+    QuoteApproved,
+    QuoteDenied,
+    RecordReadRequired,
+)
+
+__all__ = ["CrmConnector"]
+
+_CHANGE: dict[str, Literal["created", "updated", "deleted", "undeleted"]] = {
+    "CREATE": "created",
+    "GAP_CREATE": "created",
+    "DELETE": "deleted",
+    "GAP_DELETE": "deleted",
+    "UNDELETE": "undeleted",
+    "GAP_UNDELETE": "undeleted",
+}
+_CREATED = frozenset({"CREATE", "GAP_CREATE"})
+
+
+@final
+class CrmConnector:
+    """Implements `broker.connector.Connector` for a Salesforce org.
+
+    ``crm.opportunity.update_requested`` writes the stage, ERP order number
+    and status note to the opportunity, stamped with the command's key in
+    ``Broker_Command_Key__c``. Redelivery is safe: a command whose key the
+    record already carries is answered without a second write, and the
+    write itself sets values, so even a repeat races to the same state.
+
+    ``crm.record.read_required`` (from the change feed) reads the records
+    back and answers with the canonical facts: ``crm.account.changed``,
+    ``crm.opportunity.created``, ``cpq.quote.approved`` /
+    ``cpq.quote.denied`` (quotes need *cpq*). Reading has no effect to repeat.
+
+    Args:
+        crm: the org's client.
+        cpq: the CPQ client on the same org, for quote read-backs.
+        system: the configured system name.
+    """
+
+    def __init__(
+        self,
+        crm: SalesforceClient,
+        *,
+        cpq: CpqClient | None = None,
+        system: str = "crm",
+    ) -> None:
+        self._crm = crm
+        self._cpq = cpq
+        self._system = system
+        self._currency = crm.settings.default_currency
+
+    def __repr__(self) -> str:
+        return f"<CrmConnector {self._system}>"
+
+    @property
+    def system(self) -> str:
+        """The configured system name."""
+        return self._system
+
+    @property
+    def commands(self) -> Mapping[str, type[Any]]:
+        """The commands this connector carries out."""
+        return {
+            "crm.opportunity.update_requested": OpportunityUpdateRequested,
+            "crm.record.read_required": RecordReadRequired,
+        }
+
+    async def handle(self, command: Any, envelope: Envelope) -> Sequence[Event]:
+        """Carry out *command*; see the class docstring.
+
+        Raises:
+            UpstreamUnavailable: the org is down, slow or limiting us.
+            UpstreamRejected: the org refused (e.g. ``NOT_FOUND``).
+            SchemaInvalid: a record the org returned does not map.
+            UnknownMessageType: not a command of this connector.
+        """
+        match command:
+            case OpportunityUpdateRequested():
+                return await self._update_opportunity(command, envelope)
+            case RecordReadRequired():
+                return await self._read_back(command)
+            case _:
+                raise UnknownMessageType(
+                    f"{self._system}: no handler for {type(command).__name__}"
+                )
+
+    async def _update_opportunity(
+        self, command: OpportunityUpdateRequested, envelope: Envelope
+    ) -> list[Event]:
+        record_id = native_id(command.opportunity_id, OPPORTUNITY)
+        key = command_key(envelope.idempotency_key)
+        current = await self._crm.get(
+            v.Opportunity, record_id, fields=("Broker_Command_Key__c",)
+        )
+        if current.Broker_Command_Key__c != key:
+            await self._crm.update(record_id, opportunity_update(command, key=key))
+        return [
+            OpportunityUpdated(
+                opportunity_id=command.opportunity_id,
+                stage=command.stage,
+                native_id=record_id,
+            )
+        ]
+
+    async def _read_back(self, command: RecordReadRequired) -> list[Event]:
+        ids = [v.to_id18(i) for i in command.native_ids if v.is_id(i)]
+        if not ids:
+            # An overflow names no records; a full resync is an operator's call.
+            return []
+        if command.entity == "Account":
+            return await self._accounts(
+                ids, _CHANGE.get(command.change_type, "updated")
+            )
+        if command.entity == "Opportunity" and command.change_type in _CREATED:
+            return await self._opportunities(ids)
+        if command.entity == "SBQQ__Quote__c" and self._cpq is not None:
+            return await self._quotes(self._cpq, ids)
+        return []
+
+    async def _accounts(
+        self,
+        ids: Sequence[str],
+        change: Literal["created", "updated", "deleted", "undeleted"],
+    ) -> list[Event]:
+        records = await self._crm.query(
+            select("Account", ACCOUNT_FIELDS, {"Id": ids}),
+            v.Account,
+            include_deleted=True,
+        )
+        return [
+            AccountChanged(
+                account=account_from_sf(rec, default_currency=self._currency),
+                change=change,
+                native_id=rec.Id or "",
+            )
+            for rec in records
+        ]
+
+    async def _account_map(self, ids: set[str]) -> dict[str, Account]:
+        if not ids:
+            return {}
+        records = await self._crm.query(
+            select("Account", ACCOUNT_FIELDS, {"Id": sorted(ids)}), v.Account
+        )
+        return {
+            rec.Id: account_from_sf(rec, default_currency=self._currency)
+            for rec in records
+            if rec.Id
+        }
+
+    async def _opportunities(self, ids: Sequence[str]) -> list[Event]:
+        opps = await self._crm.query(
+            select("Opportunity", OPPORTUNITY_FIELDS, {"Id": ids}), v.Opportunity
+        )
+        accounts = await self._account_map({o.AccountId for o in opps if o.AccountId})
+        events: list[Event] = []
+        for opp in opps:
+            account = accounts.get(opp.AccountId or "")
+            if account is None:
+                raise UpstreamRejected(
+                    self._system,
+                    f"Opportunity {opp.Id} has no readable account",
+                    code="NOT_FOUND",
+                )
+            deal = opportunity_from_sf(opp, account, default_currency=self._currency)
+            events.append(OpportunityCreated(opportunity=deal))
+        return events
+
+    async def _quotes(self, cpq: CpqClient, ids: Sequence[str]) -> list[Event]:
+        events: list[Event] = []
+        for quote_id in ids:
+            try:
+                quote, lines = await cpq.quote_with_lines(quote_id)
+            except UpstreamRejected as exc:
+                if exc.code in ("NOT_FOUND", "ENTITY_IS_DELETED"):
+                    continue
+                raise
+            if quote.SBQQ__Status__c not in (QuoteStatus.APPROVED, QuoteStatus.DENIED):
+                continue
+            fallback = None
+            if not (quote.SBQQ__ShippingCountry__c or quote.SBQQ__BillingCountry__c):
+                accounts = await self._account_map(
+                    {quote.SBQQ__Account__c or ""} - {""}
+                )
+                account = accounts.get(quote.SBQQ__Account__c or "")
+                fallback = account.country if account else None
+            canonical = quote_from_records(
+                quote, lines, default_currency=self._currency, fallback_country=fallback
+            )
+            if quote.SBQQ__Status__c == QuoteStatus.APPROVED:
+                events.append(QuoteApproved(quote=canonical))
+            else:
+                events.append(QuoteDenied(quote=canonical))
+        return events

@@ -1,0 +1,66 @@
+"""The SOQL subset: what the sandbox parses and what the client builds."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+
+import pytest
+
+from adapters.crm import soql
+
+
+def test_a_full_query_of_the_subset_parses() -> None:
+    """Fields, object, AND-ed equality and IN, ORDER BY and LIMIT are read."""
+    q = soql.parse(
+        "select Id, Name from Account where Name = 'O\\'Hara' and IsDeleted = false"
+        " and Id in ('001a', '001b') and AnnualRevenue = 12.5 and Site = null"
+        " order by Name desc limit 5"
+    )
+    assert q == soql.Query(
+        fields=("Id", "Name"),
+        sobject="Account",
+        where=(
+            soql.Condition(field="Name", values=("O'Hara",)),
+            soql.Condition(field="IsDeleted", values=(False,)),
+            soql.Condition(field="Id", values=("001a", "001b")),
+            soql.Condition(field="AnnualRevenue", values=(Decimal("12.5"),)),
+            soql.Condition(field="Site", values=(None,)),
+        ),
+        order_by="Name",
+        descending=True,
+        limit=5,
+    )
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "SELECT Account.Name FROM Opportunity",
+        "SELECT Id FROM Account WHERE Name = 'a' OR Name = 'b'",
+        "SELECT Id, (SELECT Id FROM Contacts) FROM Account",
+        "SELECT Id FROM Account WHERE Name LIKE 'A%'",
+        "DELETE FROM Account",
+    ],
+)
+def test_text_outside_the_subset_is_refused(text: str) -> None:
+    """Relationship fields, OR, subqueries, LIKE: a malformed query, not a guess."""
+    with pytest.raises(soql.SoqlError):
+        soql.parse(text)
+
+
+def test_select_quotes_values_so_they_parse_back() -> None:
+    """A value with quotes and backslashes survives the round trip."""
+    text = soql.select(
+        "Opportunity",
+        ["Id", "StageName"],
+        {"Name": "it's a \\ deal", "Id": ["006a", "006b"], "IsWon": True},
+        order_by="Id",
+        limit=10,
+    )
+    q = soql.parse(text)
+    assert q.where == (
+        soql.Condition(field="Name", values=("it's a \\ deal",)),
+        soql.Condition(field="Id", values=("006a", "006b")),
+        soql.Condition(field="IsWon", values=(True,)),
+    )
+    assert (q.order_by, q.limit) == ("Id", 10)
