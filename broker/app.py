@@ -277,7 +277,7 @@ class Daemon:
         cfg = self.cfg
         rt = self.runtime
         app = load_tree(cfg.daemon.tree)(rt)
-        self.topology = build_topology(cfg.topology, rt.routes())
+        self.topology = build_topology(rt.topology_config(), rt.routes())
         store = await open_store(cfg)
         try:
             transport = await open_transport(cfg, self.topology)

@@ -67,7 +67,7 @@ async def _topology(cfg: Config) -> None:
     load_tree(cfg.daemon.tree)(rt)
     await declare_topology(
         cfg.amqp.url,
-        build_topology(cfg.topology, rt.routes()),
+        build_topology(rt.topology_config(), rt.routes()),
         management_url=cfg.amqp.management_url,
         apply_policies=cfg.topology.apply_policies,
     )

@@ -205,10 +205,18 @@ def load_config(
 
     try:
         # strict=False lets the string "64" from the environment become 64.
-        return msgspec.convert(raw, Config, strict=False)
+        cfg = msgspec.convert(raw, Config, strict=False)
     except msgspec.ValidationError as exc:
         # e.g. "Expected `int` >= 1 - at `$.amqp.prefetch`"
         raise ConfigError(f"{source}: {exc}") from exc
+    # Every configured system gets its queue without being listed twice.
+    missing = sorted(set(cfg.systems) - set(cfg.topology.systems))
+    if missing:
+        topology = msgspec.structs.replace(
+            cfg.topology, systems=(*cfg.topology.systems, *missing)
+        )
+        cfg = msgspec.structs.replace(cfg, topology=topology)
+    return cfg
 
 
 def _env_value(value: str) -> Any:

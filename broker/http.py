@@ -72,6 +72,7 @@ from broker.errors import (
     BrokerError,
     ConfigError,
     PermanentError,
+    PublishFailed,
     SignatureInvalid,
     TransientError,
     TransportUnavailable,
@@ -94,7 +95,9 @@ __all__ = [
     "HttpServer",
     "RouteHandler",
     "WebhookAccepted",
+    "inbound_message",
     "openapi_document",
+    "publish_inbound",
     "webhook_message_id",
 ]
 
@@ -456,7 +459,32 @@ def _event_type(event: object) -> str:
     return tag.tag
 
 
-def _message(inbound: Inbound) -> OutgoingMessage:
+async def publish_inbound(
+    transport: Transport, events: Sequence[Inbound], *, timeout_s: float
+) -> None:
+    """Publish events taken from a vendor (a poller's, not a webhook's) with confirms.
+
+    The ids are the same as the webhook's would be, so an event seen both
+    ways, or read again after a crash, is one message to the inbox.
+
+    Raises:
+        PublishFailed: not every event was confirmed; nothing may be
+            acknowledged to the vendor side (the file stays, the replay id
+            stays where it was).
+    """
+    if not events:
+        return
+    messages = [inbound_message(inbound) for inbound in events]
+    outcomes = await transport.publish(messages, timeout_s=timeout_s)
+    failed = [o.name for o in outcomes if o is not PublishOutcome.ACK]
+    if failed:
+        raise PublishFailed(
+            f"{len(failed)} of {len(messages)} events not confirmed: "
+            f"{sorted(set(failed))}"
+        )
+
+
+def inbound_message(inbound: Inbound) -> OutgoingMessage:
     """The envelope of one webhook event, ready to publish to ``q2c.events``."""
     event_type = _event_type(inbound.event)
     message_id = webhook_message_id(inbound.source, inbound.id)
@@ -719,7 +747,7 @@ class HttpServer(Actor[None]):
             fields["outcome"] = "echo"
             return _json(WebhookAccepted(accepted=0, message_ids=[]), 202)
 
-        messages = [_message(inbound) for inbound in events]
+        messages = [inbound_message(inbound) for inbound in events]
         try:
             outcomes = await self._transport.publish(
                 messages, timeout_s=self._cfg.publish_timeout_s

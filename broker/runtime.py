@@ -18,11 +18,13 @@ from __future__ import annotations
 
 import functools
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, final
 
+import msgspec
+
 from broker.commit import GroupCommit
-from broker.config import Config
+from broker.config import Config, TopologyConfig
 from broker.connector import WebhookSource
 from broker.faults import CrashHook
 from broker.http import ApiRoute, RouteHandler
@@ -62,6 +64,7 @@ class Runtime:
         # One group commit per workflow, shared by its shards; created when
         # the first shard starts, so it captures the open store.
         self._commits: dict[str, GroupCommit] = {}
+        self._bindings: dict[str, tuple[str, ...]] = {}
         self._store: Store | None = None
         self._transport: Transport | None = None
 
@@ -167,6 +170,26 @@ class Runtime:
             if (other.method, other.path) == (route.method, route.path):
                 raise ValueError(f"route {route.method} {path} is registered twice")
         self.api_routes.append(route)
+
+    def bind_events(self, queue: str, event_types: Sequence[str]) -> None:
+        """Bind *event_types* on ``q2c.events`` to *queue* as well.
+
+        For a system that takes events besides its commands (the CRM re-reads
+        records a change feed announced): its queue ``q2c.sys.<system>`` gets
+        the binding, declared with the rest of the topology.
+        """
+        bound = self._bindings.setdefault(queue, ())
+        self._bindings[queue] = (*bound, *(t for t in event_types if t not in bound))
+
+    def topology_config(self) -> TopologyConfig:
+        """``[topology]`` with the bindings the tree asked for added."""
+        cfg = self.cfg.topology
+        if not self._bindings:
+            return cfg
+        queues = dict(cfg.event_queues)
+        for queue, types in self._bindings.items():
+            queues[queue] = (*queues.get(queue, ()), *types)
+        return msgspec.structs.replace(cfg, event_queues=queues)
 
     def routes(self) -> list[WorkflowRoute]:
         """The registered workflows, as the topology needs them."""

@@ -27,3 +27,12 @@ class Event(Canonical, frozen=True, tag_field="type"):
 
     Tags read ``<domain>.<entity>.<past-tense verb>`` (``ledger.entry.posted``).
     """
+
+    def correlation(self) -> str | None:
+        """The workflow instance this fact belongs to, when the fact itself says.
+
+        A system actor publishes a result under this id, falling back to the
+        command's: a CRM read-back of a quote answers a command filed under
+        the quote, but the approval belongs to the deal of its opportunity.
+        """
+        return None

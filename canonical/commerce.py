@@ -55,7 +55,6 @@ Quantity = Decimal
 LineNumber = Annotated[int, Meta(ge=1, le=999_999)]
 
 
-
 def _check_quantity(quantity: Decimal) -> None:
     check_amount(quantity)
     if quantity <= 0:

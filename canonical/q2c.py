@@ -31,6 +31,7 @@ from canonical.commerce import (
     Shipment,
     Subscription,
 )
+from canonical.ids import deal_of_opportunity
 from canonical.scalars import Money
 
 __all__ = [
@@ -84,6 +85,10 @@ class AccountChanged(Event, frozen=True, kw_only=True, tag="crm.account.changed"
     native_id: str
     changed_fields: tuple[str, ...] = ()
 
+    def correlation(self) -> str:
+        """The account's sync instance."""
+        return self.account.id
+
 
 class CustomerSyncRequested(
     Event, frozen=True, kw_only=True, tag="erp.customer.sync_requested"
@@ -103,6 +108,10 @@ class CustomerSynced(Event, frozen=True, kw_only=True, tag="erp.customer.synced"
     native_id: str
     content_hash: str
 
+    def correlation(self) -> str:
+        """The account's sync instance."""
+        return self.account_id
+
 
 class CustomerChanged(Event, frozen=True, kw_only=True, tag="erp.customer.changed"):
     """The ERP reported a change to a customer (possibly our own write, echoed)."""
@@ -112,12 +121,20 @@ class CustomerChanged(Event, frozen=True, kw_only=True, tag="erp.customer.change
     native_id: str
     content_hash: str
 
+    def correlation(self) -> str:
+        """The account's sync instance."""
+        return self.account.id
+
 
 class ProductChanged(Event, frozen=True, kw_only=True, tag="erp.product.changed"):
     """The ERP (product master) created or changed a product or its prices."""
 
     product: Product
     prices: tuple[PriceBookEntry, ...] = ()
+
+    def correlation(self) -> str:
+        """The product's sync instance (its SKU)."""
+        return self.product.sku
 
 
 class ProductSyncRequested(
@@ -134,6 +151,10 @@ class ProductSynced(Event, frozen=True, kw_only=True, tag="cpq.product.synced"):
 
     sku: str
     native_id: str
+
+    def correlation(self) -> str:
+        """The product's sync instance (its SKU)."""
+        return self.sku
 
 
 class RecordReadRequired(
@@ -156,11 +177,19 @@ class OpportunityCreated(
 
     opportunity: Opportunity
 
+    def correlation(self) -> str:
+        """The deal the opportunity starts."""
+        return deal_of_opportunity(self.opportunity.id)
+
 
 class QuoteApproved(Event, frozen=True, kw_only=True, tag="cpq.quote.approved"):
     """The CPQ approved a quote; the primary one goes to order."""
 
     quote: Quote
+
+    def correlation(self) -> str:
+        """The deal of the quote's opportunity."""
+        return deal_of_opportunity(self.quote.opportunity_id)
 
 
 class QuoteDenied(Event, frozen=True, kw_only=True, tag="cpq.quote.denied"):
@@ -168,6 +197,10 @@ class QuoteDenied(Event, frozen=True, kw_only=True, tag="cpq.quote.denied"):
 
     quote: Quote
     reason: Text = ""
+
+    def correlation(self) -> str:
+        """The deal of the quote's opportunity."""
+        return deal_of_opportunity(self.quote.opportunity_id)
 
 
 class OrderBookingRequested(

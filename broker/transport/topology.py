@@ -204,7 +204,8 @@ def build_topology(cfg: TopologyConfig, workflows: Sequence[WorkflowRoute]) -> T
     )
 
     for queue, event_types in sorted(cfg.event_queues.items()):
-        queues.append(QueueSpec(name=queue, arguments=quorum))
+        if all(q.name != queue for q in queues):  # a system's queue is declared
+            queues.append(QueueSpec(name=queue, arguments=quorum))
         bindings.extend(
             BindingSpec(source=EVENTS_EXCHANGE, destination=queue, routing_key=t)
             for t in event_types

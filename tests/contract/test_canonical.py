@@ -120,3 +120,14 @@ def test_upcaster_brings_an_old_version_to_the_current_shape() -> None:
 def test_event_data_carries_its_type_tag() -> None:
     for tag, sample in SAMPLES.items():
         assert msgspec.json.decode(encode_event(sample))["type"] == tag
+
+
+def test_facts_name_the_instance_they_belong_to() -> None:
+    deal = "deal-006Hn00000A1b2cIAB"
+    assert SAMPLES["crm.opportunity.created"].correlation() == deal
+    assert SAMPLES["cpq.quote.approved"].correlation() == deal
+    assert SAMPLES["cpq.quote.denied"].correlation() == deal
+    assert SAMPLES["crm.account.changed"].correlation() == "acct-001Hn00000XyZ12IAB"
+    assert SAMPLES["erp.customer.synced"].correlation() == "acct-001Hn00000XyZ12IAB"
+    assert SAMPLES["erp.product.changed"].correlation() == "SAAS-FLEET-PRO"
+    assert SAMPLES["erp.order.booked"].correlation() is None  # the command's
