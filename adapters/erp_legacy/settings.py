@@ -1,0 +1,83 @@
+"""Settings of the legacy ERP connection, from the config's ``[systems.erp-legacy]``."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any
+
+import msgspec
+from msgspec import Meta
+
+from adapters.erp_legacy.idocxml import DEFAULT_MAX_BYTES
+from broker.errors import ConfigError
+
+__all__ = ["LegacyErpSettings"]
+
+# SAP port and partner names are at most ten characters (EDIPOA, EDIPRN).
+_SapName = Annotated[str, Meta(pattern="^[A-Z0-9_/]{1,10}$")]
+
+
+class LegacyErpSettings(
+    msgspec.Struct,
+    frozen=True,
+    kw_only=True,
+    forbid_unknown_fields=True,
+    rename="kebab",
+):
+    """Where the IDoc files go and come from, and who we are in the control record.
+
+    Attributes:
+        outbound_dir: the broker writes ORDERS05 here (the ERP's file port reads it).
+        inbound_dir: the ERP drops ORDRSP, DESADV and INVOIC02 here.
+        client: ``MANDT`` of the ERP.
+        sender_port / sender_partner_type / sender_partner: ``SNDPOR`` /
+            ``SNDPRT`` / ``SNDPRN``: the broker as the ERP's partner profile
+            (WE20) knows it.
+        receiver_port / receiver_partner_type / receiver_partner: ``RCVPOR``
+            / ``RCVPRT`` / ``RCVPRN``: the ERP's port and logical system.
+        max_pending_files: the connector refuses to write (retry later) while
+            this many IDocs wait unread in ``outbound_dir``: the file port is
+            a queue too, and it must stay bounded.
+        max_file_bytes: inbound files above this size are failed unread.
+        poll_interval_s / settle_s / batch: the inbound poller's pace.
+    """
+
+    outbound_dir: str
+    inbound_dir: str
+    client: Annotated[str, Meta(pattern="^[0-9]{3}$")] = "100"
+    sender_port: _SapName = "Q2CBROKER"
+    sender_partner_type: _SapName = "LS"
+    sender_partner: _SapName = "Q2CBROKER"
+    receiver_port: _SapName = "SAPLEG"
+    receiver_partner_type: _SapName = "LS"
+    receiver_partner: _SapName = "LEGACYERP"
+    max_pending_files: Annotated[int, Meta(ge=1)] = 1000
+    max_file_bytes: Annotated[int, Meta(ge=1024)] = DEFAULT_MAX_BYTES
+    poll_interval_s: Annotated[float, Meta(gt=0)] = 1.0
+    settle_s: Annotated[float, Meta(ge=0)] = 0.5
+    batch: Annotated[int, Meta(ge=1, le=1000)] = 32
+
+    @property
+    def outbound(self) -> Path:
+        """`outbound_dir` as a path."""
+        return Path(self.outbound_dir)
+
+    @property
+    def inbound(self) -> Path:
+        """`inbound_dir` as a path."""
+        return Path(self.inbound_dir)
+
+    @classmethod
+    def from_table(
+        cls, table: Mapping[str, Any], *, name: str = "erp-legacy"
+    ) -> LegacyErpSettings:
+        """Convert the ``[systems.<name>]`` table.
+
+        Raises:
+            ConfigError: naming the table and the offending key.
+        """
+        try:
+            return msgspec.convert(dict(table), cls, strict=False)
+        except msgspec.ValidationError as exc:
+            raise ConfigError(f"[systems.{name}]: {exc}") from exc
