@@ -29,6 +29,8 @@ __all__ = ["ChangeFeed", "PushTarget"]
 _ENCODER = msgspec.json.Encoder(decimal_format="number")
 _MAX_BACKOFF_S = 30.0
 _MAX_OUTBOX = 1000
+#: Events per push at most (a CometD batch).
+_PUSH_BATCH = 100
 _MAX_WAIT_S = 30.0
 
 
@@ -134,16 +136,27 @@ class ChangeFeed:
         return out
 
     async def relay(self) -> None:
-        """Deliver queued events one at a time, in order, until cancelled."""
+        """Deliver queued events in order until cancelled.
+
+        Events that queued up while a delivery was in flight go together in
+        the next one, as a JSON array of CometD messages (at most
+        `_PUSH_BATCH`), the way a CometD client receives them.
+        """
         async with aiohttp.ClientSession() as session:
             while True:
                 while not self._outbox:
                     self._outbox_ready.clear()
                     await self._outbox_ready.wait()
-                await self._push(session, self._outbox.popleft())
+                n = min(len(self._outbox), _PUSH_BATCH)
+                batch = [self._outbox.popleft() for _ in range(n)]
+                await self._push(session, batch)
 
-    async def _push(self, session: aiohttp.ClientSession, record: ChangeRecord) -> None:
-        body = _ENCODER.encode(record.cometd())
+    async def _push(
+        self, session: aiohttp.ClientSession, records: list[ChangeRecord]
+    ) -> None:
+        body = _ENCODER.encode(
+            records[0].cometd() if len(records) == 1 else [r.cometd() for r in records]
+        )
         attempt = 0
         while True:
             target = self._target()
@@ -151,11 +164,11 @@ class ChangeFeed:
                 return
             attempt += 1
             if await self._post(session, target, body):
-                self._counts["push_sent"] += 1
+                self._counts["push_sent"] += len(records)
                 return
             self._counts["push_failed_attempts"] += 1
             if attempt >= target.max_attempts:
-                self._counts["push_dropped"] += 1
+                self._counts["push_dropped"] += len(records)
                 return
             delay = min(target.backoff_s * 2 ** (attempt - 1), _MAX_BACKOFF_S)
             await anyio.sleep(delay)
