@@ -238,6 +238,9 @@ class OrderBook:
         elif sold_to and self._partners.customers[sold_to].OrderIsBlockedForCustomer:
             text = f"Sold-to party {sold_to} is blocked for sales orders"
             problems.append(od.detail("025", text, "SoldToParty"))
+        elif order.PurchaseOrderByCustomer in self._knobs.refuse_refs:
+            text = f"Credit limit exceeded for sold-to party {sold_to}"
+            problems.append(od.detail("027", text, "SoldToParty"))
         problems.extend(self._item_problems(expanded(order.to_Item)))
         return problems
 
@@ -458,7 +461,11 @@ class OrderBook:
                 EventRaisedDateTime=datetime.now(UTC),
             )
             await self._pusher.deliver(self._event(OUTBOUND_DELIVERY_CREATED, delivery))
-        billed = (order.TotalNetAmount or Decimal(0)) + self._knobs.invoice_delta
+        billed = (
+            (order.TotalNetAmount or Decimal(0))
+            + self._knobs.invoice_delta
+            + self._knobs.invoice_deltas.get(order.PurchaseOrderByCustomer or "", 0)
+        )
         billing = BillingDocumentEventData(
             BillingDocument=self._document_number(90_000_000),
             BillingDocumentType="F2",

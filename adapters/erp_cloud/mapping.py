@@ -498,15 +498,24 @@ def invoice_issued(
     )
 
 
+#: The product type the tenant uses for products billed per period.
+SUBSCRIPTION_TYPE = "ZSUB"
+
+
 def catalogue_entry(
     product: A_Product, *, default_currency: str
 ) -> tuple[Product, PriceBookEntry | None]:
-    """A product of ``API_PRODUCT_SRV`` and its price book entry (None: unpriced)."""
+    """A product of ``API_PRODUCT_SRV`` and its price book entry (None: unpriced).
+
+    Product type ``SERV``/``DIEN`` is a service and ``ZSUB`` (the tenant's own
+    type for subscriptions) is billed per period; neither ships.
+    """
     canonical = Product(
         sku=product.Product,
         name=product.ProductDescription or product.Product,
         family=product.ProductGroup or "UNGROUPED",
-        physical=product.ProductType not in ("SERV", "DIEN"),
+        recurring=product.ProductType == SUBSCRIPTION_TYPE,
+        physical=product.ProductType not in ("SERV", "DIEN", SUBSCRIPTION_TYPE),
         active=not product.IsMarkedForDeletion,
     )
     if product.ListPrice is None:

@@ -97,6 +97,9 @@ class Knobs(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
         fulfilment_delay_s: between the order event and the delivery and
             billing events.
         invoice_delta: added to the billed amount (invoice mismatch).
+        invoice_deltas: per customer reference, added to that order's bill.
+        refuse_refs: customer references whose orders are refused with a
+            business error (order fallout).
     """
 
     latency_s: NonNegative = 0.0
@@ -112,6 +115,8 @@ class Knobs(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     push_backoff_s: NonNegative = 0.5
     fulfilment_delay_s: NonNegative = 0.0
     invoice_delta: Decimal = Decimal(0)
+    invoice_deltas: dict[str, Decimal] = {}
+    refuse_refs: frozenset[str] = frozenset()
 
 
 @dataclass(kw_only=True)

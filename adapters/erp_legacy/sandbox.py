@@ -25,7 +25,7 @@ from __future__ import annotations
 import random
 import textwrap
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
@@ -71,12 +71,16 @@ class Knobs:
             (seeded, so a run is repeatable).
         outage: stop reading the outbound folder; files wait there.
         invoice_delta: added to each invoice's amount (an invoice mismatch).
+        refuse_refs: customer PO references whose orders are refused.
+        invoice_deltas: per customer PO reference, added to that order's invoice.
     """
 
     latency_s: float = 0.0
     error_rate: float = 0.0
     outage: bool = False
     invoice_delta: Decimal = Decimal(0)
+    refuse_refs: frozenset[str] = frozenset()
+    invoice_deltas: dict[str, Decimal] = field(default_factory=dict)
 
 
 class SandboxState(msgspec.Struct, frozen=True, kw_only=True):
@@ -293,7 +297,10 @@ class LegacyErpSandbox:
             self._counts.duplicates += 1
             note = f"Order {existing.number} already exists for customer reference {po}"
             return [self._ordrsp(order, existing.number, None, [note])]
-        if self._random.random() < self.knobs.error_rate:
+        if (
+            po in self.knobs.refuse_refs
+            or self._random.random() < self.knobs.error_rate
+        ):
             self._counts.rejected += 1
             return [self._ordrsp(order, None, REFUSED, ["Order refused by the ERP"])]
         number = f"{self._numbers.next('order'):010d}"
@@ -437,7 +444,7 @@ class LegacyErpSandbox:
         header = order.e1edk01 or v.E1EDK01()
         invoice = f"{self._numbers.next('invoice'):010d}"
         today = self._today()
-        delta = self.knobs.invoice_delta
+        delta = self.knobs.invoice_delta + self.knobs.invoice_deltas.get(po, Decimal(0))
         items = []
         for position, item in enumerate(order.e1edp01):
             net = _item_net(item) + (delta if position == 0 else 0)
