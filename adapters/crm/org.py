@@ -212,18 +212,23 @@ class Org:
                     "INVALID_FIELD",
                     f"No such column '{name}' on entity '{spec.name}'.",
                 )
-        rows = [
-            {**rec, **self._derived(spec.name, rec)}
-            for rec in self._records[spec.name].values()
-            if deleted or not rec.get("IsDeleted")
-        ]
-        rows = [
-            r
-            for r in rows
-            if all(
-                any(_matches(r.get(c.field), v) for v in c.values) for c in query.where
-            )
-        ]
+        rows: list[dict[str, Any]] = []
+        for rec in self._records[spec.name].values():
+            if not deleted and rec.get("IsDeleted"):
+                continue
+            # Derived fields are computed only for rows that need them.
+            full: dict[str, Any] | None = None
+            for c in query.where:
+                if c.field in rec:
+                    value = rec[c.field]
+                else:
+                    if full is None:
+                        full = {**rec, **self._derived(spec.name, rec)}
+                    value = full.get(c.field)
+                if not any(_matches(value, v) for v in c.values):
+                    break
+            else:
+                rows.append(full or {**rec, **self._derived(spec.name, rec)})
         if query.order_by:
             order_by = query.order_by
             rows.sort(
@@ -619,6 +624,8 @@ def _matches(value: Any, literal: soql.Literal) -> bool:
         )
     if not isinstance(value, str):
         return False
+    if value[:15].lower() != literal[:15].lower():
+        return False  # cheap: neither an equal id nor equal text
     if is_id(literal) and is_id(value):
         return to_id18(value) == to_id18(literal)
     # SOQL compares text case-insensitively.

@@ -7,6 +7,7 @@ fields of each object are those of its view in `adapters.crm.views` or
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
@@ -85,13 +86,19 @@ class ObjectSpec:
     @property
     def fields(self) -> frozenset[str]:
         """Every field a query may select."""
-        names = {f.encode_name for f in msgspec.structs.fields(self.view)}
-        return frozenset(names - {"attributes"})
+        return _field_names(self.view)
 
     @property
     def writable(self) -> frozenset[str]:
         """Fields a create or update may set."""
         return self.fields - _ALWAYS_READ_ONLY - self.read_only
+
+
+@functools.cache
+def _field_names(view: type[SObject]) -> frozenset[str]:
+    """The view's wire names (resolving a Struct's annotations is slow: once)."""
+    names = {f.encode_name for f in msgspec.structs.fields(view)}
+    return frozenset(names - {"attributes"})
 
 
 _ADDRESSES = frozenset({"BillingAddress", "ShippingAddress", "MailingAddress"})
