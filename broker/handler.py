@@ -93,17 +93,25 @@ class DaemonControl:
         return {"restarted": actor_id}
 
     async def trace(self, correlation_id: str) -> dict[str, Any]:
-        """The journal of one correlation id and its workflow states."""
+        """The journal of one correlation id, its workflow states and holds.
+
+        A workflow instance that is held shows ``held_by``: the id of the
+        parked message its later messages wait behind.
+        """
         rt = self._d.runtime
         journal = await rt.store.journal(correlation_id)
         sagas: dict[str, Any] = {}
         for name in rt.workflows:
-            rec = await rt.store.load_saga(name, correlation_id)
+            read = await rt.store.prepare_batch(name, [], name, [correlation_id])
+            rec = read.sagas.get(correlation_id)
+            held_by = read.holds.get(correlation_id)
             if rec is not None:
                 sagas[name] = {
                     "version": rec.version,
                     "state": msgspec.json.decode(rec.state),
                 }
+            if held_by is not None:
+                sagas.setdefault(name, {})["held_by"] = held_by
         return {
             "correlation_id": correlation_id,
             "sagas": sagas,

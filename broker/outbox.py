@@ -5,9 +5,12 @@ committed a batch hands the new rows over in memory (`OutboxFeed`), so a
 message is published within milliseconds of its commit. The recovery path:
 a poller leases rows whose writer's lease ran out (the writer crashed, the
 relay restarted, a publish was not confirmed) with ``FOR UPDATE SKIP
-LOCKED``. Either way a row is marked sent only after the broker confirmed
-it; a crash between the confirm and the mark republishes it with the same
-``message_id``, and the receiver's inbox drops the duplicate.
+LOCKED``, and rows that just fell due: delayed emits (durable timers) are
+never leased to their writer, so only the poller publishes them, within
+``relay-poll-s`` of their time. Either way a row is marked sent only after
+the broker confirmed it; a crash between the confirm and the mark
+republishes it with the same ``message_id``, and the receiver's inbox drops
+the duplicate.
 
 Outcomes: ACK → mark sent; NACK (queue full) → retry with growing delay;
 INDETERMINATE (timeout, connection lost) → retry soon; RETURNED
@@ -190,7 +193,13 @@ class OutboxRelay(Actor[None]):
                 continue
             backoff.reset()
             if rows:
-                ctx.log.info("outbox_rows_recovered", rows=len(rows))
+                # Leased once before (by a writer or a relay): a recovery.
+                # Never leased: a delayed row, or a replay, that fell due.
+                recovered = sum(1 for r in rows if r.attempts > 1)
+                if recovered:
+                    ctx.log.info("outbox_rows_recovered", rows=recovered)
+                if len(rows) > recovered:
+                    ctx.log.debug("outbox_rows_due", rows=len(rows) - recovered)
                 await self._publish(rows, ctx)
             if len(rows) < self._core.relay_batch:
                 await anyio.sleep(self._core.relay_poll_s)

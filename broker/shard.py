@@ -5,13 +5,15 @@ sees one deal's messages in order) and handles what arrived as one batch:
 
 1. decode every delivery with reused decoders; anything undecodable,
    oversize, of unknown type or schema-invalid is dead-lettered in the same
-   transaction, never retried;
+   transaction, never retried (in an ordered workflow, one whose envelope
+   decoded holds its instance, see `broker.commit`);
 2. hand the batch to the workflow's `GroupCommit`, which writes it (with
    the other shards' batches that arrive meanwhile) in one atomic write:
    idempotency keys claimed (duplicates skipped and counted), the events
-   applied in delivery order, states saved at their expected versions,
-   outbox rows (what follows, retries, dead-letter copies), dead letters
-   and the journal;
+   applied in delivery order (or held behind a parked message of their
+   instance), states saved at their expected versions, outbox rows (what
+   follows, retries, dead-letter copies), dead letters, held messages and
+   the journal;
 3. hand the new outbox rows to the relay, then acknowledge the whole batch
    with one multiple-ack.
 
@@ -150,9 +152,15 @@ class WorkflowShard(Actor[None]):
                 envelope = decode_envelope(
                     d.body, max_bytes=max_bytes, content_type=d.content_type
                 )
-                items.append(Item(d, envelope, self._decoders.decode_data(envelope)))
             except PermanentError as exc:
                 bad.append((d, exc))
+                continue
+            try:
+                items.append(Item(d, envelope, self._decoders.decode_data(envelope)))
+            except PermanentError as exc:
+                # Its envelope names its instance: dead-lettered in its place
+                # in the batch, it may hold the messages behind it.
+                items.append(Item(d, envelope, None, error=exc))
         self._metrics.received.labels(self._queue).inc(len(deliveries))
         redelivered = sum(1 for d in deliveries if d.redelivered)
         if redelivered:
@@ -185,6 +193,8 @@ class WorkflowShard(Actor[None]):
             duplicates=outcome.duplicates,
             retried=outcome.retried,
             dead_lettered=len(outcome.dead),
+            held=outcome.held,
+            released=outcome.released,
             group=outcome.group,
             duration_ms=round(elapsed * 1000, 2),
             commit_ms=round((committed - decoded) * 1000, 2),

@@ -7,6 +7,16 @@ around it: deduplication, loading and saving state with a version check,
 writing the outbox, retries and dead letters, all in one transaction per
 batch. Keeping ``apply`` free of I/O is what lets a batch of hundreds of
 messages commit in one round trip, and what makes redelivery safe.
+
+Two things a workflow may ask of the engine besides: an `Emit` with
+``delay_s`` is a durable timer (the message is written with the batch and
+published once due, across restarts); and a workflow whose class sets
+``ordered = True`` keeps each instance's messages in order across failures:
+while one of its messages is parked (dead-lettered or waiting in a retry
+tier), the instance's later messages are held, and applied after it once
+it goes through (see `broker.commit`). Without it, a parked message does
+not stop the messages behind it, which suits workflows whose events
+commute (a ledger), not a deal.
 """
 
 from __future__ import annotations
@@ -18,7 +28,7 @@ import msgspec
 
 from canonical.envelope import Envelope
 
-__all__ = ["Emit", "Workflow", "Applied"]
+__all__ = ["Emit", "Workflow", "Applied", "is_ordered"]
 
 S = TypeVar("S")
 
@@ -34,6 +44,9 @@ class Emit(msgspec.Struct, frozen=True, kw_only=True):
         key_suffix: distinguishes several emits of one event type caused by
             one message; the idempotency key is derived from the cause's key,
             so a replayed cause yields the same keys downstream.
+        delay_s: publish no earlier than this many seconds after the batch
+            commits: a timer that survives restarts (it is an outbox row).
+            It fires within about ``[core] relay-poll-s`` of falling due.
     """
 
     event: Any
@@ -41,6 +54,7 @@ class Emit(msgspec.Struct, frozen=True, kw_only=True):
     routing_key: str | None = None
     subject: str | None = None
     key_suffix: str = ""
+    delay_s: float = 0.0
 
 
 class Applied(msgspec.Struct, Generic[S], frozen=True):
@@ -58,6 +72,9 @@ class Workflow(Protocol[S]):
     message through the retry tiers and, after the last attempt, to the
     dead letters. It must not do I/O: it may run again for the same message
     if the batch's transaction is retried.
+
+    A class attribute ``ordered = True`` (optional, see the module
+    docstring) holds an instance's later messages while one is parked.
     """
 
     @property
@@ -82,3 +99,8 @@ class Workflow(Protocol[S]):
     def apply(self, state: S, event: Any, envelope: Envelope) -> Applied[S]:
         """Apply one event to one instance's state."""
         ...
+
+
+def is_ordered(workflow: object) -> bool:
+    """Whether *workflow* holds an instance's later messages behind a parked one."""
+    return getattr(workflow, "ordered", False) is True

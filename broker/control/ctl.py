@@ -107,8 +107,10 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
     dlq = commands.add_parser("dlq", help="dead letters: list, show, replay, purge")
     actions = dlq.add_subparsers(dest="action", metavar="ACTION", required=True)
 
-    listing = actions.add_parser("list", help="list dead letters, newest first")
-    _add_filters(listing)
+    listing = actions.add_parser(
+        "list", help="list dead letters (parked and held), newest first"
+    )
+    _add_filters(listing, status="open")
     show = actions.add_parser("show", help="one dead letter, body included")
     show.add_argument("id", type=_positive(int))
 
@@ -143,16 +145,18 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
     return parser, {"replay": replay, "purge": purge}
 
 
-def _add_filters(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--reason", help="e.g. malformed, schema_invalid, rejected")
+def _add_filters(parser: argparse.ArgumentParser, *, status: str = "parked") -> None:
+    parser.add_argument(
+        "--reason", help="e.g. malformed, schema_invalid, rejected, held"
+    )
     parser.add_argument("--queue")
     parser.add_argument("--type", help="canonical event type, e.g. order.placed")
     parser.add_argument("--correlation-id")
     parser.add_argument(
         "--status",
-        choices=("parked", "replayed", "purged", "any"),
-        default="parked",
-        help="(default: parked)",
+        choices=("parked", "held", "released", "replayed", "purged", "open", "any"),
+        default=status,
+        help=f"open = parked or held (default: {status})",
     )
     parser.add_argument("--limit", metavar="N", type=_positive(int), default=100)
 
@@ -249,23 +253,37 @@ def _actor_tree(root: dict[str, Any]) -> str:
 
 
 def _letters(letters: list[Any], limit: int) -> str:
+    """The dead-letter table.
+
+    A STATUS column appears when any letter listed is not simply parked, so
+    that held messages (waiting behind a parked one of their instance) stand
+    out from the letters an operator has to act on.
+    """
     if not letters:
         return "no dead letters match"
+    shown = [letter for letter in letters if isinstance(letter, dict)]
+    status = any(letter.get("status", "parked") != "parked" for letter in shown)
     rows = [
         [
             _cell(letter.get("id")),
+            *([_cell(letter.get("status"))] if status else []),
             _cell(letter.get("reason")),
             _cell(letter.get("queue")),
             _cell(letter.get("type")),
             _cell(letter.get("attempts")),
             _when(letter.get("last_seen")),
         ]
-        for letter in letters
-        if isinstance(letter, dict)
+        for letter in shown
     ]
-    table = _table(["ID", "REASON", "QUEUE", "TYPE", "ATTEMPTS", "LAST SEEN"], rows)
+    headers = ["ID", *(["STATUS"] if status else [])]
+    headers += ["REASON", "QUEUE", "TYPE", "ATTEMPTS", "LAST SEEN"]
+    table = _table(headers, rows)
     more = " (limit reached: raise --limit to see more)" if len(rows) >= limit else ""
-    return f"{table}\n{len(rows)} dead letter{'s' if len(rows) != 1 else ''}{more}"
+    held = sum(1 for letter in shown if letter.get("status") == "held")
+    tail = f", {held} held" if held else ""
+    return (
+        f"{table}\n{len(rows)} dead letter{'s' if len(rows) != 1 else ''}{tail}{more}"
+    )
 
 
 def _ids(verb: str, done: str, ids: list[Any], *, dry_run: bool) -> str:

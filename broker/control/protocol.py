@@ -56,7 +56,8 @@ __all__ = [
 ErrorCode = Literal[
     "bad_request", "unknown_command", "not_found", "too_large", "forbidden", "failed"
 ]
-LetterStatus = Literal["parked", "replayed", "purged"]
+#: A dead letter's status, or ``open``: parked and held alike.
+LetterStatus = Literal["parked", "held", "released", "replayed", "purged", "open"]
 Text = Annotated[str, Meta(min_length=1, max_length=512)]
 RowId = Annotated[int, Meta(ge=1)]
 
@@ -93,7 +94,9 @@ class ActorsRequest(_Command, frozen=True, tag="actors"):
 class _Selection(_Command, frozen=True):
     """Which dead letters a DLQ command applies to (every set field must match).
 
-    ``status`` defaults to ``parked``; send ``null`` to match any status.
+    ``status`` defaults to ``parked``; send ``null`` to match any status, or
+    ``open`` for parked and held ones (messages waiting behind a parked one
+    of their workflow instance).
     """
 
     ids: Annotated[tuple[RowId, ...], Meta(max_length=10_000)] = ()

@@ -8,6 +8,14 @@ claimed and the instances' states; `Store.commit_batch` then writes
 everything the batch decided as one `BatchWrite`, atomically, and raises
 `ConcurrencyConflict` (writing nothing) if another writer got there first.
 
+Besides inbox keys, states, outbox rows, dead letters and the journal, a
+batch carries the *holds* of ordered workflows: an instance whose message
+was parked (dead-lettered or sent to retry) is held by that message, and its
+later messages are recorded as dead letters of status ``held`` instead of
+being applied, until the blocker is applied or purged (see `broker.commit`).
+Outbox rows may be delayed (`OutboxRecord.delay_s`), and the cross-reference
+registry (`broker.xref`) lives here too.
+
 Every driver exception is translated where the driver is called:
 `StoreUnavailable` (retry later) or a bug.
 """
@@ -19,6 +27,8 @@ from datetime import date, datetime
 from typing import Any, Literal, Protocol
 
 import msgspec
+
+from broker.xref import XrefConflict, XrefEntry
 
 __all__ = [
     "InboxKey",
@@ -33,10 +43,21 @@ __all__ = [
     "JournalRow",
     "BatchRead",
     "BatchWrite",
+    "HoldWrite",
+    "DeadLetterStatus",
+    "StatusFilter",
+    "XrefEntry",
+    "XrefConflict",
     "Store",
 ]
 
-DeadLetterStatus = Literal["parked", "replayed", "purged"]
+#: ``parked``: waits for an operator; ``held``: waits behind a parked message
+#: of its instance; ``released``: a held message sent on again; ``replayed``
+#: and ``purged``: an operator's decisions.
+DeadLetterStatus = Literal["parked", "held", "released", "replayed", "purged"]
+
+#: A filter's status: one status, or ``open`` for parked and held alike.
+StatusFilter = Literal["parked", "held", "released", "replayed", "purged", "open"]
 
 
 class InboxKey(msgspec.Struct, frozen=True, kw_only=True, gc=False):
@@ -79,6 +100,10 @@ class OutboxRecord(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     correlation_id: str | None = None
     type: str | None = None
     headers: dict[str, str | int] = {}
+    #: Publish no earlier than this many seconds after the commit. A delayed
+    #: row is not leased to its writer (the fast path never sees it): the
+    #: relay's poller publishes it once due.
+    delay_s: float = 0.0
 
 
 class OutboxRow(msgspec.Struct, frozen=True, kw_only=True, gc=False):
@@ -132,6 +157,8 @@ class DeadLetterRow(msgspec.Struct, frozen=True, kw_only=True):
     replays: int
     first_seen: datetime
     last_seen: datetime
+    #: The workflow whose instance a held message waits in (else None).
+    workflow: str | None = None
 
 
 class DeadLetterFilter(msgspec.Struct, frozen=True, kw_only=True):
@@ -142,7 +169,7 @@ class DeadLetterFilter(msgspec.Struct, frozen=True, kw_only=True):
     queue: str | None = None
     type: str | None = None
     correlation_id: str | None = None
-    status: DeadLetterStatus | None = "parked"
+    status: StatusFilter | None = "parked"
     limit: int = 100
 
 
@@ -175,10 +202,38 @@ class BatchRead(msgspec.Struct, frozen=True, kw_only=True):
     claimed: frozenset[str]
     #: The stored state of the given instances that exist.
     sagas: dict[str, SagaRecord]
+    #: Correlation id → the message id that holds the instance, for the
+    #: given instances that are held.
+    holds: dict[str, str] = {}
+
+
+class HoldWrite(msgspec.Struct, frozen=True, kw_only=True, gc=False):
+    """A change to one instance's hold, checked like a saga's version.
+
+    ``expected`` None creates the hold, ``message_id`` None clears it, both
+    set moves it to another blocker (or, equal, checks that it is still
+    there); *expected* must be what is stored.
+    """
+
+    correlation_id: str
+    message_id: str | None
+    expected: str | None = None
 
 
 class BatchWrite(msgspec.Struct, frozen=True, kw_only=True):
-    """Everything one batch writes, committed atomically by `Store.commit_batch`."""
+    """Everything one batch writes, committed atomically by `Store.commit_batch`.
+
+    Attributes:
+        held: messages held behind a parked one, in arrival order: stored
+            as dead letters of status ``held`` (reason ``held``) in the
+            instance of ``workflow`` named by their ``correlation_id``; one
+            already held keeps its place.
+        holds: instances that become held, move to another blocker, or are
+            released.
+        released: message ids of held dead letters now taken out of the hold
+            (status ``released``).
+        xref: cross-reference entries to upsert (see `broker.xref`).
+    """
 
     consumer: str
     workflow: str
@@ -187,6 +242,10 @@ class BatchWrite(msgspec.Struct, frozen=True, kw_only=True):
     outbox: Sequence[OutboxRecord] = ()
     dead_letters: Sequence[DeadLetterRecord] = ()
     journal: Sequence[JournalRecord] = ()
+    held: Sequence[DeadLetterRecord] = ()
+    holds: Sequence[HoldWrite] = ()
+    released: Sequence[str] = ()
+    xref: Sequence[XrefEntry] = ()
 
 
 class Store(Protocol):
@@ -208,24 +267,56 @@ class Store(Protocol):
         ...
 
     async def commit_batch(self, write: BatchWrite) -> list[OutboxRow]:
-        """Write a whole batch atomically, in one round trip; return the outbox rows.
+        """Write a whole batch atomically, in one round trip.
 
         Claims every key (all must be new; a key repeated in *write* counts
-        once), creates or updates every instance at its expected version, and
-        inserts the outbox rows (leased to this writer, ids in input order),
-        dead letters (upserted by message id: attempts add up, also within
-        *write*) and journal entries (in order).
+        once), creates or updates every instance at its expected version,
+        writes the holds at their expected blockers, marks released held
+        messages, and inserts the outbox rows (ids in input order), dead
+        letters (upserted by message id: attempts add up, also within
+        *write*), held messages (in order), journal entries (in order) and
+        xref entries.
+
+        Returns:
+            The outbox rows leased to this writer, for the relay's fast path:
+            every row of *write* except the delayed ones.
 
         Raises:
-            ValueError: one instance appears twice in ``write.sagas``.
-            ConcurrencyConflict: a key was claimed or an instance changed since
+            ValueError: one instance appears twice in ``write.sagas`` or
+                ``write.holds``.
+            XrefConflict: an xref entry binds a native id that belongs to
+                another canonical id; nothing was written.
+            ConcurrencyConflict: a key was claimed, an instance or a hold
+                changed, or a held message was released since
                 `prepare_batch`; nothing was written.
             StoreUnavailable: the database is unreachable or asked us to retry.
         """
         ...
 
+    async def held_messages(
+        self, workflow: str, correlation_ids: Sequence[str], *, limit_each: int
+    ) -> list[DeadLetterRow]:
+        """The held messages of the given instances: by instance, in arrival order.
+
+        At most *limit_each* per instance.
+        """
+        ...
+
+    async def sweep_holds(self, *, limit: int = 1000) -> int:
+        """Release what nothing blocks any more; return how many instances moved on.
+
+        A hold whose blocker was purged, and held messages whose instance
+        has no hold (a race between two writers), are handed on: the first
+        held message becomes the blocker and is sent back to its queue.
+        """
+        ...
+
     async def claim_outbox(self, *, limit: int, lease_s: float) -> list[OutboxRow]:
-        """Lease unsent rows whose lease ran out (or never was), oldest first."""
+        """Lease due unsent rows whose lease ran out (or never was), longest due first.
+
+        A row is due once its delay (`OutboxRecord.delay_s`) or reschedule
+        has passed; rows due in the future cost the query nothing.
+        """
         ...
 
     async def mark_sent(self, ids: Sequence[int]) -> None:
@@ -258,7 +349,36 @@ class Store(Protocol):
     async def purge_dead_letters(
         self, flt: DeadLetterFilter, *, dry_run: bool
     ) -> list[int]:
-        """Mark matching dead letters purged (bodies dropped); return their ids."""
+        """Mark matching dead letters purged (bodies dropped); return their ids.
+
+        A purged message that held an instance hands the hold on to the
+        instance's first held message, which is sent back to its queue (or
+        clears it when nothing is held), in the same transaction.
+        """
+        ...
+
+    async def xref_put(self, entries: Sequence[XrefEntry]) -> None:
+        """Upsert cross-reference entries, all or none.
+
+        Raises:
+            XrefConflict: a native id is bound to another canonical id.
+        """
+        ...
+
+    async def xref_get(self, kind: str, canonical_id: str) -> dict[str, XrefEntry]:
+        """System → entry, for every system that knows this canonical object."""
+        ...
+
+    async def xref_find(
+        self, kind: str, system: str, native_id: str
+    ) -> XrefEntry | None:
+        """The entry binding this native id, if any."""
+        ...
+
+    async def xref_many(
+        self, kind: str, canonical_ids: Sequence[str]
+    ) -> dict[str, dict[str, XrefEntry]]:
+        """Canonical id → system → entry, for those of *canonical_ids* that have any."""
         ...
 
     async def load_saga(self, workflow: str, correlation_id: str) -> SagaRecord | None:
@@ -272,11 +392,14 @@ class Store(Protocol):
         ...
 
     async def prune(self, *, retention_days: int) -> dict[str, int]:
-        """Drop inbox partitions and sent outbox rows older than the retention."""
+        """Drop inbox partitions and sent outbox rows older than the retention.
+
+        Also runs `sweep_holds` (``holds_swept`` in the result).
+        """
         ...
 
     async def counts(self) -> dict[str, int]:
-        """Row counts for status: outbox pending, dead letters parked, sagas."""
+        """Row counts for status: outbox, dead letters, held messages and instances."""
         ...
 
     async def aclose(self) -> None:

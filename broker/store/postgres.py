@@ -1,10 +1,10 @@
 """The production store: PostgreSQL through an asyncpg pool.
 
 A batch of deliveries costs two round trips, never one per row:
-`PostgresStore.prepare_batch` reads claimed keys and instance states in one
-statement, and `PostgresStore.commit_batch` writes everything with one call
-of the ``q2c_commit_batch`` function (migration 0002), the rows passed as
-arrays. The SQL texts live in `broker.store.postgres_sql`.
+`PostgresStore.prepare_batch` reads claimed keys, instance states and holds
+in one statement, and `PostgresStore.commit_batch` writes everything with one
+call of the ``q2c_commit_batch_v2`` function (migration 0003), the rows
+passed as arrays. The SQL texts live in `broker.store.postgres_sql`.
 
 This module and `broker.store.migrate` are the only places that know asyncpg's
 exception classes: `store_errors()` turns every "try again later" failure into
@@ -19,6 +19,7 @@ from typing import Final, TypeAlias, final
 
 import anyio
 import asyncpg
+import msgspec
 import structlog
 
 from broker.config import PostgresConfig
@@ -32,6 +33,8 @@ from broker.store import (
     JournalRow,
     OutboxRow,
     SagaRecord,
+    XrefConflict,
+    XrefEntry,
 )
 from broker.store import postgres_sql as sql
 from broker.store.migrate import apply_postgres
@@ -44,7 +47,9 @@ from broker.store.rows import (
     outbox_row,
     saga_record,
     written_outbox,
+    xref_entry,
 )
+from broker.xref import unique_entries
 
 __all__ = [
     "PostgresStore",
@@ -136,6 +141,46 @@ def _lost(conn: _Conn) -> bool:
 
 #: SQLSTATEs q2c_commit_batch raises when another writer got there first.
 _CONFLICTS: Final = frozenset({"QC001", "QC002"})
+
+#: SQLSTATE q2c_xref_put raises for a native id bound to another canonical id.
+_XREF_CONFLICT: Final = "QC003"
+
+
+class _XrefDetail(msgspec.Struct, frozen=True):
+    kind: str
+    system: str
+    native_id: str
+    bound_to: str
+    wanted: str
+
+
+@contextmanager
+def _commit_errors() -> Iterator[None]:
+    """Turn the commit function's own SQLSTATEs into the errors they mean.
+
+    A unique violation of ``xref_native`` is a concurrent writer binding the
+    same native id: a conflict, so the write is read and tried again, and
+    then reports `XrefConflict` with its details.
+    """
+    try:
+        yield
+    except asyncpg.PostgresError as exc:
+        if exc.sqlstate in _CONFLICTS:
+            raise ConcurrencyConflict(str(exc)) from exc
+        if exc.sqlstate == _XREF_CONFLICT:
+            d = msgspec.json.decode(exc.detail or "{}", type=_XrefDetail)
+            raise XrefConflict(
+                kind=d.kind,
+                system=d.system,
+                native_id=d.native_id,
+                bound_to=d.bound_to,
+                wanted=d.wanted,
+            ) from exc
+        if isinstance(exc, asyncpg.UniqueViolationError) and (
+            exc.constraint_name == "xref_native"
+        ):
+            raise ConcurrencyConflict(f"xref written concurrently: {exc}") from exc
+        raise
 
 
 def _rowcount(status: str) -> int:
@@ -308,7 +353,7 @@ class PostgresStore:
         workflow: str,
         correlation_ids: Sequence[str],
     ) -> BatchRead:
-        """Claimed keys and stored instances, in one statement, without locks."""
+        """Claimed keys, stored instances and holds, in one statement, without locks."""
         rows = await self._fetch(
             sql.PREPARE_BATCH,
             consumer,
@@ -318,18 +363,24 @@ class PostgresStore:
             [k.day for k in keys],
         )
         return BatchRead(
-            claimed=frozenset(r[0] for r in rows if r[4]),
-            sagas={r[0]: saga_record(workflow, r) for r in rows if not r[4]},
+            claimed=frozenset(r[0] for r in rows if r[4] == 0),
+            sagas={r[0]: saga_record(workflow, r) for r in rows if r[4] == 1},
+            holds={r[0]: r[5] for r in rows if r[4] == 2},
         )
 
     async def commit_batch(self, write: BatchWrite) -> list[OutboxRow]:
-        """Write the whole batch with one call of ``q2c_commit_batch``.
+        """Write the whole batch with one call of ``q2c_commit_batch_v2``.
+
+        Returns the rows leased to this writer (not the delayed ones).
 
         Raises:
-            ConcurrencyConflict: a key was claimed, or an instance changed,
-                since `prepare_batch`; nothing was written.
+            ConcurrencyConflict: a key was claimed, an instance or a hold
+                changed, or a held message was released since `prepare_batch`;
+                nothing was written.
+            XrefConflict: a native id is bound to another canonical id.
             StoreUnavailable: the database is unreachable or asked us to retry.
-            ValueError: one instance appears twice in ``write.sagas``.
+            ValueError: one instance appears twice in ``write.sagas`` or
+                ``write.holds``.
         """
         write = normalized(write)
         args = (
@@ -341,14 +392,32 @@ class PostgresStore:
             self._lease_s,
             *_arrays(write.dead_letters, sql.COMMIT_DEAD_LETTER_FIELDS),
             *_arrays(write.journal, sql.COMMIT_JOURNAL_FIELDS),
+            *_arrays(write.held, sql.COMMIT_HELD_FIELDS),
+            *_arrays(write.holds, sql.COMMIT_HOLD_FIELDS),
+            list(write.released),
+            *_arrays(write.xref, sql.COMMIT_XREF_FIELDS),
         )
-        try:
+        with _commit_errors():
             rows = await self._fetch(sql.COMMIT_BATCH, *args)
-        except asyncpg.PostgresError as exc:
-            if exc.sqlstate in _CONFLICTS:
-                raise ConcurrencyConflict(str(exc)) from exc
-            raise
         return written_outbox(sorted(r[0] for r in rows), write.outbox)
+
+    async def held_messages(
+        self, workflow: str, correlation_ids: Sequence[str], *, limit_each: int
+    ) -> list[DeadLetterRow]:
+        """The held messages of the given instances: by instance, in arrival order."""
+        if not correlation_ids:
+            return []
+        rows = await self._fetch(
+            sql.HELD_MESSAGES, workflow, list(correlation_ids), limit_each
+        )
+        return [dead_letter_row(r) for r in rows]
+
+    async def sweep_holds(self, *, limit: int = 1000) -> int:
+        """Hand on holds whose blocker was purged, and held messages without a hold."""
+        moved: int = (await self._fetch(sql.SWEEP_HOLDS, limit))[0][0]
+        if moved:
+            _log.warning("holds_swept", instances=moved)
+        return moved
 
     async def claim_outbox(self, *, limit: int, lease_s: float) -> list[OutboxRow]:
         """Lease up to *limit* unsent rows with no live lease, oldest first.
@@ -400,13 +469,59 @@ class PostgresStore:
     async def purge_dead_letters(
         self, flt: DeadLetterFilter, *, dry_run: bool
     ) -> list[int]:
-        """Mark matching dead letters purged and drop their bodies; return their ids."""
-        text = sql.PURGEABLE if dry_run else sql.PURGE
-        rows = await self._fetch(text, *_dl_args(flt), flt.status, flt.limit)
-        ids = [r[0] for r in rows]
-        if ids and not dry_run:
+        """Mark matching dead letters purged and drop their bodies; return their ids.
+
+        Holds whose blocker is purged are handed on in the same transaction.
+        """
+        args = (*_dl_args(flt), flt.status, flt.limit)
+        if dry_run:
+            return [r[0] for r in await self._fetch(sql.PURGEABLE, *args)]
+        async with self._connection() as conn, conn.transaction():
+            rows = await conn.fetch(sql.PURGE, *args)
+            if rows:
+                await conn.execute(sql.PROMOTE_PURGED, [r[1] for r in rows])
+        ids = sorted((r[0] for r in rows), reverse=True)
+        if ids:
             _log.info("dead_letters_purged", count=len(ids))
         return ids
+
+    async def xref_put(self, entries: Sequence[XrefEntry]) -> None:
+        """Upsert cross-reference entries, all or none.
+
+        Raises:
+            XrefConflict: a native id is bound to another canonical id.
+            ConcurrencyConflict: another writer bound the same native id
+                meanwhile (try again).
+            StoreUnavailable: the database is unreachable or asked us to retry.
+        """
+        unique = unique_entries(entries)
+        if unique:
+            with _commit_errors():
+                await self._fetch(
+                    sql.XREF_PUT, *_arrays(unique, sql.COMMIT_XREF_FIELDS)
+                )
+
+    async def xref_get(self, kind: str, canonical_id: str) -> dict[str, XrefEntry]:
+        """System → entry, for every system that knows this canonical object."""
+        rows = await self._fetch(sql.XREF_GET, kind, canonical_id)
+        return {r[2]: xref_entry(r) for r in rows}
+
+    async def xref_find(
+        self, kind: str, system: str, native_id: str
+    ) -> XrefEntry | None:
+        """The entry binding this native id, if any."""
+        rows = await self._fetch(sql.XREF_FIND, kind, system, native_id)
+        return xref_entry(rows[0]) if rows else None
+
+    async def xref_many(
+        self, kind: str, canonical_ids: Sequence[str]
+    ) -> dict[str, dict[str, XrefEntry]]:
+        """Canonical id → system → entry, for those of *canonical_ids* that have any."""
+        found: dict[str, dict[str, XrefEntry]] = {}
+        if canonical_ids:
+            for r in await self._fetch(sql.XREF_MANY, kind, list(canonical_ids)):
+                found.setdefault(r[1], {})[r[2]] = xref_entry(r)
+        return found
 
     async def load_saga(self, workflow: str, correlation_id: str) -> SagaRecord | None:
         """One instance's state, for status queries and tests."""
@@ -431,9 +546,12 @@ class PostgresStore:
         `PRUNE_CHUNK`. The journal keeps *journal_retention_days* (default:
         *retention_days*).
 
+        Holds nothing can release any more are handed on (`sweep_holds`).
+
         Returns:
-            Counts under ``inbox_partitions``, ``journal_partitions`` (dropped)
-            and ``inbox``, ``journal``, ``outbox`` (rows deleted).
+            Counts under ``inbox_partitions``, ``journal_partitions`` (dropped),
+            ``inbox``, ``journal``, ``outbox`` (rows deleted) and
+            ``holds_swept`` (instances handed on).
         """
         journal_days = (
             retention_days if journal_retention_days is None else journal_retention_days
@@ -451,6 +569,7 @@ class PostgresStore:
                 sql.PRUNE_JOURNAL_DEFAULT, journal_days
             ),
             "outbox": await self._delete_chunks(sql.PRUNE_OUTBOX, retention_days),
+            "holds_swept": await self.sweep_holds(),
         }
         await self.ensure_partitions(retention_days=retention_days)
         _log.debug("store_pruned", **result)
@@ -467,9 +586,10 @@ class PostgresStore:
     async def counts(self) -> dict[str, int]:
         """Row counts for status.
 
-        ``outbox_pending``, ``outbox_parked`` and ``dead_letters`` (parked) are
-        exact; ``sagas`` and ``inbox`` are exact up to `EXACT_COUNT_CAP` and
-        the planner's estimate above it.
+        ``outbox_pending``, ``outbox_parked``, ``dead_letters`` (parked),
+        ``held`` (messages) and ``holds`` (held instances) are exact; ``sagas``
+        and ``inbox`` are exact up to `EXACT_COUNT_CAP` and the planner's
+        estimate above it.
         """
         rows = await self._fetch(sql.COUNTS)
         r = rows[0]
@@ -477,8 +597,10 @@ class PostgresStore:
             "outbox_pending": r[0],
             "outbox_parked": r[1],
             "dead_letters": r[2],
-            "sagas": r[3] if r[3] < EXACT_COUNT_CAP else max(r[3], r[4]),
-            "inbox": r[5] if r[5] < EXACT_COUNT_CAP else max(r[5], r[6]),
+            "held": r[3],
+            "holds": r[4],
+            "sagas": r[5] if r[5] < EXACT_COUNT_CAP else max(r[5], r[6]),
+            "inbox": r[7] if r[7] < EXACT_COUNT_CAP else max(r[7], r[8]),
         }
 
     async def aclose(self) -> None:

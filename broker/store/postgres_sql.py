@@ -21,6 +21,16 @@ __all__ = [
     "COMMIT_OUTBOX_FIELDS",
     "COMMIT_DEAD_LETTER_FIELDS",
     "COMMIT_JOURNAL_FIELDS",
+    "COMMIT_HELD_FIELDS",
+    "COMMIT_HOLD_FIELDS",
+    "COMMIT_XREF_FIELDS",
+    "HELD_MESSAGES",
+    "SWEEP_HOLDS",
+    "PROMOTE_PURGED",
+    "XREF_PUT",
+    "XREF_GET",
+    "XREF_FIND",
+    "XREF_MANY",
     "CLAIM_OUTBOX",
     "MARK_SENT",
     "RESCHEDULE",
@@ -46,41 +56,57 @@ EXACT_COUNT_CAP: Final = 100_000
 
 # --- the batch in two round trips (prepare_batch, commit_batch) ---------------------
 
-# Claimed keys (is_key) and stored instances in one statement; an instance's
-# columns come first, in the order `rows.saga_record` decodes. Each key is one
-# probe of the inbox primary key on its own day: a LATERAL lookup per array
-# element keeps that plan whatever the tables' sizes. (With "key = ANY($2)" a
-# generic plan cached while the inbox was small scanned a whole day's
-# partition per call once it was large: 1.25 s a call at 200k keys.)
+# Claimed keys (kind 0), stored instances (kind 1) and holds (kind 2) in one
+# statement; an instance's columns come first, in the order `rows.saga_record`
+# decodes, and a hold's blocker is the last column. Each key is one probe of
+# the inbox primary key on its own day: a LATERAL lookup per array element
+# keeps that plan whatever the tables' sizes. (With "key = ANY($2)" a generic
+# plan cached while the inbox was small scanned a whole day's partition per
+# call once it was large: 1.25 s a call at 200k keys.) The hold probe per
+# instance finds nothing in the common case, in a table that is mostly empty.
 PREPARE_BATCH = """
-SELECT k.key, NULL::bigint, NULL::bytea, NULL::timestamptz, true AS is_key
+SELECT k.key, NULL::bigint, NULL::bytea, NULL::timestamptz, 0 AS kind, NULL::text
 FROM unnest($2::text[], $5::date[]) AS u(key, day)
 CROSS JOIN LATERAL (
     SELECT i.key FROM inbox AS i
     WHERE i.consumer = $1 AND i.key = u.key AND i.day = u.day
 ) AS k
 UNION ALL
-SELECT s.correlation_id, s.version, s.state, s.updated_at, false
+SELECT s.correlation_id, s.version, s.state, s.updated_at, 1, NULL
 FROM unnest($4::text[]) AS c(id)
 CROSS JOIN LATERAL (
     SELECT correlation_id, version, state, updated_at FROM saga
     WHERE workflow = $3 AND correlation_id = c.id
 ) AS s
+UNION ALL
+SELECT h.correlation_id, NULL, NULL, NULL, 2, h.message_id
+FROM unnest($4::text[]) AS c(id)
+CROSS JOIN LATERAL (
+    SELECT correlation_id, message_id FROM hold
+    WHERE workflow = $3 AND correlation_id = c.id
+) AS h
 """
 
-# One call of the function in migrations/postgres/0002_commit_batch.sql. Its
-# parameters: the consumer, one array per field of the keys, the workflow, the
-# instances' arrays, the outbox rows' arrays, the lease in seconds, then the
-# arrays of the dead letters and of the journal entries.
+# One call of the function in migrations/postgres/0003_holds_delays_xref.sql.
+# Its parameters: the consumer, one array per field of the keys, the workflow,
+# the instances' arrays, the outbox rows' arrays (their delays last), the lease
+# in seconds, then the arrays of the dead letters, of the journal entries, of
+# the held messages, of the holds, the released message ids, and the arrays of
+# the xref entries.
 COMMIT_BATCH = """
-SELECT q2c_commit_batch(
+SELECT q2c_commit_batch_v2(
     $1, $2::text[], $3::date[], $4::text[],
     $5, $6::text[], $7::bigint[], $8::bytea[],
     $9::text[], $10::text[], $11::text[], $12::bytea[], $13::text[], $14::text[],
-    $15::text[], $16,
-    $17::text[], $18::text[], $19::text[], $20::text[], $21::text[], $22::bytea[],
-    $23::text[], $24::int[], $25::text[], $26::text[],
-    $27::text[], $28::text[], $29::text[], $30::text[], $31::text[])
+    $15::text[], $16::float8[], $17,
+    $18::text[], $19::text[], $20::text[], $21::text[], $22::text[], $23::bytea[],
+    $24::text[], $25::int[], $26::text[], $27::text[],
+    $28::text[], $29::text[], $30::text[], $31::text[], $32::text[],
+    $33::text[], $34::text[], $35::text[], $36::text[], $37::bytea[], $38::text[],
+    $39::int[], $40::text[], $41::text[],
+    $42::text[], $43::text[], $44::text[],
+    $45::text[],
+    $46::text[], $47::text[], $48::text[], $49::text[], $50::text[])
 """
 
 #: Fields of each group of rows, in the order ``q2c_commit_batch`` takes them.
@@ -94,6 +120,7 @@ COMMIT_OUTBOX_FIELDS: Final = (
     "correlation_id",
     "type",
     "headers",
+    "delay_s",
 )
 COMMIT_DEAD_LETTER_FIELDS: Final = (
     "message_id",
@@ -114,6 +141,77 @@ COMMIT_JOURNAL_FIELDS: Final = (
     "type",
     "detail",
 )
+COMMIT_HELD_FIELDS: Final = (
+    "message_id",
+    "queue",
+    "routing_key",
+    "detail",
+    "body",
+    "headers",
+    "attempts",
+    "correlation_id",
+    "type",
+)
+COMMIT_HOLD_FIELDS: Final = ("correlation_id", "message_id", "expected")
+COMMIT_XREF_FIELDS: Final = (
+    "kind",
+    "canonical_id",
+    "system",
+    "native_id",
+    "content_hash",
+)
+
+_DEAD_LETTER_COLUMNS = """
+    id, message_id, queue, routing_key, reason, detail, body, headers::text,
+    attempts, correlation_id, type, status, replays, first_seen, last_seen, workflow
+"""
+
+# --- holds ---------------------------------------------------------------------------
+
+# The held messages of some instances: a LATERAL probe of dead_letter_held per
+# instance, at most $3 each, by instance and then in arrival order. The last
+# column (held_seq) is there for the ORDER BY; the row decoder ignores it.
+HELD_MESSAGES = f"""
+SELECT d.* FROM unnest($2::text[]) AS c(id)
+CROSS JOIN LATERAL (
+    SELECT {_DEAD_LETTER_COLUMNS}, held_seq FROM dead_letter
+    WHERE workflow = $1 AND correlation_id = c.id AND status = 'held'
+    ORDER BY held_seq
+    LIMIT $3
+) AS d
+ORDER BY c.id, d.held_seq
+"""
+
+SWEEP_HOLDS = "SELECT q2c_sweep_holds($1)"
+
+# After purging: the holds whose blocker was purged are handed on.
+PROMOTE_PURGED = """
+SELECT q2c_promote_hold(workflow, correlation_id)
+FROM hold WHERE message_id = ANY($1::text[])
+ORDER BY workflow, correlation_id
+"""
+
+# --- xref ----------------------------------------------------------------------------
+
+XREF_PUT = """
+SELECT q2c_xref_put($1::text[], $2::text[], $3::text[], $4::text[], $5::text[])
+"""
+
+_XREF_COLUMNS = "kind, canonical_id, system, native_id, content_hash, updated_at"
+
+XREF_GET = f"""
+SELECT {_XREF_COLUMNS} FROM xref WHERE kind = $1 AND canonical_id = $2 ORDER BY system
+"""
+
+XREF_FIND = f"""
+SELECT {_XREF_COLUMNS} FROM xref WHERE kind = $1 AND system = $2 AND native_id = $3
+"""
+
+XREF_MANY = f"""
+SELECT {_XREF_COLUMNS} FROM xref
+WHERE kind = $1 AND canonical_id = ANY($2::text[])
+ORDER BY canonical_id, system
+"""
 
 # --- the relay, operators and maintenance -------------------------------------------
 
@@ -122,19 +220,21 @@ _OUTBOX_COLUMNS = (
     "o.headers::text, o.attempts"
 )
 
+# The due rows, longest due first, read from the outbox_due index (0003) up to
+# now(): pending rows due later are never visited. The ids are collected into
+# an array so that the update probes the primary key for each; joined to the
+# subquery, the planner (expecting LIMIT rows) chose to scan the whole table.
 CLAIM_OUTBOX = f"""
 UPDATE outbox AS o
 SET lease_until = now() + make_interval(secs => $2), attempts = o.attempts + 1
-FROM (
+WHERE o.id = ANY(ARRAY(
     SELECT id FROM outbox
     WHERE sent_at IS NULL AND parked_reason IS NULL
-      AND next_attempt_at <= now()
-      AND (lease_until IS NULL OR lease_until <= now())
-    ORDER BY id
+      AND greatest(next_attempt_at, lease_until) <= now()
+    ORDER BY greatest(next_attempt_at, lease_until), id
     LIMIT $1
     FOR UPDATE SKIP LOCKED
-) AS c
-WHERE o.id = c.id
+))
 RETURNING {_OUTBOX_COLUMNS}
 """
 
@@ -163,11 +263,15 @@ _DL_MATCH = """
     AND ($5::text IS NULL OR correlation_id = $5)
 """
 
+# $6: one status, 'open' (parked or held), or NULL (any).
+_DL_STATUS = """
+    ($6::text IS NULL OR status = $6 OR ($6 = 'open' AND status IN ('parked', 'held')))
+"""
+
 LIST_DEAD_LETTERS = f"""
-SELECT id, message_id, queue, routing_key, reason, detail, body, headers::text,
-       attempts, correlation_id, type, status, replays, first_seen, last_seen
+SELECT {_DEAD_LETTER_COLUMNS}
 FROM dead_letter
-WHERE {_DL_MATCH} AND ($6::text IS NULL OR status = $6)
+WHERE {_DL_MATCH} AND {_DL_STATUS}
 ORDER BY id DESC
 LIMIT $7
 """
@@ -203,7 +307,7 @@ SELECT id FROM replayed ORDER BY id DESC
 
 PURGEABLE = f"""
 SELECT id FROM dead_letter
-WHERE {_DL_MATCH} AND ($6::text IS NULL OR status = $6) AND status <> 'purged'
+WHERE {_DL_MATCH} AND {_DL_STATUS} AND status <> 'purged'
 ORDER BY id DESC
 LIMIT $7
 """
@@ -211,7 +315,7 @@ LIMIT $7
 PURGE = f"""
 UPDATE dead_letter SET status = 'purged', body = ''::bytea
 WHERE id IN ({PURGEABLE} FOR UPDATE)
-RETURNING id
+RETURNING id, message_id
 """
 
 LOAD_SAGA = """
@@ -269,6 +373,8 @@ SELECT
     (SELECT count(*) FROM outbox WHERE sent_at IS NULL AND parked_reason IS NULL),
     (SELECT count(*) FROM outbox WHERE sent_at IS NULL AND parked_reason IS NOT NULL),
     (SELECT count(*) FROM dead_letter WHERE status = 'parked'),
+    (SELECT count(*) FROM dead_letter WHERE status = 'held'),
+    (SELECT count(*) FROM hold),
     (SELECT count(*) FROM (SELECT 1 FROM saga LIMIT {EXACT_COUNT_CAP}) AS s),
     (SELECT greatest(reltuples, 0)::bigint FROM pg_class WHERE oid = 'saga'::regclass),
     (SELECT count(*) FROM (SELECT 1 FROM inbox LIMIT {EXACT_COUNT_CAP}) AS i),

@@ -28,6 +28,7 @@ from broker.store import (
     OutboxRow,
     SagaRecord,
 )
+from broker.xref import XrefEntry, unique_entries
 
 __all__ = [
     "Row",
@@ -40,6 +41,7 @@ __all__ = [
     "outbox_row",
     "dead_letter_row",
     "journal_row",
+    "xref_entry",
 ]
 
 
@@ -73,25 +75,39 @@ def decode_headers(text: str | bytes) -> dict[str, Any]:
 
 
 def normalized(write: BatchWrite) -> BatchWrite:
-    """*write* with one inbox key per key and one dead letter per message id.
+    """*write* with each key, dead letter, held message and xref entry once.
 
     A key repeated in a batch is claimed once (its first occurrence); dead
     letters for the same message id merge into the last one, their attempts
-    added up (an upsert may not touch a row twice).
+    added up (an upsert may not touch a row twice); a held message keeps its
+    first place; a hold write from nothing to nothing is dropped; released
+    ids count once; xref entries follow `broker.xref.unique_entries`.
 
     Raises:
-        ValueError: one instance appears twice in ``write.sagas``, a caller bug.
+        ValueError: one instance appears twice in ``write.sagas`` or in
+            ``write.holds``, a caller bug.
+        XrefConflict: two xref entries bind one native id to two canonical ids.
     """
     ids = [w.correlation_id for w in write.sagas]
     if len(set(ids)) != len(ids):
         raise ValueError(f"saga {write.workflow}: one write per instance per batch")
+    held = [h.correlation_id for h in write.holds]
+    if len(set(held)) != len(held):
+        raise ValueError(f"hold {write.workflow}: one write per instance per batch")
     keys: dict[str, InboxKey] = {}
     for k in write.keys:
         keys.setdefault(k.key, k)
+    letters: dict[str, DeadLetterRecord] = {}
+    for h in write.held:
+        letters.setdefault(h.message_id, h)
     return msgspec.structs.replace(
         write,
         keys=list(keys.values()),
         dead_letters=_unique_dead_letters(write.dead_letters),
+        held=list(letters.values()),
+        holds=[h for h in write.holds if h.message_id or h.expected],
+        released=list(dict.fromkeys(write.released)),
+        xref=unique_entries(write.xref) if write.xref else (),
     )
 
 
@@ -110,7 +126,11 @@ def _unique_dead_letters(records: Sequence[DeadLetterRecord]) -> list[DeadLetter
 def written_outbox(
     ids: Iterable[int], records: Sequence[OutboxRecord]
 ) -> list[OutboxRow]:
-    """The rows just inserted for *records*, given their ids in the same order."""
+    """The rows just inserted for *records*, given their ids in the same order.
+
+    Delayed records are left out: their rows are not leased to the writer,
+    and only the relay's poller may publish them, once due.
+    """
     return [
         OutboxRow(
             id=row_id,
@@ -124,6 +144,7 @@ def written_outbox(
             attempts=1,
         )
         for row_id, r in zip(ids, records, strict=True)
+        if r.delay_s <= 0
     ]
 
 
@@ -162,7 +183,7 @@ def dead_letter_row(r: Row, *, when: Timestamp = _as_is) -> DeadLetterRow:
 
     Columns: ``id, message_id, queue, routing_key, reason, detail, body,
     headers`` (JSON text), ``attempts, correlation_id, type, status, replays,
-    first_seen, last_seen``.
+    first_seen, last_seen, workflow``.
     """
     return DeadLetterRow(
         id=r[0],
@@ -180,6 +201,7 @@ def dead_letter_row(r: Row, *, when: Timestamp = _as_is) -> DeadLetterRow:
         replays=r[12],
         first_seen=when(r[13]),
         last_seen=when(r[14]),
+        workflow=r[15],
     )
 
 
@@ -193,4 +215,16 @@ def journal_row(r: Row, *, when: Timestamp = _as_is) -> JournalRow:
         stage=r[4],
         type=r[5],
         detail=r[6],
+    )
+
+
+def xref_entry(r: Row, *, when: Timestamp = _as_is) -> XrefEntry:
+    """Decode ``kind, canonical_id, system, native_id, content_hash, updated_at``."""
+    return XrefEntry(
+        kind=r[0],
+        canonical_id=r[1],
+        system=r[2],
+        native_id=r[3],
+        content_hash=r[4],
+        updated_at=when(r[5]),
     )

@@ -35,12 +35,16 @@ from broker.store import (
     BatchRead,
     BatchWrite,
     DeadLetterFilter,
+    DeadLetterRecord,
     DeadLetterRow,
+    HoldWrite,
     InboxKey,
     JournalRow,
     OutboxRecord,
     OutboxRow,
     SagaRecord,
+    XrefConflict,
+    XrefEntry,
 )
 from broker.store import sqlite_sql as sql
 from broker.store.migrate import apply_sqlite, load_migrations
@@ -53,7 +57,9 @@ from broker.store.rows import (
     outbox_row,
     saga_record,
     written_outbox,
+    xref_entry,
 )
+from broker.xref import unique_entries
 
 __all__ = ["SqliteStore", "sqlite_errors", "PRUNE_CHUNK"]
 
@@ -133,11 +139,14 @@ def _commit(
 ) -> list[OutboxRow]:
     """Apply a `normalized` *write* inside the caller's transaction (blocking).
 
-    A key already claimed or an instance at another version raises
+    A key already claimed, an instance at another version, a hold at
+    another blocker or a released message no longer held raises
     `ConcurrencyConflict`; the caller rolls back, so nothing is written.
     """
     _claim(conn, write, now)
     _save_sagas(conn, write, now)
+    _write_holds(conn, write.workflow, write.holds, now)
+    _release(conn, write, now)
     conn.executemany(
         sql.ADD_DEAD_LETTER,
         [
@@ -158,6 +167,7 @@ def _commit(
             for r in write.dead_letters
         ],
     )
+    _add_held(conn, write.workflow, write.held, now)
     conn.executemany(
         sql.ADD_JOURNAL,
         [
@@ -165,7 +175,141 @@ def _commit(
             for r in write.journal
         ],
     )
+    _put_xref(conn, write.xref, now)
     return _add_outbox(conn, write.outbox, now, now + lease_s)
+
+
+def _write_holds(
+    conn: sqlite3.Connection, workflow: str, holds: Sequence[HoldWrite], now: float
+) -> None:
+    if not holds:
+        return
+    changed = 0
+    for h in holds:
+        if h.expected is None and h.message_id is not None:
+            cursor = conn.execute(
+                sql.CREATE_HOLD, (workflow, h.correlation_id, h.message_id, now, now)
+            )
+        elif h.expected is not None and h.message_id is not None:
+            cursor = conn.execute(
+                sql.MOVE_HOLD,
+                (h.message_id, now, workflow, h.correlation_id, h.expected),
+            )
+        elif h.expected is not None:
+            cursor = conn.execute(
+                sql.DELETE_HOLD, (workflow, h.correlation_id, h.expected)
+            )
+        else:
+            continue
+        changed += cursor.rowcount
+    if changed != len(holds):
+        raise ConcurrencyConflict(
+            f"{len(holds) - changed} of {len(holds)} {workflow} holds changed "
+            "since they were read"
+        )
+
+
+def _release(conn: sqlite3.Connection, write: BatchWrite, now: float) -> None:
+    if not write.released:
+        return
+    params = {"ids": encode_json(list(write.released)), "now": now}
+    released = conn.execute(sql.RELEASE, params).rowcount
+    if released != len(write.released):
+        raise ConcurrencyConflict(
+            f"{len(write.released) - released} of {len(write.released)} held "
+            f"messages of {write.workflow} were released concurrently"
+        )
+
+
+def _add_held(
+    conn: sqlite3.Connection,
+    workflow: str,
+    held: Sequence[DeadLetterRecord],
+    now: float,
+) -> None:
+    if not held:
+        return
+    row = conn.execute(sql.HELD_SEQ).fetchone()
+    first = (row[0] if row else 0) + 1
+    conn.executemany(
+        sql.ADD_HELD,
+        [
+            (
+                r.message_id,
+                r.queue,
+                r.routing_key,
+                r.detail,
+                r.body,
+                encode_json(r.headers),
+                r.attempts,
+                r.correlation_id,
+                r.type,
+                workflow,
+                first + n,
+                now,
+                now,
+            )
+            for n, r in enumerate(held)
+        ],
+    )
+
+
+def _put_xref(
+    conn: sqlite3.Connection, entries: Sequence[XrefEntry], now: float
+) -> None:
+    """Upsert *entries* (unique per key) after checking no native id changes hands."""
+    for e in entries:
+        bound = conn.execute(sql.XREF_BOUND, (e.kind, e.system, e.native_id)).fetchone()
+        if bound is not None and bound[0] != e.canonical_id:
+            raise XrefConflict(
+                kind=e.kind,
+                system=e.system,
+                native_id=e.native_id,
+                bound_to=bound[0],
+                wanted=e.canonical_id,
+            )
+    conn.executemany(
+        sql.XREF_PUT,
+        [
+            (e.kind, e.canonical_id, e.system, e.native_id, e.content_hash, now)
+            for e in entries
+        ],
+    )
+
+
+def _promote(conn: sqlite3.Connection, workflow: str, cid: str, now: float) -> None:
+    """Hand one instance's hold to its first held message, or clear it (blocking)."""
+    first = conn.execute(sql.FIRST_HELD, (workflow, cid)).fetchone()
+    if first is None:
+        conn.execute(sql.CLEAR_HOLD, (workflow, cid))
+        return
+    row_id, message_id, queue, body, headers, correlation_id, type_ = first
+    conn.execute(sql.MARK_RELEASED, (now, row_id))
+    conn.execute(sql.PUT_HOLD, (workflow, cid, message_id, now, now))
+    conn.execute(
+        sql.ADD_OUTBOX,
+        (
+            message_id,
+            "",
+            queue,
+            body,
+            correlation_id,
+            type_,
+            encode_json({**decode_headers(headers), "x-q2c-released": 1}),
+            now,
+            0,
+            now,
+            None,
+        ),
+    )
+
+
+def _sweep(conn: sqlite3.Connection, limit: int, now: float) -> int:
+    stuck = conn.execute(sql.PURGED_BLOCKERS, (limit,)).fetchall()
+    stuck += conn.execute(sql.ORPHANED_HELD, (limit,)).fetchall()
+    for workflow, cid in stuck:
+        _promote(conn, workflow, cid, now)
+    return len(stuck)
 
 
 def _claim(conn: sqlite3.Connection, write: BatchWrite, now: float) -> None:
@@ -243,9 +387,11 @@ def _add_outbox(
                 r.type,
                 encode_json(r.headers),
                 now,
-                1,
-                now,
-                lease_until,
+                *(
+                    (0, now + r.delay_s, None)
+                    if r.delay_s > 0
+                    else (1, now, lease_until)
+                ),
             )
             for r in records
         ],
@@ -356,6 +502,7 @@ class SqliteStore:
                     r[0]: saga_record(workflow, r, when=_utc)
                     for r in conn.execute(sql.LOAD_SAGAS, saga_params)
                 },
+                holds=dict(conn.execute(sql.LOAD_HOLDS, saga_params).fetchall()),
             )
 
         return await self._locked(run)
@@ -374,8 +521,30 @@ class SqliteStore:
         )
         return await self._transaction(commit)
 
+    async def held_messages(
+        self, workflow: str, correlation_ids: Sequence[str], *, limit_each: int
+    ) -> list[DeadLetterRow]:
+        """The held messages of the given instances: by instance, in arrival order."""
+
+        def run(conn: sqlite3.Connection) -> list[DeadLetterRow]:
+            return [
+                dead_letter_row(r, when=_utc)
+                for cid in sorted(correlation_ids)
+                for r in conn.execute(sql.HELD_MESSAGES, (workflow, cid, limit_each))
+            ]
+
+        return await self._locked(run) if correlation_ids else []
+
+    async def sweep_holds(self, *, limit: int = 1000) -> int:
+        """Hand on holds whose blocker was purged, and held messages without a hold."""
+        now = self._clock()
+        moved = await self._transaction(lambda conn: _sweep(conn, limit, now))
+        if moved:
+            _log.warning("holds_swept", instances=moved)
+        return moved
+
     async def claim_outbox(self, *, limit: int, lease_s: float) -> list[OutboxRow]:
-        """Lease up to *limit* unsent rows with no live lease, oldest first."""
+        """Lease up to *limit* due unsent rows with no live lease, longest due first."""
         now = self._clock()
         params = {"now": now, "lease_until": now + lease_s, "limit": limit}
         rows = await self._locked(
@@ -464,19 +633,68 @@ class SqliteStore:
     async def purge_dead_letters(
         self, flt: DeadLetterFilter, *, dry_run: bool
     ) -> list[int]:
-        """Mark matching dead letters purged and drop their bodies; return their ids."""
+        """Mark matching dead letters purged and drop their bodies; return their ids.
+
+        Holds whose blocker is purged are handed on in the same transaction.
+        """
         params = _dl_params(flt)
+        now = self._clock()
 
         def run(conn: sqlite3.Connection) -> list[int]:
             ids = [r[0] for r in conn.execute(sql.PURGEABLE, params)]
             if ids and not dry_run:
-                conn.execute(sql.PURGE, {"ids": encode_json(ids)})
+                purged = conn.execute(sql.PURGE, {"ids": encode_json(ids)}).fetchall()
+                blockers = {"ids": encode_json([r[0] for r in purged])}
+                for workflow, cid in conn.execute(sql.HOLDS_OF, blockers).fetchall():
+                    _promote(conn, workflow, cid, now)
             return ids
 
         ids = await self._transaction(run)
         if ids and not dry_run:
             _log.info("dead_letters_purged", count=len(ids))
         return ids
+
+    async def xref_put(self, entries: Sequence[XrefEntry]) -> None:
+        """Upsert cross-reference entries, all or none.
+
+        Raises:
+            XrefConflict: a native id is bound to another canonical id.
+        """
+        unique = unique_entries(entries)
+        if unique:
+            now = self._clock()
+            await self._transaction(lambda conn: _put_xref(conn, unique, now))
+
+    async def xref_get(self, kind: str, canonical_id: str) -> dict[str, XrefEntry]:
+        """System → entry, for every system that knows this canonical object."""
+        rows = await self._locked(
+            lambda conn: conn.execute(sql.XREF_GET, (kind, canonical_id)).fetchall()
+        )
+        return {r[2]: xref_entry(r, when=_utc) for r in rows}
+
+    async def xref_find(
+        self, kind: str, system: str, native_id: str
+    ) -> XrefEntry | None:
+        """The entry binding this native id, if any."""
+        row = await self._locked(
+            lambda conn: conn.execute(
+                sql.XREF_FIND, (kind, system, native_id)
+            ).fetchone()
+        )
+        return xref_entry(row, when=_utc) if row is not None else None
+
+    async def xref_many(
+        self, kind: str, canonical_ids: Sequence[str]
+    ) -> dict[str, dict[str, XrefEntry]]:
+        """Canonical id → system → entry, for those of *canonical_ids* that have any."""
+        params = {"kind": kind, "ids": encode_json(list(canonical_ids))}
+        rows = await self._locked(
+            lambda conn: conn.execute(sql.XREF_MANY, params).fetchall()
+        )
+        found: dict[str, dict[str, XrefEntry]] = {}
+        for r in rows:
+            found.setdefault(r[1], {})[r[2]] = xref_entry(r, when=_utc)
+        return found
 
     async def load_saga(self, workflow: str, correlation_id: str) -> SagaRecord | None:
         """One instance's state, for status queries and tests."""
@@ -506,9 +724,12 @@ class SqliteStore:
         *journal_retention_days* (default: *retention_days*). The lock is
         released between chunks, so batches keep flowing.
 
+        Holds nothing can release any more are handed on (`sweep_holds`).
+
         Returns:
-            Rows deleted under ``inbox``, ``journal`` and ``outbox``; the
-            ``*_partitions`` counts are always 0 here.
+            Rows deleted under ``inbox``, ``journal`` and ``outbox``, instances
+            handed on under ``holds_swept``; the ``*_partitions`` counts are
+            always 0 here.
         """
         now = self._clock()
         today = _utc(now).date()
@@ -527,6 +748,7 @@ class SqliteStore:
             "outbox": await self._delete_chunks(
                 sql.PRUNE_OUTBOX, now - retention_days * 86_400.0
             ),
+            "holds_swept": await self.sweep_holds(),
         }
         _log.debug("store_pruned", **result)
         return result
@@ -544,7 +766,15 @@ class SqliteStore:
     async def counts(self) -> dict[str, int]:
         """Exact row counts for status."""
         row = await self._locked(lambda conn: conn.execute(sql.COUNTS).fetchone())
-        keys = ("outbox_pending", "outbox_parked", "dead_letters", "sagas", "inbox")
+        keys = (
+            "outbox_pending",
+            "outbox_parked",
+            "dead_letters",
+            "held",
+            "holds",
+            "sagas",
+            "inbox",
+        )
         return dict(zip(keys, row, strict=True))
 
     async def aclose(self) -> None:

@@ -12,12 +12,32 @@ __all__ = [
     "CLAIM",
     "CLAIMED_KEYS",
     "LOAD_SAGAS",
+    "LOAD_HOLDS",
     "CREATE_SAGA",
     "UPDATE_SAGA",
     "ADD_OUTBOX",
     "OUTBOX_SEQ",
     "ADD_DEAD_LETTER",
     "ADD_JOURNAL",
+    "HELD_SEQ",
+    "ADD_HELD",
+    "CREATE_HOLD",
+    "MOVE_HOLD",
+    "DELETE_HOLD",
+    "RELEASE",
+    "HELD_MESSAGES",
+    "FIRST_HELD",
+    "MARK_RELEASED",
+    "PUT_HOLD",
+    "CLEAR_HOLD",
+    "PURGED_BLOCKERS",
+    "ORPHANED_HELD",
+    "HOLDS_OF",
+    "XREF_BOUND",
+    "XREF_PUT",
+    "XREF_GET",
+    "XREF_FIND",
+    "XREF_MANY",
     "CLAIM_OUTBOX",
     "MARK_SENT",
     "RESCHEDULE",
@@ -56,6 +76,11 @@ _SAGA_COLUMNS = "correlation_id, version, state, updated_at"
 
 LOAD_SAGAS = f"""
 SELECT {_SAGA_COLUMNS} FROM saga
+WHERE workflow = :workflow AND correlation_id IN (SELECT value FROM json_each(:ids))
+"""
+
+LOAD_HOLDS = """
+SELECT correlation_id, message_id FROM hold
 WHERE workflow = :workflow AND correlation_id IN (SELECT value FROM json_each(:ids))
 """
 
@@ -100,19 +125,160 @@ INSERT INTO journal (at, message_id, correlation_id, stage, type, detail)
 VALUES (?, ?, ?, ?, ?, ?)
 """
 
+# --- holds -------------------------------------------------------------------------
+
+_DEAD_LETTER_COLUMNS = """
+    id, message_id, queue, routing_key, reason, detail, body, headers,
+    attempts, correlation_id, type, status, replays, first_seen, last_seen, workflow
+"""
+
+HELD_SEQ = (
+    "SELECT coalesce(max(held_seq), 0) FROM dead_letter WHERE held_seq IS NOT NULL"
+)
+
+# A message already held keeps its place; any other takes the one given.
+ADD_HELD = """
+INSERT INTO dead_letter (message_id, queue, routing_key, reason, detail, body, headers,
+                         attempts, correlation_id, type, status, workflow, held_seq,
+                         first_seen, last_seen)
+VALUES (?, ?, ?, 'held', ?, ?, ?, ?, ?, ?, 'held', ?, ?, ?, ?)
+ON CONFLICT (message_id) DO UPDATE SET
+    queue = excluded.queue,
+    routing_key = excluded.routing_key,
+    reason = 'held',
+    detail = excluded.detail,
+    body = excluded.body,
+    headers = excluded.headers,
+    attempts = max(dead_letter.attempts, excluded.attempts),
+    correlation_id = excluded.correlation_id,
+    type = coalesce(excluded.type, dead_letter.type),
+    workflow = excluded.workflow,
+    held_seq = CASE WHEN dead_letter.status = 'held' THEN dead_letter.held_seq
+                    ELSE excluded.held_seq END,
+    status = 'held',
+    last_seen = excluded.last_seen
+"""
+
+CREATE_HOLD = """
+INSERT INTO hold (workflow, correlation_id, message_id, since, updated_at)
+VALUES (?, ?, ?, ?, ?)
+ON CONFLICT DO NOTHING
+"""
+
+MOVE_HOLD = """
+UPDATE hold SET message_id = ?, updated_at = ?
+WHERE workflow = ? AND correlation_id = ? AND message_id = ?
+"""
+
+DELETE_HOLD = """
+DELETE FROM hold WHERE workflow = ? AND correlation_id = ? AND message_id = ?
+"""
+
+RELEASE = """
+UPDATE dead_letter SET status = 'released', last_seen = :now
+WHERE message_id IN (SELECT value FROM json_each(:ids)) AND status = 'held'
+"""
+
+HELD_MESSAGES = f"""
+SELECT {_DEAD_LETTER_COLUMNS} FROM dead_letter
+WHERE workflow = ? AND correlation_id = ? AND status = 'held'
+ORDER BY held_seq
+LIMIT ?
+"""
+
+FIRST_HELD = """
+SELECT id, message_id, queue, body, headers, correlation_id, type FROM dead_letter
+WHERE workflow = ? AND correlation_id = ? AND status = 'held'
+ORDER BY held_seq
+LIMIT 1
+"""
+
+MARK_RELEASED = "UPDATE dead_letter SET status = 'released', last_seen = ? WHERE id = ?"
+
+PUT_HOLD = """
+INSERT INTO hold (workflow, correlation_id, message_id, since, updated_at)
+VALUES (?, ?, ?, ?, ?)
+ON CONFLICT (workflow, correlation_id) DO UPDATE SET
+    message_id = excluded.message_id, updated_at = excluded.updated_at
+"""
+
+CLEAR_HOLD = "DELETE FROM hold WHERE workflow = ? AND correlation_id = ?"
+
+PURGED_BLOCKERS = """
+SELECT h.workflow, h.correlation_id
+FROM hold AS h JOIN dead_letter AS d ON d.message_id = h.message_id
+WHERE d.status = 'purged'
+ORDER BY h.workflow, h.correlation_id
+LIMIT ?
+"""
+
+ORPHANED_HELD = """
+SELECT DISTINCT d.workflow, d.correlation_id
+FROM dead_letter AS d
+WHERE d.status = 'held'
+  AND NOT EXISTS (
+      SELECT 1 FROM hold AS h
+      WHERE h.workflow = d.workflow AND h.correlation_id = d.correlation_id)
+ORDER BY d.workflow, d.correlation_id
+LIMIT ?
+"""
+
+HOLDS_OF = """
+SELECT workflow, correlation_id FROM hold
+WHERE message_id IN (SELECT value FROM json_each(:ids))
+ORDER BY workflow, correlation_id
+"""
+
+# --- xref ----------------------------------------------------------------------------
+
+_XREF_COLUMNS = "kind, canonical_id, system, native_id, content_hash, updated_at"
+
+XREF_BOUND = """
+SELECT canonical_id FROM xref WHERE kind = ? AND system = ? AND native_id = ?
+"""
+
+XREF_PUT = """
+INSERT INTO xref (kind, canonical_id, system, native_id, content_hash, updated_at)
+VALUES (?, ?, ?, ?, ?, ?)
+ON CONFLICT (kind, canonical_id, system) DO UPDATE SET
+    native_id = excluded.native_id,
+    content_hash = excluded.content_hash,
+    updated_at = excluded.updated_at
+WHERE xref.native_id <> excluded.native_id
+   OR xref.content_hash <> excluded.content_hash
+"""
+
+XREF_GET = f"""
+SELECT {_XREF_COLUMNS} FROM xref WHERE kind = ? AND canonical_id = ? ORDER BY system
+"""
+
+XREF_FIND = f"""
+SELECT {_XREF_COLUMNS} FROM xref WHERE kind = ? AND system = ? AND native_id = ?
+"""
+
+XREF_MANY = f"""
+SELECT {_XREF_COLUMNS} FROM xref
+WHERE kind = :kind AND canonical_id IN (SELECT value FROM json_each(:ids))
+ORDER BY canonical_id, system
+"""
+
+# --- the relay, operators and maintenance -------------------------------------------
+
 _OUTBOX_COLUMNS = (
     "id, message_id, exchange, routing_key, body, correlation_id, type, headers, "
     "attempts"
 )
 
+# A row's due time, written exactly as the outbox_due index (0003) has it, so
+# the poll reads that index up to now and never visits rows due later.
+_DUE = "max(next_attempt_at, coalesce(lease_until, 0))"
+
 CLAIM_OUTBOX = f"""
 UPDATE outbox SET lease_until = :lease_until, attempts = attempts + 1
 WHERE id IN (
     SELECT id FROM outbox
-    WHERE sent_at IS NULL AND parked_reason IS NULL
-      AND next_attempt_at <= :now
-      AND (lease_until IS NULL OR lease_until <= :now)
-    ORDER BY id
+    WHERE sent_at IS NULL AND parked_reason IS NULL AND {_DUE} <= :now
+    ORDER BY {_DUE}, id
     LIMIT :limit
 )
 RETURNING {_OUTBOX_COLUMNS}
@@ -143,11 +309,16 @@ _DL_MATCH = """
     AND (:correlation_id IS NULL OR correlation_id = :correlation_id)
 """
 
+# One status, 'open' (parked or held), or NULL (any).
+_DL_STATUS = """
+    (:status IS NULL OR status = :status
+     OR (:status = 'open' AND status IN ('parked', 'held')))
+"""
+
 LIST_DEAD_LETTERS = f"""
-SELECT id, message_id, queue, routing_key, reason, detail, body, headers,
-       attempts, correlation_id, type, status, replays, first_seen, last_seen
+SELECT {_DEAD_LETTER_COLUMNS}
 FROM dead_letter
-WHERE {_DL_MATCH} AND (:status IS NULL OR status = :status)
+WHERE {_DL_MATCH} AND {_DL_STATUS}
 ORDER BY id DESC
 LIMIT :limit
 """
@@ -167,12 +338,15 @@ RETURNING id, message_id, queue, body, headers, replays, correlation_id, type
 
 PURGEABLE = f"""
 SELECT id FROM dead_letter
-WHERE {_DL_MATCH} AND (:status IS NULL OR status = :status) AND status <> 'purged'
+WHERE {_DL_MATCH} AND {_DL_STATUS} AND status <> 'purged'
 ORDER BY id DESC
 LIMIT :limit
 """
 
-PURGE = f"UPDATE dead_letter SET status = 'purged', body = x'' WHERE {_IDS}"
+PURGE = f"""
+UPDATE dead_letter SET status = 'purged', body = x'' WHERE {_IDS}
+RETURNING message_id
+"""
 
 LOAD_SAGA = f"""
 SELECT {_SAGA_COLUMNS} FROM saga WHERE workflow = ? AND correlation_id = ?
@@ -199,9 +373,12 @@ DELETE FROM outbox WHERE id IN (SELECT id FROM outbox WHERE sent_at < ? LIMIT ?)
 
 COUNTS = """
 SELECT
-    (SELECT count(*) FROM outbox WHERE sent_at IS NULL AND parked_reason IS NULL),
+    (SELECT count(*) FROM outbox INDEXED BY outbox_due
+     WHERE sent_at IS NULL AND parked_reason IS NULL),
     (SELECT count(*) FROM outbox WHERE sent_at IS NULL AND parked_reason IS NOT NULL),
     (SELECT count(*) FROM dead_letter WHERE status = 'parked'),
+    (SELECT count(*) FROM dead_letter WHERE status = 'held'),
+    (SELECT count(*) FROM hold),
     (SELECT count(*) FROM saga),
     (SELECT count(*) FROM inbox)
 """

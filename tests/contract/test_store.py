@@ -26,13 +26,17 @@ from broker.store import (
     BatchWrite,
     DeadLetterFilter,
     DeadLetterRecord,
+    HoldWrite,
     InboxKey,
     JournalRecord,
     OutboxRecord,
     OutboxRow,
     SagaWrite,
     Store,
+    XrefConflict,
+    XrefEntry,
 )
+from broker.store.migrate import apply_sqlite, load_migrations
 from broker.store.postgres import PostgresStore
 from broker.store.sqlite import SqliteStore
 
@@ -156,6 +160,8 @@ EMPTY = {
     "outbox_pending": 0,
     "outbox_parked": 0,
     "dead_letters": 0,
+    "held": 0,
+    "holds": 0,
     "sagas": 0,
     "inbox": 0,
 }
@@ -592,6 +598,7 @@ async def test_prune_forgets_keys_older_than_the_retention(store: Store) -> None
         "journal",
         "journal_partitions",
         "outbox",
+        "holds_swept",
     }
     read = await store.prepare_batch("ledger", [old, edge, recent], "ledger", [])
     assert read.claimed == {"edge", "recent"}
@@ -611,6 +618,7 @@ async def test_counts_cover_outbox_dead_letters_sagas_and_inbox(store: Store) ->
     await store.park_outbox([rows[0].id], reason="unroutable")
 
     assert await store.counts() == {
+        **EMPTY,
         "outbox_pending": 1,
         "outbox_parked": 1,
         "dead_letters": 1,
@@ -700,6 +708,38 @@ async def test_sqlite_on_disk_uses_wal_and_reports_a_locked_file(
         await reopened.aclose()
 
 
+async def test_sqlite_migration_0003_keeps_dead_letters_and_their_ids(
+    tmp_path: Path,
+) -> None:
+    """The dead-letter table is rebuilt by 0003: rows survive, new ids follow on."""
+    path = tmp_path / "q2c.sqlite3"
+    older = [m for m in await load_migrations("sqlite") if m.name < "0003"]
+
+    def at_0001() -> None:
+        conn = sqlite3.connect(path, isolation_level=None)
+        try:
+            apply_sqlite(conn, tuple(older))
+            conn.execute(
+                "INSERT INTO dead_letter (message_id, queue, routing_key, reason,"
+                " detail, body, first_seen, last_seen)"
+                " VALUES ('d1', 'q', 'r', 'malformed', 'x', x'00', 1, 1)"
+            )
+        finally:
+            conn.close()
+
+    await anyio.to_thread.run_sync(at_0001)
+    store = await SqliteStore.open(str(path))
+    try:
+        await add_dead_letters(store, dead_letter("d2"))
+        rows = await store.list_dead_letters(DeadLetterFilter())
+    finally:
+        await store.aclose()
+    assert [(r.id, r.message_id, r.status) for r in rows] == [
+        (2, "d2", "parked"),
+        (1, "d1", "parked"),
+    ]
+
+
 async def test_sqlite_statements_run_off_the_event_loop_thread() -> None:
     """Every SQL statement runs on a worker thread, never on the event loop's."""
     loop_thread = threading.get_ident()
@@ -742,8 +782,8 @@ async def test_commit_batch_writes_everything_and_leases_the_outbox(
     assert rows[1].headers == {"x-a": 1}
     assert await store.claim_outbox(limit=10, lease_s=LEASE_S) == []  # leased to us
     assert await store.counts() == {
+        **EMPTY,
         "outbox_pending": 2,
-        "outbox_parked": 0,
         "dead_letters": 1,
         "sagas": 1,
         "inbox": 2,
@@ -772,3 +812,310 @@ async def test_prepare_looks_each_key_up_on_its_own_day(store: Store) -> None:
         [],
     )
     assert read.claimed == frozenset({"k-today", "k-yesterday"})
+
+
+# --- delayed outbox rows -----------------------------------------------------------
+
+
+async def test_a_delayed_row_is_not_leased_to_its_writer_and_waits_until_due(
+    open_store: OpenStore,
+) -> None:
+    """commit_batch returns only undelayed rows; a delayed one is claimed once due."""
+    store = await open_store(lease_s=30.0)
+    rows = await store.commit_batch(
+        batch_write(
+            outbox=[
+                outbox("now"),
+                outbox("hour", delay_s=3600),
+                outbox("soon", delay_s=0.2),
+            ]
+        )
+    )
+    assert [r.message_id for r in rows] == ["now"]
+    assert await store.claim_outbox(limit=10, lease_s=30) == []
+    assert (await store.counts())["outbox_pending"] == 3
+
+    [due] = await claim_n(store, 1)
+    assert (due.message_id, due.attempts) == ("soon", 1)
+    assert await store.claim_outbox(limit=10, lease_s=30) == []
+    await store.mark_sent([due.id])
+    assert (await store.counts())["outbox_pending"] == 2
+
+
+async def test_rows_due_later_do_not_crowd_out_rows_due_now(store: Store) -> None:
+    """A thousand timers due in an hour: a row due now is still claimed first."""
+    await add_outbox(store, *[outbox(f"t{n}", delay_s=3600) for n in range(1000)])
+    [row] = await add_outbox(store, outbox("due"))
+    [claimed] = await claim_n(store, 1)
+    assert claimed.id == row.id
+    assert await store.claim_outbox(limit=10, lease_s=30) == []
+
+
+# --- holds -------------------------------------------------------------------------
+
+
+def held(
+    message_id: str, correlation_id: str = "c1", **fields: object
+) -> DeadLetterRecord:
+    values: dict[str, object] = {
+        "queue": "q2c.wf.ledger.0",
+        "reason": "held",
+        "detail": "held behind b1",
+        "correlation_id": correlation_id,
+    }
+    values.update(fields)
+    return dead_letter(message_id, **values)
+
+
+def hold(cid: str, message_id: str | None, expected: str | None = None) -> HoldWrite:
+    return HoldWrite(correlation_id=cid, message_id=message_id, expected=expected)
+
+
+async def test_holds_are_read_with_the_batch_and_written_at_their_expected_blocker(
+    store: Store,
+) -> None:
+    """prepare_batch reports holds; a hold moves or clears only from what was read."""
+    await store.commit_batch(batch_write(holds=[hold("c1", "b1"), hold("c2", "x1")]))
+    read = await store.prepare_batch("ledger", [], "ledger", ["c1", "c3"])
+    assert read.holds == {"c1": "b1"}
+    assert (await store.prepare_batch("ledger", [], "other", ["c1"])).holds == {}
+
+    await store.commit_batch(batch_write(holds=[hold("c1", "b1", "b1")]))  # a check
+    stale_holds = (
+        hold("c1", None, "b0"),
+        hold("c1", "b2", "b0"),
+        hold("c1", "b2"),
+        hold("c1", "b0", "b0"),
+    )
+    for stale in stale_holds:
+        with pytest.raises(ConcurrencyConflict, match="holds changed"):
+            await store.commit_batch(batch_write(keys=[key("k")], holds=[stale]))
+    assert await claimed(store, "k") == set()
+
+    await store.commit_batch(batch_write(holds=[hold("c1", "b2", "b1")]))
+    assert (await store.prepare_batch("ledger", [], "ledger", ["c1"])).holds == {
+        "c1": "b2"
+    }
+    assert (await store.counts())["holds"] == 2
+    await store.commit_batch(batch_write(holds=[hold("c1", None, "b2")]))
+    assert (await store.prepare_batch("ledger", [], "ledger", ["c1"])).holds == {}
+    with pytest.raises(ValueError, match="one write per instance"):
+        await store.commit_batch(batch_write(holds=[hold("c3", "a"), hold("c3", "b")]))
+
+
+async def test_held_messages_keep_their_arrival_order_and_their_place(
+    store: Store,
+) -> None:
+    """Held in order across writes; one held again keeps its place; listed as held."""
+    await store.commit_batch(
+        batch_write(
+            holds=[hold("c1", "b1")],
+            held=[held("m2"), held("m3"), held("x1", "c2")],
+        )
+    )
+    await store.commit_batch(
+        batch_write(held=[held("m4"), held("m2", detail="again", attempts=2)])
+    )
+
+    rows = await store.held_messages("ledger", ["c1", "c2"], limit_each=10)
+    assert [(r.correlation_id, r.message_id) for r in rows] == [
+        ("c1", "m2"),
+        ("c1", "m3"),
+        ("c1", "m4"),
+        ("c2", "x1"),
+    ]
+    first = rows[0]
+    assert (first.status, first.reason, first.workflow) == ("held", "held", "ledger")
+    assert (first.detail, first.attempts, first.body) == ("again", 2, b"body-m2")
+    assert [
+        r.message_id for r in await store.held_messages("ledger", ["c1"], limit_each=2)
+    ] == ["m2", "m3"]
+    assert await store.held_messages("other", ["c1"], limit_each=10) == []
+
+    await add_dead_letters(store, dead_letter("b1", correlation_id="c1"))
+    counts = await store.counts()
+    assert (counts["dead_letters"], counts["held"], counts["holds"]) == (1, 4, 1)
+    parked = await store.list_dead_letters(DeadLetterFilter())
+    assert [r.message_id for r in parked] == ["b1"]
+    listed = await store.list_dead_letters(DeadLetterFilter(status="open"))
+    assert {r.message_id: r.status for r in listed} == {
+        "b1": "parked",
+        "m2": "held",
+        "m3": "held",
+        "m4": "held",
+        "x1": "held",
+    }
+    held_ids = tuple(r.id for r in listed if r.status == "held")
+    assert (
+        await store.replay_dead_letters(
+            DeadLetterFilter(ids=held_ids), max_replays=3, dry_run=False
+        )
+        == []
+    )  # released by their blocker, never by a replay
+
+
+async def test_released_messages_leave_the_hold_once(store: Store) -> None:
+    """Releasing marks held rows released; releasing one no longer held conflicts."""
+    await store.commit_batch(batch_write(held=[held("m2"), held("m3")]))
+    await store.commit_batch(batch_write(released=["m2", "m2"]))
+    assert [
+        r.message_id for r in await store.held_messages("ledger", ["c1"], limit_each=10)
+    ] == ["m3"]
+    [m2] = await store.list_dead_letters(DeadLetterFilter(status="released"))
+    assert m2.message_id == "m2"
+
+    with pytest.raises(ConcurrencyConflict, match="released concurrently"):
+        await store.commit_batch(batch_write(keys=[key("k")], released=["m3", "m2"]))
+    assert (await store.counts())["held"] == 1
+    assert await claimed(store, "k") == set()
+
+
+async def test_purging_a_blocker_hands_its_hold_to_the_first_held_message(
+    open_store: OpenStore,
+) -> None:
+    """The first held message blocks now and goes back to its queue; at last none."""
+    store = await open_store(lease_s=30.0)
+    await store.commit_batch(
+        batch_write(
+            dead_letters=[dead_letter("b1", correlation_id="c1")],
+            holds=[hold("c1", "b1")],
+            held=[held("m2", headers={"x-source": "crm"}), held("m3")],
+        )
+    )
+    [b1] = await store.list_dead_letters(DeadLetterFilter(reason="schema_invalid"))
+    assert await store.purge_dead_letters(
+        DeadLetterFilter(ids=(b1.id,)), dry_run=False
+    ) == [b1.id]
+
+    read = await store.prepare_batch("ledger", [], "ledger", ["c1"])
+    assert read.holds == {"c1": "m2"}
+    [row] = await claim_n(store, 1)
+    assert (row.message_id, row.exchange, row.routing_key) == (
+        "m2",
+        "",
+        "q2c.wf.ledger.0",
+    )
+    assert row.headers == {"x-source": "crm", "x-q2c-released": 1}
+    assert row.body == b"body-m2"
+    assert [
+        r.message_id for r in await store.held_messages("ledger", ["c1"], limit_each=10)
+    ] == ["m3"]
+
+    # The operator purges the one in flight, then the last one held: no hold is left.
+    await store.purge_dead_letters(DeadLetterFilter(status="released"), dry_run=False)
+    assert (await store.prepare_batch("ledger", [], "ledger", ["c1"])).holds == {
+        "c1": "m3"
+    }
+    await store.purge_dead_letters(DeadLetterFilter(status="released"), dry_run=False)
+    counts = await store.counts()
+    assert (counts["held"], counts["holds"]) == (0, 0)
+
+
+async def test_sweep_hands_on_holds_nothing_can_release(
+    open_store: OpenStore,
+) -> None:
+    """Held rows without a hold, and a hold whose blocker is purged, move on."""
+    store = await open_store(lease_s=30.0)
+    await add_dead_letters(store, dead_letter("gone", correlation_id="c2"))
+    await store.purge_dead_letters(DeadLetterFilter(ids=()), dry_run=False)
+    await store.commit_batch(
+        batch_write(
+            holds=[hold("c2", "gone")],
+            held=[held("m1", "c1"), held("m2", "c1"), held("n1", "c2")],
+        )
+    )
+    assert await store.sweep_holds() == 2
+    read = await store.prepare_batch("ledger", [], "ledger", ["c1", "c2"])
+    assert read.holds == {"c1": "m1", "c2": "n1"}
+    sent_back = await claim_n(store, 2)
+    assert sorted(r.message_id for r in sent_back) == ["m1", "n1"]
+    assert await store.sweep_holds() == 0
+    assert (await store.prune(retention_days=7))["holds_swept"] == 0
+
+
+# --- xref --------------------------------------------------------------------------
+
+
+def xref(
+    canonical_id: str, system: str, native_id: str, content_hash: str = ""
+) -> XrefEntry:
+    return XrefEntry(
+        kind="account",
+        canonical_id=canonical_id,
+        system=system,
+        native_id=native_id,
+        content_hash=content_hash,
+    )
+
+
+async def test_xref_entries_round_trip_and_are_replaced_per_system(
+    store: Store,
+) -> None:
+    """put, get, find and many; writing a system again replaces its native id."""
+    await store.xref_put(
+        [
+            xref("acc-1", "crm", "001A"),
+            xref("acc-1", "erp", "1000123", "h1"),
+            xref("acc-2", "crm", "001B"),
+        ]
+    )
+    got = await store.xref_get("account", "acc-1")
+    assert sorted(got) == ["crm", "erp"]
+    assert (got["erp"].native_id, got["erp"].content_hash) == ("1000123", "h1")
+    assert got["erp"].updated_at is not None
+    found = await store.xref_find("account", "crm", "001B")
+    assert found is not None
+    assert found.canonical_id == "acc-2"
+    assert await store.xref_find("account", "crm", "nope") is None
+    assert await store.xref_find("product", "crm", "001B") is None
+
+    await store.xref_put([xref("acc-1", "erp", "1000999", "h2")])
+    assert (await store.xref_get("account", "acc-1"))["erp"].native_id == "1000999"
+    assert await store.xref_find("account", "erp", "1000123") is None
+
+    many = await store.xref_many("account", ["acc-1", "acc-2", "acc-3"])
+    assert {cid: sorted(m) for cid, m in many.items()} == {
+        "acc-1": ["crm", "erp"],
+        "acc-2": ["crm"],
+    }
+    assert await store.xref_get("account", "acc-3") == {}
+
+
+async def test_a_native_id_bound_elsewhere_is_a_conflict_and_nothing_is_written(
+    store: Store,
+) -> None:
+    """Binding a native id to a second canonical id raises XrefConflict, all or none."""
+    await store.xref_put([xref("acc-1", "erp", "1000123")])
+
+    with pytest.raises(XrefConflict, match="1000123") as caught:
+        await store.xref_put(
+            [xref("acc-3", "crm", "001C"), xref("acc-2", "erp", "1000123")]
+        )
+    assert (caught.value.bound_to, caught.value.wanted) == ("acc-1", "acc-2")
+    assert caught.value.reason == "xref_conflict"
+    assert await store.xref_get("account", "acc-3") == {}
+
+    with pytest.raises(XrefConflict):
+        await store.xref_put(
+            [xref("acc-4", "erp", "2000"), xref("acc-5", "erp", "2000")]
+        )
+    assert await store.xref_find("account", "erp", "2000") is None
+
+
+async def test_xref_entries_commit_with_their_batch(store: Store) -> None:
+    """BatchWrite.xref is written atomically with the batch, or not at all."""
+    await store.commit_batch(
+        batch_write(keys=[key("k1")], xref=[xref("acc-1", "erp", "1000123")])
+    )
+    assert (await store.xref_get("account", "acc-1"))["erp"].native_id == "1000123"
+
+    with pytest.raises(XrefConflict):
+        await store.commit_batch(
+            batch_write(
+                keys=[key("k2")],
+                outbox=[outbox("o1")],
+                xref=[xref("acc-2", "erp", "1000123")],
+            )
+        )
+    assert await claimed(store, "k2") == set()
+    assert (await store.counts())["outbox_pending"] == 0

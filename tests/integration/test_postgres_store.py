@@ -7,9 +7,10 @@ never reach into the store's pool.
 
 from __future__ import annotations
 
+import json
 import random
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
 from datetime import date, timedelta
 from typing import Any, TypeAlias
@@ -20,7 +21,14 @@ import pytest
 
 from broker.config import PostgresConfig
 from broker.errors import ConcurrencyConflict, ConfigError, StoreUnavailable
-from broker.store import BatchWrite, InboxKey, OutboxRecord, SagaWrite
+from broker.store import (
+    BatchWrite,
+    DeadLetterFilter,
+    InboxKey,
+    OutboxRecord,
+    SagaWrite,
+)
+from broker.store import postgres_sql as sql
 from broker.store.migrate import load_migrations, migrate
 from broker.store.postgres import PostgresStore, store_errors
 from tests import services
@@ -197,6 +205,36 @@ async def test_migrations_are_recorded_and_idempotent_under_concurrency(
     assert sorted(results, key=len) == [[], [], names]
     assert await admin.fetchval("SELECT count(*) FROM schema_migrations") == len(names)
     assert await stores[0].migrate() == []
+
+
+@pytest.mark.integration
+async def test_migration_0003_keeps_what_an_older_daemon_wrote(
+    open_store: OpenStore, admin: Admin
+) -> None:
+    """A database at 0002 with a dead letter and a pending row migrates; both serve."""
+    older = [m for m in await load_migrations("postgres") if m.name < "0003"]
+    await admin.execute(
+        "CREATE TABLE schema_migrations (name text PRIMARY KEY,"
+        " applied_at timestamptz NOT NULL DEFAULT now())"
+    )
+    for m in older:
+        await admin.execute(m.sql)
+        await admin.execute("INSERT INTO schema_migrations (name) VALUES ($1)", m.name)
+    await admin.execute(
+        "INSERT INTO dead_letter (message_id, queue, routing_key, reason, detail, body)"
+        " VALUES ('d1', 'q', 'r', 'malformed', 'x', '\\x00')"
+    )
+    await admin.execute(
+        "INSERT INTO outbox (message_id, exchange, routing_key, body)"
+        " VALUES ('o1', 'x', 'r', '')"
+    )
+
+    store = await open_store()
+    [letter] = await store.list_dead_letters(DeadLetterFilter())
+    [row] = await store.claim_outbox(limit=10, lease_s=30)
+    assert (letter.message_id, letter.status, letter.workflow) == ("d1", "parked", None)
+    assert (row.message_id, row.attempts) == ("o1", 1)
+    assert (await store.counts())["outbox_pending"] == 1
 
 
 @pytest.mark.integration
@@ -431,6 +469,59 @@ async def test_concurrent_relays_never_lease_the_same_row(
                 tg.start_soon(relay)
 
     assert len(leased) == len(set(leased)) == 300
+
+
+@pytest.mark.integration
+async def test_the_relay_poll_never_visits_rows_due_later(
+    open_store: OpenStore, admin: Admin
+) -> None:
+    """20k timers due in an hour: the poll reads only the due rows, by index.
+
+    The plan of the claim, run and rolled back, scans ``outbox_due`` up to
+    now() (the rows due later are never read) and updates by primary key,
+    with no sequential scan of the outbox anywhere.
+    """
+    store = await open_store()
+    later = [
+        OutboxRecord(
+            message_id=f"t{i}", exchange="x", routing_key="r", body=b"", delay_s=3600
+        )
+        for i in range(2000)
+    ]
+    for _ in range(10):
+        await store.commit_batch(write(outbox=later))
+    # Three of them fall due (as if their hour had passed).
+    await admin.execute(
+        "UPDATE outbox SET next_attempt_at = now() - interval '1 minute'"
+        " WHERE id IN (SELECT id FROM outbox ORDER BY id LIMIT 3)"
+    )
+    await admin.execute("ANALYZE outbox")
+
+    tx = admin.transaction()
+    await tx.start()
+    try:
+        [plan] = json.loads(
+            await admin.fetchval(
+                "EXPLAIN (ANALYZE, FORMAT JSON) " + sql.CLAIM_OUTBOX, 100, 30
+            )
+        )
+    finally:
+        await tx.rollback()
+    nodes = list(plan_nodes(plan["Plan"]))
+    scans = {
+        (n["Node Type"], n.get("Index Name")): n for n in nodes if "Relation Name" in n
+    }
+    assert all(kind != "Seq Scan" for kind, _ in scans)
+    due = scans[("Index Scan", "outbox_due")]
+    assert due["Actual Rows"] == 3
+    assert ("Index Scan", "outbox_pkey") in scans
+
+
+def plan_nodes(node: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    """Every node of an EXPLAIN (FORMAT JSON) plan, depth first."""
+    yield node
+    for child in node.get("Plans", ()):
+        yield from plan_nodes(child)
 
 
 # --- faults ------------------------------------------------------------------------

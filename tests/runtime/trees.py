@@ -5,12 +5,23 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, final
 
+import msgspec
+
 from actors.ledger import LedgerState, LedgerWorkflow
 from broker import Actor, Applied, ChildSpec, Context, Runtime, SupervisorSpec
 from broker.errors import UpstreamRejected
 from canonical import Envelope, LedgerEntryPosted
 
-__all__ = ["PoisonLedger", "build_crashing_tree", "build_poison_tree"]
+__all__ = [
+    "OrderedLedger",
+    "OrderedState",
+    "PoisonLedger",
+    "TimerLedger",
+    "build_crashing_tree",
+    "build_ordered_tree",
+    "build_poison_tree",
+    "build_timer_tree",
+]
 
 
 @final
@@ -44,13 +55,103 @@ class PoisonLedger:
         return self._inner.apply(state, event, envelope)
 
 
-def build_poison_tree(rt: Runtime) -> SupervisorSpec:
-    """One workflow subtree running `PoisonLedger`."""
-    workflows = SupervisorSpec(id="workflows", children=[rt.workflow(PoisonLedger())])
+def _app(rt: Runtime, workflow: Any) -> SupervisorSpec:
+    workflows = SupervisorSpec(id="workflows", children=[rt.workflow(workflow)])
     return SupervisorSpec(
         id="app",
         children=[ChildSpec(id="workflows", start=lambda: workflows, shutdown_s=None)],
     )
+
+
+def build_poison_tree(rt: Runtime) -> SupervisorSpec:
+    """One workflow subtree running `PoisonLedger`."""
+    return _app(rt, PoisonLedger())
+
+
+class OrderedState(msgspec.Struct, frozen=True, kw_only=True):
+    """The entry ids an account applied, in the order it applied them."""
+
+    order: tuple[str, ...] = ()
+
+
+@final
+class OrderedLedger:
+    """An ordered workflow that records the order in which entries apply.
+
+    Memo ``FLAKY`` fails the entry's first attempt only (a transient fault:
+    its retry goes through); memo ``REJECT`` is refused permanently until
+    the test sets `fixed` (the deploy of a fix).
+    """
+
+    name = "ordered"
+    ordered = True
+    state_type = OrderedState
+
+    def __init__(self) -> None:
+        self.fixed = False
+        self._failed: set[str] = set()
+
+    @property
+    def events(self) -> Mapping[str, type[Any]]:
+        """Posted ledger entries."""
+        return {"ledger.entry.posted": LedgerEntryPosted}
+
+    def initial(self, correlation_id: str) -> OrderedState:
+        """Nothing applied yet."""
+        return OrderedState()
+
+    def apply(
+        self, state: OrderedState, event: Any, envelope: Envelope
+    ) -> Applied[OrderedState]:
+        """Append the entry id, unless its memo says to fail."""
+        assert isinstance(event, LedgerEntryPosted)
+        if event.memo == "FLAKY" and event.entry_id not in self._failed:
+            self._failed.add(event.entry_id)
+            raise RuntimeError(f"entry {event.entry_id} fails once")
+        if event.memo == "REJECT" and not self.fixed:
+            raise UpstreamRejected("ordered", f"entry {event.entry_id} refused")
+        return Applied(OrderedState(order=(*state.order, event.entry_id)))
+
+
+def build_ordered_tree(rt: Runtime) -> SupervisorSpec:
+    """One workflow subtree running `OrderedLedger`."""
+    return _app(rt, OrderedLedger())
+
+
+@final
+class TimerLedger:
+    """The ledger, except that memo ``DELAY=<s>`` announces the entry *s* later."""
+
+    name = "ledger"
+    state_type = LedgerState
+
+    def __init__(self) -> None:
+        self._inner = LedgerWorkflow()
+
+    @property
+    def events(self) -> Mapping[str, type[Any]]:
+        """The ledger's events."""
+        return self._inner.events
+
+    def initial(self, correlation_id: str) -> LedgerState:
+        """An empty account."""
+        return self._inner.initial(correlation_id)
+
+    def apply(
+        self, state: LedgerState, event: Any, envelope: Envelope
+    ) -> Applied[LedgerState]:
+        """Apply as the ledger; delay what it emits when the memo asks."""
+        applied = self._inner.apply(state, event, envelope)
+        if isinstance(event, LedgerEntryPosted) and event.memo.startswith("DELAY="):
+            delay_s = float(event.memo.removeprefix("DELAY="))
+            emits = [msgspec.structs.replace(e, delay_s=delay_s) for e in applied.emits]
+            return Applied(applied.state, emits)
+        return applied
+
+
+def build_timer_tree(rt: Runtime) -> SupervisorSpec:
+    """One workflow subtree running `TimerLedger`."""
+    return _app(rt, TimerLedger())
 
 
 @final
