@@ -96,8 +96,11 @@ def _demo_config(cfg: Config) -> Config:
     )
 
 
-async def run_demo(cfg: Config, *, entries: int = 20_000, accounts: int = 200) -> int:
-    """Run the demo; return 0 when every check passed."""
+async def run_demo(
+    cfg: Config, *, entries: int = 20_000, accounts: int = 200, deals: int = 0
+) -> int:
+    """Run the demo; return 0 when every check passed (*deals* is the q2c demo's)."""
+    del deals
     cfg = _demo_config(cfg)
     if cfg.daemon.store == "sqlite":
         await anyio.to_thread.run_sync(

@@ -46,7 +46,10 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("topology", help="declare exchanges, queues and policies and exit")
     sub.add_parser("check-config", help="print the effective configuration and exit")
     demo = sub.add_parser("demo", help="run the end-to-end demo and print its report")
-    demo.add_argument("--entries", type=int, default=20_000, help="distinct entries")
+    demo.add_argument("--deals", type=int, default=1000, help="deals (quote to cash)")
+    demo.add_argument(
+        "--entries", type=int, default=20_000, help="entries (the ledger demo)"
+    )
     return parser
 
 
@@ -83,14 +86,14 @@ def _masked(cfg: Config) -> bytes:
     return msgspec.json.format(msgspec.json.encode(raw), indent=2)
 
 
-def _demo(cfg: Config, entries: int) -> int:
+def _demo(cfg: Config, deals: int, entries: int) -> int:
     from broker.app import load_callable
 
     configure_logging("warning", cfg.logging.format)
     demo = load_callable(cfg.daemon.demo, "[daemon] demo")
     try:
         status: int = anyio.run(
-            lambda: demo(cfg, entries=entries),
+            lambda: demo(cfg, deals=deals, entries=entries),
             backend="asyncio",
             backend_options={"use_uvloop": True},
         )
@@ -113,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return run(cfg)
     if args.command == "demo":
-        return _demo(cfg, args.entries)
+        return _demo(cfg, args.deals, args.entries)
     configure_logging(cfg.logging.level, cfg.logging.format)
     try:
         if args.command == "migrate":

@@ -60,7 +60,7 @@ class DaemonConfig(Section, frozen=True):
     transport: Literal["memory", "amqp"] = "memory"
     store: Literal["sqlite", "postgres"] = "sqlite"
     tree: str = "actors.tree:build_tree"
-    demo: str = "actors.demo:run_demo"
+    demo: str = "actors.q2c_demo:run_demo"
     shutdown_s: Seconds = 30.0
 
 
@@ -174,6 +174,7 @@ class Config(Section, frozen=True):
     logging: LoggingConfig = LoggingConfig()
     testing: TestingConfig = TestingConfig()
     systems: dict[str, dict[str, Any]] = {}  # each adapter converts its own table
+    app: dict[str, Any] = {}  # the application tree converts its own table
 
 
 def load_config(

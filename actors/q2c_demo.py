@@ -1,0 +1,632 @@
+"""``brokerd demo``: deals from CRM opportunity to invoice, through all five systems.
+
+On the embedded default (in-process transport, SQLite) it needs nothing but
+the installed package; configured for RabbitMQ and Postgres it runs there.
+It starts the five sandboxes (Salesforce CRM + CPQ, SAP S/4HANA, the legacy
+ERP's IDoc folders, Stripe) on 127.0.0.1, points the daemon at them, and
+drives N deals the way users would: accounts and opportunities in the CRM,
+quotes configured and approved in the CPQ. Everything after that is the
+daemon's work: change events pushed to its webhooks, quotes validated,
+orders routed to the legacy or the cloud ERP by migration wave and booked,
+status written back to the CRM and CPQ, subscriptions provisioned, invoices
+and shipments received.
+
+Faults injected, each accounted for in the report: duplicated webhook
+deliveries (replayed CRM change events, Stripe's own duplicates), facts
+arriving out of order, a cloud-ERP outage in the middle (its circuit breaker
+opens and closes), one poison payload, quotes below their price floor, a
+denied quote, orders the ERPs refuse and invoices that do not match.
+
+The report ends with the consistency check: for every completed deal, the
+quote, the order the ERP holds, the invoice and the subscription agree on
+ids and amounts, and each ERP and the billing platform hold exactly one
+document per deal.
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+import shutil
+import statistics
+import sys
+import time
+from collections import Counter
+from contextlib import AsyncExitStack
+from dataclasses import dataclass, field
+from decimal import ROUND_HALF_EVEN, Decimal
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import anyio
+import msgspec
+
+from actors.workflows.catalogue import demo_catalogue
+from actors.workflows.deal import DealState
+from adapters.billing import StripeSandbox
+from adapters.billing.delivery import WebhookEndpoint
+from adapters.billing.sandbox import Knobs as StripeKnobs
+from adapters.crm import signature as crm_signature
+from adapters.crm.sandbox import SalesforceSandbox
+from adapters.erp_cloud import SapSandbox
+from adapters.erp_cloud import signature as sap_signature
+from adapters.erp_cloud.mapping import SUBSCRIPTION_TYPE
+from adapters.erp_cloud.views import A_Product
+from adapters.erp_legacy.sandbox import LegacyErpSandbox
+from broker import Config, Daemon
+from canonical import Envelope
+from canonical.ids import customer_ref, deal_id
+from canonical.q2c import BusinessException, DealCompleted, SlaBreached
+
+__all__ = [
+    "Plan",
+    "Sandboxes",
+    "drive_deals",
+    "run_demo",
+    "start_sandboxes",
+    "systems_tables",
+]
+
+OUTPUT_QUEUE = "q2c.events.demo"
+_WORK = Path("var/demo")
+_SF_CLIENT = "q2c-broker"
+_SF_SECRET = "demo-sf-client-secret"
+_SAP_USER, _SAP_PASSWORD = "Q2C_COMM_USER", "demo-sap-password"
+_STRIPE_KEY = "sk_test_q2cdemo"
+_CRM_HOOK, _SAP_HOOK, _STRIPE_HOOK = "demo-crm-relay", "demo-sap-events", "whsec_demo"
+_COUNTRIES = ("DE", "DE", "AT", "CH", "GB", "GB", "US", "NL", "FR", "IE")
+_CENT = Decimal("0.01")
+
+
+@dataclass
+class Plan:
+    """What the demo asked for, to hold the daemon's results against."""
+
+    opportunities: dict[str, str] = field(default_factory=dict)  # deal -> quote
+    below_floor: set[str] = field(default_factory=set)
+    denied: set[str] = field(default_factory=set)
+    refused: set[str] = field(default_factory=set)
+    mismatched: set[str] = field(default_factory=set)
+    quote_totals: dict[str, Decimal] = field(default_factory=dict)
+    replayed_events: int = 0
+    poison_posted: int = 0
+    outage_s: float = 0.0
+
+
+@dataclass
+class Sandboxes:
+    """The five systems on 127.0.0.1, and where the daemon finds them."""
+
+    crm: SalesforceSandbox
+    sap: SapSandbox
+    legacy: LegacyErpSandbox
+    stripe: StripeSandbox
+    urls: dict[str, str]
+    idoc_out: Path
+    idoc_in: Path
+
+    def push_to(self, http: str) -> None:
+        """Point every system's webhooks at the daemon listening on *http*."""
+        self.crm.knobs.push_url = f"{http}/webhooks/crm"
+        self.crm.knobs.push_secrets = [_CRM_HOOK]
+        self.sap.knobs.push_url = f"{http}/webhooks/erp_cloud"
+        self.sap.knobs.push_secrets = [_SAP_HOOK]
+        self.stripe.webhook.url = f"{http}/webhooks/billing"
+
+    def systems(self, *, fast: dict[str, Any] | None = None) -> dict[str, Any]:
+        """The ``[systems]`` tables that point the daemon at these sandboxes."""
+        return systems_tables(self.urls, self.idoc_out, self.idoc_in, fast=fast)
+
+
+async def start_sandboxes(
+    stack: AsyncExitStack, workdir: Path, *, stripe_duplicates: float = 0.0
+) -> Sandboxes:
+    """Start the five sandboxes (closed by *stack*); the ERP holds the catalogue."""
+    idoc_out, idoc_in = workdir / "idoc" / "outbound", workdir / "idoc" / "inbound"
+    for folder in (idoc_out, idoc_in):
+        await anyio.Path(folder).mkdir(parents=True, exist_ok=True)
+    products, prices = demo_catalogue()
+    crm = SalesforceSandbox(
+        client_id=_SF_CLIENT, client_secret=_SF_SECRET, retain_events=500_000
+    )
+    urls = {"crm": await crm.start()}
+    stack.push_async_callback(crm.aclose)
+    sap = SapSandbox(username=_SAP_USER, password=_SAP_PASSWORD)
+    sap.seed_products(_sap_catalogue(products, prices))
+    urls["sap"] = await sap.start()
+    stack.push_async_callback(sap.aclose)
+    legacy = LegacyErpSandbox(idoc_out, idoc_in, interval_s=0.02)
+    await legacy.start()
+    stack.push_async_callback(legacy.aclose)
+    stripe = StripeSandbox(
+        api_keys=(_STRIPE_KEY,),
+        knobs=StripeKnobs(duplicate_rate=stripe_duplicates),
+        webhook=WebhookEndpoint(secrets=[_STRIPE_HOOK]),
+    )
+    urls["stripe"] = await stripe.start()
+    stack.push_async_callback(stripe.aclose)
+    return Sandboxes(crm, sap, legacy, stripe, urls, idoc_out, idoc_in)
+
+
+async def run_demo(
+    cfg: Config, *, deals: int = 1000, entries: int | None = None
+) -> int:
+    """Run the demo; return 0 when every check passed."""
+    del entries  # the ledger demo's size
+    if cfg.daemon.store == "sqlite":
+        await anyio.to_thread.run_sync(lambda: shutil.rmtree(_WORK, ignore_errors=True))
+    rng = random.Random(11)
+    async with AsyncExitStack() as stack:
+        boxes = await start_sandboxes(stack, _WORK, stripe_duplicates=0.05)
+        crm, sap, legacy, stripe = boxes.crm, boxes.sap, boxes.legacy, boxes.stripe
+        cfg = _demo_config(cfg, boxes)
+        daemon = Daemon(cfg)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(daemon.run)
+            with anyio.fail_after(60):
+                await daemon.started.wait()
+            http = daemon.runtime.http_url
+            boxes.push_to(http)
+            _say(
+                f"driving {deals} deals through CRM, CPQ, SAP S/4HANA, the legacy "
+                f"ERP and Stripe on {cfg.daemon.transport}/{cfg.daemon.store}"
+            )
+            plan = Plan()
+            started = time.perf_counter()
+            sub = await daemon.runtime.transport.subscribe(OUTPUT_QUEUE, prefetch=2000)
+            outcome: dict[str, Any] = {}
+            async with anyio.create_task_group() as inner:
+                inner.start_soon(drive_deals, boxes, deals, rng, plan, http)
+                with anyio.fail_after(max(300.0, deals * 0.6)):
+                    outcome = await _collect(sub, deals)
+            elapsed = time.perf_counter() - started
+            await sub.close()
+            _say("")
+            report, ok = await _report(
+                daemon, plan, outcome, elapsed, crm, sap, legacy, stripe
+            )
+            daemon.request_shutdown("demo finished")
+    _print(report, ok)
+    return 0 if ok else 1
+
+
+def _sap_catalogue(products: list[Any], prices: list[Any]) -> list[A_Product]:
+    """The demo catalogue as the ERP's product master holds it (EUR prices)."""
+    eur = {p.sku: p for p in prices if p.currency == "EUR"}
+    return [
+        A_Product(
+            Product=p.sku,
+            ProductType=SUBSCRIPTION_TYPE
+            if p.family == "saas"
+            else ("SERV" if p.family == "services" else "FERT"),
+            ProductGroup=p.family,
+            ProductDescription=p.name[:40],
+            BaseUnit="PCE",
+            ListPrice=eur[p.sku].list_price,
+            PriceFloor=eur[p.sku].floor_price,
+            Currency="EUR",
+            IsMarkedForDeletion=not p.active,
+        )
+        for p in products
+        if p.sku in eur
+    ]
+
+
+def systems_tables(
+    urls: dict[str, str],
+    idoc_out: Path,
+    idoc_in: Path,
+    *,
+    fast: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """``[systems]`` for sandboxes at *urls* (crm, sap, stripe) and IDoc folders."""
+    fast = fast or {
+        "rate-per-s": 2000.0,
+        "burst": 200,
+        "concurrency": 16,
+        "prefetch": 32,
+    }
+    crm_url, sap_url, stripe_url = urls["crm"], urls["sap"], urls["stripe"]
+    return {
+        "crm": {
+            "kind": "salesforce-crm",
+            "login-url": crm_url,
+            "client-id": _SF_CLIENT,
+            "client-secret": _SF_SECRET,
+            "default-currency": "EUR",
+            "webhook-secrets": [_CRM_HOOK],
+            "gateway": fast,
+        },
+        "cpq": {
+            "kind": "salesforce-cpq",
+            "login-url": crm_url,
+            "client-id": _SF_CLIENT,
+            "client-secret": _SF_SECRET,
+            "default-currency": "EUR",
+            "gateway": fast,
+        },
+        "erp_cloud": {
+            "kind": "sap-s4",
+            "base-url": sap_url,
+            "username": _SAP_USER,
+            "password": _SAP_PASSWORD,
+            "webhook-secrets": [_SAP_HOOK],
+            "gateway": {
+                **fast,
+                "breaker-failures": 3,
+                "breaker-reset-s": 1.0,
+                "breaker-reset-max-s": 4.0,
+            },
+        },
+        "erp_legacy": {
+            "kind": "idoc",
+            "outbound-dir": str(idoc_out),
+            "inbound-dir": str(idoc_in),
+            "poll-interval-s": 0.05,
+            "settle-s": 0.02,
+            "max-pending-files": 5000,
+            "gateway": fast,
+        },
+        "billing": {
+            "kind": "stripe",
+            "api-key": _STRIPE_KEY,
+            "base-url": stripe_url,
+            "webhook-secrets": [_STRIPE_HOOK],
+            "gateway": fast,
+        },
+    }
+
+
+def _demo_config(cfg: Config, boxes: Sandboxes) -> Config:
+    systems = boxes.systems()
+    topology = msgspec.structs.replace(
+        cfg.topology,
+        systems=tuple(sorted(set(cfg.topology.systems) | set(systems))),
+        retry_tiers_s=(0.5, 2.0, 5.0),
+        event_queues={
+            **cfg.topology.event_queues,
+            OUTPUT_QUEUE: (
+                "q2c.deal.completed",
+                "q2c.exception.raised",
+                "q2c.sla.breached",
+            ),
+        },
+    )
+    return msgspec.structs.replace(
+        cfg,
+        topology=topology,
+        core=msgspec.structs.replace(cfg.core, max_attempts=8, relay_poll_s=0.5),
+        sqlite=msgspec.structs.replace(cfg.sqlite, path=str(_WORK / "q2c.sqlite3")),
+        control=msgspec.structs.replace(
+            cfg.control, socket_path=str(_WORK / "brokerd.sock")
+        ),
+        http=msgspec.structs.replace(cfg.http, port=0),
+        systems={**cfg.systems, **systems},
+        app={**cfg.app, "booking-sla-s": 6.0},
+    )
+
+
+async def drive_deals(
+    boxes: Sandboxes,
+    deals: int,
+    rng: random.Random,
+    plan: Plan,
+    http: str,
+    *,
+    faults: bool = True,
+    pace: bool = True,
+) -> None:
+    """Create accounts, opportunities and quotes as sales users would."""
+    crm, sap, legacy = boxes.crm, boxes.sap, boxes.legacy
+    products, prices = demo_catalogue()
+    eur = {p.sku: p for p in prices if p.currency == "EUR"}
+    sellable = [p for p in products if p.active and p.sku in eur]
+    accounts = [
+        crm.seed_account(
+            f"Customer {n:04d}",
+            country_code=_COUNTRIES[n % len(_COUNTRIES)],
+            currency="EUR",
+        )
+        for n in range(max(4, deals // 4))
+    ]
+    for n in range(deals):
+        account = accounts[rng.randrange(len(accounts))]
+        opportunity = crm.create_opportunity(account, f"Deal {n:05d}")
+        deal = deal_id(opportunity)
+        quote = crm.create_quote(opportunity)
+        plan.opportunities[deal] = quote
+        below = faults and n % 97 == 13
+        total = Decimal(0)
+        for i, product in enumerate(rng.sample(sellable, rng.randint(1, 3))):
+            entry = eur[product.sku]
+            qty = Decimal(rng.randint(1, 10))
+            span = entry.list_price - entry.floor_price
+            price = (entry.floor_price + span * Decimal(rng.random())).quantize(
+                _CENT, ROUND_HALF_EVEN
+            )
+            if below and i == 0:
+                price = (entry.floor_price * Decimal("0.8")).quantize(_CENT)
+            price = max(price, Decimal("0.01"))
+            total += price * qty
+            crm.add_quote_line(
+                quote,
+                product_code=product.sku,
+                quantity=qty,
+                list_price=entry.list_price,
+                net_price=price,
+                name=product.name,
+            )
+        plan.quote_totals[deal] = total
+        ref = customer_ref(deal)
+        if below:
+            plan.below_floor.add(deal)
+        elif not faults:
+            pass
+        elif n % 199 == 7:
+            plan.denied.add(deal)
+        elif n % 149 == 31:
+            plan.refused.add(deal)
+            sap.knobs.refuse_refs = sap.knobs.refuse_refs | {ref}
+            legacy.knobs.refuse_refs = legacy.knobs.refuse_refs | {ref}
+        elif n % 173 == 5:
+            plan.mismatched.add(deal)
+            sap.knobs.invoice_deltas = {
+                **sap.knobs.invoice_deltas,
+                ref: Decimal("1.00"),
+            }
+            legacy.knobs.invoice_deltas = {
+                **legacy.knobs.invoice_deltas,
+                ref: Decimal("1.00"),
+            }
+        if deal in plan.denied:
+            crm.set_quote_status(quote, "Denied")
+        else:
+            crm.approve_quote(quote)
+        if faults and n == deals * 2 // 5:
+            plan.outage_s = 4.0
+            _say(f"  cloud ERP outage for {plan.outage_s:.0f} s (deal {n})")
+            sap.knobs.outage = True
+            await anyio.sleep(plan.outage_s)
+            sap.knobs.outage = False
+        if faults and n == deals // 2:
+            plan.poison_posted += await _poison(http)
+        if n % 20 == 0:
+            # A sales team's pace, not a bulk load (the benchmark goes flat out).
+            await anyio.sleep(0.05 if pace else 0)
+    if faults:
+        plan.replayed_events = await _replay_crm_events(crm, http, rng)
+
+
+async def _poison(http: str) -> int:
+    """One payload correctly signed but not an event at all: 400 and a dead letter."""
+    body = b'{"specversion": "1.0", "id": 42, "data": [}'
+    header = sap_signature.sign([_SAP_HOOK], body, timestamp=int(time.time()))
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(
+            f"{http}/webhooks/erp_cloud",
+            data=body,
+            headers={"Content-Type": "application/json", sap_signature.HEADER: header},
+        ) as response,
+    ):
+        await response.read()
+        if response.status != 400:
+            raise RuntimeError(f"the poison payload got {response.status}, not 400")
+    _say("  posted one poison payload to /webhooks/erp_cloud")
+    return 1
+
+
+async def _replay_crm_events(
+    crm: SalesforceSandbox, http: str, rng: random.Random
+) -> int:
+    """Deliver a tenth of the CRM's change events a second time (at-least-once)."""
+    replayed = 0
+    async with aiohttp.ClientSession() as session:
+        records = list(crm.org.log)
+        for record in rng.sample(records, len(records) // 10):
+            body = msgspec.json.encode(record.cometd())
+            header = crm_signature.sign([_CRM_HOOK], body, timestamp=int(time.time()))
+            async with session.post(
+                f"{http}/webhooks/crm",
+                data=body,
+                headers={
+                    "Content-Type": "application/json",
+                    crm_signature.HEADER: header,
+                },
+            ) as response:
+                await response.read()
+                if response.status == 202:
+                    replayed += 1
+    _say(f"  replayed {replayed} CRM change events (duplicates)")
+    return replayed
+
+
+async def _collect(sub: Any, deals: int) -> dict[str, Any]:
+    """Read the deals' outcomes until every deal has one."""
+    envelope = msgspec.json.Decoder(Envelope)
+    completed = msgspec.json.Decoder(DealCompleted)
+    raised = msgspec.json.Decoder(BusinessException)
+    breached = msgspec.json.Decoder(SlaBreached)
+    done: dict[str, str] = {}
+    exceptions: dict[str, BusinessException] = {}
+    breaches: dict[str, SlaBreached] = {}
+    while len(done) < deals:
+        batch = await sub.batch(2000)
+        for d in batch:
+            env = envelope.decode(d.body)
+            if env.type == "q2c.deal.completed":
+                done.setdefault(completed.decode(env.data).deal_id, "completed")
+            elif env.type == "q2c.exception.raised":
+                exc = raised.decode(env.data)
+                exceptions.setdefault(exc.deal_id, exc)
+                done.setdefault(exc.deal_id, exc.kind)
+            elif env.type == "q2c.sla.breached":
+                b = breached.decode(env.data)
+                breaches.setdefault(b.deal_id, b)
+        sub.ack(batch[-1].tag, multiple=True)
+        _progress(len(done), deals)
+    return {"done": done, "exceptions": exceptions, "breaches": breaches}
+
+
+async def _report(
+    daemon: Daemon,
+    plan: Plan,
+    outcome: dict[str, Any],
+    elapsed: float,
+    crm: SalesforceSandbox,
+    sap: SapSandbox,
+    legacy: LegacyErpSandbox,
+    stripe: StripeSandbox,
+) -> tuple[dict[str, Any], bool]:
+    store = daemon.runtime.store
+    decoder = msgspec.json.Decoder(DealState)
+    states: dict[str, DealState] = {}
+    for deal in plan.opportunities:
+        record = await store.load_saga("deal", deal)
+        if record is not None:
+            states[deal] = decoder.decode(record.state)
+    done: dict[str, str] = outcome["done"]
+    kinds = Counter(done.values())
+
+    # --- stage times --------------------------------------------------------------
+    spans: dict[str, list[float]] = {}
+    order = ("opened", "quoted", "ordering", "booked", "invoiced", "completed")
+    for s in states.values():
+        for a, b in itertools.pairwise(order):
+            if a in s.stages and b in s.stages:
+                dt = (s.stages[b] - s.stages[a]).total_seconds()
+                spans.setdefault(f"{a}->{b}", []).append(max(dt, 0.0))
+        if "opened" in s.stages and "completed" in s.stages:
+            dt = (s.stages["completed"] - s.stages["opened"]).total_seconds()
+            spans.setdefault("end to end", []).append(dt)
+
+    # --- consistency ------------------------------------------------------------
+    sap_orders = {
+        r.entity.PurchaseOrderByCustomer: r.entity for r in sap.orders.orders.values()
+    }
+    legacy_orders = Counter(po for (_, po) in legacy.orders)
+    sap_refs = Counter(
+        r.entity.PurchaseOrderByCustomer for r in sap.orders.orders.values()
+    )
+    subs_by_deal = Counter(
+        sub.metadata.get("q2c_deal_id") for sub in stripe.account.subscriptions.values()
+    )
+    problems: list[str] = []
+    for deal, kind in done.items():
+        st = states.get(deal)
+        if st is None:
+            problems.append(f"{deal}: no state")
+            continue
+        if kind != "completed":
+            continue
+        order_doc, quote, invoice = st.order, st.quote, st.invoice
+        if order_doc is None or quote is None or invoice is None:
+            problems.append(f"{deal}: completed without order, quote or invoice")
+            continue
+        if not (
+            quote.net_total == order_doc.net_total == invoice.amount == st.booked_total
+        ):
+            problems.append(
+                f"{deal}: quote {quote.net_total}, order {order_doc.net_total}, "
+                f"booked {st.booked_total}, invoice {invoice.amount} differ"
+            )
+        ref = order_doc.customer_ref
+        if order_doc.erp == "cloud":
+            erp_order = sap_orders.get(ref)
+            if erp_order is None or sap_refs[ref] != 1:
+                problems.append(f"{deal}: SAP holds {sap_refs[ref]} orders for {ref}")
+            elif (erp_order.SalesOrder or "").lstrip("0") != (
+                st.erp_order_id or ""
+            ).lstrip("0") or erp_order.TotalNetAmount != order_doc.net_total.amount:
+                problems.append(f"{deal}: SAP order {erp_order.SalesOrder} disagrees")
+        elif legacy_orders[ref] != 1:
+            problems.append(f"{deal}: legacy ERP holds {legacy_orders[ref]} orders")
+        if st.needs_subscription and (
+            st.subscription_native_id is None or subs_by_deal[deal] != 1
+        ):
+            problems.append(f"{deal}: {subs_by_deal[deal]} subscriptions in billing")
+        if not st.needs_subscription and subs_by_deal[deal]:
+            problems.append(f"{deal}: a subscription without recurring lines")
+
+    # --- injected faults, accounted for ------------------------------------------
+    def kinds_of(deals_: set[str]) -> Counter[str]:
+        return Counter(done.get(d, "missing") for d in deals_)
+
+    faults = {
+        "below floor -> quote_rejected": (plan.below_floor, "quote_rejected"),
+        "denied -> quote_denied": (plan.denied, "quote_denied"),
+        "refused by ERP -> order_fallout": (plan.refused, "order_fallout"),
+        "invoice off -> invoice_mismatch": (plan.mismatched, "invoice_mismatch"),
+    }
+    for name, (deals_, expected) in faults.items():
+        got = kinds_of(deals_)
+        if got[expected] != len(deals_):
+            problems.append(f"{name}: expected {len(deals_)}, got {dict(got)}")
+    injected = set().union(*(d for d, _ in faults.values()))
+    unexplained = [d for d, k in done.items() if k != "completed" and d not in injected]
+    problems.extend(f"{d}: unexpected {done[d]}" for d in unexplained[:10])
+
+    counters = daemon.runtime.metrics.snapshot()
+    counts = await store.counts()
+    out_of_order = sum(1 for s in states.values() if s.out_of_order)
+    breaker = counters.get("gateway_breaker_opened", 0)
+    report: dict[str, Any] = {
+        "deals": len(plan.opportunities),
+        "completed": kinds["completed"],
+        "business exceptions": {k: v for k, v in kinds.items() if k != "completed"},
+        "sla breaches (booking)": len(outcome["breaches"]),
+        "routed to cloud / legacy ERP": (
+            f"{sum(1 for s in states.values() if s.erp == 'cloud')} / "
+            f"{sum(1 for s in states.values() if s.erp == 'legacy')}"
+        ),
+        "duplicates suppressed": counters.get("messages_duplicate", 0),
+        "crm events replayed": plan.replayed_events,
+        "stripe duplicate webhooks": stripe.counts.get("webhook_duplicates_sent", 0),
+        "facts out of order, held": out_of_order,
+        "cloud ERP outage": f"{plan.outage_s:.0f} s, breaker opened {breaker:g}x",
+        "retries": counters.get("messages_retried", 0),
+        "dead letters": counts.get("dead_letters", 0),
+        "poison payloads posted": plan.poison_posted,
+        "seconds": round(elapsed, 1),
+        "deals/s": round(len(plan.opportunities) / elapsed, 1),
+    }
+    for span, values in spans.items():
+        report[f"p50/p99 {span}"] = _p50_p99(values)
+    report["consistency problems"] = len(problems)
+    for p in problems[:20]:
+        _say(f"  ! {p}")
+    ok = (
+        not problems
+        and len(done) == len(plan.opportunities)
+        and counts.get("dead_letters", 0) >= plan.poison_posted
+    )
+    del crm
+    return report, ok
+
+
+def _p50_p99(values: list[float]) -> str:
+    if len(values) < 2:
+        return "-"
+    q = statistics.quantiles(values, n=100, method="inclusive")
+    return f"{q[49] * 1000:.0f} ms / {q[98] * 1000:.0f} ms"
+
+
+def _print(report: dict[str, Any], ok: bool) -> None:
+    _say("\nQ2C Broker demo: quote to cash")
+    for key, value in report.items():
+        _say(f"  {key:<34} {value}")
+    _say(
+        f"  {'check':<34} {'PASS' if ok else 'FAIL'}: every deal completed or "
+        "stopped by the fault injected into it; quote, ERP order, invoice and "
+        "subscription agree on ids and amounts; one document per deal in each system"
+    )
+
+
+def _say(text: str) -> None:
+    print(text, file=sys.stdout, flush=True)
+
+
+def _progress(done: int, total: int) -> None:
+    if sys.stdout.isatty():
+        print(f"\r  deals finished {done}/{total}", end="", flush=True)

@@ -1,0 +1,401 @@
+"""The external systems, as configured: clients, connectors, webhooks, pollers.
+
+Each ``[systems.<name>]`` table names its ``kind`` (which adapter speaks to
+it), the adapter's own keys, the webhook's signing secrets and a
+``[systems.<name>.gateway]`` table for its system actor (rate, concurrency,
+breaker). For example::
+
+    [systems.erp_cloud]
+    kind = "sap-s4"
+    base-url = "https://my000000-api.s4hana.cloud.sap"
+    username = "Q2C_COMM_USER"          # password: BROKER__SYSTEMS__ERP_CLOUD__PASSWORD
+    webhook-secrets = ["…"]
+    [systems.erp_cloud.gateway]
+    rate-per-s = 20
+    concurrency = 8
+
+HTTP clients need a running event loop, and the tree is built before there
+is one; so each system actor runs a `LazyConnector` whose real connector the
+``clients`` actor opens when it starts (and closes when it stops). The
+``systems`` supervisor is ``rest_for_one`` with ``clients`` first: new
+clients, new system actors.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal, final
+
+import anyio
+import msgspec
+import structlog
+
+from adapters.billing import (
+    BillingConnector,
+    StripeClient,
+    StripeSettings,
+    StripeWebhook,
+)
+from adapters.cpq import CpqClient, CpqConnector
+from adapters.crm import CrmConnector, SalesforceClient, SalesforceSettings
+from adapters.crm.ingress import SalesforceWebhook
+from adapters.erp_cloud import SapClient, SapConnector, SapEventWebhook, SapSettings
+from adapters.erp_cloud.mapping import MappingOptions, catalogue_entry
+from adapters.erp_legacy import LegacyErpConnector, LegacyErpSettings
+from adapters.erp_legacy.files import InboundPoller
+from adapters.erp_legacy.idocxml import parse_idocs
+from adapters.erp_legacy.ingress import to_inbound
+from adapters.erp_legacy.mapping import OrderKey
+from adapters.erp_legacy.views import Idoc
+from broker import (
+    Actor,
+    ChildSpec,
+    ConfigError,
+    Context,
+    Runtime,
+    Strategy,
+    SupervisorSpec,
+    UpstreamUnavailable,
+)
+from broker.config import Section
+from broker.connector import Connector, Inbound, WebhookSource
+from broker.gateway import GatewaySettings, system_actor_spec
+from broker.http import publish_inbound
+from canonical import Envelope
+from canonical.commerce import PriceBookEntry, Product
+from canonical.hashing import content_hash
+from canonical.ids import deal_of_customer_ref, order_id
+from canonical.q2c import ALL_EVENTS, ProductChanged
+
+__all__ = ["Kind", "SystemTable", "Systems", "LazyConnector"]
+
+_log = structlog.get_logger(__name__)
+
+Kind = Literal["salesforce-crm", "salesforce-cpq", "sap-s4", "idoc", "stripe"]
+
+#: The commands each kind's connector takes (checked against the real one).
+COMMANDS: dict[Kind, tuple[str, ...]] = {
+    "salesforce-crm": ("crm.opportunity.update_requested", "crm.record.read_required"),
+    "salesforce-cpq": ("cpq.quote.update_requested", "cpq.product.sync_requested"),
+    "sap-s4": ("erp.order.booking_requested", "erp.customer.sync_requested"),
+    "idoc": ("erp.order.booking_requested",),
+    "stripe": ("billing.subscription.requested",),
+}
+
+
+class SystemTable(Section, frozen=True):
+    """The keys of ``[systems.<name>]`` that belong to the broker, not the adapter.
+
+    Attributes:
+        kind: which adapter speaks to the system.
+        gateway: the system actor's limits.
+        webhook_secrets: signing secrets of ``POST /webhooks/<name>`` (two
+            during a rotation); none: the system has no webhook.
+        webhook_tolerance_s: accepted age of a webhook signature.
+    """
+
+    kind: Kind
+    gateway: GatewaySettings = GatewaySettings()
+    webhook_secrets: tuple[str, ...] = ()
+    webhook_tolerance_s: float = 300.0
+
+
+_OURS = frozenset({"kind", "gateway", "webhook-secrets", "webhook-tolerance-s"})
+
+
+def _split(name: str, table: Mapping[str, Any]) -> tuple[SystemTable, dict[str, Any]]:
+    ours = {k: v for k, v in table.items() if k in _OURS}
+    theirs = {k: v for k, v in table.items() if k not in _OURS}
+    try:
+        return msgspec.convert(ours, SystemTable, strict=False), theirs
+    except msgspec.ValidationError as exc:
+        raise ConfigError(f"[systems.{name}]: {exc}") from exc
+
+
+def _adapter_settings(name: str, cls: type[Any], table: Mapping[str, Any]) -> Any:
+    try:
+        return msgspec.convert(dict(table), cls, strict=False)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(f"[systems.{name}]: {exc}") from exc
+
+
+@final
+class LazyConnector:
+    """A system's connector, known by name and commands before its client opens."""
+
+    def __init__(self, system: str, kind: Kind) -> None:
+        self._system = system
+        self.kind = kind
+        self._commands = {tag: ALL_EVENTS[tag] for tag in COMMANDS[kind]}
+        self.impl: Connector | None = None
+
+    def __repr__(self) -> str:
+        return f"<LazyConnector {self._system} {'open' if self.impl else 'closed'}>"
+
+    @property
+    def system(self) -> str:
+        """The configured name."""
+        return self._system
+
+    @property
+    def commands(self) -> Mapping[str, type[Any]]:
+        """What this kind of system accepts."""
+        return self._commands
+
+    async def handle(self, command: Any, envelope: Envelope) -> Sequence[Any]:
+        """Call the open connector.
+
+        Raises:
+            UpstreamUnavailable: the client is not open (the clients actor is
+                restarting); the command is retried.
+        """
+        if self.impl is None:
+            raise UpstreamUnavailable(self._system, "client not open")
+        return await self.impl.handle(command, envelope)
+
+
+class _System(msgspec.Struct, frozen=True):
+    name: str
+    table: SystemTable
+    settings: Any
+    connector: LazyConnector
+
+
+@final
+class Systems:
+    """Every configured external system, and the actors that serve them."""
+
+    def __init__(self, rt: Runtime) -> None:
+        self.rt = rt
+        self.systems: list[_System] = []
+        self.catalogue: Callable[[list[Product], list[PriceBookEntry]], None] | None = (
+            None
+        )
+        for name, raw in sorted(rt.cfg.systems.items()):
+            table, rest = _split(name, raw)
+            settings = self._settings(name, table, rest)
+            system = _System(name, table, settings, LazyConnector(name, table.kind))
+            self.systems.append(system)
+            hook = self._webhook(system)
+            if hook is not None:
+                rt.webhook(hook)
+
+    def _settings(self, name: str, table: SystemTable, rest: dict[str, Any]) -> Any:
+        match table.kind:
+            case "salesforce-crm" | "salesforce-cpq":
+                return _adapter_settings(name, SalesforceSettings, rest)
+            case "sap-s4":
+                options = rest.pop("mapping", {})
+                return (
+                    _adapter_settings(name, SapSettings, {**rest, "system": name}),
+                    _adapter_settings(name, MappingOptions, options),
+                )
+            case "idoc":
+                return _adapter_settings(name, LegacyErpSettings, rest)
+            case "stripe":
+                return _adapter_settings(
+                    name,
+                    StripeSettings,
+                    {
+                        **rest,
+                        "webhook-secrets": list(table.webhook_secrets),
+                        "webhook-tolerance-s": table.webhook_tolerance_s,
+                    },
+                )
+
+    def _webhook(self, s: _System) -> WebhookSource | None:
+        secrets, tolerance = s.table.webhook_secrets, s.table.webhook_tolerance_s
+        if not secrets:
+            return None
+        match s.table.kind:
+            case "salesforce-crm":
+                return SalesforceWebhook(
+                    secrets=secrets,
+                    client_id=s.settings.client_id,
+                    default_currency=s.settings.default_currency,
+                    system=s.name,
+                    tolerance_s=tolerance,
+                )
+            case "sap-s4":
+                return SapEventWebhook(secrets, system=s.name, tolerance_s=tolerance)
+            case "stripe":
+                return StripeWebhook(secrets, system=s.name, tolerance_s=tolerance)
+            case _:
+                raise ConfigError(
+                    f"[systems.{s.name}]: a {s.table.kind} system has no webhook"
+                )
+
+    def spec(self) -> ChildSpec:
+        """``systems``: the clients, each system actor, the legacy inbound poller."""
+        children = [
+            ChildSpec(id="clients", start=lambda: _Clients(self), shutdown_s=10.0)
+        ]
+        children.extend(
+            system_actor_spec(self.rt, s.connector, s.table.gateway)
+            for s in self.systems
+        )
+        children.extend(
+            ChildSpec(
+                id=f"{s.name}.inbound",
+                start=functools.partial(_IdocInbound, self.rt, s.name, s.settings),
+                shutdown_s=10.0,
+            )
+            for s in self.systems
+            if s.table.kind == "idoc"
+        )
+        spec = SupervisorSpec(
+            id="systems",
+            strategy=Strategy.REST_FOR_ONE,
+            intensity=10,
+            period_s=60,
+            children=children,
+        )
+        return ChildSpec(id="systems", start=lambda: spec, shutdown_s=None)
+
+
+@final
+class _Clients(Actor[None]):
+    """Opens every system's HTTP client on start and closes them on stop."""
+
+    def __init__(self, systems: Systems) -> None:
+        self._systems = systems
+        self._closers: list[Callable[[], Any]] = []
+
+    async def on_start(self, ctx: Context[None]) -> None:
+        crm: dict[str, SalesforceClient] = {}
+        for s in self._systems.systems:
+            impl: Connector
+            match s.table.kind:
+                case "salesforce-crm" | "salesforce-cpq":
+                    client = SalesforceClient(s.settings, system=s.name)
+                    self._closers.append(client.aclose)
+                    cpq = CpqClient(client)
+                    crm[s.name] = client
+                    impl = (
+                        CrmConnector(client, cpq=cpq, system=s.name)
+                        if s.table.kind == "salesforce-crm"
+                        else CpqConnector(cpq, system=s.name)
+                    )
+                case "sap-s4":
+                    settings, options = s.settings
+                    sap = SapClient(settings)
+                    self._closers.append(sap.aclose)
+                    impl = SapConnector(sap, system=s.name, options=options)
+                    ctx.start_soon(self._load_catalogue, s.name, sap)
+                case "idoc":
+                    impl = LegacyErpConnector(s.settings, system=s.name)
+                case "stripe":
+                    stripe = StripeClient(s.settings, system=s.name)
+                    self._closers.append(stripe.aclose)
+                    impl = BillingConnector(stripe, system=s.name)
+            if set(impl.commands) != set(s.connector.commands):
+                raise ConfigError(
+                    f"[systems.{s.name}]: connector takes {sorted(impl.commands)}, "
+                    f"expected {sorted(s.connector.commands)}"
+                )
+            s.connector.impl = impl
+
+    async def _load_catalogue(self, system: str, sap: SapClient) -> None:
+        """Read the ERP's products once at start and announce each.
+
+        The catalog workflow forwards changes to the CPQ; the reference data
+        that quotes are validated against is refreshed here.
+        """
+        rt = self._systems.rt
+        while True:
+            try:
+                products = await sap.list_products()
+                break
+            except UpstreamUnavailable as exc:
+                _log.warning("catalogue_unavailable", system=system, error=str(exc))
+                await anyio.sleep(5.0)
+        entries = [catalogue_entry(p, default_currency="EUR") for p in products]
+        changes = [
+            ProductChanged(product=product, prices=(price,) if price else ())
+            for product, price in entries
+        ]
+        # The id is the content: the same catalogue read again is a duplicate.
+        events = [
+            Inbound(
+                event=change,
+                id=f"{change.product.sku}@{content_hash(change)}",
+                source=f"/erp/{system}",
+                correlation_id=change.product.sku,
+                idempotency_key=f"erp.product.changed:{change.product.sku}:"
+                f"{content_hash(change)}",
+                subject=change.product.sku,
+            )
+            for change in changes
+        ]
+        if self._systems.catalogue is not None:
+            self._systems.catalogue(
+                [product for product, _ in entries],
+                [price for _, price in entries if price is not None],
+            )
+        for chunk in range(0, len(events), 100):
+            await publish_inbound(
+                rt.transport, events[chunk : chunk + 100], timeout_s=30.0
+            )
+        _log.info("catalogue_loaded", system=system, products=len(products))
+
+    async def handle(self, msg: None, ctx: Context[None]) -> None:
+        """Takes no messages."""
+
+    async def on_stop(self, ctx: Context[None]) -> None:
+        for s in self._systems.systems:
+            s.connector.impl = None
+        for close in reversed(self._closers):
+            with anyio.CancelScope(shield=True):
+                await close()
+        self._closers.clear()
+
+
+@final
+class _IdocInbound(Actor[None]):
+    """Reads ORDRSP, DESADV and INVOIC IDocs from the legacy ERP's inbound folder.
+
+    A file moves to ``processed/`` only after its events were confirmed by
+    RabbitMQ; a crash in between reads it again, and the IDoc number keeps the
+    repeat a duplicate.
+    """
+
+    def __init__(self, rt: Runtime, system: str, settings: LegacyErpSettings) -> None:
+        self._rt = rt
+        self._system = system
+        self._poller = InboundPoller(
+            settings.inbound,
+            parse=parse_idocs,
+            handle=self._handle,
+            batch=settings.batch,
+            interval_s=settings.poll_interval_s,
+            settle_s=settings.settle_s,
+            max_bytes=settings.max_file_bytes,
+        )
+
+    async def on_start(self, ctx: Context[None]) -> None:
+        ctx.start_soon(self._poller.run)
+
+    async def handle(self, msg: None, ctx: Context[None]) -> None:
+        """Takes no messages."""
+
+    async def _handle(self, name: str, idocs: tuple[Idoc, ...]) -> None:
+        events: list[Inbound] = []
+        for idoc in idocs:
+            events.extend(await to_inbound(idoc, resolve=_resolve))
+        await publish_inbound(self._rt.transport, events, timeout_s=30.0)
+
+
+async def _resolve(po: str) -> OrderKey | None:
+    """A customer PO reference is ``Q2C-<crm id>``: the deal needs no lookup."""
+    try:
+        deal = deal_of_customer_ref(po)
+    except ValueError:
+        return None
+    return OrderKey(deal_id=deal, order_id=order_id(deal))
+
+
+def idoc_dirs(settings: LegacyErpSettings) -> tuple[Path, Path]:
+    """The outbound and inbound folders of a legacy ERP."""
+    return settings.outbound, settings.inbound

@@ -1,0 +1,555 @@
+"""The deal: one quote-to-cash process, from CRM opportunity to invoice.
+
+One instance per deal (correlation id ``deal-<crm opportunity id>``). The
+workflow is written as *record, then decide*: every event first becomes a
+fact in the state (whatever order the facts arrive in: a quote approval may
+overtake the opportunity, an invoice may overtake the booking), then
+`_decide` looks at the facts and issues what has become possible and was not
+issued before. Each command is issued once (a flag in the state) and carries
+an idempotency key derived from the event that caused it, so a redelivered
+event changes nothing.
+
+Stages and what moves them on:
+
+- opened: ``crm.opportunity.created`` recorded.
+- quoted: ``cpq.quote.approved`` (the primary quote) recorded; once the
+  opportunity is known too, the quote is validated in memory.
+- ordering: a valid quote is routed and enriched into an order;
+  ``erp.order.booking_requested`` goes to the routed ERP and the booking SLA
+  timer is set.
+- booked: ``erp.order.booked``; the CRM and CPQ are told the order number
+  and recurring lines get a ``billing.subscription.requested``.
+- fulfilling: waiting for ``erp.invoice.issued``, ``erp.shipment.dispatched``
+  (physical lines), ``billing.subscription.created`` (recurring lines) and the
+  CRM/CPQ updates.
+- completed: all of the above, the invoice agreeing with the order:
+  ``q2c.deal.completed``.
+- exception: a business rule stopped the deal (quote rejected by validation,
+  quote denied, order fallout, invoice ≠ order): ``q2c.exception.raised``
+  and the CRM opportunity marked for attention.
+
+Business exceptions name the document and the amount they hold up; they are
+events for the operator, not dead letters. Integration errors (a malformed
+payload, a vendor that keeps failing) never reach this module: the engine
+dead-letters them, and later messages of the deal are held behind them.
+
+A deal keeps the ERP it was routed to: the routing decision is taken once,
+when the order is built, and stored in the state; a routing reload changes
+only deals that have not ordered yet.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from datetime import datetime, timedelta
+from decimal import Decimal
+from typing import Any, Literal, final
+
+import msgspec
+
+from actors.workflows.enrich import enrich_order
+from actors.workflows.routing import RoutingRegistry
+from actors.workflows.rules import ReferenceData, validate_quote
+from broker import Applied, Emit
+from canonical import Envelope, Money
+from canonical.commerce import (
+    Account,
+    Invoice,
+    Opportunity,
+    Order,
+    Quote,
+    Shipment,
+    Subscription,
+    SubscriptionItem,
+)
+from canonical.ids import deal_of_opportunity, order_id
+from canonical.q2c import (
+    DEAL_EVENTS,
+    BusinessException,
+    DealCompleted,
+    ExceptionKind,
+    InvoiceIssued,
+    InvoicePaid,
+    OpportunityCreated,
+    OpportunityUpdated,
+    OpportunityUpdateRequested,
+    OrderBooked,
+    OrderBookingRequested,
+    OrderRejected,
+    OrderSubmitted,
+    QuoteApproved,
+    QuoteDenied,
+    QuoteUpdated,
+    QuoteUpdateRequested,
+    ShipmentDispatched,
+    SlaBreached,
+    SubscriptionCreated,
+    SubscriptionRequested,
+    TimerElapsed,
+)
+
+__all__ = ["DealState", "DealWorkflow", "Stage", "system_queue"]
+
+Stage = Literal[
+    "opened", "quoted", "ordering", "booked", "fulfilling", "completed", "exception"
+]
+
+#: The timer that bounds booking: set when the order is requested.
+BOOKING_SLA = "booking_sla"
+
+
+def system_queue(system: str) -> str:
+    """The queue a system actor consumes: ``q2c.sys.<system>``."""
+    return f"q2c.sys.{system}"
+
+
+class DealState(msgspec.Struct, kw_only=True):
+    """Everything known about one deal. Mutable while one event is applied.
+
+    ``stages`` records when each stage was first reached (the fact's time),
+    for the report's time per stage and for ``GET /api/v1/deals/{id}``.
+    """
+
+    deal_id: str = ""
+    stage: Stage = "opened"
+    opportunity: Opportunity | None = None
+    quote: Quote | None = None
+    order: Order | None = None
+    erp: Literal["cloud", "legacy"] | None = None
+    route_rule: str = ""
+    wave: str | None = None
+    erp_order_id: str | None = None
+    erp_status: str | None = None
+    booked_total: Money | None = None
+    booking_warnings: tuple[str, ...] = ()
+    submitted_document: str | None = None
+    crm_native_id: str | None = None
+    cpq_native_id: str | None = None
+    subscription_native_id: str | None = None
+    subscription_amount: Money | None = None
+    invoice: Invoice | None = None
+    invoice_paid: bool = False
+    shipment: Shipment | None = None
+    #: Commands and announcements already issued (each once).
+    issued: tuple[str, ...] = ()
+    #: Business exceptions raised, by kind.
+    exceptions: tuple[ExceptionKind, ...] = ()
+    violations: tuple[str, ...] = ()
+    sla_breached: bool = False
+    #: Facts that arrived before the fact they follow (and waited for it).
+    out_of_order: int = 0
+    stages: dict[str, datetime] = {}
+
+    # -- derived ---------------------------------------------------------------
+
+    @property
+    def needs_subscription(self) -> bool:
+        """The order has recurring lines."""
+        return self.order is not None and any(ln.recurring for ln in self.order.lines)
+
+    @property
+    def needs_shipment(self) -> bool:
+        """The order has physical lines."""
+        return self.order is not None and any(ln.physical for ln in self.order.lines)
+
+
+@final
+class DealWorkflow:
+    """The deal process manager (pure: `apply` does no I/O).
+
+    Args:
+        routing: the coexistence routing table (reloadable; read at order time).
+        reference: the ERP reference data quotes are validated against; a
+            callable so a catalogue refresh is seen by the next quote.
+        booking_sla_s: how long an order may take to be booked.
+    """
+
+    name = "deal"
+    state_type = DealState
+    #: A deal's facts wait behind one that failed (retry or dead letter).
+    ordered = True
+
+    def __init__(
+        self,
+        *,
+        routing: RoutingRegistry,
+        reference: Callable[[], ReferenceData],
+        booking_sla_s: float = 900.0,
+    ) -> None:
+        self._routing = routing
+        self._reference = reference
+        self._booking_sla_s = booking_sla_s
+
+    @property
+    def events(self) -> Mapping[str, type[Any]]:
+        """Every event that moves a deal."""
+        return DEAL_EVENTS
+
+    def initial(self, correlation_id: str) -> DealState:
+        """A deal nothing is known about yet."""
+        return DealState(deal_id=correlation_id)
+
+    def apply(
+        self, state: DealState, event: Any, envelope: Envelope
+    ) -> Applied[DealState]:
+        """Record the fact, then issue what it made possible."""
+        s = msgspec.structs.replace(state, stages=dict(state.stages))
+        emits: list[Emit] = []
+        self._record(s, event, envelope, emits)
+        self._decide(s, envelope, emits)
+        return Applied(s, emits)
+
+    # -- record ----------------------------------------------------------------
+
+    def _record(
+        self, s: DealState, event: Any, env: Envelope, emits: list[Emit]
+    ) -> None:
+        at = env.time
+        match event:
+            case OpportunityCreated(opportunity=opp):
+                if deal_of_opportunity(opp.id) != s.deal_id:
+                    raise ValueError(f"{opp.id} does not belong to deal {s.deal_id}")
+                s.opportunity = opp
+                _reached(s, "opened", at)
+            case QuoteApproved(quote=quote):
+                if quote.primary and s.order is None:
+                    s.out_of_order += s.opportunity is None
+                    s.quote = quote
+                    _reached(s, "quoted", at)
+            case QuoteDenied(quote=quote, reason=reason):
+                if quote.primary and s.order is None:
+                    s.quote = quote
+                    self._exception(
+                        s,
+                        emits,
+                        "quote_denied",
+                        "quote",
+                        quote.id,
+                        quote.net_total,
+                        (reason,) if reason else (),
+                        at,
+                    )
+            case OrderSubmitted(document=document):
+                s.submitted_document = document
+            case OrderBooked() as booked:
+                s.erp_order_id = booked.erp_order_id
+                s.erp_status = booked.status
+                s.booked_total = booked.net_total
+                s.booking_warnings = booked.warnings
+                if s.stage not in ("completed", "exception"):
+                    _reached(s, "booked", at)
+            case OrderRejected() as rejected:
+                s.erp_status = "rejected"
+                self._exception(
+                    s,
+                    emits,
+                    "order_fallout",
+                    "order",
+                    rejected.order_id,
+                    rejected.net_total,
+                    (f"{rejected.code}: {rejected.message}",),
+                    at,
+                )
+            case OpportunityUpdated(native_id=native_id):
+                s.crm_native_id = native_id
+            case QuoteUpdated(native_id=native_id):
+                s.cpq_native_id = native_id
+            case SubscriptionCreated() as sub:
+                s.subscription_native_id = sub.native_id
+                s.subscription_amount = sub.amount_per_period
+                _reached(s, "subscribed", at)
+            case InvoiceIssued(invoice=invoice):
+                s.out_of_order += s.erp_order_id is None
+                s.invoice = invoice
+                _reached(s, "invoiced", at)
+            case InvoicePaid():
+                s.invoice_paid = True
+            case ShipmentDispatched(shipment=shipment):
+                s.out_of_order += s.erp_order_id is None
+                s.shipment = shipment
+                _reached(s, "shipped", at)
+            case TimerElapsed(timer=timer, due_at=due_at):
+                if timer == BOOKING_SLA and self._booking_late(s):
+                    assert s.order is not None
+                    s.sla_breached = True
+                    emits.append(
+                        Emit(
+                            event=SlaBreached(
+                                deal_id=s.deal_id,
+                                stage="booking",
+                                document="order",
+                                document_id=s.order.id,
+                                amount=s.order.net_total,
+                                due_at=due_at,
+                            ),
+                            subject=s.order.id,
+                        )
+                    )
+            case _:
+                raise TypeError(f"deal cannot apply {type(event).__name__}")
+
+    @staticmethod
+    def _booking_late(s: DealState) -> bool:
+        return (
+            s.order is not None
+            and s.erp_order_id is None
+            and s.erp_status != "rejected"
+            and not s.sla_breached
+        )
+
+    # -- decide ----------------------------------------------------------------
+
+    def _decide(self, s: DealState, env: Envelope, emits: list[Emit]) -> None:
+        if s.stage == "exception":
+            return
+        if s.order is None:
+            if s.opportunity is not None and s.quote is not None:
+                self._order(s, env, emits)
+            return
+        order = s.order
+        if s.erp_order_id is None:
+            return
+        stage_note = f"order {s.erp_order_id} booked in the {s.erp} ERP"
+        if _once(s, "crm_update"):
+            assert s.opportunity is not None
+            emits.append(
+                Emit(
+                    event=OpportunityUpdateRequested(
+                        opportunity_id=s.opportunity.id,
+                        stage="Closed Won",
+                        order_number=s.erp_order_id,
+                        status_note=stage_note,
+                    ),
+                    exchange="",
+                    routing_key=system_queue("crm"),
+                    subject=s.opportunity.id,
+                )
+            )
+        if _once(s, "cpq_update"):
+            emits.append(
+                Emit(
+                    event=QuoteUpdateRequested(
+                        quote_id=order.quote_id,
+                        status="ordered",
+                        order_number=s.erp_order_id,
+                    ),
+                    exchange="",
+                    routing_key=system_queue("cpq"),
+                    subject=order.quote_id,
+                )
+            )
+        if s.needs_subscription and _once(s, "subscription"):
+            emits.append(
+                Emit(
+                    event=SubscriptionRequested(
+                        subscription=_subscription(order), deal_id=s.deal_id
+                    ),
+                    exchange="",
+                    routing_key=system_queue("billing"),
+                    subject=order.id,
+                )
+            )
+        if s.stage == "booked":
+            _reached(s, "fulfilling", env.time)
+        if s.invoice is not None and s.invoice.amount != order.net_total:
+            self._exception(
+                s,
+                emits,
+                "invoice_mismatch",
+                "invoice",
+                s.invoice.id,
+                s.invoice.amount,
+                (
+                    f"invoice {s.invoice.number} is {s.invoice.amount}, "
+                    f"order {s.erp_order_id} is {order.net_total}",
+                ),
+                env.time,
+            )
+            return
+        if self._complete(s) and _once(s, "completed"):
+            _reached(s, "completed", env.time)
+            emits.append(
+                Emit(
+                    event=DealCompleted(
+                        deal_id=s.deal_id,
+                        quote_id=order.quote_id,
+                        order_id=order.id,
+                        erp=order.erp,
+                        erp_order_id=s.erp_order_id,
+                        net_total=order.net_total,
+                        invoice_number=s.invoice.number if s.invoice else None,
+                        subscription_id=s.subscription_native_id,
+                        completed_at=env.time,
+                    ),
+                    subject=s.deal_id,
+                )
+            )
+
+    @staticmethod
+    def _complete(s: DealState) -> bool:
+        return (
+            s.erp_order_id is not None
+            and s.crm_native_id is not None
+            and s.cpq_native_id is not None
+            and s.invoice is not None
+            and (not s.needs_subscription or s.subscription_native_id is not None)
+            and (not s.needs_shipment or s.shipment is not None)
+        )
+
+    def _order(self, s: DealState, env: Envelope, emits: list[Emit]) -> None:
+        """Validate the approved quote; route, enrich and request booking."""
+        assert s.opportunity is not None
+        assert s.quote is not None
+        quote, account = s.quote, s.opportunity.account
+        ref = self._reference()
+        result = validate_quote(quote, account, ref)
+        if not result.ok:
+            self._exception(
+                s,
+                emits,
+                "quote_rejected",
+                "quote",
+                quote.id,
+                quote.net_total,
+                tuple(v.message for v in result.violations),
+                env.time,
+            )
+            return
+        # The fact's own time decides the wave, so a replay decides alike.
+        decision = self._routing.route_order(quote, account, ref, at=env.time)
+        order = enrich_order(
+            quote,
+            account,
+            decision,
+            ref,
+            deal_id=s.deal_id,
+            order_id=order_id(s.deal_id),
+        )
+        s.order, s.erp, s.route_rule, s.wave = (
+            order,
+            decision.erp,
+            decision.rule,
+            decision.wave,
+        )
+        _reached(s, "ordering", env.time)
+        s.issued = (*s.issued, "booking")
+        emits.append(
+            Emit(
+                event=OrderBookingRequested(order=order),
+                exchange="",
+                routing_key=system_queue(f"erp_{order.erp}"),
+                subject=order.id,
+            )
+        )
+        emits.append(
+            Emit(
+                event=TimerElapsed(
+                    deal_id=s.deal_id,
+                    timer=BOOKING_SLA,
+                    due_at=env.time + timedelta(seconds=self._booking_sla_s),
+                ),
+                subject=order.id,
+                key_suffix=BOOKING_SLA,
+                delay_s=self._booking_sla_s,
+            )
+        )
+
+    @staticmethod
+    def _exception(
+        s: DealState,
+        emits: list[Emit],
+        kind: ExceptionKind,
+        document: str,
+        document_id: str,
+        amount: Money,
+        violations: tuple[str, ...],
+        at: datetime,
+    ) -> None:
+        """Raise a business exception once per kind; tell the CRM."""
+        if kind in s.exceptions:
+            return
+        s.exceptions = (*s.exceptions, kind)
+        s.violations = (*s.violations, *violations)
+        s.stage = "exception"
+        s.stages.setdefault("exception", at)
+        emits.append(
+            Emit(
+                event=BusinessException(
+                    deal_id=s.deal_id,
+                    kind=kind,
+                    document=document,
+                    document_id=document_id,
+                    amount=amount,
+                    violations=violations,
+                ),
+                subject=document_id,
+                key_suffix=kind,
+            )
+        )
+        if s.opportunity is not None:
+            emits.append(
+                Emit(
+                    event=OpportunityUpdateRequested(
+                        opportunity_id=s.opportunity.id,
+                        stage="Needs Attention",
+                        status_note=f"{kind.replace('_', ' ')}: {document} "
+                        f"{document_id} ({amount})",
+                    ),
+                    exchange="",
+                    routing_key=system_queue("crm"),
+                    subject=s.opportunity.id,
+                    key_suffix=kind,
+                )
+            )
+
+
+def _reached(s: DealState, stage: str, at: datetime) -> None:
+    """Record when *stage* was first reached; move the stage forward."""
+    s.stages.setdefault(stage, at)
+    if (
+        stage in _ORDERED_STAGES
+        and s.stage != "exception"
+        and _ORDERED_STAGES.index(stage) > _ORDERED_STAGES.index(s.stage)
+    ):
+        s.stage = stage  # type: ignore[assignment]
+
+
+_ORDERED_STAGES = ("opened", "quoted", "ordering", "booked", "fulfilling", "completed")
+
+
+def _once(s: DealState, what: str) -> bool:
+    """True the first time *what* is asked for; marks it issued."""
+    if what in s.issued:
+        return False
+    s.issued = (*s.issued, what)
+    return True
+
+
+def _subscription(order: Order) -> Subscription:
+    """The billing subscription for the order's recurring lines."""
+    items = tuple(
+        SubscriptionItem(
+            sku=ln.sku,
+            quantity=ln.quantity,
+            unit_amount=ln.unit_price,
+            interval_months=ln.term_months or 1,
+        )
+        for ln in order.lines
+        if ln.recurring
+    )
+    per_period = sum(
+        (ln.net_amount for ln in order.lines if ln.recurring), start=Decimal(0)
+    )
+    return Subscription(
+        id=f"sub-{order.id.removeprefix('order-')}",
+        account=order.account,
+        order_id=order.id,
+        currency=order.currency,
+        items=items,
+        amount_per_period=Money(amount=per_period, currency=order.currency).quantized(),
+    )
+
+
+def account_of(state: DealState) -> Account | None:
+    """The deal's account, once the opportunity is known."""
+    return state.opportunity.account if state.opportunity else None

@@ -1,0 +1,323 @@
+"""The deal workflow, applied event by event (pure: no engine, no I/O).
+
+The engine's inbox makes a redelivered message a no-op before it gets here;
+these tests pin what the workflow itself decides: which commands, once each,
+in whatever order the facts arrive, and which business exceptions.
+"""
+
+from __future__ import annotations
+
+import itertools
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from actors.workflows.catalogue import demo_reference
+from actors.workflows.deal import DealState, DealWorkflow
+from actors.workflows.routing import RoutingRegistry
+from broker import Emit
+from broker.codec import encode_event
+from canonical import Envelope, Money
+from canonical.commerce import Account, Invoice, Opportunity, Quote, QuoteLine, Shipment
+from canonical.q2c import (
+    BusinessException,
+    DealCompleted,
+    InvoiceIssued,
+    OpportunityCreated,
+    OpportunityUpdated,
+    OpportunityUpdateRequested,
+    OrderBooked,
+    OrderBookingRequested,
+    OrderRejected,
+    QuoteApproved,
+    QuoteUpdated,
+    QuoteUpdateRequested,
+    ShipmentDispatched,
+    SlaBreached,
+    SubscriptionCreated,
+    SubscriptionRequested,
+    TimerElapsed,
+)
+
+ROUTING = Path(__file__).resolve().parents[2] / "config" / "routing.toml"
+REF = demo_reference()
+DEAL = "deal-006Hn00000A1b2cIAB"
+NOW = datetime(2026, 11, 28, 12, 0, tzinfo=UTC)
+ACCOUNT = Account(
+    id="acct-001Hn00000XyZ12IAB", name="Nordwind", country="DE", currency="EUR"
+)
+_ids = itertools.count()
+
+
+def eur(amount: str) -> Money:
+    return Money(amount=Decimal(amount), currency="EUR")
+
+
+def line(
+    n: int,
+    sku: str,
+    qty: int,
+    price: str,
+    *,
+    recurring: bool = False,
+    physical: bool = True,
+) -> QuoteLine:
+    p = Decimal(price)
+    return QuoteLine(
+        number=n,
+        sku=sku,
+        quantity=Decimal(qty),
+        list_price=p,
+        unit_price=p,
+        net_total=p * qty,
+        recurring=recurring,
+        physical=physical,
+        term_months=1 if recurring else None,
+    )
+
+
+def quote(*lines: QuoteLine) -> Quote:
+    total = sum((ln.net_total for ln in lines), start=Decimal(0))
+    return Quote(
+        id="quote-a0QHn000001AbCdMAK",
+        opportunity_id="opp-006Hn00000A1b2cIAB",
+        account_id=ACCOUNT.id,
+        currency="EUR",
+        lines=lines,
+        net_total=eur(str(total)),
+        status="approved",
+        tax_country="DE",
+    )
+
+
+MIXED = quote(
+    line(1, "HW-SRV-1U", 2, "4200.00"),
+    line(2, "SAAS-ANL", 10, "30.00", recurring=True, physical=False),
+)
+SAAS_ONLY = quote(line(1, "SAAS-ANL", 10, "30.00", recurring=True, physical=False))
+OPPORTUNITY = OpportunityCreated(
+    opportunity=Opportunity(
+        id="opp-006Hn00000A1b2cIAB",
+        account=ACCOUNT,
+        name="Rollout",
+        stage="Prospecting",
+    )
+)
+
+
+def envelope(event: Any, at: datetime = NOW) -> Envelope:
+    n = next(_ids)
+    return Envelope(
+        id=f"m-{n}",
+        source="/test",
+        type=type(event).__struct_config__.tag,
+        time=at,
+        correlation_id=DEAL,
+        idempotency_key=f"k-{n}",
+        data=encode_event(event),
+    )
+
+
+class Deal:
+    """One deal instance driven through the workflow, keeping what was emitted."""
+
+    def __init__(self, wf: DealWorkflow) -> None:
+        self.wf = wf
+        self.state: DealState = wf.initial(DEAL)
+        self.emitted: list[Emit] = []
+
+    def feed(self, *events: Any, at: datetime = NOW) -> list[Emit]:
+        """Apply *events* in order; return what they emitted."""
+        out: list[Emit] = []
+        for event in events:
+            applied = self.wf.apply(self.state, event, envelope(event, at))
+            self.state = applied.state
+            out.extend(applied.emits)
+        self.emitted.extend(out)
+        return out
+
+    def stage(self) -> str:
+        """The deal's stage now (a call, so checks in sequence do not narrow it)."""
+        return self.state.stage
+
+    def of(self, kind: type[Any]) -> list[Any]:
+        """Every emitted event of *kind* so far."""
+        return [e.event for e in self.emitted if isinstance(e.event, kind)]
+
+
+@pytest.fixture
+def deal() -> Deal:
+    return Deal(
+        DealWorkflow(
+            routing=RoutingRegistry(ROUTING), reference=lambda: REF, booking_sla_s=600
+        )
+    )
+
+
+def booked(d: Deal, total: Money) -> OrderBooked:
+    order = d.state.order
+    assert order is not None
+    return OrderBooked(
+        order_id=order.id,
+        deal_id=DEAL,
+        erp=order.erp,
+        erp_order_id="4711",
+        status="A",
+        net_total=total,
+        customer_ref=order.customer_ref,
+    )
+
+
+def invoice(d: Deal, amount: Money) -> InvoiceIssued:
+    order = d.state.order
+    assert order is not None
+    return InvoiceIssued(
+        invoice=Invoice(id="inv-1", order_id=order.id, number="9001", amount=amount),
+        deal_id=DEAL,
+        erp=order.erp,
+    )
+
+
+def test_a_deal_runs_from_opportunity_to_completion(deal: Deal) -> None:
+    deal.feed(OPPORTUNITY)
+    out = deal.feed(QuoteApproved(quote=MIXED))
+    request = next(e for e in out if isinstance(e.event, OrderBookingRequested))
+    order = request.event.order
+    # hardware has not moved for DE01: the mixed order stays on the legacy ERP
+    assert order.erp == "legacy"
+    assert request.routing_key == "q2c.sys.erp_legacy"
+    assert order.net_total == eur("8700.00")
+    assert order.customer_ref == "Q2C-006Hn00000A1b2cIAB"
+    timer = next(e for e in out if isinstance(e.event, TimerElapsed))
+    assert timer.delay_s == 600
+    assert deal.stage() == "ordering"
+
+    out = deal.feed(booked(deal, order.net_total))
+    routed = {e.routing_key: type(e.event) for e in out}
+    assert routed == {
+        "q2c.sys.crm": OpportunityUpdateRequested,
+        "q2c.sys.cpq": QuoteUpdateRequested,
+        "q2c.sys.billing": SubscriptionRequested,
+    }
+    sub = deal.of(SubscriptionRequested)[0].subscription
+    assert sub.amount_per_period == eur("300.00")
+
+    deal.feed(
+        OpportunityUpdated(
+            opportunity_id="opp-006Hn00000A1b2cIAB",
+            stage="Closed Won",
+            native_id="006Hn00000A1b2cIAB",
+        ),
+        QuoteUpdated(quote_id=order.quote_id, status="ordered", native_id="a0Q"),
+        SubscriptionCreated(
+            subscription_id=sub.id,
+            deal_id=DEAL,
+            order_id=order.id,
+            native_id="sub_1",
+            amount_per_period=eur("300.00"),
+            status="active",
+        ),
+        invoice(deal, order.net_total),
+    )
+    assert not deal.of(DealCompleted), "the hardware has not shipped yet"
+    deal.feed(
+        ShipmentDispatched(
+            shipment=Shipment(id="ship-1", order_id=order.id, number="8001"),
+            deal_id=DEAL,
+            erp="legacy",
+        )
+    )
+    (done,) = deal.of(DealCompleted)
+    assert done.erp_order_id == "4711"
+    assert deal.stage() == "completed"
+    # a late timer after booking is no breach
+    deal.feed(TimerElapsed(deal_id=DEAL, timer="booking_sla", due_at=NOW))
+    assert not deal.of(SlaBreached)
+
+
+def test_facts_arriving_out_of_order_wait_for_each_other(deal: Deal) -> None:
+    assert deal.feed(QuoteApproved(quote=SAAS_ONLY)) == []
+    out = deal.feed(OPPORTUNITY)
+    (request,) = [e.event for e in out if isinstance(e.event, OrderBookingRequested)]
+    assert request.order.erp == "cloud"  # wave 3 moved DE01 saas to the cloud
+    assert deal.state.route_rule.startswith("wave:")
+
+
+def test_each_command_is_issued_once(deal: Deal) -> None:
+    deal.feed(OPPORTUNITY, QuoteApproved(quote=SAAS_ONLY))
+    ev = booked(deal, eur("300.00"))
+    deal.feed(ev)
+    deal.feed(ev, QuoteApproved(quote=SAAS_ONLY), OPPORTUNITY)
+    assert len(deal.of(OrderBookingRequested)) == 1
+    assert len(deal.of(OpportunityUpdateRequested)) == 1
+    assert len(deal.of(SubscriptionRequested)) == 1
+
+
+def test_a_price_below_floor_is_a_business_exception_naming_sku_and_amount(
+    deal: Deal,
+) -> None:
+    cheap = quote(line(1, "HW-SRV-1U", 1, "100.00"))
+    out = deal.feed(OPPORTUNITY, QuoteApproved(quote=cheap))
+    (exc,) = [e.event for e in out if isinstance(e.event, BusinessException)]
+    assert exc.kind == "quote_rejected"
+    assert exc.document == "quote"
+    assert exc.amount == eur("100.00")
+    assert any("HW-SRV-1U" in v and "100.00 EUR" in v for v in exc.violations)
+    assert not deal.of(OrderBookingRequested)
+    crm = deal.of(OpportunityUpdateRequested)
+    assert crm[0].stage == "Needs Attention"
+    assert deal.stage() == "exception"
+
+
+def test_order_fallout_and_invoice_mismatch_are_business_exceptions(deal: Deal) -> None:
+    deal.feed(OPPORTUNITY, QuoteApproved(quote=SAAS_ONLY))
+    order = deal.state.order
+    assert order is not None
+    deal.feed(
+        OrderRejected(
+            order_id=order.id,
+            deal_id=DEAL,
+            erp="cloud",
+            code="V1/320",
+            message="sold-to not in sales area",
+            net_total=order.net_total,
+        )
+    )
+    (fallout,) = deal.of(BusinessException)
+    assert (fallout.kind, fallout.document_id) == ("order_fallout", order.id)
+
+    other = Deal(deal.wf)
+    other.feed(OPPORTUNITY, QuoteApproved(quote=SAAS_ONLY))
+    other.feed(booked(other, eur("300.00")), invoice(other, eur("310.00")))
+    (mismatch,) = other.of(BusinessException)
+    assert mismatch.kind == "invoice_mismatch"
+    assert mismatch.amount == eur("310.00")
+    assert not other.of(DealCompleted)
+
+
+def test_an_order_not_booked_in_time_breaches_its_sla_once(deal: Deal) -> None:
+    deal.feed(OPPORTUNITY, QuoteApproved(quote=SAAS_ONLY))
+    due = NOW + timedelta(seconds=600)
+    timer = TimerElapsed(deal_id=DEAL, timer="booking_sla", due_at=due)
+    deal.feed(timer, at=due)
+    deal.feed(timer, at=due)
+    (breach,) = deal.of(SlaBreached)
+    assert breach.stage == "booking"
+    assert breach.amount == eur("300.00")
+
+
+def test_a_deal_keeps_its_erp_when_routing_changes(deal: Deal, tmp_path: Path) -> None:
+    deal.feed(OPPORTUNITY, QuoteApproved(quote=SAAS_ONLY))
+    assert deal.state.erp == "cloud"
+    legacy_only = tmp_path / "routing.toml"
+    legacy_only.write_text('default-erp = "legacy"\n')
+    moved = Deal(
+        DealWorkflow(routing=RoutingRegistry(legacy_only), reference=lambda: REF)
+    )
+    moved.state = deal.state
+    moved.feed(booked(deal, eur("300.00")))
+    assert moved.state.erp == "cloud"
+    assert moved.of(OpportunityUpdateRequested)
