@@ -2,16 +2,17 @@
 
 Internal to `adapters.crm.sandbox`. `ChangeFeed.replay` answers
 ``GET /cometd/replay`` from the org's change log; `ChangeFeed.relay` is the
-background task that POSTs each change event, in commit order, to the push
-URL, signed with ``X-Q2C-Signature``. A refused or failed delivery is
-retried with exponential back-off, then dropped and counted; the outbox is
-bounded, and events beyond it are dropped and counted too.
+background task that POSTs the change events, in commit order, to the push
+URL, signed with ``X-Q2C-Signature``. It reads the change log after the last
+event it delivered, so a burst waits in the (bounded, retained) log instead
+of being dropped. A refused or failed delivery is retried with exponential
+back-off, then dropped and counted.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -28,7 +29,6 @@ __all__ = ["ChangeFeed", "PushTarget"]
 
 _ENCODER = msgspec.json.Encoder(decimal_format="number")
 _MAX_BACKOFF_S = 30.0
-_MAX_OUTBOX = 1000
 #: Events per push at most (a CometD batch).
 _PUSH_BATCH = 100
 _MAX_WAIT_S = 30.0
@@ -68,20 +68,30 @@ class ChangeFeed:
         self._clock = clock
         self._target = target
         self._wake = asyncio.Event()
-        self._outbox: deque[ChangeRecord] = deque()
-        self._outbox_ready = asyncio.Event()
+        self._ready = asyncio.Event()
+        #: The last replay id pushed; the relay reads the log after it, so
+        #: nothing is dropped while the log retains it (as CDC retains 72 h).
+        self._pushed: int | None = None
 
     def changed(self, record: ChangeRecord) -> None:
-        """Wake waiting replays; queue *record* for the relay when pushing."""
+        """Wake waiting replays, and the relay when pushing."""
         wake, self._wake = self._wake, asyncio.Event()
         wake.set()
         if self._target() is None:
+            self._pushed = record.replay_id  # changes before a push URL: not sent
             return
-        if len(self._outbox) >= _MAX_OUTBOX:
-            self._counts["push_dropped"] += 1
-            return
-        self._outbox.append(record)
-        self._outbox_ready.set()
+        self._ready.set()
+
+    def _unpushed(self, limit: int) -> list[ChangeRecord]:
+        """The oldest records after the last pushed one, at most *limit*."""
+        newer: list[ChangeRecord] = []
+        pushed = self._pushed if self._pushed is not None else -1
+        for record in reversed(self._org.log):
+            if record.replay_id <= pushed:
+                break
+            newer.append(record)
+        newer.reverse()
+        return newer[:limit]
 
     async def replay(self, query: Mapping[str, str]) -> list[dict[str, Any]]:
         """The CometD messages a ``/cometd/replay`` request asks for.
@@ -144,12 +154,13 @@ class ChangeFeed:
         """
         async with aiohttp.ClientSession() as session:
             while True:
-                while not self._outbox:
-                    self._outbox_ready.clear()
-                    await self._outbox_ready.wait()
-                n = min(len(self._outbox), _PUSH_BATCH)
-                batch = [self._outbox.popleft() for _ in range(n)]
+                batch = self._unpushed(_PUSH_BATCH)
+                if not batch:
+                    self._ready.clear()
+                    await self._ready.wait()
+                    continue
                 await self._push(session, batch)
+                self._pushed = batch[-1].replay_id
 
     async def _push(
         self, session: aiohttp.ClientSession, records: list[ChangeRecord]
