@@ -45,6 +45,8 @@ from canonical.commerce import Account, PriceBookEntry, Product, Quote
 __all__ = ["AppSettings", "QuoteToCash", "ReferenceHolder", "DealView"]
 
 _log = structlog.get_logger(__name__)
+#: Where deals' outcomes wait for downstream readers (bounded by ``q2c.work``).
+OUTCOMES_QUEUE = "q2c.events.deal-outcomes"
 ROUTING_TOML = Path(__file__).resolve().parents[1] / "config" / "routing.toml"
 
 
@@ -188,6 +190,12 @@ class QuoteToCash:
         )
         self.systems = Systems(rt)
         self.systems.catalogue = self.reference.update
+        # Deals' outcomes for downstream readers (reporting, alerting): a
+        # queue of their own, so the announcements are never unroutable.
+        rt.bind_events(
+            OUTCOMES_QUEUE,
+            ["q2c.deal.completed", "q2c.exception.raised", "q2c.sla.breached"],
+        )
         if s.crm_system in rt.cfg.systems:
             rt.bind_events(f"q2c.sys.{s.crm_system}", ["crm.record.read_required"])
         self.deal = DealWorkflow(

@@ -119,3 +119,22 @@ def test_the_root_giving_up_ends_the_process_non_zero(tmp_path: Path) -> None:
     ]
     assert "restart_limit_reached" in events
     assert "daemon_failed" in events
+
+
+def test_demo_drives_deals_end_to_end_and_its_check_passes(tmp_path: Path) -> None:
+    """The README's first command, small: every fault accounted for, check PASS."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BROKER__")}
+    done = subprocess.run(
+        [sys.executable, "-m", "broker", "demo", "--deals", "40"],
+        cwd=tmp_path,
+        env={**env, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "check                              PASS" in done.stdout
+    assert "consistency problems               0" in done.stdout
+    assert "'order_fallout': 1" in done.stdout
+    assert "poison payloads posted             1" in done.stdout
