@@ -32,10 +32,33 @@ def render(title: str, mappings: Iterable[FieldMapping]) -> str:
     ]
     lines = [title, ""]
     header = ("canonical", "native", "rule")
-    lines.append("  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)))
+    lines.append(
+        "  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)).rstrip()
+    )
     lines.append("  ".join("-" * w for w in widths))
     lines.extend(
         "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
         for r in rows
     )
     return "\n".join(lines)
+
+
+def main() -> int:
+    """``python -m adapters.fieldmap``: every adapter's field map, for review."""
+    import importlib
+
+    titles = {
+        "adapters.crm.mapping": "CRM (Salesforce sObjects) ⇄ canonical",
+        "adapters.cpq.mapping": "CPQ (Salesforce CPQ, SBQQ) ⇄ canonical",
+        "adapters.erp_cloud.mapping": "Cloud ERP (SAP S/4HANA OData) ⇄ canonical",
+        "adapters.erp_legacy.mapping": "Legacy ERP (IDoc ORDERS05 …) ⇄ canonical",
+        "adapters.billing.mapping": "Billing (Stripe) ⇄ canonical",
+    }
+    for module, title in titles.items():
+        maps = importlib.import_module(module).FIELD_MAP
+        print(render(title, maps), end="\n\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
