@@ -251,6 +251,27 @@ async def _main(args: argparse.Namespace, out: dict[str, Any]) -> None:
                     done.set()
 
         say(f"driving {deals} deals through the daemon (RabbitMQ + Postgres)")
+        if args.profile:
+            spy = await Child.start(
+                "py-spy",
+                [
+                    str(Path(sys.executable).with_name("py-spy")),
+                    "record",
+                    "-f",
+                    "raw",
+                    "-r",
+                    "100",
+                    "-o",
+                    args.profile,
+                    "--pid",
+                    str(daemon.pid),
+                    # py-spy writes its file when the duration ends.
+                    "--duration",
+                    str(args.profile_s),
+                ],
+                env.workdir / "py-spy.log",
+            )
+            stack.push_async_callback(spy.stop, 10)
         started = time.monotonic()
         await anyio.Path(env.workdir / "go").write_text(base)
         await queue.consume(on_message)
@@ -264,6 +285,10 @@ async def _main(args: argparse.Namespace, out: dict[str, Any]) -> None:
             say(f"daemon log:\n{daemon.tail(30)}\nsandboxes log:\n{boxes.tail(30)}")
             raise
         elapsed = time.monotonic() - started
+        if args.profile:
+            with anyio.move_on_after(120):  # it writes the file when done
+                await spy.process.wait()
+            say(f"py-spy: {spy.tail(1)}")
         cpu = CpuMeter.delta(cpu_before, await meter.sample(daemon.pid, env.name))
         cpu["sandboxes"] = round(sum(boxes_proc.cpu_times()[:2]) - cpu_boxes_before, 3)
         metrics = await _metrics(http, base)
@@ -293,6 +318,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--deals", type=int, default=2000)
     p.add_argument("--shards", type=int, default=4)
     p.add_argument("--concurrency", type=int, default=32, help="calls per system")
+    p.add_argument(
+        "--profile",
+        metavar="FILE",
+        help="record the daemon with py-spy over the window (raw folded stacks)",
+    )
+    p.add_argument("--profile-s", type=int, default=20, help="seconds to record")
     args = p.parse_args(argv)
     out: dict[str, Any] = {"bench": "deals"}
     status = 0
