@@ -44,13 +44,12 @@ import msgspec
 
 from actors.workflows.catalogue import demo_catalogue
 from actors.workflows.deal import DealState
+from adapters import signing
 from adapters.billing import StripeSandbox
 from adapters.billing.delivery import WebhookEndpoint
 from adapters.billing.sandbox import Knobs as StripeKnobs
-from adapters.crm import signature as crm_signature
 from adapters.crm.sandbox import SalesforceSandbox
 from adapters.erp_cloud import SapSandbox
-from adapters.erp_cloud import signature as sap_signature
 from adapters.erp_cloud.mapping import SUBSCRIPTION_TYPE
 from adapters.erp_cloud.views import A_Product
 from adapters.erp_legacy.sandbox import LegacyErpSandbox
@@ -401,13 +400,13 @@ async def drive_deals(
 async def _poison(http: str) -> int:
     """One payload correctly signed but not an event at all: 400 and a dead letter."""
     body = b'{"specversion": "1.0", "id": 42, "data": [}'
-    header = sap_signature.sign([_SAP_HOOK], body, timestamp=int(time.time()))
+    header = signing.sign([_SAP_HOOK], body, timestamp=int(time.time()))
     async with (
         aiohttp.ClientSession() as session,
         session.post(
             f"{http}/webhooks/erp_cloud",
             data=body,
-            headers={"Content-Type": "application/json", sap_signature.HEADER: header},
+            headers={"Content-Type": "application/json", signing.HEADER: header},
         ) as response,
     ):
         await response.read()
@@ -426,13 +425,13 @@ async def _replay_crm_events(
         records = list(crm.org.log)
         for record in rng.sample(records, len(records) // 10):
             body = msgspec.json.encode(record.cometd())
-            header = crm_signature.sign([_CRM_HOOK], body, timestamp=int(time.time()))
+            header = signing.sign([_CRM_HOOK], body, timestamp=int(time.time()))
             async with session.post(
                 f"{http}/webhooks/crm",
                 data=body,
                 headers={
                     "Content-Type": "application/json",
-                    crm_signature.HEADER: header,
+                    signing.HEADER: header,
                 },
             ) as response:
                 await response.read()

@@ -21,7 +21,7 @@ import aiohttp
 import anyio
 import msgspec
 
-from adapters.crm import signature
+from adapters import signing as signature
 from adapters.crm.org import ChangeRecord, Org
 from adapters.crm.schema import ALL_CHANGES, SPECS, OrgError, entity_channel
 

@@ -27,8 +27,8 @@ from collections.abc import Mapping, Sequence
 
 import msgspec
 
+from adapters import signing as signature
 from adapters.cpq.views import Quote, QuoteStatus
-from adapters.crm import signature
 from adapters.crm.client import SalesforceClient, SalesforceSettings
 from adapters.crm.mapping import ACCOUNT, OPPORTUNITY, QUOTE, account_from_sf
 from adapters.crm.views import (

@@ -29,7 +29,7 @@ drop echoes of its own writes. Writes made through the Python helpers
 Salesforce signs nothing it delivers. With the ``push_url`` knob set, the
 sandbox also plays the broker's signing relay: each change event (a CPQ
 approval is one, on ``SBQQ__Quote__c``) is POSTed there in CometD form, in
-commit order, signed with ``X-Q2C-Signature`` (`adapters.crm.signature`),
+commit order, signed with ``X-Q2C-Signature`` (`adapters.signing`),
 retried with back-off and dropped (counted) after the last attempt.
 
 Knobs (`Knobs`) add latency, outages, 429s beyond a rate (with

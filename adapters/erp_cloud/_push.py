@@ -22,7 +22,8 @@ import aiohttp
 import anyio
 import msgspec
 
-from adapters.erp_cloud import edm, signature
+from adapters import signing as signature
+from adapters.erp_cloud import edm
 
 __all__ = ["PushSettings", "PushStats", "Pusher"]
 

@@ -26,8 +26,9 @@ from typing import Any, TypeVar, final
 
 import msgspec
 
+from adapters import signing as signature
 from adapters.cloudevents import parse_structured
-from adapters.erp_cloud import edm, signature
+from adapters.erp_cloud import edm
 from adapters.erp_cloud.mapping import deal_of, invoice_issued, shipment_dispatched
 from adapters.erp_cloud.views import (
     BILLING_DOCUMENT_CREATED,

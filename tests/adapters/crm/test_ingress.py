@@ -12,7 +12,7 @@ import msgspec
 import pytest
 from aiohttp import web
 
-from adapters.crm import signature
+from adapters import signing as signature
 from adapters.crm import views as v
 from adapters.crm.ingress import SalesforceWebhook, inbound_from_change, poll_changes
 from adapters.crm.views import ChangeType, decode_cometd, decode_pubsub

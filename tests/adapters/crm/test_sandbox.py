@@ -13,8 +13,8 @@ import msgspec
 import pytest
 from aiohttp import web
 
+from adapters import signing as signature
 from adapters.cpq import views as cpq
-from adapters.crm import signature
 from adapters.crm import views as v
 from adapters.crm.sandbox import call_options_client
 from broker.errors import UpstreamRejected

@@ -12,7 +12,8 @@ import pytest
 from aiohttp import web
 from anyio.streams.memory import MemoryObjectSendStream
 
-from adapters.erp_cloud import SapClient, SapSandbox, signature
+from adapters import signing as signature
+from adapters.erp_cloud import SapClient, SapSandbox
 from adapters.erp_cloud.views import (
     BILLING_DOCUMENT_CREATED,
     OUTBOUND_DELIVERY_CREATED,

@@ -13,6 +13,7 @@ import msgspec
 import pytest
 from aiohttp import web
 
+from adapters import signing as signature
 from adapters.erp_cloud import (
     MappingOptions,
     SalesArea,
@@ -20,7 +21,6 @@ from adapters.erp_cloud import (
     SapConnector,
     SapEventWebhook,
     SapSandbox,
-    signature,
 )
 from broker.connector import Inbound
 from broker.errors import SchemaInvalid, SignatureInvalid

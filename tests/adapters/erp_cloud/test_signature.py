@@ -7,7 +7,7 @@ import hmac
 
 import pytest
 
-from adapters.erp_cloud import signature
+from adapters import signing as signature
 from broker.errors import SignatureInvalid
 
 BODY = b'{"specversion":"1.0"}'
