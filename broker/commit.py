@@ -32,7 +32,6 @@ costs two more round trips, only in the write that releases them.
 
 from __future__ import annotations
 
-import hashlib
 import time
 from collections.abc import Sequence
 from typing import Any, final
@@ -41,16 +40,16 @@ import anyio
 import msgspec
 import structlog
 
+from broker import letters
 from broker.codec import (
     Decoders,
     decode_envelope,
-    encode_envelope,
-    encode_event,
     utcnow,
 )
 from broker.config import CoreConfig
 from broker.errors import PermanentError, TransientError
 from broker.faults import CrashHook
+from broker.letters import ATTEMPT_HEADER, message_id_for
 from broker.metrics import Metrics
 from broker.retry import Backoff, RetryPolicy
 from broker.store import (
@@ -67,27 +66,16 @@ from broker.store import (
     Store,
 )
 from broker.transport import Delivery
-from broker.transport.topology import DEAD_EXCHANGE, retry_exchange
 from broker.workflow import Workflow, is_ordered
 from canonical.envelope import Envelope
 
 __all__ = ["ATTEMPT_HEADER", "GroupCommit", "Item", "Outcome", "message_id_for"]
 
-ATTEMPT_HEADER = "x-q2c-attempt"
 #: Set on a held message that a purge or an overflow sends back to its queue.
 RELEASED_HEADER = "x-q2c-released"
 #: Longer delays (and infinity, and NaN) are a bug in the workflow: not delayed.
 _MAX_DELAY_S = 100 * 366 * 86_400.0
 _log = structlog.get_logger(__name__)
-
-
-def message_id_for(idempotency_key: str) -> str:
-    """The message id of an emitted message: the same fact, the same id.
-
-    A 128-bit BLAKE2b of the key, in hex: as unique as a UUID, ten times
-    cheaper than ``uuid5`` on the hot path.
-    """
-    return hashlib.blake2b(idempotency_key.encode(), digest_size=16).hexdigest()
 
 
 class Outcome:
@@ -465,7 +453,7 @@ class GroupCommit:
                 p.held_keys.add(key)
             p.waiting.setdefault(cid, []).append(item)
             item.req.outcome.held += 1
-            p.journal.append(_journal(env, "held", f"behind {blocker}"))
+            p.journal.append(letters.journal(env, "held", f"behind {blocker}"))
             return
         if item.error is None:
             p.seen.add(key)
@@ -509,29 +497,18 @@ class GroupCommit:
             key = f"{env.idempotency_key}/{tag}{emit.key_suffix}"
             if n and not emit.key_suffix:
                 key = f"{key}#{n}"
-            msg_id = message_id_for(key)
-            body = encode_envelope(
-                Envelope(
-                    id=msg_id,
-                    source=self._source,
-                    type=tag,
-                    time=now,
-                    subject=emit.subject,
-                    correlation_id=cid,
-                    causation_id=env.id,
-                    idempotency_key=key,
-                    traceparent=env.traceparent,
-                    data=encode_event(emit.event),
-                )
-            )
             p.records.append(
-                OutboxRecord(
-                    message_id=msg_id,
+                letters.follow_up(
+                    env,
+                    emit.event,
+                    tag=tag,
+                    key=key,
+                    source=self._source,
+                    now=now,
                     exchange=emit.exchange,
                     routing_key=emit.routing_key or tag,
-                    body=body,
                     correlation_id=cid,
-                    type=tag,
+                    subject=emit.subject,
                     delay_s=_delay(emit.delay_s),
                 )
             )
@@ -539,7 +516,7 @@ class GroupCommit:
 
     def _duplicate(self, p: _Pass, item: Item) -> None:
         item.req.outcome.duplicates += 1
-        p.journal.append(_journal(item.envelope, "duplicate"))
+        p.journal.append(letters.journal(item.envelope, "duplicate"))
 
     # --- holds ----------------------------------------------------------------------
 
@@ -577,7 +554,9 @@ class GroupCommit:
                 return
             item.req.outcome.held -= 1
             req.outcome.released += 1
-            p.journal.append(_journal(item.envelope, "released", f"after {blocker}"))
+            p.journal.append(
+                letters.journal(item.envelope, "released", f"after {blocker}")
+            )
             if item.error is None:
                 key = item.envelope.idempotency_key
                 if key in p.seen:  # a copy of a held message applied just before
@@ -643,7 +622,7 @@ class GroupCommit:
                 body=row.body,
                 correlation_id=row.correlation_id,
                 type=row.type,
-                headers={**_plain_headers(row.headers), RELEASED_HEADER: 1},
+                headers={**letters.plain_headers(row.headers), RELEASED_HEADER: 1},
             )
         )
         req.outcome.released += 1
@@ -695,48 +674,20 @@ class GroupCommit:
     ) -> str:
         """Record *d* as a dead letter with a copy on ``q2c.dead``; return its id."""
         reason = reason or exc.reason
-        message_id = _letter_id(d)
         detail = str(exc)[:2000]
-        p.dead.append(
-            DeadLetterRecord(
-                message_id=message_id,
-                queue=queue,
-                routing_key=d.routing_key,
-                reason=reason,
-                detail=detail,
-                body=d.body,
-                headers=_plain_headers(d.headers),
-                attempts=attempts,
-                correlation_id=correlation_id,
-                type=d.type,
-            )
+        record, copy, entry = letters.dead_letter(
+            queue,
+            d,
+            reason=reason,
+            detail=detail,
+            attempts=attempts,
+            correlation_id=correlation_id,
+            type_=d.type,
         )
-        p.records.append(
-            OutboxRecord(
-                message_id=message_id,
-                exchange=DEAD_EXCHANGE,
-                routing_key=queue,
-                body=d.body,
-                correlation_id=correlation_id,
-                type=d.type,
-                headers={
-                    **_plain_headers(d.headers),
-                    "x-q2c-reason": reason,
-                    "x-q2c-detail": detail[:500],
-                    "x-q2c-queue": queue,
-                    ATTEMPT_HEADER: attempts,
-                },
-            )
-        )
-        p.journal.append(
-            JournalRecord(
-                message_id=message_id,
-                correlation_id=correlation_id,
-                stage="dead_lettered",
-                type=d.type,
-                detail=f"{reason}: {detail[:200]}",
-            )
-        )
+        message_id = record.message_id
+        p.dead.append(record)
+        p.records.append(copy)
+        p.journal.append(entry)
         _log.warning(
             "delivery_dead_lettered",
             queue=queue,
@@ -780,22 +731,17 @@ class GroupCommit:
             exc_info=None if expected else exc,
         )
         p.records.append(
-            OutboxRecord(
+            letters.retry(
+                queue,
+                d,
                 message_id=env.id,
-                exchange=retry_exchange(tier),
-                routing_key=queue,
-                body=d.body,
-                correlation_id=d.correlation_id,
-                type=d.type,
-                headers={
-                    **_plain_headers(d.headers),
-                    ATTEMPT_HEADER: item.attempt + 1,
-                    "x-q2c-reason": error[:500],
-                },
+                attempt=item.attempt,
+                tier=tier,
+                error=error,
             )
         )
         p.journal.append(
-            _journal(
+            letters.journal(
                 env,
                 "retry_scheduled",
                 f"attempt {item.attempt} failed, retry in {tier}s: {error[:200]}",
@@ -821,35 +767,20 @@ def _delay(delay_s: float) -> float:
     return delay_s if 0.0 < delay_s < _MAX_DELAY_S else 0.0
 
 
-def _letter_id(d: Delivery) -> str:
-    """The message id a delivery's dead letter is kept under."""
-    return d.message_id or "sha256:" + hashlib.sha256(d.body).hexdigest()
-
-
 def _held_record(item: Item, blocker: str) -> DeadLetterRecord:
     d = item.delivery
     env = item.envelope
     return DeadLetterRecord(
-        message_id=_letter_id(d),
+        message_id=letters.letter_id(d),
         queue=item.queue,
         routing_key=d.routing_key,
         reason="held",
         detail=f"held behind {blocker}",
         body=d.body,
-        headers=_plain_headers(d.headers),
+        headers=letters.plain_headers(d.headers),
         attempts=item.attempt,
         correlation_id=env.correlation_id,
         type=d.type or env.type,
-    )
-
-
-def _journal(env: Envelope, stage: str, detail: str = "") -> JournalRecord:
-    return JournalRecord(
-        message_id=env.id,
-        correlation_id=env.correlation_id,
-        stage=stage,
-        type=env.type,
-        detail=detail,
     )
 
 
@@ -861,14 +792,3 @@ def _inbox_key(item: Item) -> InboxKey | None:
 def _inbox_key_of(env: Envelope) -> InboxKey:
     """An envelope's idempotency key on its fact's own day."""
     return InboxKey(key=env.idempotency_key, day=env.time.date(), message_id=env.id)
-
-
-def _plain_headers(headers: dict[str, Any] | None) -> dict[str, str | int]:
-    """Headers reduced to the str/int values the outbox can carry."""
-    if not headers:
-        return {}
-    return {
-        k: v
-        for k, v in headers.items()
-        if isinstance(v, str) or (isinstance(v, int) and not isinstance(v, bool))
-    }

@@ -41,7 +41,6 @@ had not acknowledged.
 
 from __future__ import annotations
 
-import hashlib
 import random
 import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
@@ -53,15 +52,13 @@ import structlog
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 from msgspec import Meta
 
+from broker import letters
 from broker.actor import Actor, Context
 from broker.codec import (
     Decoders,
     decode_envelope,
-    encode_envelope,
-    encode_event,
     utcnow,
 )
-from broker.commit import ATTEMPT_HEADER, message_id_for
 from broker.config import Section
 from broker.connector import Connector
 from broker.errors import (
@@ -73,6 +70,7 @@ from broker.errors import (
     UpstreamRejected,
     UpstreamUnavailable,
 )
+from broker.letters import ATTEMPT_HEADER
 from broker.limits import BreakerState, CircuitBreaker, TokenBucket
 from broker.retry import Backoff
 from broker.store import (
@@ -85,7 +83,7 @@ from broker.store import (
 )
 from broker.supervision import ChildSpec
 from broker.transport import Delivery, Subscription
-from broker.transport.topology import DEAD_EXCHANGE, EVENTS_EXCHANGE, retry_exchange
+from broker.transport.topology import EVENTS_EXCHANGE
 from canonical.base import Event
 from canonical.envelope import Envelope
 
@@ -717,33 +715,21 @@ class SystemActor(Actor[None]):
         for n, event in enumerate(events):
             tag = _tag_of(event, self._gw.system)
             key = f"{env.idempotency_key}/{tag}/{n}"
-            msg_id = message_id_for(key)
             # A fact may belong to another instance than its cause (a quote
             # read back for a change event belongs to its opportunity's deal).
             own = event.correlation() if isinstance(event, Event) else None
-            correlation_id = own or env.correlation_id
-            body = encode_envelope(
-                Envelope(
-                    id=msg_id,
-                    source=self._source,
-                    type=tag,
-                    time=now,
-                    subject=env.subject,
-                    correlation_id=correlation_id,
-                    causation_id=env.id,
-                    idempotency_key=key,
-                    traceparent=env.traceparent,
-                    data=encode_event(event),
-                )
-            )
             records.append(
-                OutboxRecord(
-                    message_id=msg_id,
+                letters.follow_up(
+                    env,
+                    event,
+                    tag=tag,
+                    key=key,
+                    source=self._source,
+                    now=now,
                     exchange=EVENTS_EXCHANGE,
                     routing_key=tag,
-                    body=body,
-                    correlation_id=correlation_id,
-                    type=tag,
+                    correlation_id=own or env.correlation_id,
+                    subject=env.subject,
                 )
             )
         return records
@@ -845,8 +831,17 @@ class SystemActor(Actor[None]):
 
         def dead_letter(d: _Done, reason: str, detail: str) -> None:
             d.outcome, d.reason = "dead_lettered", reason
-            record, copy, entry = _dead_letter(
-                queue, d.delivery, d.envelope, reason, detail, d.attempt
+            env = d.envelope
+            record, copy, entry = letters.dead_letter(
+                queue,
+                d.delivery,
+                reason=reason,
+                detail=detail,
+                attempts=d.attempt,
+                # From the envelope when the body could be read, so the
+                # deal's trace shows them.
+                correlation_id=env.correlation_id if env else d.delivery.correlation_id,
+                type_=env.type if env else d.delivery.type,
             )
             dead.append(record)
             outbox.append(copy)
@@ -862,14 +857,16 @@ class SystemActor(Actor[None]):
                 d.kind == "ok" and env.idempotency_key in claimed
             ):
                 d.outcome, d.reason = "duplicate", ""
-                journal.append(_journal(env, "duplicate"))
+                journal.append(letters.journal(env, "duplicate"))
             elif d.kind == "ok":
                 d.outcome, d.reason = "completed", ""
                 keys.append(_inbox_key(env))
                 outbox.extend(d.results)
                 types = ", ".join(r.routing_key for r in d.results)
                 journal.append(
-                    _journal(env, "completed", f"{len(d.results)} results: {types}")
+                    letters.journal(
+                        env, "completed", f"{len(d.results)} results: {types}"
+                    )
                 )
             elif isinstance(d.error, PermanentError):
                 dead_letter(d, d.error.reason, str(d.error))
@@ -881,9 +878,18 @@ class SystemActor(Actor[None]):
                     dead_letter(d, "attempts_exhausted", error)
                     continue
                 d.outcome, d.reason = "retry_scheduled", f"{tier:g}s"
-                outbox.append(_retry(queue, d.delivery, env, d.attempt, tier, error))
+                outbox.append(
+                    letters.retry(
+                        queue,
+                        d.delivery,
+                        message_id=env.id,
+                        attempt=d.attempt,
+                        tier=tier,
+                        error=error,
+                    )
+                )
                 journal.append(
-                    _journal(
+                    letters.journal(
                         env,
                         "retry_scheduled",
                         f"attempt {d.attempt} failed, retry in {tier:g}s: "
@@ -966,98 +972,3 @@ def _tag_of(event: Any, system: str) -> str:
 def _inbox_key(env: Envelope) -> InboxKey:
     """A command's inbox key: its idempotency key on its fact's own day."""
     return InboxKey(key=env.idempotency_key, day=env.time.date(), message_id=env.id)
-
-
-def _journal(env: Envelope, stage: str, detail: str = "") -> JournalRecord:
-    return JournalRecord(
-        message_id=env.id,
-        correlation_id=env.correlation_id,
-        stage=stage,
-        type=env.type,
-        detail=detail,
-    )
-
-
-def _plain_headers(headers: dict[str, Any] | None) -> dict[str, str | int]:
-    """Headers reduced to the str/int values the outbox can carry."""
-    if not headers:
-        return {}
-    return {
-        k: v
-        for k, v in headers.items()
-        if isinstance(v, str) or (isinstance(v, int) and not isinstance(v, bool))
-    }
-
-
-def _dead_letter(
-    queue: str,
-    d: Delivery,
-    env: Envelope | None,
-    reason: str,
-    detail: str,
-    attempts: int,
-) -> tuple[DeadLetterRecord, OutboxRecord, JournalRecord]:
-    """The dead-letter record, its copy for ``q2c.dead`` and its journal row.
-
-    The original bytes are kept; the correlation id and type come from the
-    envelope when the body could be read, so the deal's trace shows them.
-    """
-    message_id = d.message_id or "sha256:" + hashlib.sha256(d.body).hexdigest()
-    correlation_id = env.correlation_id if env is not None else d.correlation_id
-    type_ = env.type if env is not None else d.type
-    detail = detail[:2000]
-    headers = _plain_headers(d.headers)
-    record = DeadLetterRecord(
-        message_id=message_id,
-        queue=queue,
-        routing_key=d.routing_key,
-        reason=reason,
-        detail=detail,
-        body=d.body,
-        headers=headers,
-        attempts=attempts,
-        correlation_id=correlation_id,
-        type=type_,
-    )
-    copy = OutboxRecord(
-        message_id=message_id,
-        exchange=DEAD_EXCHANGE,
-        routing_key=queue,
-        body=d.body,
-        correlation_id=correlation_id,
-        type=type_,
-        headers={
-            **headers,
-            "x-q2c-reason": reason,
-            "x-q2c-detail": detail[:500],
-            "x-q2c-queue": queue,
-            ATTEMPT_HEADER: attempts,
-        },
-    )
-    entry = JournalRecord(
-        message_id=message_id,
-        correlation_id=correlation_id,
-        stage="dead_lettered",
-        type=type_,
-        detail=f"{reason}: {detail[:200]}",
-    )
-    return record, copy, entry
-
-
-def _retry(
-    queue: str, d: Delivery, env: Envelope, attempt: int, tier: float, error: str
-) -> OutboxRecord:
-    """The copy of a failed command that waits in a retry tier, then comes back."""
-    return OutboxRecord(
-        message_id=env.id,
-        exchange=retry_exchange(tier),
-        routing_key=queue,  # the tier dead-letters by routing key: back to *queue*
-        body=d.body,
-        correlation_id=d.correlation_id,
-        type=d.type,
-        headers={
-            **_plain_headers(d.headers),
-            ATTEMPT_HEADER: attempt + 1,
-            "x-q2c-reason": error[:500],
-        },
-    )

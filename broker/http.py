@@ -64,7 +64,6 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from broker.actor import Actor, Context
 from broker.codec import encode_envelope, encode_event, utcnow
-from broker.commit import message_id_for
 from broker.config import HttpConfig
 from broker.connector import Inbound, WebhookSource
 from broker.errors import (
@@ -77,6 +76,7 @@ from broker.errors import (
     TransientError,
     TransportUnavailable,
 )
+from broker.letters import message_id_for
 from broker.metrics import Metrics
 from broker.store import BatchWrite, DeadLetterRecord, Store
 from broker.transport import OutgoingMessage, PublishOutcome, Transport

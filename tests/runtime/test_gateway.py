@@ -13,10 +13,10 @@ import pytest
 from structlog.testing import capture_logs
 
 from broker.codec import encode_envelope, encode_event, utcnow
-from broker.commit import message_id_for
 from broker.config import Config, load_config
 from broker.errors import ConfigError, UpstreamRejected, UpstreamUnavailable
 from broker.gateway import GatewaySettings, SystemGateway, system_actor_spec
+from broker.letters import message_id_for
 from broker.limits import BreakerState
 from broker.outbox import OutboxRelay
 from broker.runtime import Runtime
