@@ -59,7 +59,7 @@ from broker import (
     SupervisorSpec,
     UpstreamUnavailable,
 )
-from broker.config import Section
+from broker.config import Section, convert_table
 from broker.connector import Connector, Inbound, WebhookSource
 from broker.gateway import GatewaySettings, system_actor_spec
 from broker.http import publish_inbound
@@ -115,10 +115,7 @@ def _split(name: str, table: Mapping[str, Any]) -> tuple[SystemTable, dict[str, 
 
 
 def _adapter_settings(name: str, cls: type[Any], table: Mapping[str, Any]) -> Any:
-    try:
-        return msgspec.convert(dict(table), cls, strict=False)
-    except msgspec.ValidationError as exc:
-        raise ConfigError(f"[systems.{name}]: {exc}") from exc
+    return convert_table(cls, table, where=f"[systems.{name}]")
 
 
 @final

@@ -13,7 +13,7 @@ import os
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 import msgspec
 from msgspec import Meta
@@ -175,6 +175,21 @@ class Config(Section, frozen=True):
     testing: TestingConfig = TestingConfig()
     systems: dict[str, dict[str, Any]] = {}  # each adapter converts its own table
     app: dict[str, Any] = {}  # the application tree converts its own table
+
+
+T = TypeVar("T")
+
+
+def convert_table(cls: type[T], table: Mapping[str, Any], *, where: str) -> T:
+    """Convert a table an adapter or the application reads for itself.
+
+    Raises:
+        ConfigError: naming *where* (``[systems.crm]``) and the key path.
+    """
+    try:
+        return msgspec.convert(dict(table), cls, strict=False)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(f"{where}: {exc}") from exc
 
 
 def load_config(

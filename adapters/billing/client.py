@@ -18,11 +18,11 @@ key; the message says so (``replayed``), because retrying cannot cure it.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Collection, Mapping
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from types import TracebackType
-from typing import Annotated, Any, Protocol, Self, TypeVar
+from typing import Annotated, Protocol, Self, TypeVar
 
 import aiohttp
 import msgspec
@@ -42,7 +42,7 @@ from adapters.billing.views import (
     SearchResult,
     Subscription,
 )
-from broker.errors import ConfigError, UpstreamRejected, UpstreamUnavailable
+from broker.errors import UpstreamRejected, UpstreamUnavailable
 
 __all__ = ["StripeSettings", "StripeApi", "StripeClient", "idempotency_key"]
 
@@ -82,32 +82,6 @@ class StripeSettings(
             f"{self.api_version!r}, api_key='***', webhook_secrets="
             f"{len(self.webhook_secrets)} configured)"
         )
-
-    @classmethod
-    def from_table(
-        cls,
-        table: Mapping[str, Any],
-        *,
-        system: str = "billing",
-        others: Collection[str] = (),
-    ) -> StripeSettings:
-        """Convert the config's ``[systems.<system>]`` table.
-
-        Args:
-            table: the raw table.
-            system: its name, for error messages.
-            others: keys of the same table that belong to someone else (the
-                system gateway's), skipped here; any other unknown key is an
-                error.
-
-        Raises:
-            ConfigError: naming the offending key.
-        """
-        mine = {k: v for k, v in table.items() if k not in others}
-        try:
-            return msgspec.convert(mine, cls, strict=False)
-        except msgspec.ValidationError as exc:
-            raise ConfigError(f"systems.{system}: {exc}") from exc
 
 
 def idempotency_key(*parts: str) -> str:

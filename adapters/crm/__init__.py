@@ -9,7 +9,6 @@ from adapters.crm.client import (
     SalesforceClient,
     SalesforceSettings,
     UpsertResult,
-    settings_from_table,
 )
 from adapters.crm.connector import CrmConnector
 from adapters.crm.ingress import SalesforceWebhook, inbound_from_change, poll_changes
@@ -69,7 +68,6 @@ __all__ = [
     "SalesforceClient",
     "SalesforceSettings",
     "UpsertResult",
-    "settings_from_table",
     # mapping
     "FIELD_MAP",
     "account_from_sf",

@@ -20,7 +20,7 @@ import email.utils
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from types import TracebackType
-from typing import Annotated, Any, Self, TypeVar, cast
+from typing import Annotated, Self, TypeVar, cast
 from urllib.parse import quote
 
 import aiohttp
@@ -39,13 +39,12 @@ from adapters.crm.views import (
     TokenResponse,
     decode_cometd,
 )
-from broker.errors import ConfigError, UpstreamRejected, UpstreamUnavailable
+from broker.errors import UpstreamRejected, UpstreamUnavailable
 
 __all__ = [
     "SalesforceSettings",
     "SalesforceClient",
     "UpsertResult",
-    "settings_from_table",
 ]
 
 S = TypeVar("S", bound=SObject)
@@ -96,18 +95,6 @@ class SalesforceSettings(
             f"client_id={self.client_id!r}, client_secret=<hidden>, "
             f"webhook_secrets=<{len(self.webhook_secrets)} hidden>)"
         )
-
-
-def settings_from_table(table: Mapping[str, Any]) -> SalesforceSettings:
-    """Convert a ``[systems.<name>]`` table.
-
-    Raises:
-        ConfigError: naming the offending key.
-    """
-    try:
-        return msgspec.convert(dict(table), SalesforceSettings, strict=False)
-    except msgspec.ValidationError as exc:
-        raise ConfigError(f"Salesforce settings: {exc}") from exc
 
 
 class UpsertResult(msgspec.Struct, frozen=True, kw_only=True):

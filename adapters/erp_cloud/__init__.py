@@ -15,7 +15,6 @@ from adapters.erp_cloud.client import (
     SapClient,
     SapRejected,
     SapSettings,
-    settings_from_table,
 )
 from adapters.erp_cloud.connector import SapConnector
 from adapters.erp_cloud.ingress import SapEventWebhook
@@ -37,7 +36,6 @@ __all__ = [
     "SapClient",
     "SapRejected",
     "SapSettings",
-    "settings_from_table",
     # Connector and webhook
     "SapConnector",
     "SapEventWebhook",

@@ -43,7 +43,6 @@ from adapters.erp_cloud.views import (
 )
 from broker.errors import (
     ConcurrencyConflict,
-    ConfigError,
     UpstreamRejected,
     UpstreamUnavailable,
 )
@@ -53,7 +52,6 @@ __all__ = [
     "SapSettings",
     "SapClient",
     "SapRejected",
-    "settings_from_table",
     "SALES_ORDER_SERVICE",
     "BUSINESS_PARTNER_SERVICE",
     "PRODUCT_SERVICE",
@@ -102,18 +100,6 @@ class SapSettings(
             f"SapSettings(base_url={self.base_url!r}, username={self.username!r}, "
             f"password={'***' if self.password else ''!r}, system={self.system!r})"
         )
-
-
-def settings_from_table(table: Mapping[str, Any]) -> SapSettings:
-    """Convert a ``[systems.<name>]`` table.
-
-    Raises:
-        ConfigError: naming the offending key.
-    """
-    try:
-        return msgspec.convert(dict(table), SapSettings, strict=False)
-    except msgspec.ValidationError as exc:
-        raise ConfigError(f"SAP settings: {exc}") from exc
 
 
 class SapRejected(UpstreamRejected):

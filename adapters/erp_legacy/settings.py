@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import msgspec
 from msgspec import Meta
 
 from adapters.erp_legacy.idocxml import DEFAULT_MAX_BYTES
-from broker.errors import ConfigError
 
 __all__ = ["LegacyErpSettings"]
 
@@ -67,17 +65,3 @@ class LegacyErpSettings(
     def inbound(self) -> Path:
         """`inbound_dir` as a path."""
         return Path(self.inbound_dir)
-
-    @classmethod
-    def from_table(
-        cls, table: Mapping[str, Any], *, name: str = "erp-legacy"
-    ) -> LegacyErpSettings:
-        """Convert the ``[systems.<name>]`` table.
-
-        Raises:
-            ConfigError: naming the table and the offending key.
-        """
-        try:
-            return msgspec.convert(dict(table), cls, strict=False)
-        except msgspec.ValidationError as exc:
-            raise ConfigError(f"[systems.{name}]: {exc}") from exc

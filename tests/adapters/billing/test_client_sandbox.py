@@ -17,6 +17,7 @@ import pytest
 from adapters.billing import StripeClient, StripeSandbox, StripeSettings
 from adapters.billing.client import idempotency_key
 from adapters.billing.form import FormValue
+from broker.config import convert_table
 from broker.errors import ConfigError, UpstreamRejected, UpstreamUnavailable
 from tests.adapters.billing.conftest import API_KEY
 
@@ -458,7 +459,7 @@ async def test_state_reports_objects_and_counts(
 
 
 def test_settings_come_from_the_systems_table() -> None:
-    """Kebab-case keys, strings from the environment, gateway keys skipped."""
+    """Kebab-case keys, strings from the environment; unknown keys refused."""
     table = {
         "api-key": "sk_test_abc",
         "base-url": "http://127.0.0.1:1",
@@ -466,12 +467,14 @@ def test_settings_come_from_the_systems_table() -> None:
         "webhook-secrets": ["whsec_new", "whsec_old"],
         "rate-per-s": 5,
     }
-    s = StripeSettings.from_table(table, others={"rate-per-s"})
+    where = "[systems.billing]"
+    mine = {k: v for k, v in table.items() if k != "rate-per-s"}
+    s = convert_table(StripeSettings, mine, where=where)
     assert (s.timeout_s, s.webhook_secrets) == (2.5, ("whsec_new", "whsec_old"))
     with pytest.raises(ConfigError, match=r"systems\.billing.*rate-per-s"):
-        StripeSettings.from_table(table)
+        convert_table(StripeSettings, table, where=where)
     with pytest.raises(ConfigError, match="api-key"):
-        StripeSettings.from_table({})
+        convert_table(StripeSettings, {}, where=where)
 
 
 def test_settings_never_show_their_secrets() -> None:

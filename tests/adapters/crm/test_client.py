@@ -10,8 +10,9 @@ import aiohttp
 import pytest
 
 from adapters.crm import views as v
-from adapters.crm.client import SalesforceClient, settings_from_table
+from adapters.crm.client import SalesforceClient, SalesforceSettings
 from adapters.crm.soql import select
+from broker.config import convert_table
 from broker.errors import ConfigError, UpstreamRejected, UpstreamUnavailable
 from tests.adapters.crm.harness import Org, running_org, settings
 
@@ -211,20 +212,26 @@ async def test_knobs_and_state_are_reachable_over_http(org: Org) -> None:
 
 def test_settings_come_from_a_config_table_and_hide_the_secret() -> None:
     """Kebab-case keys convert; a bad value names its key; repr hides the secret."""
-    parsed = settings_from_table(
+    parsed = convert_table(
+        SalesforceSettings,
         {
             "login-url": "https://login",
             "client-id": "c",
             "client-secret": "s3cr3t",
             "webhook-secrets": ["whsec-old", "whsec-new"],
-        }
+        },
+        where="[systems.crm]",
     )
     assert parsed.client_secret == "s3cr3t"
     assert parsed.webhook_secrets == ("whsec-old", "whsec-new")
     for secret in ("s3cr3t", "whsec-old", "whsec-new"):
         assert secret not in repr(parsed)
     with pytest.raises(ConfigError, match="timeout-s"):
-        settings_from_table({"login-url": "x", "client-id": "c", "timeout-s": 0})
+        convert_table(
+            SalesforceSettings,
+            {"login-url": "x", "client-id": "c", "timeout-s": 0},
+            where="[systems.crm]",
+        )
 
 
 async def test_money_keeps_its_digits_both_ways(org: Org) -> None:

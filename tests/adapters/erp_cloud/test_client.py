@@ -10,7 +10,7 @@ import aiohttp
 import msgspec
 import pytest
 
-from adapters.erp_cloud import SapClient, SapRejected, SapSandbox, settings_from_table
+from adapters.erp_cloud import SapClient, SapRejected, SapSandbox, SapSettings
 from adapters.erp_cloud.views import (
     A_BusinessPartner,
     A_BusinessPartnerRole,
@@ -20,6 +20,7 @@ from adapters.erp_cloud.views import (
     A_SalesOrderItemPrElement,
     expanded,
 )
+from broker.config import convert_table
 from broker.errors import ConcurrencyConflict, ConfigError, UpstreamUnavailable
 from tests.adapters.erp_cloud.conftest import settings_for
 from tests.adapters.erp_cloud.samples import PASSWORD, USER, area
@@ -515,10 +516,16 @@ async def test_a_refused_connection_is_unavailable() -> None:
 
 def test_settings_come_from_the_config_table_and_hide_the_password() -> None:
     """A ``[systems.erp_cloud]`` table converts; the password never prints."""
-    settings = settings_from_table(
-        {"base-url": "https://h", "username": "U", "password": "s3cret"}
+    settings = convert_table(
+        SapSettings,
+        {"base-url": "https://h", "username": "U", "password": "s3cret"},
+        where="[systems.erp_cloud]",
     )
     assert settings.timeout_s == 10.0
     assert "s3cret" not in repr(settings)
     with pytest.raises(ConfigError, match="base-url"):
-        settings_from_table({"base-url": "ftp://h", "username": "U"})
+        convert_table(
+            SapSettings,
+            {"base-url": "ftp://h", "username": "U"},
+            where="[systems.erp_cloud]",
+        )

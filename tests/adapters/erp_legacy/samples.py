@@ -9,6 +9,7 @@ from pathlib import Path
 import msgspec
 
 from adapters.erp_legacy import LegacyErpSettings, OrderKey
+from broker.config import convert_table
 from canonical import Envelope
 from canonical.commerce import Account, Address, Order, OrderLine
 from canonical.q2c import OrderBookingRequested
@@ -29,7 +30,7 @@ def settings(root: Path, **overrides: object) -> LegacyErpSettings:
         "inbound-dir": str(root / "in"),
     }
     table.update({k.replace("_", "-"): v for k, v in overrides.items()})
-    return LegacyErpSettings.from_table(table)
+    return convert_table(LegacyErpSettings, table, where="[systems.erp_legacy]")
 
 
 def order(*, customer_ref: str = CUSTOMER_REF, service_only: bool = False) -> Order:
