@@ -32,6 +32,7 @@ from broker.supervision import ChildSpec, Restart, Strategy, SupervisorSpec
 
 # Workflows
 from broker.workflow import Applied, Emit, Workflow
+from broker.xref import XrefConflict, XrefEntry
 
 __all__ = [
     # Actors and supervision
@@ -47,6 +48,8 @@ __all__ = [
     "Emit",
     "Workflow",
     "Runtime",
+    "XrefConflict",
+    "XrefEntry",
     "Daemon",
     "Config",
     "load_config",

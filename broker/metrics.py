@@ -57,6 +57,18 @@ class Metrics:
             ["workflow"],
             registry=r,
         )
+        self.held = Counter(
+            "q2c_messages_held",
+            "Messages held behind a failed message of the same instance",
+            ["workflow"],
+            registry=r,
+        )
+        self.released = Counter(
+            "q2c_messages_released",
+            "Held messages applied once their blocker was",
+            ["workflow"],
+            registry=r,
+        )
         self.published = Counter(
             "q2c_outbox_published", "Outbox rows confirmed by the broker", registry=r
         )

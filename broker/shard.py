@@ -181,6 +181,10 @@ class WorkflowShard(Actor[None]):
             m.duplicates.labels(self._wf.name).inc(outcome.duplicates)
         if outcome.retried:
             m.retried.labels(self._wf.name).inc(outcome.retried)
+        if outcome.held:
+            m.held.labels(self._wf.name).inc(outcome.held)
+        if outcome.released:
+            m.released.labels(self._wf.name).inc(outcome.released)
         for reason in outcome.dead:
             m.dead_lettered.labels(reason).inc()
         m.batch_size.observe(len(deliveries))
