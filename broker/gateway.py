@@ -207,6 +207,7 @@ class SystemGateway:
         self._m_in_flight = m.gateway_in_flight.labels(system)
         self._m_breaker = m.gateway_breaker_state.labels(system)
         self._m_opened = m.gateway_breaker_opened.labels(system)
+        rt.system_status[system] = self.status
 
     def spec(self) -> ChildSpec:
         """The supervised child: id ``sys.<system>``, permanent, the daemon's grace."""

@@ -41,6 +41,7 @@ class DaemonControl:
             "transport": rt.transport.status(),
             "store": await rt.store.counts(),
             "outbox_feed": repr(rt.feed),
+            "systems": {name: status() for name, status in rt.system_status.items()},
             "counters": rt.metrics.snapshot(),
         }
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import functools
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, final
 
 import msgspec
@@ -65,6 +65,8 @@ class Runtime:
         # the first shard starts, so it captures the open store.
         self._commits: dict[str, GroupCommit] = {}
         self._bindings: dict[str, tuple[str, ...]] = {}
+        #: System name → its gateway's ``status()``, for ``brokerctl status``.
+        self.system_status: dict[str, Callable[[], dict[str, Any]]] = {}
         self._store: Store | None = None
         self._transport: Transport | None = None
 

@@ -20,6 +20,7 @@ import pytest
 from actors.q2c import DealView, ValidateResponse
 from actors.q2c_demo import Plan, drive_deals, start_sandboxes
 from broker import Daemon, load_config
+from broker.handler import DaemonControl
 from canonical.commerce import Account, Quote, QuoteLine
 from canonical.scalars import Money
 from tests.polling import eventually
@@ -84,6 +85,13 @@ async def test_deals_complete_and_the_process_api_shows_them(tmp_path: Path) -> 
             assert stages[-1] == "completed"
             assert shown.erp in ("cloud", "legacy")
             assert shown.route_rule
+
+            # brokerctl status shows each system actor's breaker and calls.
+            status = await DaemonControl(daemon).status()
+            systems = status["systems"]
+            assert set(systems) == {"crm", "cpq", "erp_cloud", "erp_legacy", "billing"}
+            assert all(s["breaker"]["state"] == "closed" for s in systems.values())
+            assert systems["billing"]["calls"]["ok"] >= 1
 
             async with http.get(f"{api}/api/v1/deals/deal-nothing") as resp:
                 assert resp.status == 404
