@@ -167,7 +167,7 @@ async def run_demo(
     rng = random.Random(11)
     async with AsyncExitStack() as stack:
         boxes = await start_sandboxes(stack, _WORK, stripe_duplicates=0.05)
-        crm, sap, legacy, stripe = boxes.crm, boxes.sap, boxes.legacy, boxes.stripe
+        sap, legacy, stripe = boxes.sap, boxes.legacy, boxes.stripe
         cfg = _demo_config(cfg, boxes)
         daemon = Daemon(cfg)
         async with anyio.create_task_group() as tg:
@@ -192,7 +192,7 @@ async def run_demo(
             await sub.close()
             _say("")
             report, ok = await _report(
-                daemon, plan, outcome, elapsed, crm, sap, legacy, stripe
+                daemon, plan, outcome, elapsed, sap, legacy, stripe
             )
             daemon.request_shutdown("demo finished")
     _print(report, ok)
@@ -484,7 +484,6 @@ async def _report(
     plan: Plan,
     outcome: dict[str, Any],
     elapsed: float,
-    crm: SalesforceSandbox,
     sap: SapSandbox,
     legacy: LegacyErpSandbox,
     stripe: StripeSandbox,
@@ -611,7 +610,6 @@ async def _report(
         and len(done) == len(plan.opportunities)
         and counts.get("dead_letters", 0) >= plan.poison_posted
     )
-    del crm
     return report, ok
 
 

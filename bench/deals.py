@@ -81,13 +81,14 @@ def _toml_value(value: Any) -> str:
     return json.dumps(value)  # JSON strings, numbers and lists are valid TOML
 
 
-def _systems_toml(urls: dict[str, str], concurrency: int) -> str:
+def _systems_toml(urls: dict[str, str], concurrency: int, linger: float) -> str:
     """The ``[systems]`` tables, as the demo writes them, for the bench's sandboxes."""
     fast = {
         "rate-per-s": 100_000.0,
         "burst": 1000,
         "concurrency": concurrency,
         "prefetch": concurrency * 2,
+        "batch-linger-s": linger,
     }
     systems = systems_tables(
         urls, Path(urls["idoc_out"]), Path(urls["idoc_in"]), fast=fast
@@ -205,7 +206,7 @@ async def _main(args: argparse.Namespace, out: dict[str, Any]) -> None:
                 port=port,
                 socket=q(str(env.workdir / "brokerd.sock")),
             )
-            + _systems_toml(urls, args.concurrency)
+            + _systems_toml(urls, args.concurrency, args.linger_s)
         )
         daemon = await Child.start(
             "daemon",
@@ -318,6 +319,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--deals", type=int, default=2000)
     p.add_argument("--shards", type=int, default=4)
     p.add_argument("--concurrency", type=int, default=32, help="calls per system")
+    p.add_argument(
+        "--linger-s",
+        type=float,
+        default=0.005,
+        help="system actors' batch-linger-s: completions committed together",
+    )
     p.add_argument(
         "--profile",
         metavar="FILE",
