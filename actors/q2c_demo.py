@@ -311,7 +311,7 @@ def _demo_config(cfg: Config, boxes: Sandboxes) -> Config:
         ),
         http=msgspec.structs.replace(cfg.http, port=0),
         systems={**cfg.systems, **systems},
-        app={**cfg.app, "booking-sla-s": 6.0},
+        app={**cfg.app, "booking-sla-s": 15.0},
     )
 
 
