@@ -557,6 +557,9 @@ async def _report(
             problems.append(f"{deal}: {subs_by_deal[deal]} subscriptions in billing")
         if not st.needs_subscription and subs_by_deal[deal]:
             problems.append(f"{deal}: a subscription without recurring lines")
+    problems.extend(
+        await _check_xref(store, plan, states, done, sap_orders, legacy, stripe)
+    )
 
     # --- injected faults, accounted for ------------------------------------------
     def kinds_of(deals_: set[str]) -> Counter[str]:
@@ -613,6 +616,60 @@ async def _report(
     return report, ok
 
 
+async def _check_xref(
+    store: Any,
+    plan: Plan,
+    states: dict[str, DealState],
+    done: dict[str, str],
+    sap_orders: dict[str | None, Any],
+    legacy: LegacyErpSandbox,
+    stripe: StripeSandbox,
+) -> list[str]:
+    """Each completed deal's documents, joined through the xref registry alone.
+
+    The registry must name, for the quote, the order and the subscription,
+    the very document each system holds: the CPQ quote the sales team
+    approved, the ERP's order for the deal's customer reference, and the
+    billing platform's subscription for the deal.
+    """
+    completed = [states[d] for d, k in done.items() if k == "completed" and d in states]
+    orders = await store.xref_many("order", [s.order.id for s in completed if s.order])
+    quotes = await store.xref_many("quote", [s.quote.id for s in completed if s.quote])
+    subs = await store.xref_many(
+        "subscription",
+        [f"sub-{s.deal_id.removeprefix('deal-')}" for s in completed],
+    )
+    legacy_numbers = {po: number for (_, po), number in legacy.orders.items()}
+    problems: list[str] = []
+    for s in completed:
+        assert s.order is not None
+        assert s.quote is not None
+        erp = f"erp_{s.order.erp}"
+        native = orders.get(s.order.id, {}).get(erp)
+        ref = s.order.customer_ref
+        held = (
+            (sap_orders[ref].SalesOrder if ref in sap_orders else None)
+            if s.order.erp == "cloud"
+            else legacy_numbers.get(ref)
+        )
+        if native is None or (held or "").lstrip("0") != native.native_id.lstrip("0"):
+            problems.append(f"{s.deal_id}: xref order {native} but {erp} holds {held}")
+        quote = quotes.get(s.quote.id, {}).get("cpq")
+        if quote is None or quote.native_id != plan.opportunities[s.deal_id]:
+            problems.append(f"{s.deal_id}: xref quote {quote} is not the CPQ's")
+        if s.needs_subscription:
+            sub_id = f"sub-{s.deal_id.removeprefix('deal-')}"
+            entry = subs.get(sub_id, {}).get("billing")
+            held_sub = (
+                stripe.account.subscriptions.get(entry.native_id) if entry else None
+            )
+            if held_sub is None or held_sub.metadata.get("q2c_deal_id") != s.deal_id:
+                problems.append(
+                    f"{s.deal_id}: xref subscription {entry} not in billing"
+                )
+    return problems
+
+
 def _p50_p99(values: list[float]) -> str:
     if len(values) < 2:
         return "-"
@@ -627,7 +684,8 @@ def _print(report: dict[str, Any], ok: bool) -> None:
     _say(
         f"  {'check':<34} {'PASS' if ok else 'FAIL'}: every deal completed or "
         "stopped by the fault injected into it; quote, ERP order, invoice and "
-        "subscription agree on ids and amounts; one document per deal in each system"
+        "subscription agree on amounts and, through the xref registry, on ids; one "
+        "document per deal in each system"
     )
 
 

@@ -67,6 +67,7 @@ from broker.store import (
 )
 from broker.transport import Delivery
 from broker.workflow import Workflow, is_ordered
+from broker.xref import XrefEntry
 from canonical.envelope import Envelope
 
 __all__ = ["ATTEMPT_HEADER", "GroupCommit", "Item", "Outcome", "message_id_for"]
@@ -201,6 +202,7 @@ class _Pass:
         "states",
         "versions",
         "waiting",
+        "xref",
     )
 
     def __init__(self, read: BatchRead) -> None:
@@ -227,6 +229,8 @@ class _Pass:
         self.overflow: dict[str, DeadLetterRow] = {}
         #: Held messages taken out of their hold (status ``released``).
         self.released: list[str] = []
+        #: Cross-references the applied events established.
+        self.xref: list[XrefEntry] = []
 
 
 #: How an item was parked: (the message id that holds its instance now,
@@ -375,6 +379,7 @@ class GroupCommit:
             ],
             holds=self._hold_writes(p),
             released=p.released,
+            xref=p.xref,
         )
         self._crash.passed("mid_txn", sum(r.size for r in group))
         return await self._store.commit_batch(write)
@@ -491,6 +496,7 @@ class GroupCommit:
                 message_id=env.id, correlation_id=cid, stage="applied", type=env.type
             )
         )
+        p.xref.extend(applied.xref)
         now = p.now
         for n, emit in enumerate(applied.emits):
             tag = type(emit.event).__struct_config__.tag

@@ -26,6 +26,7 @@ from typing import Any, Generic, Protocol, TypeVar
 
 import msgspec
 
+from broker.xref import XrefEntry
 from canonical.envelope import Envelope
 
 __all__ = ["Emit", "Workflow", "Applied", "is_ordered"]
@@ -58,10 +59,16 @@ class Emit(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class Applied(msgspec.Struct, Generic[S], frozen=True):
-    """What ``apply`` returns: the new state and what to send."""
+    """What ``apply`` returns: the new state, what to send, and what it learnt.
+
+    ``xref`` binds canonical ids to the native ids a result announced (the
+    ERP's order number for our order); they are written in the batch's
+    transaction, so the registry never lags the state that produced it.
+    """
 
     state: S
     emits: Sequence[Emit] = ()
+    xref: Sequence[XrefEntry] = ()
 
 
 class Workflow(Protocol[S]):

@@ -50,7 +50,7 @@ import msgspec
 from actors.workflows.enrich import enrich_order
 from actors.workflows.routing import RoutingRegistry
 from actors.workflows.rules import ReferenceData, validate_quote
-from broker import Applied, Emit
+from broker import Applied, Emit, XrefEntry
 from canonical import Envelope, Money
 from canonical.commerce import (
     Account,
@@ -197,7 +197,7 @@ class DealWorkflow:
         emits: list[Emit] = []
         self._record(s, event, envelope, emits)
         self._decide(s, envelope, emits)
-        return Applied(s, emits)
+        return Applied(s, emits, xref=_xref(event))
 
     # -- record ----------------------------------------------------------------
 
@@ -501,6 +501,36 @@ class DealWorkflow:
                     key_suffix=kind,
                 )
             )
+
+
+def _xref(event: Any) -> list[XrefEntry]:
+    """The native ids a result announces for the deal's documents.
+
+    Systems are named by their role (``crm``, ``cpq``, ``erp_cloud``,
+    ``erp_legacy``, ``billing``), so a report can join any deal's documents
+    across the systems through the registry alone.
+    """
+    match event:
+        case OrderBooked(order_id=oid, erp=erp, erp_order_id=native):
+            return [_entry("order", oid, f"erp_{erp}", native)]
+        case OpportunityUpdated(opportunity_id=oid, native_id=native):
+            return [_entry("opportunity", oid, "crm", native)]
+        case QuoteUpdated(quote_id=qid, native_id=native):
+            return [_entry("quote", qid, "cpq", native)]
+        case SubscriptionCreated(subscription_id=sid, native_id=native):
+            return [_entry("subscription", sid, "billing", native)]
+        case InvoiceIssued(invoice=invoice, erp=erp):
+            return [_entry("invoice", invoice.id, f"erp_{erp}", invoice.number)]
+        case ShipmentDispatched(shipment=shipment, erp=erp):
+            return [_entry("shipment", shipment.id, f"erp_{erp}", shipment.number)]
+        case _:
+            return []
+
+
+def _entry(kind: str, canonical_id: str, system: str, native_id: str) -> XrefEntry:
+    return XrefEntry(
+        kind=kind, canonical_id=canonical_id, system=system, native_id=native_id
+    )
 
 
 def _reached(s: DealState, stage: str, at: datetime) -> None:

@@ -17,7 +17,7 @@ from typing import Any, final
 import msgspec
 
 from actors.workflows.deal import system_queue
-from broker import Applied, Emit
+from broker import Applied, Emit, XrefEntry
 from canonical import Envelope
 from canonical.commerce import Account, PriceBookEntry, Product
 from canonical.hashing import content_hash
@@ -95,10 +95,13 @@ class AccountSyncWorkflow:
     ) -> Applied[AccountSyncState]:
         """Ask for a sync when the ERP-relevant fields changed; spot echoes."""
         match event:
-            case AccountChanged(account=account):
+            case AccountChanged(account=account, native_id=crm_id):
                 digest = erp_fields_hash(account)
+                known = [_xref("account", account.id, "crm", crm_id)]
                 if digest in (state.requested_hash, state.written_hash):
-                    return Applied(msgspec.structs.replace(state, account=account))
+                    return Applied(
+                        msgspec.structs.replace(state, account=account), xref=known
+                    )
                 new = msgspec.structs.replace(
                     state,
                     account=account,
@@ -116,12 +119,19 @@ class AccountSyncWorkflow:
                             subject=account.id,
                         )
                     ],
+                    xref=known,
                 )
-            case CustomerSynced(native_id=native_id, content_hash=digest):
+            case CustomerSynced(
+                account_id=account_id,
+                system=system,
+                native_id=native_id,
+                content_hash=digest,
+            ):
                 return Applied(
                     msgspec.structs.replace(
                         state, written_hash=digest, erp_customer=native_id
-                    )
+                    ),
+                    xref=[_xref("account", account_id, system, native_id, digest)],
                 )
             case CustomerChanged(content_hash=digest):
                 if digest == state.written_hash:
@@ -194,7 +204,22 @@ class CatalogSyncWorkflow:
                         )
                     ],
                 )
-            case ProductSynced(native_id=native_id):
-                return Applied(msgspec.structs.replace(state, cpq_product=native_id))
+            case ProductSynced(sku=sku, native_id=native_id):
+                return Applied(
+                    msgspec.structs.replace(state, cpq_product=native_id),
+                    xref=[_xref("product", sku, "cpq", native_id)],
+                )
             case _:
                 raise TypeError(f"catalog sync cannot apply {type(event).__name__}")
+
+
+def _xref(
+    kind: str, canonical_id: str, system: str, native_id: str, digest: str = ""
+) -> XrefEntry:
+    return XrefEntry(
+        kind=kind,
+        canonical_id=canonical_id,
+        system=system,
+        native_id=native_id,
+        content_hash=digest,
+    )

@@ -321,3 +321,15 @@ def test_a_deal_keeps_its_erp_when_routing_changes(deal: Deal, tmp_path: Path) -
     moved.feed(booked(deal, eur("300.00")))
     assert moved.state.erp == "cloud"
     assert moved.of(OpportunityUpdateRequested)
+
+
+def test_results_bind_the_documents_native_ids_in_the_xref(deal: Deal) -> None:
+    deal.feed(OPPORTUNITY, QuoteApproved(quote=SAAS_ONLY))
+    event = booked(deal, eur("300.00"))
+    applied = deal.wf.apply(deal.state, event, envelope(event))
+    (entry,) = applied.xref
+    assert (entry.kind, entry.system, entry.native_id) == ("order", "erp_cloud", "4711")
+    order = deal.state.order
+    assert order is not None
+    assert entry.canonical_id == order.id
+    assert not deal.wf.apply(deal.state, OPPORTUNITY, envelope(OPPORTUNITY)).xref

@@ -86,6 +86,11 @@ async def test_deals_complete_and_the_process_api_shows_them(tmp_path: Path) -> 
             assert shown.erp in ("cloud", "legacy")
             assert shown.route_rule
 
+            # The registry joins the deal's documents across the systems.
+            erp = f"erp_{shown.erp}"
+            order_xref = await daemon.runtime.store.xref_get("order", order.id)
+            assert order_xref[erp].native_id == order.native_ids[erp]
+
             # brokerctl status shows each system actor's breaker and calls.
             status = await DaemonControl(daemon).status()
             systems = status["systems"]
