@@ -31,12 +31,21 @@ from actors.workflows.routing import RoutingRegistry
 from actors.workflows.rules import (
     ReferenceData,
     ReferencePolicy,
+    ValidationResult,
     build_reference,
     load_reference_policy,
     validate_quote,
 )
 from actors.workflows.sync import AccountSyncWorkflow, CatalogSyncWorkflow
-from broker import Actor, ChildSpec, ConfigError, Context, RetryLater, Runtime
+from broker import (
+    Actor,
+    ChildSpec,
+    ConfigError,
+    Context,
+    RetryLater,
+    Runtime,
+    UpstreamRejected,
+)
 from broker.config import Section
 from broker.http import ApiError, ApiRequest
 from canonical import Money
@@ -245,16 +254,19 @@ class QuoteToCash:
         return deal_view(_state_decoder.decode(record.state), record.version)
 
     async def validate(self, request: ApiRequest) -> ValidateResponse:
-        """Validate the quote in the body within the latency budget.
+        """Validate a quote within the latency budget.
+
+        The quote and its account come in the body (``ValidateRequest``), or,
+        with an empty body, are read from the CPQ and the CRM by the quote's
+        id (``quote-<cpq id>``), within the same budget.
 
         Raises:
-            ApiError: 400 when the body's quote is another one; 503 when the
-                reference data is not loaded yet; 504 over the budget.
+            ApiError: 400 for a body about another quote or an id that is not
+                a CPQ quote's; 404 for a quote the CPQ does not know; 503 while
+                the reference data is loading or without a CRM to read from;
+                504 over the budget.
         """
-        body = request.json(ValidateRequest)
         quote_id = request.params["quote_id"]
-        if body.quote.id != quote_id:
-            raise ApiError(400, "quote_mismatch", f"the body is quote {body.quote.id}")
         if not self.reference.ready:
             raise ApiError(
                 503,
@@ -262,17 +274,22 @@ class QuoteToCash:
                 "the ERP catalogue is loading",
                 retry_after_s=5.0,
             )
+        budget = self.settings.validate_budget_s
         started = time.perf_counter()
-        with anyio.move_on_after(self.settings.validate_budget_s) as scope:
-            result = await anyio.to_thread.run_sync(
-                validate_quote, body.quote, body.account, self.reference()
-            )
-        if scope.cancelled_caught:
-            raise ApiError(
-                504,
-                "budget_exceeded",
-                f"validation took over {self.settings.validate_budget_s}s",
-            )
+        result: ValidationResult | None = None
+        with anyio.move_on_after(budget):
+            if request.body.strip():
+                body = request.json(ValidateRequest)
+                if body.quote.id != quote_id:
+                    raise ApiError(
+                        400, "quote_mismatch", f"the body is quote {body.quote.id}"
+                    )
+                quote, account = body.quote, body.account
+            else:
+                quote, account = await self._read_quote(quote_id)
+            result = validate_quote(quote, account, self.reference())
+        if result is None:
+            raise ApiError(504, "budget_exceeded", f"validation took over {budget}s")
         return ValidateResponse(
             quote_id=quote_id,
             ok=result.ok,
@@ -282,6 +299,28 @@ class QuoteToCash:
             ],
             duration_ms=round((time.perf_counter() - started) * 1000, 3),
         )
+
+    async def _read_quote(self, quote_id: str) -> tuple[Quote, Account]:
+        crm = self.systems.crm()
+        if crm is None:
+            raise ApiError(
+                503,
+                "no_crm",
+                "no CRM is connected to read the quote from; send it in the body",
+            )
+        native = quote_id.removeprefix("quote-")
+        if native == quote_id or not native:
+            raise ApiError(
+                400, "not_a_cpq_quote", f"{quote_id!r} is not quote-<cpq id>"
+            )
+        try:
+            return await crm.read_quote(native)
+        except UpstreamRejected as exc:
+            if exc.code == "NOT_FOUND":
+                raise ApiError(
+                    404, "not_found", f"the CPQ has no quote {native}"
+                ) from exc
+            raise
 
 
 def deal_view(s: DealState, version: int) -> DealView:

@@ -224,6 +224,15 @@ class Systems:
                     f"[systems.{s.name}]: a {s.table.kind} system has no webhook"
                 )
 
+    def crm(self) -> CrmConnector | None:
+        """The open CRM connector (it reads quotes back), if a CRM is configured."""
+        for s in self.systems:
+            if s.table.kind == "salesforce-crm" and isinstance(
+                s.connector.impl, CrmConnector
+            ):
+                return s.connector.impl
+        return None
+
     def spec(self) -> ChildSpec:
         """``systems``: the clients, each system actor, the legacy inbound poller."""
         children = [

@@ -23,7 +23,7 @@ from adapters.crm.mapping import (
 from adapters.crm.soql import select
 from broker.errors import UnknownMessageType, UpstreamRejected
 from canonical import Envelope, Event
-from canonical.commerce import Account
+from canonical.commerce import Account, Quote
 from canonical.q2c import (
     AccountChanged,
     OpportunityCreated,
@@ -166,6 +166,33 @@ class CrmConnector:
             )
             for rec in records
         ]
+
+    async def read_quote(self, quote_id: str) -> tuple[Quote, Account]:
+        """A CPQ quote in any status, with its account: for synchronous validation.
+
+        Raises:
+            UpstreamRejected: ``NOT_FOUND`` for an unknown quote or account,
+                ``NOT_CONFIGURED`` without a CPQ client.
+            UpstreamUnavailable: the org is down, slow or limiting us.
+        """
+        if self._cpq is None:
+            raise UpstreamRejected(self._system, "no CPQ client", code="NOT_CONFIGURED")
+        quote, lines = await self._cpq.quote_with_lines(quote_id)
+        accounts = await self._account_map({quote.SBQQ__Account__c or ""} - {""})
+        account = accounts.get(quote.SBQQ__Account__c or "")
+        if account is None:
+            raise UpstreamRejected(
+                self._system,
+                f"quote {quote_id} has no readable account",
+                code="NOT_FOUND",
+            )
+        canonical = quote_from_records(
+            quote,
+            lines,
+            default_currency=self._currency,
+            fallback_country=account.country,
+        )
+        return canonical, account
 
     async def _account_map(self, ids: set[str]) -> dict[str, Account]:
         if not ids:

@@ -135,6 +135,18 @@ async def test_deals_complete_and_the_process_api_shows_them(tmp_path: Path) -> 
             ) as resp:
                 assert resp.status == 400
 
+            # With no body the quote and its account are read from CPQ and CRM.
+            approved = kinds["quote"].id
+            async with http.post(f"{api}/api/v1/quotes/{approved}/validate") as resp:
+                assert resp.status == 200
+                read = msgspec.json.decode(await resp.read(), type=ValidateResponse)
+            assert read.ok, read.violations
+            missing = "quote-a0Q000000000000AAA"
+            async with http.post(f"{api}/api/v1/quotes/{missing}/validate") as resp:
+                assert resp.status == 404
+            async with http.post(f"{api}/api/v1/quotes/Q1/validate") as resp:
+                assert resp.status == 400
+
             async with http.get(f"{api}/api/v1/openapi.json") as resp:
                 paths = (await resp.json())["paths"]
             assert "/api/v1/deals/{correlation_id}" in paths
