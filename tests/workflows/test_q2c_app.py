@@ -19,8 +19,13 @@ import pytest
 
 from actors.q2c import DealView, ValidateResponse
 from actors.q2c_demo import Plan, drive_deals, start_sandboxes
+from actors.workflows.deal import DealState
 from broker import Daemon, load_config
+from broker.codec import encode_envelope, utcnow
 from broker.handler import DaemonControl
+from broker.store import DeadLetterFilter
+from broker.transport import OutgoingMessage, PublishOutcome
+from canonical import Envelope
 from canonical.commerce import Account, Quote, QuoteLine
 from canonical.scalars import Money
 from tests.polling import eventually
@@ -151,4 +156,106 @@ async def test_deals_complete_and_the_process_api_shows_them(tmp_path: Path) -> 
                 paths = (await resp.json())["paths"]
             assert "/api/v1/deals/{correlation_id}" in paths
             assert "/api/v1/quotes/{quote_id}/validate" in paths
+            daemon.request_shutdown("test finished")
+
+
+async def test_a_poison_message_holds_its_deal_only_until_it_is_purged(
+    tmp_path: Path,
+) -> None:
+    """A deal's bad message parks it; its later facts wait, other deals go on."""
+    async with AsyncExitStack() as stack:
+        boxes = await start_sandboxes(stack, tmp_path / "systems")
+        daemon = Daemon(_config(tmp_path, boxes.systems()))
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(daemon.run)
+            with anyio.fail_after(20):
+                await daemon.started.wait()
+            rt = daemon.runtime
+            boxes.push_to(rt.http_url)
+            crm = boxes.crm
+            account = crm.seed_account("Held AG", country_code="DE", currency="EUR")
+            opportunity = crm.create_opportunity(account, "Held deal")
+            deal = f"deal-{opportunity}"
+
+            # A message for the deal whose data no schema reads: dead-lettered,
+            # and the deal is held behind it.
+            poison = Envelope(
+                id="poison-1",
+                source="/test",
+                type="cpq.quote.approved",
+                time=utcnow(),
+                correlation_id=deal,
+                idempotency_key="poison-1",
+                data=msgspec.Raw(b'{"type": "cpq.quote.approved", "quote": 42}'),
+            )
+            outcome = await rt.transport.publish(
+                [
+                    OutgoingMessage(
+                        exchange="q2c.events",
+                        routing_key=poison.type,
+                        body=encode_envelope(poison),
+                        message_id=poison.id,
+                        correlation_id=deal,
+                        type=poison.type,
+                    )
+                ],
+                timeout_s=5,
+            )
+            assert outcome == [PublishOutcome.ACK]
+            store = rt.store
+
+            async def poisoned() -> bool:
+                return any(
+                    r.message_id == "poison-1"
+                    for r in await store.list_dead_letters(DeadLetterFilter())
+                )
+
+            await eventually(poisoned, timeout_s=20)
+
+            # The deal's quote is approved now; another deal runs alongside.
+            quote = crm.create_quote(opportunity)
+            crm.add_quote_line(
+                quote,
+                product_code="SAAS-ANL",
+                quantity=Decimal(10),
+                list_price=Decimal("30.00"),
+                net_price=Decimal("28.00"),
+            )
+            crm.approve_quote(quote)
+            plan = Plan()
+            await drive_deals(
+                boxes, 2, random.Random(9), plan, rt.http_url, faults=False
+            )
+
+            async def state(d: str) -> DealState | None:
+                record = await store.load_saga("deal", d)
+                return (
+                    None
+                    if record is None
+                    else msgspec.json.decode(record.state, type=DealState)
+                )
+
+            async def others_done_and_ours_held() -> bool:
+                others = [await state(d) for d in plan.opportunities]
+                held = await store.list_dead_letters(
+                    DeadLetterFilter(status="held", correlation_id=deal)
+                )
+                return bool(held) and all(
+                    s is not None and s.stage == "completed" for s in others
+                )
+
+            await eventually(others_done_and_ours_held, timeout_s=60)
+            ours = await state(deal)
+            assert ours is None or ours.order is None  # nothing applied past it
+
+            await store.purge_dead_letters(
+                DeadLetterFilter(correlation_id=deal, reason="schema_invalid"),
+                dry_run=False,
+            )
+
+            async def ours_completed() -> bool:
+                s = await state(deal)
+                return s is not None and s.stage == "completed"
+
+            await eventually(ours_completed, timeout_s=60)
             daemon.request_shutdown("test finished")
