@@ -471,7 +471,7 @@ class DealWorkflow:
         s.exceptions = (*s.exceptions, kind)
         s.violations = (*s.violations, *violations)
         s.stage = "exception"
-        s.stages.setdefault("exception", at)
+        _reached(s, "exception", at)
         emits.append(
             Emit(
                 event=BusinessException(
@@ -534,8 +534,13 @@ def _entry(kind: str, canonical_id: str, system: str, native_id: str) -> XrefEnt
 
 
 def _reached(s: DealState, stage: str, at: datetime) -> None:
-    """Record when *stage* was first reached; move the stage forward."""
-    s.stages.setdefault(stage, at)
+    """Record when *stage* was first reached; move the stage forward.
+
+    Facts carry their systems' clocks (an IDoc's time has whole seconds), so
+    a stage is never dated before one reached earlier: stage times only grow.
+    """
+    if stage not in s.stages:
+        s.stages[stage] = max(at, *s.stages.values()) if s.stages else at
     if (
         stage in _ORDERED_STAGES
         and s.stage != "exception"
