@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Mapping, Sequence
-from pathlib import Path
 from typing import Any, Literal, final
 
 import anyio
@@ -400,8 +399,3 @@ async def _resolve(po: str) -> OrderKey | None:
     except ValueError:
         return None
     return OrderKey(deal_id=deal, order_id=order_id(deal))
-
-
-def idoc_dirs(settings: LegacyErpSettings) -> tuple[Path, Path]:
-    """The outbound and inbound folders of a legacy ERP."""
-    return settings.outbound, settings.inbound
