@@ -25,11 +25,12 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Literal, final
+from typing import Annotated, Any, Literal, final
 
 import anyio
 import msgspec
 import structlog
+from msgspec import Meta
 
 from adapters.billing import (
     BillingConnector,
@@ -39,7 +40,7 @@ from adapters.billing import (
 )
 from adapters.cpq import CpqClient, CpqConnector
 from adapters.crm import CrmConnector, SalesforceClient, SalesforceSettings
-from adapters.crm.ingress import SalesforceWebhook
+from adapters.crm.ingress import SalesforceWebhook, poll_changes
 from adapters.erp_cloud import SapClient, SapConnector, SapEventWebhook, SapSettings
 from adapters.erp_cloud.mapping import MappingOptions, catalogue_entry
 from adapters.erp_legacy import LegacyErpConnector, LegacyErpSettings
@@ -56,12 +57,16 @@ from broker import (
     Runtime,
     Strategy,
     SupervisorSpec,
+    TransientError,
+    UpstreamRejected,
     UpstreamUnavailable,
 )
 from broker.config import Section, convert_table
 from broker.connector import Connector, Inbound, WebhookSource
+from broker.errors import ConcurrencyConflict
 from broker.gateway import GatewaySettings, system_actor_spec
 from broker.http import publish_inbound
+from broker.store import BatchWrite, SagaWrite
 from canonical import Envelope
 from canonical.commerce import PriceBookEntry, Product
 from canonical.hashing import content_hash
@@ -93,15 +98,36 @@ class SystemTable(Section, frozen=True):
         webhook_secrets: signing secrets of ``POST /webhooks/<name>`` (two
             during a rotation); none: the system has no webhook.
         webhook_tolerance_s: accepted age of a webhook signature.
+        change_feed: how a CRM's change events arrive: ``push`` (a signing
+            relay posts them to the webhook) or ``pull`` (the daemon follows
+            the org's change feed by replay id, as a CDC subscriber does).
+        change_feed_channel: the CDC channel followed in ``pull`` mode.
+        change_feed_wait_s: how long one poll of the feed waits for news.
+        change_feed_batch: events read per poll at most.
     """
 
     kind: Kind
     gateway: GatewaySettings = GatewaySettings()
     webhook_secrets: tuple[str, ...] = ()
     webhook_tolerance_s: float = 300.0
+    change_feed: Literal["push", "pull"] = "push"
+    change_feed_channel: str = "/data/ChangeEvents"
+    change_feed_wait_s: Annotated[float, Meta(ge=0, le=60)] = 2.0
+    change_feed_batch: Annotated[int, Meta(ge=1, le=1000)] = 500
 
 
-_OURS = frozenset({"kind", "gateway", "webhook-secrets", "webhook-tolerance-s"})
+_OURS = frozenset(
+    {
+        "kind",
+        "gateway",
+        "webhook-secrets",
+        "webhook-tolerance-s",
+        "change-feed",
+        "change-feed-channel",
+        "change-feed-wait-s",
+        "change-feed-batch",
+    }
+)
 
 
 def _split(name: str, table: Mapping[str, Any]) -> tuple[SystemTable, dict[str, Any]]:
@@ -166,6 +192,8 @@ class Systems:
     def __init__(self, rt: Runtime) -> None:
         self.rt = rt
         self.systems: list[_System] = []
+        #: The open Salesforce clients by system, for the change-feed readers.
+        self.salesforce: dict[str, SalesforceClient] = {}
         self.catalogue: Callable[[list[Product], list[PriceBookEntry]], None] | None = (
             None
         )
@@ -243,6 +271,15 @@ class Systems:
         )
         children.extend(
             ChildSpec(
+                id=f"{s.name}.changes",
+                start=functools.partial(_ChangeFeed, self, s),
+                shutdown_s=10.0,
+            )
+            for s in self.systems
+            if s.table.kind == "salesforce-crm" and s.table.change_feed == "pull"
+        )
+        children.extend(
+            ChildSpec(
                 id=f"{s.name}.inbound",
                 start=functools.partial(_IdocInbound, self.rt, s.name, s.settings),
                 shutdown_s=10.0,
@@ -276,6 +313,7 @@ class _Clients(Actor[None]):
                 case "salesforce-crm" | "salesforce-cpq":
                     client = SalesforceClient(s.settings, system=s.name)
                     self._closers.append(client.aclose)
+                    self._systems.salesforce[s.name] = client
                     cpq = CpqClient(client)
                     crm[s.name] = client
                     impl = (
@@ -349,12 +387,108 @@ class _Clients(Actor[None]):
         """Takes no messages."""
 
     async def on_stop(self, ctx: Context[None]) -> None:
+        self._systems.salesforce.clear()
         for s in self._systems.systems:
             s.connector.impl = None
         for close in reversed(self._closers):
             with anyio.CancelScope(shield=True):
                 await close()
         self._closers.clear()
+
+
+@final
+class _ChangeFeed(Actor[None]):
+    """Follows a CRM org's change feed (CDC) by replay id: the ``pull`` mode.
+
+    The replay id to resume at is kept in the store (as the state of instance
+    ``cdc:<system>:<channel>`` of the ``cursor`` kind) and moved on only after
+    the events read were confirmed by RabbitMQ; a crash in between reads them
+    again, and their ids (transaction key, sequence, record) make the repeat a
+    duplicate. A first start reads every retained event (replay id ``-2``).
+    A replay id the org no longer retains is logged and the feed resumes from
+    the newest events (``-1``); the records changed meanwhile need a re-read.
+    """
+
+    def __init__(self, systems: Systems, system: _System) -> None:
+        self._systems = systems
+        self._system = system
+        table = system.table
+        self._channel = table.change_feed_channel
+        self._key = f"cdc:{system.name}:{self._channel}"
+        self._wait_s = table.change_feed_wait_s
+        self._batch = table.change_feed_batch
+
+    async def on_start(self, ctx: Context[None]) -> None:
+        ctx.start_soon(self._follow)
+
+    async def handle(self, msg: None, ctx: Context[None]) -> None:
+        """Takes no messages."""
+
+    async def _follow(self) -> None:
+        rt = self._systems.rt
+        record = await rt.store.load_saga(CURSOR_KIND, self._key)
+        after = int(record.state) if record is not None else -2
+        version = record.version if record is not None else 0
+        backoff = 0.5
+        while True:
+            client = self._systems.salesforce.get(self._system.name)
+            try:
+                if client is None:
+                    raise UpstreamUnavailable(self._system.name, "client not open")
+                events, last = await poll_changes(
+                    client,
+                    self._channel,
+                    after,
+                    self._batch,
+                    wait_s=self._wait_s,
+                )
+                await publish_inbound(rt.transport, events, timeout_s=30.0)
+                if last != after:
+                    await rt.store.commit_batch(
+                        BatchWrite(
+                            consumer=CURSOR_KIND,
+                            workflow=CURSOR_KIND,
+                            sagas=[
+                                SagaWrite(
+                                    correlation_id=self._key,
+                                    expected_version=version,
+                                    state=str(last).encode(),
+                                )
+                            ],
+                        )
+                    )
+                    version += 1
+                    after = last
+                backoff = 0.5
+            except ConcurrencyConflict:
+                # Another daemon follows the same feed and moved the cursor.
+                record = await rt.store.load_saga(CURSOR_KIND, self._key)
+                after = int(record.state) if record is not None else -2
+                version = record.version if record is not None else 0
+            except UpstreamRejected as exc:
+                if exc.code != "INVALID_REPLAY_ID":
+                    raise
+                _log.error(
+                    "change_feed_gap",
+                    system=self._system.name,
+                    channel=self._channel,
+                    replay_id=after,
+                    hint="events were lost to retention; re-read changed records",
+                )
+                after = -1
+            except TransientError as exc:
+                _log.warning(
+                    "change_feed_unavailable",
+                    system=self._system.name,
+                    error=str(exc),
+                    retry_in_s=backoff,
+                )
+                await anyio.sleep(backoff)
+                backoff = min(backoff * 2, 30.0)
+
+
+#: The kind of durable state a change-feed cursor is stored as.
+CURSOR_KIND = "cursor"
 
 
 @final

@@ -259,3 +259,43 @@ async def test_a_poison_message_holds_its_deal_only_until_it_is_purged(
 
             await eventually(ours_completed, timeout_s=60)
             daemon.request_shutdown("test finished")
+
+
+async def test_a_crm_read_by_pull_follows_its_change_feed_by_replay_id(
+    tmp_path: Path,
+) -> None:
+    """Without a signing relay the daemon reads the CDC feed itself, durably."""
+    async with AsyncExitStack() as stack:
+        boxes = await start_sandboxes(stack, tmp_path / "systems")
+        systems = boxes.systems()
+        systems["crm"] = {**systems["crm"], "change-feed": "pull"}
+        del systems["crm"]["webhook-secrets"]
+        daemon = Daemon(_config(tmp_path, systems))
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(daemon.run)
+            with anyio.fail_after(20):
+                await daemon.started.wait()
+            rt = daemon.runtime
+            boxes.push_to(rt.http_url)
+            boxes.crm.knobs.push_url = None  # the org pushes nothing
+            plan = Plan()
+            await drive_deals(
+                boxes, 3, random.Random(4), plan, rt.http_url, faults=False
+            )
+
+            async def all_completed() -> bool:
+                for deal in plan.opportunities:
+                    record = await rt.store.load_saga("deal", deal)
+                    if record is None:
+                        return False
+                    state = msgspec.json.decode(record.state, type=DealState)
+                    if state.stage != "completed":
+                        return False
+                return True
+
+            await eventually(all_completed, timeout_s=60)
+            cursor = await rt.store.load_saga("cursor", "cdc:crm:/data/ChangeEvents")
+            assert cursor is not None
+            assert int(cursor.state) > 0
+            assert boxes.crm.counts["push_sent"] == 0
+            daemon.request_shutdown("test finished")
