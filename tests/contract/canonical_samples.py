@@ -56,7 +56,7 @@ from canonical.q2c import (
 
 AT = datetime(2026, 3, 31, 16, 45, 12, 250000, tzinfo=UTC)
 SF_OPP = "006Hn00000A1b2cIAB"
-SF_ACCT = "001Hn00000XyZ12IAB"
+SF_ACCT = "001Hn00000XyZ12IAF"
 DEAL = f"deal-{SF_OPP}"
 ORDER = f"order-{SF_OPP}"
 QUOTE = "quote-a0QHn000001AbCdMAK"

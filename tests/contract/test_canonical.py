@@ -127,7 +127,7 @@ def test_facts_name_the_instance_they_belong_to() -> None:
     assert SAMPLES["crm.opportunity.created"].correlation() == deal
     assert SAMPLES["cpq.quote.approved"].correlation() == deal
     assert SAMPLES["cpq.quote.denied"].correlation() == deal
-    assert SAMPLES["crm.account.changed"].correlation() == "acct-001Hn00000XyZ12IAB"
-    assert SAMPLES["erp.customer.synced"].correlation() == "acct-001Hn00000XyZ12IAB"
+    assert SAMPLES["crm.account.changed"].correlation() == "acct-001Hn00000XyZ12IAF"
+    assert SAMPLES["erp.customer.synced"].correlation() == "acct-001Hn00000XyZ12IAF"
     assert SAMPLES["erp.product.changed"].correlation() == "SAAS-FLEET-PRO"
     assert SAMPLES["erp.order.booked"].correlation() is None  # the command's

@@ -47,7 +47,7 @@ REF = demo_reference()
 DEAL = "deal-006Hn00000A1b2cIAB"
 NOW = datetime(2026, 11, 28, 12, 0, tzinfo=UTC)
 ACCOUNT = Account(
-    id="acct-001Hn00000XyZ12IAB", name="Nordwind", country="DE", currency="EUR"
+    id="acct-001Hn00000XyZ12IAF", name="Nordwind", country="DE", currency="EUR"
 )
 _ids = itertools.count()
 

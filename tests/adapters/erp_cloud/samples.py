@@ -21,7 +21,7 @@ ORDER_ID = "order-006Hn00000A1b2cIAB"
 CUSTOMER_REF = "Q2C-006Hn00000A1b2cIAB"
 
 ACCOUNT = Account(
-    id="acct-001Hn00000XyZ12IAB",
+    id="acct-001Hn00000XyZ12IAF",
     name="Nordwind Logistik GmbH",
     country="DE",
     currency="EUR",

@@ -269,10 +269,10 @@ def test_payment_terms_are_mapped_or_refused() -> None:
 
 def test_the_search_term_is_short_upper_case_and_case_sensitive_to_the_id() -> None:
     """≤ 20 upper-case characters; ids differing only in case get different terms."""
-    term = search_term("acct-001Hn00000XyZ12IAB")
+    term = search_term("acct-001Hn00000XyZ12IAF")
     assert len(term) == 20
     assert term == term.upper()
-    assert term == search_term("acct-001Hn00000XyZ12IAB")
+    assert term == search_term("acct-001Hn00000XyZ12IAF")
     assert term != search_term("acct-001hn00000xyz12iab")
 
 
