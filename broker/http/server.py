@@ -53,8 +53,7 @@ import math
 import re
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Any, Final, TypeVar, final
+from typing import final
 
 import anyio
 import msgspec
@@ -63,54 +62,38 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from broker.actor import Actor, Context
-from broker.codec import encode_envelope, encode_event, utcnow
 from broker.config import HttpConfig
-from broker.connector import Inbound, WebhookSource
+from broker.connector import WebhookSource
 from broker.errors import (
     ActorStopped,
-    BrokerError,
     ConfigError,
     PermanentError,
-    PublishFailed,
     SignatureInvalid,
     TransientError,
     TransportUnavailable,
 )
-from broker.letters import message_id_for
+from broker.http.api import (
+    API_PREFIX,
+    OPENAPI_PATH,
+    WEBHOOK_PATH,
+    ApiError,
+    ApiRequest,
+    ApiResponse,
+    ApiRoute,
+    ErrorBody,
+    WebhookAccepted,
+    openapi_document,
+)
+from broker.http.ingress import inbound_message
 from broker.metrics import Metrics
 from broker.store import BatchWrite, DeadLetterRecord, Store
-from broker.transport import OutgoingMessage, PublishOutcome, Transport
-from broker.transport.topology import EVENTS_EXCHANGE
-from canonical.envelope import Envelope
+from broker.transport import PublishOutcome, Transport
 
-__all__ = [
-    "API_PREFIX",
-    "OPENAPI_PATH",
-    "WEBHOOK_PATH",
-    "ApiError",
-    "ApiRequest",
-    "ApiResponse",
-    "ApiRoute",
-    "ErrorBody",
-    "HttpServer",
-    "RouteHandler",
-    "WebhookAccepted",
-    "inbound_message",
-    "openapi_document",
-    "publish_inbound",
-    "webhook_message_id",
-]
+__all__ = ["HttpServer"]
 
-API_PREFIX: Final = "/api/v1"
-WEBHOOK_PATH: Final = "/webhooks/{system}"
-OPENAPI_PATH: Final = "/openapi.json"
 
 _log = structlog.get_logger(__name__)
 _encoder = msgspec.json.Encoder(decimal_format="string")
-_T = TypeVar("_T")
-_METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE"})
-_PATH = re.compile(r"^(/[A-Za-z0-9._~-]+|/\{[A-Za-z_][A-Za-z0-9_]*\})+$")
-_PARAM = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
 #: Header names that may carry credentials: never stored with a dead letter.
 _SECRET_HEADER = re.compile(
     r"auth|signature|cookie|token|secret|api-?key|password|credential", re.I
@@ -120,295 +103,6 @@ _READY_TIMEOUT_S = 5.0
 _fields: contextvars.ContextVar[dict[str, object]] = contextvars.ContextVar(
     "q2c_http_fields"
 )
-
-
-class ErrorBody(msgspec.Struct, frozen=True, kw_only=True):
-    """The body of every error answer."""
-
-    error: str
-    detail: str
-
-
-class WebhookAccepted(msgspec.Struct, frozen=True, kw_only=True):
-    """The 202 answer to a webhook: the message ids its events were published as."""
-
-    accepted: int
-    message_ids: list[str]
-
-
-class ApiError(BrokerError):
-    """Raise from a route handler to answer with a JSON error.
-
-    Args:
-        status: the HTTP status.
-        code: the short machine-readable ``error``.
-        detail: the human-readable ``detail``; shown to the client.
-        retry_after_s: sent as ``Retry-After`` (rounded up), if given.
-    """
-
-    def __init__(
-        self, status: int, code: str, detail: str, *, retry_after_s: float | None = None
-    ) -> None:
-        super().__init__(f"{status} {code}: {detail}")
-        self.status = status
-        self.code = code
-        self.detail = detail
-        self.retry_after_s = retry_after_s
-
-
-@final
-class ApiRequest:
-    """What a process API handler gets: the request, read and framework-free.
-
-    Attributes:
-        method: ``GET``, ``POST`` ...
-        path: the full path, e.g. ``/api/v1/deals/d-1``.
-        params: the path template's variables, e.g. ``{"deal_id": "d-1"}``.
-        query: the query string's parameters.
-        headers: case-insensitive.
-        body: the raw body (at most ``max-body-bytes``).
-    """
-
-    __slots__ = ("body", "headers", "method", "params", "path", "query")
-
-    def __init__(
-        self,
-        *,
-        method: str,
-        path: str,
-        params: Mapping[str, str],
-        query: Mapping[str, str],
-        headers: Mapping[str, str],
-        body: bytes,
-    ) -> None:
-        self.method = method
-        self.path = path
-        self.params = params
-        self.query = query
-        self.headers = headers
-        self.body = body
-
-    def json(self, type_: type[_T]) -> _T:
-        """Decode the body as *type_* (a msgspec Struct, say).
-
-        Raises:
-            ApiError: 400 ``bad_request``, naming what does not match.
-        """
-        try:
-            return msgspec.json.decode(self.body, type=type_)
-        except (msgspec.ValidationError, msgspec.DecodeError) as exc:
-            raise ApiError(400, "bad_request", str(exc)) from exc
-
-
-@final
-class ApiResponse:
-    """A handler's answer when it is not a plain 200 with a JSON body.
-
-    A handler may also return any msgspec-encodable value: 200 with it as JSON.
-    """
-
-    __slots__ = ("body", "headers", "status")
-
-    def __init__(
-        self,
-        body: object = None,
-        *,
-        status: int = 200,
-        headers: Mapping[str, str] | None = None,
-    ) -> None:
-        self.body = body
-        self.status = status
-        self.headers = dict(headers or {})
-
-
-#: A process API handler: an `ApiRequest` in, an `ApiResponse` (or any
-#: msgspec-encodable value, answered 200) out. It may raise `ApiError`;
-#: a `PermanentError` answers 400, a `TransientError` or `ActorStopped` 503.
-RouteHandler = Callable[[ApiRequest], Awaitable[object]]
-
-
-@dataclass(frozen=True, kw_only=True, slots=True)
-class ApiRoute:
-    """One process API route, as registered through `Runtime.http_route`.
-
-    Attributes:
-        method: the HTTP method.
-        path: under ``/api/v1``, with ``{name}`` variables: ``/deals/{deal_id}``.
-        handler: the coroutine function that answers.
-        summary: the OpenAPI summary.
-        operation: more of the OpenAPI Operation Object (``parameters``,
-            ``responses``, ``tags``, ``operationId`` ...); it wins over what
-            is generated.
-        request_type: the JSON body's type: documented as ``requestBody``.
-        response_type: the 200 answer's type: documented under ``responses``.
-
-    Raises:
-        ValueError: an unknown method or a path that is not a template.
-    """
-
-    method: str
-    path: str
-    handler: RouteHandler
-    summary: str
-    operation: Mapping[str, Any] = field(default_factory=dict)
-    request_type: Any = None
-    response_type: Any = None
-
-    def __post_init__(self) -> None:
-        if self.method not in _METHODS:
-            raise ValueError(
-                f"HTTP method {self.method!r} is not one of {sorted(_METHODS)}"
-            )
-        if not _PATH.match(self.path) or self.path.startswith(API_PREFIX):
-            raise ValueError(
-                f"route path {self.path!r}: expected /segment/{{variable}}/... "
-                f"relative to {API_PREFIX}"
-            )
-        if self.path == OPENAPI_PATH:
-            raise ValueError(f"{API_PREFIX}{OPENAPI_PATH} is the server's own")
-
-    @property
-    def full_path(self) -> str:
-        """The path served: ``/api/v1`` + `path`."""
-        return API_PREFIX + self.path
-
-
-def webhook_message_id(source: str, vendor_id: str) -> str:
-    """The message id of a webhook event: the same vendor event, the same id."""
-    return message_id_for(f"{source}#{vendor_id}")
-
-
-def _schema_ref(
-    by_type: Mapping[Any, dict[str, Any]], type_: Any
-) -> dict[str, Any] | None:
-    return None if type_ is None else by_type[type_]
-
-
-def _json_content(schema: Mapping[str, Any]) -> dict[str, Any]:
-    return {"application/json": {"schema": dict(schema)}}
-
-
-def openapi_document(
-    routes: Sequence[ApiRoute],
-    systems: Sequence[str],
-    *,
-    title: str = "Q2C Broker",
-    version: str = "0",
-) -> dict[str, Any]:
-    """The OpenAPI 3.1 document of the process API, the webhooks and the probes.
-
-    Schemas of the routes' Struct types go to ``components/schemas`` (through
-    `msgspec.json.schema_components`) and are referenced from the operations.
-    """
-    types: list[Any] = [ErrorBody, WebhookAccepted]
-    for route in routes:
-        for t in (route.request_type, route.response_type):
-            if t is not None and t not in types:
-                types.append(t)
-    schemas, components = msgspec.json.schema_components(
-        types, ref_template="#/components/schemas/{name}"
-    )
-    by_type = dict(zip(types, schemas, strict=True))
-    error = _json_content(by_type[ErrorBody])
-    retry_after = {
-        "Retry-After": {
-            "description": "Seconds to wait before retrying",
-            "schema": {"type": "integer"},
-        }
-    }
-
-    def fails(description: str, *, retry: bool = False) -> dict[str, Any]:
-        answer: dict[str, Any] = {"description": description, "content": error}
-        if retry:
-            answer["headers"] = retry_after
-        return answer
-
-    paths: dict[str, dict[str, Any]] = {}
-    for route in routes:
-        op: dict[str, Any] = {
-            "summary": route.summary,
-            "operationId": _operation_id(route),
-        }
-        named = [
-            {"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
-            for name in _PARAM.findall(route.path)
-        ]
-        if named:
-            op["parameters"] = named
-        request = _schema_ref(by_type, route.request_type)
-        if request is not None:
-            op["requestBody"] = {"required": True, "content": _json_content(request)}
-        response = _schema_ref(by_type, route.response_type)
-        op["responses"] = {
-            "200": {"description": "OK"}
-            | ({"content": _json_content(response)} if response is not None else {}),
-            "default": fails("An error"),
-        }
-        op.update(route.operation)
-        paths.setdefault(route.full_path, {})[route.method.lower()] = op
-
-    paths[WEBHOOK_PATH] = {
-        "post": {
-            "summary": "Receive a signed event from an external system",
-            "operationId": "post_webhook",
-            "parameters": [
-                {
-                    "name": "system",
-                    "in": "path",
-                    "required": True,
-                    "schema": {"type": "string", "enum": sorted(systems)},
-                }
-            ],
-            "requestBody": {
-                "required": True,
-                "description": "The vendor's payload, signed as the vendor signs it",
-                "content": {"*/*": {"schema": {}}},
-            },
-            "responses": {
-                "202": {
-                    "description": "Every event it carried is durably queued",
-                    "content": _json_content(by_type[WebhookAccepted]),
-                },
-                "400": fails("Not a payload of this system (dead-lettered)"),
-                "401": fails("Signature missing, wrong or outside its tolerance"),
-                "404": fails("No such system"),
-                "413": fails("Body over the size limit"),
-                "429": fails("Too many webhook requests in flight", retry=True),
-                "500": fails("An event could not be routed"),
-                "503": fails("The broker refused or did not confirm", retry=True),
-            },
-        }
-    }
-    text = {"text/plain": {"schema": {"type": "string"}}}
-    paths["/healthz"] = {
-        "get": {
-            "summary": "The process answers",
-            "responses": {"200": {"description": "Alive"}},
-        }
-    }
-    paths["/readyz"] = {
-        "get": {
-            "summary": "The transport is connected and the store answers",
-            "responses": {"200": {"description": "Ready"}, "503": fails("Not ready")},
-        }
-    }
-    paths["/metrics"] = {
-        "get": {
-            "summary": "Prometheus metrics",
-            "responses": {"200": {"description": "Exposition format", "content": text}},
-        }
-    }
-    return {
-        "openapi": "3.1.0",
-        "info": {"title": title, "version": version},
-        "paths": paths,
-        "components": {"schemas": components},
-    }
-
-
-def _operation_id(route: ApiRoute) -> str:
-    words = re.sub(r"[^A-Za-z0-9]+", "_", route.path).strip("_")
-    return f"{route.method.lower()}_{words}"
 
 
 def _package_version() -> str:
@@ -450,63 +144,6 @@ def _safe_headers(headers: Mapping[str, str]) -> dict[str, str]:
         for name, value in headers.items()
         if not _SECRET_HEADER.search(name)
     }
-
-
-def _event_type(event: object) -> str:
-    tag = getattr(type(event), "__struct_config__", None)
-    if tag is None or not isinstance(tag.tag, str):
-        raise TypeError(f"{type(event).__name__} is not a tagged canonical event")
-    return tag.tag
-
-
-async def publish_inbound(
-    transport: Transport, events: Sequence[Inbound], *, timeout_s: float
-) -> None:
-    """Publish events taken from a vendor (a poller's, not a webhook's) with confirms.
-
-    The ids are the same as the webhook's would be, so an event seen both
-    ways, or read again after a crash, is one message to the inbox.
-
-    Raises:
-        PublishFailed: not every event was confirmed; nothing may be
-            acknowledged to the vendor side (the file stays, the replay id
-            stays where it was).
-    """
-    if not events:
-        return
-    messages = [inbound_message(inbound) for inbound in events]
-    outcomes = await transport.publish(messages, timeout_s=timeout_s)
-    failed = [o.name for o in outcomes if o is not PublishOutcome.ACK]
-    if failed:
-        raise PublishFailed(
-            f"{len(failed)} of {len(messages)} events not confirmed: "
-            f"{sorted(set(failed))}"
-        )
-
-
-def inbound_message(inbound: Inbound) -> OutgoingMessage:
-    """The envelope of one webhook event, ready to publish to ``q2c.events``."""
-    event_type = _event_type(inbound.event)
-    message_id = webhook_message_id(inbound.source, inbound.id)
-    envelope = Envelope(
-        id=message_id,
-        source=inbound.source,
-        type=event_type,
-        time=inbound.time or utcnow(),
-        subject=inbound.subject,
-        correlation_id=inbound.correlation_id,
-        idempotency_key=inbound.idempotency_key,
-        traceparent=inbound.traceparent,
-        data=encode_event(inbound.event),
-    )
-    return OutgoingMessage(
-        exchange=EVENTS_EXCHANGE,
-        routing_key=event_type,
-        body=encode_envelope(envelope),
-        message_id=message_id,
-        correlation_id=inbound.correlation_id,
-        type=event_type,
-    )
 
 
 @final

@@ -1,0 +1,85 @@
+"""Vendor events as canonical envelopes on ``q2c.events``. Internal to `broker.http`.
+
+Each event becomes a CloudEvents envelope published to ``q2c.events`` with
+routing key = its type; its id is `webhook_message_id` of the vendor's source
+and event id, so a resent event gets the same message id, whether it came by
+webhook or by a poller.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from broker.codec import encode_envelope, encode_event, utcnow
+from broker.connector import Inbound
+from broker.errors import (
+    PublishFailed,
+)
+from broker.letters import message_id_for
+from broker.transport import OutgoingMessage, PublishOutcome, Transport
+from broker.transport.topology import EVENTS_EXCHANGE
+from canonical.envelope import Envelope
+
+__all__ = ["inbound_message", "publish_inbound", "webhook_message_id"]
+
+
+def webhook_message_id(source: str, vendor_id: str) -> str:
+    """The message id of a webhook event: the same vendor event, the same id."""
+    return message_id_for(f"{source}#{vendor_id}")
+
+
+def _event_type(event: object) -> str:
+    tag = getattr(type(event), "__struct_config__", None)
+    if tag is None or not isinstance(tag.tag, str):
+        raise TypeError(f"{type(event).__name__} is not a tagged canonical event")
+    return tag.tag
+
+
+async def publish_inbound(
+    transport: Transport, events: Sequence[Inbound], *, timeout_s: float
+) -> None:
+    """Publish events taken from a vendor (a poller's, not a webhook's) with confirms.
+
+    The ids are the same as the webhook's would be, so an event seen both
+    ways, or read again after a crash, is one message to the inbox.
+
+    Raises:
+        PublishFailed: not every event was confirmed; nothing may be
+            acknowledged to the vendor side (the file stays, the replay id
+            stays where it was).
+    """
+    if not events:
+        return
+    messages = [inbound_message(inbound) for inbound in events]
+    outcomes = await transport.publish(messages, timeout_s=timeout_s)
+    failed = [o.name for o in outcomes if o is not PublishOutcome.ACK]
+    if failed:
+        raise PublishFailed(
+            f"{len(failed)} of {len(messages)} events not confirmed: "
+            f"{sorted(set(failed))}"
+        )
+
+
+def inbound_message(inbound: Inbound) -> OutgoingMessage:
+    """The envelope of one webhook event, ready to publish to ``q2c.events``."""
+    event_type = _event_type(inbound.event)
+    message_id = webhook_message_id(inbound.source, inbound.id)
+    envelope = Envelope(
+        id=message_id,
+        source=inbound.source,
+        type=event_type,
+        time=inbound.time or utcnow(),
+        subject=inbound.subject,
+        correlation_id=inbound.correlation_id,
+        idempotency_key=inbound.idempotency_key,
+        traceparent=inbound.traceparent,
+        data=encode_event(inbound.event),
+    )
+    return OutgoingMessage(
+        exchange=EVENTS_EXCHANGE,
+        routing_key=event_type,
+        body=encode_envelope(envelope),
+        message_id=message_id,
+        correlation_id=inbound.correlation_id,
+        type=event_type,
+    )
