@@ -311,7 +311,7 @@ def _demo_config(cfg: Config, boxes: Sandboxes) -> Config:
         ),
         http=msgspec.structs.replace(cfg.http, port=0),
         systems={**cfg.systems, **systems},
-        app={**cfg.app, "booking-sla-s": 15.0},
+        app={**cfg.app, "booking-sla-s": 10.0},
     )
 
 
@@ -595,7 +595,7 @@ async def _report(
         "duplicates suppressed": counters.get("messages_duplicate", 0),
         "crm events replayed": plan.replayed_events,
         "stripe duplicate webhooks": stripe.counts.get("webhook_duplicates_sent", 0),
-        "facts out of order, held": out_of_order,
+        "facts out of order (waited)": out_of_order,
         "cloud ERP outage": f"{plan.outage_s:.0f} s, breaker opened {breaker:g}x",
         "retries": counters.get("messages_retried", 0),
         "dead letters": counts.get("dead_letters", 0),
