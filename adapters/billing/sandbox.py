@@ -55,6 +55,7 @@ from adapters.billing.form import CONTENT_TYPE as FORM_CONTENT_TYPE
 from adapters.billing.form import FormError, decode_form, form_pairs
 from adapters.billing.params import Params, Refusal, read_int, read_str
 from adapters.billing.views import API_VERSION, EventRequest
+from adapters.serving import serve
 
 __all__ = ["Knobs", "StripeSandbox"]
 
@@ -157,12 +158,7 @@ class StripeSandbox:
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
         """Serve the app; return its base URL (``http://127.0.0.1:<port>``)."""
-        runner = web.AppRunner(self.app)
-        await runner.setup()
-        site = web.TCPSite(runner, host, port)
-        await site.start()
-        self._runner = runner
-        self.url = f"http://{host}:{runner.addresses[0][1]}"
+        self._runner, self.url = await serve(self.app, host, port)
         return self.url
 
     async def aclose(self) -> None:

@@ -66,6 +66,7 @@ from adapters.crm.feed import ChangeFeed, PushTarget
 from adapters.crm.org import Org
 from adapters.crm.schema import SPECS, OrgError
 from adapters.crm.seeding import UserActions
+from adapters.serving import serve
 
 __all__ = ["Knobs", "SalesforceSandbox", "call_options_client"]
 
@@ -231,12 +232,8 @@ class SalesforceSandbox(UserActions):
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
         """Serve on *host*:*port* (0 picks a free port); return the base URL."""
-        runner = web.AppRunner(self.app)
-        await runner.setup()
-        site = web.TCPSite(runner, host, port)
-        await site.start()
-        self._runner = runner
-        return f"http://{host}:{runner.addresses[0][1]}"
+        self._runner, url = await serve(self.app, host, port)
+        return url
 
     async def aclose(self) -> None:
         """Stop serving and the relay (events not yet pushed are dropped)."""

@@ -63,6 +63,7 @@ from adapters.erp_cloud._push import Pusher, PushSettings
 from adapters.erp_cloud._sandbox_orders import OrderBook
 from adapters.erp_cloud._sandbox_partners import PartnerBook
 from adapters.erp_cloud.views import A_CustomerSalesArea, A_Product
+from adapters.serving import serve
 
 __all__ = ["Knobs", "SapSandbox", "ROOT"]
 
@@ -199,13 +200,7 @@ class SapSandbox:
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
         """Serve on *host*:*port* (0 picks a free port); return the base URL."""
-        runner = web.AppRunner(self.app)
-        await runner.setup()
-        site = web.TCPSite(runner, host, port)
-        await site.start()
-        self._runner = runner
-        bound = runner.addresses[0]
-        self.url = f"http://{host}:{bound[1]}"
+        self._runner, self.url = await serve(self.app, host, port)
         return self.url
 
     async def aclose(self) -> None:
