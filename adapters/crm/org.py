@@ -21,7 +21,7 @@ import hashlib
 import random
 import uuid
 from collections import Counter, deque
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -131,6 +131,11 @@ class Org:
         self.on_change = on_change
         self._records: dict[str, dict[str, Fields]] = {name: {} for name in SPECS}
         self._keys: dict[tuple[str, str, str], str] = {}
+        #: (object, lookup field) → referenced id → the ids of records pointing
+        #: at it: the children of a record without a scan of all records.
+        self._refs: dict[tuple[str, str], dict[str, set[str]]] = {}
+        #: Record id → creation sequence, to answer in creation order.
+        self._order: dict[str, int] = {}
         self._seq = rng.randrange(62**5)
         self.user_id = to_id18("005" + "8c0000" + _base62(rng.randrange(62**6), 6))
         self.org_id = to_id18("00D" + "8c0000" + _base62(rng.randrange(62**6), 6))
@@ -213,7 +218,7 @@ class Org:
                     f"No such column '{name}' on entity '{spec.name}'.",
                 )
         rows: list[dict[str, Any]] = []
-        for rec in self._records[spec.name].values():
+        for rec in self._candidates(spec, query):
             if not deleted and rec.get("IsDeleted"):
                 continue
             # Derived fields are computed only for rows that need them.
@@ -326,6 +331,7 @@ class Org:
             "SystemModstamp": now,
         }
         self._records[sobject][record_id] = record
+        self._order[record_id] = self._seq
         self._index(spec, record_id, {}, record)
         payload = {
             k: v
@@ -498,6 +504,47 @@ class Org:
                 self._keys.pop((spec.name, name, before[name]), None)
             if after.get(name):
                 self._keys[(spec.name, name, after[name])] = record_id
+        if not after:
+            return  # a deleted record keeps its lookups: queryAll still finds it
+        for name in spec.references:
+            old, new = before.get(name), after.get(name)
+            if old == new:
+                continue
+            index = self._refs.setdefault((spec.name, name), {})
+            if isinstance(old, str) and is_id(old):
+                index.get(to_id18(old), set()).discard(record_id)
+            if isinstance(new, str) and is_id(new):
+                index.setdefault(to_id18(new), set()).add(record_id)
+
+    def _children(
+        self, sobject: str, field: str, parent_ids: Sequence[Any]
+    ) -> list[str]:
+        """Ids of *sobject* records whose lookup *field* is one of *parent_ids*."""
+        index = self._refs.get((sobject, field), {})
+        found: set[str] = set()
+        for parent in parent_ids:
+            found |= index.get(to_id18(parent), set())
+        return sorted(found, key=lambda i: self._order.get(i, -1))
+
+    def _candidates(self, spec: ObjectSpec, query: soql.Query) -> list[Fields]:
+        """The records a query's filter must look at: by id or lookup when it can."""
+        records = self._records[spec.name]
+        for c in query.where:
+            if not c.values or not all(
+                isinstance(v, str) and is_id(v) for v in c.values
+            ):
+                continue
+            if c.field == "Id":
+                ids = {to_id18(v) for v in c.values if isinstance(v, str)}
+                ordered = sorted(
+                    ids & records.keys(), key=lambda i: self._order.get(i, -1)
+                )
+                return [records[i] for i in ordered]
+            if c.field in spec.references:
+                return [
+                    records[i] for i in self._children(spec.name, c.field, c.values)
+                ]
+        return list(records.values())
 
     def _after_write(self, txn: Transaction, sobject: str, record: Fields) -> None:
         # The CPQ package keeps one primary quote per opportunity and points
@@ -507,7 +554,11 @@ class Org:
         opp_id = record.get("SBQQ__Opportunity2__c")
         if not opp_id:
             return
-        for other in self._records["SBQQ__Quote__c"].values():
+        quotes = self._records["SBQQ__Quote__c"]
+        for other in [
+            quotes[i]
+            for i in self._children("SBQQ__Quote__c", "SBQQ__Opportunity2__c", [opp_id])
+        ]:
             if (
                 other["Id"] != record["Id"]
                 and other.get("SBQQ__Opportunity2__c") == opp_id
@@ -526,8 +577,13 @@ class Org:
     def _lines(self, quote_id: str) -> list[Fields]:
         lines = [
             {**line, **self._derived("SBQQ__QuoteLine__c", line)}
-            for line in self._records["SBQQ__QuoteLine__c"].values()
-            if line.get("SBQQ__Quote__c") == quote_id and not line.get("IsDeleted")
+            for line in (
+                self._records["SBQQ__QuoteLine__c"][i]
+                for i in self._children(
+                    "SBQQ__QuoteLine__c", "SBQQ__Quote__c", [quote_id]
+                )
+            )
+            if not line.get("IsDeleted")
         ]
         lines.sort(
             key=lambda x: (_dec(x.get("SBQQ__Number__c")), x["CreatedDate"], x["Id"])
