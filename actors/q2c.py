@@ -50,6 +50,7 @@ from broker.config import Section
 from broker.http import ApiError, ApiRequest
 from canonical import Money
 from canonical.commerce import Account, PriceBookEntry, Product, Quote
+from canonical.ids import subscription_id
 
 __all__ = ["AppSettings", "QuoteToCash", "ReferenceHolder", "DealView"]
 
@@ -364,7 +365,7 @@ def deal_view(s: DealState, version: int) -> DealView:
         docs.append(
             DocumentView(
                 kind="subscription",
-                id=f"sub-{s.deal_id.removeprefix('deal-')}",
+                id=subscription_id(s.deal_id),
                 amount=s.subscription_amount,
                 native_ids={"billing": s.subscription_native_id},
             )

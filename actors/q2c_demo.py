@@ -55,7 +55,7 @@ from adapters.erp_cloud.views import A_Product
 from adapters.erp_legacy.sandbox import LegacyErpSandbox
 from broker import Config, Daemon
 from canonical import Envelope
-from canonical.ids import customer_ref, deal_id
+from canonical.ids import customer_ref, deal_id, subscription_id
 from canonical.q2c import BusinessException, DealCompleted, SlaBreached
 
 __all__ = [
@@ -637,7 +637,7 @@ async def _check_xref(
     quotes = await store.xref_many("quote", [s.quote.id for s in completed if s.quote])
     subs = await store.xref_many(
         "subscription",
-        [f"sub-{s.deal_id.removeprefix('deal-')}" for s in completed],
+        [subscription_id(s.deal_id) for s in completed],
     )
     legacy_numbers = {po: number for (_, po), number in legacy.orders.items()}
     problems: list[str] = []
@@ -658,8 +658,7 @@ async def _check_xref(
         if quote is None or quote.native_id != plan.opportunities[s.deal_id]:
             problems.append(f"{s.deal_id}: xref quote {quote} is not the CPQ's")
         if s.needs_subscription:
-            sub_id = f"sub-{s.deal_id.removeprefix('deal-')}"
-            entry = subs.get(sub_id, {}).get("billing")
+            entry = subs.get(subscription_id(s.deal_id), {}).get("billing")
             held_sub = (
                 stripe.account.subscriptions.get(entry.native_id) if entry else None
             )

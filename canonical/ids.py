@@ -12,16 +12,21 @@ lookup.
 from __future__ import annotations
 
 __all__ = [
-    "account_id",
-    "opportunity_id",
-    "quote_id",
+    "ACCOUNT",
+    "OPPORTUNITY",
+    "QUOTE",
     "deal_id",
     "order_id",
+    "subscription_id",
     "customer_ref",
     "deal_of_customer_ref",
     "deal_of_opportunity",
-    "deal_of_order",
 ]
+
+#: Id prefixes of the records the CRM and CPQ master: ``<prefix><crm id>``.
+ACCOUNT = "acct-"
+OPPORTUNITY = "opp-"
+QUOTE = "quote-"
 
 _REF_PREFIX = "Q2C-"
 
@@ -33,21 +38,6 @@ def _native(prefix: str, canonical: str) -> str:
     return rest
 
 
-def account_id(crm_id: str) -> str:
-    """The canonical id of the CRM account *crm_id*."""
-    return f"acct-{crm_id}"
-
-
-def opportunity_id(crm_id: str) -> str:
-    """The canonical id of the CRM opportunity *crm_id*."""
-    return f"opp-{crm_id}"
-
-
-def quote_id(cpq_id: str) -> str:
-    """The canonical id of the CPQ quote *cpq_id*."""
-    return f"quote-{cpq_id}"
-
-
 def deal_id(crm_opportunity_id: str) -> str:
     """The deal (correlation id) started by CRM opportunity *crm_opportunity_id*."""
     return f"deal-{crm_opportunity_id}"
@@ -55,7 +45,7 @@ def deal_id(crm_opportunity_id: str) -> str:
 
 def deal_of_opportunity(opportunity: str) -> str:
     """``opp-X`` → ``deal-X``."""
-    return deal_id(_native("opp", opportunity))
+    return deal_id(_native(OPPORTUNITY[:-1], opportunity))
 
 
 def order_id(deal: str) -> str:
@@ -63,9 +53,9 @@ def order_id(deal: str) -> str:
     return f"order-{_native('deal', deal)}"
 
 
-def deal_of_order(order: str) -> str:
-    """``order-X`` → ``deal-X``."""
-    return deal_id(_native("order", order))
+def subscription_id(deal: str) -> str:
+    """``deal-X`` → ``sub-X``: the subscription of the deal's recurring lines."""
+    return f"sub-{_native('deal', deal)}"
 
 
 def customer_ref(deal: str) -> str:

@@ -62,7 +62,7 @@ from canonical.commerce import (
     Subscription,
     SubscriptionItem,
 )
-from canonical.ids import deal_of_opportunity, order_id
+from canonical.ids import deal_of_opportunity, order_id, subscription_id
 from canonical.q2c import (
     DEAL_EVENTS,
     BusinessException,
@@ -576,7 +576,7 @@ def _subscription(order: Order) -> Subscription:
         (ln.net_amount for ln in order.lines if ln.recurring), start=Decimal(0)
     )
     return Subscription(
-        id=f"sub-{order.id.removeprefix('order-')}",
+        id=subscription_id(order.deal_id),
         account=order.account,
         order_id=order.id,
         currency=order.currency,

@@ -8,10 +8,11 @@ from typing import Any, final
 from adapters.cpq import views as v
 from adapters.cpq.client import CpqClient
 from adapters.cpq.mapping import price_key, price_to_sf, product_to_sf, quote_update
-from adapters.crm.mapping import QUOTE, command_key, native_id
+from adapters.crm.mapping import command_key, native_id
 from adapters.crm.soql import select
 from broker.errors import UnknownMessageType, UpstreamRejected
 from canonical import Envelope, Event
+from canonical.ids import QUOTE
 from canonical.q2c import (
     ProductSynced,
     ProductSyncRequested,

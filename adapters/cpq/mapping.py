@@ -24,18 +24,12 @@ from collections.abc import Sequence
 from decimal import Decimal
 
 from adapters.cpq import views as v
-from adapters.crm.mapping import (
-    ACCOUNT,
-    OPPORTUNITY,
-    QUOTE,
-    canonical_id,
-    checked,
-    native_id,
-)
+from adapters.crm.mapping import canonical_id, checked, native_id
 from adapters.crm.views import as_date
 from adapters.fieldmap import FieldMapping
 from broker.errors import SchemaInvalid
 from canonical.commerce import PriceBookEntry, Product, Quote, QuoteLine, QuoteStatus
+from canonical.ids import ACCOUNT, OPPORTUNITY, QUOTE
 from canonical.q2c import QuoteUpdateRequested
 from canonical.scalars import Money
 

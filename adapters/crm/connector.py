@@ -12,7 +12,6 @@ from adapters.crm import views as v
 from adapters.crm.client import SalesforceClient
 from adapters.crm.mapping import (
     ACCOUNT_FIELDS,
-    OPPORTUNITY,
     OPPORTUNITY_FIELDS,
     account_from_sf,
     command_key,
@@ -24,6 +23,7 @@ from adapters.crm.soql import select
 from broker.errors import UnknownMessageType, UpstreamRejected
 from canonical import Envelope, Event
 from canonical.commerce import Account, Quote
+from canonical.ids import OPPORTUNITY
 from canonical.q2c import (
     AccountChanged,
     OpportunityCreated,

@@ -30,7 +30,7 @@ import msgspec
 from adapters import signing as signature
 from adapters.cpq.views import Quote, QuoteStatus
 from adapters.crm.client import SalesforceClient, SalesforceSettings
-from adapters.crm.mapping import ACCOUNT, OPPORTUNITY, QUOTE, account_from_sf
+from adapters.crm.mapping import account_from_sf
 from adapters.crm.views import (
     Account,
     ChangeEvent,
@@ -42,7 +42,7 @@ from adapters.crm.views import (
 )
 from broker.connector import Inbound
 from broker.errors import SchemaInvalid
-from canonical.ids import deal_id
+from canonical.ids import ACCOUNT, OPPORTUNITY, QUOTE, deal_id
 from canonical.q2c import AccountChanged, RecordReadRequired
 
 __all__ = ["SOURCE", "SalesforceWebhook", "inbound_from_change", "poll_changes"]

@@ -29,14 +29,12 @@ from adapters.crm import views as v
 from adapters.fieldmap import FieldMapping
 from broker.errors import SchemaInvalid
 from canonical.commerce import Account, Address, Opportunity
+from canonical.ids import ACCOUNT, OPPORTUNITY
 from canonical.q2c import OpportunityUpdateRequested
 from canonical.scalars import Money
 
 __all__ = [
     "FIELD_MAP",
-    "ACCOUNT",
-    "OPPORTUNITY",
-    "QUOTE",
     "canonical_id",
     "native_id",
     "command_key",
@@ -50,10 +48,6 @@ __all__ = [
     "OPPORTUNITY_FIELDS",
 ]
 
-#: Canonical id prefixes of the records the CRM masters (see `canonical.ids`).
-ACCOUNT = "acct-"
-OPPORTUNITY = "opp-"
-QUOTE = "quote-"
 
 #: What the connector selects of an account and of an opportunity.
 ACCOUNT_FIELDS = (

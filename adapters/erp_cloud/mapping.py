@@ -70,7 +70,7 @@ from canonical.commerce import (
     Shipment,
     ShipmentLine,
 )
-from canonical.ids import deal_of_customer_ref, order_id
+from canonical.ids import customer_ref, deal_of_customer_ref, order_id
 from canonical.q2c import InvoiceIssued, OrderBooked, OrderRejected, ShipmentDispatched
 from canonical.scalars import Money
 
@@ -320,7 +320,7 @@ def from_sales_order(sales_order: A_SalesOrder, context: OrderContext) -> Order:
 
 
 def _ref_of(context: OrderContext) -> str:
-    return "Q2C-" + context.deal_id.partition("-")[2]
+    return customer_ref(context.deal_id)
 
 
 def _line_of(item: A_SalesOrderItem) -> OrderLine:

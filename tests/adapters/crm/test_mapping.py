@@ -13,6 +13,7 @@ from adapters.crm import mapping as m
 from adapters.crm import views as v
 from adapters.fieldmap import render
 from broker.errors import SchemaInvalid
+from canonical import ids
 from canonical.commerce import Account, Opportunity
 from canonical.q2c import OpportunityUpdateRequested
 
@@ -157,12 +158,14 @@ def test_accounts_that_cannot_be_canonical_are_schema_invalid(
 
 def test_canonical_ids_embed_the_record_id() -> None:
     """acct-/opp-/quote- + 18-character id; 15 characters gain the suffix."""
-    assert m.canonical_id(m.ACCOUNT, "001Hn00000XyZ12") == "acct-001Hn00000XyZ12IAF"
-    assert m.native_id("opp-006Hn00000A1b2cIAB", m.OPPORTUNITY) == "006Hn00000A1b2cIAB"
+    assert m.canonical_id(ids.ACCOUNT, "001Hn00000XyZ12") == "acct-001Hn00000XyZ12IAF"
+    assert (
+        m.native_id("opp-006Hn00000A1b2cIAB", ids.OPPORTUNITY) == "006Hn00000A1b2cIAB"
+    )
     with pytest.raises(SchemaInvalid, match="opp-"):
-        m.native_id("deal-006Hn00000A1b2cIAB", m.OPPORTUNITY)
+        m.native_id("deal-006Hn00000A1b2cIAB", ids.OPPORTUNITY)
     with pytest.raises(SchemaInvalid):
-        m.native_id("opp-not-an-id", m.OPPORTUNITY)
+        m.native_id("opp-not-an-id", ids.OPPORTUNITY)
 
 
 def test_the_field_map_renders() -> None:
