@@ -21,8 +21,7 @@ import hashlib
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
-from types import TracebackType
-from typing import Annotated, Protocol, Self, TypeVar
+from typing import Annotated, Protocol, TypeVar
 
 import aiohttp
 import msgspec
@@ -42,6 +41,7 @@ from adapters.billing.views import (
     SearchResult,
     Subscription,
 )
+from adapters.session import SessionClient
 from broker.errors import UpstreamRejected, UpstreamUnavailable
 
 __all__ = ["StripeSettings", "StripeApi", "StripeClient", "idempotency_key"]
@@ -133,7 +133,7 @@ class StripeApi(Protocol):
         ...
 
 
-class StripeClient:
+class StripeClient(SessionClient):
     """Typed calls to Stripe's v1 API on one session.
 
     Use as ``async with StripeClient(settings) as stripe: ...`` or call
@@ -149,26 +149,9 @@ class StripeClient:
     ) -> None:
         self.settings = settings
         self.system = system
-        self._own_session = session is None
-        self._session = session if session is not None else aiohttp.ClientSession()
+        super().__init__(session)
         self._timeout = aiohttp.ClientTimeout(total=settings.timeout_s)
         self._base = settings.base_url.rstrip("/")
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
-
-    async def aclose(self) -> None:
-        """Close the session if this client opened it."""
-        if self._own_session:
-            await self._session.close()
 
     # --- customers ---------------------------------------------------------------
 

@@ -19,8 +19,7 @@ from __future__ import annotations
 import email.utils
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
-from types import TracebackType
-from typing import Annotated, Self, TypeVar, cast
+from typing import Annotated, TypeVar, cast
 from urllib.parse import quote
 
 import aiohttp
@@ -39,6 +38,7 @@ from adapters.crm.views import (
     TokenResponse,
     decode_cometd,
 )
+from adapters.session import SessionClient
 from broker.errors import UpstreamRejected, UpstreamUnavailable
 
 __all__ = [
@@ -118,7 +118,7 @@ def _retry_after(value: str | None) -> float | None:
     return max(0.0, (when - datetime.now(UTC)).total_seconds())
 
 
-class SalesforceClient:
+class SalesforceClient(SessionClient):
     """The REST API of one org, on one `aiohttp.ClientSession`.
 
     Use it as an async context manager, or call `aclose`. A session passed
@@ -139,28 +139,11 @@ class SalesforceClient:
     ) -> None:
         self.settings = settings
         self.system = system
-        self._own_session = session is None
-        self._http = session or aiohttp.ClientSession()
+        super().__init__(session)
         self._timeout = aiohttp.ClientTimeout(total=settings.timeout_s)
         self._auth: tuple[str, str] | None = None
         self._auth_lock = anyio.Lock()
         self._base = f"/services/data/v{settings.api_version}"
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
-
-    async def aclose(self) -> None:
-        """Close the HTTP session if this client opened it."""
-        if self._own_session:
-            await self._http.close()
 
     # --- records -------------------------------------------------------------
 
@@ -409,7 +392,7 @@ class SalesforceClient:
     ) -> tuple[int, Mapping[str, str], bytes]:
         what = f"{method} {url.split('?', 1)[0]}"
         try:
-            async with self._http.request(
+            async with self._session.request(
                 method,
                 url,
                 headers=headers,
