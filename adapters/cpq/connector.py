@@ -87,10 +87,7 @@ class CpqConnector:
     ) -> list[Event]:
         record_id = native_id(command.quote_id, QUOTE)
         key = command_key(envelope.idempotency_key)
-        current = await self._crm.get(
-            v.Quote, record_id, fields=("Broker_Command_Key__c",)
-        )
-        if current.Broker_Command_Key__c != key:
+        if not await self._crm.carries_key(v.Quote, record_id, key):
             await self._cpq.update_quote(record_id, quote_update(command, key=key))
         return [
             QuoteUpdated(

@@ -118,6 +118,10 @@ def _retry_after(value: str | None) -> float | None:
     return max(0.0, (when - datetime.now(UTC)).total_seconds())
 
 
+#: The field our writes stamp with the command's key.
+_STAMP = "Broker_Command_Key__c"
+
+
 class SalesforceClient(SessionClient):
     """The REST API of one org, on one `aiohttp.ClientSession`.
 
@@ -146,6 +150,19 @@ class SalesforceClient(SessionClient):
         self._base = f"/services/data/v{settings.api_version}"
 
     # --- records -------------------------------------------------------------
+
+    async def carries_key(self, view: type[SObject], record_id: str, key: str) -> bool:
+        """Whether the record already carries the command *key* (a repeat: skip it).
+
+        Our writes stamp ``Broker_Command_Key__c`` with the command's key, so a
+        redelivered command finds its own stamp and writes nothing.
+
+        Raises:
+            UpstreamRejected: ``NOT_FOUND`` and others.
+            UpstreamUnavailable: see the module docstring.
+        """
+        current = await self.get(view, record_id, fields=(_STAMP,))
+        return getattr(current, _STAMP, None) == key
 
     async def get(
         self, view: type[S], record_id: str, *, fields: Sequence[str] = ()

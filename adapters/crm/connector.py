@@ -120,10 +120,7 @@ class CrmConnector:
     ) -> list[Event]:
         record_id = native_id(command.opportunity_id, OPPORTUNITY)
         key = command_key(envelope.idempotency_key)
-        current = await self._crm.get(
-            v.Opportunity, record_id, fields=("Broker_Command_Key__c",)
-        )
-        if current.Broker_Command_Key__c != key:
+        if not await self._crm.carries_key(v.Opportunity, record_id, key):
             await self._crm.update(record_id, opportunity_update(command, key=key))
         return [
             OpportunityUpdated(
