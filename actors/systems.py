@@ -359,19 +359,7 @@ class _Clients(Actor[None]):
             ProductChanged(product=product, prices=(price,) if price else ())
             for product, price in entries
         ]
-        # The id is the content: the same catalogue read again is a duplicate.
-        events = [
-            Inbound(
-                event=change,
-                id=f"{change.product.sku}@{content_hash(change)}",
-                source=f"/erp/{system}",
-                correlation_id=change.product.sku,
-                idempotency_key=f"erp.product.changed:{change.product.sku}:"
-                f"{content_hash(change)}",
-                subject=change.product.sku,
-            )
-            for change in changes
-        ]
+        events = [_product_changed(system, change) for change in changes]
         if self._systems.catalogue is not None:
             self._systems.catalogue(
                 [product for product, _ in entries],
@@ -394,6 +382,22 @@ class _Clients(Actor[None]):
             with anyio.CancelScope(shield=True):
                 await close()
         self._closers.clear()
+
+
+def _product_changed(system: str, change: ProductChanged) -> Inbound:
+    """The ERP's catalogue entry as an event whose ids are its content.
+
+    The same catalogue read again (at the next start) is a duplicate.
+    """
+    sku, digest = change.product.sku, content_hash(change)
+    return Inbound(
+        event=change,
+        id=f"{sku}@{digest}",
+        source=f"/erp/{system}",
+        correlation_id=sku,
+        idempotency_key=f"erp.product.changed:{sku}:{digest}",
+        subject=sku,
+    )
 
 
 @final

@@ -15,13 +15,13 @@ canonical id raises `XrefConflict` and writes nothing. Moving a native id
 to another canonical id is therefore never silent; it is an operator's
 decision, not a side effect of a sync.
 
-``content_hash`` lets a system actor skip pushing an object whose mapped
-content did not change since it last wrote it (see `content_hash`).
+An entry's ``content_hash`` records what was last written to that system
+(`canonical.hashing.content_hash` of it), so a writer can tell an echo or an
+unchanged object from a change.
 """
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Sequence
 from datetime import datetime
 
@@ -29,9 +29,7 @@ import msgspec
 
 from broker.errors import PermanentError
 
-__all__ = ["XrefEntry", "XrefConflict", "content_hash", "unique_entries"]
-
-_encoder = msgspec.json.Encoder(decimal_format="string", order="deterministic")
+__all__ = ["XrefEntry", "XrefConflict", "unique_entries"]
 
 
 class XrefEntry(msgspec.Struct, frozen=True, kw_only=True):
@@ -43,7 +41,7 @@ class XrefEntry(msgspec.Struct, frozen=True, kw_only=True):
         system: the configured system name, e.g. ``erp-cloud``.
         native_id: the object's id in that system.
         content_hash: a digest of what was last written to that system
-            (`content_hash`), or empty.
+            (`canonical.hashing.content_hash`), or empty.
         updated_at: when the entry last changed; set by the store on reads.
     """
 
@@ -72,15 +70,6 @@ class XrefConflict(PermanentError):
         self.native_id = native_id
         self.bound_to = bound_to
         self.wanted = wanted
-
-
-def content_hash(value: object) -> str:
-    """A stable digest of *value* (a Struct, dict, list or scalar), in hex.
-
-    Keys are encoded in sorted order and decimals as strings, so equal
-    content always gives the same digest, whatever the order it was built in.
-    """
-    return hashlib.blake2b(_encoder.encode(value), digest_size=16).hexdigest()
 
 
 def unique_entries(entries: Sequence[XrefEntry]) -> list[XrefEntry]:
