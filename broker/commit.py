@@ -1,11 +1,15 @@
 """Group commit: one workflow's batches written together, two round trips each.
 
 Every shard of a workflow hands its decoded batch to the workflow's
-`GroupCommit`. One transaction runs at a time per workflow; the batches
-that arrive while it runs are written together by the next one. Under a
-steady trickle, four shards then cost one read and one write between them
-instead of four of each, and the fixed per-batch cost in Postgres, in the
-relay and here shrinks with it; under load, batches grow as they would have.
+`GroupCommit`. At most ``commit-writers`` transactions (two by default) run
+at a time per workflow; the batches that arrive while they run are written
+together by the next one. Under a steady trickle, four shards then cost one
+read and one write between them instead of four of each, and the fixed
+per-batch cost in Postgres, in the relay and here shrinks with it; under
+load, batches grow as they would have. A second writer keeps a batch from
+waiting for the whole write before it: transactions in flight together
+never share an instance, since an instance belongs to one shard and a shard
+has one batch in flight.
 
 One write is: read which idempotency keys are already claimed, the
 instances' states and their holds (one statement, no locks); apply the
@@ -141,7 +145,17 @@ class Item:
 class _Request:
     """One shard's batch waiting to be written. Internal."""
 
-    __slots__ = ("bad", "done", "error", "items", "outcome", "queue", "size")
+    __slots__ = (
+        "bad",
+        "done",
+        "error",
+        "items",
+        "outcome",
+        "queue",
+        "settled",
+        "size",
+        "taken",
+    )
 
     def __init__(
         self,
@@ -155,10 +169,19 @@ class _Request:
         self.size = len(items) + len(bad)
         self.outcome = Outcome()
         self.done = False
+        #: In a writer's group (written, or being written).
+        self.taken = False
+        #: Set when the writer that took it finishes, or gives it back.
+        self.settled = anyio.Event()
         self.error: BaseException | None = None
         for item in items:
             item.req = self
             item.queue = item.queue or queue
+
+    def settle(self) -> None:
+        """Wake whoever waits for this request's writer; arm a fresh event."""
+        settled, self.settled = self.settled, anyio.Event()
+        settled.set()
 
 
 class _Backlog:
@@ -263,7 +286,7 @@ class GroupCommit:
         self._decoders = Decoders(workflow.events)
         self._encoder = msgspec.json.Encoder(decimal_format="string")
         self._source = f"/q2c/{workflow.name}"
-        self._lock = anyio.Lock()
+        self._writers = anyio.Semaphore(core.commit_writers)
         # Bounded by the shards: each has at most one batch waiting here.
         self._pending: list[_Request] = []
 
@@ -286,29 +309,49 @@ class GroupCommit:
         """
         req = _Request(queue, items, bad)
         self._pending.append(req)
-        async with self._lock:
-            if not req.done:
-                group, self._pending = self._pending, []
-                try:
-                    rows = await self._write_with_retry(group)
-                except Exception as exc:
-                    # Nothing was written: every shard in the group fails with
-                    # the same cause, and their deliveries come back.
-                    for r in group:
-                        r.done, r.error = True, exc
-                    raise
-                except BaseException:
-                    # This writer was cancelled, not the others: nothing was
-                    # written, so their batches wait for the next writer.
-                    self._pending[:0] = [r for r in group if r is not req]
-                    raise
-                for r in group:
-                    r.done = True
-                    r.outcome.group = len(group)
-                req.outcome.outbox = rows
+        while not req.done:
+            if req.taken:
+                await req.settled.wait()
+                continue
+            async with self._writers:
+                if not req.taken:
+                    await self._write_group(req)
         if req.error is not None:
             raise req.error
         return req.outcome
+
+    async def _write_group(self, req: _Request) -> None:
+        """Write *req* with every batch waiting now; *req*'s shard relays the rows.
+
+        Groups in flight at once never share an instance: a shard has one
+        batch in flight at a time, and an instance belongs to one shard.
+        """
+        group, self._pending = self._pending, []
+        for r in group:
+            r.taken = True
+        try:
+            rows = await self._write_with_retry(group)
+        except Exception as exc:
+            # Nothing was written: every shard in the group fails with the
+            # same cause, and their deliveries come back.
+            for r in group:
+                r.done, r.error = True, exc
+                r.settle()
+            raise
+        except BaseException:
+            # This writer was cancelled, not the others: nothing was written,
+            # so their batches go back to wait for the next writer.
+            others = [r for r in group if r is not req]
+            self._pending[:0] = others
+            for r in others:
+                r.taken = False
+                r.settle()
+            raise
+        for r in group:
+            r.done = True
+            r.outcome.group = len(group)
+            r.settle()
+        req.outcome.outbox = rows
 
     async def _write_with_retry(self, group: list[_Request]) -> list[OutboxRow]:
         backoff = Backoff(0.05, 5.0)

@@ -114,6 +114,7 @@ class CoreConfig(Section, frozen=True):
 
     batch_max: Annotated[int, Meta(ge=1, le=10_000)] = 1000
     batch_linger_s: Annotated[float, Meta(ge=0, le=1)] = 0.005
+    commit_writers: Annotated[int, Meta(ge=1, le=64)] = 2
     max_message_bytes: PositiveInt = 1_048_576
     max_attempts: PositiveInt = 5
     commit_deadline_s: Seconds = 60.0

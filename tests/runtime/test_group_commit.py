@@ -90,11 +90,11 @@ def item(entry_id: str, account: str) -> Item:
     return Item(Delivery(tag=1, body=b"{}"), env, event)
 
 
-def group_commit(store: Any) -> GroupCommit:
+def group_commit(store: Any, *, writers: int = 1) -> GroupCommit:
     return GroupCommit(
         workflow=LedgerWorkflow(),
         store=store,
-        core=CoreConfig(),
+        core=CoreConfig(commit_writers=writers),
         retry=RetryPolicy((1.0,), max_attempts=3),
         metrics=Metrics(),
         crash=CrashHook(TestingConfig()),
@@ -127,6 +127,70 @@ async def test_batches_waiting_during_a_write_are_written_together() -> None:
     assert [outcomes[q].applied for q in ("q.0", "q.1", "q.2")] == [1, 1, 1]
     # The relay gets each write's rows once, from the shard that led it.
     assert sum(len(o.outbox) for o in outcomes.values()) == 3
+
+
+async def test_a_second_writer_does_not_wait_for_the_first() -> None:
+    """Two writers: a batch arriving during a write is written beside it, not after."""
+    store = GatedStore()
+    commit = group_commit(store, writers=2)
+    finished: list[str] = []
+
+    async def write(queue: str, entry_id: str, account: str) -> None:
+        await commit.write(queue, [item(entry_id, account)], [])
+        finished.append(queue)
+
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(write, "q.0", "e0", "a0")
+            await store.first_started.wait()
+            tg.start_soon(write, "q.1", "e1", "a1")
+            await anyio.wait_all_tasks_blocked()
+            assert finished == ["q.1"]  # the first write is still held at its gate
+            tg.start_soon(write, "q.2", "e2", "a2")
+            await anyio.wait_all_tasks_blocked()
+            assert finished == ["q.1", "q.2"]
+            store.gate.set()
+
+    assert finished == ["q.1", "q.2", "q.0"]
+    assert [sorted(k.key for k in w.keys) for w in store.commits] == [
+        ["ledger:e0"],
+        ["ledger:e1"],
+        ["ledger:e2"],
+    ]
+
+
+async def test_batches_taken_by_a_cancelled_writer_are_written_by_the_next() -> None:
+    """A cancelled writer hands the other shards' batches back; none is lost."""
+    store = GatedStore()
+    commit = group_commit(store)
+    outcomes: dict[str, Outcome] = {}
+    leader = anyio.CancelScope()
+
+    async def write(queue: str, entry_id: str) -> None:
+        outcomes[queue] = await commit.write(queue, [item(entry_id, "a")], [])
+
+    async def lead() -> None:
+        with leader:
+            await write("q.0", "e0")
+
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as tg:
+            # Started together, q.0 and q.1 meet in one write, led by q.0 and
+            # held at the gate; q.0's shard is then stopped.
+            tg.start_soon(lead)
+            tg.start_soon(write, "q.1", "e1")
+            await store.first_started.wait()
+            await anyio.wait_all_tasks_blocked()
+            assert sorted(k.key for k in store.commits[0].keys) == [
+                "ledger:e0",
+                "ledger:e1",
+            ]
+            leader.cancel()
+
+    assert leader.cancelled_caught
+    assert "q.0" not in outcomes
+    assert [sorted(k.key for k in w.keys) for w in store.commits[1:]] == [["ledger:e1"]]
+    assert outcomes["q.1"].applied == 1
 
 
 async def test_a_failed_write_fails_every_batch_in_it() -> None:
