@@ -261,6 +261,7 @@ class Daemon:
                     metrics=rt.metrics,
                     on_listening=rt.http_listening,
                     title=self.cfg.daemon.name,
+                    feed=rt.feed,
                 ),
                 # Requests in hand get publish-timeout-s to be confirmed.
                 shutdown_s=cfg.publish_timeout_s + 2,

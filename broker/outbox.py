@@ -63,6 +63,21 @@ class OutboxFeed:
         if rows:
             await self._send.send(rows)
 
+    def offer(self, rows: list[OutboxRow]) -> bool:
+        """Hand *rows* over if there is room now; False leaves them to the poller.
+
+        For writers that must not wait for the relay (an HTTP request in
+        hand): rows not taken stay leased in the outbox, and the poller
+        publishes them once the lease runs out.
+        """
+        if not rows:
+            return True
+        try:
+            self._send.send_nowait(rows)
+        except (anyio.WouldBlock, anyio.ClosedResourceError):
+            return False
+        return True
+
     def close(self) -> None:
         """Close both ends; rows left inside are leased in the outbox and recovered."""
         self._send.close()

@@ -13,14 +13,7 @@ from __future__ import annotations
 import random
 from collections.abc import Callable, Sequence
 
-from broker.errors import PermanentError
-
-__all__ = ["Backoff", "RetryPolicy", "is_permanent"]
-
-
-def is_permanent(exc: BaseException) -> bool:
-    """The disposition rule: dead-letter now, or retry later."""
-    return isinstance(exc, PermanentError)
+__all__ = ["Backoff", "RetryPolicy"]
 
 
 class RetryPolicy:

@@ -35,7 +35,8 @@ answered 202 again and the workflows' inbox drops the duplicate downstream.
 
 An unparseable payload is dead-lettered (original bytes, reason, headers
 without credentials or signatures) in queue ``/webhooks/<system>``, for an
-operator to read; replaying such a record through the outbox cannot route
+operator to read, with its copy on ``q2c.dead`` and a journal entry, like a
+delivery's dead letter; replaying such a record through the outbox cannot route
 (there is no such broker queue): fix the adapter and have the vendor resend.
 Unauthenticated traffic is never stored.
 
@@ -61,6 +62,7 @@ import structlog
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from broker import letters
 from broker.actor import Actor, Context
 from broker.config import HttpConfig
 from broker.connector import WebhookSource
@@ -86,8 +88,9 @@ from broker.http.api import (
 )
 from broker.http.ingress import inbound_message
 from broker.metrics import Metrics
-from broker.store import BatchWrite, DeadLetterRecord, Store
-from broker.transport import PublishOutcome, Transport
+from broker.outbox import OutboxFeed
+from broker.store import BatchWrite, Store
+from broker.transport import Delivery, PublishOutcome, Transport
 
 __all__ = ["HttpServer"]
 
@@ -167,6 +170,8 @@ class HttpServer(Actor[None]):
         metrics: the daemon's registry and counters.
         on_listening: called with the base URL once bound, None once closed.
         title: the OpenAPI document's title.
+        feed: the relay's hand-over, for the ``q2c.dead`` copy of a webhook's
+            dead letter (without it, the outbox poller publishes the copy).
     """
 
     def __init__(
@@ -180,8 +185,10 @@ class HttpServer(Actor[None]):
         metrics: Metrics,
         on_listening: Callable[[str | None], None] = lambda url: None,
         title: str = "Q2C Broker",
+        feed: OutboxFeed | None = None,
     ) -> None:
         self._cfg = cfg
+        self._feed = feed
         self._sources = dict(sources)
         self._routes = list(routes)
         self._store = store
@@ -435,19 +442,31 @@ class HttpServer(Actor[None]):
         self, system: str, request: web.Request, body: bytes, exc: PermanentError
     ) -> None:
         digest = hashlib.sha256(body).hexdigest()
-        record = DeadLetterRecord(
-            message_id=f"webhook:{system}:sha256:{digest}",
-            queue=f"/webhooks/{system}",
-            routing_key="",
-            reason=exc.reason,
-            detail=str(exc)[:2000],
+        # A webhook is not a delivery, but its dead letter is kept like one:
+        # the row, its copy on q2c.dead and its journal entry in one write.
+        payload = Delivery(
+            tag=0,
             body=body,
-            headers=_safe_headers(request.headers),
+            message_id=f"webhook:{system}:sha256:{digest}",
+            headers=dict(_safe_headers(request.headers)),
+        )
+        record, copy, entry = letters.dead_letter(
+            f"/webhooks/{system}",
+            payload,
+            reason=exc.reason,
+            detail=str(exc),
+            attempts=1,
+            correlation_id=None,
+            type_=None,
         )
         try:
-            await self._store.commit_batch(
+            rows = await self._store.commit_batch(
                 BatchWrite(
-                    consumer="ingress", workflow="ingress", dead_letters=[record]
+                    consumer="ingress",
+                    workflow="ingress",
+                    dead_letters=[record],
+                    outbox=[copy],
+                    journal=[entry],
                 )
             )
         except TransientError as err:
@@ -459,6 +478,8 @@ class HttpServer(Actor[None]):
                 "the payload is invalid but could not be recorded; retry later",
                 retry_after_s=self._cfg.retry_after_s,
             ) from err
+        if self._feed is not None:
+            self._feed.offer(rows)
         _log.warning(
             "webhook_dead_lettered",
             system=system,

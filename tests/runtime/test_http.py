@@ -298,6 +298,7 @@ async def serving(**env: str) -> AsyncIterator[Served]:
                     transport=transport,
                     metrics=rt.metrics,
                     on_listening=rt.http_listening,
+                    feed=rt.feed,
                 ),
             )
         ],
@@ -458,6 +459,13 @@ async def test_an_unparseable_payload_is_400_and_dead_lettered_with_its_bytes() 
         assert "x-signature" not in names
         assert s.depth() == 0
         assert s.counted("schema_invalid") == 1
+        # Its copy for q2c.dead was written with it and handed to the relay.
+        (copy,) = s.rt.feed.receive.receive_nowait()
+        assert (copy.exchange, copy.message_id) == ("q2c.dead", row.message_id)
+        assert copy.body == body
+        assert copy.headers is not None
+        assert copy.headers["x-q2c-reason"] == "schema_invalid"
+        assert "authorization" not in {name.lower() for name in copy.headers}
 
 
 async def test_an_invalid_payload_that_cannot_be_recorded_is_503(

@@ -2,21 +2,13 @@ from __future__ import annotations
 
 import pytest
 
-from broker.errors import RetryLater, UndecodableMessage
-from broker.retry import Backoff, RetryPolicy, is_permanent
+from broker.retry import Backoff, RetryPolicy
 
 
 def test_tiers_grow_then_attempts_run_out() -> None:
     """Attempt n goes to tier n (capped at the last); after max_attempts, none."""
     policy = RetryPolicy((5.0, 60.0), max_attempts=4)
     assert [policy.tier_for(n) for n in (1, 2, 3, 4)] == [5.0, 60.0, 60.0, None]
-
-
-def test_disposition_follows_the_error_tree() -> None:
-    """Permanent errors dead-letter; transient ones and bugs are retried."""
-    assert is_permanent(UndecodableMessage("x"))
-    assert not is_permanent(RetryLater("later"))
-    assert not is_permanent(ValueError("bug"))
 
 
 def test_backoff_is_exponential_capped_and_jittered() -> None:
