@@ -9,7 +9,12 @@ runs them in one worker-thread call, inside ``BEGIN IMMEDIATE`` ... ``COMMIT``:
 It behaves like the PostgreSQL store (the contract suite runs against both)
 except for what one writer makes moot: no partitions (retention deletes in
 chunks), no ``SKIP LOCKED``, no lock ordering. Times are seconds since the
-epoch from an injectable clock, so tests can move time. The SQL texts live in
+epoch from an injectable clock, so tests can move time.
+
+`SqliteStore` is the async surface; the blocking work lives beside it: the
+connection and its failures in `broker.store.sqlite_connection`, the batch
+write in `broker.store.sqlite_batch`, replay, purge and hold sweeps in
+`broker.store.sqlite_deadletter`, and the SQL texts in
 `broker.store.sqlite_sql`.
 """
 
@@ -18,47 +23,41 @@ from __future__ import annotations
 import os
 import sqlite3
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from datetime import UTC, date, datetime, timedelta
 from functools import partial
-from pathlib import Path
-from typing import Any, Final, TypeVar, final
+from typing import Final, TypeVar, final
 
 import anyio
 import anyio.to_thread
 import structlog
 
 from broker.config import SqliteConfig
-from broker.errors import ConcurrencyConflict, StoreUnavailable
 from broker.store import (
     BatchRead,
     BatchWrite,
     DeadLetterFilter,
-    DeadLetterRecord,
     DeadLetterRow,
-    HoldWrite,
     InboxKey,
     JournalRow,
-    OutboxRecord,
     OutboxRow,
     SagaRecord,
-    XrefConflict,
     XrefEntry,
 )
+from broker.store import sqlite_deadletter as deadletter
 from broker.store import sqlite_sql as sql
 from broker.store.migrate import apply_sqlite, load_migrations
 from broker.store.rows import (
     dead_letter_row,
-    decode_headers,
     encode_json,
     journal_row,
     normalized,
     outbox_row,
     saga_record,
-    written_outbox,
     xref_entry,
 )
+from broker.store.sqlite_batch import put_xref, write_batch
+from broker.store.sqlite_connection import connect, in_transaction, sqlite_errors
 from broker.xref import unique_entries
 
 __all__ = ["SqliteStore", "sqlite_errors", "PRUNE_CHUNK"]
@@ -67,339 +66,8 @@ _log = structlog.get_logger(__name__)
 
 _T = TypeVar("_T")
 
-#: Primary result codes that mean "try again later": busy, locked, I/O, full.
-_RETRYABLE_CODES: Final = frozenset(
-    {
-        sqlite3.SQLITE_BUSY,
-        sqlite3.SQLITE_LOCKED,
-        sqlite3.SQLITE_IOERR,
-        sqlite3.SQLITE_FULL,
-        sqlite3.SQLITE_CANTOPEN,
-        sqlite3.SQLITE_PROTOCOL,
-    }
-)
-
 #: Rows deleted per transaction when pruning.
 PRUNE_CHUNK: Final = 5000
-
-
-@contextmanager
-def sqlite_errors() -> Iterator[None]:
-    """Re-raise "busy", "locked" and I/O failures as `StoreUnavailable`, chained.
-
-    Other sqlite3 errors (no such table, constraint failures) are bugs and
-    pass through unchanged.
-    """
-    try:
-        yield
-    except sqlite3.OperationalError as exc:
-        code = getattr(exc, "sqlite_errorcode", None)
-        if code is not None and code & 0xFF in _RETRYABLE_CODES:
-            raise StoreUnavailable(f"sqlite unavailable: {exc}") from exc
-        raise
-    except OSError as exc:
-        raise StoreUnavailable(f"sqlite unavailable: {exc}") from exc
-
-
-def _utc(ts: float) -> datetime:
-    return datetime.fromtimestamp(ts, UTC)
-
-
-def _dl_params(flt: DeadLetterFilter) -> dict[str, Any]:
-    return {
-        "n_ids": len(flt.ids),
-        "ids": encode_json(flt.ids),
-        "reason": flt.reason,
-        "queue": flt.queue,
-        "type": flt.type,
-        "correlation_id": flt.correlation_id,
-        "status": flt.status,
-        "limit": flt.limit,
-    }
-
-
-def _in_transaction(conn: sqlite3.Connection, fn: Callable[[], _T]) -> _T:
-    """Run *fn* inside ``BEGIN IMMEDIATE`` ... ``COMMIT`` (blocking)."""
-    conn.execute("BEGIN IMMEDIATE")
-    try:
-        result = fn()
-        conn.execute("COMMIT")
-    except BaseException:
-        if conn.in_transaction:
-            conn.execute("ROLLBACK")
-        raise
-    return result
-
-
-# --- commit_batch: blocking, inside one transaction that holds the write lock ---------
-
-
-def _commit(
-    conn: sqlite3.Connection, write: BatchWrite, *, now: float, lease_s: float
-) -> list[OutboxRow]:
-    """Apply a `normalized` *write* inside the caller's transaction (blocking).
-
-    A key already claimed, an instance at another version, a hold at
-    another blocker or a released message no longer held raises
-    `ConcurrencyConflict`; the caller rolls back, so nothing is written.
-    """
-    _claim(conn, write, now)
-    _save_sagas(conn, write, now)
-    _write_holds(conn, write.workflow, write.holds, now)
-    _release(conn, write, now)
-    conn.executemany(
-        sql.ADD_DEAD_LETTER,
-        [
-            (
-                r.message_id,
-                r.queue,
-                r.routing_key,
-                r.reason,
-                r.detail,
-                r.body,
-                encode_json(r.headers),
-                r.attempts,
-                r.correlation_id,
-                r.type,
-                now,
-                now,
-            )
-            for r in write.dead_letters
-        ],
-    )
-    _add_held(conn, write.workflow, write.held, now)
-    conn.executemany(
-        sql.ADD_JOURNAL,
-        [
-            (now, r.message_id, r.correlation_id, r.stage, r.type, r.detail)
-            for r in write.journal
-        ],
-    )
-    _put_xref(conn, write.xref, now)
-    return _add_outbox(conn, write.outbox, now, now + lease_s)
-
-
-def _write_holds(
-    conn: sqlite3.Connection, workflow: str, holds: Sequence[HoldWrite], now: float
-) -> None:
-    if not holds:
-        return
-    changed = 0
-    for h in holds:
-        if h.expected is None and h.message_id is not None:
-            cursor = conn.execute(
-                sql.CREATE_HOLD, (workflow, h.correlation_id, h.message_id, now, now)
-            )
-        elif h.expected is not None and h.message_id is not None:
-            cursor = conn.execute(
-                sql.MOVE_HOLD,
-                (h.message_id, now, workflow, h.correlation_id, h.expected),
-            )
-        elif h.expected is not None:
-            cursor = conn.execute(
-                sql.DELETE_HOLD, (workflow, h.correlation_id, h.expected)
-            )
-        else:
-            continue
-        changed += cursor.rowcount
-    if changed != len(holds):
-        raise ConcurrencyConflict(
-            f"{len(holds) - changed} of {len(holds)} {workflow} holds changed "
-            "since they were read"
-        )
-
-
-def _release(conn: sqlite3.Connection, write: BatchWrite, now: float) -> None:
-    if not write.released:
-        return
-    params = {"ids": encode_json(list(write.released)), "now": now}
-    released = conn.execute(sql.RELEASE, params).rowcount
-    if released != len(write.released):
-        raise ConcurrencyConflict(
-            f"{len(write.released) - released} of {len(write.released)} held "
-            f"messages of {write.workflow} were released concurrently"
-        )
-
-
-def _add_held(
-    conn: sqlite3.Connection,
-    workflow: str,
-    held: Sequence[DeadLetterRecord],
-    now: float,
-) -> None:
-    if not held:
-        return
-    row = conn.execute(sql.HELD_SEQ).fetchone()
-    first = (row[0] if row else 0) + 1
-    conn.executemany(
-        sql.ADD_HELD,
-        [
-            (
-                r.message_id,
-                r.queue,
-                r.routing_key,
-                r.detail,
-                r.body,
-                encode_json(r.headers),
-                r.attempts,
-                r.correlation_id,
-                r.type,
-                workflow,
-                first + n,
-                now,
-                now,
-            )
-            for n, r in enumerate(held)
-        ],
-    )
-
-
-def _put_xref(
-    conn: sqlite3.Connection, entries: Sequence[XrefEntry], now: float
-) -> None:
-    """Upsert *entries* (unique per key) after checking no native id changes hands."""
-    for e in entries:
-        bound = conn.execute(sql.XREF_BOUND, (e.kind, e.system, e.native_id)).fetchone()
-        if bound is not None and bound[0] != e.canonical_id:
-            raise XrefConflict(
-                kind=e.kind,
-                system=e.system,
-                native_id=e.native_id,
-                bound_to=bound[0],
-                wanted=e.canonical_id,
-            )
-    conn.executemany(
-        sql.XREF_PUT,
-        [
-            (e.kind, e.canonical_id, e.system, e.native_id, e.content_hash, now)
-            for e in entries
-        ],
-    )
-
-
-def _promote(conn: sqlite3.Connection, workflow: str, cid: str, now: float) -> None:
-    """Hand one instance's hold to its first held message, or clear it (blocking)."""
-    first = conn.execute(sql.FIRST_HELD, (workflow, cid)).fetchone()
-    if first is None:
-        conn.execute(sql.CLEAR_HOLD, (workflow, cid))
-        return
-    row_id, message_id, queue, body, headers, correlation_id, type_ = first
-    conn.execute(sql.MARK_RELEASED, (now, row_id))
-    conn.execute(sql.PUT_HOLD, (workflow, cid, message_id, now, now))
-    conn.execute(
-        sql.ADD_OUTBOX,
-        (
-            message_id,
-            "",
-            queue,
-            body,
-            correlation_id,
-            type_,
-            encode_json({**decode_headers(headers), "x-q2c-released": 1}),
-            now,
-            0,
-            now,
-            None,
-        ),
-    )
-
-
-def _sweep(conn: sqlite3.Connection, limit: int, now: float) -> int:
-    stuck = conn.execute(sql.PURGED_BLOCKERS, (limit,)).fetchall()
-    stuck += conn.execute(sql.ORPHANED_HELD, (limit,)).fetchall()
-    for workflow, cid in stuck:
-        _promote(conn, workflow, cid, now)
-    return len(stuck)
-
-
-def _claim(conn: sqlite3.Connection, write: BatchWrite, now: float) -> None:
-    if not write.keys:
-        return
-    keys = [(k.key, k.day.isoformat(), k.message_id) for k in write.keys]
-    params = {"consumer": write.consumer, "keys": encode_json(keys), "now": now}
-    claimed = conn.execute(sql.CLAIM, params).rowcount
-    if claimed != len(keys):
-        raise ConcurrencyConflict(
-            f"{len(keys) - claimed} of {len(keys)} idempotency keys of "
-            f"{write.consumer} were claimed concurrently"
-        )
-
-
-def _save_sagas(conn: sqlite3.Connection, write: BatchWrite, now: float) -> None:
-    if not write.sagas:
-        return
-    workflow = write.workflow
-    ids = encode_json([w.correlation_id for w in write.sagas])
-    # This transaction holds the write lock: versions read here cannot change
-    # before the writes below.
-    current = {
-        r[0]: r[1]
-        for r in conn.execute(sql.LOAD_SAGAS, {"workflow": workflow, "ids": ids})
-    }
-    conflicts = sorted(
-        w.correlation_id
-        for w in write.sagas
-        if current.get(w.correlation_id, 0) != w.expected_version
-    )
-    if conflicts:
-        raise ConcurrencyConflict(
-            f"{len(conflicts)} of {len(write.sagas)} {workflow} instances changed "
-            f"since they were read, e.g. {conflicts[:5]}"
-        )
-    conn.executemany(
-        sql.CREATE_SAGA,
-        [
-            (workflow, w.correlation_id, w.state, now)
-            for w in write.sagas
-            if w.expected_version == 0
-        ],
-    )
-    conn.executemany(
-        sql.UPDATE_SAGA,
-        [
-            (w.state, now, workflow, w.correlation_id)
-            for w in write.sagas
-            if w.expected_version != 0
-        ],
-    )
-
-
-def _add_outbox(
-    conn: sqlite3.Connection,
-    records: Sequence[OutboxRecord],
-    now: float,
-    lease_until: float,
-) -> list[OutboxRow]:
-    if not records:
-        return []
-    # AUTOINCREMENT under the write lock: the new ids are seq+1 ... seq+n.
-    before = conn.execute(sql.OUTBOX_SEQ).fetchone()
-    first = (before[0] if before else 0) + 1
-    conn.executemany(
-        sql.ADD_OUTBOX,
-        [
-            (
-                r.message_id,
-                r.exchange,
-                r.routing_key,
-                r.body,
-                r.correlation_id,
-                r.type,
-                encode_json(r.headers),
-                now,
-                *(
-                    (0, now + r.delay_s, None)
-                    if r.delay_s > 0
-                    else (1, now, lease_until)
-                ),
-            )
-            for r in records
-        ],
-    )
-    after = conn.execute(sql.OUTBOX_SEQ).fetchone()
-    if after is None or after[0] != first + len(records) - 1:
-        raise RuntimeError("outbox ids were not allocated consecutively")
-    return written_outbox(range(first, first + len(records)), records)
 
 
 @final
@@ -452,7 +120,7 @@ class SqliteStore:
         """
         path = cfg.path if isinstance(cfg, SqliteConfig) else os.fspath(cfg)
         with sqlite_errors():
-            conn = await anyio.to_thread.run_sync(_connect, path, busy_timeout_s)
+            conn = await anyio.to_thread.run_sync(connect, path, busy_timeout_s)
         store = cls(conn, path=path, lease_s=lease_s, clock=clock)
         try:
             if migrate:
@@ -475,7 +143,7 @@ class SqliteStore:
 
     async def _transaction(self, fn: Callable[[sqlite3.Connection], _T]) -> _T:
         """Run *fn* in a transaction of its own."""
-        return await self._locked(lambda conn: _in_transaction(conn, partial(fn, conn)))
+        return await self._locked(lambda conn: in_transaction(conn, partial(fn, conn)))
 
     async def migrate(self) -> list[str]:
         """Apply pending migrations; return the names applied."""
@@ -517,7 +185,10 @@ class SqliteStore:
             ValueError: one instance appears twice in ``write.sagas``.
         """
         commit = partial(
-            _commit, write=normalized(write), now=self._clock(), lease_s=self._lease_s
+            write_batch,
+            write=normalized(write),
+            now=self._clock(),
+            lease_s=self._lease_s,
         )
         return await self._transaction(commit)
 
@@ -538,7 +209,7 @@ class SqliteStore:
     async def sweep_holds(self, *, limit: int = 1000) -> int:
         """Hand on holds whose blocker was purged, and held messages without a hold."""
         now = self._clock()
-        moved = await self._transaction(lambda conn: _sweep(conn, limit, now))
+        moved = await self._transaction(lambda conn: deadletter.sweep(conn, limit, now))
         if moved:
             _log.warning("holds_swept", instances=moved)
         return moved
@@ -572,7 +243,7 @@ class SqliteStore:
 
     async def list_dead_letters(self, flt: DeadLetterFilter) -> list[DeadLetterRow]:
         """Dead letters matching *flt*, newest first."""
-        params = _dl_params(flt)
+        params = deadletter.filter_params(flt)
         rows = await self._locked(
             lambda conn: conn.execute(sql.LIST_DEAD_LETTERS, params).fetchall()
         )
@@ -585,47 +256,14 @@ class SqliteStore:
 
         Same rules as `PostgresStore.replay_dead_letters`.
         """
-        params = {**_dl_params(flt), "max_replays": max_replays}
-        now = self._clock()
-
-        def run(conn: sqlite3.Connection) -> list[int]:
-            ids = [r[0] for r in conn.execute(sql.REPLAYABLE, params)]
-            if dry_run or not ids:
-                return ids
-            replayed = conn.execute(sql.REPLAY, {"ids": encode_json(ids)}).fetchall()
-            conn.executemany(
-                sql.ADD_OUTBOX,
-                [
-                    (
-                        message_id,
-                        "",
-                        queue,
-                        body,
-                        correlation_id,
-                        type_,
-                        encode_json(
-                            {**decode_headers(headers), "x-q2c-replay": replays}
-                        ),
-                        now,
-                        0,
-                        now,
-                        None,
-                    )
-                    for (
-                        _,
-                        message_id,
-                        queue,
-                        body,
-                        headers,
-                        replays,
-                        correlation_id,
-                        type_,
-                    ) in sorted(replayed)
-                ],
-            )
-            return ids
-
-        ids = await self._transaction(run)
+        replay = partial(
+            deadletter.replay,
+            flt=flt,
+            max_replays=max_replays,
+            now=self._clock(),
+            dry_run=dry_run,
+        )
+        ids = await self._transaction(replay)
         if ids and not dry_run:
             _log.info("dead_letters_replayed", count=len(ids))
         return ids
@@ -637,19 +275,8 @@ class SqliteStore:
 
         Holds whose blocker is purged are handed on in the same transaction.
         """
-        params = _dl_params(flt)
-        now = self._clock()
-
-        def run(conn: sqlite3.Connection) -> list[int]:
-            ids = [r[0] for r in conn.execute(sql.PURGEABLE, params)]
-            if ids and not dry_run:
-                purged = conn.execute(sql.PURGE, {"ids": encode_json(ids)}).fetchall()
-                blockers = {"ids": encode_json([r[0] for r in purged])}
-                for workflow, cid in conn.execute(sql.HOLDS_OF, blockers).fetchall():
-                    _promote(conn, workflow, cid, now)
-            return ids
-
-        ids = await self._transaction(run)
+        purge = partial(deadletter.purge, flt=flt, now=self._clock(), dry_run=dry_run)
+        ids = await self._transaction(purge)
         if ids and not dry_run:
             _log.info("dead_letters_purged", count=len(ids))
         return ids
@@ -663,7 +290,7 @@ class SqliteStore:
         unique = unique_entries(entries)
         if unique:
             now = self._clock()
-            await self._transaction(lambda conn: _put_xref(conn, unique, now))
+            await self._transaction(lambda conn: put_xref(conn, unique, now))
 
     async def xref_get(self, kind: str, canonical_id: str) -> dict[str, XrefEntry]:
         """System → entry, for every system that knows this canonical object."""
@@ -783,28 +410,9 @@ class SqliteStore:
             await self._locked(lambda conn: conn.close())
 
 
+def _utc(ts: float) -> datetime:
+    return datetime.fromtimestamp(ts, UTC)
+
+
 def _midnight(day: date) -> float:
     return datetime(day.year, day.month, day.day, tzinfo=UTC).timestamp()
-
-
-def _connect(path: str, busy_timeout_s: float) -> sqlite3.Connection:
-    """Open and tune the connection (blocking: runs on a worker thread)."""
-    on_disk = path != ":memory:" and not path.startswith("file:")
-    if on_disk:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-    conn = sqlite3.connect(
-        path,
-        timeout=busy_timeout_s,
-        isolation_level=None,  # we issue BEGIN/COMMIT ourselves
-        check_same_thread=False,  # worker threads take turns, under the store's lock
-        uri=path.startswith("file:"),
-    )
-    try:
-        if on_disk:
-            conn.execute("PRAGMA journal_mode = WAL")
-        conn.execute("PRAGMA synchronous = NORMAL")
-        conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_s * 1000)}")
-    except BaseException:
-        conn.close()
-        raise
-    return conn
