@@ -1,50 +1,45 @@
-"""The system actor's run: intake, calls, commits and the breaker's sessions.
+"""The system actor's run: intake, calls and the breaker's sessions.
 
 `broker.gateway` holds what outlives an incarnation (settings, token bucket,
 breaker, counters: `SystemGateway`) and explains the whole; this module is
-the actor a `SystemGateway` starts, one incarnation at a time. Internal.
+the actor a `SystemGateway` starts, one incarnation at a time. What it is
+finished with goes to its `SystemCommit` (`broker.system_commit`), which
+writes the outcomes and acknowledges the deliveries. Internal.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any, Literal, TypeVar, final
+from typing import TYPE_CHECKING, Any, final
 
 import anyio
-import structlog
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from broker import letters
 from broker.actor import Actor, Context
 from broker.codec import (
     Decoders,
     decode_envelope,
-    utcnow,
 )
 from broker.errors import (
-    ConcurrencyConflict,
     PermanentError,
     TransientError,
     TransportUnavailable,
     UpstreamRejected,
     UpstreamUnavailable,
 )
-from broker.letters import ATTEMPT_HEADER
 from broker.limits import BreakerState
-from broker.retry import Backoff
-from broker.store import (
-    BatchWrite,
-    DeadLetterRecord,
-    InboxKey,
-    JournalRecord,
-    OutboxRecord,
-    OutboxRow,
+from broker.store import OutboxRecord
+from broker.system_commit import (
+    Done,
+    Kind,
+    SystemCommit,
+    attempt_of,
+    follow_ups,
+    inbox_key,
 )
 from broker.transport import Delivery, Subscription
-from broker.transport.topology import EVENTS_EXCHANGE
-from canonical.base import Event
 from canonical.envelope import Envelope
 
 if TYPE_CHECKING:
@@ -55,12 +50,6 @@ __all__ = ["SystemActor"]
 #: Calls still running when a stop begins get this share of the shutdown
 #: grace; the rest is for committing and acknowledging what finished.
 _CALL_SHARE_OF_GRACE = 0.8
-
-T = TypeVar("T")
-_log = structlog.get_logger(__name__)
-
-
-Kind = Literal["ok", "failed", "bad", "duplicate"]
 
 
 @final
@@ -76,52 +65,11 @@ class _Command:
         self.envelope = envelope
         self.command = command
         self.received = received
-        self.attempt = _attempt(delivery)
+        self.attempt = attempt_of(delivery)
 
-
-@final
-class _Done:
-    """A delivery the actor is finished with, on its way into a commit. Internal."""
-
-    __slots__ = (
-        "attempt",
-        "call_ms",
-        "delivery",
-        "envelope",
-        "error",
-        "kind",
-        "outcome",
-        "reason",
-        "received",
-        "results",
-    )
-
-    def __init__(
-        self,
-        kind: Kind,
-        delivery: Delivery,
-        envelope: Envelope | None,
-        received: float,
-        *,
-        error: Exception | None = None,
-        results: Sequence[OutboxRecord] = (),
-        call_ms: float | None = None,
-    ) -> None:
-        self.kind = kind
-        self.delivery = delivery
-        self.envelope = envelope
-        self.received = received
-        self.error = error
-        self.results = results
-        self.call_ms = call_ms
-        self.attempt = _attempt(delivery)
-        #: Decided when the commit is built: completed, duplicate, ...
-        self.outcome = ""
-        self.reason = ""
-
-    @classmethod
-    def of(cls, kind: Kind, c: _Command, **kw: Any) -> _Done:
-        return cls(kind, c.delivery, c.envelope, c.received, **kw)
+    def done(self, kind: Kind, **kw: Any) -> Done:
+        """This command, finished as *kind*, on its way into a commit."""
+        return Done(kind, self.delivery, self.envelope, self.received, **kw)
 
 
 @final
@@ -153,20 +101,15 @@ class SystemActor(Actor[None]):
         rt = gateway.rt
         self._gw = gateway
         self._rt = rt
-        self._store = rt.store
         self._transport = rt.transport
         self._core = rt.cfg.core
-        self._tiers = tuple(rt.cfg.topology.retry_tiers_s)
         self._shutdown_s = rt.cfg.daemon.shutdown_s
         self._decoders = Decoders(gateway.connector.commands)
-        self._consumer = gateway.id
         self._source = f"/q2c/sys/{gateway.system}"
         self._token_lock = anyio.Lock()  # one token waiter sleeps at a time, FIFO
-        # Keys called or being called and not yet committed; and, for each
-        # read of the inbox in progress, the keys committed meanwhile (which
-        # the read may have missed). Both are bounded by prefetch.
+        # Keys called or being called and not yet committed; bounded by prefetch.
         self._in_flight_keys: set[str] = set()
-        self._readers: list[set[str]] = []
+        self._commits = SystemCommit(gateway, self._in_flight_keys)
         self._waits: set[anyio.CancelScope] = set()  # interrupted by a session end
         self._calls: set[anyio.CancelScope] = set()  # cut short at the stop deadline
         self._session: _Session | None = None
@@ -281,10 +224,10 @@ class SystemActor(Actor[None]):
         size = 1 if half_open else self._gw.settings.prefetch
         workers = min(self._gw.settings.concurrency, size)
         work_send, work_recv = anyio.create_memory_object_stream[_Command](size)
-        done_send, done_recv = anyio.create_memory_object_stream[_Done](size)
+        done_send, done_recv = anyio.create_memory_object_stream[Done](size)
         try:
             async with anyio.create_task_group() as tg:
-                tg.start_soon(self._commit_loop, s, done_recv, ctx)
+                tg.start_soon(self._commits.run, sub, done_recv, ctx)
                 for _ in range(workers):
                     tg.start_soon(
                         self._worker, s, work_recv.clone(), done_send.clone(), ctx
@@ -316,7 +259,7 @@ class SystemActor(Actor[None]):
         self,
         s: _Session,
         work: MemoryObjectSendStream[_Command],
-        done: MemoryObjectSendStream[_Done],
+        done: MemoryObjectSendStream[Done],
         ctx: Context[None],
     ) -> None:
         size = 1 if s.half_open else self._gw.settings.prefetch
@@ -339,7 +282,7 @@ class SystemActor(Actor[None]):
         s: _Session,
         deliveries: list[Delivery],
         work: MemoryObjectSendStream[_Command],
-        done: MemoryObjectSendStream[_Done],
+        done: MemoryObjectSendStream[Done],
     ) -> None:
         gw = self._gw
         gw.held += len(deliveries)
@@ -359,36 +302,22 @@ class SystemActor(Actor[None]):
                 )
                 command = self._decoders.decode_data(envelope)
             except PermanentError as exc:
-                await done.send(_Done("bad", d, None, received, error=exc))
+                await done.send(Done("bad", d, None, received, error=exc))
                 continue
             commands.append(_Command(d, envelope, command, received))
         if not commands:
             return
-        claimed = await self._claimed([_inbox_key(c.envelope) for c in commands])
+        claimed = await self._commits.claimed([inbox_key(c.envelope) for c in commands])
         for c in commands:
             key = c.envelope.idempotency_key
             if key in claimed or key in self._in_flight_keys:
-                await done.send(_Done.of("duplicate", c))
+                await done.send(c.done("duplicate"))
             elif s.ending is not None or s.probe_sent:
                 self._give_back(c)
             else:
                 self._in_flight_keys.add(key)
                 s.probe_sent = s.half_open
                 await work.send(c)
-
-    async def _claimed(self, keys: list[InboxKey]) -> frozenset[str]:
-        """Which of *keys* are claimed, including any claimed while we looked."""
-        meanwhile: set[str] = set()
-        self._readers.append(meanwhile)
-        try:
-            read = await self._with_store_retry(
-                lambda: self._store.prepare_batch(
-                    self._consumer, keys, self._consumer, ()
-                )
-            )
-            return read.claimed | meanwhile
-        finally:
-            self._readers.remove(meanwhile)
 
     def _give_back(self, c: _Command) -> None:
         """Leave *c* unacknowledged: it returns to the queue when the session closes."""
@@ -402,7 +331,7 @@ class SystemActor(Actor[None]):
         self,
         s: _Session,
         work: MemoryObjectReceiveStream[_Command],
-        done: MemoryObjectSendStream[_Done],
+        done: MemoryObjectSendStream[Done],
         ctx: Context[None],
     ) -> None:
         async with work, done:
@@ -424,7 +353,7 @@ class SystemActor(Actor[None]):
             while (delay := self._gw.bucket.try_take()) > 0:
                 await self._gw.sleep(delay)
 
-    async def _call(self, s: _Session, c: _Command, ctx: Context[None]) -> _Done | None:
+    async def _call(self, s: _Session, c: _Command, ctx: Context[None]) -> Done | None:
         """Call the system for *c*; None if a stop cut the call short."""
         gw = self._gw
         timeout_s = gw.settings.call_timeout_s
@@ -437,7 +366,9 @@ class SystemActor(Actor[None]):
             try:
                 with anyio.fail_after(timeout_s):
                     events = await gw.connector.handle(c.command, c.envelope)
-                results = self._results(c.envelope, events)
+                results = follow_ups(
+                    c.envelope, events, system=gw.system, source=self._source
+                )
                 outcome = "ok"
             except TimeoutError as exc:
                 outcome = "timeout"
@@ -471,8 +402,8 @@ class SystemActor(Actor[None]):
         self._breaker_saw(s, outcome, ctx)
         call_ms = (time.perf_counter() - started) * 1000
         if error is not None:
-            return _Done.of("failed", c, error=error, call_ms=call_ms)
-        return _Done.of("ok", c, results=results, call_ms=call_ms)
+            return c.done("failed", error=error, call_ms=call_ms)
+        return c.done("ok", results=results, call_ms=call_ms)
 
     def _breaker_saw(self, s: _Session, outcome: str, ctx: Context[None]) -> None:
         gw = self._gw
@@ -497,268 +428,3 @@ class SystemActor(Actor[None]):
             # The command was refused before it reached the system: the probe
             # told nothing, so the next command is the probe.
             s.probe_sent = False
-
-    def _results(self, env: Envelope, events: Sequence[Any]) -> list[OutboxRecord]:
-        """Outbox rows for the events a call returned, with ids derived from the key."""
-        now = utcnow()
-        records: list[OutboxRecord] = []
-        for n, event in enumerate(events):
-            tag = _tag_of(event, self._gw.system)
-            key = f"{env.idempotency_key}/{tag}/{n}"
-            # A fact may belong to another instance than its cause (a quote
-            # read back for a change event belongs to its opportunity's deal).
-            own = event.correlation() if isinstance(event, Event) else None
-            records.append(
-                letters.follow_up(
-                    env,
-                    event,
-                    tag=tag,
-                    key=key,
-                    source=self._source,
-                    now=now,
-                    exchange=EVENTS_EXCHANGE,
-                    routing_key=tag,
-                    correlation_id=own or env.correlation_id,
-                    subject=env.subject,
-                )
-            )
-        return records
-
-    # -- commits ----------------------------------------------------------------
-
-    async def _commit_loop(
-        self, s: _Session, done: MemoryObjectReceiveStream[_Done], ctx: Context[None]
-    ) -> None:
-        linger_s = self._gw.settings.batch_linger_s
-        limit = self._gw.settings.prefetch
-        async with done:
-            async for first in done:
-                group = [first]
-                while len(group) < limit:
-                    try:
-                        group.append(done.receive_nowait())
-                    except (anyio.WouldBlock, anyio.EndOfStream):
-                        break
-                if linger_s and self._gw.in_flight:
-                    # Calls still running may finish within the linger: their
-                    # outcomes then share this commit instead of paying for one.
-                    with anyio.move_on_after(linger_s):
-                        while self._gw.in_flight and len(group) < limit:
-                            try:
-                                group.append(await done.receive())
-                            except anyio.EndOfStream:
-                                break
-                await self._commit(s, group, ctx)
-
-    async def _commit(
-        self, s: _Session, group: list[_Done], ctx: Context[None]
-    ) -> None:
-        started = time.perf_counter()
-        rows, write = await self._write(group)
-        self._rt.crash.passed("after_commit_before_ack", len(group))
-        for meanwhile in self._readers:
-            meanwhile.update(k.key for k in write.keys)
-        await self._rt.feed.put(rows)
-        for d in group:
-            s.sub.ack(d.delivery.tag)
-        committed = time.perf_counter()
-        gw = self._gw
-        gw.held -= len(group)
-        for d in group:
-            if d.envelope is not None and d.kind != "duplicate":
-                self._in_flight_keys.discard(d.envelope.idempotency_key)
-        self._count(group)
-        for d in group:
-            env = d.envelope
-            log = ctx.log.warning if d.outcome == "dead_lettered" else ctx.log.info
-            log(
-                "command_handled",
-                system=gw.system,
-                type=env.type if env is not None else d.delivery.type,
-                message_id=env.id if env is not None else d.delivery.message_id,
-                correlation_id=(
-                    env.correlation_id if env is not None else d.delivery.correlation_id
-                ),
-                outcome=d.outcome,
-                reason=d.reason or None,
-                attempt=d.attempt,
-                duration_ms=round((committed - d.received) * 1000, 2),
-                call_ms=round(d.call_ms, 2) if d.call_ms is not None else None,
-                commit_ms=round((committed - started) * 1000, 2),
-            )
-
-    async def _write(self, group: list[_Done]) -> tuple[list[OutboxRow], BatchWrite]:
-        """Commit *group* in one write; retry conflicts and outages to the deadline."""
-        backoff = Backoff(0.05, 5.0)
-        deadline = time.monotonic() + self._core.commit_deadline_s
-        claimed: frozenset[str] = frozenset()
-        while True:
-            write = self._decide(group, claimed)
-            try:
-                self._rt.crash.passed("mid_txn", len(group))
-                return await self._store.commit_batch(write), write
-            except TransientError as exc:
-                # Nothing was written. A conflict means another consumer claimed
-                # one of these keys since we looked: its commit counts, and ours
-                # for that command becomes a duplicate (the system saw one
-                # effect: the same idempotency key reached it twice).
-                if time.monotonic() > deadline:
-                    raise
-                if isinstance(exc, ConcurrencyConflict):
-                    claimed |= await self._claimed(list(write.keys))
-                delay = backoff.next_delay()
-                self._rt.metrics.commit_retries.inc()
-                self._log_store_retry("commit", exc, delay)
-                await anyio.sleep(delay)
-
-    def _decide(self, group: list[_Done], claimed: frozenset[str]) -> BatchWrite:
-        """Decide each outcome and build the one write that records them all."""
-        queue = self._gw.queue
-        keys: list[InboxKey] = []
-        outbox: list[OutboxRecord] = []
-        dead: list[DeadLetterRecord] = []
-        journal: list[JournalRecord] = []
-
-        def dead_letter(d: _Done, reason: str, detail: str) -> None:
-            d.outcome, d.reason = "dead_lettered", reason
-            env = d.envelope
-            record, copy, entry = letters.dead_letter(
-                queue,
-                d.delivery,
-                reason=reason,
-                detail=detail,
-                attempts=d.attempt,
-                # From the envelope when the body could be read, so the
-                # deal's trace shows them.
-                correlation_id=env.correlation_id if env else d.delivery.correlation_id,
-                type_=env.type if env else d.delivery.type,
-            )
-            dead.append(record)
-            outbox.append(copy)
-            journal.append(entry)
-
-        for d in group:
-            env = d.envelope
-            if env is None or d.kind == "bad":
-                bad = d.error
-                reason = bad.reason if isinstance(bad, PermanentError) else "malformed"
-                dead_letter(d, reason, str(bad))
-            elif d.kind == "duplicate" or (
-                d.kind == "ok" and env.idempotency_key in claimed
-            ):
-                d.outcome, d.reason = "duplicate", ""
-                journal.append(letters.journal(env, "duplicate"))
-            elif d.kind == "ok":
-                d.outcome, d.reason = "completed", ""
-                keys.append(_inbox_key(env))
-                outbox.extend(d.results)
-                types = ", ".join(r.routing_key for r in d.results)
-                journal.append(
-                    letters.journal(
-                        env, "completed", f"{len(d.results)} results: {types}"
-                    )
-                )
-            elif isinstance(d.error, PermanentError):
-                dead_letter(d, d.error.reason, str(d.error))
-            else:
-                error = f"{type(d.error).__name__}: {d.error}"
-                retry_after = getattr(d.error, "retry_after_s", None)
-                tier = self._tier(d.attempt, retry_after)
-                if tier is None:
-                    dead_letter(d, "attempts_exhausted", error)
-                    continue
-                d.outcome, d.reason = "retry_scheduled", f"{tier:g}s"
-                outbox.append(
-                    letters.retry(
-                        queue,
-                        d.delivery,
-                        message_id=env.id,
-                        attempt=d.attempt,
-                        tier=tier,
-                        error=error,
-                    )
-                )
-                journal.append(
-                    letters.journal(
-                        env,
-                        "retry_scheduled",
-                        f"attempt {d.attempt} failed, retry in {tier:g}s: "
-                        f"{error[:200]}",
-                    )
-                )
-        return BatchWrite(
-            consumer=self._consumer,
-            workflow=self._consumer,
-            keys=keys,
-            outbox=outbox,
-            dead_letters=dead,
-            journal=journal,
-        )
-
-    def _tier(self, attempt: int, retry_after_s: float | None) -> float | None:
-        """The retry tier after failed *attempt*, at least *retry_after_s* long."""
-        tier = self._rt.retry.tier_for(attempt)
-        if tier is None or retry_after_s is None or tier >= retry_after_s:
-            return tier
-        longer = [t for t in self._tiers if t >= retry_after_s]
-        return min(longer) if longer else max(self._tiers)
-
-    def _count(self, group: list[_Done]) -> None:
-        gw = self._gw
-        m = self._rt.metrics
-        outcomes: dict[str, int] = {}
-        for d in group:
-            outcomes[d.outcome] = outcomes.get(d.outcome, 0) + 1
-            if d.outcome == "dead_lettered":
-                m.dead_lettered.labels(d.reason).inc()
-        for outcome, n in outcomes.items():
-            gw.count_commands(outcome, n)
-        if n_dup := outcomes.get("duplicate"):
-            m.duplicates.labels(self._consumer).inc(n_dup)
-        if n_retry := outcomes.get("retry_scheduled"):
-            m.retried.labels(self._consumer).inc(n_retry)
-
-    async def _with_store_retry(self, op: Callable[[], Awaitable[T]]) -> T:
-        """Run a read, backing off while the store is unavailable (to the deadline)."""
-        backoff = Backoff(0.05, 5.0)
-        deadline = time.monotonic() + self._core.commit_deadline_s
-        while True:
-            try:
-                return await op()
-            except TransientError as exc:
-                if time.monotonic() > deadline:
-                    raise
-                delay = backoff.next_delay()
-                self._log_store_retry("read", exc, delay)
-                await anyio.sleep(delay)
-
-    def _log_store_retry(self, what: str, exc: Exception, delay: float) -> None:
-        _log.warning(
-            "gateway_store_retried",
-            system=self._gw.system,
-            operation=what,
-            error=f"{type(exc).__name__}: {exc}",
-            retry_in_s=round(delay, 3),
-        )
-
-
-def _attempt(delivery: Delivery) -> int:
-    headers = delivery.headers
-    raw = headers.get(ATTEMPT_HEADER, 1) if headers else 1
-    return raw if isinstance(raw, int) and not isinstance(raw, bool) and raw > 0 else 1
-
-
-def _tag_of(event: Any, system: str) -> str:
-    config = getattr(type(event), "__struct_config__", None)
-    tag = getattr(config, "tag", None)
-    if not isinstance(tag, str):
-        raise TypeError(
-            f"the {system} connector returned a {type(event).__name__}, "
-            "not a tagged canonical event"
-        )
-    return tag
-
-
-def _inbox_key(env: Envelope) -> InboxKey:
-    """A command's inbox key: its idempotency key on its fact's own day."""
-    return InboxKey(key=env.idempotency_key, day=env.time.date(), message_id=env.id)
