@@ -6,10 +6,19 @@ import os
 from collections.abc import Iterator
 
 import pytest
+from hypothesis import HealthCheck, settings
 
 from tests import services
 
 IN_CI = bool(os.environ.get("CI"))
+
+# Properties are checked, not timed: on a shared two-core machine a draw can
+# stall for a second while the services catch up, which says nothing about
+# the code. Speed is measured by the benchmarks in bench/.
+settings.register_profile(
+    "q2c", suppress_health_check=[HealthCheck.too_slow], deadline=None
+)
+settings.load_profile("q2c")
 
 
 @pytest.fixture(scope="session")
