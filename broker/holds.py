@@ -201,16 +201,7 @@ class Applier:
     ) -> None:
         """Apply one held message read back from the store, after its blocker."""
         row = entry.row
-        req.outcome.released += 1
-        p.journal.append(
-            JournalRecord(
-                message_id=row.message_id,
-                correlation_id=cid,
-                stage="released",
-                type=row.type,
-                detail=f"after {blocker}",
-            )
-        )
+        _count_release(p, req, row, cid, f"after {blocker}")
         item = entry.item
         if item is None:
             assert entry.error is not None
@@ -251,6 +242,13 @@ def _promote(p: Pass, cid: str, row: DeadLetterRow, req: ShardBatch) -> None:
             headers={**letters.plain_headers(row.headers), RELEASED_HEADER: 1},
         )
     )
+    _count_release(p, req, row, cid, "sent back to its queue: it holds the rest now")
+
+
+def _count_release(
+    p: Pass, req: ShardBatch, row: DeadLetterRow, cid: str, detail: str
+) -> None:
+    """Count *row* as released in *req*'s outcome, with its journal entry."""
     req.outcome.released += 1
     p.journal.append(
         JournalRecord(
@@ -258,7 +256,7 @@ def _promote(p: Pass, cid: str, row: DeadLetterRow, req: ShardBatch) -> None:
             correlation_id=cid,
             stage="released",
             type=row.type,
-            detail="sent back to its queue: it holds the rest now",
+            detail=detail,
         )
     )
 
