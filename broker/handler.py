@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, final
 import msgspec
 
 from broker.control.protocol import dead_letter_view
-from broker.store import DeadLetterFilter
+from broker.store import DeadLetterFilter, HoldRefused
 
 if TYPE_CHECKING:
     from broker.app import Daemon
@@ -78,6 +78,35 @@ class DaemonControl:
     async def dlq_purge(self, flt: DeadLetterFilter, *, dry_run: bool) -> list[int]:
         """Drop matching dead letters' bodies and mark them purged."""
         return await self._d.runtime.store.purge_dead_letters(flt, dry_run=dry_run)
+
+    async def hold_list(
+        self, workflow: str | None, *, limit: int
+    ) -> list[dict[str, Any]]:
+        """Held workflow instances with their blockers, longest held first."""
+        rows = await self._d.runtime.store.list_holds(workflow, limit=limit)
+        return [msgspec.to_builtins(r) for r in rows]
+
+    async def hold_release(self, workflow: str, correlation_id: str) -> dict[str, Any]:
+        """Hand one instance's hold on, as purging its blocker would.
+
+        ``blocker`` in the answer is the held message sent back to its queue,
+        which holds the rest now; null when nothing was held.
+
+        Raises:
+            KeyError: the instance is not held.
+            HoldRefused: its blocker is a parked dead letter.
+        """
+        try:
+            blocker = await self._d.runtime.store.release_hold(workflow, correlation_id)
+        except HoldRefused as exc:
+            if exc.reason == "not_held":
+                raise KeyError(str(exc)) from exc
+            raise
+        return {
+            "workflow": workflow,
+            "correlation_id": correlation_id,
+            "blocker": blocker,
+        }
 
     async def drain(self) -> dict[str, Any]:
         """Stop intake, finish in-flight work, exit 0 (as SIGTERM does)."""

@@ -28,6 +28,8 @@ from broker.control.protocol import (
     DlqReplayRequest,
     DlqShowRequest,
     DrainRequest,
+    HoldListRequest,
+    HoldReleaseRequest,
     Request,
     RestartRequest,
     StatusRequest,
@@ -135,6 +137,32 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
             "--all", action="store_true", help="allow acting without ids or a filter"
         )
 
+    hold = commands.add_parser("hold", help="held workflow instances: list, release")
+    hold_actions = hold.add_subparsers(dest="action", metavar="ACTION", required=True)
+    held = hold_actions.add_parser(
+        "list", help="held instances, their blockers and what waits, oldest first"
+    )
+    held.add_argument("--workflow", metavar="W", help="only this workflow's holds")
+    held.add_argument("--limit", metavar="N", type=_positive(int), default=1000)
+    release = hold_actions.add_parser(
+        "release",
+        help="send an instance's first held message back to its queue as its "
+        "new blocker (for a blocker that is lost, e.g. from a purged retry queue)",
+        description="Hand an instance's hold on, as purging its blocker would. "
+        "Refused when its blocker is a parked dead letter: replay or purge that "
+        "(brokerctl dlq) instead. If the lost blocker turns up after all, it counts "
+        "as a later message of its instance.",
+    )
+    release.add_argument("workflow", metavar="WORKFLOW")
+    release.add_argument("correlation_id", metavar="CORRELATION_ID")
+    for sub in (held, release):
+        sub.add_argument(
+            "--json",
+            action="store_true",
+            default=argparse.SUPPRESS,
+            help="print raw JSON results",
+        )
+
     commands.add_parser("drain", help="stop intake and let mailboxes empty")
     commands.add_parser("restart", help="restart an actor or subtree").add_argument(
         "actor_id", metavar="ACTOR_ID"
@@ -178,6 +206,12 @@ def _request(
             return TraceRequest(correlation_id=args.correlation_id)
         case "dlq" if args.action == "show":
             return DlqShowRequest(id=args.id)
+        case "hold" if args.action == "list":
+            return HoldListRequest(workflow=args.workflow, limit=args.limit)
+        case "hold":
+            return HoldReleaseRequest(
+                workflow=args.workflow, correlation_id=args.correlation_id
+            )
     selection: dict[str, Any] = {name: getattr(args, name) for name in _FILTERS}
     selection["status"] = None if args.status == "any" else args.status
     selection["limit"] = args.limit
@@ -222,6 +256,10 @@ def render(req: Request, result: Any) -> str:
             return _ids("replay", "replayed", result, dry_run=dry_run)
         case DlqPurgeRequest(dry_run=dry_run) if isinstance(result, list):
             return _ids("purge", "purged", result, dry_run=dry_run)
+        case HoldListRequest(limit=limit) if isinstance(result, list):
+            return _holds(result, limit)
+        case HoldReleaseRequest() if isinstance(result, dict):
+            return _released(result)
         case _:
             return "\n".join(_block(result, 0))
 
@@ -283,6 +321,43 @@ def _letters(letters: list[Any], limit: int) -> str:
     tail = f", {held} held" if held else ""
     return (
         f"{table}\n{len(rows)} dead letter{'s' if len(rows) != 1 else ''}{tail}{more}"
+    )
+
+
+def _holds(holds: list[Any], limit: int) -> str:
+    """The table of held instances; a blocker that is no dead letter is retrying."""
+    shown = [h for h in holds if isinstance(h, dict)]
+    if not shown:
+        return "no instances are held"
+    rows = [
+        [
+            _cell(h.get("workflow")),
+            _cell(h.get("correlation_id")),
+            _cell(h.get("blocker")),
+            _cell(h.get("blocker_status") or "retrying"),
+            _cell(h.get("held")),
+            _when(h.get("since")),
+        ]
+        for h in shown
+    ]
+    headers = ["WORKFLOW", "CORRELATION ID", "BLOCKER", "BLOCKER STATUS", "HELD"]
+    table = _table([*headers, "SINCE"], rows)
+    waiting = sum(h["held"] for h in shown if isinstance(h.get("held"), int))
+    more = " (limit reached: raise --limit to see more)" if len(rows) >= limit else ""
+    return (
+        f"{table}\n{len(rows)} held instance{'s' if len(rows) != 1 else ''}, "
+        f"{waiting} message{'s' if waiting != 1 else ''} waiting{more}"
+    )
+
+
+def _released(result: dict[str, Any]) -> str:
+    instance = f"{_cell(result.get('workflow'))} {_cell(result.get('correlation_id'))}"
+    blocker = result.get("blocker")
+    if blocker is None:
+        return f"released the hold of {instance}: nothing was held, it is free"
+    return (
+        f"released the hold of {instance}: {_cell(blocker)} was sent back to its "
+        "queue and holds the rest now"
     )
 
 

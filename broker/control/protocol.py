@@ -34,6 +34,8 @@ __all__ = [
     "DlqShowRequest",
     "DlqReplayRequest",
     "DlqPurgeRequest",
+    "HoldListRequest",
+    "HoldReleaseRequest",
     "DrainRequest",
     "RestartRequest",
     "TraceRequest",
@@ -176,6 +178,30 @@ class DlqPurgeRequest(_Selection, frozen=True, tag="dlq_purge"):
             raise ValueError(_UNFILTERED.format(verb="purge"))
 
 
+class HoldListRequest(_Command, frozen=True, tag="hold_list"):
+    """List held workflow instances (of one ``workflow``, or all), longest held first.
+
+    Each with its blocker, how many messages wait behind it, and the
+    blocker's dead-letter status (null when it waits in a retry tier).
+    """
+
+    workflow: Text | None = None
+    limit: Annotated[int, Meta(ge=1, le=10_000)] = 1000
+
+
+class HoldReleaseRequest(_Command, frozen=True, tag="hold_release"):
+    """Hand one instance's hold on, as purging its blocker would.
+
+    For a blocker that will not come back (its copy in a retry tier was
+    lost): the first held message becomes the blocker and goes back to its
+    queue. Refused when the instance is not held, or when its blocker is a
+    parked dead letter (replay or purge that instead).
+    """
+
+    workflow: Text
+    correlation_id: Text
+
+
 class DrainRequest(_Command, frozen=True, tag="drain"):
     """Stop intake and let mailboxes empty (the first half of a shutdown)."""
 
@@ -199,6 +225,8 @@ Request = (
     | DlqShowRequest
     | DlqReplayRequest
     | DlqPurgeRequest
+    | HoldListRequest
+    | HoldReleaseRequest
     | DrainRequest
     | RestartRequest
     | TraceRequest

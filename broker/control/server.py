@@ -7,7 +7,8 @@ Hardening follows RELIABILITY.md §6.3:
 - the parent directory is created with mode 0700 when missing, and the
   socket is bound under umask 0177 and then chmod-ed 0600;
 - on start, an existing path is replaced only if it is a socket and
-  nothing answers on it; a live one means another daemon owns it;
+  nothing answers on it; a live one means another daemon owns it (these
+  two in `broker.control.socket_file`);
 - each connection's SO_PEERCRED uid is checked *before* anything is read;
 - a line longer than ``max_request_bytes`` is refused and the connection
   closed; every request has a deadline, idle connections are dropped, and
@@ -18,10 +19,8 @@ Hardening follows RELIABILITY.md §6.3:
 
 from __future__ import annotations
 
-import contextlib
 import os
 import socket
-import stat
 import struct
 import time
 from collections.abc import Iterable
@@ -34,6 +33,7 @@ from anyio.abc import SocketAttribute
 from anyio.streams.buffered import BufferedByteReceiveStream
 
 from broker.config import ControlConfig
+from broker.control import socket_file
 from broker.control.protocol import (
     ActorsRequest,
     DlqListRequest,
@@ -41,6 +41,8 @@ from broker.control.protocol import (
     DlqReplayRequest,
     DlqShowRequest,
     DrainRequest,
+    HoldListRequest,
+    HoldReleaseRequest,
     Reply,
     Request,
     RequestRefused,
@@ -51,7 +53,7 @@ from broker.control.protocol import (
     decode_request,
     encode_reply,
 )
-from broker.errors import BrokerError, ControlError
+from broker.errors import BrokerError
 from broker.store import DeadLetterFilter
 
 __all__ = ["ControlHandler", "ControlServer"]
@@ -59,7 +61,6 @@ __all__ = ["ControlHandler", "ControlServer"]
 log = structlog.get_logger(__name__)
 
 _PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
-_PROBE_TIMEOUT_S = 1.0
 
 
 class ControlHandler(Protocol):
@@ -96,6 +97,18 @@ class ControlHandler(Protocol):
 
     async def dlq_purge(self, flt: DeadLetterFilter, /, *, dry_run: bool) -> list[int]:
         """Purge matching dead letters; return the ids (to be) purged."""
+        ...
+
+    async def hold_list(
+        self, workflow: str | None, /, *, limit: int
+    ) -> list[dict[str, Any]]:
+        """Held workflow instances, longest held first (`broker.store.HoldRow`)."""
+        ...
+
+    async def hold_release(
+        self, workflow: str, correlation_id: str, /
+    ) -> dict[str, Any]:
+        """Hand one instance's hold on; report its new blocker (null: it is free)."""
         ...
 
     async def drain(self) -> dict[str, Any]:
@@ -163,13 +176,13 @@ class ControlServer:
                 socket, or binding failed.
         """
         sock, identity = await anyio.to_thread.run_sync(
-            _bind, self._path, self._max_connections
+            socket_file.bind, self._path, self._max_connections
         )
         try:
             listener = await anyio.abc.SocketListener.from_socket(sock)
         except BaseException:
             sock.close()
-            await _remove_shielded(self._path, identity)
+            await socket_file.remove_shielded(self._path, identity)
             raise
         try:
             async with listener, anyio.create_task_group() as tg:
@@ -179,7 +192,7 @@ class ControlServer:
                     stream = await listener.accept()
                     tg.start_soon(self._connection, stream)
         finally:
-            await _remove_shielded(self._path, identity)
+            await socket_file.remove_shielded(self._path, identity)
 
     async def _connection(self, stream: anyio.abc.SocketStream) -> None:
         async with stream:
@@ -308,6 +321,10 @@ class ControlServer:
                 )
             case DlqPurgeRequest(dry_run=dry_run):
                 return await handler.dlq_purge(req.to_filter(), dry_run=dry_run)
+            case HoldListRequest(workflow=workflow, limit=limit):
+                return await handler.hold_list(workflow, limit=limit)
+            case HoldReleaseRequest(workflow=workflow, correlation_id=correlation_id):
+                return await handler.hold_release(workflow, correlation_id)
             case DrainRequest():
                 return await handler.drain()
             case RestartRequest(actor_id=actor_id):
@@ -369,87 +386,3 @@ def _log_command(
         outcome=outcome,
         duration_ms=round(elapsed_s * 1000, 3),
     )
-
-
-# -- socket file handling (blocking; run in a worker thread) -------------------
-
-
-def _bind(path: str, backlog: int) -> tuple[socket.socket, tuple[int, int]]:
-    """Create the directory, clear a stale socket, bind 0600 and listen.
-
-    Returns the listening socket and the file's (st_dev, st_ino), so that
-    only this socket file is removed on exit.
-    """
-    parent = os.path.dirname(os.path.abspath(path))
-    try:
-        if not os.path.isdir(parent):
-            os.makedirs(parent, mode=0o700, exist_ok=True)
-        _clear_stale(path)
-    except OSError as exc:
-        raise ControlError(f"cannot prepare control socket {path}: {exc}") from exc
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        # The umask is process-wide, but this window is one syscall long and
-        # a file created under it can only come out tighter, not looser.
-        previous = os.umask(0o177)
-        try:
-            sock.bind(path)
-        finally:
-            os.umask(previous)
-        os.chmod(path, 0o600)
-        sock.listen(backlog)
-        sock.setblocking(False)
-        info = os.stat(path)
-    except OSError as exc:
-        sock.close()
-        raise ControlError(f"cannot listen on {path}: {exc}") from exc
-    except BaseException:
-        sock.close()
-        raise
-    return sock, (info.st_dev, info.st_ino)
-
-
-def _clear_stale(path: str) -> None:
-    """Remove *path* if it is a socket nobody answers on; refuse anything else.
-
-    Raises:
-        ControlError: the path is not a socket, or a daemon answers on it.
-    """
-    try:
-        info = os.lstat(path)
-    except FileNotFoundError:
-        return
-    if not stat.S_ISSOCK(info.st_mode):
-        raise ControlError(f"{path} exists and is not a socket; refusing to replace it")
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    probe.settimeout(_PROBE_TIMEOUT_S)
-    try:
-        probe.connect(path)
-    except ConnectionRefusedError:
-        pass  # stale: left behind by a daemon that died
-    except FileNotFoundError:
-        return
-    except TimeoutError as exc:  # a full backlog: alive, just busy
-        raise ControlError(f"another daemon is listening on {path}") from exc
-    else:
-        raise ControlError(f"another daemon is listening on {path}")
-    finally:
-        probe.close()
-    log.warning("control_stale_socket_removed", path=path)
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(path)
-
-
-def _remove(path: str, identity: tuple[int, int]) -> None:
-    try:
-        info = os.lstat(path)
-    except FileNotFoundError:
-        return
-    if (info.st_dev, info.st_ino) == identity:
-        os.unlink(path)
-        log.info("control_socket_removed", path=path)
-
-
-async def _remove_shielded(path: str, identity: tuple[int, int]) -> None:
-    with anyio.CancelScope(shield=True):
-        await anyio.to_thread.run_sync(_remove, path, identity)

@@ -39,6 +39,8 @@ __all__ = [
     "DeadLetterRecord",
     "DeadLetterRow",
     "DeadLetterFilter",
+    "HoldRow",
+    "HoldRefused",
     "JournalRecord",
     "JournalRow",
     "BatchRead",
@@ -159,6 +161,33 @@ class DeadLetterRow(msgspec.Struct, frozen=True, kw_only=True):
     last_seen: datetime
     #: The workflow whose instance a held message waits in (else None).
     workflow: str | None = None
+
+
+class HoldRow(msgspec.Struct, frozen=True, kw_only=True):
+    """A held workflow instance: the message it waits on, and how much waits.
+
+    ``blocker_status`` is the blocker's dead-letter status, or None when the
+    blocker is not a dead letter (it waits in a retry tier).
+    """
+
+    workflow: str
+    correlation_id: str
+    blocker: str
+    since: datetime
+    updated_at: datetime
+    #: How many messages are held behind the blocker.
+    held: int
+    blocker_status: DeadLetterStatus | None = None
+
+
+class HoldRefused(ValueError):
+    """`Store.release_hold` refused: ``reason`` ``not_held`` or ``blocker_parked``."""
+
+    def __init__(
+        self, message: str, *, reason: Literal["not_held", "blocker_parked"]
+    ) -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 class DeadLetterFilter(msgspec.Struct, frozen=True, kw_only=True):
@@ -308,6 +337,26 @@ class Store(Protocol):
         A hold whose blocker was purged, and held messages whose instance
         has no hold (a race between two writers), are handed on: the first
         held message becomes the blocker and is sent back to its queue.
+        """
+        ...
+
+    async def list_holds(
+        self, workflow: str | None = None, *, limit: int = 1000
+    ) -> list[HoldRow]:
+        """Held instances (of *workflow*, or of every workflow), longest held first."""
+        ...
+
+    async def release_hold(self, workflow: str, correlation_id: str) -> str | None:
+        """Hand an instance's hold on as a purge of its blocker would.
+
+        For a blocker that is lost (say its copy in a retry tier): the first
+        held message becomes the blocker and is sent back to its queue, and
+        is returned; with nothing held the instance is free (None). Journalled
+        as ``released``.
+
+        Raises:
+            HoldRefused: the instance is not held, or its blocker is a parked
+                dead letter (replay or purge that instead).
         """
         ...
 

@@ -4,40 +4,48 @@ A batch of deliveries costs two round trips, never one per row:
 `PostgresStore.prepare_batch` reads claimed keys, instance states and holds
 in one statement, and `PostgresStore.commit_batch` writes everything with one
 call of the ``q2c_commit_batch_v2`` function (migration 0003), the rows
-passed as arrays. The SQL texts live in `broker.store.postgres_sql`.
+passed as arrays. The SQL texts live in `broker.store.postgres_sql`, and an
+operator's listing and release of holds in `broker.store.postgres_holds`.
 
-This module and `broker.store.migrate` are the only places that know asyncpg's
-exception classes: `store_errors()` turns every "try again later" failure into
-`StoreUnavailable`, with the driver's exception chained as the cause.
+Driver failures are translated at this boundary by
+`broker.store.postgres_errors`: every "try again later" failure becomes
+`StoreUnavailable` (`store_errors()`, re-exported here), with the driver's
+exception chained as the cause.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator, Sequence
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 from typing import Final, TypeAlias, final
 
 import anyio
 import asyncpg
-import msgspec
 import structlog
 
 from broker.config import PostgresConfig
-from broker.errors import ConcurrencyConflict, ConfigError, StoreUnavailable
+from broker.errors import ConfigError
 from broker.store import (
     BatchRead,
     BatchWrite,
     DeadLetterFilter,
     DeadLetterRow,
+    HoldRow,
     InboxKey,
     JournalRow,
     OutboxRow,
     SagaRecord,
-    XrefConflict,
     XrefEntry,
 )
+from broker.store import postgres_holds as holds
 from broker.store import postgres_sql as sql
 from broker.store.migrate import apply_postgres
+from broker.store.postgres_errors import (
+    RETRYABLE,
+    commit_errors,
+    connection_errors,
+    store_errors,
+)
 from broker.store.postgres_sql import EXACT_COUNT_CAP, MAINTENANCE_LOCK_TIMEOUT
 from broker.store.rows import (
     dead_letter_row,
@@ -83,104 +91,8 @@ class _Connection(asyncpg.Connection):
 
 _Conn: TypeAlias = "asyncpg.pool.PoolConnectionProxy[asyncpg.Record]"
 
-_RETRYABLE: Final = (
-    asyncpg.exceptions.PostgresConnectionError,  # connection lost or refused
-    asyncpg.exceptions.TransactionRollbackError,  # serialization failure, deadlock
-    asyncpg.exceptions.InsufficientResourcesError,  # too many connections, disk full
-    asyncpg.exceptions.OperatorInterventionError,  # admin shutdown, statement timeout
-    asyncpg.exceptions.LockNotAvailableError,  # lock_timeout (partition maintenance)
-    asyncpg.exceptions.ReadOnlySQLTransactionError,  # a demoted primary
-    # What asyncpg raises on a pooled connection whose backend was killed while
-    # idle ("cannot switch to state ..."; MagicStack/asyncpg#784). Verified.
-    asyncpg.exceptions.InternalClientError,
-    OSError,
-    TimeoutError,  # command_timeout or pool acquire timeout
-)
-
 #: Rows deleted per statement when pruning tables that are not partitioned.
 PRUNE_CHUNK: Final = 5000
-
-
-@contextmanager
-def store_errors() -> Iterator[None]:
-    """Re-raise driver failures as `StoreUnavailable`, keeping the cause chained.
-
-    SQL errors and misuse of the driver are bugs and pass through unchanged.
-    """
-    try:
-        yield
-    except _RETRYABLE as exc:
-        raise StoreUnavailable(
-            f"postgres unavailable: {type(exc).__name__}: {exc}"
-        ) from exc
-
-
-@contextmanager
-def _connection_errors(conn: _Conn) -> Iterator[None]:
-    """`store_errors()`, and an `InterfaceError` on a dead connection is an outage too.
-
-    When a pooled connection's backend dies, asyncpg detaches it and later
-    calls fail with "connection is closed" or "released back to the pool";
-    on a live connection the same class means a bug, and passes through.
-    """
-    try:
-        with store_errors():
-            yield
-    except asyncpg.exceptions.InterfaceError as exc:
-        if not _lost(conn):
-            raise
-        raise StoreUnavailable(f"postgres unavailable: connection lost: {exc}") from exc
-
-
-def _lost(conn: _Conn) -> bool:
-    try:
-        return conn.is_closed()
-    except asyncpg.exceptions.InterfaceError:
-        return True  # detached: the pool took it back when the connection died
-
-
-#: SQLSTATEs q2c_commit_batch raises when another writer got there first.
-_CONFLICTS: Final = frozenset({"QC001", "QC002"})
-
-#: SQLSTATE q2c_xref_put raises for a native id bound to another canonical id.
-_XREF_CONFLICT: Final = "QC003"
-
-
-class _XrefDetail(msgspec.Struct, frozen=True):
-    kind: str
-    system: str
-    native_id: str
-    bound_to: str
-    wanted: str
-
-
-@contextmanager
-def _commit_errors() -> Iterator[None]:
-    """Turn the commit function's own SQLSTATEs into the errors they mean.
-
-    A unique violation of ``xref_native`` is a concurrent writer binding the
-    same native id: a conflict, so the write is read and tried again, and
-    then reports `XrefConflict` with its details.
-    """
-    try:
-        yield
-    except asyncpg.PostgresError as exc:
-        if exc.sqlstate in _CONFLICTS:
-            raise ConcurrencyConflict(str(exc)) from exc
-        if exc.sqlstate == _XREF_CONFLICT:
-            d = msgspec.json.decode(exc.detail or "{}", type=_XrefDetail)
-            raise XrefConflict(
-                kind=d.kind,
-                system=d.system,
-                native_id=d.native_id,
-                bound_to=d.bound_to,
-                wanted=d.wanted,
-            ) from exc
-        if isinstance(exc, asyncpg.UniqueViolationError) and (
-            exc.constraint_name == "xref_native"
-        ):
-            raise ConcurrencyConflict(f"xref written concurrently: {exc}") from exc
-        raise
 
 
 def _rowcount(status: str) -> int:
@@ -289,7 +201,7 @@ class PostgresStore:
         with store_errors():
             conn = await self._pool.acquire(timeout=self._cfg.acquire_timeout_s)
         try:
-            with _connection_errors(conn):
+            with connection_errors(conn):
                 yield conn
         finally:
             await self._release(conn)
@@ -303,7 +215,7 @@ class PostgresStore:
             except (
                 asyncpg.exceptions.PostgresError,
                 asyncpg.exceptions.InterfaceError,
-                *_RETRYABLE,
+                *RETRYABLE,
             ) as exc:
                 _log.warning("connection_release_failed", error=repr(exc))
 
@@ -397,7 +309,7 @@ class PostgresStore:
             list(write.released),
             *_arrays(write.xref, sql.COMMIT_XREF_FIELDS),
         )
-        with _commit_errors():
+        with commit_errors():
             rows = await self._fetch(sql.COMMIT_BATCH, *args)
         return written_outbox(sorted(r[0] for r in rows), write.outbox)
 
@@ -418,6 +330,18 @@ class PostgresStore:
         if moved:
             _log.warning("holds_swept", instances=moved)
         return moved
+
+    async def list_holds(
+        self, workflow: str | None = None, *, limit: int = 1000
+    ) -> list[HoldRow]:
+        """Held instances (of *workflow*, or all), longest held first."""
+        async with self._connection() as conn:
+            return await holds.list_holds(conn, workflow, limit)
+
+    async def release_hold(self, workflow: str, correlation_id: str) -> str | None:
+        """Hand an instance's hold on as a purge of its blocker would (`Store`)."""
+        async with self._connection() as conn:
+            return await holds.release(conn, workflow, correlation_id)
 
     async def claim_outbox(self, *, limit: int, lease_s: float) -> list[OutboxRow]:
         """Lease up to *limit* unsent rows with no live lease, oldest first.
@@ -496,7 +420,7 @@ class PostgresStore:
         """
         unique = unique_entries(entries)
         if unique:
-            with _commit_errors():
+            with commit_errors():
                 await self._fetch(
                     sql.XREF_PUT, *_arrays(unique, sql.COMMIT_XREF_FIELDS)
                 )

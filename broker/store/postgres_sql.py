@@ -27,6 +27,10 @@ __all__ = [
     "HELD_MESSAGES",
     "SWEEP_HOLDS",
     "PROMOTE_PURGED",
+    "LIST_HOLDS",
+    "HOLD_BLOCKER",
+    "PROMOTE_HOLD",
+    "RELEASE_JOURNAL",
     "XREF_PUT",
     "XREF_GET",
     "XREF_FIND",
@@ -196,6 +200,38 @@ PROMOTE_PURGED = """
 SELECT q2c_promote_hold(workflow, correlation_id)
 FROM hold WHERE message_id = ANY($1::text[])
 ORDER BY workflow, correlation_id
+"""
+
+# The holds (of one workflow, $1, or all), longest held first: each with its
+# held count (dead_letter_held probes) and its blocker's dead-letter status.
+LIST_HOLDS = """
+SELECT h.workflow, h.correlation_id, h.message_id, h.since, h.updated_at,
+       (SELECT count(*) FROM dead_letter AS d
+        WHERE d.workflow = h.workflow AND d.correlation_id = h.correlation_id
+          AND d.status = 'held'),
+       b.status
+FROM hold AS h
+LEFT JOIN dead_letter AS b ON b.message_id = h.message_id
+WHERE $1::text IS NULL OR h.workflow = $1
+ORDER BY h.since, h.workflow, h.correlation_id
+LIMIT $2
+"""
+
+# An operator's release: the hold's row is locked until the release commits,
+# so a writer that moves the hold meanwhile conflicts (QC002) and reads again.
+HOLD_BLOCKER = """
+SELECT h.message_id, b.status, b.id
+FROM hold AS h
+LEFT JOIN dead_letter AS b ON b.message_id = h.message_id
+WHERE h.workflow = $1 AND h.correlation_id = $2
+FOR UPDATE OF h
+"""
+
+PROMOTE_HOLD = "SELECT q2c_promote_hold($1, $2)"
+
+RELEASE_JOURNAL = """
+INSERT INTO journal (message_id, correlation_id, stage, type, detail)
+VALUES ($1, $2, 'released', (SELECT type FROM dead_letter WHERE message_id = $1), $3)
 """
 
 # --- xref ----------------------------------------------------------------------------

@@ -4,7 +4,9 @@ Both stores select their rows with the same columns in the same order, so
 one decoder per row type serves both; only time stamps differ (``datetime``
 from asyncpg, seconds since the epoch in SQLite), and a store that needs it
 passes its own converter as *when*. `normalized` applies, before either
-store writes a `BatchWrite`, the rules both must follow.
+store writes a `BatchWrite`, the rules both must follow; `releasable` and
+`release_detail` are the rule and the journal entry of an operator's
+release of a hold (`broker.store.Store.release_hold`).
 
 Internal: not for use outside broker/store.
 """
@@ -22,6 +24,8 @@ from broker.store import (
     DeadLetterRecord,
     DeadLetterRow,
     DeadLetterStatus,
+    HoldRefused,
+    HoldRow,
     InboxKey,
     JournalRow,
     OutboxRecord,
@@ -40,6 +44,9 @@ __all__ = [
     "saga_record",
     "outbox_row",
     "dead_letter_row",
+    "hold_row",
+    "releasable",
+    "release_detail",
     "journal_row",
     "xref_entry",
 ]
@@ -203,6 +210,56 @@ def dead_letter_row(r: Row, *, when: Timestamp = _as_is) -> DeadLetterRow:
         last_seen=when(r[14]),
         workflow=r[15],
     )
+
+
+def hold_row(r: Row, *, when: Timestamp = _as_is) -> HoldRow:
+    """Decode a hold with its held count and its blocker's dead-letter status.
+
+    Columns: ``workflow, correlation_id, message_id`` (the blocker), ``since,
+    updated_at``, the number of held messages, the blocker's status (or NULL).
+    """
+    return HoldRow(
+        workflow=r[0],
+        correlation_id=r[1],
+        blocker=r[2],
+        since=when(r[3]),
+        updated_at=when(r[4]),
+        held=r[5],
+        blocker_status=cast(DeadLetterStatus | None, r[6]),
+    )
+
+
+def releasable(workflow: str, correlation_id: str, found: Row | None) -> str:
+    """The blocker of the hold that `Store.release_hold` is to hand on.
+
+    *found* is the hold's ``message_id``, then its blocker's dead-letter
+    ``status`` and ``id`` (NULL when the blocker is not a dead letter); None
+    when the instance has no hold.
+
+    Raises:
+        HoldRefused: the instance is not held, or its blocker is a parked
+            dead letter: releasing the hold would apply the held messages
+            before it, so the operator replays or purges it instead.
+    """
+    instance = f"instance {correlation_id!r} of workflow {workflow!r}"
+    if found is None:
+        raise HoldRefused(f"{instance} is not held", reason="not_held")
+    blocker: str = found[0]
+    if found[1] == "parked":
+        raise HoldRefused(
+            f"{instance} waits on dead letter {found[2]} ({blocker}), which is "
+            "parked: replay or purge that dead letter instead",
+            reason="blocker_parked",
+        )
+    return blocker
+
+
+def release_detail(workflow: str, blocker: str, promoted: str | None) -> str:
+    """The journal detail of an operator's release of the hold of *blocker*."""
+    released = f"an operator released the {workflow} hold of {blocker}"
+    if promoted is None:
+        return f"{released}: nothing was held"
+    return f"{released}: sent back to its queue, it holds the rest now"
 
 
 def journal_row(r: Row, *, when: Timestamp = _as_is) -> JournalRow:

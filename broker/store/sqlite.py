@@ -38,6 +38,7 @@ from broker.store import (
     BatchWrite,
     DeadLetterFilter,
     DeadLetterRow,
+    HoldRow,
     InboxKey,
     JournalRow,
     OutboxRow,
@@ -50,6 +51,7 @@ from broker.store.migrate import apply_sqlite, load_migrations
 from broker.store.rows import (
     dead_letter_row,
     encode_json,
+    hold_row,
     journal_row,
     normalized,
     outbox_row,
@@ -213,6 +215,30 @@ class SqliteStore:
         if moved:
             _log.warning("holds_swept", instances=moved)
         return moved
+
+    async def list_holds(
+        self, workflow: str | None = None, *, limit: int = 1000
+    ) -> list[HoldRow]:
+        """Held instances (of *workflow*, or all), longest held first."""
+        params = {"workflow": workflow, "limit": limit}
+        rows = await self._locked(
+            lambda conn: conn.execute(sql.LIST_HOLDS, params).fetchall()
+        )
+        return [hold_row(r, when=_utc) for r in rows]
+
+    async def release_hold(self, workflow: str, correlation_id: str) -> str | None:
+        """Hand an instance's hold on as a purge of its blocker would (`Store`)."""
+        now = self._clock()
+        promoted = await self._transaction(
+            lambda conn: deadletter.release(conn, workflow, correlation_id, now)
+        )
+        _log.info(
+            "hold_released_by_operator",
+            workflow=workflow,
+            correlation_id=correlation_id,
+            blocker=promoted,
+        )
+        return promoted
 
     async def claim_outbox(self, *, limit: int, lease_s: float) -> list[OutboxRow]:
         """Lease up to *limit* due unsent rows with no live lease, longest due first."""

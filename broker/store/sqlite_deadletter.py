@@ -3,8 +3,9 @@
 Replaying parked dead letters (back to their queue through the outbox),
 purging dead letters, and handing a hold on to its instance's next held
 message when its blocker is gone (`sweep`, and `purge` for the holds it
-frees). Each function is the body of one transaction: `SqliteStore` runs it
-on a worker thread inside ``BEGIN IMMEDIATE`` ... ``COMMIT``.
+frees) or an operator releases it (`release`). Each function is the body of
+one transaction: `SqliteStore` runs it on a worker thread inside
+``BEGIN IMMEDIATE`` ... ``COMMIT``.
 
 Internal: not for use outside broker/store.
 """
@@ -16,9 +17,9 @@ from typing import Any
 
 from broker.store import DeadLetterFilter
 from broker.store import sqlite_sql as sql
-from broker.store.rows import decode_headers, encode_json
+from broker.store.rows import decode_headers, encode_json, releasable, release_detail
 
-__all__ = ["filter_params", "replay", "purge", "sweep"]
+__all__ = ["filter_params", "replay", "purge", "sweep", "release"]
 
 
 def filter_params(flt: DeadLetterFilter) -> dict[str, Any]:
@@ -113,12 +114,42 @@ def sweep(conn: sqlite3.Connection, limit: int, now: float) -> int:
     return len(stuck)
 
 
-def _promote(conn: sqlite3.Connection, workflow: str, cid: str, now: float) -> None:
-    """Hand one instance's hold to its first held message, or clear it (blocking)."""
+def release(
+    conn: sqlite3.Connection, workflow: str, correlation_id: str, now: float
+) -> str | None:
+    """Hand one instance's hold on for an operator; return the new blocker (blocking).
+
+    None: nothing was held, and the instance is free.
+
+    Raises:
+        HoldRefused: the instance is not held, or its blocker is parked.
+    """
+    found = conn.execute(sql.HOLD_BLOCKER, (workflow, correlation_id)).fetchone()
+    blocker = releasable(workflow, correlation_id, found)
+    promoted = _promote(conn, workflow, correlation_id, now)
+    conn.execute(
+        sql.RELEASE_JOURNAL,
+        {
+            "now": now,
+            "message_id": promoted or blocker,
+            "correlation_id": correlation_id,
+            "detail": release_detail(workflow, blocker, promoted),
+        },
+    )
+    return promoted
+
+
+def _promote(
+    conn: sqlite3.Connection, workflow: str, cid: str, now: float
+) -> str | None:
+    """Hand one instance's hold to its first held message, or clear it (blocking).
+
+    Returns the new blocker, or None when nothing was held.
+    """
     first = conn.execute(sql.FIRST_HELD, (workflow, cid)).fetchone()
     if first is None:
         conn.execute(sql.CLEAR_HOLD, (workflow, cid))
-        return
+        return None
     row_id, message_id, queue, body, headers, correlation_id, type_ = first
     conn.execute(sql.MARK_RELEASED, (now, row_id))
     conn.execute(sql.PUT_HOLD, (workflow, cid, message_id, now, now))
@@ -138,3 +169,4 @@ def _promote(conn: sqlite3.Connection, workflow: str, cid: str, now: float) -> N
             None,
         ),
     )
+    return str(message_id)

@@ -33,6 +33,9 @@ __all__ = [
     "PURGED_BLOCKERS",
     "ORPHANED_HELD",
     "HOLDS_OF",
+    "LIST_HOLDS",
+    "HOLD_BLOCKER",
+    "RELEASE_JOURNAL",
     "XREF_BOUND",
     "XREF_PUT",
     "XREF_GET",
@@ -227,6 +230,32 @@ HOLDS_OF = """
 SELECT workflow, correlation_id FROM hold
 WHERE message_id IN (SELECT value FROM json_each(:ids))
 ORDER BY workflow, correlation_id
+"""
+
+LIST_HOLDS = """
+SELECT h.workflow, h.correlation_id, h.message_id, h.since, h.updated_at,
+       (SELECT count(*) FROM dead_letter AS d
+        WHERE d.workflow = h.workflow AND d.correlation_id = h.correlation_id
+          AND d.status = 'held'),
+       b.status
+FROM hold AS h
+LEFT JOIN dead_letter AS b ON b.message_id = h.message_id
+WHERE :workflow IS NULL OR h.workflow = :workflow
+ORDER BY h.since, h.workflow, h.correlation_id
+LIMIT :limit
+"""
+
+HOLD_BLOCKER = """
+SELECT h.message_id, b.status, b.id
+FROM hold AS h
+LEFT JOIN dead_letter AS b ON b.message_id = h.message_id
+WHERE h.workflow = ? AND h.correlation_id = ?
+"""
+
+RELEASE_JOURNAL = """
+INSERT INTO journal (at, message_id, correlation_id, stage, type, detail)
+VALUES (:now, :message_id, :correlation_id, 'released',
+        (SELECT type FROM dead_letter WHERE message_id = :message_id), :detail)
 """
 
 # --- xref ----------------------------------------------------------------------------

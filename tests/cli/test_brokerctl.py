@@ -19,7 +19,7 @@ import pytest
 from broker.config import ControlConfig
 from broker.control.ctl import EXIT_UNREACHABLE, EXIT_USAGE, main
 from broker.control.server import ControlServer
-from broker.store import DeadLetterFilter
+from broker.store import DeadLetterFilter, HoldRefused
 
 pytestmark = pytest.mark.anyio
 
@@ -76,6 +76,34 @@ LETTERS = [
     },
 ]
 
+HOLDS = [
+    {
+        "workflow": "deal",
+        "correlation_id": "deal-7",
+        "blocker": "crm-1",
+        "since": "2024-05-01T12:00:00+00:00",
+        "updated_at": "2024-05-01T12:00:00+00:00",
+        "held": 3,
+        "blocker_status": "parked",
+    },
+    {
+        "workflow": "ordered",
+        "correlation_id": "acct-a",
+        "blocker": "demo-a1",
+        "since": "2024-05-01T14:30:00+02:00",
+        "updated_at": "2024-05-01T14:30:00+02:00",
+        "held": 1,
+        "blocker_status": None,
+    },
+]
+
+HOLD_TABLE = (
+    "WORKFLOW  CORRELATION ID  BLOCKER  BLOCKER STATUS  HELD  SINCE\n"
+    "deal      deal-7          crm-1    parked          3     2024-05-01 12:00:00Z\n"
+    "ordered   acct-a          demo-a1  retrying        1     2024-05-01 12:30:00Z\n"
+    "2 held instances, 4 messages waiting\n"
+)
+
 
 class FakeHandler:
     """Canned answers shaped like the composition root's; records what it was asked."""
@@ -113,6 +141,38 @@ class FakeHandler:
         """Nothing matched."""
         self.calls.append(("dlq_purge", (flt, dry_run)))
         return []
+
+    async def hold_list(
+        self, workflow: str | None, /, *, limit: int
+    ) -> list[dict[str, Any]]:
+        """Two holds, whatever the filter."""
+        self.calls.append(("hold_list", (workflow, limit)))
+        return HOLDS
+
+    async def hold_release(
+        self, workflow: str, correlation_id: str, /
+    ) -> dict[str, Any]:
+        """m2 is the new blocker; ``empty`` held nothing; the rest is refused."""
+        self.calls.append(("hold_release", (workflow, correlation_id)))
+        instance = f"instance {correlation_id!r} of workflow {workflow!r}"
+        match correlation_id:
+            case "free":
+                raise KeyError(f"{instance} is not held")
+            case "parked":
+                raise HoldRefused(
+                    f"{instance} waits on dead letter 12 (crm-1), which is parked: "
+                    "replay or purge that dead letter instead",
+                    reason="blocker_parked",
+                )
+            case "empty":
+                blocker = None
+            case _:
+                blocker = "m2"
+        return {
+            "workflow": workflow,
+            "correlation_id": correlation_id,
+            "blocker": blocker,
+        }
 
     async def drain(self) -> dict[str, Any]:
         """Nothing in flight."""
@@ -251,6 +311,86 @@ async def test_an_error_reply_exits_1_with_the_daemons_message(
         done = await brokerctl("--socket", socket_path, "dlq", "show", "99")
     assert done.returncode == 1
     assert done.stderr.decode() == "brokerctl: no dead letter with id 99\n"
+
+
+async def test_hold_list_prints_a_table_and_sends_the_workflow(
+    socket_path: str,
+) -> None:
+    """Held instances in UTC, a blocker that is no dead letter shown as retrying."""
+    async with daemon(socket_path) as handler:
+        text = out(
+            await brokerctl(
+                "--socket", socket_path, "hold", "list", "--workflow", "deal",
+                "--limit", "5",
+            )
+        )  # fmt: skip
+    assert text == HOLD_TABLE
+    assert handler.calls == [("hold_list", ("deal", 5))]
+
+
+async def test_hold_commands_take_json_before_or_after_the_action(
+    socket_path: str,
+) -> None:
+    """--json after ``hold list`` or ``hold release`` prints the raw result too."""
+    async with daemon(socket_path) as handler:
+        listed = out(await brokerctl("--socket", socket_path, "hold", "list", "--json"))
+        before = out(await brokerctl("--json", "--socket", socket_path, "hold", "list"))
+        released = out(
+            await brokerctl(
+                "--socket", socket_path, "hold", "release", "ordered", "acct-a",
+                "--json",
+            )
+        )  # fmt: skip
+    assert json.loads(listed) == json.loads(before) == HOLDS
+    assert json.loads(released) == {
+        "workflow": "ordered",
+        "correlation_id": "acct-a",
+        "blocker": "m2",
+    }
+    assert handler.calls[0] == ("hold_list", (None, 1000))
+    assert handler.calls[-1] == ("hold_release", ("ordered", "acct-a"))
+
+
+async def test_hold_release_says_what_was_sent_back(socket_path: str) -> None:
+    """The new blocker is named; with nothing held, the instance is free."""
+    async with daemon(socket_path):
+        sent = out(
+            await brokerctl("--socket", socket_path, "hold", "release", "ordered", "a")
+        )
+        free = out(
+            await brokerctl(
+                "--socket", socket_path, "hold", "release", "ordered", "empty"
+            )
+        )
+    assert sent == (
+        "released the hold of ordered a: m2 was sent back to its queue "
+        "and holds the rest now\n"
+    )
+    assert free == "released the hold of ordered empty: nothing was held, it is free\n"
+
+
+@pytest.mark.parametrize(
+    ("correlation_id", "message"),
+    [
+        ("free", "instance 'free' of workflow 'ordered' is not held"),
+        (
+            "parked",
+            "instance 'parked' of workflow 'ordered' waits on dead letter 12 "
+            "(crm-1), which is parked: replay or purge that dead letter instead",
+        ),
+    ],
+)
+async def test_a_refused_hold_release_exits_1_with_the_reason(
+    socket_path: str, correlation_id: str, message: str
+) -> None:
+    """Not held, or held by a parked dead letter: the daemon's reason, exit 1."""
+    async with daemon(socket_path):
+        done = await brokerctl(
+            "--socket", socket_path, "hold", "release", "ordered", correlation_id
+        )
+    assert done.returncode == 1
+    assert done.stdout == b""
+    assert done.stderr.decode() == f"brokerctl: {message}\n"
 
 
 async def test_no_daemon_exits_3_and_says_how_to_start_one(socket_path: str) -> None:

@@ -16,9 +16,9 @@ import pytest
 from actors.demo import entry_message
 from broker import Daemon
 from broker.control.ctl import render
-from broker.control.protocol import DlqListRequest
+from broker.control.protocol import DlqListRequest, HoldListRequest
 from broker.handler import DaemonControl
-from broker.store import DeadLetterFilter, DeadLetterRow
+from broker.store import DeadLetterFilter, DeadLetterRow, HoldRefused
 from broker.transport import OutgoingMessage
 from tests.polling import eventually
 from tests.runtime.test_engine import config, publish, running
@@ -196,6 +196,80 @@ async def test_purging_the_blocker_releases_the_held_messages_in_order(
         ("demo-a3", "released"),
         ("demo-a3", "applied"),
     ]
+
+
+async def test_an_operator_releases_a_hold_whose_blocker_is_lost(
+    tmp_path: Path,
+) -> None:
+    """a1 waits in a long retry tier: released, a2 goes back to its queue and applies.
+
+    The hold of acct-b, whose blocker b1 is a parked dead letter, is listed
+    but not released; an instance that is not held is not found.
+    """
+    cfg = config(
+        tmp_path, BROKER__DAEMON__TREE=TREE, BROKER__TOPOLOGY__RETRY_TIERS_S="[60]"
+    )
+    async with running(cfg) as daemon:
+        await publish(
+            daemon,
+            [
+                entry("acct-a", "a1", "FLAKY"),
+                entry("acct-a", "a2"),
+                entry("acct-b", "b1", "REJECT"),
+                entry("acct-b", "b2"),
+            ],
+        )
+        await held_letters(daemon, 2)
+        control = DaemonControl(daemon)
+        listed = await control.hold_list(None, limit=100)
+        only_b = await control.hold_list("ordered", limit=1)
+        with pytest.raises(HoldRefused, match="which is parked") as parked:
+            await control.hold_release("ordered", "acct-b")
+        with pytest.raises(
+            KeyError, match="'acct-c' of workflow 'ordered' is not held"
+        ):
+            await control.hold_release("ordered", "acct-c")
+
+        released = await control.hold_release("ordered", "acct-a")
+        applied = await order_is(daemon, "acct-a", "a2")
+        store = daemon.runtime.store
+
+        async def one_hold_left() -> list[dict[str, object]]:
+            holds = await control.hold_list(None, limit=100)
+            return holds if len(holds) == 1 else []
+
+        left = await eventually(one_hold_left)
+        journal = [
+            (j.message_id, j.stage, j.detail) for j in await store.journal("acct-a")
+        ]
+        counts = await store.counts()
+
+    assert [
+        (h["correlation_id"], h["blocker"], h["held"], h["blocker_status"])
+        for h in sorted(listed, key=lambda h: str(h["correlation_id"]))
+    ] == [("acct-a", "demo-a1", 1, None), ("acct-b", "demo-b1", 1, "parked")]
+    assert len(only_b) == 1
+    assert parked.value.reason == "blocker_parked"
+    assert released == {
+        "workflow": "ordered",
+        "correlation_id": "acct-a",
+        "blocker": "demo-a2",
+    }
+    assert applied == ("a2",)
+    assert [h["correlation_id"] for h in left] == ["acct-b"]
+    assert [(m, s) for m, s, _ in journal if m == "demo-a2"] == [
+        ("demo-a2", "held"),
+        ("demo-a2", "released"),
+        ("demo-a2", "applied"),
+    ]
+    assert (
+        "demo-a2",
+        "released",
+        "an operator released the ordered hold of demo-a1: "
+        "sent back to its queue, it holds the rest now",
+    ) in journal
+    assert (counts["held"], counts["holds"]) == (1, 1)
+    assert render(HoldListRequest(), []) == "no instances are held"
 
 
 async def test_an_unordered_workflow_does_not_hold(tmp_path: Path) -> None:

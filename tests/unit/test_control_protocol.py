@@ -27,6 +27,8 @@ from broker.control.protocol import (
     DlqReplayRequest,
     DlqShowRequest,
     DrainRequest,
+    HoldListRequest,
+    HoldReleaseRequest,
     Reply,
     Request,
     RequestRefused,
@@ -41,7 +43,7 @@ from broker.control.protocol import (
 )
 from broker.control.server import ControlServer
 from broker.errors import ControlError, SupervisorGaveUp
-from broker.store import DeadLetterFilter, DeadLetterRow
+from broker.store import DeadLetterFilter, DeadLetterRow, HoldRefused
 
 pytestmark = pytest.mark.anyio
 
@@ -53,6 +55,9 @@ SAMPLES: list[Request] = [
     DlqReplayRequest(ids=(1, 2), dry_run=True, max_replays=2),
     DlqReplayRequest(all=True),
     DlqPurgeRequest(queue="q2c.erp", type="order.placed"),
+    HoldListRequest(),
+    HoldListRequest(workflow="deal", limit=5),
+    HoldReleaseRequest(workflow="deal", correlation_id="deal-42"),
     DrainRequest(),
     RestartRequest(actor_id="erp.order_sync"),
     TraceRequest(correlation_id="deal-42"),
@@ -96,6 +101,9 @@ def test_an_unknown_field_is_a_bad_request() -> None:
         b'{"cmd": "dlq_show", "id": 0}',
         b'{"cmd": "dlq_list", "limit": 100000}',
         b'{"cmd": "restart", "actor_id": ""}',
+        b'{"cmd": "hold_list", "limit": 0}',
+        b'{"cmd": "hold_release", "workflow": "deal"}',
+        b'{"cmd": "hold_release", "workflow": "", "correlation_id": "deal-42"}',
     ],
 )
 def test_malformed_or_invalid_requests_are_bad_requests(line: bytes) -> None:
@@ -217,6 +225,25 @@ class FakeHandler:
         self.calls.append(("dlq_purge", (flt, dry_run)))
         return [9]
 
+    async def hold_list(
+        self, workflow: str | None, /, *, limit: int
+    ) -> list[dict[str, Any]]:
+        """One canned hold."""
+        self.calls.append(("hold_list", (workflow, limit)))
+        return [{"workflow": "deal", "correlation_id": "deal-1", "held": 2}]
+
+    async def hold_release(
+        self, workflow: str, correlation_id: str, /
+    ) -> dict[str, Any]:
+        """The new blocker, or the store's refusals chosen by the correlation id."""
+        self.calls.append(("hold_release", (workflow, correlation_id)))
+        match correlation_id:
+            case "free":
+                raise KeyError(f"instance 'free' of workflow {workflow!r} is not held")
+            case "parked":
+                raise HoldRefused("its blocker is parked", reason="blocker_parked")
+        return {"workflow": workflow, "correlation_id": correlation_id, "blocker": "m2"}
+
     async def drain(self) -> dict[str, Any]:
         """Nothing in flight."""
         self.calls.append(("drain", None))
@@ -311,6 +338,16 @@ EXPECTED_CALLS: list[tuple[Request, tuple[str, Any], Any]] = [
         ("dlq_purge", (DeadLetterFilter(reason="oversize"), False)),
         [9],
     ),
+    (
+        HoldListRequest(workflow="deal"),
+        ("hold_list", ("deal", 1000)),
+        [{"workflow": "deal", "correlation_id": "deal-1", "held": 2}],
+    ),
+    (
+        HoldReleaseRequest(workflow="deal", correlation_id="deal-1"),
+        ("hold_release", ("deal", "deal-1")),
+        {"workflow": "deal", "correlation_id": "deal-1", "blocker": "m2"},
+    ),
     (DrainRequest(), ("drain", None), {"in_flight": 0}),
     (
         RestartRequest(actor_id="erp.sync"),
@@ -356,6 +393,25 @@ async def test_handler_errors_become_error_codes(
             await client.request(RestartRequest(actor_id=actor_id))
         assert caught.value.code == code
         assert await client.request(StatusRequest()) == {"uptime_s": 1.5}
+
+
+@pytest.mark.parametrize(
+    ("correlation_id", "code", "message"),
+    [
+        ("free", "not_found", "^instance 'free' of workflow 'deal' is not held$"),
+        ("parked", "bad_request", "^its blocker is parked$"),
+    ],
+)
+async def test_a_refused_hold_release_is_an_error_reply(
+    cfg: ControlConfig, correlation_id: str, code: str, message: str
+) -> None:
+    """An instance not held is ``not_found``; a parked blocker is ``bad_request``."""
+    async with serving(cfg, FakeHandler()):
+        with pytest.raises(RequestRefused, match=message) as caught:
+            await ControlClient(cfg.socket_path).request(
+                HoldReleaseRequest(workflow="deal", correlation_id=correlation_id)
+            )
+    assert caught.value.code == code
 
 
 async def test_a_request_past_its_deadline_fails(cfg: ControlConfig) -> None:
