@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, final
 import msgspec
 
 from broker.control.protocol import dead_letter_view
+from broker.errors import ControlError
 from broker.store import DeadLetterFilter, HoldRefused
 
 if TYPE_CHECKING:
@@ -146,4 +147,63 @@ class DaemonControl:
             "correlation_id": correlation_id,
             "sagas": sagas,
             "journal": [msgspec.to_builtins(j) for j in journal],
+        }
+
+    async def xref_get(self, kind: str, canonical_id: str) -> list[dict[str, Any]]:
+        """Every system's entry for one canonical id, by system; empty if none."""
+        found = await self._d.runtime.store.xref_get(kind, canonical_id)
+        return [msgspec.to_builtins(found[system]) for system in sorted(found)]
+
+    async def xref_find(self, kind: str, system: str, native_id: str) -> dict[str, Any]:
+        """The entry binding *system*'s *native_id* of *kind* to its canonical id.
+
+        Raises:
+            KeyError: no canonical id of that kind has that native id.
+        """
+        entry = await self._d.runtime.store.xref_find(kind, system, native_id)
+        if entry is None:
+            raise KeyError(f"no {kind} is known by {system} id {native_id!r}")
+        view: dict[str, Any] = msgspec.to_builtins(entry)
+        return view
+
+    async def queues(self) -> dict[str, Any]:
+        """The ``q2c.*`` queues of the daemon's vhost with their counts.
+
+        On RabbitMQ they come from the management API, logging in as the
+        ``[amqp] url``'s user; on the in-process transport, from its queues.
+        Neither URL nor credentials appear in the answer.
+
+        Raises:
+            ConfigError: the management API refused the login.
+            TransportUnavailable: the management API cannot be reached.
+            ControlError: the in-process transport does not count its queues.
+        """
+        cfg = self._d.cfg
+        if cfg.daemon.transport == "amqp":
+            from broker.transport.management import ManagementApi, list_queues
+
+            api = ManagementApi(
+                cfg.amqp.url,
+                cfg.amqp.management_url,
+                timeout_s=cfg.amqp.connect_timeout_s,
+            )
+            listed = await list_queues(api)
+            return {
+                "transport": "amqp",
+                "vhost": api.vhost,
+                "queues": [msgspec.to_builtins(q) for q in listed],
+            }
+        counts = self._d.runtime.transport.status().get("queues")
+        if not isinstance(counts, dict):
+            raise ControlError(
+                "queue counts are not available on the in-process transport"
+            )
+        return {
+            "transport": "memory",
+            "vhost": None,
+            "queues": [
+                {"name": name, "type": "in-process", **counts[name]}
+                for name in sorted(counts)
+                if name.startswith("q2c.")
+            ],
         }

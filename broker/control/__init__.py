@@ -4,7 +4,10 @@
 - `broker.control.server`: `ControlServer`, a supervised child of the daemon,
   and the `ControlHandler` protocol the composition root implements.
 - `broker.control.client`: `ControlClient`, used by ``brokerctl`` and tests.
-- `broker.control.ctl`: the ``brokerctl`` command line.
+- `broker.control.ctl`: the ``brokerctl`` command line, and
+  `broker.control.ctl_views` its human tables.
+- `broker.control.socket_file`: binding the socket file safely (0600 in a
+  0700 directory, stale sockets cleared).
 
 Nothing is imported here, so that ``brokerctl`` starts without loading the
 server's dependencies (structlog and its renderers).

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Sequence
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +19,15 @@ import msgspec
 
 from broker.config import load_config
 from broker.control.client import ControlClient, DaemonUnreachable
+from broker.control.ctl_views import (
+    block,
+    cell,
+    queue_table,
+    table,
+    when,
+    xref_entries,
+    xref_owner,
+)
 from broker.control.protocol import (
     ActorsRequest,
     DlqListRequest,
@@ -30,10 +37,13 @@ from broker.control.protocol import (
     DrainRequest,
     HoldListRequest,
     HoldReleaseRequest,
+    QueuesRequest,
     Request,
     RestartRequest,
     StatusRequest,
     TraceRequest,
+    XrefFindRequest,
+    XrefGetRequest,
 )
 from broker.errors import ConfigError, ControlError
 
@@ -45,6 +55,7 @@ EXIT_USAGE = 2
 EXIT_UNREACHABLE = 3
 
 _FILTERS = ("reason", "queue", "type", "correlation_id")
+_KINDS = "e.g. order, account, opportunity, quote, subscription, invoice, product"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -155,7 +166,27 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
     )
     release.add_argument("workflow", metavar="WORKFLOW")
     release.add_argument("correlation_id", metavar="CORRELATION_ID")
-    for sub in (held, release):
+    xref = commands.add_parser("xref", help="one object's id in every system")
+    lookups = xref.add_subparsers(dest="action", metavar="ACTION", required=True)
+    get = lookups.add_parser(
+        "get",
+        help="every system's native id for a canonical id",
+        description="e.g. brokerctl xref get order order-0061t00000AbCdE",
+    )
+    get.add_argument("kind", metavar="KIND", help=_KINDS)
+    get.add_argument("canonical_id", metavar="CANONICAL_ID")
+    find = lookups.add_parser(
+        "find",
+        help="the canonical id behind one system's native id",
+        description="e.g. brokerctl xref find order erp_cloud 4711",
+    )
+    find.add_argument("kind", metavar="KIND", help=_KINDS)
+    find.add_argument("system", metavar="SYSTEM", help="e.g. crm, erp_cloud, billing")
+    find.add_argument("native_id", metavar="NATIVE_ID")
+    queues = commands.add_parser(
+        "queues", help="q2c.* queues: ready, unacked, consumers, type"
+    )
+    for sub in (held, release, get, find, queues):
         sub.add_argument(
             "--json",
             action="store_true",
@@ -212,6 +243,14 @@ def _request(
             return HoldReleaseRequest(
                 workflow=args.workflow, correlation_id=args.correlation_id
             )
+        case "xref" if args.action == "get":
+            return XrefGetRequest(kind=args.kind, canonical_id=args.canonical_id)
+        case "xref":
+            return XrefFindRequest(
+                kind=args.kind, system=args.system, native_id=args.native_id
+            )
+        case "queues":
+            return QueuesRequest()
     selection: dict[str, Any] = {name: getattr(args, name) for name in _FILTERS}
     selection["status"] = None if args.status == "any" else args.status
     selection["limit"] = args.limit
@@ -260,26 +299,34 @@ def render(req: Request, result: Any) -> str:
             return _holds(result, limit)
         case HoldReleaseRequest() if isinstance(result, dict):
             return _released(result)
+        case XrefGetRequest(kind=kind, canonical_id=canonical_id) if isinstance(
+            result, list
+        ):
+            return xref_entries(kind, canonical_id, result)
+        case XrefFindRequest() if isinstance(result, dict):
+            return xref_owner(result)
+        case QueuesRequest() if isinstance(result, dict):
+            return queue_table(result)
         case _:
-            return "\n".join(_block(result, 0))
+            return "\n".join(block(result, 0))
 
 
 def _actor_tree(root: dict[str, Any]) -> str:
     rows: list[list[str]] = []
 
     def walk(node: dict[str, Any], depth: int) -> None:
-        kind = _cell(node.get("kind", "?"))
+        kind = cell(node.get("kind", "?"))
         if node.get("strategy"):
-            kind = f"{kind} ({_cell(node['strategy'])})"
+            kind = f"{kind} ({cell(node['strategy'])})"
         mailbox = node.get("mailbox") or {}
         size, cap = mailbox.get("fill"), mailbox.get("size")
         rows.append(
             [
-                "  " * depth + _cell(node.get("id", "?")),
+                "  " * depth + cell(node.get("id", "?")),
                 kind,
-                _cell(node.get("state")),
+                cell(node.get("state")),
                 f"{size}/{cap}" if size is not None and cap is not None else "-",
-                _cell(node.get("restarts")),
+                cell(node.get("restarts")),
             ]
         )
         for child in node.get("children") or ():
@@ -287,7 +334,7 @@ def _actor_tree(root: dict[str, Any]) -> str:
                 walk(child, depth + 1)
 
     walk(root, 0)
-    return _table(["ACTOR", "KIND", "STATE", "MAILBOX", "RESTARTS"], rows)
+    return table(["ACTOR", "KIND", "STATE", "MAILBOX", "RESTARTS"], rows)
 
 
 def _letters(letters: list[Any], limit: int) -> str:
@@ -303,25 +350,23 @@ def _letters(letters: list[Any], limit: int) -> str:
     status = any(letter.get("status", "parked") != "parked" for letter in shown)
     rows = [
         [
-            _cell(letter.get("id")),
-            *([_cell(letter.get("status"))] if status else []),
-            _cell(letter.get("reason")),
-            _cell(letter.get("queue")),
-            _cell(letter.get("type")),
-            _cell(letter.get("attempts")),
-            _when(letter.get("last_seen")),
+            cell(letter.get("id")),
+            *([cell(letter.get("status"))] if status else []),
+            cell(letter.get("reason")),
+            cell(letter.get("queue")),
+            cell(letter.get("type")),
+            cell(letter.get("attempts")),
+            when(letter.get("last_seen")),
         ]
         for letter in shown
     ]
     headers = ["ID", *(["STATUS"] if status else [])]
     headers += ["REASON", "QUEUE", "TYPE", "ATTEMPTS", "LAST SEEN"]
-    table = _table(headers, rows)
+    grid = table(headers, rows)
     more = " (limit reached: raise --limit to see more)" if len(rows) >= limit else ""
     held = sum(1 for letter in shown if letter.get("status") == "held")
     tail = f", {held} held" if held else ""
-    return (
-        f"{table}\n{len(rows)} dead letter{'s' if len(rows) != 1 else ''}{tail}{more}"
-    )
+    return f"{grid}\n{len(rows)} dead letter{'s' if len(rows) != 1 else ''}{tail}{more}"
 
 
 def _holds(holds: list[Any], limit: int) -> str:
@@ -331,107 +376,42 @@ def _holds(holds: list[Any], limit: int) -> str:
         return "no instances are held"
     rows = [
         [
-            _cell(h.get("workflow")),
-            _cell(h.get("correlation_id")),
-            _cell(h.get("blocker")),
-            _cell(h.get("blocker_status") or "retrying"),
-            _cell(h.get("held")),
-            _when(h.get("since")),
+            cell(h.get("workflow")),
+            cell(h.get("correlation_id")),
+            cell(h.get("blocker")),
+            cell(h.get("blocker_status") or "retrying"),
+            cell(h.get("held")),
+            when(h.get("since")),
         ]
         for h in shown
     ]
     headers = ["WORKFLOW", "CORRELATION ID", "BLOCKER", "BLOCKER STATUS", "HELD"]
-    table = _table([*headers, "SINCE"], rows)
+    grid = table([*headers, "SINCE"], rows)
     waiting = sum(h["held"] for h in shown if isinstance(h.get("held"), int))
     more = " (limit reached: raise --limit to see more)" if len(rows) >= limit else ""
     return (
-        f"{table}\n{len(rows)} held instance{'s' if len(rows) != 1 else ''}, "
+        f"{grid}\n{len(rows)} held instance{'s' if len(rows) != 1 else ''}, "
         f"{waiting} message{'s' if waiting != 1 else ''} waiting{more}"
     )
 
 
 def _released(result: dict[str, Any]) -> str:
-    instance = f"{_cell(result.get('workflow'))} {_cell(result.get('correlation_id'))}"
+    instance = f"{cell(result.get('workflow'))} {cell(result.get('correlation_id'))}"
     blocker = result.get("blocker")
     if blocker is None:
         return f"released the hold of {instance}: nothing was held, it is free"
     return (
-        f"released the hold of {instance}: {_cell(blocker)} was sent back to its "
+        f"released the hold of {instance}: {cell(blocker)} was sent back to its "
         "queue and holds the rest now"
     )
 
 
 def _ids(verb: str, done: str, ids: list[Any], *, dry_run: bool) -> str:
     count = f"{len(ids)} dead letter{'s' if len(ids) != 1 else ''}"
-    listed = ", ".join(_cell(i) for i in ids)
+    listed = ", ".join(cell(i) for i in ids)
     if dry_run:
         return f"would {verb} {count}" + (f": {listed}" if ids else "") + " (dry run)"
     return f"{done} {count}" + (f": {listed}" if ids else "")
-
-
-def _block(value: Any, indent: int) -> list[str]:
-    """Lines for any JSON value: aligned key/value pairs, nested blocks, tables."""
-    pad = " " * indent
-    if isinstance(value, dict):
-        width = max((len(str(k)) for k in value), default=0)
-        lines: list[str] = []
-        for key, item in value.items():
-            label = _cell(key)
-            if isinstance(item, dict | list) and item:
-                lines.append(f"{pad}{label}:")
-                lines.extend(_block(item, indent + 2))
-            else:
-                lines.append(f"{pad}{label.ljust(width)}  {_cell(item)}".rstrip())
-        return lines
-    if isinstance(value, list):
-        if value and all(isinstance(item, dict) for item in value):
-            headers = list(dict.fromkeys(k for item in value for k in item))
-            rows = [[_cell(item.get(h)) for h in headers] for item in value]
-            table = _table([h.upper().replace("_", " ") for h in headers], rows)
-            return [pad + line for line in table.splitlines()]
-        return [f"{pad}{_cell(item)}" for item in value] or [f"{pad}(none)"]
-    return [pad + _cell(value)]
-
-
-def _table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    widths = [len(h) for h in headers]
-    for row in rows:
-        widths = [max(w, len(cell)) for w, cell in zip(widths, row, strict=True)]
-    return "\n".join(
-        "  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip()
-        for line in [headers, *rows]
-    )
-
-
-def _cell(value: Any) -> str:
-    """One value as display text; control characters are escaped.
-
-    Dead-letter details come from outside systems: printed raw, an escape
-    sequence in one could rewrite the operator's terminal.
-    """
-    if value is None:
-        return "-"
-    if isinstance(value, bool):
-        return "yes" if value else "no"
-    if isinstance(value, dict | list):
-        value = msgspec.json.encode(value).decode()
-    text = str(value)
-    if text.isprintable():
-        return text
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
-
-
-def _when(value: Any) -> str:
-    """An ISO timestamp as ``YYYY-MM-DD HH:MM:SSZ`` in UTC; anything else as is."""
-    if not isinstance(value, str):
-        return _cell(value)
-    try:
-        moment = datetime.fromisoformat(value)
-    except ValueError:
-        return _cell(value)
-    if moment.tzinfo is not None:
-        moment = moment.astimezone(UTC)
-    return moment.strftime("%Y-%m-%d %H:%M:%S") + ("Z" if moment.tzinfo else "")
 
 
 if __name__ == "__main__":

@@ -39,6 +39,9 @@ __all__ = [
     "DrainRequest",
     "RestartRequest",
     "TraceRequest",
+    "XrefGetRequest",
+    "XrefFindRequest",
+    "QueuesRequest",
     "Request",
     "COMMANDS",
     # Replies
@@ -62,6 +65,8 @@ ErrorCode = Literal[
 LetterStatus = Literal["parked", "held", "released", "replayed", "purged", "open"]
 Text = Annotated[str, Meta(min_length=1, max_length=512)]
 RowId = Annotated[int, Meta(ge=1)]
+#: An xref kind: ``order``, ``account``, ``product``, ``invoice`` …
+XrefKind = Annotated[str, Meta(pattern=r"^[a-z][a-z0-9_.-]*$", max_length=64)]
 
 
 class RequestRefused(ControlError):
@@ -218,6 +223,28 @@ class TraceRequest(_Command, frozen=True, tag="trace"):
     correlation_id: Text
 
 
+class XrefGetRequest(_Command, frozen=True, tag="xref_get"):
+    """Every system's native id for one canonical object, e.g. order ``order-X``."""
+
+    kind: XrefKind
+    canonical_id: Text
+
+
+class XrefFindRequest(_Command, frozen=True, tag="xref_find"):
+    """The canonical object one system's native id belongs to.
+
+    E.g. kind ``order``, system ``erp_cloud``, native id ``4711``.
+    """
+
+    kind: XrefKind
+    system: Text
+    native_id: Text
+
+
+class QueuesRequest(_Command, frozen=True, tag="queues"):
+    """The daemon's ``q2c.*`` queues: ready, unacknowledged, consumers, type."""
+
+
 Request = (
     StatusRequest
     | ActorsRequest
@@ -230,6 +257,9 @@ Request = (
     | DrainRequest
     | RestartRequest
     | TraceRequest
+    | XrefGetRequest
+    | XrefFindRequest
+    | QueuesRequest
 )
 
 #: Every ``cmd`` the daemon understands.

@@ -43,12 +43,15 @@ from broker.control.protocol import (
     DrainRequest,
     HoldListRequest,
     HoldReleaseRequest,
+    QueuesRequest,
     Reply,
     Request,
     RequestRefused,
     RestartRequest,
     StatusRequest,
     TraceRequest,
+    XrefFindRequest,
+    XrefGetRequest,
     command_name,
     decode_request,
     encode_reply,
@@ -121,6 +124,20 @@ class ControlHandler(Protocol):
 
     async def trace(self, correlation_id: str, /) -> dict[str, Any]:
         """The journal and workflow state of one correlation id."""
+        ...
+
+    async def xref_get(self, kind: str, canonical_id: str, /) -> list[dict[str, Any]]:
+        """Every system's xref entry for one canonical id, by system (maybe none)."""
+        ...
+
+    async def xref_find(
+        self, kind: str, system: str, native_id: str, /
+    ) -> dict[str, Any]:
+        """The xref entry binding one native id; `KeyError` when there is none."""
+        ...
+
+    async def queues(self) -> dict[str, Any]:
+        """The ``q2c.*`` queues with their counts (`broker.transport.management`)."""
         ...
 
 
@@ -331,6 +348,12 @@ class ControlServer:
                 return await handler.restart(actor_id)
             case TraceRequest(correlation_id=correlation_id):
                 return await handler.trace(correlation_id)
+            case XrefGetRequest(kind=kind, canonical_id=canonical_id):
+                return await handler.xref_get(kind, canonical_id)
+            case XrefFindRequest(kind=kind, system=system, native_id=native_id):
+                return await handler.xref_find(kind, system, native_id)
+            case QueuesRequest():
+                return await handler.queues()
             case _:
                 assert_never(req)
 

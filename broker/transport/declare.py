@@ -23,9 +23,7 @@ Failures are translated here, where aio-pika is called:
 
 from __future__ import annotations
 
-import base64
 import re
-import urllib.parse
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -33,7 +31,6 @@ from typing import Any
 import aio_pika
 import aiohttp
 import structlog
-import yarl
 from aio_pika.abc import AbstractChannel, AbstractExchange
 from aiormq.exceptions import (
     AMQPError,
@@ -43,6 +40,7 @@ from aiormq.exceptions import (
 )
 
 from broker.errors import ConfigError, TransportUnavailable
+from broker.transport.management import ManagementApi, vhost_of
 from broker.transport.topology import Topology
 
 __all__ = [
@@ -110,7 +108,7 @@ async def declare_topology(
             await connection.close()
     log.info(
         "topology_declared",
-        vhost=_vhost(url),
+        vhost=vhost_of(url),
         exchanges=len(topology.exchanges),
         queues=len(topology.queues),
         bindings=len(topology.bindings),
@@ -239,24 +237,17 @@ async def _apply_policies(
     if management_url is None:
         _policies_not_applied("no management URL is configured")
         return
-    amqp = yarl.URL(url)
-    vhost = urllib.parse.quote(_vhost(url), safe="")
-    base = management_url.rstrip("/")
-    credentials = f"{amqp.user or 'guest'}:{amqp.password or 'guest'}".encode()
-    headers = {"Authorization": "Basic " + base64.b64encode(credentials).decode()}
+    api = ManagementApi(url, management_url, timeout_s=timeout_s)
     try:
-        async with aiohttp.ClientSession(
-            headers=headers, timeout=aiohttp.ClientTimeout(total=timeout_s)
-        ) as session:
+        async with api.session() as session:
             for policy in topology.policies:
-                name = urllib.parse.quote(policy.name, safe="")
                 body: dict[str, Any] = {
                     "pattern": policy.pattern,
                     "definition": policy.definition,
                     "apply-to": policy.apply_to,
                     "priority": policy.priority,
                 }
-                target = yarl.URL(f"{base}/api/policies/{vhost}/{name}", encoded=True)
+                target = api.url("policies", policy.name)
                 async with session.put(target, json=body) as resp:
                     if resp.status == 400:
                         raise ConfigError(
@@ -271,13 +262,12 @@ async def _apply_policies(
                         return
     except (aiohttp.ClientError, OSError, TimeoutError) as exc:
         _policies_not_applied(
-            f"management API at {_redacted(management_url)} unreachable: "
-            f"{type(exc).__name__}: {exc}"
+            f"management API at {api.location} unreachable: {type(exc).__name__}: {exc}"
         )
         return
     log.info(
         "policies_applied",
-        vhost=_vhost(url),
+        vhost=api.vhost,
         policies=[p.name for p in topology.policies],
     )
 
@@ -292,16 +282,3 @@ def _policies_not_applied(reason: str) -> None:
             "policies are applied"
         ),
     )
-
-
-def _vhost(url: str) -> str:
-    """The vhost of an AMQP URL, decoded the way aiormq decodes it."""
-    path = yarl.URL(url).path
-    if path in ("", "/"):
-        return "/"
-    return path[1:].replace("%2F", "/")
-
-
-def _redacted(url: str) -> str:
-    """*url* without user information, safe to log."""
-    return str(yarl.URL(url).with_user(None))

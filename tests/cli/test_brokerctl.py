@@ -19,6 +19,7 @@ import pytest
 from broker.config import ControlConfig
 from broker.control.ctl import EXIT_UNREACHABLE, EXIT_USAGE, main
 from broker.control.server import ControlServer
+from broker.errors import BrokerError, TransportUnavailable
 from broker.store import DeadLetterFilter, HoldRefused
 
 pytestmark = pytest.mark.anyio
@@ -105,11 +106,60 @@ HOLD_TABLE = (
 )
 
 
+XREF = [
+    {
+        "kind": "order",
+        "canonical_id": "order-006A",
+        "system": "erp_cloud",
+        "native_id": "4711",
+        "content_hash": "9f2c0e1d7a6b5c4d3e2f1a0b",
+        "updated_at": "2024-05-01T14:00:00+02:00",
+    },
+    {
+        "kind": "order",
+        "canonical_id": "order-006A",
+        "system": "erp_legacy",
+        "native_id": "0000081234",
+        "content_hash": "",
+        "updated_at": "2024-05-02T08:30:00+00:00",
+    },
+]
+
+QUEUES = {
+    "transport": "amqp",
+    "vhost": "q2c",
+    "queues": [
+        {
+            "name": "q2c.dead",
+            "type": "quorum",
+            "ready": 2,
+            "unacked": 0,
+            "consumers": 0,
+        },
+        {
+            "name": "q2c.wf.deal.0",
+            "type": "quorum",
+            "ready": 10,
+            "unacked": 32,
+            "consumers": 1,
+        },
+        {
+            "name": "q2c.retry.5s",
+            "type": "classic",
+            "ready": None,
+            "unacked": None,
+            "consumers": None,
+        },
+    ],
+}
+
+
 class FakeHandler:
     """Canned answers shaped like the composition root's; records what it was asked."""
 
     def __init__(self) -> None:
         self.calls: list[tuple[str, Any]] = []
+        self.queues_error: BrokerError | None = None
 
     async def status(self) -> dict[str, Any]:
         """Canned health."""
@@ -188,6 +238,27 @@ class FakeHandler:
             "correlation_id": correlation_id,
             "journal": [{"stage": "received", "type": "order.placed"}],
         }
+
+    async def xref_get(self, kind: str, canonical_id: str, /) -> list[dict[str, Any]]:
+        """Two ERPs know order-006A; nothing else is known."""
+        self.calls.append(("xref_get", (kind, canonical_id)))
+        return XREF if (kind, canonical_id) == ("order", "order-006A") else []
+
+    async def xref_find(
+        self, kind: str, system: str, native_id: str, /
+    ) -> dict[str, Any]:
+        """Only the cloud ERP's order 4711 is known."""
+        self.calls.append(("xref_find", (kind, system, native_id)))
+        if (kind, system, native_id) != ("order", "erp_cloud", "4711"):
+            raise KeyError(f"no {kind} is known by {system} id {native_id!r}")
+        return XREF[0]
+
+    async def queues(self) -> dict[str, Any]:
+        """Three queues, or the error the test set."""
+        self.calls.append(("queues", None))
+        if self.queues_error is not None:
+            raise self.queues_error
+        return QUEUES
 
 
 @pytest.fixture
@@ -391,6 +462,118 @@ async def test_a_refused_hold_release_exits_1_with_the_reason(
     assert done.returncode == 1
     assert done.stdout == b""
     assert done.stderr.decode() == f"brokerctl: {message}\n"
+
+
+async def test_xref_get_prints_each_systems_id(socket_path: str) -> None:
+    """One row per system, times in UTC, an empty content hash as ``-``."""
+    async with daemon(socket_path) as handler:
+        text = out(
+            await brokerctl(
+                "--socket", socket_path, "xref", "get", "order", "order-006A"
+            )
+        )
+        raw = out(
+            await brokerctl(
+                "--socket", socket_path, "xref", "get", "order", "order-006A", "--json"
+            )
+        )
+    assert text == (
+        "SYSTEM      NATIVE ID   CONTENT HASH              UPDATED\n"
+        "erp_cloud   4711        9f2c0e1d7a6b5c4d3e2f1a0b  2024-05-01 12:00:00Z\n"
+        "erp_legacy  0000081234  -                         2024-05-02 08:30:00Z\n"
+    )
+    assert json.loads(raw) == XREF
+    assert handler.calls == [("xref_get", ("order", "order-006A"))] * 2
+
+
+async def test_xref_get_says_when_no_system_knows_the_id(socket_path: str) -> None:
+    """An id without entries is not an error: exit 0, and a sentence saying so."""
+    async with daemon(socket_path):
+        text = out(
+            await brokerctl("--socket", socket_path, "xref", "get", "account", "acct-9")
+        )
+        raw = out(
+            await brokerctl(
+                "--json", "--socket", socket_path, "xref", "get", "account", "acct-9"
+            )
+        )
+    assert text == "no system has an id for account acct-9\n"
+    assert json.loads(raw) == []
+
+
+async def test_xref_find_names_the_canonical_id(socket_path: str) -> None:
+    """The native id's canonical id, and the command that shows every system's."""
+    async with daemon(socket_path) as handler:
+        text = out(
+            await brokerctl(
+                "--socket", socket_path, "xref", "find", "order", "erp_cloud", "4711"
+            )
+        )
+        raw = out(
+            await brokerctl(
+                "--socket", socket_path, "xref", "find", "order", "erp_cloud", "4711",
+                "--json",
+            )
+        )  # fmt: skip
+    assert text == (
+        "erp_cloud order 4711 is order order-006A (updated 2024-05-01 12:00:00Z)\n"
+        "every system's id: brokerctl xref get order order-006A\n"
+    )
+    assert json.loads(raw) == XREF[0]
+    assert handler.calls[0] == ("xref_find", ("order", "erp_cloud", "4711"))
+
+
+async def test_xref_find_of_an_unknown_native_id_exits_1(socket_path: str) -> None:
+    """A native id nobody bound is the daemon's not_found: its message, exit 1."""
+    async with daemon(socket_path):
+        done = await brokerctl(
+            "--socket", socket_path, "xref", "find", "order", "erp_legacy", "99"
+        )
+    assert done.returncode == 1
+    assert done.stdout == b""
+    assert (
+        done.stderr.decode() == "brokerctl: no order is known by erp_legacy id '99'\n"
+    )
+
+
+async def test_an_invalid_xref_kind_is_refused_by_the_daemon(socket_path: str) -> None:
+    """Kinds are lower-case words; anything else is a bad request, exit 1."""
+    async with daemon(socket_path) as handler:
+        done = await brokerctl(
+            "--socket", socket_path, "xref", "get", "Order!", "order-006A"
+        )
+    assert done.returncode == 1
+    assert done.stderr.decode().startswith("brokerctl: bad request: ")
+    assert handler.calls == []
+
+
+async def test_queues_prints_counts_and_totals(socket_path: str) -> None:
+    """One row per queue; counts not reported yet show as ``-``; --json is raw."""
+    async with daemon(socket_path):
+        text = out(await brokerctl("--socket", socket_path, "queues"))
+        raw = out(await brokerctl("--socket", socket_path, "queues", "--json"))
+    assert text == (
+        "QUEUE          TYPE     READY  UNACKED  CONSUMERS\n"
+        "q2c.dead       quorum   2      0        0\n"
+        "q2c.wf.deal.0  quorum   10     32       1\n"
+        "q2c.retry.5s   classic  -      -        -\n"
+        "3 queues on vhost q2c: 12 ready, 32 unacked\n"
+    )
+    assert json.loads(raw) == QUEUES
+
+
+async def test_queues_reports_an_unreachable_management_api(socket_path: str) -> None:
+    """The daemon's failure (no management API) is printed and exits 1."""
+    async with daemon(socket_path) as handler:
+        handler.queues_error = TransportUnavailable(
+            "the RabbitMQ management API at http://127.0.0.1:15672 is unreachable"
+        )
+        done = await brokerctl("--socket", socket_path, "queues")
+    assert done.returncode == 1
+    assert done.stderr.decode() == (
+        "brokerctl: the RabbitMQ management API at http://127.0.0.1:15672 "
+        "is unreachable\n"
+    )
 
 
 async def test_no_daemon_exits_3_and_says_how_to_start_one(socket_path: str) -> None:

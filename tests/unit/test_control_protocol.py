@@ -29,12 +29,15 @@ from broker.control.protocol import (
     DrainRequest,
     HoldListRequest,
     HoldReleaseRequest,
+    QueuesRequest,
     Reply,
     Request,
     RequestRefused,
     RestartRequest,
     StatusRequest,
     TraceRequest,
+    XrefFindRequest,
+    XrefGetRequest,
     dead_letter_view,
     decode_reply,
     decode_request,
@@ -61,6 +64,9 @@ SAMPLES: list[Request] = [
     DrainRequest(),
     RestartRequest(actor_id="erp.order_sync"),
     TraceRequest(correlation_id="deal-42"),
+    XrefGetRequest(kind="order", canonical_id="order-42"),
+    XrefFindRequest(kind="account", system="erp_cloud", native_id="1000123"),
+    QueuesRequest(),
 ]
 
 
@@ -104,6 +110,13 @@ def test_an_unknown_field_is_a_bad_request() -> None:
         b'{"cmd": "hold_list", "limit": 0}',
         b'{"cmd": "hold_release", "workflow": "deal"}',
         b'{"cmd": "hold_release", "workflow": "", "correlation_id": "deal-42"}',
+        b'{"cmd": "xref_get", "kind": "order"}',
+        b'{"cmd": "xref_get", "kind": "Order", "canonical_id": "order-42"}',
+        b'{"cmd": "xref_get", "kind": "order", "canonical_id": ""}',
+        b'{"cmd": "xref_find", "kind": "order", "system": "erp_cloud"}',
+        b'{"cmd": "xref_find", "kind": "", "system": "crm", "native_id": "1"}',
+        b'{"cmd": "xref_find", "kind": "order", "system": "", "native_id": "1"}',
+        b'{"cmd": "queues", "vhost": "/"}',
     ],
 )
 def test_malformed_or_invalid_requests_are_bad_requests(line: bytes) -> None:
@@ -272,6 +285,25 @@ class FakeHandler:
         self.calls.append(("trace", correlation_id))
         return {"correlation_id": correlation_id, "journal": []}
 
+    async def xref_get(self, kind: str, canonical_id: str, /) -> list[dict[str, Any]]:
+        """One system's entry."""
+        self.calls.append(("xref_get", (kind, canonical_id)))
+        return [{"system": "crm", "native_id": "006A"}]
+
+    async def xref_find(
+        self, kind: str, system: str, native_id: str, /
+    ) -> dict[str, Any]:
+        """The entry, or KeyError for native id ``unknown``."""
+        self.calls.append(("xref_find", (kind, system, native_id)))
+        if native_id == "unknown":
+            raise KeyError(f"no {kind} is known by {system} id {native_id!r}")
+        return {"canonical_id": "order-1", "native_id": native_id}
+
+    async def queues(self) -> dict[str, Any]:
+        """No queues."""
+        self.calls.append(("queues", None))
+        return {"transport": "memory", "vhost": None, "queues": []}
+
 
 @pytest.fixture
 def run_dir() -> Iterator[str]:
@@ -359,6 +391,21 @@ EXPECTED_CALLS: list[tuple[Request, tuple[str, Any], Any]] = [
         ("trace", "deal-1"),
         {"correlation_id": "deal-1", "journal": []},
     ),
+    (
+        XrefGetRequest(kind="opportunity", canonical_id="opp-006A"),
+        ("xref_get", ("opportunity", "opp-006A")),
+        [{"system": "crm", "native_id": "006A"}],
+    ),
+    (
+        XrefFindRequest(kind="order", system="erp_cloud", native_id="4711"),
+        ("xref_find", ("order", "erp_cloud", "4711")),
+        {"canonical_id": "order-1", "native_id": "4711"},
+    ),
+    (
+        QueuesRequest(),
+        ("queues", None),
+        {"transport": "memory", "vhost": None, "queues": []},
+    ),
 ]
 
 
@@ -412,6 +459,17 @@ async def test_a_refused_hold_release_is_an_error_reply(
                 HoldReleaseRequest(workflow="deal", correlation_id=correlation_id)
             )
     assert caught.value.code == code
+
+
+async def test_an_unknown_native_id_is_not_found(cfg: ControlConfig) -> None:
+    """An xref_find for a native id nobody bound replies ``not_found``."""
+    async with serving(cfg, FakeHandler()):
+        with pytest.raises(RequestRefused) as caught:
+            await ControlClient(cfg.socket_path).request(
+                XrefFindRequest(kind="order", system="erp_cloud", native_id="unknown")
+            )
+    assert caught.value.code == "not_found"
+    assert str(caught.value) == "no order is known by erp_cloud id 'unknown'"
 
 
 async def test_a_request_past_its_deadline_fails(cfg: ControlConfig) -> None:

@@ -1,0 +1,144 @@
+"""How ``brokerctl`` shows results to people: tables, blocks, lookups, queues.
+
+Every value printed goes through `cell`, which escapes control characters:
+ids, reasons and native ids come from outside systems, and printed raw an
+escape sequence in one could rewrite the operator's terminal.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+import msgspec
+
+__all__ = [
+    "block",
+    "table",
+    "cell",
+    "when",
+    "xref_entries",
+    "xref_owner",
+    "queue_table",
+]
+
+
+def xref_entries(kind: str, canonical_id: str, entries: list[Any]) -> str:
+    """The systems that know canonical object *canonical_id*, one row each."""
+    shown = [e for e in entries if isinstance(e, dict)]
+    if not shown:
+        return f"no system has an id for {cell(kind)} {cell(canonical_id)}"
+    rows = [
+        [
+            cell(e.get("system")),
+            cell(e.get("native_id")),
+            cell(e.get("content_hash") or None),
+            when(e.get("updated_at")),
+        ]
+        for e in shown
+    ]
+    return table(["SYSTEM", "NATIVE ID", "CONTENT HASH", "UPDATED"], rows)
+
+
+def xref_owner(entry: dict[str, Any]) -> str:
+    """Which canonical object a native id belongs to, and how to see the rest."""
+    kind, canonical_id = cell(entry.get("kind")), cell(entry.get("canonical_id"))
+    return (
+        f"{cell(entry.get('system'))} {kind} {cell(entry.get('native_id'))} is "
+        f"{kind} {canonical_id} (updated {when(entry.get('updated_at'))})\n"
+        f"every system's id: brokerctl xref get {kind} {canonical_id}"
+    )
+
+
+def queue_table(result: dict[str, Any]) -> str:
+    """The daemon's queues with their counts, and the totals."""
+    queues = [q for q in result.get("queues") or () if isinstance(q, dict)]
+    where = "the in-process transport"
+    if result.get("vhost") is not None:
+        where = f"vhost {cell(result['vhost'])}"
+    if not queues:
+        return f"no q2c.* queues on {where}"
+    rows = [
+        [
+            cell(q.get("name")),
+            cell(q.get("type")),
+            cell(q.get("ready")),
+            cell(q.get("unacked")),
+            cell(q.get("consumers")),
+        ]
+        for q in queues
+    ]
+    ready = sum(q["ready"] for q in queues if isinstance(q.get("ready"), int))
+    unacked = sum(q["unacked"] for q in queues if isinstance(q.get("unacked"), int))
+    headers = ["QUEUE", "TYPE", "READY", "UNACKED", "CONSUMERS"]
+    return (
+        f"{table(headers, rows)}\n{len(rows)} queue{'s' if len(rows) != 1 else ''} "
+        f"on {where}: {ready} ready, {unacked} unacked"
+    )
+
+
+def block(value: Any, indent: int) -> list[str]:
+    """Lines for any JSON value: aligned key/value pairs, nested blocks, tables."""
+    pad = " " * indent
+    if isinstance(value, dict):
+        width = max((len(str(k)) for k in value), default=0)
+        lines: list[str] = []
+        for key, item in value.items():
+            label = cell(key)
+            if isinstance(item, dict | list) and item:
+                lines.append(f"{pad}{label}:")
+                lines.extend(block(item, indent + 2))
+            else:
+                lines.append(f"{pad}{label.ljust(width)}  {cell(item)}".rstrip())
+        return lines
+    if isinstance(value, list):
+        if value and all(isinstance(item, dict) for item in value):
+            headers = list(dict.fromkeys(k for item in value for k in item))
+            rows = [[cell(item.get(h)) for h in headers] for item in value]
+            grid = table([h.upper().replace("_", " ") for h in headers], rows)
+            return [pad + line for line in grid.splitlines()]
+        return [f"{pad}{cell(item)}" for item in value] or [f"{pad}(none)"]
+    return [pad + cell(value)]
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """*headers* over *rows*, each column as wide as its widest cell."""
+    widths = [len(h) for h in headers]
+    for row in rows:
+        widths = [max(w, len(cell)) for w, cell in zip(widths, row, strict=True)]
+    return "\n".join(
+        "  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip()
+        for line in [headers, *rows]
+    )
+
+
+def cell(value: Any) -> str:
+    """One value as display text; control characters are escaped.
+
+    Dead-letter details come from outside systems: printed raw, an escape
+    sequence in one could rewrite the operator's terminal.
+    """
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, dict | list):
+        value = msgspec.json.encode(value).decode()
+    text = str(value)
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+def when(value: Any) -> str:
+    """An ISO timestamp as ``YYYY-MM-DD HH:MM:SSZ`` in UTC; anything else as is."""
+    if not isinstance(value, str):
+        return cell(value)
+    try:
+        moment = datetime.fromisoformat(value)
+    except ValueError:
+        return cell(value)
+    if moment.tzinfo is not None:
+        moment = moment.astimezone(UTC)
+    return moment.strftime("%Y-%m-%d %H:%M:%S") + ("Z" if moment.tzinfo else "")
