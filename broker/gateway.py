@@ -25,6 +25,12 @@ calls the system through its `Connector`, politely and durably:
    and are committed. After the reset time it consumes again with prefetch
    1 and lets exactly one probe through: success closes the breaker, failure
    opens it again for longer.
+5. **Pause.** An operator's ``brokerctl pause <system>`` stores a pause
+   (`broker.store.SystemPause`) that every daemon sharing the store reads
+   within ``pause_poll_s`` (the daemon that stored it at once). While it
+   lasts the actor cancels its consumer, as an open breaker does, and does
+   not subscribe again until ``brokerctl resume``. A store outage while
+   polling keeps the last state read.
 
 Redelivery is safe: a command's key is claimed in the transaction that
 writes its results, so a crash after the call but before the commit calls
@@ -47,6 +53,7 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Annotated, Any, final
 
 import anyio
+import structlog
 from msgspec import Meta
 
 from broker.config import Section
@@ -55,6 +62,7 @@ from broker.errors import (
     ConfigError,
 )
 from broker.limits import BreakerState, CircuitBreaker, TokenBucket
+from broker.store import SystemPause
 from broker.supervision import ChildSpec
 from broker.system_actor import SystemActor
 
@@ -70,6 +78,8 @@ _BREAKER_GAUGE = {
 }
 
 Positive = Annotated[float, Meta(gt=0)]
+
+_log = structlog.get_logger(__name__)
 
 
 class GatewaySettings(Section, frozen=True):
@@ -90,6 +100,9 @@ class GatewaySettings(Section, frozen=True):
             return counts towards the ``delivery-limit`` backstop.
         batch_linger_s: how long a finished call waits for others still in
             flight, so that their outcomes share one commit.
+        pause_poll_s: how often the actor reads the store for a pause
+            (``brokerctl pause``), so that a pause stored by any daemon
+            reaches it within this long.
     """
 
     rate_per_s: Positive = 10.0
@@ -101,6 +114,7 @@ class GatewaySettings(Section, frozen=True):
     breaker_reset_max_s: Positive = 300.0
     prefetch: Annotated[int, Meta(ge=1, le=65_535)] = 8
     batch_linger_s: Annotated[float, Meta(ge=0, le=1)] = 0.005
+    pause_poll_s: Annotated[float, Meta(gt=0, le=3600)] = 2.0
 
     def __post_init__(self) -> None:
         if self.breaker_reset_max_s < self.breaker_reset_s:
@@ -169,11 +183,19 @@ class SystemGateway:
         self.in_flight = 0
         self.held = 0  # deliveries taken and not yet acknowledged or returned
         self.prefetch = 0  # of the current subscription; 0 while not consuming
+        #: The operator's pause of this system, as last read; None: not paused.
+        self.pause: SystemPause | None = None
+        #: Counts `set_pause` calls: a poll that started before one of them
+        #: read an older state and is dropped.
+        self.pause_generation = 0
+        #: Called when `pause` begins or ends; set by the running actor.
+        self.on_pause_change: Callable[[], None] | None = None
         m = rt.metrics
         self._m_in_flight = m.gateway_in_flight.labels(system)
         self._m_breaker = m.gateway_breaker_state.labels(system)
         self._m_opened = m.gateway_breaker_opened.labels(system)
         rt.system_status[system] = self.status
+        rt.system_pause[system] = self.set_pause
 
     def spec(self) -> ChildSpec:
         """The supervised child: id ``sys.<system>``, permanent, the daemon's grace."""
@@ -184,11 +206,12 @@ class SystemGateway:
         )
 
     def status(self) -> dict[str, Any]:
-        """Breaker, consumer, calls and counters as plain data."""
+        """Breaker, pause, consumer, calls and counters as plain data."""
         return {
             "system": self.system,
             "queue": self.queue,
             "breaker": self.breaker.status(),
+            "paused": _pause_view(self.pause),
             "consuming": self.prefetch > 0,
             "prefetch": self.prefetch,
             "in_flight": self.in_flight,
@@ -213,6 +236,28 @@ class SystemGateway:
         self.in_flight += delta
         self._m_in_flight.set(self.in_flight)
 
+    def set_pause(self, pause: SystemPause | None) -> None:
+        """Take *pause* (None: not paused) as this system's state; tell the actor.
+
+        The beginning and the end of a pause are logged, with who paused and why.
+        """
+        was, self.pause = self.pause, pause
+        self.pause_generation += 1
+        if (was is None) == (pause is None):
+            return
+        if pause is not None:
+            _log.warning(
+                "system_paused",
+                system=self.system,
+                reason=pause.reason,
+                paused_by=pause.paused_by,
+                since=pause.since.isoformat(),
+            )
+        else:
+            _log.info("system_resumed", system=self.system)
+        if self.on_pause_change is not None:
+            self.on_pause_change()
+
     def breaker_changed(self, *, opened: bool = False) -> None:
         """Publish the breaker's state to the metrics."""
         self._m_breaker.set(_BREAKER_GAUGE[self.breaker.state])
@@ -224,6 +269,16 @@ class SystemGateway:
             f"<SystemGateway {self.system} {self.breaker.state.value} "
             f"{self.in_flight}/{self.settings.concurrency} in flight>"
         )
+
+
+def _pause_view(pause: SystemPause | None) -> dict[str, str] | None:
+    if pause is None:
+        return None
+    return {
+        "reason": pause.reason,
+        "paused_by": pause.paused_by,
+        "since": pause.since.isoformat(),
+    }
 
 
 def system_actor_spec(

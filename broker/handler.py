@@ -12,15 +12,18 @@ import time
 from typing import TYPE_CHECKING, Any, final
 
 import msgspec
+import structlog
 
 from broker.control.protocol import dead_letter_view
 from broker.errors import ControlError
-from broker.store import DeadLetterFilter, HoldRefused
+from broker.store import DeadLetterFilter, HoldRefused, SystemPause
 
 if TYPE_CHECKING:
     from broker.app import Daemon
 
 __all__ = ["DaemonControl"]
+
+_log = structlog.get_logger(__name__)
 
 
 @final
@@ -166,6 +169,49 @@ class DaemonControl:
         view: dict[str, Any] = msgspec.to_builtins(entry)
         return view
 
+    async def pause(self, system: str, reason: str, *, by: str) -> dict[str, Any]:
+        """Store *system*'s pause for every daemon, and apply it here at once.
+
+        Raises:
+            KeyError: *system* is not in ``[topology] systems``.
+        """
+        self._known(system)
+        rt = self._d.runtime
+        pause = await rt.store.pause_system(system, reason=reason, paused_by=by)
+        _log.warning("system_pause_requested", system=system, reason=reason, by=by)
+        if (apply := rt.system_pause.get(system)) is not None:
+            apply(pause)
+        return {"paused": True, **_pause_result(pause)}
+
+    async def resume(self, system: str, *, by: str) -> dict[str, Any]:
+        """End *system*'s pause for every daemon, here at once.
+
+        ``resumed`` is false when the system was not paused.
+
+        Raises:
+            KeyError: *system* is not in ``[topology] systems``.
+        """
+        self._known(system)
+        rt = self._d.runtime
+        ended = await rt.store.resume_system(system)
+        _log.info(
+            "system_resume_requested",
+            system=system,
+            by=by,
+            was_paused=ended is not None,
+        )
+        if (apply := rt.system_pause.get(system)) is not None:
+            apply(None)
+        if ended is None:
+            return {"system": system, "resumed": False}
+        return {"resumed": True, **_pause_result(ended), "resumed_by": by}
+
+    def _known(self, system: str) -> None:
+        systems = self._d.cfg.topology.systems
+        if system not in systems:
+            known = ", ".join(sorted(systems)) or "none"
+            raise KeyError(f"unknown system {system!r} (configured: {known})")
+
     async def queues(self) -> dict[str, Any]:
         """The ``q2c.*`` queues of the daemon's vhost with their counts.
 
@@ -207,3 +253,12 @@ class DaemonControl:
                 if name.startswith("q2c.")
             ],
         }
+
+
+def _pause_result(pause: SystemPause) -> dict[str, Any]:
+    return {
+        "system": pause.system,
+        "reason": pause.reason,
+        "paused_by": pause.paused_by,
+        "since": pause.since.isoformat(),
+    }

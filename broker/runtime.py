@@ -32,7 +32,7 @@ from broker.metrics import Metrics
 from broker.outbox import OutboxFeed
 from broker.retry import RetryPolicy
 from broker.shard import WorkflowShard
-from broker.store import Store
+from broker.store import Store, SystemPause
 from broker.supervision import ChildSpec, Strategy, SupervisorSpec
 from broker.transport import Transport
 from broker.transport.topology import WorkflowRoute, shard_queue
@@ -67,6 +67,9 @@ class Runtime:
         self._bindings: dict[str, tuple[str, ...]] = {}
         #: System name → its gateway's ``status()``, for ``brokerctl status``.
         self.system_status: dict[str, Callable[[], dict[str, Any]]] = {}
+        #: System name → its gateway's ``set_pause``, so that the daemon that
+        #: stores a pause (``brokerctl pause``) applies it at once.
+        self.system_pause: dict[str, Callable[[SystemPause | None], None]] = {}
         self._store: Store | None = None
         self._transport: Transport | None = None
 

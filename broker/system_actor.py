@@ -24,6 +24,7 @@ from broker.codec import (
 )
 from broker.errors import (
     PermanentError,
+    StoreUnavailable,
     TransientError,
     TransportUnavailable,
     UpstreamRejected,
@@ -83,7 +84,7 @@ class _Session:
         self.half_open = half_open
         self.probe_sent = False
         #: Why the session ends: stopping, breaker_open, recovered, probe_failed,
-        #: subscription_lost. None while it runs.
+        #: subscription_lost, paused. None while it runs.
         self.ending: str | None = None
 
 
@@ -114,14 +115,17 @@ class SystemActor(Actor[None]):
         self._calls: set[anyio.CancelScope] = set()  # cut short at the stop deadline
         self._session: _Session | None = None
         self._stopping = False
+        self._resumed: anyio.Event | None = None  # set when a pause ends
         # The work survives the stop request (a cancellation of the actor's
         # background tasks): it drains, within its own deadline.
         self._work_scope = anyio.CancelScope(shield=True)
 
     async def on_start(self, ctx: Context[None]) -> None:
-        """Start consuming in the background."""
+        """Start consuming in the background, and watching for a pause."""
+        self._gw.on_pause_change = self._pause_changed
         ctx.start_soon(self._work, ctx, name=f"{ctx.id}.work")
         ctx.start_soon(self._watch_for_stop, name=f"{ctx.id}.stop")
+        ctx.start_soon(self._poll_pause, ctx, name=f"{ctx.id}.pause")
 
     async def handle(self, msg: None, ctx: Context[None]) -> dict[str, Any]:
         """Answer with the system's status (for ``ask``)."""
@@ -176,16 +180,58 @@ class SystemActor(Actor[None]):
             finally:
                 self._waits.discard(scope)
 
+    # -- pauses ------------------------------------------------------------------
+
+    async def _poll_pause(self, ctx: Context[None]) -> None:
+        """Read the store for this system's pause every ``pause_poll_s``."""
+        while True:
+            await anyio.sleep(self._gw.settings.pause_poll_s)
+            await self._read_pause(ctx)
+
+    async def _read_pause(self, ctx: Context[None]) -> None:
+        """Take the stored pause; on a store outage keep the last one read."""
+        gw = self._gw
+        generation = gw.pause_generation
+        try:
+            pauses = await self._rt.store.system_pauses()
+        except StoreUnavailable as exc:
+            ctx.log.warning(
+                "pause_poll_failed",
+                system=gw.system,
+                paused=gw.pause is not None,
+                error=str(exc),
+            )
+            return
+        if gw.pause_generation == generation:  # else the daemon applied a newer one
+            gw.set_pause(pauses.get(gw.system))
+
+    def _pause_changed(self) -> None:
+        if self._gw.pause is not None:
+            self._end_session("paused")
+        elif self._resumed is not None:
+            self._resumed.set()
+
+    async def _wait_for_resume(self) -> None:
+        with self._interruptible():
+            while self._gw.pause is not None:
+                self._resumed = anyio.Event()
+                await self._resumed.wait()
+
     # -- the consumer's life ---------------------------------------------------
 
     async def _work(self, ctx: Context[None]) -> None:
         with self._work_scope:
+            with self._interruptible():
+                await self._read_pause(ctx)
             while not self._stopping:
+                if self._gw.pause is not None:
+                    await self._wait_for_resume()
+                    continue
                 breaker = self._gw.breaker
                 if breaker.state is BreakerState.OPEN:
                     await self._wait_for_reset()
-                    if self._stopped():
-                        break
+                    if self._stopped() or self._gw.pause is not None:
+                        continue
                     breaker.half_open()
                     self._gw.breaker_changed()
                     ctx.log.info("breaker_half_open", system=self._gw.system)
@@ -221,6 +267,8 @@ class SystemActor(Actor[None]):
         self._session = s
         if self._stopping:
             s.ending = "stopping"
+        elif self._gw.pause is not None:
+            s.ending = "paused"
         size = 1 if half_open else self._gw.settings.prefetch
         workers = min(self._gw.settings.concurrency, size)
         work_send, work_recv = anyio.create_memory_object_stream[_Command](size)

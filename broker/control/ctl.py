@@ -22,7 +22,9 @@ from broker.control.client import ControlClient, DaemonUnreachable
 from broker.control.ctl_views import (
     block,
     cell,
+    paused,
     queue_table,
+    resumed,
     table,
     when,
     xref_entries,
@@ -37,9 +39,11 @@ from broker.control.protocol import (
     DrainRequest,
     HoldListRequest,
     HoldReleaseRequest,
+    PauseRequest,
     QueuesRequest,
     Request,
     RestartRequest,
+    ResumeRequest,
     StatusRequest,
     TraceRequest,
     XrefFindRequest,
@@ -186,7 +190,24 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
     queues = commands.add_parser(
         "queues", help="q2c.* queues: ready, unacked, consumers, type"
     )
-    for sub in (held, release, get, find, queues):
+    pause = commands.add_parser(
+        "pause",
+        help="stop calls to one system on every daemon; its commands wait in its queue",
+        description="Stop calls to SYSTEM (e.g. for a maintenance window) on every "
+        "daemon sharing the store, within their pause-poll-s. Calls in flight "
+        "finish; new commands wait in q2c.sys.SYSTEM until `brokerctl resume`. "
+        "Pausing a paused system replaces the reason.",
+    )
+    pause.add_argument("system", metavar="SYSTEM", help="e.g. crm, erp_cloud")
+    pause.add_argument("--reason", metavar="TEXT", default="", help="why, for others")
+    resume = commands.add_parser(
+        "resume",
+        help="let a paused system's actors take commands again",
+        description="End SYSTEM's pause. A system that is not paused is no error: "
+        "brokerctl says so and exits 0.",
+    )
+    resume.add_argument("system", metavar="SYSTEM")
+    for sub in (held, release, get, find, queues, pause, resume):
         sub.add_argument(
             "--json",
             action="store_true",
@@ -251,6 +272,10 @@ def _request(
             )
         case "queues":
             return QueuesRequest()
+        case "pause":
+            return PauseRequest(system=args.system, reason=args.reason)
+        case "resume":
+            return ResumeRequest(system=args.system)
     selection: dict[str, Any] = {name: getattr(args, name) for name in _FILTERS}
     selection["status"] = None if args.status == "any" else args.status
     selection["limit"] = args.limit
@@ -307,6 +332,10 @@ def render(req: Request, result: Any) -> str:
             return xref_owner(result)
         case QueuesRequest() if isinstance(result, dict):
             return queue_table(result)
+        case PauseRequest() if isinstance(result, dict):
+            return paused(result)
+        case ResumeRequest() if isinstance(result, dict):
+            return resumed(result)
         case _:
             return "\n".join(block(result, 0))
 

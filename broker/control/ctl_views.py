@@ -21,6 +21,8 @@ __all__ = [
     "xref_entries",
     "xref_owner",
     "queue_table",
+    "paused",
+    "resumed",
 ]
 
 
@@ -76,6 +78,32 @@ def queue_table(result: dict[str, Any]) -> str:
         f"{table(headers, rows)}\n{len(rows)} queue{'s' if len(rows) != 1 else ''} "
         f"on {where}: {ready} ready, {unacked} unacked"
     )
+
+
+def paused(result: dict[str, Any]) -> str:
+    """What a pause did: the system, since when, by whom and why."""
+    system = cell(result.get("system"))
+    return (
+        f"paused {system} since {when(result.get('since'))} by "
+        f"{cell(result.get('paused_by'))}{_reason(result)}\n"
+        f"its commands wait in q2c.sys.{system}; resume: brokerctl resume {system}"
+    )
+
+
+def resumed(result: dict[str, Any]) -> str:
+    """What a resume did, or that the system was not paused."""
+    system = cell(result.get("system"))
+    if not result.get("resumed"):
+        return f"{system} was not paused: nothing to resume"
+    return (
+        f"resumed {system}, paused since {when(result.get('since'))} by "
+        f"{cell(result.get('paused_by'))}{_reason(result)}"
+    )
+
+
+def _reason(result: dict[str, Any]) -> str:
+    reason = result.get("reason")
+    return f" ({cell(reason)})" if reason else ""
 
 
 def block(value: Any, indent: int) -> list[str]:

@@ -42,6 +42,8 @@ __all__ = [
     "XrefGetRequest",
     "XrefFindRequest",
     "QueuesRequest",
+    "PauseRequest",
+    "ResumeRequest",
     "Request",
     "COMMANDS",
     # Replies
@@ -65,6 +67,8 @@ ErrorCode = Literal[
 LetterStatus = Literal["parked", "held", "released", "replayed", "purged", "open"]
 Text = Annotated[str, Meta(min_length=1, max_length=512)]
 RowId = Annotated[int, Meta(ge=1)]
+#: A system's name, as in ``[topology] systems``: ``crm``, ``erp_cloud`` …
+SystemName = Annotated[str, Meta(pattern=r"^[a-z][a-z0-9_]*$", max_length=64)]
 #: An xref kind: ``order``, ``account``, ``product``, ``invoice`` …
 XrefKind = Annotated[str, Meta(pattern=r"^[a-z][a-z0-9_.-]*$", max_length=64)]
 
@@ -245,6 +249,27 @@ class QueuesRequest(_Command, frozen=True, tag="queues"):
     """The daemon's ``q2c.*`` queues: ready, unacknowledged, consumers, type."""
 
 
+class PauseRequest(_Command, frozen=True, tag="pause"):
+    """Stop calls to one system, on every daemon sharing the store, until resumed.
+
+    Its commands wait in its queue. Refused for a system not in
+    ``[topology] systems``; pausing a paused system replaces the reason.
+    """
+
+    system: SystemName
+    reason: Annotated[str, Meta(max_length=512)] = ""
+
+
+class ResumeRequest(_Command, frozen=True, tag="resume"):
+    """Let a paused system's actors take commands again.
+
+    A system that is not paused is no error: the result says
+    ``resumed: false``.
+    """
+
+    system: SystemName
+
+
 Request = (
     StatusRequest
     | ActorsRequest
@@ -260,6 +285,8 @@ Request = (
     | XrefGetRequest
     | XrefFindRequest
     | QueuesRequest
+    | PauseRequest
+    | ResumeRequest
 )
 
 #: Every ``cmd`` the daemon understands.

@@ -43,11 +43,13 @@ from broker.control.protocol import (
     DrainRequest,
     HoldListRequest,
     HoldReleaseRequest,
+    PauseRequest,
     QueuesRequest,
     Reply,
     Request,
     RequestRefused,
     RestartRequest,
+    ResumeRequest,
     StatusRequest,
     TraceRequest,
     XrefFindRequest,
@@ -138,6 +140,14 @@ class ControlHandler(Protocol):
 
     async def queues(self) -> dict[str, Any]:
         """The ``q2c.*`` queues with their counts (`broker.transport.management`)."""
+        ...
+
+    async def pause(self, system: str, reason: str, /, *, by: str) -> dict[str, Any]:
+        """Pause one system; *by* names the peer (``uid 1000``). `KeyError`: unknown."""
+        ...
+
+    async def resume(self, system: str, /, *, by: str) -> dict[str, Any]:
+        """End one system's pause (``resumed`` false: it was not paused)."""
         ...
 
 
@@ -270,7 +280,7 @@ class ControlServer:
                 reply = Reply.failure(str(exc), exc.code)
             else:
                 command = command_name(req)
-                reply = await self._execute(req, command)
+                reply = await self._execute(req, command, uid)
             data, outcome = _encode(reply, command)
             _log_command(uid, pid, command, outcome, time.monotonic() - started)
             if not await self._send_bytes(stream, data):
@@ -298,11 +308,11 @@ class ControlServer:
             return line
         return None
 
-    async def _execute(self, req: Request, command: str) -> Reply:
+    async def _execute(self, req: Request, command: str, uid: int) -> Reply:
         """Run one request under its deadline and map failures to error codes."""
         with anyio.move_on_after(self._request_timeout_s):
             try:
-                return Reply(ok=True, result=await self._dispatch(req))
+                return Reply(ok=True, result=await self._dispatch(req, uid))
             except KeyError as exc:
                 return Reply.failure(_first_arg(exc, "not found"), "not_found")
             except ValueError as exc:
@@ -321,7 +331,7 @@ class ControlServer:
             f"{command} did not finish within {self._request_timeout_s:g}s", "failed"
         )
 
-    async def _dispatch(self, req: Request) -> Any:
+    async def _dispatch(self, req: Request, uid: int) -> Any:
         handler = self._handler
         match req:
             case StatusRequest():
@@ -354,6 +364,10 @@ class ControlServer:
                 return await handler.xref_find(kind, system, native_id)
             case QueuesRequest():
                 return await handler.queues()
+            case PauseRequest(system=system, reason=reason):
+                return await handler.pause(system, reason, by=f"uid {uid}")
+            case ResumeRequest(system=system):
+                return await handler.resume(system, by=f"uid {uid}")
             case _:
                 assert_never(req)
 

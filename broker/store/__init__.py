@@ -14,7 +14,8 @@ was parked (dead-lettered or sent to retry) is held by that message, and its
 later messages are recorded as dead letters of status ``held`` instead of
 being applied, until the blocker is applied or purged (see `broker.commit`).
 Outbox rows may be delayed (`OutboxRecord.delay_s`), and the cross-reference
-registry (`broker.xref`) lives here too.
+registry (`broker.xref`) and the operators' paused systems
+(`broker.store.pauses`) live here too.
 
 Every driver exception is translated where the driver is called:
 `StoreUnavailable` (retry later) or a bug.
@@ -28,6 +29,7 @@ from typing import Any, Literal, Protocol
 
 import msgspec
 
+from broker.store.pauses import SystemPause
 from broker.xref import XrefConflict, XrefEntry
 
 __all__ = [
@@ -50,6 +52,7 @@ __all__ = [
     "StatusFilter",
     "XrefEntry",
     "XrefConflict",
+    "SystemPause",
     "Store",
 ]
 
@@ -428,6 +431,23 @@ class Store(Protocol):
         self, kind: str, canonical_ids: Sequence[str]
     ) -> dict[str, dict[str, XrefEntry]]:
         """Canonical id → system → entry, for those of *canonical_ids* that have any."""
+        ...
+
+    async def pause_system(
+        self, system: str, *, reason: str, paused_by: str
+    ) -> SystemPause:
+        """Pause *system* for every daemon on this store; return the stored pause.
+
+        Pausing a paused system keeps its ``since`` and replaces the reason.
+        """
+        ...
+
+    async def resume_system(self, system: str) -> SystemPause | None:
+        """End *system*'s pause; return the pause ended (None: it was not paused)."""
+        ...
+
+    async def system_pauses(self) -> dict[str, SystemPause]:
+        """System → its pause, for every paused system."""
         ...
 
     async def load_saga(self, workflow: str, correlation_id: str) -> SagaRecord | None:

@@ -35,7 +35,9 @@ from broker.store import (
     JournalRow,
     OutboxRow,
     SagaRecord,
+    SystemPause,
     XrefEntry,
+    pauses,
 )
 from broker.store import postgres_holds as holds
 from broker.store import postgres_sql as sql
@@ -446,6 +448,23 @@ class PostgresStore:
             for r in await self._fetch(sql.XREF_MANY, kind, list(canonical_ids)):
                 found.setdefault(r[1], {})[r[2]] = xref_entry(r)
         return found
+
+    async def pause_system(
+        self, system: str, *, reason: str, paused_by: str
+    ) -> SystemPause:
+        """Pause *system* for every daemon on this store (`Store`)."""
+        rows = await self._fetch(pauses.PG_PAUSE, system, reason, paused_by)
+        return pauses.pause_row(rows[0])
+
+    async def resume_system(self, system: str) -> SystemPause | None:
+        """End *system*'s pause; return it (None: it was not paused)."""
+        rows = await self._fetch(pauses.PG_RESUME, system)
+        return pauses.pause_row(rows[0]) if rows else None
+
+    async def system_pauses(self) -> dict[str, SystemPause]:
+        """System → its pause, for every paused system."""
+        rows = await self._fetch(pauses.PG_PAUSES)
+        return {r[0]: pauses.pause_row(r) for r in rows}
 
     async def load_saga(self, workflow: str, correlation_id: str) -> SagaRecord | None:
         """One instance's state, for status queries and tests."""

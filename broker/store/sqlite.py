@@ -43,7 +43,9 @@ from broker.store import (
     JournalRow,
     OutboxRow,
     SagaRecord,
+    SystemPause,
     XrefEntry,
+    pauses,
 )
 from broker.store import sqlite_deadletter as deadletter
 from broker.store import sqlite_sql as sql
@@ -348,6 +350,33 @@ class SqliteStore:
         for r in rows:
             found.setdefault(r[1], {})[r[2]] = xref_entry(r, when=_utc)
         return found
+
+    async def pause_system(
+        self, system: str, *, reason: str, paused_by: str
+    ) -> SystemPause:
+        """Pause *system* for every daemon on this store (`Store`)."""
+        params: dict[str, object] = {"system": system, "reason": reason}
+        params.update(paused_by=paused_by, now=self._clock())
+        row = await self._transaction(
+            lambda conn: conn.execute(pauses.SQLITE_PAUSE, params).fetchone()
+        )
+        return pauses.pause_row(row, when=_utc)
+
+    async def resume_system(self, system: str) -> SystemPause | None:
+        """End *system*'s pause; return it (None: it was not paused)."""
+        row = await self._transaction(
+            lambda conn: conn.execute(
+                pauses.SQLITE_RESUME, {"system": system}
+            ).fetchone()
+        )
+        return pauses.pause_row(row, when=_utc) if row is not None else None
+
+    async def system_pauses(self) -> dict[str, SystemPause]:
+        """System → its pause, for every paused system."""
+        rows = await self._locked(
+            lambda conn: conn.execute(pauses.SQLITE_PAUSES).fetchall()
+        )
+        return {r[0]: pauses.pause_row(r, when=_utc) for r in rows}
 
     async def load_saga(self, workflow: str, correlation_id: str) -> SagaRecord | None:
         """One instance's state, for status queries and tests."""

@@ -17,7 +17,8 @@ import anyio
 import pytest
 
 from broker.config import ControlConfig
-from broker.control.ctl import EXIT_UNREACHABLE, EXIT_USAGE, main
+from broker.control.ctl import EXIT_UNREACHABLE, EXIT_USAGE, main, render
+from broker.control.protocol import StatusRequest
 from broker.control.server import ControlServer
 from broker.errors import BrokerError, TransportUnavailable
 from broker.store import DeadLetterFilter, HoldRefused
@@ -154,6 +155,14 @@ QUEUES = {
 }
 
 
+PAUSE = {
+    "system": "erp_cloud",
+    "reason": "S/4 upgrade",
+    "paused_by": "uid 1000",
+    "since": "2024-05-01T14:00:00+02:00",
+}
+
+
 class FakeHandler:
     """Canned answers shaped like the composition root's; records what it was asked."""
 
@@ -259,6 +268,20 @@ class FakeHandler:
         if self.queues_error is not None:
             raise self.queues_error
         return QUEUES
+
+    async def pause(self, system: str, reason: str, /, *, by: str) -> dict[str, Any]:
+        """erp_cloud and crm are configured; anything else is unknown."""
+        self.calls.append(("pause", (system, reason)))
+        if system not in ("erp_cloud", "crm"):
+            raise KeyError(f"unknown system {system!r} (configured: crm, erp_cloud)")
+        return {"paused": True, **PAUSE, "system": system, "reason": reason}
+
+    async def resume(self, system: str, /, *, by: str) -> dict[str, Any]:
+        """erp_cloud was paused; crm was not."""
+        self.calls.append(("resume", system))
+        if system == "erp_cloud":
+            return {"resumed": True, **PAUSE, "resumed_by": by}
+        return {"system": system, "resumed": False}
 
 
 @pytest.fixture
@@ -574,6 +597,84 @@ async def test_queues_reports_an_unreachable_management_api(socket_path: str) ->
         "brokerctl: the RabbitMQ management API at http://127.0.0.1:15672 "
         "is unreachable\n"
     )
+
+
+async def test_pause_says_since_when_by_whom_and_why(socket_path: str) -> None:
+    """Pause sends the system and reason; text names how to resume, --json is raw."""
+    async with daemon(socket_path) as handler:
+        text = out(
+            await brokerctl(
+                "--socket", socket_path, "pause", "erp_cloud", "--reason", "S/4 upgrade"
+            )
+        )
+        raw = out(await brokerctl("--socket", socket_path, "pause", "crm", "--json"))
+    assert text == (
+        "paused erp_cloud since 2024-05-01 12:00:00Z by uid 1000 (S/4 upgrade)\n"
+        "its commands wait in q2c.sys.erp_cloud; resume: brokerctl resume erp_cloud\n"
+    )
+    assert json.loads(raw) == {"paused": True, **PAUSE, "system": "crm", "reason": ""}
+    assert handler.calls == [
+        ("pause", ("erp_cloud", "S/4 upgrade")),
+        ("pause", ("crm", "")),
+    ]
+
+
+async def test_pausing_an_unknown_system_exits_1(socket_path: str) -> None:
+    """A system not configured is the daemon's not_found: its message, exit 1."""
+    async with daemon(socket_path):
+        done = await brokerctl("--socket", socket_path, "pause", "erp")
+    assert done.returncode == 1
+    assert done.stdout == b""
+    assert done.stderr.decode() == (
+        "brokerctl: unknown system 'erp' (configured: crm, erp_cloud)\n"
+    )
+
+
+async def test_resume_says_what_ended_or_that_nothing_was_paused(
+    socket_path: str,
+) -> None:
+    """Resuming a paused system names the pause; one not paused exits 0 saying so."""
+    async with daemon(socket_path):
+        text = out(await brokerctl("--socket", socket_path, "resume", "erp_cloud"))
+        idle = out(await brokerctl("--socket", socket_path, "resume", "crm"))
+        raw = out(await brokerctl("--socket", socket_path, "resume", "crm", "--json"))
+    assert text == (
+        "resumed erp_cloud, paused since 2024-05-01 12:00:00Z by uid 1000 "
+        "(S/4 upgrade)\n"
+    )
+    assert idle == "crm was not paused: nothing to resume\n"
+    assert json.loads(raw) == {"system": "crm", "resumed": False}
+
+
+def test_status_shows_a_paused_system_with_its_reason_and_since() -> None:
+    """A system's status carries its pause: reason, who and since; null when running."""
+    status = {
+        "systems": {
+            "crm": {"paused": None, "consuming": True},
+            "erp_cloud": {
+                "paused": {k: PAUSE[k] for k in ("reason", "paused_by", "since")},
+                "consuming": False,
+            },
+        }
+    }
+    assert render(StatusRequest(), status) == (
+        "systems:\n"
+        "  crm:\n"
+        "    paused     -\n"
+        "    consuming  yes\n"
+        "  erp_cloud:\n"
+        "    paused:\n"
+        "      reason     S/4 upgrade\n"
+        "      paused_by  uid 1000\n"
+        "      since      2024-05-01T14:00:00+02:00\n"
+        "    consuming  no"
+    )
+
+
+def test_pause_and_resume_need_a_system() -> None:
+    """Without SYSTEM, pause and resume are usage errors before any daemon is asked."""
+    assert main(["--socket", "/nonexistent/brokerd.sock", "pause"]) == EXIT_USAGE
+    assert main(["--socket", "/nonexistent/brokerd.sock", "resume"]) == EXIT_USAGE
 
 
 async def test_no_daemon_exits_3_and_says_how_to_start_one(socket_path: str) -> None:

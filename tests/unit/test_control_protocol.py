@@ -29,11 +29,13 @@ from broker.control.protocol import (
     DrainRequest,
     HoldListRequest,
     HoldReleaseRequest,
+    PauseRequest,
     QueuesRequest,
     Reply,
     Request,
     RequestRefused,
     RestartRequest,
+    ResumeRequest,
     StatusRequest,
     TraceRequest,
     XrefFindRequest,
@@ -67,6 +69,9 @@ SAMPLES: list[Request] = [
     XrefGetRequest(kind="order", canonical_id="order-42"),
     XrefFindRequest(kind="account", system="erp_cloud", native_id="1000123"),
     QueuesRequest(),
+    PauseRequest(system="erp_cloud", reason="S/4 upgrade, ticket CHG-1234"),
+    PauseRequest(system="crm"),
+    ResumeRequest(system="erp_cloud"),
 ]
 
 
@@ -117,6 +122,13 @@ def test_an_unknown_field_is_a_bad_request() -> None:
         b'{"cmd": "xref_find", "kind": "", "system": "crm", "native_id": "1"}',
         b'{"cmd": "xref_find", "kind": "order", "system": "", "native_id": "1"}',
         b'{"cmd": "queues", "vhost": "/"}',
+        b'{"cmd": "pause"}',
+        b'{"cmd": "pause", "system": ""}',
+        b'{"cmd": "pause", "system": "ERP Cloud"}',
+        b'{"cmd": "pause", "system": "erp", "reason": 3}',
+        b'{"cmd": "pause", "system": "erp", "reasn": "typo"}',
+        b'{"cmd": "resume"}',
+        b'{"cmd": "resume", "system": "erp", "reason": "x"}',
     ],
 )
 def test_malformed_or_invalid_requests_are_bad_requests(line: bytes) -> None:
@@ -304,6 +316,18 @@ class FakeHandler:
         self.calls.append(("queues", None))
         return {"transport": "memory", "vhost": None, "queues": []}
 
+    async def pause(self, system: str, reason: str, /, *, by: str) -> dict[str, Any]:
+        """Paused, or KeyError for system ``nope``."""
+        self.calls.append(("pause", (system, reason, by)))
+        if system == "nope":
+            raise KeyError(f"unknown system {system!r} (configured: crm, erp)")
+        return {"paused": True, "system": system, "reason": reason}
+
+    async def resume(self, system: str, /, *, by: str) -> dict[str, Any]:
+        """Not paused."""
+        self.calls.append(("resume", (system, by)))
+        return {"system": system, "resumed": False}
+
 
 @pytest.fixture
 def run_dir() -> Iterator[str]:
@@ -406,6 +430,16 @@ EXPECTED_CALLS: list[tuple[Request, tuple[str, Any], Any]] = [
         ("queues", None),
         {"transport": "memory", "vhost": None, "queues": []},
     ),
+    (
+        PauseRequest(system="erp", reason="upgrade"),
+        ("pause", ("erp", "upgrade", f"uid {os.geteuid()}")),
+        {"paused": True, "system": "erp", "reason": "upgrade"},
+    ),
+    (
+        ResumeRequest(system="erp"),
+        ("resume", ("erp", f"uid {os.geteuid()}")),
+        {"system": "erp", "resumed": False},
+    ),
 ]
 
 
@@ -470,6 +504,15 @@ async def test_an_unknown_native_id_is_not_found(cfg: ControlConfig) -> None:
             )
     assert caught.value.code == "not_found"
     assert str(caught.value) == "no order is known by erp_cloud id 'unknown'"
+
+
+async def test_pausing_an_unknown_system_is_not_found(cfg: ControlConfig) -> None:
+    """The handler's refusal of an unconfigured system replies ``not_found``."""
+    async with serving(cfg, FakeHandler()):
+        with pytest.raises(RequestRefused) as caught:
+            await ControlClient(cfg.socket_path).request(PauseRequest(system="nope"))
+    assert caught.value.code == "not_found"
+    assert str(caught.value) == "unknown system 'nope' (configured: crm, erp)"
 
 
 async def test_a_request_past_its_deadline_fails(cfg: ControlConfig) -> None:
