@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from typing import cast
 
 import pytest
 from hypothesis import HealthCheck, settings
 
+from broker.config import PostgresConfig
+from broker.store import Store
+from broker.store.postgres import PostgresStore
+from broker.store.sqlite import SqliteStore
 from tests import services
 
 IN_CI = bool(os.environ.get("CI"))
@@ -66,3 +71,28 @@ def pg_dsn(postgres: None) -> Iterator[str]:
         yield dsn
     finally:
         services.drop_database(name)
+
+
+@pytest.fixture(
+    params=["sqlite", pytest.param("postgres", marks=pytest.mark.integration)]
+)
+def backend(request: pytest.FixtureRequest) -> str:
+    """``":memory:"`` for SQLite, or the DSN of a fresh PostgreSQL database."""
+    if request.param == "postgres":
+        return cast(str, request.getfixturevalue("pg_dsn"))
+    return ":memory:"
+
+
+@pytest.fixture
+async def real_store(backend: str) -> AsyncIterator[Store]:
+    """A migrated, empty store on the backend under test (writers' leases 30 s)."""
+    store: Store
+    if backend == ":memory:":
+        store = await SqliteStore.open(":memory:", lease_s=30.0)
+    else:
+        cfg = PostgresConfig(dsn=backend, pool_min_size=1, pool_max_size=4)
+        store = await PostgresStore.open(cfg, lease_s=30.0)
+    try:
+        yield store
+    finally:
+        await store.aclose()

@@ -13,7 +13,7 @@ import threading
 from collections.abc import AsyncIterator, Awaitable
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
-from typing import Protocol, cast
+from typing import Protocol
 
 import anyio
 import anyio.to_thread
@@ -54,16 +54,6 @@ class OpenStore(Protocol):
     def __call__(self, *, lease_s: float = LEASE_S) -> Awaitable[Store]:
         """Open a migrated store whose writer lease is *lease_s*."""
         ...
-
-
-@pytest.fixture(
-    params=["sqlite", pytest.param("postgres", marks=pytest.mark.integration)]
-)
-def backend(request: pytest.FixtureRequest) -> str:
-    """``":memory:"`` for SQLite, or the DSN of a fresh PostgreSQL database."""
-    if request.param == "postgres":
-        return cast(str, request.getfixturevalue("pg_dsn"))
-    return ":memory:"
 
 
 @pytest.fixture

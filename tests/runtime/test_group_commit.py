@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 from decimal import Decimal
-from typing import Any, cast
+from typing import Any
 
 import anyio
 import msgspec
@@ -22,7 +22,7 @@ from broker.commit import (
     Outcome,
     message_id_for,
 )
-from broker.config import CoreConfig, PostgresConfig, TestingConfig
+from broker.config import CoreConfig, TestingConfig
 from broker.errors import StoreUnavailable
 from broker.faults import CrashHook
 from broker.metrics import Metrics
@@ -36,9 +36,7 @@ from broker.store import (
     OutboxRow,
     Store,
 )
-from broker.store.postgres import PostgresStore
 from broker.store.rows import written_outbox
-from broker.store.sqlite import SqliteStore
 from broker.transport import Delivery
 from canonical import Envelope, LedgerEntryPosted
 from tests.runtime.trees import OrderedLedger, OrderedState, TimerLedger
@@ -219,31 +217,6 @@ async def test_a_failed_write_fails_every_batch_in_it() -> None:
 
 
 # --- holds, delays and round trips, on a real store ----------------------------------
-
-
-@pytest.fixture(
-    params=["sqlite", pytest.param("postgres", marks=pytest.mark.integration)]
-)
-def backend(request: pytest.FixtureRequest) -> str:
-    """``":memory:"`` for SQLite, or the DSN of a fresh PostgreSQL database."""
-    if request.param == "postgres":
-        return cast(str, request.getfixturevalue("pg_dsn"))
-    return ":memory:"
-
-
-@pytest.fixture
-async def real_store(backend: str) -> AsyncIterator[Store]:
-    """A migrated, empty store on the backend under test."""
-    store: Store
-    if backend == ":memory:":
-        store = await SqliteStore.open(":memory:")
-    else:
-        cfg = PostgresConfig(dsn=backend, pool_min_size=1, pool_max_size=4)
-        store = await PostgresStore.open(cfg)
-    try:
-        yield store
-    finally:
-        await store.aclose()
 
 
 class CountingStore:
