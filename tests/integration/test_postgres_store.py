@@ -12,7 +12,7 @@ import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
-from datetime import date, timedelta
+from datetime import UTC, date, datetime, timedelta
 from typing import Any, TypeAlias
 
 import anyio
@@ -518,6 +518,62 @@ async def test_the_relay_poll_never_visits_rows_due_later(
     due = scans[("Index Scan", "outbox_due")]
     assert due["Actual Rows"] == 3
     assert ("Index Scan", "outbox_pkey") in scans
+
+
+@pytest.mark.integration
+async def test_the_batch_read_probes_each_key_whatever_the_statistics(
+    open_store: OpenStore, admin: Admin
+) -> None:
+    """Statistics taken while the tables were empty cannot turn the read into scans.
+
+    A long-running daemon's cached generic plan once hash-joined a batch's
+    few keys against every key its consumer claimed that day, and its
+    instances against every instance of the workflow. Each key and each
+    instance must stay one index probe that reads only its own row.
+    """
+    await open_store()
+    today = datetime.now(UTC).date()
+    await admin.execute("ANALYZE inbox; ANALYZE saga")  # both empty now
+    await admin.execute(
+        "INSERT INTO inbox (consumer, key, day, message_id)"
+        " SELECT 'ledger', 'k' || g, $1::date, 'm' || g"
+        " FROM generate_series(1, 20000) AS g",
+        today,
+    )
+    await admin.execute(
+        "INSERT INTO saga (workflow, correlation_id, version, state)"
+        " SELECT 'ledger', 'acct-' || g, 1, '{}'::bytea"
+        " FROM generate_series(1, 2000) AS g"
+    )
+    await admin.execute("SET plan_cache_mode = force_generic_plan")
+    await admin.execute(
+        "PREPARE batch_read(text, text[], text, text[], date[]) AS " + sql.PREPARE_BATCH
+    )
+    keys = ["k1", "k7", "k19", "unseen"]
+    [plan] = json.loads(
+        await admin.fetchval(
+            "EXPLAIN (ANALYZE, FORMAT JSON) EXECUTE batch_read("
+            "'ledger', ARRAY['k1', 'k7', 'k19', 'unseen'], 'ledger',"
+            " ARRAY['acct-1', 'acct-2', 'acct-3'],"
+            f" ARRAY['{today}', '{today}', '{today}', '{today}']::date[])"
+        )
+    )
+    nodes = list(plan_nodes(plan["Plan"]))
+    assert not [n["Node Type"] for n in nodes if n["Node Type"].endswith("Join")]
+    ran = [n for n in nodes if "Relation Name" in n and n["Actual Loops"] > 0]
+    assert {n["Node Type"] for n in ran} <= {"Index Scan", "Index Only Scan"}
+    # One probe per key and per instance, each reading at most its own row
+    # (EXPLAIN's Actual Rows is per loop): a scan would read the whole day.
+    for table, probes in (("inbox", len(keys)), ("saga", 3)):
+        scans = [n for n in ran if n["Relation Name"].startswith(table)]
+        assert scans, table
+        assert all(n["Actual Rows"] <= 1 for n in scans), table
+        assert sum(n["Actual Loops"] for n in scans) == probes, table
+    # The commit function keeps to nested loops of probes for the same reason.
+    config = await admin.fetchval(
+        "SELECT proconfig FROM pg_proc WHERE proname = 'q2c_commit_batch_v2'"
+    )
+    assert {"enable_hashjoin=off", "enable_mergejoin=off"} <= set(config)
 
 
 def plan_nodes(node: dict[str, Any]) -> Iterator[dict[str, Any]]:
