@@ -35,6 +35,7 @@ __all__ = [
     "TestingConfig",
     "Config",
     "load_config",
+    "read_toml",
 ]
 
 ENV_PREFIX = "BROKER__"
@@ -193,6 +194,18 @@ def convert_table(cls: type[T], table: Mapping[str, Any], *, where: str) -> T:
         raise ConfigError(f"{where}: {exc}") from exc
 
 
+def read_toml(path: Path) -> dict[str, Any]:
+    """Read a TOML file (blocking).
+
+    Raises:
+        ConfigError: naming the file: unreadable, not UTF-8, or not TOML.
+    """
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"{path}: {exc}") from exc
+
+
 def load_config(
     path: Path | None = None, *, environ: Mapping[str, str] = os.environ
 ) -> Config:
@@ -201,12 +214,7 @@ def load_config(
     Raises:
         ConfigError: naming the file or variable and the offending key.
     """
-    raw: dict[str, Any] = {}
-    if path is not None:
-        try:
-            raw = tomllib.loads(path.read_text(encoding="utf-8"))
-        except (OSError, tomllib.TOMLDecodeError) as exc:
-            raise ConfigError(f"{path}: {exc}") from exc
+    raw: dict[str, Any] = read_toml(path) if path is not None else {}
 
     source = str(path) if path is not None else "defaults"
     for name, value in environ.items():

@@ -35,17 +35,17 @@ from __future__ import annotations
 
 import os
 import threading
-import tomllib
 from collections.abc import Collection
 from datetime import datetime
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import msgspec
 from msgspec import Meta
 
 from actors.workflows.rules import ReferenceData
 from broker import ConfigError
+from broker.config import read_toml
 from canonical.base import UtcDatetime
 from canonical.commerce import Account, ErpKind, Quote
 
@@ -281,10 +281,7 @@ def load_routing(path: Path) -> RoutingTable:
         ConfigError: naming the file and, for a bad value, its key path
             (``$.waves[0].cut-over``).
     """
-    try:
-        raw: dict[str, Any] = tomllib.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
-        raise ConfigError(f"{path}: {exc}") from exc
+    raw = read_toml(path)
     try:
         return msgspec.convert(raw, RoutingTable)
     except msgspec.ValidationError as exc:

@@ -16,7 +16,6 @@ A bundle component sold at zero needs a zero floor in the price book.
 
 from __future__ import annotations
 
-import tomllib
 from collections.abc import Iterable
 from decimal import Decimal
 from pathlib import Path
@@ -26,6 +25,7 @@ import msgspec
 from msgspec import Meta
 
 from broker import ConfigError
+from broker.config import read_toml
 from canonical.commerce import Account, PriceBookEntry, Product, Quote
 from canonical.scalars import ISO_3166, ISO_4217, MINOR_UNITS, CountryCode
 
@@ -274,10 +274,7 @@ def load_reference_policy(path: Path) -> ReferencePolicy:
     Raises:
         ConfigError: naming the file and, for a bad value, its key path.
     """
-    try:
-        raw: dict[str, Any] = tomllib.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
-        raise ConfigError(f"{path}: {exc}") from exc
+    raw = read_toml(path)
     try:
         return msgspec.convert(raw, ReferencePolicy)
     except msgspec.ValidationError as exc:

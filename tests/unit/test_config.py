@@ -53,3 +53,11 @@ def test_unreadable_toml_is_a_config_error(tmp_path: Path) -> None:
     path.write_text("[amqp\n")
     with pytest.raises(ConfigError, match=r"bad\.toml"):
         load_config(path, environ={})
+
+
+def test_a_config_file_that_is_not_utf8_is_a_config_error(tmp_path: Path) -> None:
+    """Bytes that are not UTF-8 name the file too, instead of a traceback."""
+    path = tmp_path / "latin1.toml"
+    path.write_bytes(b'[daemon]\nname = "caf\xe9"\n')
+    with pytest.raises(ConfigError, match=r"latin1\.toml"):
+        load_config(path, environ={})
