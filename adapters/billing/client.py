@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Mapping
-from datetime import UTC, datetime
-from email.utils import parsedate_to_datetime
 from typing import Annotated, Protocol, TypeVar
 
 import aiohttp
@@ -41,7 +39,7 @@ from adapters.billing.views import (
     SearchResult,
     Subscription,
 )
-from adapters.session import SessionClient
+from adapters.session import SessionClient, retry_after_s
 from broker.errors import UpstreamRejected, UpstreamUnavailable
 
 __all__ = ["StripeSettings", "StripeApi", "StripeClient", "idempotency_key"]
@@ -317,7 +315,7 @@ class StripeClient(SessionClient):
             ) as resp:
                 body = await resp.read()
                 status, replayed = resp.status, "Idempotent-Replayed" in resp.headers
-                retry_after = _retry_after(resp.headers.get("Retry-After"))
+                retry_after = retry_after_s(resp.headers.get("Retry-After"))
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             raise UpstreamUnavailable(
                 self.system, f"{what}: {type(exc).__name__}: {exc}"
@@ -360,19 +358,3 @@ class StripeClient(SessionClient):
 
 def _bounded(key: str) -> str:
     return key if len(key) <= _MAX_KEY else idempotency_key(key)
-
-
-def _retry_after(value: str | None) -> float | None:
-    """``Retry-After`` as seconds: delta-seconds or an HTTP date."""
-    if value is None:
-        return None
-    value = value.strip()
-    if value.isdigit():
-        return float(value)
-    try:
-        when = parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=UTC)
-    return max(0.0, (when - datetime.now(UTC)).total_seconds())

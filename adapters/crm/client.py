@@ -16,9 +16,7 @@ raise `UpstreamRejected` with Salesforce's ``errorCode`` (or the OAuth
 
 from __future__ import annotations
 
-import email.utils
 from collections.abc import Mapping, Sequence
-from datetime import UTC, datetime
 from typing import Annotated, TypeVar, cast
 from urllib.parse import quote
 
@@ -38,7 +36,7 @@ from adapters.crm.views import (
     TokenResponse,
     decode_cometd,
 )
-from adapters.session import SessionClient
+from adapters.session import SessionClient, retry_after_s
 from broker.errors import UpstreamRejected, UpstreamUnavailable
 
 __all__ = [
@@ -102,20 +100,6 @@ class UpsertResult(msgspec.Struct, frozen=True, kw_only=True):
 
     id: str | None
     created: bool
-
-
-def _retry_after(value: str | None) -> float | None:
-    if not value:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    return max(0.0, (when - datetime.now(UTC)).total_seconds())
 
 
 #: The field our writes stamp with the command's key.
@@ -443,7 +427,7 @@ class SalesforceClient(SessionClient):
             raise UpstreamUnavailable(
                 self.system,
                 detail,
-                retry_after_s=_retry_after(headers.get("Retry-After")),
+                retry_after_s=retry_after_s(headers.get("Retry-After")),
             )
         if status == 300:
             code = "MULTIPLE_CHOICES"

@@ -18,9 +18,7 @@ arrive in the ``sap-message`` header and are returned as `SapNotice` values.
 
 from __future__ import annotations
 
-import email.utils
 from collections.abc import Mapping, Sequence
-from datetime import UTC, datetime
 from types import TracebackType
 from typing import Annotated, Any, Final, Protocol, Self, TypeVar
 
@@ -41,6 +39,7 @@ from adapters.erp_cloud.views import (
     SapNotice,
     Single,
 )
+from adapters.session import retry_after_s
 from broker.errors import (
     ConcurrencyConflict,
     UpstreamRejected,
@@ -454,7 +453,7 @@ class SapClient:
             raise UpstreamUnavailable(
                 self._system,
                 f"{where} answered {status}: {said}",
-                retry_after_s=_retry_after(reply.headers.get("Retry-After")),
+                retry_after_s=retry_after_s(reply.headers.get("Retry-After")),
             )
         if status == 412:
             raise ConcurrencyConflict(
@@ -527,19 +526,3 @@ def _notices(reply: _Reply) -> tuple[SapNotice, ...]:
 def _etag_of(entity: Any) -> str | None:
     metadata = getattr(entity, "metadata", None)
     return metadata.etag if metadata is not None else None
-
-
-def _retry_after(value: str | None) -> float | None:
-    if not value:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=UTC)
-    return max(0.0, (when - datetime.now(UTC)).total_seconds())
