@@ -47,7 +47,6 @@ from adapters.erp_legacy import LegacyErpConnector, LegacyErpSettings
 from adapters.erp_legacy.files import InboundPoller
 from adapters.erp_legacy.idocxml import parse_idocs
 from adapters.erp_legacy.ingress import to_inbound
-from adapters.erp_legacy.mapping import OrderKey
 from adapters.erp_legacy.views import Idoc
 from broker import (
     Actor,
@@ -70,7 +69,7 @@ from broker.store import BatchWrite, SagaWrite
 from canonical import Envelope
 from canonical.commerce import PriceBookEntry, Product
 from canonical.hashing import content_hash
-from canonical.ids import deal_of_customer_ref, order_id
+from canonical.ids import DealRef, deal_ref
 from canonical.q2c import ALL_EVENTS, ProductChanged
 
 __all__ = ["Kind", "SystemTable", "Systems", "LazyConnector"]
@@ -530,10 +529,6 @@ class _IdocInbound(Actor[None]):
         await publish_inbound(self._rt.transport, events, timeout_s=30.0)
 
 
-async def _resolve(po: str) -> OrderKey | None:
+async def _resolve(po: str) -> DealRef | None:
     """A customer PO reference is ``Q2C-<crm id>``: the deal needs no lookup."""
-    try:
-        deal = deal_of_customer_ref(po)
-    except ValueError:
-        return None
-    return OrderKey(deal_id=deal, order_id=order_id(deal))
+    return deal_ref(po)

@@ -11,7 +11,10 @@ lookup.
 
 from __future__ import annotations
 
+import msgspec
+
 __all__ = [
+    "DealRef",
     "ACCOUNT",
     "OPPORTUNITY",
     "QUOTE",
@@ -21,6 +24,7 @@ __all__ = [
     "customer_ref",
     "deal_of_customer_ref",
     "deal_of_opportunity",
+    "deal_ref",
 ]
 
 #: Id prefixes of the records the CRM and CPQ master: ``<prefix><crm id>``.
@@ -79,3 +83,21 @@ def deal_of_customer_ref(ref: str) -> str:
     if not ref.startswith(_REF_PREFIX) or len(ref) == len(_REF_PREFIX):
         raise ValueError(f"{ref!r} is not a Q2C customer reference")
     return deal_id(ref[len(_REF_PREFIX) :])
+
+
+class DealRef(msgspec.Struct, frozen=True, kw_only=True):
+    """The deal, and its order, that an ERP document belongs to."""
+
+    deal_id: str
+    order_id: str
+
+
+def deal_ref(reference: str | None) -> DealRef | None:
+    """The deal behind a customer reference an ERP echoes; None if not one of ours."""
+    if not reference:
+        return None
+    try:
+        deal = deal_of_customer_ref(reference)
+    except ValueError:
+        return None
+    return DealRef(deal_id=deal, order_id=order_id(deal))

@@ -29,7 +29,7 @@ import msgspec
 from adapters import signing as signature
 from adapters.cloudevents import parse_structured
 from adapters.erp_cloud import edm
-from adapters.erp_cloud.mapping import deal_of, invoice_issued, shipment_dispatched
+from adapters.erp_cloud.mapping import invoice_issued, shipment_dispatched
 from adapters.erp_cloud.views import (
     BILLING_DOCUMENT_CREATED,
     OUTBOUND_DELIVERY_CREATED,
@@ -40,6 +40,7 @@ from adapters.erp_cloud.views import (
 )
 from broker.connector import Inbound
 from broker.errors import SchemaInvalid, SignatureInvalid
+from canonical.ids import deal_ref
 
 __all__ = ["SapEventWebhook"]
 
@@ -115,7 +116,7 @@ class SapEventWebhook:
             return []
         if event.type == OUTBOUND_DELIVERY_CREATED:
             delivery = _data(event.id, event.data, OutboundDeliveryEventData)
-            ref = deal_of(delivery.PurchaseOrderByCustomer)
+            ref = deal_ref(delivery.PurchaseOrderByCustomer)
             if ref is None:
                 return []
             canonical: Any = shipment_dispatched(delivery, ref, at=event.time)
@@ -123,7 +124,7 @@ class SapEventWebhook:
             subject = canonical.shipment.id
         elif event.type == BILLING_DOCUMENT_CREATED:
             billing = _data(event.id, event.data, BillingDocumentEventData)
-            ref = deal_of(billing.PurchaseOrderByCustomer)
+            ref = deal_ref(billing.PurchaseOrderByCustomer)
             if ref is None:
                 return []
             try:

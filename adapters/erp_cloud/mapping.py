@@ -70,7 +70,7 @@ from canonical.commerce import (
     Shipment,
     ShipmentLine,
 )
-from canonical.ids import customer_ref, deal_of_customer_ref, order_id
+from canonical.ids import DealRef, customer_ref
 from canonical.q2c import InvoiceIssued, OrderBooked, OrderRejected, ShipmentDispatched
 from canonical.scalars import Money
 
@@ -79,7 +79,6 @@ __all__ = [
     "SalesArea",
     "MappingOptions",
     "OrderContext",
-    "DealRef",
     "search_term",
     "sales_area_of",
     "to_sales_order",
@@ -87,7 +86,6 @@ __all__ = [
     "order_booked",
     "order_rejected",
     "to_business_partner",
-    "deal_of",
     "shipment_dispatched",
     "invoice_issued",
     "catalogue_entry",
@@ -145,13 +143,6 @@ class OrderContext(msgspec.Struct, frozen=True, kw_only=True):
     tax_country: str
     currency: str
     payment_terms: str
-
-
-class DealRef(msgspec.Struct, frozen=True, kw_only=True):
-    """The canonical deal and order an SAP document belongs to."""
-
-    deal_id: str
-    order_id: str
 
 
 FIELD_MAP: tuple[FieldMapping, ...] = (
@@ -442,17 +433,6 @@ def to_sales_area(
         Currency=account.currency,
         CustomerPaymentTerms=payment_terms,
     )
-
-
-def deal_of(reference: str | None) -> DealRef | None:
-    """The deal behind a customer reference SAP echoes; None if not one of ours."""
-    if not reference:
-        return None
-    try:
-        deal = deal_of_customer_ref(reference)
-    except ValueError:
-        return None
-    return DealRef(deal_id=deal, order_id=order_id(deal))
 
 
 def shipment_dispatched(

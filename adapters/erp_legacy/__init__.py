@@ -18,7 +18,6 @@ from adapters.erp_legacy.idocxml import IdocInvalid, parse_idoc, parse_idocs, wr
 from adapters.erp_legacy.ingress import SOURCE, Resolve, inbound_for, to_inbound
 from adapters.erp_legacy.mapping import (
     FIELD_MAP,
-    OrderKey,
     booking_from_ordrsp,
     customer_po,
     docnum_for,
@@ -52,7 +51,6 @@ __all__ = [
     "FileTooLarge",
     # mapping
     "FIELD_MAP",
-    "OrderKey",
     "partner_number",
     "docnum_for",
     "outbound_name",

@@ -25,7 +25,6 @@ from datetime import UTC, datetime, time
 from adapters.erp_legacy import views as v
 from adapters.erp_legacy.idocxml import parse_date, parse_time
 from adapters.erp_legacy.mapping import (
-    OrderKey,
     booking_from_ordrsp,
     customer_po,
     invoice_from_invoic,
@@ -33,6 +32,7 @@ from adapters.erp_legacy.mapping import (
 )
 from broker.connector import Inbound
 from broker.errors import SchemaInvalid
+from canonical.ids import DealRef
 from canonical.q2c import OrderBooked
 
 __all__ = ["SOURCE", "Resolve", "to_inbound", "inbound_for"]
@@ -41,7 +41,7 @@ __all__ = ["SOURCE", "Resolve", "to_inbound", "inbound_for"]
 SOURCE = "/erp/legacy"
 
 #: Customer PO reference → the canonical order it stands for (None: not ours).
-Resolve = Callable[[str], Awaitable[OrderKey | None]]
+Resolve = Callable[[str], Awaitable[DealRef | None]]
 
 # Message types we send ourselves; found in the inbound folder they are echoes.
 _OURS = frozenset({"ORDERS", "ORDCHG"})
@@ -72,7 +72,7 @@ async def to_inbound(idoc: v.Idoc, *, resolve: Resolve) -> list[Inbound]:
     return [inbound_for(idoc, key)]
 
 
-def inbound_for(idoc: v.Idoc, key: OrderKey) -> Inbound:
+def inbound_for(idoc: v.Idoc, key: DealRef) -> Inbound:
     """The canonical event of one ORDRSP, DESADV or INVOIC IDoc of *key*'s order.
 
     Raises:

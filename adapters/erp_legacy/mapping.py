@@ -10,7 +10,7 @@ Decisions that are not obvious from the field names:
 * The customer PO reference (``E1EDK02 QUALF 001``, and ``E1EDK01 BELNR``) is
   the order's ``customer_ref``: what SD's customer-reference check dedupes on,
   echoed by every answer, so it is also how an answer finds its deal again
-  (through an `OrderKey` the caller looks up).
+  (through a `canonical.ids.DealRef` the caller looks up).
 * The sold-to / ship-to number (``E1EDKA1 PARTN``, 17 characters) is an
   *external* partner number that the ERP converts to its customer number
   (EDPAR, transaction VOE4 [M]); by default it is derived from the canonical
@@ -47,12 +47,12 @@ from adapters.erp_legacy.settings import LegacyErpSettings
 from adapters.fieldmap import FieldMapping
 from broker.errors import SchemaInvalid
 from canonical.commerce import Invoice, Order, OrderLine, Shipment, ShipmentLine
+from canonical.ids import DealRef
 from canonical.q2c import InvoiceIssued, OrderBooked, OrderRejected, ShipmentDispatched
 from canonical.scalars import Money
 
 __all__ = [
     "FIELD_MAP",
-    "OrderKey",
     "UNIT",
     "partner_number",
     "docnum_for",
@@ -67,13 +67,6 @@ __all__ = [
 UNIT = "PCE"
 
 E = TypeVar("E")
-
-
-class OrderKey(msgspec.Struct, frozen=True, kw_only=True):
-    """The canonical order an IDoc's customer PO reference stands for."""
-
-    deal_id: str
-    order_id: str
 
 
 FIELD_MAP: tuple[FieldMapping, ...] = (
@@ -102,7 +95,7 @@ FIELD_MAP: tuple[FieldMapping, ...] = (
     FieldMapping("order.lines[].plant", "E1EDP01.WERKS", "omitted when empty"),
     FieldMapping("order.lines[].sku", "E1EDP19[QUALF=002].IDTNR"),
     FieldMapping("order.net_total", "E1EDS01[SUMID=002].SUMME/SUNIT"),
-    FieldMapping("order.id, order.deal_id", "(not sent)", "OrderKey, looked up by PO"),
+    FieldMapping("order.id, order.deal_id", "(not sent)", "DealRef, looked up by PO"),
     FieldMapping(
         "order.lines[].recurring/term_months/tax_code/revenue_class",
         "(not sent)",
@@ -280,7 +273,7 @@ def customer_po(idoc: v.Idoc) -> str | None:
 
 
 def booking_from_ordrsp(
-    ordrsp: v.Orders05, key: OrderKey
+    ordrsp: v.Orders05, key: DealRef
 ) -> OrderBooked | OrderRejected:
     """An ORDRSP as the ERP's verdict: booked (with its order number) or rejected.
 
@@ -328,7 +321,7 @@ def booking_from_ordrsp(
     )
 
 
-def shipment_from_desadv(desadv: v.Delvry03, key: OrderKey) -> ShipmentDispatched:
+def shipment_from_desadv(desadv: v.Delvry03, key: DealRef) -> ShipmentDispatched:
     """A DESADV as the shipment of the order's physical lines.
 
     Raises:
@@ -376,7 +369,7 @@ def shipment_from_desadv(desadv: v.Delvry03, key: OrderKey) -> ShipmentDispatche
     )
 
 
-def invoice_from_invoic(invoic: v.Invoic02, key: OrderKey) -> InvoiceIssued:
+def invoice_from_invoic(invoic: v.Invoic02, key: DealRef) -> InvoiceIssued:
     """An INVOIC02 as the invoice of the order.
 
     Raises:

@@ -21,12 +21,10 @@ import pytest
 from adapters.erp_cloud import edm
 from adapters.erp_cloud.mapping import (
     FIELD_MAP,
-    DealRef,
     MappingOptions,
     OrderContext,
     SalesArea,
     catalogue_entry,
-    deal_of,
     from_sales_order,
     invoice_issued,
     order_booked,
@@ -49,6 +47,7 @@ from adapters.erp_cloud.views import (
 )
 from adapters.fieldmap import render
 from canonical.commerce import Order, OrderLine
+from canonical.ids import DealRef, deal_ref
 from canonical.q2c import OrderBookingRequested
 from tests.adapters.erp_cloud.samples import ACCOUNT, order
 
@@ -161,7 +160,7 @@ def test_the_delivery_event_becomes_the_pinned_shipment() -> None:
         (GOLDEN / "event_outbound_delivery_created.json").read_bytes()
     )
     data = msgspec.convert(event["data"], OutboundDeliveryEventData)
-    ref = deal_of(data.PurchaseOrderByCustomer)
+    ref = deal_ref(data.PurchaseOrderByCustomer)
     assert ref is not None
     assert_golden("shipment_dispatched.json", shipment_dispatched(data, ref, at=None))
 
@@ -172,7 +171,7 @@ def test_the_billing_event_becomes_the_pinned_invoice() -> None:
         (GOLDEN / "event_billing_document_created.json").read_bytes()
     )
     data = msgspec.convert(event["data"], BillingDocumentEventData)
-    ref = deal_of(data.PurchaseOrderByCustomer)
+    ref = deal_ref(data.PurchaseOrderByCustomer)
     assert ref is not None
     issued = invoice_issued(data, ref, at=None)
     assert_golden("invoice_issued.json", issued)
@@ -278,11 +277,11 @@ def test_the_search_term_is_short_upper_case_and_case_sensitive_to_the_id() -> N
 
 def test_only_q2c_references_lead_to_a_deal() -> None:
     """``Q2C-X`` → deal-X / order-X; anything else belongs to no deal."""
-    assert deal_of("Q2C-006Hn00000A1b2cIAB") == DealRef(
+    assert deal_ref("Q2C-006Hn00000A1b2cIAB") == DealRef(
         deal_id="deal-006Hn00000A1b2cIAB", order_id="order-006Hn00000A1b2cIAB"
     )
-    assert deal_of("Holger Bruchelt") is None
-    assert deal_of(None) is None
+    assert deal_ref("Holger Bruchelt") is None
+    assert deal_ref(None) is None
 
 
 def test_a_billing_event_without_an_amount_is_refused() -> None:

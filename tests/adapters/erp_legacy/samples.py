@@ -8,17 +8,18 @@ from pathlib import Path
 
 import msgspec
 
-from adapters.erp_legacy import LegacyErpSettings, OrderKey
+from adapters.erp_legacy import LegacyErpSettings
 from broker.config import convert_table
 from canonical import Envelope
 from canonical.commerce import Account, Address, Order, OrderLine
+from canonical.ids import DealRef
 from canonical.q2c import OrderBookingRequested
 from canonical.scalars import Money
 
 #: The clock of every answer the sandbox gives in these tests.
 NOW = datetime(2025, 3, 4, 10, 20, 30, tzinfo=UTC)
 CUSTOMER_REF = "Q2C-5C0FFEE0DDBA11AB1E00"
-KEY = OrderKey(deal_id="deal-1001", order_id="order-1001")
+KEY = DealRef(deal_id="deal-1001", order_id="order-1001")
 
 
 def settings(root: Path, **overrides: object) -> LegacyErpSettings:

@@ -12,10 +12,11 @@ from adapters.erp_legacy.connector import LegacyErpConnector
 from adapters.erp_legacy.files import InboundPoller
 from adapters.erp_legacy.idocxml import parse_idocs
 from adapters.erp_legacy.ingress import SOURCE, inbound_for, to_inbound
-from adapters.erp_legacy.mapping import OrderKey, to_orders05
+from adapters.erp_legacy.mapping import to_orders05
 from adapters.erp_legacy.sandbox import LegacyErpSandbox
 from broker.connector import Inbound
 from broker.errors import SchemaInvalid
+from canonical.ids import DealRef
 from canonical.q2c import (
     InvoiceIssued,
     OrderBooked,
@@ -28,7 +29,7 @@ from tests.adapters.erp_legacy import samples
 pytestmark = pytest.mark.anyio
 
 
-async def known(po: str) -> OrderKey | None:
+async def known(po: str) -> DealRef | None:
     return samples.KEY if po == samples.CUSTOMER_REF else None
 
 
