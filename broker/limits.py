@@ -35,7 +35,8 @@ class TokenBucket:
 
     Args:
         rate_per_s: tokens added per second.
-        burst: the bucket's size: how many calls may start back to back.
+        burst: the bucket's size: how many calls may start back to back (a
+            fractional size suits a rate below one call per second).
         clock: monotonic seconds; inject a fake one in tests.
 
     Raises:
@@ -45,7 +46,7 @@ class TokenBucket:
     def __init__(
         self,
         rate_per_s: float,
-        burst: int,
+        burst: float,
         *,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:

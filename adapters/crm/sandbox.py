@@ -67,6 +67,7 @@ from adapters.crm.org import Org
 from adapters.crm.schema import SPECS, OrgError
 from adapters.crm.seeding import UserActions
 from adapters.serving import serve
+from broker.limits import TokenBucket
 
 __all__ = ["Knobs", "SalesforceSandbox", "call_options_client"]
 
@@ -190,8 +191,7 @@ class SalesforceSandbox(UserActions):
         self._batch = query_batch_size
         self._tokens: OrderedDict[str, None] = OrderedDict()
         self._cursors: OrderedDict[str, list[dict[str, Any]]] = OrderedDict()
-        self._bucket: float | None = None
-        self._bucket_at = time.monotonic()
+        self._bucket: TokenBucket | None = None
         self._push_task: asyncio.Task[None] | None = None
         self.org = Org(
             rng=random.Random(seed + 1), clock=clock, retain_events=retain_events
@@ -339,21 +339,18 @@ class SalesforceSandbox(UserActions):
         return rate > 0 and self._random.random() < rate
 
     def _take_token(self) -> float | None:
-        """Token bucket, full at first: None if the call may go, else the wait in s."""
+        """None when the call may go, else the seconds to wait.
+
+        The bucket holds one second's worth of calls (at least one) and
+        starts full whenever a limit is applied.
+        """
         rate = self.knobs.rate_limit_per_s
         if rate is None:
             self._bucket = None
             return None
-        now = time.monotonic()
-        capacity = max(1.0, rate)
-        if self._bucket is None:
-            self._bucket = capacity
-        self._bucket = min(capacity, self._bucket + (now - self._bucket_at) * rate)
-        self._bucket_at = now
-        if self._bucket >= 1.0:
-            self._bucket -= 1.0
-            return None
-        return (1.0 - self._bucket) / rate
+        if self._bucket is None or self._bucket.rate_per_s != rate:
+            self._bucket = TokenBucket(rate, max(1.0, rate))
+        return self._bucket.try_take() or None
 
     def _authorized(self, request: web.Request) -> bool:
         scheme, _, token = request.headers.get("Authorization", "").partition(" ")

@@ -47,7 +47,6 @@ import math
 import random
 import re
 import secrets
-import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, fields
 from decimal import Decimal
@@ -64,6 +63,7 @@ from adapters.erp_cloud._sandbox_orders import OrderBook
 from adapters.erp_cloud._sandbox_partners import PartnerBook
 from adapters.erp_cloud.views import A_CustomerSalesArea, A_Product
 from adapters.serving import serve
+from broker.limits import TokenBucket
 
 __all__ = ["Knobs", "SapSandbox", "ROOT"]
 
@@ -165,8 +165,7 @@ class SapSandbox:
         self._random = random.Random(seed)
         self._cookie = f"SAP_SESSIONID_{system_id}_{client}"
         self._sessions: dict[str, str] = {}
-        self._bucket: float | None = None
-        self._bucket_at = time.monotonic()
+        self._bucket: TokenBucket | None = None
         self._pusher = Pusher(self._push_settings)
         clock = od.Clock()
         self.partners = PartnerBook(counters=self.counters, clock=clock)
@@ -307,27 +306,18 @@ class SapSandbox:
         return response
 
     def _take_token(self) -> float | None:
-        """Token bucket: None when the call may proceed, else seconds to wait.
+        """None when the call may go, else the seconds to wait.
 
-        The bucket holds one second's worth of calls (at least one) and starts
-        full when a limit is first applied.
+        The bucket holds one second's worth of calls (at least one) and
+        starts full whenever a limit is applied.
         """
         rate = self.knobs.rate_limit_per_s
         if rate is None:
             self._bucket = None
             return None
-        now = time.monotonic()
-        capacity = max(1.0, rate)
-        if self._bucket is None:
-            self._bucket = capacity
-        else:
-            elapsed = now - self._bucket_at
-            self._bucket = min(capacity, self._bucket + elapsed * rate)
-        self._bucket_at = now
-        if self._bucket >= 1.0:
-            self._bucket -= 1.0
-            return None
-        return (1.0 - self._bucket) / rate
+        if self._bucket is None or self._bucket.rate_per_s != rate:
+            self._bucket = TokenBucket(rate, max(1.0, rate))
+        return self._bucket.try_take() or None
 
     def _authenticated(self, request: web.Request) -> bool:
         scheme, _, value = request.headers.get("Authorization", "").partition(" ")
