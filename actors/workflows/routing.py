@@ -45,7 +45,7 @@ from msgspec import Meta
 
 from actors.workflows.rules import ReferenceData
 from broker import ConfigError
-from broker.config import read_toml
+from broker.config import Section, read_toml
 from canonical.base import UtcDatetime
 from canonical.commerce import Account, ErpKind, Quote
 
@@ -121,13 +121,7 @@ class RouteDecision(msgspec.Struct, frozen=True, kw_only=True):
     wave: str | None = None
 
 
-class _Section(
-    msgspec.Struct,
-    frozen=True,
-    kw_only=True,
-    forbid_unknown_fields=True,  # a typo is an error, not a silent default
-    rename="kebab",
-):
+class _Section(Section, frozen=True):
     """Base for the routing file's tables."""
 
 

@@ -25,7 +25,7 @@ import msgspec
 from msgspec import Meta
 
 from broker import ConfigError
-from broker.config import read_toml
+from broker.config import Section, read_toml
 from canonical.commerce import Account, PriceBookEntry, Product, Quote
 from canonical.scalars import ISO_3166, ISO_4217, MINOR_UNITS, CountryCode
 
@@ -108,13 +108,7 @@ class ValidationResult(msgspec.Struct, frozen=True, kw_only=True):
 # --- the operator's tables (config/reference.toml) ---------------------------------
 
 
-class _Section(
-    msgspec.Struct,
-    frozen=True,
-    kw_only=True,
-    forbid_unknown_fields=True,  # a typo is an error, not a silent default
-    rename="kebab",
-):
+class _Section(Section, frozen=True):
     """Base for the reference file's tables."""
 
 
@@ -128,7 +122,7 @@ class Regions(_Section, frozen=True):
     """``[regions]``: an account's sales region, by its country."""
 
     default: Code
-    by_country: dict[CountryCode, Code] = {}
+    by_country: dict[CountryCode, Code] = msgspec.field(default_factory=dict)
 
     def __post_init__(self) -> None:
         _check_countries("regions", self.by_country)
@@ -142,7 +136,7 @@ class LegalEntityAssignment(_Section, frozen=True):
     """``[legal-entity]``: which legal entity sells to an account, by its country."""
 
     default: EntityCode
-    by_country: dict[CountryCode, EntityCode] = {}
+    by_country: dict[CountryCode, EntityCode] = msgspec.field(default_factory=dict)
 
     def __post_init__(self) -> None:
         _check_countries("legal-entity", self.by_country)
@@ -171,7 +165,9 @@ class PaymentTermsRule(_Section, frozen=True):
 
     countries: Annotated[tuple[str, ...], Meta(min_length=1)]
     terms: TermsKey
-    min_total: dict[Annotated[str, Meta(pattern="^[A-Z]{3}$")], Decimal] = {}
+    min_total: dict[Annotated[str, Meta(pattern="^[A-Z]{3}$")], Decimal] = (
+        msgspec.field(default_factory=dict)
+    )
 
     def __post_init__(self) -> None:
         _check_countries("countries", (c for c in self.countries if c != "*"))
@@ -218,7 +214,7 @@ class TaxJurisdiction(_Section, frozen=True):
     """``[tax.<country>]``: a country we can invoice in, and its tax codes."""
 
     codes: TaxCodes
-    families: dict[Family, Treatment] = {}
+    families: dict[Family, Treatment] = msgspec.field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for family, treatment in self.families.items():
@@ -233,7 +229,9 @@ class Eligibility(_Section, frozen=True):
 
     blocked_accounts: frozenset[str] = frozenset()
     blocked_countries: frozenset[CountryCode] = frozenset()
-    families_by_country: dict[CountryCode, frozenset[Family]] = {}
+    families_by_country: dict[CountryCode, frozenset[Family]] = msgspec.field(
+        default_factory=dict
+    )
 
     def __post_init__(self) -> None:
         _check_countries("blocked-countries", self.blocked_countries)
@@ -246,7 +244,7 @@ class RevenueClasses(_Section, frozen=True):
     default: Code
     recurring: Code = "subscription"
     physical: Code = "product"
-    by_family: dict[Family, Code] = {}
+    by_family: dict[Family, Code] = msgspec.field(default_factory=dict)
 
 
 class ReferencePolicy(_Section, frozen=True):

@@ -40,6 +40,7 @@ from adapters.billing.views import (
     Subscription,
 )
 from adapters.session import SessionClient, retry_after_s
+from broker.config import Section
 from broker.errors import UpstreamRejected, UpstreamUnavailable
 
 __all__ = ["StripeSettings", "StripeApi", "StripeClient", "idempotency_key"]
@@ -48,13 +49,7 @@ T = TypeVar("T")
 _MAX_KEY = 255
 
 
-class StripeSettings(
-    msgspec.Struct,
-    frozen=True,
-    kw_only=True,
-    forbid_unknown_fields=True,
-    rename="kebab",
-):
+class StripeSettings(Section, frozen=True):
     """``[systems.billing]``: where Stripe is and how to talk to it.
 
     Attributes:

@@ -37,6 +37,7 @@ from adapters.crm.views import (
     decode_cometd,
 )
 from adapters.session import SessionClient, retry_after_s
+from broker.config import Section
 from broker.errors import UpstreamRejected, UpstreamUnavailable
 
 __all__ = [
@@ -53,13 +54,7 @@ _ERRORS = msgspec.json.Decoder(tuple[ApiError, ...])
 _OAUTH_ERROR = msgspec.json.Decoder(OAuthError)
 
 
-class SalesforceSettings(
-    msgspec.Struct,
-    frozen=True,
-    kw_only=True,
-    forbid_unknown_fields=True,
-    rename="kebab",
-):
+class SalesforceSettings(Section, frozen=True):
     """``[systems.<name>]`` for a Salesforce org.
 
     Attributes:

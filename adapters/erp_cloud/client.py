@@ -40,6 +40,7 @@ from adapters.erp_cloud.views import (
     Single,
 )
 from adapters.session import retry_after_s
+from broker.config import Section
 from broker.errors import (
     ConcurrencyConflict,
     UpstreamRejected,
@@ -66,13 +67,7 @@ _MAX_BODY_BYTES = 16 * 1024 * 1024
 _NOTICE = msgspec.json.Decoder(SapNotice | list[SapNotice])
 
 
-class SapSettings(
-    msgspec.Struct,
-    frozen=True,
-    kw_only=True,
-    forbid_unknown_fields=True,
-    rename="kebab",
-):
+class SapSettings(Section, frozen=True):
     """``[systems.<name>]`` for an S/4HANA Cloud tenant.
 
     Attributes:

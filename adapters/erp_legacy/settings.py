@@ -5,10 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated
 
-import msgspec
 from msgspec import Meta
 
 from adapters.erp_legacy.idocxml import DEFAULT_MAX_BYTES
+from broker.config import Section
 
 __all__ = ["LegacyErpSettings"]
 
@@ -16,13 +16,7 @@ __all__ = ["LegacyErpSettings"]
 _SapName = Annotated[str, Meta(pattern="^[A-Z0-9_/]{1,10}$")]
 
 
-class LegacyErpSettings(
-    msgspec.Struct,
-    frozen=True,
-    kw_only=True,
-    forbid_unknown_fields=True,
-    rename="kebab",
-):
+class LegacyErpSettings(Section, frozen=True):
     """Where the IDoc files go and come from, and who we are in the control record.
 
     Attributes:
