@@ -239,12 +239,7 @@ class StripeAccount:
             },
         )  # fmt: skip
         customer_id = read_str(params, "customer", required=True) or ""
-        method = read_enum(
-            params, "collection_method", ("charge_automatically", "send_invoice")
-        )
-        days_until_due = read_int(params, "days_until_due")
-        if method == "send_invoice" and days_until_due is None:
-            raise missing_param("days_until_due")
+        method, days_until_due = _collection(params)
         raw_items = read_list(params, "items")
         if not raw_items:
             raise missing_param("items")
@@ -302,7 +297,7 @@ class StripeAccount:
                 data=items, url=f"/v1/subscription_items?subscription={sub_id}"
             ),
             currency=currencies.pop(),
-            collection_method=method or "charge_automatically",
+            collection_method=method,
             days_until_due=days_until_due,
             description=read_str(params, "description"),
             metadata=metadata,
@@ -383,12 +378,7 @@ class StripeAccount:
             },
         )  # fmt: skip
         customer_id = read_str(params, "customer", required=True) or ""
-        method = read_enum(
-            params, "collection_method", ("charge_automatically", "send_invoice")
-        )
-        days_until_due = read_int(params, "days_until_due")
-        if method == "send_invoice" and days_until_due is None:
-            raise missing_param("days_until_due")
+        method, days_until_due = _collection(params)
         behavior = read_enum(
             params, "pending_invoice_items_behavior", ("include", "exclude")
         )
@@ -408,7 +398,7 @@ class StripeAccount:
             currency=currency.lower(),
             status="draft",
             billing_reason="manual",
-            collection_method=method or "charge_automatically",
+            collection_method=method,
             auto_advance=auto_advance if auto_advance is not None else False,
             description=read_str(params, "description"),
             due_date=now + days_until_due * 86_400
@@ -589,6 +579,20 @@ def _address(params: Params, current: Address | None) -> Address | None:
     return Address(
         **{f: read_str(raw, f, param=f"address[{f}]") or None for f in _ADDRESS_FIELDS}
     )
+
+
+def _collection(params: Params) -> tuple[str, int | None]:
+    """``collection_method`` (charge by default) and ``days_until_due``.
+
+    Sending the invoice needs its days until due.
+    """
+    method = read_enum(
+        params, "collection_method", ("charge_automatically", "send_invoice")
+    )
+    days_until_due = read_int(params, "days_until_due")
+    if method == "send_invoice" and days_until_due is None:
+        raise missing_param("days_until_due")
+    return method or "charge_automatically", days_until_due
 
 
 def _require_draft(invoice: Invoice) -> None:
