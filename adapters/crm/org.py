@@ -312,13 +312,7 @@ class Org:
         spec = self.spec(sobject)
         values = self._validate(spec, body, record_id=None)
         missing = [f for f in spec.required if values.get(f) is None]
-        if missing:
-            raise OrgError(
-                400,
-                "REQUIRED_FIELD_MISSING",
-                f"Required fields are missing: [{', '.join(missing)}]",
-                tuple(missing),
-            )
+        _check_required(missing)
         self._seq += 1
         record_id = to_id18(spec.prefix + "8c0000" + _base62(self._seq, 6))
         now = format_datetime(datetime.fromtimestamp(self._clock(), UTC))
@@ -364,13 +358,7 @@ class Org:
             raise OrgError(404, "NOT_FOUND", "The requested resource does not exist")
         values = self._validate(spec, body, record_id=record["Id"])
         missing = [f for f in spec.required if f in values and values[f] is None]
-        if missing:
-            raise OrgError(
-                400,
-                "REQUIRED_FIELD_MISSING",
-                f"Required fields are missing: [{', '.join(missing)}]",
-                tuple(missing),
-            )
+        _check_required(missing)
         before = dict(record)
         changed = [k for k, v in values.items() if record.get(k) != v]
         for k, v in values.items():
@@ -692,3 +680,14 @@ def _sort_key(value: Any) -> tuple[bool, Decimal, str]:
     if isinstance(value, Decimal | int) and not isinstance(value, bool):
         return (value is None, Decimal(value), "")
     return (value is None, Decimal(0), "" if value is None else str(value))
+
+
+def _check_required(missing: list[str]) -> None:
+    """Refuse a write that leaves required fields empty, as an org does."""
+    if missing:
+        raise OrgError(
+            400,
+            "REQUIRED_FIELD_MISSING",
+            f"Required fields are missing: [{', '.join(missing)}]",
+            tuple(missing),
+        )
