@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -20,6 +21,7 @@ from broker.commit import (
     GroupCommit,
     Item,
     Outcome,
+    ShardBatch,
     message_id_for,
 )
 from broker.config import CoreConfig, TestingConfig
@@ -214,6 +216,32 @@ async def test_a_failed_write_fails_every_batch_in_it() -> None:
 
     assert len(store.commits) == 2  # q.1 and q.2 failed in one write
     assert sorted(errors) == ["q.1: disk on fire", "q.2: disk on fire"]
+
+
+async def test_a_written_batch_is_freed_without_the_cycle_collector() -> None:
+    """Once written, a batch, its items and deliveries go by reference counting.
+
+    The cycle collector's full passes stall the event loop for as long as
+    they take; batches left in reference cycles would make them long and
+    frequent under load.
+    """
+    store = GatedStore()
+    store.gate.set()
+    commit = group_commit(store)
+
+    def live_batches() -> int:
+        return sum(1 for o in gc.get_objects() if isinstance(o, ShardBatch))
+
+    gc.collect()
+    gc.disable()
+    try:
+        before = live_batches()
+        with anyio.fail_after(5):
+            for n in range(3):
+                await commit.write("q.0", [item(f"e{n}", "a"), item(f"f{n}", "b")], [])
+        assert live_batches() == before
+    finally:
+        gc.enable()
 
 
 # --- holds, delays and round trips, on a real store ----------------------------------
