@@ -43,6 +43,7 @@ from broker.errors import (
     StoreUnavailable,
     TransportUnavailable,
 )
+from broker.gcwatch import GcPauses, freeze_startup_heap
 from broker.handler import DaemonControl
 from broker.http import HttpServer
 from broker.logging import configure_logging
@@ -320,17 +321,24 @@ async def _serve(cfg: Config) -> int:
             async for signum in signals:
                 daemon.request_shutdown(signal.Signals(signum).name)
 
+    async def freeze_when_started() -> None:
+        await daemon.started.wait()
+        _log.info("startup_heap_frozen", objects=freeze_startup_heap())
+
     failure: BrokerError | None = None
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(watch_signals)
-        try:
-            await daemon.run()
-        except BrokerError as exc:
-            # Raised again outside the task group, so that it is not wrapped
-            # in an ExceptionGroup and `run` can map it to an exit status.
-            failure = exc
-        finally:
-            tg.cancel_scope.cancel()
+    pauses = GcPauses(daemon.runtime.metrics.gc_pause_seconds)
+    with pauses.installed():
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(watch_signals)
+            tg.start_soon(freeze_when_started)
+            try:
+                await daemon.run()
+            except BrokerError as exc:
+                # Raised again outside the task group, so that it is not wrapped
+                # in an ExceptionGroup and `run` can map it to an exit status.
+                failure = exc
+            finally:
+                tg.cancel_scope.cancel()
     if failure is not None:
         raise failure
     return 0

@@ -16,6 +16,7 @@ import structlog
 
 from broker.control.protocol import dead_letter_view
 from broker.errors import ControlError
+from broker.gcwatch import gc_status
 from broker.store import DeadLetterFilter, HoldRefused, SystemPause
 
 if TYPE_CHECKING:
@@ -47,6 +48,7 @@ class DaemonControl:
             "outbox_feed": repr(rt.feed),
             "systems": {name: status() for name, status in rt.system_status.items()},
             "counters": rt.metrics.snapshot(),
+            "gc": gc_status(),
         }
 
     async def actors(self) -> dict[str, Any]:

@@ -9,7 +9,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    GCCollector,
+    Histogram,
+    ProcessCollector,
+)
 
 __all__ = ["Metrics"]
 
@@ -133,13 +140,23 @@ class Metrics:
             buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1, 5),
             registry=r,
         )
+        self.gc_pause_seconds = Histogram(
+            "q2c_gc_pause_seconds",
+            "Cycle collector passes, each a stall of the event loop",
+            ["generation"],
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25),
+            registry=r,
+        )
+        # The usual process_* (CPU, RSS, open fds) and python_gc_* series.
+        ProcessCollector(registry=r)
+        GCCollector(registry=r)
 
     def snapshot(self) -> dict[str, Any]:
-        """Current totals, summed over labels, for status replies."""
+        """The daemon's own totals, summed over labels, for status replies."""
         out: dict[str, Any] = {}
         for metric in self.registry.collect():
             for sample in metric.samples:
-                if sample.name.endswith("_total"):
+                if sample.name.startswith("q2c_") and sample.name.endswith("_total"):
                     name = sample.name.removeprefix("q2c_").removesuffix("_total")
                     out[name] = out.get(name, 0) + int(sample.value)
         return out

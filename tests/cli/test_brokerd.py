@@ -73,6 +73,13 @@ def test_runs_answers_brokerctl_and_drains_on_sigterm(tmp_path: Path) -> None:
             status = brokerctl(tmp_path, "--socket", sock, "--json", "status")
         assert status.returncode == 0, status.stderr
         assert json.loads(status.stdout)["pid"] == proc.pid
+        # Once the tree is up, the startup heap leaves the collector's sight.
+        frozen = json.loads(status.stdout)["gc"]["frozen_objects"]
+        while not frozen and time.monotonic() < deadline:
+            time.sleep(0.1)  # bounded poll: the freeze follows the start
+            status = brokerctl(tmp_path, "--socket", sock, "--json", "status")
+            frozen = json.loads(status.stdout)["gc"]["frozen_objects"]
+        assert frozen > 10_000
         tree = brokerctl(tmp_path, "--socket", sock, "actors")
         assert tree.returncode == 0, tree.stderr
         for node in ("root", "relay", "app", "workflows", "ledger.0", "ledger.3"):
