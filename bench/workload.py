@@ -283,6 +283,8 @@ class Tally:
     first_ns: int | None = None
     done_ns: int | None = None
     latencies_ns: list[int] = field(default_factory=list)
+    #: Publish stamp of each entry in `latencies_ns`, in the same order.
+    stamps_ns: list[int] = field(default_factory=list)
     done: anyio.Event = field(default_factory=anyio.Event)
 
     def __post_init__(self) -> None:
@@ -301,6 +303,7 @@ class Tally:
             self.new += 1
             if stamp_ns is not None:
                 self.latencies_ns.append(now_ns - stamp_ns)
+                self.stamps_ns.append(stamp_ns)
         reached = (self.total if self.count_all else self.new) >= self.target
         if reached and self.done_ns is None:
             self.done_ns = now_ns
