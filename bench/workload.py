@@ -309,11 +309,21 @@ class Tally:
             self.done_ns = now_ns
             self.done.set()
 
-    def latency_ms(self, q: float) -> float | None:
-        """The *q*-th percentile latency in milliseconds, if any were stamped."""
-        if not self.latencies_ns:
+    def latency_ms(self, q: float, *, since_ns: int | None = None) -> float | None:
+        """The *q*-th percentile latency in milliseconds, if any were stamped.
+
+        With *since_ns*, only of the entries published at or after it.
+        """
+        values = self.latencies_ns
+        if since_ns is not None:
+            values = [
+                latency
+                for stamp, latency in zip(self.stamps_ns, values, strict=True)
+                if stamp >= since_ns
+            ]
+        if not values:
             return None
-        return percentile(self.latencies_ns, q) / 1e6
+        return percentile(values, q) / 1e6
 
 
 class _OutData(msgspec.Struct):

@@ -198,3 +198,12 @@ def test_cpu_delta_counts_new_processes_from_zero() -> None:
     before = {"postgres": {1: 2.0}, "daemon": {9: 1.0}}
     after = {"postgres": {1: 2.5, 2: 0.25}, "daemon": {9: 4.0}}
     assert CpuMeter.delta(before, after) == {"postgres": 0.75, "daemon": 3.0}
+
+
+def test_latency_percentiles_can_leave_out_a_warm_up() -> None:
+    tally = Tally(phase="l", distinct=4, target=4, count_all=False)
+    for index, (stamp, latency) in enumerate([(0, 900), (10, 800), (20, 5), (30, 7)]):
+        tally.record(index, stamp * 1_000_000, (stamp + latency) * 1_000_000)
+    assert tally.latency_ms(100) == 900
+    assert tally.latency_ms(100, since_ns=20_000_000) == 7
+    assert tally.latency_ms(50, since_ns=40_000_000) is None
