@@ -10,7 +10,9 @@ calls the system through its `Connector`, politely and durably:
    in the inbox (consumer ``sys.<system>``) in one read: a command already
    completed is acknowledged as a duplicate without calling the system.
 2. **Calls.** ``concurrency`` workers take the commands in order. Each
-   worker holds its slot, waits for a token from the `TokenBucket`, and
+   worker holds its slot, waits for a token (from the system's bucket in
+   the store, shared by every daemon, `broker.shared_bucket`; or with
+   ``shared-rate = false`` from this daemon's `TokenBucket`), and
    calls ``connector.handle`` under ``call_timeout_s``. The slot is taken
    before the token so that tokens never pile up behind busy slots: call
    *starts* keep to the rate even when the system is slow.
@@ -62,6 +64,7 @@ from broker.errors import (
     ConfigError,
 )
 from broker.limits import BreakerState, CircuitBreaker, TokenBucket
+from broker.shared_bucket import SharedTokenBucket
 from broker.store import SystemPause
 from broker.supervision import ChildSpec
 from broker.system_actor import SystemActor
@@ -103,6 +106,9 @@ class GatewaySettings(Section, frozen=True):
         pause_poll_s: how often the actor reads the store for a pause
             (``brokerctl pause``), so that a pause stored by any daemon
             reaches it within this long.
+        shared_rate: count ``rate_per_s`` and ``burst`` across every daemon
+            sharing the store (`broker.shared_bucket`), as the vendor
+            counts them; false gives each daemon a bucket of its own.
     """
 
     rate_per_s: Positive = 10.0
@@ -115,6 +121,7 @@ class GatewaySettings(Section, frozen=True):
     prefetch: Annotated[int, Meta(ge=1, le=65_535)] = 8
     batch_linger_s: Annotated[float, Meta(ge=0, le=1)] = 0.005
     pause_poll_s: Annotated[float, Meta(gt=0, le=3600)] = 2.0
+    shared_rate: bool = True
 
     def __post_init__(self) -> None:
         if self.breaker_reset_max_s < self.breaker_reset_s:
@@ -168,6 +175,21 @@ class SystemGateway:
         self.queue = f"q2c.sys.{system}"
         self.sleep = sleep
         self.bucket = TokenBucket(settings.rate_per_s, settings.burst, clock=clock)
+        self.shared: SharedTokenBucket | None = None
+        if settings.shared_rate:
+
+            async def take(want: int) -> tuple[int, float]:
+                return await rt.store.take_tokens(
+                    system, want, rate_per_s=settings.rate_per_s, burst=settings.burst
+                )
+
+            self.shared = SharedTokenBucket(
+                take,
+                rate_per_s=settings.rate_per_s,
+                burst=settings.burst,
+                clock=clock,
+                sleep=sleep,
+            )
         self.breaker = CircuitBreaker(
             settings.breaker_failures,
             settings.breaker_reset_s,
@@ -216,10 +238,23 @@ class SystemGateway:
             "prefetch": self.prefetch,
             "in_flight": self.in_flight,
             "held": self.held,
-            "tokens": round(self.bucket.tokens, 2),
+            "tokens": (
+                self.shared.tokens
+                if self.shared is not None
+                else round(self.bucket.tokens, 2)
+            ),
+            "rate_shared": self.shared is not None,
             "calls": dict(self.calls),
             "commands": dict(self.commands),
         }
+
+    async def take_token(self) -> None:
+        """Wait until the rate admits one more call start, and take it."""
+        if self.shared is not None:
+            await self.shared.take()
+            return
+        while (delay := self.bucket.try_take()) > 0:
+            await self.sleep(delay)
 
     def count_call(self, outcome: str) -> None:
         """Count one call's outcome, here and in the metrics."""

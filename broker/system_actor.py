@@ -398,8 +398,7 @@ class SystemActor(Actor[None]):
 
     async def _take_token(self) -> None:
         async with self._token_lock:
-            while (delay := self._gw.bucket.try_take()) > 0:
-                await self._gw.sleep(delay)
+            await self._gw.take_token()
 
     async def _call(self, s: _Session, c: _Command, ctx: Context[None]) -> Done | None:
         """Call the system for *c*; None if a stop cut the call short."""

@@ -450,6 +450,19 @@ class Store(Protocol):
         """System → its pause, for every paused system."""
         ...
 
+    async def take_tokens(
+        self, system: str, want: int, *, rate_per_s: float, burst: float
+    ) -> tuple[int, float]:
+        """Take up to *want* tokens from *system*'s bucket, shared by every daemon.
+
+        The bucket refills at *rate_per_s* up to *burst* and starts full.
+
+        Returns:
+            ``(granted, wait_s)``: with nothing granted, ``wait_s`` is the
+            seconds until a token is there (nothing is reserved).
+        """
+        ...
+
     async def load_saga(self, workflow: str, correlation_id: str) -> SagaRecord | None:
         """One instance's state, for status queries and tests."""
         ...

@@ -38,6 +38,7 @@ from broker.store import (
     SystemPause,
     XrefEntry,
     pauses,
+    ratebuckets,
 )
 from broker.store import postgres_holds as holds
 from broker.store import postgres_sql as sql
@@ -465,6 +466,13 @@ class PostgresStore:
         """System → its pause, for every paused system."""
         rows = await self._fetch(pauses.PG_PAUSES)
         return {r[0]: pauses.pause_row(r) for r in rows}
+
+    async def take_tokens(
+        self, system: str, want: int, *, rate_per_s: float, burst: float
+    ) -> tuple[int, float]:
+        """Up to *want* of *system*'s shared tokens, on the database's clock."""
+        rows = await self._fetch(ratebuckets.PG_TAKE, system, want, rate_per_s, burst)
+        return rows[0][0], rows[0][1]
 
     async def load_saga(self, workflow: str, correlation_id: str) -> SagaRecord | None:
         """One instance's state, for status queries and tests."""

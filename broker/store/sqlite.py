@@ -46,6 +46,7 @@ from broker.store import (
     SystemPause,
     XrefEntry,
     pauses,
+    ratebuckets,
 )
 from broker.store import sqlite_deadletter as deadletter
 from broker.store import sqlite_sql as sql
@@ -377,6 +378,28 @@ class SqliteStore:
             lambda conn: conn.execute(pauses.SQLITE_PAUSES).fetchall()
         )
         return {r[0]: pauses.pause_row(r, when=_utc) for r in rows}
+
+    async def take_tokens(
+        self, system: str, want: int, *, rate_per_s: float, burst: float
+    ) -> tuple[int, float]:
+        """Up to *want* of *system*'s shared tokens, in one write transaction."""
+
+        def take(conn: sqlite3.Connection) -> tuple[int, float]:
+            row = conn.execute(ratebuckets.SQLITE_READ, {"system": system}).fetchone()
+            tokens, last = (None, None) if row is None else (row[0], row[1])
+            at = self._clock() if last is None else max(self._clock(), last)
+            granted, left, wait_s = ratebuckets.refill(
+                tokens,
+                0.0 if last is None else at - last,
+                want=want,
+                rate_per_s=rate_per_s,
+                burst=burst,
+            )
+            params = {"system": system, "tokens": left, "at": at}
+            conn.execute(ratebuckets.SQLITE_WRITE, params)
+            return granted, wait_s
+
+        return await self._transaction(take)
 
     async def load_saga(self, workflow: str, correlation_id: str) -> SagaRecord | None:
         """One instance's state, for status queries and tests."""

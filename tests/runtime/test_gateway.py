@@ -542,12 +542,30 @@ async def test_calls_in_flight_never_exceed_the_concurrency_cap() -> None:
     assert sorted(erp.keys) == sorted(f"deal:o-{n}/erp.create" for n in range(10))
 
 
-async def test_the_token_bucket_spaces_out_call_starts() -> None:
-    """Burst 2 at 2/s: two calls at t=0, then one per half second of fake time."""
+@pytest.mark.parametrize("shared", [True, False], ids=["shared", "per-daemon"])
+async def test_the_token_bucket_spaces_out_call_starts(shared: bool) -> None:
+    """Burst 2 at 2/s: two calls at t=0, then one per half second of fake time.
+
+    Shared, the bucket is the store's, on the store's clock (here the same
+    fake one); per daemon, it is the gateway's own.
+    """
     time = FakeTime()
     erp = FakeErp(time)
-    settings = GatewaySettings(rate_per_s=2, burst=2, concurrency=6, prefetch=6)
-    async with running(erp, settings, fake=time) as h:
+    settings = GatewaySettings(
+        rate_per_s=2, burst=2, concurrency=6, prefetch=6, shared_rate=shared
+    )
+    store = await SqliteStore.open(":memory:", clock=time.clock)
+    try:
+        await _spaced_out(erp, settings, time, store, shared)
+    finally:
+        await store.aclose()
+    assert [at for _, _, at in erp.calls] == [0.0, 0.0, 0.5, 1.0, 2.0, 2.0]
+
+
+async def _spaced_out(
+    erp: FakeErp, settings: GatewaySettings, time: FakeTime, store: Store, shared: bool
+) -> None:
+    async with running(erp, settings, fake=time, store=store) as h:
         await h.send(*(command(f"o-{n}") for n in range(6)))
 
         async def settled(calls: int) -> None:
@@ -567,7 +585,44 @@ async def test_the_token_bucket_spaces_out_call_starts() -> None:
         time.advance(1.0)  # two tokens' worth: both remaining calls start
         await h.results(6)
 
-    assert [at for _, _, at in erp.calls] == [0.0, 0.0, 0.5, 1.0, 2.0, 2.0]
+        assert h.gateway.status()["rate_shared"] is shared
+
+
+async def test_two_daemons_on_one_store_share_the_rate() -> None:
+    """Burst 3 at 2/s across two daemons: three calls at t=0 between them, not six."""
+    time = FakeTime()
+    erps = (FakeErp(time), FakeErp(time))
+    settings = GatewaySettings(rate_per_s=2, burst=3, concurrency=4, prefetch=4)
+    store = await SqliteStore.open(":memory:", clock=time.clock)
+
+    def started() -> int:
+        return sum(len(erp.calls) for erp in erps)
+
+    async def both_waiting_for_a_token() -> bool:
+        return time.sleeping == 2
+
+    try:
+        async with (
+            running(erps[0], settings, fake=time, store=store) as one,
+            running(erps[1], settings, fake=time, store=store) as two,
+        ):
+            await one.send(*(command(f"a-{n}") for n in range(4)))
+            await two.send(*(command(f"b-{n}") for n in range(4)))
+            await eventually(both_waiting_for_a_token)
+            await anyio.wait_all_tasks_blocked()
+            assert started() == 3
+            time.advance(0.5)  # one token's worth, for whichever asks first
+            await eventually(both_waiting_for_a_token)
+            await anyio.wait_all_tasks_blocked()
+            assert started() == 4
+            for _ in range(8):  # the other four, a token per half second
+                time.advance(0.5)
+                await anyio.wait_all_tasks_blocked()
+            await one.results(4)
+            await two.results(4)
+    finally:
+        await store.aclose()
+    assert started() == 8
 
 
 def sample(h: Harness, name: str, **labels: str) -> float | None:
