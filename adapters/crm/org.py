@@ -8,6 +8,10 @@ package does by itself (line prices and totals, one primary quote per
 opportunity). Every committed write appends change events, one per record
 touched, sharing the transaction's ``transactionKey``.
 
+`Org` is the one interface and owns the rules of a write; the stored
+records, their indexes and derived fields live in `adapters.crm.records`,
+and the change log in `adapters.crm.changelog`.
+
 A test double: records are kept for the life of the object. Only the change
 log is bounded (``retain_events``); a reader asking for a replay id older
 than the oldest retained event is refused, as an org refuses one past its
@@ -16,14 +20,10 @@ than the oldest retained event is refused, as an org refuses one past its
 
 from __future__ import annotations
 
-import base64
-import hashlib
 import random
-import uuid
 from collections import Counter, deque
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
@@ -31,69 +31,18 @@ from typing import Any
 import msgspec
 
 from adapters.crm import soql
+from adapters.crm.changelog import ChangeLog, ChangeRecord, Transaction
+from adapters.crm.records import Records, as_decimal
 from adapters.crm.schema import (
     API_VERSION,
-    COMPOUND_OF,
     SPECS,
     Fields,
     ObjectSpec,
     OrgError,
-    change_field_name,
-    compound_fields,
-    entity_channel,
 )
-from adapters.crm.views import (
-    ChangeEventHeader,
-    ChangeType,
-    format_datetime,
-    is_id,
-    to_id18,
-)
+from adapters.crm.views import ChangeType, format_datetime, is_id, to_id18
 
 __all__ = ["Org", "ChangeRecord", "Transaction"]
-
-
-@dataclass(frozen=True, kw_only=True, slots=True)
-class ChangeRecord:
-    """One committed change event, kept in the log until evicted."""
-
-    replay_id: int
-    entity: str
-    header: ChangeEventHeader
-    fields: Fields
-
-    def cometd(self, channel: str | None = None) -> dict[str, Any]:
-        """The CometD message delivering this event on *channel*."""
-        schema = base64.urlsafe_b64encode(hashlib.sha256(self.entity.encode()).digest())
-        return {
-            "data": {
-                "schema": schema[:22].decode(),
-                "payload": {
-                    "ChangeEventHeader": msgspec.to_builtins(self.header),
-                    **self.fields,
-                },
-                "event": {"replayId": self.replay_id},
-            },
-            "channel": channel or entity_channel(self.entity),
-        }
-
-
-@dataclass(kw_only=True)
-class _Change:
-    entity: str
-    record_id: str
-    change_type: ChangeType
-    fields: Fields
-    changed: tuple[str, ...] = ()
-    nulled: tuple[str, ...] = ()
-
-
-class Transaction:
-    """The changes of one write, committed to the log together (`Org.transaction`)."""
-
-    def __init__(self, origin: str) -> None:
-        self.origin = origin
-        self.changes: list[_Change] = []
 
 
 _BASE62 = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
@@ -128,25 +77,22 @@ class Org:
     ) -> None:
         self._rng = rng
         self._clock = clock
-        self.on_change = on_change
-        self._records: dict[str, dict[str, Fields]] = {name: {} for name in SPECS}
-        self._keys: dict[tuple[str, str, str], str] = {}
-        #: (object, lookup field) → referenced id → the ids of records pointing
-        #: at it: the children of a record without a scan of all records.
-        self._refs: dict[tuple[str, str], dict[str, set[str]]] = {}
-        #: Record id → creation sequence, to answer in creation order.
-        self._order: dict[str, int] = {}
+        self._records = Records()
         self._seq = rng.randrange(62**5)
         self.user_id = to_id18("005" + "8c0000" + _base62(rng.randrange(62**6), 6))
         self.org_id = to_id18("00D" + "8c0000" + _base62(rng.randrange(62**6), 6))
         self.standard_pricebook_id = to_id18("01s8c0000" + _base62(1, 6))
-        self.log: deque[ChangeRecord] = deque(maxlen=retain_events)
-        self.evicted_through = 0
-        self.last_replay_id = rng.randrange(10_000, 20_000)
-        self._commit_number = rng.randrange(10**12, 10**13)
         self.counts: Counter[str] = Counter()
+        self._changes = ChangeLog(
+            rng=rng,
+            clock=clock,
+            retain_events=retain_events,
+            user_id=self.user_id,
+            counts=self.counts,
+            on_change=on_change,
+        )
         created = format_datetime(datetime.fromtimestamp(clock(), UTC))
-        self._records["Pricebook2"][self.standard_pricebook_id] = {
+        self._records.by_object["Pricebook2"][self.standard_pricebook_id] = {
             "Id": self.standard_pricebook_id,
             "Name": "Standard Price Book",
             "IsStandard": True,
@@ -156,6 +102,32 @@ class Org:
             "LastModifiedDate": created,
             "SystemModstamp": created,
         }
+
+    # --- change log ---------------------------------------------------------
+
+    @property
+    def log(self) -> deque[ChangeRecord]:
+        """The retained change events, oldest first."""
+        return self._changes.log
+
+    @property
+    def last_replay_id(self) -> int:
+        """The replay id of the newest change event."""
+        return self._changes.last_replay_id
+
+    @property
+    def evicted_through(self) -> int:
+        """The replay id of the newest event evicted from `log` (0: none yet)."""
+        return self._changes.evicted_through
+
+    @property
+    def on_change(self) -> Callable[[ChangeRecord], None] | None:
+        """Called with each committed change event."""
+        return self._changes.on_change
+
+    @on_change.setter
+    def on_change(self, callback: Callable[[ChangeRecord], None] | None) -> None:
+        self._changes.on_change = callback
 
     # --- reading ------------------------------------------------------------
 
@@ -179,20 +151,16 @@ class Org:
             OrgError: 404 ``NOT_FOUND`` (or ``ENTITY_IS_DELETED``).
         """
         self.spec(sobject)
-        stored = self._records[sobject].get(self._norm_id(record_id))
+        stored = self._records.lookup(sobject, record_id)
         if stored is None:
             raise OrgError(404, "NOT_FOUND", "The requested resource does not exist")
         if stored.get("IsDeleted") and not deleted:
             raise OrgError(404, "ENTITY_IS_DELETED", "entity is deleted")
-        return {**stored, **self._derived(sobject, stored)}
+        return {**stored, **self._records.derived(sobject, stored)}
 
     def find(self, sobject: str, field_name: str, value: str) -> str | None:
         """The id of the live record whose external id *field_name* is *value*."""
-        if field_name == "Id":
-            rid = self._norm_id(value)
-            rec = self._records[sobject].get(rid)
-            return rid if rec is not None and not rec.get("IsDeleted") else None
-        return self._keys.get((sobject, field_name, value))
+        return self._records.find(sobject, field_name, value)
 
     def query(self, query: soql.Query, *, deleted: bool = False) -> list[Fields]:
         """Whole records matching *query*, in its order; the caller projects them.
@@ -217,31 +185,7 @@ class Org:
                     "INVALID_FIELD",
                     f"No such column '{name}' on entity '{spec.name}'.",
                 )
-        rows: list[dict[str, Any]] = []
-        for rec in self._candidates(spec, query):
-            if not deleted and rec.get("IsDeleted"):
-                continue
-            # Derived fields are computed only for rows that need them.
-            full: dict[str, Any] | None = None
-            for c in query.where:
-                if c.field in rec:
-                    value = rec[c.field]
-                else:
-                    if full is None:
-                        full = {**rec, **self._derived(spec.name, rec)}
-                    value = full.get(c.field)
-                if not any(_matches(value, v) for v in c.values):
-                    break
-            else:
-                rows.append(full or {**rec, **self._derived(spec.name, rec)})
-        if query.order_by:
-            order_by = query.order_by
-            rows.sort(
-                key=lambda r: _sort_key(r.get(order_by)), reverse=query.descending
-            )
-        if query.limit is not None:
-            rows = rows[: query.limit]
-        return rows
+        return self._records.select(spec, query, deleted=deleted)
 
     def quote_model(self, quote_id: str) -> dict[str, Any]:
         """The QuoteModel of a quote, as ``SBQQ.QuoteAPI.QuoteReader`` returns it.
@@ -250,7 +194,7 @@ class Org:
             OrgError: 404 ``NOT_FOUND``.
         """
         quote = self.get("SBQQ__Quote__c", quote_id)
-        lines = self._lines(quote["Id"])
+        lines = self._records.lines(quote["Id"])
         keys = {line["Id"]: n for n, line in enumerate(lines, start=1)}
         items = [
             {
@@ -268,7 +212,8 @@ class Org:
         ]
         customer = sum(
             (
-                _dec(x.get("SBQQ__CustomerPrice__c")) * _dec(x.get("SBQQ__Quantity__c"))
+                as_decimal(x.get("SBQQ__CustomerPrice__c"))
+                * as_decimal(x.get("SBQQ__Quantity__c"))
                 for x in lines
             ),
             Decimal(0),
@@ -300,7 +245,7 @@ class Org:
         """
         txn = Transaction(origin)
         yield txn
-        self._commit(txn)
+        self._changes.commit(txn)
 
     def create(self, txn: Transaction, sobject: str, body: Mapping[str, Any]) -> str:
         """Insert a record; returns its 18-character id.
@@ -324,22 +269,8 @@ class Org:
             "LastModifiedDate": now,
             "SystemModstamp": now,
         }
-        self._records[sobject][record_id] = record
-        self._order[record_id] = self._seq
-        self._index(spec, record_id, {}, record)
-        payload = {
-            k: v
-            for k, v in record.items()
-            if k not in ("Id", "IsDeleted", "SystemModstamp")
-        }
-        txn.changes.append(
-            _Change(
-                entity=sobject,
-                record_id=record_id,
-                change_type=ChangeType.CREATE,
-                fields=compound_fields(payload),
-            )
-        )
+        self._records.insert(spec, record, seq=self._seq)
+        txn.created(sobject, record)
         self.counts["creates"] += 1
         self._after_write(txn, sobject, record)
         return record_id
@@ -353,7 +284,7 @@ class Org:
             OrgError: as `create`, or 404 for a missing record.
         """
         spec = self.spec(sobject)
-        record = self._records[sobject].get(self._norm_id(record_id))
+        record = self._records.lookup(sobject, record_id)
         if record is None or record.get("IsDeleted"):
             raise OrgError(404, "NOT_FOUND", "The requested resource does not exist")
         values = self._validate(spec, body, record_id=record["Id"])
@@ -368,23 +299,8 @@ class Org:
                 record[k] = v
         now = format_datetime(datetime.fromtimestamp(self._clock(), UTC))
         record["LastModifiedDate"] = record["SystemModstamp"] = now
-        self._index(spec, record["Id"], before, record)
-        payload = {k: values[k] for k in changed}
-        payload["LastModifiedDate"] = now
-        txn.changes.append(
-            _Change(
-                entity=sobject,
-                record_id=record["Id"],
-                change_type=ChangeType.UPDATE,
-                fields=compound_fields(payload),
-                changed=tuple(
-                    change_field_name(k) for k in ("LastModifiedDate", *changed)
-                ),
-                nulled=tuple(
-                    change_field_name(k) for k in changed if values[k] is None
-                ),
-            )
-        )
+        self._records.index(spec, record["Id"], before, record)
+        txn.updated(sobject, record["Id"], values, changed, now)
         self.counts["updates"] += 1
         self._after_write(txn, sobject, record)
 
@@ -395,20 +311,13 @@ class Org:
             OrgError: 404 for a missing record.
         """
         spec = self.spec(sobject)
-        record = self._records[sobject].get(self._norm_id(record_id))
+        record = self._records.lookup(sobject, record_id)
         if record is None or record.get("IsDeleted"):
             raise OrgError(404, "NOT_FOUND", "The requested resource does not exist")
         before = dict(record)
         record["IsDeleted"] = True
-        self._index(spec, record["Id"], before, {})
-        txn.changes.append(
-            _Change(
-                entity=sobject,
-                record_id=record["Id"],
-                change_type=ChangeType.DELETE,
-                fields={},
-            )
-        )
+        self._records.index(spec, record["Id"], before, {})
+        txn.deleted(sobject, record["Id"])
         self.counts["deletes"] += 1
 
     def emit(
@@ -419,17 +328,9 @@ class Org:
         change_type: ChangeType,
     ) -> None:
         """Add a header-only event (a gap or overflow) to *txn*."""
-        for rid in record_ids or ("",):
-            txn.changes.append(
-                _Change(
-                    entity=sobject, record_id=rid, change_type=change_type, fields={}
-                )
-            )
+        txn.header_only(sobject, record_ids, change_type)
 
     # --- internals ----------------------------------------------------------
-
-    def _norm_id(self, record_id: str) -> str:
-        return to_id18(record_id) if is_id(record_id) else record_id
 
     def _validate(
         self, spec: ObjectSpec, body: Mapping[str, Any], *, record_id: str | None
@@ -461,7 +362,7 @@ class Org:
             ref = values.get(name)
             if ref is None:
                 continue
-            rec = self._records[target].get(self._norm_id(ref)) if is_id(ref) else None
+            rec = self._records.lookup(target, ref) if is_id(ref) else None
             if rec is None or rec.get("IsDeleted"):
                 raise OrgError(
                     400,
@@ -472,7 +373,7 @@ class Org:
             values[name] = rec["Id"]
         for name in spec.external_ids:
             value = values.get(name)
-            holder = self._keys.get((spec.name, name, value)) if value else None
+            holder = self._records.find(spec.name, name, value) if value else None
             if holder is not None and holder != record_id:
                 self.counts["duplicates_refused"] += 1
                 raise OrgError(
@@ -484,56 +385,6 @@ class Org:
                 )
         return values
 
-    def _index(
-        self, spec: ObjectSpec, record_id: str, before: Fields, after: Fields
-    ) -> None:
-        for name in spec.external_ids:
-            if before.get(name):
-                self._keys.pop((spec.name, name, before[name]), None)
-            if after.get(name):
-                self._keys[(spec.name, name, after[name])] = record_id
-        if not after:
-            return  # a deleted record keeps its lookups: queryAll still finds it
-        for name in spec.references:
-            old, new = before.get(name), after.get(name)
-            if old == new:
-                continue
-            index = self._refs.setdefault((spec.name, name), {})
-            if isinstance(old, str) and is_id(old):
-                index.get(to_id18(old), set()).discard(record_id)
-            if isinstance(new, str) and is_id(new):
-                index.setdefault(to_id18(new), set()).add(record_id)
-
-    def _children(
-        self, sobject: str, field: str, parent_ids: Sequence[Any]
-    ) -> list[str]:
-        """Ids of *sobject* records whose lookup *field* is one of *parent_ids*."""
-        index = self._refs.get((sobject, field), {})
-        found: set[str] = set()
-        for parent in parent_ids:
-            found |= index.get(to_id18(parent), set())
-        return sorted(found, key=lambda i: self._order.get(i, -1))
-
-    def _candidates(self, spec: ObjectSpec, query: soql.Query) -> list[Fields]:
-        """The records a query's filter must look at: by id or lookup when it can."""
-        records = self._records[spec.name]
-        for c in query.where:
-            if not c.values or not all(
-                isinstance(v, str) and is_id(v) for v in c.values
-            ):
-                continue
-            if c.field == "Id":
-                ids = {to_id18(v) for v in c.values if isinstance(v, str)}
-                ordered = sorted(
-                    ids & records.keys(), key=lambda i: self._order.get(i, -1)
-                )
-                return [records[i] for i in ordered]
-            if c.field in spec.references:
-                return [
-                    records[i] for i in self._children(spec.name, c.field, c.values)
-                ]
-        return list(records.values())
-
     def _after_write(self, txn: Transaction, sobject: str, record: Fields) -> None:
         # The CPQ package keeps one primary quote per opportunity and points
         # the opportunity at it, in the same transaction.
@@ -542,10 +393,12 @@ class Org:
         opp_id = record.get("SBQQ__Opportunity2__c")
         if not opp_id:
             return
-        quotes = self._records["SBQQ__Quote__c"]
+        quotes = self._records.by_object["SBQQ__Quote__c"]
         for other in [
             quotes[i]
-            for i in self._children("SBQQ__Quote__c", "SBQQ__Opportunity2__c", [opp_id])
+            for i in self._records.children(
+                "SBQQ__Quote__c", "SBQQ__Opportunity2__c", [opp_id]
+            )
         ]:
             if (
                 other["Id"] != record["Id"]
@@ -556,130 +409,11 @@ class Org:
                 self.update(
                     txn, "SBQQ__Quote__c", other["Id"], {"SBQQ__Primary__c": False}
                 )
-        opp = self._records["Opportunity"][opp_id]
+        opp = self._records.by_object["Opportunity"][opp_id]
         if opp.get("SBQQ__PrimaryQuote__c") != record["Id"]:
             self.update(
                 txn, "Opportunity", opp_id, {"SBQQ__PrimaryQuote__c": record["Id"]}
             )
-
-    def _lines(self, quote_id: str) -> list[Fields]:
-        lines = [
-            {**line, **self._derived("SBQQ__QuoteLine__c", line)}
-            for line in (
-                self._records["SBQQ__QuoteLine__c"][i]
-                for i in self._children(
-                    "SBQQ__QuoteLine__c", "SBQQ__Quote__c", [quote_id]
-                )
-            )
-            if not line.get("IsDeleted")
-        ]
-        lines.sort(
-            key=lambda x: (_dec(x.get("SBQQ__Number__c")), x["CreatedDate"], x["Id"])
-        )
-        return lines
-
-    def _derived(self, sobject: str, rec: Fields) -> Fields:
-        out: Fields = {}
-        if sobject in ("Account", "Contact"):
-            for flat, (compound, part) in COMPOUND_OF.items():
-                if rec.get(flat) is not None:
-                    out.setdefault(compound, {})[part] = rec[flat]
-        elif sobject == "Opportunity":
-            stage = str(rec.get("StageName", ""))
-            out["IsClosed"] = stage.startswith("Closed")
-            out["IsWon"] = stage == "Closed Won"
-            out["HasOpportunityLineItem"] = any(
-                li.get("OpportunityId") == rec["Id"] and not li.get("IsDeleted")
-                for li in self._records["OpportunityLineItem"].values()
-            )
-        elif sobject == "OpportunityLineItem":
-            if rec.get("UnitPrice") is not None and rec.get("TotalPrice") is None:
-                out["TotalPrice"] = _dec(rec["UnitPrice"]) * _dec(rec.get("Quantity"))
-        elif sobject == "SBQQ__QuoteLine__c":
-            customer = rec.get("SBQQ__CustomerPrice__c", rec.get("SBQQ__ListPrice__c"))
-            net = rec.get("SBQQ__NetPrice__c", customer)
-            out["SBQQ__CustomerPrice__c"] = customer
-            out["SBQQ__NetPrice__c"] = net
-            out["SBQQ__NetTotal__c"] = _dec(net) * _dec(rec.get("SBQQ__Quantity__c"))
-        elif sobject == "SBQQ__Quote__c":
-            lines = self._lines(rec["Id"])
-            out["SBQQ__NetAmount__c"] = sum(
-                (x["SBQQ__NetTotal__c"] for x in lines), Decimal(0)
-            )
-            out["SBQQ__ListAmount__c"] = sum(
-                (
-                    _dec(x.get("SBQQ__ListPrice__c")) * _dec(x.get("SBQQ__Quantity__c"))
-                    for x in lines
-                ),
-                Decimal(0),
-            )
-            out["SBQQ__LineItemCount__c"] = Decimal(len(lines))
-        return out
-
-    def _commit(self, txn: Transaction) -> None:
-        if not txn.changes:
-            return
-        key = str(uuid.UUID(int=self._rng.getrandbits(128), version=4))
-        self._commit_number += self._rng.randrange(1, 50)
-        stamp = int(self._clock() * 1000)
-        for seq, change in enumerate(txn.changes, start=1):
-            self.last_replay_id += self._rng.randrange(1, 5)
-            header = ChangeEventHeader(
-                entity_name=change.entity,
-                record_ids=(change.record_id,) if change.record_id else (),
-                change_type=change.change_type,
-                change_origin=txn.origin,
-                transaction_key=key,
-                sequence_number=seq,
-                commit_timestamp=stamp,
-                commit_number=self._commit_number,
-                commit_user=self.user_id,
-                changed_fields=change.changed,
-                nulled_fields=change.nulled,
-            )
-            if len(self.log) == self.log.maxlen:
-                self.evicted_through = self.log[0].replay_id
-            record = ChangeRecord(
-                replay_id=self.last_replay_id,
-                entity=change.entity,
-                header=header,
-                fields=change.fields,
-            )
-            self.log.append(record)
-            self.counts["change_events"] += 1
-            if self.on_change is not None:
-                self.on_change(record)
-
-
-def _dec(value: Any) -> Decimal:
-    if value is None:
-        return Decimal(0)
-    return value if isinstance(value, Decimal) else Decimal(str(value))
-
-
-def _matches(value: Any, literal: soql.Literal) -> bool:
-    if literal is None:
-        return value is None
-    if isinstance(literal, bool):
-        return value is literal
-    if isinstance(literal, Decimal):
-        return (
-            value is not None and not isinstance(value, bool) and _dec(value) == literal
-        )
-    if not isinstance(value, str):
-        return False
-    if value[:15].lower() != literal[:15].lower():
-        return False  # cheap: neither an equal id nor equal text
-    if is_id(literal) and is_id(value):
-        return to_id18(value) == to_id18(literal)
-    # SOQL compares text case-insensitively.
-    return value.lower() == literal.lower()
-
-
-def _sort_key(value: Any) -> tuple[bool, Decimal, str]:
-    if isinstance(value, Decimal | int) and not isinstance(value, bool):
-        return (value is None, Decimal(value), "")
-    return (value is None, Decimal(0), "" if value is None else str(value))
 
 
 def _check_required(missing: list[str]) -> None:
