@@ -17,7 +17,6 @@ that Stripe reports by webhook appends an `Event` to `StripeAccount.outbox`.
 from __future__ import annotations
 
 import random
-import re
 import string
 from collections.abc import Callable
 from decimal import ROUND_HALF_UP, Decimal
@@ -47,6 +46,7 @@ from adapters.billing.pricing import (
     subscription_invoice,
     with_item_lines,
 )
+from adapters.billing.search import customer_query
 from adapters.billing.views import (
     API_VERSION,
     Address,
@@ -69,10 +69,6 @@ __all__ = ["Refusal", "StripeAccount", "Params"]
 
 S = TypeVar("S", bound=msgspec.Struct)
 
-_SEARCH_CLAUSE = re.compile(
-    r"""\s*(?:metadata\[(?P<q1>['"])(?P<key>[^'"]+)(?P=q1)\]|(?P<field>email|name))"""
-    r"""\s*:\s*(?P<q2>['"])(?P<value>[^'"]*)(?P=q2)\s*"""
-)
 _ALNUM = string.ascii_letters + string.digits
 _CUSTOMER_FIELDS = frozenset(
     {"email", "name", "address", "description", "metadata", "expand"}
@@ -153,13 +149,12 @@ class StripeAccount:
         Clauses combine with ``AND``. Customers created less than *lag_s* ago
         are not found yet, as Stripe's search index lags behind writes.
         """
-        clauses = [_clause(part) for part in re.split(r"\s+AND\s+", query.strip())]
+        match = customer_query(query)
         visible_before = self._clock() - lag_s
         found = [
             c
             for c in self.customers.values()
-            if self.customer_created_at[c.id] <= visible_before
-            and all(_matches(c, field, key, value) for field, key, value in clauses)
+            if self.customer_created_at[c.id] <= visible_before and match(c)
         ]
         return SearchResult(
             data=tuple(found[:limit]),
@@ -548,27 +543,6 @@ class StripeAccount:
         )
         self.events[event.id] = event
         self.outbox.append(event)
-
-
-def _clause(text: str) -> tuple[str, str, str]:
-    match = _SEARCH_CLAUSE.fullmatch(text)
-    if match is None:
-        raise Refusal(
-            400,
-            f"We were unable to parse your search query: {text!r}",
-            param="query",
-        )
-    if match.group("key") is not None:
-        return "metadata", match.group("key"), match.group("value")
-    return match.group("field"), "", match.group("value")
-
-
-def _matches(customer: Customer, field: str, key: str, value: str) -> bool:
-    if field == "metadata":
-        return customer.metadata.get(key) == value
-    if field == "email":
-        return (customer.email or "").lower() == value.lower()
-    return customer.name == value
 
 
 def _address(params: Params, current: Address | None) -> Address | None:
