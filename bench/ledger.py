@@ -40,7 +40,6 @@ from typing import Any
 import aiohttp
 import anyio
 import asyncpg
-import psutil
 
 from bench.engine import EngineVariant
 from bench.harness import (
@@ -53,7 +52,7 @@ from bench.harness import (
 )
 from bench.naive import NaiveVariant
 from bench.passthrough import PassthroughVariant
-from bench.phases import Settings, drain, run_variant, stopped, wired
+from bench.phases import Settings, drain, run_variant, sample_rss, stopped, wired
 from bench.workload import (
     BenchError,
 )
@@ -75,7 +74,7 @@ async def _run_backlog(
     ):
 
         async def sample(child: Child) -> None:
-            tg.start_soon(_sample_rss, child.pid, rss)
+            tg.start_soon(sample_rss, child.pid, rss)
 
         child, workload, _, result = await drain(
             w, s, phase="b", read_back=False, on_child=sample
@@ -95,16 +94,6 @@ async def _run_backlog(
         "correct": not problems,
         "problems": problems,
     }
-
-
-async def _sample_rss(pid: int, out: list[int]) -> None:
-    process = psutil.Process(pid)
-    while True:
-        try:
-            out.append(int(process.memory_info().rss))
-        except psutil.NoSuchProcess:
-            return
-        await anyio.sleep(1)
 
 
 def _ratio(a: dict[str, Any] | None, b: dict[str, Any] | None) -> float | None:

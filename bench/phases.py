@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import psutil
 
 from bench.harness import (
     Child,
@@ -43,7 +44,15 @@ from bench.workload import (
 from broker.transport.channel import WireChannel
 from broker.transport.wire import WireConnection
 
-__all__ = ["Settings", "Wiring", "drain", "run_variant", "stopped", "wired"]
+__all__ = [
+    "Settings",
+    "Wiring",
+    "drain",
+    "run_variant",
+    "sample_rss",
+    "stopped",
+    "wired",
+]
 
 _POLL_S = 0.01
 
@@ -230,11 +239,18 @@ async def _latency(
     before = await w.meter.sample(child.pid, w.env.name)
     achieved: list[float] = []
 
+    rss: list[int] = []
+
     async def publish() -> None:
         achieved.append(await publish_paced(w.publisher, workload, rate))
 
-    await child.wait_for(publish(), "publishing at a fixed rate", 60 + 3 * s.latency_s)
-    await child.wait_for(tally.done.wait(), "answering the paced messages", 120)
+    async with anyio.create_task_group() as tg:
+        # Over a long run (a soak), RSS that keeps growing is a leak.
+        tg.start_soon(sample_rss, child.pid, rss)
+        limit_s = 60 + 3 * (s.warmup_s + s.latency_s)
+        await child.wait_for(publish(), "publishing at a fixed rate", limit_s)
+        await child.wait_for(tally.done.wait(), "answering the paced messages", 120)
+        tg.cancel_scope.cancel()
     after = await w.meter.sample(child.pid, w.env.name)
     # The first warmup_s is the way out of the drain (RabbitMQ settling the
     # backlog's acks, the queues compacting): reported, not in the figures.
@@ -257,8 +273,17 @@ async def _latency(
                 "max_ms": _ms(tally.latency_ms(100)),
             },
             "cpu_s": CpuMeter.delta(before, after),
+            "rss_mb": {
+                "first": _mb(rss[0]) if rss else None,
+                "last": _mb(rss[-1]) if rss else None,
+                "max": _mb(max(rss)) if rss else None,
+            },
         },
     )
+
+
+def _mb(value: int) -> float:
+    return round(value / 2**20, 1)
 
 
 def _write_trace(base: Path, variant: str, tally: Tally) -> None:
@@ -324,3 +349,14 @@ async def run_variant(
         "correct": not problems,
         "problems": problems,
     }
+
+
+async def sample_rss(pid: int, out: list[int]) -> None:
+    """Append *pid*'s RSS in bytes to *out* every second until it exits."""
+    process = psutil.Process(pid)
+    while True:
+        try:
+            out.append(int(process.memory_info().rss))
+        except psutil.NoSuchProcess:
+            return
+        await anyio.sleep(1)
