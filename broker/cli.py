@@ -97,10 +97,26 @@ def _demo(cfg: Config, deals: int, entries: int) -> int:
             backend="asyncio",
             backend_options={"use_uvloop": True},
         )
-    except BrokerError as exc:
-        print(f"brokerd demo: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return 1
+    except (BrokerError, BaseExceptionGroup) as exc:
+        # The demo runs the daemon in a task group: a refusal such as a
+        # missing database arrives wrapped, and is said in one line.
+        error = _broker_error(exc)
+        if error is None:
+            raise
+        print(f"brokerd demo: {type(error).__name__}: {error}", file=sys.stderr)
+        return 78 if isinstance(error, ConfigError) else 1
     return status
+
+
+def _broker_error(exc: BaseException) -> BrokerError | None:
+    """*exc* if it is a BrokerError, or the first of a group made only of them."""
+    if isinstance(exc, BrokerError):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        found = [_broker_error(e) for e in exc.exceptions]
+        if found and all(e is not None for e in found):
+            return found[0]
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,6 +10,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -145,3 +147,28 @@ def test_demo_drives_deals_end_to_end_and_its_check_passes(tmp_path: Path) -> No
     assert "consistency problems               0" in done.stdout
     assert "'order_fallout': 1" in done.stdout
     assert "poison payloads posted             1" in done.stdout
+
+
+@pytest.mark.integration
+def test_demo_on_a_missing_database_says_so_in_one_line(tmp_path: Path) -> None:
+    """A refusal inside the demo's task groups is one line and exit 78, no traceback."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BROKER__")}
+    done = subprocess.run(
+        [sys.executable, "-m", "broker", "demo", "--deals", "5"],
+        cwd=tmp_path,
+        env={
+            **env,
+            "PYTHONPATH": str(ROOT),
+            "BROKER__DAEMON__STORE": "postgres",
+            "BROKER__POSTGRES__DSN": "postgresql://postgres@127.0.0.1:5432/q2c_no_such_db",
+        },
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 78, done.stderr[-3000:]
+    assert "Traceback" not in done.stderr
+    (line,) = [x for x in done.stderr.splitlines() if x.startswith("brokerd demo:")]
+    assert line.startswith("brokerd demo: ConfigError: postgres refused the connection")
+    assert '"q2c_no_such_db" does not exist' in line
