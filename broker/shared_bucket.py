@@ -55,6 +55,7 @@ class SharedTokenBucket:
     __slots__ = (
         "_clock",
         "_expires",
+        "_failing",
         "_handful",
         "_held",
         "_hold_s",
@@ -83,6 +84,7 @@ class SharedTokenBucket:
         self._retry_s = retry_s
         self._held = 0
         self._expires = 0.0
+        self._failing = False
 
     @property
     def tokens(self) -> int:
@@ -101,9 +103,14 @@ class SharedTokenBucket:
             try:
                 granted, wait_s = await self._take(self._handful)
             except StoreUnavailable as exc:
-                _log.warning("rate_tokens_unavailable", error=str(exc))
+                if not self._failing:  # once per outage, not every retry
+                    _log.warning("rate_tokens_unavailable", error=str(exc))
+                self._failing = True
                 await self._sleep(self._retry_s)
                 continue
+            if self._failing:
+                self._failing = False
+                _log.info("rate_tokens_available")
             if granted:
                 self._held, self._expires = granted, self._clock() + self._hold_s
             else:

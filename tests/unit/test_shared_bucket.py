@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from structlog.testing import capture_logs
 
 from broker.errors import StoreUnavailable
 from broker.shared_bucket import SharedTokenBucket
@@ -85,7 +86,14 @@ async def test_an_empty_bucket_is_waited_for_then_asked_again() -> None:
 
 
 async def test_an_unreachable_store_is_asked_again_after_a_pause() -> None:
-    store = FakeStore(StoreUnavailable("connection refused"), (1, 0.0))
-    await store.bucket(10, 10).take()
-    assert store.slept == [0.5]
-    assert len(store.asked) == 2
+    """Retried every retry_s; the outage is logged once, and its end once."""
+    down = StoreUnavailable("connection refused")
+    store = FakeStore(down, down, down, (1, 0.0))
+    with capture_logs() as logs:
+        await store.bucket(10, 10).take()
+    assert store.slept == [0.5, 0.5, 0.5]
+    assert len(store.asked) == 4
+    assert [e["event"] for e in logs] == [
+        "rate_tokens_unavailable",
+        "rate_tokens_available",
+    ]
