@@ -23,6 +23,7 @@ __all__ = [
     "rabbitmq_outage",
     "max_message_size",
     "restart_postgres",
+    "terminate_backends",
 ]
 
 PG_CLUSTER = ("15", "main")
@@ -146,3 +147,25 @@ async def restart_postgres(dsn: str) -> None:
             if await _pg_ctlcluster("status", check=False) != 0:
                 await _pg_ctlcluster("start", check=False)
             await _postgres_accepts(dsn, 60)
+
+
+async def terminate_backends(dsn: str, application_name: str) -> int:
+    """``pg_terminate_backend`` on every backend of *dsn*'s database with that name.
+
+    Only the daemon's own connections are cut: other users of the cluster,
+    this test's among them, are left alone. Returns how many were ended.
+    """
+    conn = await asyncpg.connect(dsn, timeout=10)
+    try:
+        ended: int = await conn.fetchval(
+            """
+            SELECT count(*) FILTER (WHERE pg_terminate_backend(pid))
+            FROM pg_stat_activity
+            WHERE datname = current_database() AND application_name = $1
+              AND pid <> pg_backend_pid()
+            """,
+            application_name,
+        )
+    finally:
+        await conn.close()
+    return ended

@@ -1,4 +1,4 @@
-"""PostgreSQL restart under load (§7: 9)."""
+"""PostgreSQL restart and killed backends under load (§7: 9, 10)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import anyio
 import pytest
 
 from tests.reliability.checker import wait_applied
-from tests.reliability.faults import restart_postgres
+from tests.reliability.faults import restart_postgres, terminate_backends
 from tests.reliability.scenario import Scenario
 from tests.reliability.workload import Workload
 
@@ -48,6 +48,41 @@ async def test_postgres_restart_under_load_loses_and_duplicates_nothing(
             tg, workload.stream[BACKLOG:], pause_s=0.2
         )
         await restart_postgres(scenario.pg_dsn)
+    assert sum(r.confirmed for r in reports) == len(workload.stream) - BACKLOG
+    assert daemon.returncode is None, "the daemon died instead of riding it out"
+    status = await daemon.wait_ready()
+    assert status["counters"]["batch_commit_retries"] > 0, "the fault missed the load"
+
+    await scenario.finish(workload)
+
+
+async def test_killed_backends_under_load_lose_and_duplicate_nothing(
+    scenario: Scenario,
+) -> None:
+    """Scenario 10: ``pg_terminate_backend`` on the daemon's connections, thrice.
+
+    As a restart, but aimed at this daemon alone (``application_name``), so
+    it runs in the normal suite: the transactions in flight fail, the pool
+    opens new connections, the shards retry their commits; the daemon is
+    never restarted; no loss, no duplicated effect.
+    """
+    daemon = scenario.daemon
+    application_name = str(daemon.spec.config["postgres"]["application-name"])
+    workload = Workload.build(ENTRIES)
+    await daemon.declare()
+    assert (await scenario.publish(workload.stream[:BACKLOG])).confirmed == BACKLOG
+    await daemon.start(SLOW)
+    await daemon.wait_ready()
+    ended = 0
+    async with anyio.create_task_group() as tg:
+        await wait_applied(scenario.pg_dsn, ENTRIES // 10)
+        reports = scenario.publish_in_background(
+            tg, workload.stream[BACKLOG:], pause_s=0.2
+        )
+        for round_ in range(3):
+            await wait_applied(scenario.pg_dsn, ENTRIES // 10 * (round_ + 2))
+            ended += await terminate_backends(scenario.pg_dsn, application_name)
+    assert ended >= 3, "no daemon connection was there to end"
     assert sum(r.confirmed for r in reports) == len(workload.stream) - BACKLOG
     assert daemon.returncode is None, "the daemon died instead of riding it out"
     status = await daemon.wait_ready()
