@@ -1,0 +1,103 @@
+"""Two daemons on one vhost and database, under a duplicate storm (§7: 20).
+
+DESIGN §9: nothing in the daemon assumes it is alone. Workflow shards move
+between daemons through single-active-consumer; the inbox decides, whatever
+daemon holds a shard, that one business message has one effect.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from collections.abc import AsyncIterator
+from dataclasses import replace
+from typing import Any
+
+import anyio
+import pytest
+
+from tests import services
+from tests.reliability.checker import wait_applied
+from tests.reliability.harness import Daemon, DaemonSpec, base_config
+from tests.reliability.scenario import KILLED, Scenario
+from tests.reliability.workload import Workload
+
+pytestmark = [pytest.mark.anyio, pytest.mark.integration]
+
+#: Small batches, so the storm is still arriving when the first daemon dies.
+SLOW: dict[str, dict[str, Any]] = {
+    "core": {"batch-max": 20, "batch-linger-s": 0.05},
+    "amqp": {"prefetch": 50},
+}
+
+
+@pytest.fixture
+async def second(spec: DaemonSpec, amqp_url: str, pg_dsn: str) -> AsyncIterator[Daemon]:
+    """Another daemon on the same vhost and database, with its own name and socket."""
+    directory = tempfile.mkdtemp(prefix="q2cr", dir="/tmp")
+    socket_path = f"{directory}/brokerd.sock"
+    workdir = spec.workdir / "second"
+    workdir.mkdir()
+    d = Daemon(
+        replace(
+            spec,
+            config=base_config(
+                name=services.unique_name("rel2"),
+                amqp_url=amqp_url,
+                pg_dsn=pg_dsn,
+                socket_path=socket_path,
+            ),
+            workdir=workdir,
+            socket_path=socket_path,
+        )
+    )
+    try:
+        yield d
+    finally:
+        await d.aclose()
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+async def test_a_duplicate_storm_across_two_daemons_has_one_effect(
+    scenario: Scenario, second: Daemon
+) -> None:
+    """One message published 1,000 times at once, while its shard changes daemon.
+
+    Both daemons consume; single-active-consumer gives each shard to one of
+    them. The first is killed in the middle of the storm and the second
+    takes its shards over, redeliveries included. Afterwards every entry,
+    the stormed one too, has exactly one effect, and nothing is lost.
+    """
+    first = scenario.daemon
+    workload = Workload.build(2000)
+    stormed = workload.entries[0].message()
+    storm = [stormed] * 1000
+    await first.declare()
+    await first.start(SLOW)
+    await first.wait_ready()
+    await second.start(SLOW)
+    await second.wait_ready()
+    async with anyio.create_task_group() as tg:
+        # Each list gets its publisher's report when that publisher is done.
+        reports = [
+            scenario.publish_in_background(tg, storm[:500]),
+            scenario.publish_in_background(tg, workload.stream, pause_s=0.05),
+            scenario.publish_in_background(tg, storm[500:]),
+        ]
+        await wait_applied(scenario.pg_dsn, len(workload.entries) // 3)
+        assert await first.kill() == KILLED
+    confirmed = sum(r.confirmed for done in reports for r in done)
+    assert confirmed == len(storm) + len(workload.stream)
+
+    # The survivor finishes the work alone; the checker counts every effect.
+    survivor = Scenario(
+        daemon=second,
+        amqp_url=scenario.amqp_url,
+        vhost=scenario.vhost,
+        pg_dsn=scenario.pg_dsn,
+    )
+    await survivor.wait_drained(len(workload.entries))
+    status = await second.status()
+    took = sum(s["delivered"] for s in status["transport"]["subscriptions"])
+    assert took > 0, "the second daemon never took a shard over"
+    await survivor.finish(workload)
