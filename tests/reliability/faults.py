@@ -22,6 +22,7 @@ __all__ = [
     "rabbitmqctl",
     "rabbitmq_outage",
     "max_message_size",
+    "memory_alarm",
     "restart_postgres",
     "terminate_backends",
 ]
@@ -80,6 +81,24 @@ async def rabbitmq_outage(hold_s: float) -> None:
         with anyio.CancelScope(shield=True):
             await rabbitmqctl("start_app")
             await rabbitmqctl("await_startup")
+
+
+@asynccontextmanager
+async def memory_alarm() -> AsyncIterator[None]:
+    """A broker-wide memory alarm for the block: every publisher is blocked.
+
+    ``set_vm_memory_high_watermark 0`` raises the alarm; the broker's own
+    watermark, read first, is always restored.
+    """
+    original = (
+        await rabbitmqctl("eval", "vm_memory_monitor:get_vm_memory_high_watermark().")
+    ).strip()
+    try:
+        await rabbitmqctl("set_vm_memory_high_watermark", "0")
+        yield
+    finally:
+        with anyio.CancelScope(shield=True):
+            await rabbitmqctl("set_vm_memory_high_watermark", original)
 
 
 async def _rabbit_env(key: str) -> str:
