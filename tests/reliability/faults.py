@@ -23,6 +23,7 @@ __all__ = [
     "rabbitmq_outage",
     "max_message_size",
     "memory_alarm",
+    "disk_alarm",
     "restart_postgres",
     "terminate_backends",
 ]
@@ -99,6 +100,24 @@ async def memory_alarm() -> AsyncIterator[None]:
     finally:
         with anyio.CancelScope(shield=True):
             await rabbitmqctl("set_vm_memory_high_watermark", original)
+
+
+@asynccontextmanager
+async def disk_alarm() -> AsyncIterator[None]:
+    """A broker-wide disk alarm for the block: every publisher is blocked.
+
+    A free-disk limit of 10,000 GB raises it; the broker's own limit, read
+    first, is always restored.
+    """
+    original = (
+        await rabbitmqctl("eval", "rabbit_disk_monitor:get_disk_free_limit().")
+    ).strip()
+    try:
+        await rabbitmqctl("set_disk_free_limit", "10000GB")
+        yield
+    finally:
+        with anyio.CancelScope(shield=True):
+            await rabbitmqctl("set_disk_free_limit", original)
 
 
 async def _rabbit_env(key: str) -> str:

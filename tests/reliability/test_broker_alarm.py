@@ -1,4 +1,4 @@
-"""A RabbitMQ memory alarm while the daemon works (§7: 13).
+"""A RabbitMQ memory or disk alarm while the daemon works (§7: 13, 14).
 
 The broker blocks every publishing connection. The daemon's consumers live
 on a connection of their own, so they keep draining into Postgres; the
@@ -9,12 +9,15 @@ every row goes out; nothing is lost or applied twice.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
+
 import aiohttp
 import anyio
 import pytest
 
 from tests.reliability.checker import wait_applied
-from tests.reliability.faults import memory_alarm
+from tests.reliability.faults import disk_alarm, memory_alarm
 from tests.reliability.scenario import Scenario
 from tests.reliability.workload import Workload
 
@@ -22,15 +25,16 @@ pytestmark = [pytest.mark.anyio, pytest.mark.integration]
 
 
 @pytest.mark.chaos
-async def test_a_memory_alarm_holds_rows_back_and_loses_nothing(
-    scenario: Scenario,
+@pytest.mark.parametrize("alarm", [memory_alarm, disk_alarm], ids=["memory", "disk"])
+async def test_a_broker_alarm_holds_rows_back_and_loses_nothing(
+    scenario: Scenario, alarm: Callable[[], AbstractAsyncContextManager[None]]
 ) -> None:
     daemon = scenario.daemon
     workload = Workload.build(2000)
     await daemon.declare()
     # Published before the alarm: the test's own publisher would be blocked too.
     assert (await scenario.publish(workload.stream)).confirmed == len(workload.stream)
-    async with memory_alarm():
+    async with alarm():
         await daemon.start()
         # Not `wait_ready`: a blocked connection is not ready. Consumers keep
         # draining while nothing can be published.
