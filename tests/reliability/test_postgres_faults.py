@@ -1,14 +1,16 @@
-"""PostgreSQL restart and killed backends under load (§7: 9, 10)."""
+"""PostgreSQL restarted, its backends killed, or silent, under load (§7: 8, 9, 10)."""
 
 from __future__ import annotations
 
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import anyio
 import pytest
 
-from tests.reliability.checker import wait_applied
+from tests.reliability.checker import applied_count, wait_applied
 from tests.reliability.faults import restart_postgres, terminate_backends
+from tests.reliability.proxy import blackhole_proxy
 from tests.reliability.scenario import Scenario
 from tests.reliability.workload import Workload
 
@@ -89,3 +91,46 @@ async def test_killed_backends_under_load_lose_and_duplicate_nothing(
     assert status["counters"]["batch_commit_retries"] > 0, "the fault missed the load"
 
     await scenario.finish(workload)
+
+
+async def test_a_silent_database_holds_work_back_and_loses_nothing(
+    scenario: Scenario,
+) -> None:
+    """Scenario 8: PostgreSQL unreachable without a word for 20 s, under load.
+
+    The daemon reaches the database through a proxy that goes silent: no
+    reset, no refusal, nothing answers. Statements fail by
+    ``command-timeout-s``, nothing is acknowledged before its commit, the
+    shards retry; once the network heals the pool recovers and the backlog
+    drains. The daemon is never restarted; no loss, no duplicated effect.
+    """
+    daemon = scenario.daemon
+    workload = Workload.build(ENTRIES)
+    target = urlsplit(scenario.pg_dsn)
+    assert target.hostname is not None
+    assert target.port is not None
+    await daemon.declare()
+    assert (await scenario.publish(workload.stream[:BACKLOG])).confirmed == BACKLOG
+    async with blackhole_proxy(target.hostname, target.port) as proxy:
+        via_proxy = urlunsplit(
+            target._replace(netloc=f"{target.username}@127.0.0.1:{proxy.port}")
+        )
+        await daemon.start({**SLOW, "postgres": {"dsn": via_proxy}})
+        await daemon.wait_ready()
+        async with anyio.create_task_group() as tg:
+            await wait_applied(scenario.pg_dsn, ENTRIES // 10)
+            reports = scenario.publish_in_background(
+                tg, workload.stream[BACKLOG:], pause_s=0.2
+            )
+            proxy.blackhole()
+            stalled = await applied_count(scenario.pg_dsn)
+            await anyio.sleep(20)  # the partition itself, not a wait for a condition
+            assert await applied_count(scenario.pg_dsn) == stalled
+            proxy.heal()
+        assert sum(r.confirmed for r in reports) == len(workload.stream) - BACKLOG
+        assert daemon.returncode is None, "the daemon died instead of riding it out"
+        status = await daemon.wait_ready()
+        assert status["counters"]["batch_commit_retries"] > 0, (
+            "the fault missed the load"
+        )
+        await scenario.finish(workload, drain_s=90)
