@@ -54,10 +54,12 @@ class BlackholeProxy:
         try:
             while data := await src.read(65536):
                 await self._open.wait()
+                if dst.is_closing():
+                    return  # the other side went away meanwhile
                 dst.write(data)
                 await dst.drain()
         except (ConnectionError, OSError):
-            pass  # one side went away: close the other below
+            return  # one side went away: the other is closed below
         finally:
             dst.close()
 

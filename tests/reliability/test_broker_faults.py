@@ -1,4 +1,4 @@
-"""RabbitMQ faults under load (§7: 5 broker restart, 6 forced connection close).
+"""RabbitMQ faults under load (§7: 5 restart, 6 forced close, 7 silent partition).
 
 The daemon starts on a backlog (published before it runs), so the fault
 lands while batches are in flight, up to ``prefetch`` deliveries per shard
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import anyio
 import pytest
@@ -23,6 +24,7 @@ from tests.reliability.faults import (
     rabbitmqctl,
 )
 from tests.reliability.harness import SHARD_QUEUES
+from tests.reliability.proxy import blackhole_proxy
 from tests.reliability.scenario import Scenario
 from tests.reliability.workload import PublishReport, Workload
 
@@ -144,3 +146,52 @@ async def test_broker_restart_under_load_restores_consumers_and_loses_nothing(
     )
 
     await scenario.finish(workload)
+
+
+async def test_a_silent_broker_partition_loses_and_duplicates_nothing(
+    scenario: Scenario,
+) -> None:
+    """Scenario 7: RabbitMQ unreachable without a word for 30 s, under load.
+
+    The daemon reaches the broker through a proxy that goes silent (no
+    reset, no close) for more than three heartbeats of 5 s. The daemon
+    must notice by the missing heartbeats, give up both connections, keep
+    trying, and once the network heals reconnect and restore its consumers
+    by itself; the broker redelivers what the lost connections held, and
+    the inbox drops the copies: no loss, no duplicated effect.
+    """
+    daemon = scenario.daemon
+    workload = Workload.build(ENTRIES)
+    target = urlsplit(scenario.amqp_url)
+    assert target.hostname is not None
+    assert target.port is not None
+    await daemon.declare()
+    assert (await scenario.publish(workload.stream[:BACKLOG])).confirmed == BACKLOG
+    async with blackhole_proxy(target.hostname, target.port) as proxy:
+        netloc = f"{target.username}:{target.password}@127.0.0.1:{proxy.port}"
+        via_proxy = urlunsplit(target._replace(netloc=netloc))
+        overrides = {
+            **SLOW,
+            "amqp": {**SLOW["amqp"], "url": via_proxy, "heartbeat-s": 5},
+        }
+        await daemon.start(overrides)
+        await daemon.wait_ready()
+        async with anyio.create_task_group() as tg:
+            await wait_applied(scenario.pg_dsn, ENTRIES // 10)
+            reports = scenario.publish_in_background(
+                tg, workload.stream[BACKLOG:], pause_s=0.2
+            )
+            proxy.blackhole()
+            # Stuck detection within (heartbeat + 1) x 3 s (RELIABILITY.md §7).
+            await daemon.wait_log(
+                lambda e: e["event"] == "amqp_connection_lost", timeout_s=18
+            )
+            await anyio.sleep(15)  # the rest of the partition, not a wait
+            proxy.heal()
+        assert confirmed(reports) == len(workload.stream) - BACKLOG
+        assert daemon.returncode is None, "the daemon died instead of reconnecting"
+        await daemon.wait_ready(timeout_s=60)
+        await wait_consumers(scenario)
+        await wait_applied(scenario.pg_dsn, ENTRIES, timeout_s=60)
+        assert await redelivered(scenario) > 0, "the fault missed the load"
+        await scenario.finish(workload)
