@@ -1,9 +1,11 @@
-"""A TCP proxy that can go silent: RELIABILITY.md §5.2's ``blackhole`` fault.
+"""A TCP proxy for network faults: RELIABILITY.md §5.2's ``blackhole`` and ``reset``.
 
 It forwards 127.0.0.1:<port> to a target. `blackhole` stops moving bytes
 both ways and stalls new connections, holding every socket open, as a
 network partition does: nothing is refused or reset, nothing answers.
 `heal` lets the held bytes through, as TCP's retransmissions would.
+`reset_all` aborts every connection at once, as a load balancer or a
+firewall dropping its state does.
 """
 
 from __future__ import annotations
@@ -33,6 +35,14 @@ class BlackholeProxy:
     def heal(self) -> None:
         """Forward again, held bytes first."""
         self._open.set()
+
+    def reset_all(self) -> int:
+        """Abort every connection now (TCP RST both ways); return how many sockets."""
+        writers = [w for w in self._writers if not w.is_closing()]
+        for writer in writers:
+            writer.transport.abort()
+        self._writers.clear()
+        return len(writers)
 
     async def _handle(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter

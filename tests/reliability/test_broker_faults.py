@@ -1,4 +1,4 @@
-"""RabbitMQ faults under load (§7: 5 restart, 6 forced close, 7 silent partition).
+"""RabbitMQ faults under load (§7: 5 restart, 6 close, 7 partition, 12 TCP resets).
 
 The daemon starts on a backlog (published before it runs), so the fault
 lands while batches are in flight, up to ``prefetch`` deliveries per shard
@@ -191,6 +191,51 @@ async def test_a_silent_broker_partition_loses_and_duplicates_nothing(
         assert confirmed(reports) == len(workload.stream) - BACKLOG
         assert daemon.returncode is None, "the daemon died instead of reconnecting"
         await daemon.wait_ready(timeout_s=60)
+        await wait_consumers(scenario)
+        await wait_applied(scenario.pg_dsn, ENTRIES, timeout_s=60)
+        assert await redelivered(scenario) > 0, "the fault missed the load"
+        await scenario.finish(workload)
+
+
+async def test_tcp_resets_under_load_lose_and_duplicate_nothing(
+    scenario: Scenario,
+) -> None:
+    """Scenario 12: every AMQP connection reset (TCP RST) three times under load.
+
+    Unlike scenario 6 the broker says nothing: the sockets die under both
+    ends. The daemon reconnects with back-off (a handful of attempts, not
+    a storm), restores its consumers, and the inbox drops the redelivered
+    copies: no loss, no duplicated effect.
+    """
+    daemon = scenario.daemon
+    workload = Workload.build(ENTRIES)
+    target = urlsplit(scenario.amqp_url)
+    assert target.hostname is not None
+    assert target.port is not None
+    await daemon.declare()
+    assert (await scenario.publish(workload.stream[:BACKLOG])).confirmed == BACKLOG
+    async with blackhole_proxy(target.hostname, target.port) as proxy:
+        netloc = f"{target.username}:{target.password}@127.0.0.1:{proxy.port}"
+        via_proxy = urlunsplit(target._replace(netloc=netloc))
+        await daemon.start({**SLOW, "amqp": {**SLOW["amqp"], "url": via_proxy}})
+        await daemon.wait_ready()
+        resets = 0
+        async with anyio.create_task_group() as tg:
+            reports = scenario.publish_in_background(
+                tg, workload.stream[BACKLOG:], pause_s=0.2
+            )
+            for fraction in (0.1, 0.3, 0.5):
+                await wait_applied(scenario.pg_dsn, int(ENTRIES * fraction))
+                resets += proxy.reset_all()
+                await daemon.wait_ready(timeout_s=30)
+        assert resets >= 12, resets  # 3 x (publish, consume) x (client, broker side)
+        assert confirmed(reports) == len(workload.stream) - BACKLOG
+        assert daemon.returncode is None, "the daemon died instead of reconnecting"
+        status = await daemon.wait_ready()
+        reconnects = sum(
+            c["reconnects"] for c in status["transport"]["connections"].values()
+        )
+        assert 6 <= reconnects <= 12, f"{reconnects} reconnects for 3 resets"
         await wait_consumers(scenario)
         await wait_applied(scenario.pg_dsn, ENTRIES, timeout_s=60)
         assert await redelivered(scenario) > 0, "the fault missed the load"
