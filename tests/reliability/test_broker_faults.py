@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import anyio
 import pytest
@@ -24,7 +23,7 @@ from tests.reliability.faults import (
     rabbitmqctl,
 )
 from tests.reliability.harness import SHARD_QUEUES
-from tests.reliability.proxy import blackhole_proxy
+from tests.reliability.proxy import proxied
 from tests.reliability.scenario import Scenario
 from tests.reliability.workload import PublishReport, Workload
 
@@ -162,14 +161,9 @@ async def test_a_silent_broker_partition_loses_and_duplicates_nothing(
     """
     daemon = scenario.daemon
     workload = Workload.build(ENTRIES)
-    target = urlsplit(scenario.amqp_url)
-    assert target.hostname is not None
-    assert target.port is not None
     await daemon.declare()
     assert (await scenario.publish(workload.stream[:BACKLOG])).confirmed == BACKLOG
-    async with blackhole_proxy(target.hostname, target.port) as proxy:
-        netloc = f"{target.username}:{target.password}@127.0.0.1:{proxy.port}"
-        via_proxy = urlunsplit(target._replace(netloc=netloc))
+    async with proxied(scenario.amqp_url) as (proxy, via_proxy):
         overrides = {
             **SLOW,
             "amqp": {**SLOW["amqp"], "url": via_proxy, "heartbeat-s": 5},
@@ -209,14 +203,9 @@ async def test_tcp_resets_under_load_lose_and_duplicate_nothing(
     """
     daemon = scenario.daemon
     workload = Workload.build(ENTRIES)
-    target = urlsplit(scenario.amqp_url)
-    assert target.hostname is not None
-    assert target.port is not None
     await daemon.declare()
     assert (await scenario.publish(workload.stream[:BACKLOG])).confirmed == BACKLOG
-    async with blackhole_proxy(target.hostname, target.port) as proxy:
-        netloc = f"{target.username}:{target.password}@127.0.0.1:{proxy.port}"
-        via_proxy = urlunsplit(target._replace(netloc=netloc))
+    async with proxied(scenario.amqp_url) as (proxy, via_proxy):
         await daemon.start({**SLOW, "amqp": {**SLOW["amqp"], "url": via_proxy}})
         await daemon.wait_ready()
         resets = 0

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import anyio
 import pytest
 
 from tests.reliability.checker import applied_count, wait_applied
 from tests.reliability.faults import restart_postgres, terminate_backends
-from tests.reliability.proxy import blackhole_proxy
+from tests.reliability.proxy import proxied
 from tests.reliability.scenario import Scenario
 from tests.reliability.workload import Workload
 
@@ -106,15 +105,9 @@ async def test_a_silent_database_holds_work_back_and_loses_nothing(
     """
     daemon = scenario.daemon
     workload = Workload.build(ENTRIES)
-    target = urlsplit(scenario.pg_dsn)
-    assert target.hostname is not None
-    assert target.port is not None
     await daemon.declare()
     assert (await scenario.publish(workload.stream[:BACKLOG])).confirmed == BACKLOG
-    async with blackhole_proxy(target.hostname, target.port) as proxy:
-        via_proxy = urlunsplit(
-            target._replace(netloc=f"{target.username}@127.0.0.1:{proxy.port}")
-        )
+    async with proxied(scenario.pg_dsn) as (proxy, via_proxy):
         await daemon.start({**SLOW, "postgres": {"dsn": via_proxy}})
         await daemon.wait_ready()
         async with anyio.create_task_group() as tg:
