@@ -33,6 +33,7 @@ __all__ = [
     "SHARDS",
     "OUTPUT_QUEUE",
     "SHARD_QUEUES",
+    "SLOW",
     "Daemon",
     "DaemonSpec",
     "base_config",
@@ -48,6 +49,14 @@ SHARD_QUEUES = tuple(shard_queue(WORKFLOW, n) for n in range(SHARDS))
 OUTPUT_QUEUE = "q2c.events.ledger-applied"
 
 Config = dict[str, dict[str, Any]]
+
+#: A deliberately slow daemon: small batches with a pause after each, and a
+#: prefetch that keeps deliveries waiting unacknowledged, so that the drain
+#: lasts for seconds and a fault at any moment of it hits messages in flight.
+SLOW: Config = {
+    "core": {"batch-max": 20, "batch-linger-s": 0.1},
+    "amqp": {"prefetch": 50},
+}
 
 
 def base_config(*, name: str, amqp_url: str, pg_dsn: str, socket_path: str) -> Config:

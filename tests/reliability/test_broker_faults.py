@@ -22,7 +22,7 @@ from tests.reliability.faults import (
     rabbitmq_outage,
     rabbitmqctl,
 )
-from tests.reliability.harness import SHARD_QUEUES
+from tests.reliability.harness import SHARD_QUEUES, SLOW
 from tests.reliability.proxy import proxied
 from tests.reliability.scenario import Scenario
 from tests.reliability.workload import PublishReport, Workload
@@ -31,15 +31,6 @@ pytestmark = [pytest.mark.anyio, pytest.mark.integration]
 
 ENTRIES = 5000
 BACKLOG = 4500
-
-
-#: A deliberately slow daemon: small batches with a pause after each, and a
-#: prefetch that keeps deliveries waiting unacknowledged, so that a fault at
-#: any moment of the drain hits messages in flight.
-SLOW: dict[str, dict[str, Any]] = {
-    "core": {"batch-max": 20, "batch-linger-s": 0.1},
-    "amqp": {"prefetch": 50},
-}
 
 
 async def start_on_backlog(

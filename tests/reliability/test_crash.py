@@ -9,12 +9,12 @@ The storm kills it from outside, by its pid, at moments nobody chose.
 from __future__ import annotations
 
 import random
-from typing import Any
 
 import anyio
 import pytest
 
 from tests.reliability.checker import applied_count, wait_applied
+from tests.reliability.harness import SLOW
 from tests.reliability.scenario import KILLED, Outcome, Scenario
 from tests.reliability.workload import Workload
 
@@ -74,14 +74,6 @@ async def test_kill_after_confirm_before_mark_republishes_under_the_same_id(
         scenario, workload, point="after_confirm_before_mark", after=1000
     )
     assert max(outcome.outputs.values()) >= 2, "the confirmed rows were not republished"
-
-
-#: Small batches with a pause after each, so that the drain lasts for seconds
-#: and every kill lands with batches in flight.
-SLOW: dict[str, dict[str, Any]] = {
-    "core": {"batch-max": 20, "batch-linger-s": 0.1},
-    "amqp": {"prefetch": 50},
-}
 
 
 async def test_a_kill_storm_under_load_loses_and_duplicates_nothing(

@@ -2,28 +2,36 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import anyio
 import pytest
 
 from tests.reliability.checker import applied_count, wait_applied
 from tests.reliability.faults import restart_postgres, terminate_backends
+from tests.reliability.harness import SLOW
 from tests.reliability.proxy import proxied
 from tests.reliability.scenario import Scenario
-from tests.reliability.workload import Workload
+from tests.reliability.workload import PublishReport, Workload
 
 pytestmark = [pytest.mark.anyio, pytest.mark.integration]
 
 ENTRIES = 5000
 BACKLOG = 4500
 
-#: Small batches with a pause after each: the backlog drains over seconds, so
-#: the restart lands while batches are being committed.
-SLOW: dict[str, dict[str, Any]] = {
-    "core": {"batch-max": 20, "batch-linger-s": 0.1},
-    "amqp": {"prefetch": 50},
-}
+
+async def rode_it_out(
+    scenario: Scenario,
+    workload: Workload,
+    reports: list[PublishReport],
+    *,
+    drain_s: float = 45.0,
+) -> None:
+    """Confirmed, never died, retried: then the checker, on everything."""
+    assert sum(r.confirmed for r in reports) == len(workload.stream) - BACKLOG
+    daemon = scenario.daemon
+    assert daemon.returncode is None, "the daemon died instead of riding it out"
+    status = await daemon.wait_ready()
+    assert status["counters"]["batch_commit_retries"] > 0, "the fault missed the load"
+    await scenario.finish(workload, drain_s=drain_s)
 
 
 @pytest.mark.chaos
@@ -49,12 +57,7 @@ async def test_postgres_restart_under_load_loses_and_duplicates_nothing(
             tg, workload.stream[BACKLOG:], pause_s=0.2
         )
         await restart_postgres(scenario.pg_dsn)
-    assert sum(r.confirmed for r in reports) == len(workload.stream) - BACKLOG
-    assert daemon.returncode is None, "the daemon died instead of riding it out"
-    status = await daemon.wait_ready()
-    assert status["counters"]["batch_commit_retries"] > 0, "the fault missed the load"
-
-    await scenario.finish(workload)
+    await rode_it_out(scenario, workload, reports)
 
 
 async def test_killed_backends_under_load_lose_and_duplicate_nothing(
@@ -84,12 +87,7 @@ async def test_killed_backends_under_load_lose_and_duplicate_nothing(
             await wait_applied(scenario.pg_dsn, ENTRIES // 10 * (round_ + 2))
             ended += await terminate_backends(scenario.pg_dsn, application_name)
     assert ended >= 3, "no daemon connection was there to end"
-    assert sum(r.confirmed for r in reports) == len(workload.stream) - BACKLOG
-    assert daemon.returncode is None, "the daemon died instead of riding it out"
-    status = await daemon.wait_ready()
-    assert status["counters"]["batch_commit_retries"] > 0, "the fault missed the load"
-
-    await scenario.finish(workload)
+    await rode_it_out(scenario, workload, reports)
 
 
 async def test_a_silent_database_holds_work_back_and_loses_nothing(
@@ -120,10 +118,4 @@ async def test_a_silent_database_holds_work_back_and_loses_nothing(
             await anyio.sleep(20)  # the partition itself, not a wait for a condition
             assert await applied_count(scenario.pg_dsn) == stalled
             proxy.heal()
-        assert sum(r.confirmed for r in reports) == len(workload.stream) - BACKLOG
-        assert daemon.returncode is None, "the daemon died instead of riding it out"
-        status = await daemon.wait_ready()
-        assert status["counters"]["batch_commit_retries"] > 0, (
-            "the fault missed the load"
-        )
-        await scenario.finish(workload, drain_s=90)
+        await rode_it_out(scenario, workload, reports, drain_s=90)

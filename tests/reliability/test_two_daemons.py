@@ -11,24 +11,17 @@ import shutil
 import tempfile
 from collections.abc import AsyncIterator
 from dataclasses import replace
-from typing import Any
 
 import anyio
 import pytest
 
 from tests import services
 from tests.reliability.checker import wait_applied
-from tests.reliability.harness import Daemon, DaemonSpec, base_config
+from tests.reliability.harness import SLOW, Daemon, DaemonSpec, base_config
 from tests.reliability.scenario import KILLED, Scenario
 from tests.reliability.workload import Workload
 
 pytestmark = [pytest.mark.anyio, pytest.mark.integration]
-
-#: Small batches, so the storm is still arriving when the first daemon dies.
-SLOW: dict[str, dict[str, Any]] = {
-    "core": {"batch-max": 20, "batch-linger-s": 0.05},
-    "amqp": {"prefetch": 50},
-}
 
 
 @pytest.fixture
