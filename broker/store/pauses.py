@@ -4,22 +4,20 @@ A row of ``system_pause`` (migration 0005) says that no daemon's system
 actor may take new commands for that system; deleting it resumes them.
 Every daemon sharing the store polls the table (`broker.gateway`), so a
 pause reaches them all. Both stores run the SQL texts here, each in its own
-placeholder style, and decode rows with `pause_row`.
+placeholder style, and decode rows with `broker.store.rows.pause_row`.
 
 Internal, apart from `SystemPause`, which `broker.store` exports.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from datetime import datetime
-from typing import Any, Final
+from typing import Final
 
 import msgspec
 
 __all__ = [
     "SystemPause",
-    "pause_row",
     "PG_PAUSE",
     "PG_RESUME",
     "PG_PAUSES",
@@ -43,21 +41,8 @@ class SystemPause(msgspec.Struct, frozen=True, kw_only=True):
     updated_at: datetime
 
 
+#: The columns `broker.store.rows.pause_row` decodes, in its order.
 _COLUMNS = "system, reason, paused_by, since, updated_at"
-
-
-def pause_row(
-    r: Any, *, when: Callable[[Any], datetime] = lambda value: value
-) -> SystemPause:
-    """Decode ``system, reason, paused_by, since, updated_at``."""
-    return SystemPause(
-        system=r[0],
-        reason=r[1],
-        paused_by=r[2],
-        since=when(r[3]),
-        updated_at=when(r[4]),
-    )
-
 
 PG_PAUSE: Final = f"""
 INSERT INTO system_pause (system, reason, paused_by) VALUES ($1, $2, $3)

@@ -56,6 +56,7 @@ from broker.store.rows import (
     journal_row,
     normalized,
     outbox_row,
+    pause_row,
     saga_record,
     written_outbox,
     xref_entry,
@@ -455,17 +456,17 @@ class PostgresStore:
     ) -> SystemPause:
         """Pause *system* for every daemon on this store (`Store`)."""
         rows = await self._fetch(pauses.PG_PAUSE, system, reason, paused_by)
-        return pauses.pause_row(rows[0])
+        return pause_row(rows[0])
 
     async def resume_system(self, system: str) -> SystemPause | None:
         """End *system*'s pause; return it (None: it was not paused)."""
         rows = await self._fetch(pauses.PG_RESUME, system)
-        return pauses.pause_row(rows[0]) if rows else None
+        return pause_row(rows[0]) if rows else None
 
     async def system_pauses(self) -> dict[str, SystemPause]:
         """System → its pause, for every paused system."""
         rows = await self._fetch(pauses.PG_PAUSES)
-        return {r[0]: pauses.pause_row(r) for r in rows}
+        return {r[0]: pause_row(r) for r in rows}
 
     async def take_tokens(
         self, system: str, want: int, *, rate_per_s: float, burst: float

@@ -31,6 +31,7 @@ from broker.store import (
     OutboxRecord,
     OutboxRow,
     SagaRecord,
+    SystemPause,
 )
 from broker.xref import XrefEntry, unique_entries
 
@@ -45,6 +46,7 @@ __all__ = [
     "outbox_row",
     "dead_letter_row",
     "hold_row",
+    "pause_row",
     "releasable",
     "release_detail",
     "journal_row",
@@ -260,6 +262,17 @@ def release_detail(workflow: str, blocker: str, promoted: str | None) -> str:
     if promoted is None:
         return f"{released}: nothing was held"
     return f"{released}: sent back to its queue, it holds the rest now"
+
+
+def pause_row(r: Row, *, when: Timestamp = _as_is) -> SystemPause:
+    """Decode ``system, reason, paused_by, since, updated_at``."""
+    return SystemPause(
+        system=r[0],
+        reason=r[1],
+        paused_by=r[2],
+        since=when(r[3]),
+        updated_at=when(r[4]),
+    )
 
 
 def journal_row(r: Row, *, when: Timestamp = _as_is) -> JournalRow:

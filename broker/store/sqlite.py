@@ -58,6 +58,7 @@ from broker.store.rows import (
     journal_row,
     normalized,
     outbox_row,
+    pause_row,
     saga_record,
     xref_entry,
 )
@@ -361,7 +362,7 @@ class SqliteStore:
         row = await self._transaction(
             lambda conn: conn.execute(pauses.SQLITE_PAUSE, params).fetchone()
         )
-        return pauses.pause_row(row, when=_utc)
+        return pause_row(row, when=_utc)
 
     async def resume_system(self, system: str) -> SystemPause | None:
         """End *system*'s pause; return it (None: it was not paused)."""
@@ -370,14 +371,14 @@ class SqliteStore:
                 pauses.SQLITE_RESUME, {"system": system}
             ).fetchone()
         )
-        return pauses.pause_row(row, when=_utc) if row is not None else None
+        return pause_row(row, when=_utc) if row is not None else None
 
     async def system_pauses(self) -> dict[str, SystemPause]:
         """System → its pause, for every paused system."""
         rows = await self._locked(
             lambda conn: conn.execute(pauses.SQLITE_PAUSES).fetchall()
         )
-        return {r[0]: pauses.pause_row(r, when=_utc) for r in rows}
+        return {r[0]: pause_row(r, when=_utc) for r in rows}
 
     async def take_tokens(
         self, system: str, want: int, *, rate_per_s: float, burst: float
