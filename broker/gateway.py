@@ -174,8 +174,9 @@ class SystemGateway:
         self.id = f"sys.{system}"
         self.queue = f"q2c.sys.{system}"
         self.sleep = sleep
-        self.bucket = TokenBucket(settings.rate_per_s, settings.burst, clock=clock)
-        self.shared: SharedTokenBucket | None = None
+        #: The system's call rate: its bucket in the store, shared by every
+        #: daemon, or (``shared-rate = false``) this daemon's own.
+        self.rate: SharedTokenBucket | TokenBucket
         if settings.shared_rate:
 
             async def take(want: int) -> tuple[int, float]:
@@ -183,13 +184,15 @@ class SystemGateway:
                     system, want, rate_per_s=settings.rate_per_s, burst=settings.burst
                 )
 
-            self.shared = SharedTokenBucket(
+            self.rate = SharedTokenBucket(
                 take,
                 rate_per_s=settings.rate_per_s,
                 burst=settings.burst,
                 clock=clock,
                 sleep=sleep,
             )
+        else:
+            self.rate = TokenBucket(settings.rate_per_s, settings.burst, clock=clock)
         self.breaker = CircuitBreaker(
             settings.breaker_failures,
             settings.breaker_reset_s,
@@ -238,22 +241,18 @@ class SystemGateway:
             "prefetch": self.prefetch,
             "in_flight": self.in_flight,
             "held": self.held,
-            "tokens": (
-                self.shared.tokens
-                if self.shared is not None
-                else round(self.bucket.tokens, 2)
-            ),
-            "rate_shared": self.shared is not None,
+            "tokens": round(self.rate.tokens, 2),
+            "rate_shared": isinstance(self.rate, SharedTokenBucket),
             "calls": dict(self.calls),
             "commands": dict(self.commands),
         }
 
     async def take_token(self) -> None:
         """Wait until the rate admits one more call start, and take it."""
-        if self.shared is not None:
-            await self.shared.take()
+        if isinstance(self.rate, SharedTokenBucket):
+            await self.rate.take()
             return
-        while (delay := self.bucket.try_take()) > 0:
+        while (delay := self.rate.try_take()) > 0:
             await self.sleep(delay)
 
     def count_call(self, outcome: str) -> None:
