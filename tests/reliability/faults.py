@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import subprocess
 from collections.abc import AsyncIterator, Iterable
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
 
 import aio_pika
@@ -84,40 +84,40 @@ async def rabbitmq_outage(hold_s: float) -> None:
             await rabbitmqctl("await_startup")
 
 
-@asynccontextmanager
-async def memory_alarm() -> AsyncIterator[None]:
+def memory_alarm() -> AbstractAsyncContextManager[None]:
     """A broker-wide memory alarm for the block: every publisher is blocked.
 
-    ``set_vm_memory_high_watermark 0`` raises the alarm; the broker's own
+    ``set_vm_memory_high_watermark 0`` raises it; the broker's own
     watermark, read first, is always restored.
     """
-    original = (
-        await rabbitmqctl("eval", "vm_memory_monitor:get_vm_memory_high_watermark().")
-    ).strip()
-    try:
-        await rabbitmqctl("set_vm_memory_high_watermark", "0")
-        yield
-    finally:
-        with anyio.CancelScope(shield=True):
-            await rabbitmqctl("set_vm_memory_high_watermark", original)
+    return _alarm(
+        "vm_memory_monitor:get_vm_memory_high_watermark().",
+        "set_vm_memory_high_watermark",
+        "0",
+    )
 
 
-@asynccontextmanager
-async def disk_alarm() -> AsyncIterator[None]:
+def disk_alarm() -> AbstractAsyncContextManager[None]:
     """A broker-wide disk alarm for the block: every publisher is blocked.
 
     A free-disk limit of 10,000 GB raises it; the broker's own limit, read
     first, is always restored.
     """
-    original = (
-        await rabbitmqctl("eval", "rabbit_disk_monitor:get_disk_free_limit().")
-    ).strip()
+    return _alarm(
+        "rabbit_disk_monitor:get_disk_free_limit().", "set_disk_free_limit", "10000GB"
+    )
+
+
+@asynccontextmanager
+async def _alarm(read: str, command: str, value: str) -> AsyncIterator[None]:
+    """``rabbitmqctl COMMAND VALUE`` for the block; then back to what *read* gave."""
+    original = (await rabbitmqctl("eval", read)).strip()
     try:
-        await rabbitmqctl("set_disk_free_limit", "10000GB")
+        await rabbitmqctl(command, value)
         yield
     finally:
         with anyio.CancelScope(shield=True):
-            await rabbitmqctl("set_disk_free_limit", original)
+            await rabbitmqctl(command, original)
 
 
 async def _rabbit_env(key: str) -> str:
