@@ -28,8 +28,8 @@ import importlib
 import os
 import signal
 import time
-from collections.abc import Callable
-from typing import Any, final
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar, final
 
 import anyio
 import structlog
@@ -66,6 +66,8 @@ __all__ = [
 ]
 
 _log = structlog.get_logger(__name__)
+
+T = TypeVar("T")
 
 TreeFactory = Callable[[Runtime], SupervisorSpec]
 
@@ -118,7 +120,17 @@ async def open_store(cfg: Config, *, attempts: int = 30) -> Store:
 
 
 async def open_transport(cfg: Config, topology: Topology) -> Transport:
-    """Start the configured transport; on RabbitMQ, declare the topology first."""
+    """Start the configured transport; on RabbitMQ, then declare the topology.
+
+    The daemon's own connections come up first: when they cannot, their
+    ``amqp_connect_failed`` lines say exactly why (a TLS alert, a refused
+    login), and they are retried with back-off. The declaration follows on
+    a connection of its own, before anything consumes.
+
+    Raises:
+        ConfigError: the TLS files are unusable, or the broker refused the
+            topology (arguments, plugins, permissions).
+    """
     if cfg.daemon.transport == "memory":
         from broker.transport.memory import MemoryTransport
 
@@ -126,26 +138,34 @@ async def open_transport(cfg: Config, topology: Topology) -> Transport:
 
     from broker.transport.amqp import AmqpTransport
     from broker.transport.declare import declare_topology
+    from broker.transport.tls import load_tls
 
-    if cfg.topology.declare:
-        backoff = Backoff(cfg.amqp.reconnect_interval_s, cfg.amqp.reconnect_max_s)
-        while True:
-            try:
-                await declare_topology(
-                    cfg.amqp.url,
-                    topology,
-                    management_url=cfg.amqp.management_url,
-                    apply_policies=cfg.topology.apply_policies,
-                )
-                break
-            except TransportUnavailable as exc:
-                delay = backoff.next_delay()
-                _log.warning(
-                    "topology_declare_failed", error=str(exc), retry_in_s=delay
-                )
-                await anyio.sleep(delay)
-    transport = AmqpTransport(cfg.amqp, name=cfg.daemon.name)
-    await transport.start()
+    tls = await load_tls(cfg.amqp)
+    transport = AmqpTransport(cfg.amqp, name=cfg.daemon.name, tls=tls)
+    try:
+        await transport.start()
+        if cfg.topology.declare:
+            backoff = Backoff(cfg.amqp.reconnect_interval_s, cfg.amqp.reconnect_max_s)
+            while True:
+                try:
+                    await declare_topology(
+                        cfg.amqp.url,
+                        topology,
+                        management_url=cfg.amqp.management_url,
+                        apply_policies=cfg.topology.apply_policies,
+                        tls=tls,
+                    )
+                    break
+                except TransportUnavailable as exc:
+                    delay = backoff.next_delay()
+                    _log.warning(
+                        "topology_declare_failed", error=str(exc), retry_in_s=delay
+                    )
+                    await anyio.sleep(delay)
+    except BaseException:
+        with anyio.CancelScope(shield=True):
+            await transport.aclose()
+        raise
     return transport
 
 
@@ -269,6 +289,33 @@ class Daemon:
             )
         ]
 
+    async def _unless_shutdown(self, opening: Callable[[], Awaitable[T]]) -> T | None:
+        """Await *opening*; give up on it, returning ``None``, at a shutdown request.
+
+        Opening waits as long as RabbitMQ or PostgreSQL do not answer (each
+        retried with back-off, and logged), so a signal must end the wait.
+        """
+        result: T | None = None
+        failure: Exception | None = None
+        async with anyio.create_task_group() as tg:
+
+            async def give_up_at_shutdown() -> None:
+                await self.shutdown.wait()
+                _log.info("startup_abandoned", reason="shutdown requested")
+                tg.cancel_scope.cancel()
+
+            tg.start_soon(give_up_at_shutdown)
+            try:
+                result = await opening()
+            except Exception as exc:  # noqa: BLE001 - raised again below, unwrapped
+                failure = exc
+            tg.cancel_scope.cancel()
+        if failure is not None:
+            # Outside the task group, so that it is not wrapped in an
+            # ExceptionGroup and `run` maps a ConfigError to its exit status.
+            raise failure
+        return result
+
     async def run(self) -> None:
         """Open resources, run the tree until shutdown, close resources.
 
@@ -279,10 +326,16 @@ class Daemon:
         cfg = self.cfg
         rt = self.runtime
         app = load_tree(cfg.daemon.tree)(rt)
-        self.topology = build_topology(rt.topology_config(), rt.routes())
-        store = await open_store(cfg)
+        topology = self.topology = build_topology(rt.topology_config(), rt.routes())
+        store = await self._unless_shutdown(lambda: open_store(cfg))
+        if store is None:
+            return
         try:
-            transport = await open_transport(cfg, self.topology)
+            transport = await self._unless_shutdown(
+                lambda: open_transport(cfg, topology)
+            )
+            if transport is None:
+                return
             try:
                 rt.attach(store=store, transport=transport)
                 control = ControlServer(cfg.control, DaemonControl(self))

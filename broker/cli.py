@@ -64,6 +64,7 @@ async def _topology(cfg: Config) -> None:
     from broker.app import load_tree
     from broker.runtime import Runtime
     from broker.transport.declare import declare_topology
+    from broker.transport.tls import load_tls
     from broker.transport.topology import build_topology
 
     rt = Runtime(cfg)
@@ -73,6 +74,7 @@ async def _topology(cfg: Config) -> None:
         build_topology(rt.topology_config(), rt.routes()),
         management_url=cfg.amqp.management_url,
         apply_policies=cfg.topology.apply_policies,
+        tls=await load_tls(cfg.amqp),
     )
 
 

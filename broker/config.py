@@ -77,6 +77,13 @@ class AmqpConfig(Section, frozen=True):
     reconnect_interval_s: Seconds = 1.0
     reconnect_max_s: Seconds = 15.0
     management_url: str = "http://127.0.0.1:15672"
+    #: amqps:// only: CA bundle (PEM) for the broker's certificate; "" uses
+    #: the system's trust store.
+    tls_ca_file: str = ""
+    #: amqps:// only: client certificate and key (PEM), for brokers that
+    #: require one (mTLS).
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
 
 
 class PostgresConfig(Section, frozen=True):

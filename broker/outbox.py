@@ -40,6 +40,8 @@ __all__ = ["OutboxFeed", "OutboxRelay", "to_message"]
 
 #: How long confirmed rows wait to be marked sent together.
 _MARK_INTERVAL_S = 0.05
+#: Longest wait between probes while the broker refuses our publishing.
+_REFUSED_MAX_S = 30.0
 
 
 @final
@@ -141,6 +143,10 @@ class OutboxRelay(Actor[None]):
         self._has_confirmed = anyio.Event()
         self._idle = anyio.Event()
         self._idle.set()
+        # While the broker refuses our publishing (permissions), one probe per
+        # back-off period; every other row waits in the store until then.
+        self._refused_until = 0.0
+        self._refusals = Backoff(1.0, _REFUSED_MAX_S)
 
     async def on_start(self, ctx: Context[None]) -> None:
         """Start the publishing workers and the recovery poller."""
@@ -229,11 +235,15 @@ class OutboxRelay(Actor[None]):
             # its size limit), the rows that shared its first publish are not
             # held back with it round after round.
             fresh = [r for r in rows if r.attempts <= 1]
-            if fresh:
-                await self._publish_together(fresh, ctx)
-            for row in rows:
-                if row.attempts > 1:
-                    await self._publish_together([row], ctx)
+            rounds = [fresh] if fresh else []
+            rounds.extend([r] for r in rows if r.attempts > 1)
+            for n, round_rows in enumerate(rounds):
+                wait_s = self._refused_until - anyio.current_time()
+                if wait_s > 0:
+                    later = [r for rr in rounds[n:] for r in rr]
+                    await self._hold_back(later, wait_s, ctx)
+                    break
+                await self._publish_together(round_rows, ctx)
         finally:
             self.in_flight -= 1
             if self.in_flight == 0:
@@ -269,6 +279,7 @@ class OutboxRelay(Actor[None]):
                 unknown.append(row)
         try:
             if acked:
+                self._refusals.reset()
                 self._metrics.published.inc(len(acked))
                 self._confirmed.extend(acked)
                 self._has_confirmed.set()
@@ -277,7 +288,24 @@ class OutboxRelay(Actor[None]):
                 await self._reschedule(
                     nacked, "nack", "outbox_publish_nacked", first_s=2.0, ctx=ctx
                 )
-            if unknown:
+            refusal = self._transport.refusal if unknown else None
+            if refusal is not None:
+                # The broker will refuse every row until an operator changes
+                # the user's permissions: stop trying but for one probe now
+                # and then, rather than a channel per row.
+                delay = self._refusals.next_delay()
+                self._refused_until = anyio.current_time() + delay
+                await self._store.reschedule_outbox(
+                    [r.id for r in unknown], delay_s=delay
+                )
+                self._metrics.publish_failed.labels("refused").inc(len(unknown))
+                ctx.log.error(
+                    "outbox_publish_refused",
+                    rows=len(unknown),
+                    reason=refusal,
+                    retry_in_s=round(delay, 2),
+                )
+            elif unknown:
                 # No answer: the connection dropped, the broker refused the
                 # channel, or the confirm was late. Soon at first, then slower,
                 # so a row the broker keeps refusing cannot become a hot loop.
@@ -304,6 +332,16 @@ class OutboxRelay(Actor[None]):
         except StoreUnavailable as exc:
             # Unmarked rows stay leased; after the lease the poller republishes
             # them and receivers drop the duplicates.
+            ctx.log.warning("outbox_mark_failed", error=str(exc), rows=len(rows))
+
+    async def _hold_back(
+        self, rows: Sequence[OutboxRow], wait_s: float, ctx: Context[None]
+    ) -> None:
+        """Leave *rows*, not tried, in the store until the refusal's probe is due."""
+        try:
+            await self._store.reschedule_outbox([r.id for r in rows], delay_s=wait_s)
+        except StoreUnavailable as exc:
+            # Still leased: the poller finds them once the lease ends.
             ctx.log.warning("outbox_mark_failed", error=str(exc), rows=len(rows))
 
     async def _reschedule(

@@ -554,7 +554,8 @@ class HttpServer(Actor[None]):
         return _json({"status": "ready", "checks": checks})
 
     def _transport_check(self) -> str:
-        connections = self._transport.status().get("connections") or {}
+        status = self._transport.status()
+        connections = status.get("connections") or {}
         if not connections:
             return "no connection"
         down = [
@@ -562,6 +563,9 @@ class HttpServer(Actor[None]):
             for role, link in connections.items()
             if link.get("state") != "connected"
         ]
+        if status.get("refused"):
+            # Connected, but nothing we publish gets through (permissions).
+            down.append(f"publish refused: {status['refused']}")
         return ", ".join(down) if down else "ok"
 
     async def _metrics_text(self, request: web.Request) -> web.StreamResponse:

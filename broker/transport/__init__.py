@@ -146,6 +146,15 @@ class Subscription(Protocol):
 class Transport(Protocol):
     """Consume and publish; reconnects on its own."""
 
+    @property
+    def refusal(self) -> str | None:
+        """Why the broker last refused our publishing outright, or ``None``.
+
+        Set by a 403 ACCESS_REFUSED (the user may not write to the exchange)
+        and kept until a publish is confirmed again.
+        """
+        ...
+
     async def subscribe(self, queue: str, *, prefetch: int) -> Subscription:
         """Start consuming *queue*, waiting for the connection if it is down."""
         ...

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import ssl
 from collections.abc import Callable, Sequence
 from typing import Any, Final, final
 
@@ -38,6 +39,9 @@ __all__ = ["AmqpTransport", "AmqpSubscription"]
 _log = structlog.get_logger(__name__)
 
 _INDETERMINATE: Final = PublishOutcome.INDETERMINATE
+_ACK: Final = PublishOutcome.ACK
+#: AMQP reply code of a permission refusal (channel or connection close).
+_ACCESS_REFUSED: Final = 403
 
 
 def _backoff_s(cfg: AmqpConfig, failures: int) -> float:
@@ -51,10 +55,15 @@ class _Link:
     """One supervised connection. Internal: not for use outside broker/."""
 
     def __init__(
-        self, name: str, cfg: AmqpConfig, on_change: Callable[[], None]
+        self,
+        name: str,
+        cfg: AmqpConfig,
+        on_change: Callable[[], None],
+        tls: ssl.SSLContext | None,
     ) -> None:
         self.name = name
         self._cfg = cfg
+        self._tls = tls
         self._on_change = on_change
         self.conn: WireConnection | None = None
         self.up = asyncio.Event()
@@ -110,6 +119,7 @@ class _Link:
                     name=self.name,
                     heartbeat_s=cfg.heartbeat_s,
                     connect_timeout_s=cfg.connect_timeout_s,
+                    tls=self._tls,
                 )
             except TransportUnavailable as exc:
                 self.failures += 1
@@ -278,24 +288,35 @@ class AmqpTransport:
         cfg: the ``[amqp]`` section.
         name: the daemon's name; the connections are ``"<name> publish"`` and
             ``"<name> consume"``.
+        tls: the context for an ``amqps://`` URL (`broker.transport.tls`);
+            ``None`` uses the system's defaults.
 
     Raises:
         ConfigError: ``cfg.url`` is not an AMQP URL.
     """
 
-    def __init__(self, cfg: AmqpConfig, *, name: str = "q2c-broker") -> None:
+    def __init__(
+        self,
+        cfg: AmqpConfig,
+        *,
+        name: str = "q2c-broker",
+        tls: ssl.SSLContext | None = None,
+    ) -> None:
         try:
             parse_url(cfg.url)
         except ValueError as exc:
             raise ConfigError(f"amqp.url: {exc}") from exc
         self._cfg = cfg
         self._ready = asyncio.Event()
-        self._pub = _Link(f"{name} publish", cfg, self._update_ready)
-        self._con = _Link(f"{name} consume", cfg, self._update_ready)
+        self._pub = _Link(f"{name} publish", cfg, self._update_ready, tls)
+        self._con = _Link(f"{name} consume", cfg, self._update_ready, tls)
         self._pub_ch: WireChannel | None = None
         self._pub_lock = asyncio.Lock()
         self._subscriptions: set[AmqpSubscription] = set()
         self._closed = False
+        self._refusal: str | None = None
+        self._noted: WireChannel | None = None
+        self.refusals = 0
         self.published = 0
         self.confirmed = 0
         self.nacked = 0
@@ -317,6 +338,14 @@ class AmqpTransport:
     def ready(self) -> asyncio.Event:
         """The event set while both connections are up."""
         return self._ready
+
+    @property
+    def refusal(self) -> str | None:
+        """The broker's 403 on our publishing channel, or ``None``.
+
+        Kept until a publish is confirmed again.
+        """
+        return self._refusal
 
     async def start(self) -> None:
         """Start both connection supervisors; return once both are connected.
@@ -383,12 +412,7 @@ class AmqpTransport:
                 if ch is not None and not ch.is_closed and ch.connection is conn:
                     return ch
                 if ch is not None and ch.connection is conn:
-                    _log.warning(
-                        "amqp_channel_closed",
-                        connection=conn.name,
-                        channel=ch.id,
-                        reason=ch.closed_reason,
-                    )
+                    self._note_closed(ch)
                 try:
                     ch = await conn.channel()
                     await ch.confirm_select(window=self._cfg.confirm_window)
@@ -423,7 +447,39 @@ class AmqpTransport:
             _log.warning("amqp_publish_unavailable", count=n, reason=str(exc))
             return self._count([_INDETERMINATE] * n)
         remaining_s = max(0.0, deadline - loop.time())
-        return self._count(await ch.publish_batch(messages, remaining_s))
+        outcomes = await ch.publish_batch(messages, remaining_s)
+        if ch.is_closed and ch.close_code is not None:
+            self._note_closed(ch)
+        elif self._refusal is not None and _ACK in outcomes:
+            _log.info("amqp_access_granted", connection=ch.connection.name)
+            self._refusal = None
+        return self._count(outcomes)
+
+    def _note_closed(self, ch: WireChannel) -> None:
+        """Say, once, why the broker closed our publishing channel *ch*."""
+        if ch is self._noted:
+            return
+        self._noted = ch
+        if ch.close_code != _ACCESS_REFUSED:
+            _log.warning(
+                "amqp_channel_closed",
+                connection=ch.connection.name,
+                channel=ch.id,
+                reason=ch.closed_reason,
+            )
+            return
+        self._refusal = ch.closed_reason
+        self.refusals += 1
+        # An operator's mistake, not a fault that heals by itself: an error,
+        # with what to change. Publishing is retried, slowly, until it does.
+        _log.error(
+            "amqp_access_refused",
+            connection=ch.connection.name,
+            channel=ch.id,
+            reason=ch.closed_reason,
+            fix="grant the daemon's RabbitMQ user write permission on the "
+            "exchange (rabbitmqctl set_permissions -p <vhost> <user> ...)",
+        )
 
     def _count(self, outcomes: list[PublishOutcome]) -> list[PublishOutcome]:
         for outcome in outcomes:
@@ -458,6 +514,8 @@ class AmqpTransport:
             "nacked": self.nacked,
             "returned": self.returned,
             "indeterminate": self.indeterminate,
+            "refused": self._refusal,
+            "refusals": self.refusals,
         }
 
     async def aclose(self) -> None:

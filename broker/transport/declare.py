@@ -24,6 +24,7 @@ Failures are translated here, where aio-pika is called:
 from __future__ import annotations
 
 import re
+import ssl
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -76,6 +77,7 @@ async def declare_topology(
     management_url: str | None,
     apply_policies: bool = True,
     timeout_s: float = 10.0,
+    tls: ssl.SSLContext | None = None,
 ) -> None:
     """Apply the policies of *topology*, then declare its exchanges, queues, bindings.
 
@@ -86,6 +88,8 @@ async def declare_topology(
             ``http://127.0.0.1:15672``; ``None`` skips the policies (warned).
         apply_policies: ``False`` when operators manage the policies.
         timeout_s: bound on the connect and on each declare or HTTP call.
+        tls: the context for ``amqps://`` and ``https://`` URLs
+            (`broker.transport.tls`); ``None`` uses the system's defaults.
 
     Raises:
         TransportUnavailable: the broker cannot be reached or dropped us.
@@ -97,11 +101,12 @@ async def declare_topology(
         connection = await aio_pika.connect(
             url,
             timeout=timeout_s,
+            ssl_context=tls,
             client_properties={"connection_name": CONNECTION_NAME},
         )
         try:
             if apply_policies:
-                await _apply_policies(url, topology, management_url, timeout_s)
+                await _apply_policies(url, topology, management_url, timeout_s, tls)
             channel = await connection.channel(publisher_confirms=False)
             await _declare(channel, topology, timeout_s)
         finally:
@@ -231,13 +236,17 @@ def _mismatch_error(text: str) -> ConfigError:
 
 
 async def _apply_policies(
-    url: str, topology: Topology, management_url: str | None, timeout_s: float
+    url: str,
+    topology: Topology,
+    management_url: str | None,
+    timeout_s: float,
+    tls: ssl.SSLContext | None,
 ) -> None:
     """PUT every policy; warn (never raise) when the API cannot be reached."""
     if management_url is None:
         _policies_not_applied("no management URL is configured")
         return
-    api = ManagementApi(url, management_url, timeout_s=timeout_s)
+    api = ManagementApi(url, management_url, timeout_s=timeout_s, tls=tls)
     try:
         async with api.session() as session:
             for policy in topology.policies:

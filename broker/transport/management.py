@@ -16,6 +16,7 @@ refuses is a `ConfigError`, naming the fix.
 from __future__ import annotations
 
 import base64
+import ssl
 import urllib.parse
 from typing import final
 
@@ -67,9 +68,18 @@ class ManagementApi:
             ``guest``) log in, and its vhost is the one addressed.
         management_url: the API's base URL, e.g. ``http://127.0.0.1:15672``.
         timeout_s: bound on each HTTP call.
+        tls: the context for an ``https://`` API (`broker.transport.tls`);
+            ``None`` uses the system's defaults.
     """
 
-    def __init__(self, amqp_url: str, management_url: str, *, timeout_s: float) -> None:
+    def __init__(
+        self,
+        amqp_url: str,
+        management_url: str,
+        *,
+        timeout_s: float,
+        tls: ssl.SSLContext | None = None,
+    ) -> None:
         amqp = yarl.URL(amqp_url)
         credentials = f"{amqp.user or 'guest'}:{amqp.password or 'guest'}".encode()
         self._headers = {
@@ -77,6 +87,7 @@ class ManagementApi:
         }
         self._base = redacted(management_url).rstrip("/")
         self._timeout = aiohttp.ClientTimeout(total=timeout_s)
+        self._tls = tls
         self.vhost = vhost_of(amqp_url)
 
     def __repr__(self) -> str:
@@ -89,7 +100,11 @@ class ManagementApi:
 
     def session(self) -> aiohttp.ClientSession:
         """A client session that logs in; use it as an async context manager."""
-        return aiohttp.ClientSession(headers=self._headers, timeout=self._timeout)
+        return aiohttp.ClientSession(
+            headers=self._headers,
+            timeout=self._timeout,
+            connector=aiohttp.TCPConnector(ssl=self._tls or True),
+        )
 
     def url(self, collection: str, *names: str) -> yarl.URL:
         """``<base>/api/<collection>/<vhost>/<names…>``, each part percent-encoded."""

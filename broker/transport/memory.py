@@ -282,6 +282,11 @@ class MemoryTransport:
             self._counts[_COUNTER[outcome]] += 1
         return outcomes
 
+    @property
+    def refusal(self) -> str | None:
+        """Always ``None``: nothing here checks permissions."""
+        return None
+
     def status(self) -> dict[str, Any]:
         """The AMQP transport's status shape, plus per-queue message counts."""
         self.run_timers()

@@ -128,9 +128,18 @@ class WireConnection(asyncio.Protocol):
 
     @classmethod
     async def open(
-        cls, url: str, *, name: str, heartbeat_s: int, connect_timeout_s: float
+        cls,
+        url: str,
+        *,
+        name: str,
+        heartbeat_s: int,
+        connect_timeout_s: float,
+        tls: ssl.SSLContext | None = None,
     ) -> WireConnection:
         """Connect, authenticate (PLAIN) and open the URL's vhost.
+
+        An ``amqps://`` URL connects with *tls* (see `broker.transport.tls`),
+        or with the system's defaults when it is ``None``.
 
         Raises:
             TransportUnavailable: refused, timed out, or the broker closed the
@@ -147,13 +156,20 @@ class WireConnection(asyncio.Protocol):
                     lambda: cls(name=name, heartbeat_s=heartbeat_s),
                     params.host,
                     params.port,
-                    ssl=ssl.create_default_context() if params.tls else None,
+                    ssl=(tls or ssl.create_default_context()) if params.tls else None,
                 )
                 try:
                     await conn._handshake(params)
                 except BaseException:
                     conn._die("handshake failed", None, abort=True)
                     raise
+        except ClosedByBroker:
+            raise  # the broker's own words name the vhost or the user
+        except TransportUnavailable as exc:
+            # Dropped mid-handshake: a TLS alert, or plain AMQP on a TLS port.
+            raise TransportUnavailable(
+                f"AMQP handshake with {where} failed: {exc}"
+            ) from exc
         except TimeoutError as exc:
             raise TransportUnavailable(
                 f"AMQP connect to {where} timed out after {connect_timeout_s}s"

@@ -215,6 +215,11 @@ class HeldTransport:
             await self.release.wait()
         return await self.inner.publish(messages, timeout_s=timeout_s)
 
+    @property
+    def refusal(self) -> str | None:
+        """The memory transport's (never any)."""
+        return self.inner.refusal
+
     def status(self) -> dict[str, Any]:
         """The memory transport's status."""
         return self.inner.status()

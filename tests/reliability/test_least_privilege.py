@@ -1,0 +1,115 @@
+"""Least privilege on RabbitMQ (§7: 25, permissions; TLS is in ``test_tls.py``).
+
+The topology is declared by an operator (here: the test, as ``guest``), the
+way definitions are imported in production, and the daemon logs in as its
+own user with ``configure "^$"`` (RELIABILITY.md §6.1):
+
+* asked to declare the topology all the same, it stops at once with the
+  broker's refusal and exit status 78 (a configuration error), no retry loop;
+* refused ``write`` on ``q2c.events``, it keeps consuming and committing,
+  keeps every output pending, says so as an error and on ``/readyz``, probes
+  no more than once per growing back-off, and delivers everything once the
+  permission is granted.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import aiohttp
+import anyio
+import pytest
+
+from tests.reliability.checker import drain_state, wait_applied
+from tests.reliability.faults import rabbitmqctl
+from tests.reliability.scenario import Scenario
+from tests.reliability.workload import Workload
+
+pytestmark = [pytest.mark.anyio, pytest.mark.integration]
+
+PASSWORD = "least-privilege-pw"
+#: Every q2c exchange but q2c.events, whose outputs are what gets refused.
+WRITE_ALL_BUT_EVENTS = "^q2c[.](?!events$).*"
+WRITE_ALL = "^q2c[.].*"
+READ_ALL = "^q2c[.].*"
+
+
+@pytest.fixture
+async def user(scenario: Scenario) -> AsyncIterator[str]:
+    """A RabbitMQ user of the scenario's own, deleted at the end."""
+    name = f"q2c-daemon-{scenario.vhost}"
+    await rabbitmqctl("add_user", name, PASSWORD)
+    try:
+        yield name
+    finally:
+        with anyio.CancelScope(shield=True):
+            await rabbitmqctl("delete_user", name)
+
+
+async def grant(scenario: Scenario, user: str, *, write: str) -> None:
+    """Set *user*'s permissions on the scenario's vhost: no configure at all."""
+    await rabbitmqctl(
+        "set_permissions", "-p", scenario.vhost, user, "^$", write, READ_ALL
+    )
+
+
+def as_user(scenario: Scenario, user: str) -> str:
+    """The scenario's AMQP URL, logged in as *user*."""
+    return scenario.amqp_url.replace("guest:guest@", f"{user}:{PASSWORD}@", 1)
+
+
+async def test_a_daemon_without_configure_permission_stops_instead_of_looping(
+    scenario: Scenario, user: str
+) -> None:
+    daemon = scenario.daemon
+    await grant(scenario, user, write=WRITE_ALL)
+    await daemon.start({"amqp": {"url": as_user(scenario, user)}})
+    assert await daemon.wait_exit(30) == 78, await daemon.log_tail()
+    tail = await daemon.log_tail()
+    assert "ACCESS_REFUSED" in tail
+    assert PASSWORD not in tail
+
+
+async def test_refused_outputs_stay_pending_alert_and_go_out_once_granted(
+    scenario: Scenario, user: str
+) -> None:
+    daemon = scenario.daemon
+    workload = Workload.build(300)
+    entries = len(workload.entries)
+    await daemon.declare()  # the operator's part
+    await grant(scenario, user, write=WRITE_ALL_BUT_EVENTS)
+    assert (await scenario.publish(workload.stream)).confirmed == len(workload.stream)
+    await daemon.start(
+        {"amqp": {"url": as_user(scenario, user)}, "topology": {"declare": False}}
+    )
+    await daemon.wait_ready()
+    await wait_applied(scenario.pg_dsn, entries, timeout_s=60)
+
+    refused = await daemon.wait_log(
+        lambda e: e["event"] == "amqp_access_refused", timeout_s=30
+    )
+    assert refused["level"] == "error"
+    assert "q2c.events" in refused["reason"]
+    assert (await drain_state(scenario.pg_dsn))[1] == entries, "an output got out"
+    status = await daemon.status()
+    assert "ACCESS_REFUSED" in status["transport"]["refused"]
+    listening = await daemon.wait_log(lambda e: e["event"] == "http_listening")
+    url = f"http://{listening['host']}:{listening['port']}/readyz"
+    async with aiohttp.ClientSession() as http, http.get(url) as ready:
+        assert ready.status == 503
+        assert "publish refused" in await ready.text()
+
+    # No loop: one probe per back-off period (1 s, 2 s, 4 s, ...), not a
+    # channel per row or per batch. A relay retrying each row would open
+    # hundreds of channels in this window.
+    before = (await daemon.status())["transport"]["refusals"]
+    await anyio.sleep(4.0)  # the observation window itself, not a wait
+    after = (await daemon.status())["transport"]["refusals"]
+    assert after - before <= 3, f"{after - before} refusals in 4 s"
+    assert (await drain_state(scenario.pg_dsn))[1] == entries
+
+    await grant(scenario, user, write=WRITE_ALL)
+    await daemon.wait_log(lambda e: e["event"] == "amqp_access_granted", timeout_s=45)
+    await scenario.finish(workload, drain_s=90)
+    events = await daemon.log_events()
+    assert not any(PASSWORD in str(e) for e in events)
