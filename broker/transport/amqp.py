@@ -198,6 +198,7 @@ class AmqpSubscription:
         self.rejected = 0
         self._acked_upto = 0
         self._lost = False
+        channel.on_close(self._closed)
 
     def __repr__(self) -> str:
         state = "dead" if self._ch.is_closed else "live"
@@ -237,6 +238,19 @@ class AmqpSubscription:
             raise
         self.delivered += len(deliveries)
         return deliveries
+
+    def _closed(self, ch: WireChannel) -> None:
+        # Said when it happens, not when the consumer next asks for a batch:
+        # a shard busy with a long commit may not ask for a minute or more.
+        if ch.close_code is None or ch.close_code == 200 or self._lost:
+            return  # the connection's loss is logged by its link; ours is no news
+        self._lost = True
+        _log.warning(
+            "amqp_subscription_lost",
+            queue=self._queue,
+            consumer_tag=self.consumer_tag,
+            reason=ch.closed_reason,
+        )
 
     def ack(self, tag: int, *, multiple: bool = False) -> None:
         """Acknowledge *tag* (and, with *multiple*, every earlier delivery)."""

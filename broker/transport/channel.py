@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, Final, final
 
 from pamqp import commands
@@ -66,6 +66,7 @@ class WireChannel(ConfirmPublisher):
         self.closed_reason: str | None = None
         self.close_code: int | None = None
         self._dead_waiter: asyncio.Future[None] = self._loop.create_future()
+        self._on_close: Callable[[WireChannel], None] | None = None
         # consuming
         self._deliveries: collections.deque[Delivery] = collections.deque()
         self._delivery_waiter: asyncio.Future[None] | None = None
@@ -168,6 +169,10 @@ class WireChannel(ConfirmPublisher):
     async def qos(self, prefetch: int) -> None:
         """Limit unacknowledged deliveries per consumer on this channel."""
         await self.rpc(commands.Basic.Qos(prefetch_count=prefetch))
+
+    def on_close(self, callback: Callable[[WireChannel], None]) -> None:
+        """Call *callback* with this channel once it is closed, for any reason."""
+        self._on_close = callback
 
     async def consume(
         self, queue: str, consumer_tag: str | None = None, *, exclusive: bool = False
@@ -430,3 +435,5 @@ class WireChannel(ConfirmPublisher):
         self._inflight = 0
         self._wake_all()
         wake(self._dead_waiter)
+        if self._on_close is not None:
+            self._on_close(self)
