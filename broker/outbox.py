@@ -203,6 +203,10 @@ class OutboxRelay(Actor[None]):
     async def _poll(self, ctx: Context[None]) -> None:
         backoff = Backoff(self._core.relay_poll_s, 30.0)
         while True:
+            refused_s = self._refused_until - anyio.current_time()
+            if refused_s > 0:
+                # Claiming now would only put the rows back until the probe.
+                await anyio.sleep(refused_s)
             try:
                 rows = await self._store.claim_outbox(
                     limit=self._core.relay_batch, lease_s=self._core.outbox_lease_s
