@@ -11,11 +11,12 @@ import os
 import time
 from typing import TYPE_CHECKING, Any, final
 
+import anyio
 import msgspec
 import structlog
 
 from broker.control.protocol import dead_letter_view
-from broker.errors import ControlError
+from broker.errors import ControlError, StoreUnavailable
 from broker.gcwatch import gc_status
 from broker.store import DeadLetterFilter, HoldRefused, SystemPause
 
@@ -25,6 +26,10 @@ if TYPE_CHECKING:
 __all__ = ["DaemonControl"]
 
 _log = structlog.get_logger(__name__)
+
+
+#: How long `status` waits for the store's counts (the client waits 5 s).
+_STORE_STATUS_S = 2.0
 
 
 @final
@@ -44,12 +49,26 @@ class DaemonControl:
             "uptime_s": round(time.monotonic() - d.started_at, 3),
             "draining": d.shutdown.is_set(),
             "transport": rt.transport.status(),
-            "store": await rt.store.counts(),
+            "store": await self._store_counts(),
             "outbox_feed": repr(rt.feed),
             "systems": {name: status() for name, status in rt.system_status.items()},
             "counters": rt.metrics.snapshot(),
             "gc": gc_status(),
         }
+
+    async def _store_counts(self) -> dict[str, Any]:
+        """The store's counts, or why not: status must answer through a stall.
+
+        A database that is locked, silent or down would otherwise hold
+        ``brokerctl status`` past the client's deadline, when it is needed most.
+        """
+        with anyio.move_on_after(_STORE_STATUS_S):
+            try:
+                counts: dict[str, Any] = await self._d.runtime.store.counts()
+            except StoreUnavailable as exc:
+                return {"unavailable": str(exc)}
+            return counts
+        return {"unavailable": f"no answer within {_STORE_STATUS_S:g} s"}
 
     async def actors(self) -> dict[str, Any]:
         """The supervision tree with mailbox fill and restart counts."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 import tempfile
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -57,3 +58,30 @@ async def daemon(spec: DaemonSpec) -> AsyncIterator[Daemon]:
 def scenario(daemon: Daemon, amqp_url: str, vhost: str, pg_dsn: str) -> Scenario:
     """The daemon and its services, with the common ending of every scenario."""
     return Scenario(daemon=daemon, amqp_url=amqp_url, vhost=vhost, pg_dsn=pg_dsn)
+
+
+@pytest.fixture
+async def second(spec: DaemonSpec, amqp_url: str, pg_dsn: str) -> AsyncIterator[Daemon]:
+    """Another daemon on the same vhost and database, with its own name and socket."""
+    directory = tempfile.mkdtemp(prefix="q2cr", dir="/tmp")
+    socket_path = f"{directory}/brokerd.sock"
+    workdir = spec.workdir / "second"
+    workdir.mkdir()
+    d = Daemon(
+        replace(
+            spec,
+            config=base_config(
+                name=services.unique_name("rel2"),
+                amqp_url=amqp_url,
+                pg_dsn=pg_dsn,
+                socket_path=socket_path,
+            ),
+            workdir=workdir,
+            socket_path=socket_path,
+        )
+    )
+    try:
+        yield d
+    finally:
+        await d.aclose()
+        shutil.rmtree(directory, ignore_errors=True)

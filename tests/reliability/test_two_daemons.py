@@ -7,48 +7,15 @@ daemon holds a shard, that one business message has one effect.
 
 from __future__ import annotations
 
-import shutil
-import tempfile
-from collections.abc import AsyncIterator
-from dataclasses import replace
-
 import anyio
 import pytest
 
-from tests import services
 from tests.reliability.checker import wait_applied
-from tests.reliability.harness import SLOW, Daemon, DaemonSpec, base_config
+from tests.reliability.harness import SLOW, Daemon
 from tests.reliability.scenario import KILLED, Scenario
 from tests.reliability.workload import Workload
 
 pytestmark = [pytest.mark.anyio, pytest.mark.integration]
-
-
-@pytest.fixture
-async def second(spec: DaemonSpec, amqp_url: str, pg_dsn: str) -> AsyncIterator[Daemon]:
-    """Another daemon on the same vhost and database, with its own name and socket."""
-    directory = tempfile.mkdtemp(prefix="q2cr", dir="/tmp")
-    socket_path = f"{directory}/brokerd.sock"
-    workdir = spec.workdir / "second"
-    workdir.mkdir()
-    d = Daemon(
-        replace(
-            spec,
-            config=base_config(
-                name=services.unique_name("rel2"),
-                amqp_url=amqp_url,
-                pg_dsn=pg_dsn,
-                socket_path=socket_path,
-            ),
-            workdir=workdir,
-            socket_path=socket_path,
-        )
-    )
-    try:
-        yield d
-    finally:
-        await d.aclose()
-        shutil.rmtree(directory, ignore_errors=True)
 
 
 async def test_a_duplicate_storm_across_two_daemons_has_one_effect(
