@@ -102,9 +102,16 @@ class WorkflowShard(Actor[None]):
     async def _consume(self, ctx: Context[None]) -> None:
         try:
             while not self._stopping:
-                sub = await self._transport.subscribe(
-                    self._queue, prefetch=self._prefetch
-                )
+                # Subscribing waits while RabbitMQ is down or refuses us: a
+                # drain must not wait for it.
+                with anyio.CancelScope() as scope:
+                    self._wait_scope = scope
+                    sub = await self._transport.subscribe(
+                        self._queue, prefetch=self._prefetch
+                    )
+                self._wait_scope = None
+                if scope.cancelled_caught:
+                    return
                 try:
                     await self._consume_from(sub, ctx)
                 except TransportUnavailable as exc:

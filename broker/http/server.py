@@ -566,6 +566,8 @@ class HttpServer(Actor[None]):
         if status.get("refused"):
             # Connected, but nothing we publish gets through (permissions).
             down.append(f"publish refused: {status['refused']}")
+        for queue, reason in (status.get("consume_refused") or {}).items():
+            down.append(f"consume {queue} refused: {reason}")
         return ", ".join(down) if down else "ok"
 
     async def _metrics_text(self, request: web.Request) -> web.StreamResponse:

@@ -29,9 +29,10 @@ import structlog
 
 from broker.config import AmqpConfig
 from broker.errors import ConfigError, TransportUnavailable
+from broker.retry import Backoff
 from broker.transport import Delivery, OutgoingMessage, PublishOutcome
 from broker.transport.channel import WireChannel
-from broker.transport.frames import parse_url
+from broker.transport.frames import ClosedByBroker, parse_url
 from broker.transport.wire import WireConnection
 
 __all__ = ["AmqpTransport", "AmqpSubscription"]
@@ -42,6 +43,8 @@ _INDETERMINATE: Final = PublishOutcome.INDETERMINATE
 _ACK: Final = PublishOutcome.ACK
 #: AMQP reply code of a permission refusal (channel or connection close).
 _ACCESS_REFUSED: Final = 403
+#: Longest wait between attempts while the broker refuses to let us consume.
+_REFUSED_MAX_S: Final = 30.0
 
 
 def _backoff_s(cfg: AmqpConfig, failures: int) -> float:
@@ -330,6 +333,8 @@ class AmqpTransport:
         self._closed = False
         self._refusal: str | None = None
         self._noted: WireChannel | None = None
+        #: Queues the broker will not let us consume, with its words.
+        self._consume_refused: dict[str, str] = {}
         self.refusals = 0
         self.published = 0
         self.confirmed = 0
@@ -386,10 +391,17 @@ class AmqpTransport:
     async def subscribe(self, queue: str, *, prefetch: int) -> AmqpSubscription:
         """Consume *queue* on a new channel, waiting for the connection if down.
 
+        While the broker refuses the user read permission on *queue* (403),
+        waits too: an operator's fix, not ours, so it is logged as an error
+        and asked again with back-off (1 s doubling to 30 s), rather than
+        raised into a consumer that would be restarted at once, and again.
+
         Raises:
-            TransportUnavailable: the broker refused (e.g. `ClosedByBroker`
-                404 for a missing queue), or the transport is closed.
+            TransportUnavailable: the broker refused otherwise (e.g.
+                `ClosedByBroker` 404 for a missing queue), or the transport
+                is closed.
         """
+        refused = Backoff(1.0, _REFUSED_MAX_S)
         while True:
             conn = await self._con.connection()
             try:
@@ -401,6 +413,22 @@ class AmqpTransport:
             try:
                 await ch.qos(prefetch)
                 tag = await ch.consume(queue)
+            except ClosedByBroker as exc:
+                if exc.code != _ACCESS_REFUSED or conn.is_closed:
+                    raise
+                delay = refused.next_delay()
+                self._consume_refused[queue] = exc.text
+                _log.error(
+                    "amqp_access_refused",
+                    connection=conn.name,
+                    queue=queue,
+                    reason=f"{exc.code} {exc.text}",
+                    retry_in_s=round(delay, 2),
+                    fix="grant the daemon's RabbitMQ user read permission on "
+                    "the queue (rabbitmqctl set_permissions -p <vhost> <user> ...)",
+                )
+                await asyncio.sleep(delay)
+                continue
             except TransportUnavailable:
                 if conn.is_closed:
                     continue
@@ -408,6 +436,8 @@ class AmqpTransport:
             except BaseException:
                 ch.close_nowait()  # cancelled: don't leave a consumer behind
                 raise
+            if self._consume_refused.pop(queue, None) is not None:
+                _log.info("amqp_access_granted", connection=conn.name, queue=queue)
             sub = AmqpSubscription(self, queue, ch, tag)
             self._subscriptions.add(sub)
             _log.info(
@@ -529,6 +559,7 @@ class AmqpTransport:
             "returned": self.returned,
             "indeterminate": self.indeterminate,
             "refused": self._refusal,
+            "consume_refused": dict(self._consume_refused),
             "refusals": self.refusals,
         }
 

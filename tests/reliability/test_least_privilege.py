@@ -9,7 +9,10 @@ own user with ``configure "^$"`` (RELIABILITY.md §6.1):
 * refused ``write`` on ``q2c.events``, it keeps consuming and committing,
   keeps every output pending, says so as an error and on ``/readyz``, probes
   no more than once per growing back-off, and delivers everything once the
-  permission is granted.
+  permission is granted;
+* refused ``read`` on one shard queue, it consumes the others, says so, asks
+  again with back-off (no crash and restart of the shard, which used to end
+  the daemon within seconds), and drains that shard once granted.
 """
 
 from __future__ import annotations
@@ -20,8 +23,9 @@ import aiohttp
 import anyio
 import pytest
 
-from tests.reliability.checker import drain_state, wait_applied
+from tests.reliability.checker import applied_count, drain_state, wait_applied
 from tests.reliability.faults import rabbitmqctl
+from tests.reliability.harness import SHARD_QUEUES
 from tests.reliability.scenario import Scenario
 from tests.reliability.workload import Workload
 
@@ -46,11 +50,19 @@ async def user(scenario: Scenario) -> AsyncIterator[str]:
             await rabbitmqctl("delete_user", name)
 
 
-async def grant(scenario: Scenario, user: str, *, write: str) -> None:
+async def grant(
+    scenario: Scenario, user: str, *, write: str, read: str = READ_ALL
+) -> None:
     """Set *user*'s permissions on the scenario's vhost: no configure at all."""
-    await rabbitmqctl(
-        "set_permissions", "-p", scenario.vhost, user, "^$", write, READ_ALL
-    )
+    await rabbitmqctl("set_permissions", "-p", scenario.vhost, user, "^$", write, read)
+
+
+async def readyz(scenario: Scenario) -> tuple[int, str]:
+    """The daemon's ``/readyz``: status and body."""
+    listening = await scenario.daemon.wait_log(lambda e: e["event"] == "http_listening")
+    url = f"http://{listening['host']}:{listening['port']}/readyz"
+    async with aiohttp.ClientSession() as http, http.get(url) as ready:
+        return ready.status, await ready.text()
 
 
 def as_user(scenario: Scenario, user: str) -> str:
@@ -93,11 +105,9 @@ async def test_refused_outputs_stay_pending_alert_and_go_out_once_granted(
     assert (await drain_state(scenario.pg_dsn))[1] == entries, "an output got out"
     status = await daemon.status()
     assert "ACCESS_REFUSED" in status["transport"]["refused"]
-    listening = await daemon.wait_log(lambda e: e["event"] == "http_listening")
-    url = f"http://{listening['host']}:{listening['port']}/readyz"
-    async with aiohttp.ClientSession() as http, http.get(url) as ready:
-        assert ready.status == 503
-        assert "publish refused" in await ready.text()
+    code, body = await readyz(scenario)
+    assert code == 503
+    assert "publish refused" in body
 
     # No loop: one probe per back-off period (1 s, 2 s, 4 s, ...), not a
     # channel per row or per batch. A relay retrying each row would open
@@ -113,3 +123,48 @@ async def test_refused_outputs_stay_pending_alert_and_go_out_once_granted(
     await scenario.finish(workload, drain_s=90)
     events = await daemon.log_events()
     assert not any(PASSWORD in str(e) for e in events)
+
+
+async def test_a_refused_queue_is_asked_again_while_the_others_are_consumed(
+    scenario: Scenario, user: str
+) -> None:
+    daemon = scenario.daemon
+    workload = Workload.build(400)
+    refused_queue = SHARD_QUEUES[1]
+    await daemon.declare()
+    escaped = refused_queue.removeprefix("q2c.").replace(".", "[.]")
+    read_all_but_one = f"^q2c[.](?!{escaped}$).*"
+    await grant(scenario, user, write=WRITE_ALL, read=read_all_but_one)
+    assert (await scenario.publish(workload.stream)).confirmed == len(workload.stream)
+    await daemon.start(
+        {"amqp": {"url": as_user(scenario, user)}, "topology": {"declare": False}}
+    )
+
+    def refusal(e: dict[str, object]) -> bool:
+        return e["event"] == "amqp_access_refused" and e.get("queue") == refused_queue
+
+    first = await daemon.wait_log(refusal, timeout_s=30)
+    assert first["level"] == "error"
+    assert "ACCESS_REFUSED" in str(first["reason"])
+    # The other shard is consumed: some entries, never all, are applied.
+    await wait_applied(scenario.pg_dsn, 1, timeout_s=30)
+    code, body = await readyz(scenario)
+    assert code == 503
+    assert f"consume {refused_queue} refused" in body
+
+    before = len([e for e in await daemon.log_events() if refusal(e)])
+    await anyio.sleep(4.0)  # the observation window itself, not a wait
+    events = await daemon.log_events()
+    assert len([e for e in events if refusal(e)]) - before <= 3
+    assert not [e for e in events if e["event"] == "actor_crashed"]
+    assert daemon.returncode is None
+    assert await applied_count(scenario.pg_dsn) < len(workload.entries)
+
+    await grant(scenario, user, write=WRITE_ALL)
+
+    def granted(e: dict[str, object]) -> bool:
+        return e["event"] == "amqp_access_granted" and e.get("queue") == refused_queue
+
+    await daemon.wait_log(granted, timeout_s=45)
+    await daemon.wait_ready()
+    await scenario.finish(workload)
