@@ -56,7 +56,11 @@ def _parser() -> argparse.ArgumentParser:
 async def _migrate(cfg: Config) -> None:
     from broker.app import open_store
 
-    store = await open_store(cfg, attempts=3)
+    # `[postgres] migrate = false` is about the daemon's start; this command
+    # is how the schema's owner applies them, whatever the file says.
+    postgres = msgspec.structs.replace(cfg.postgres, migrate=True)
+    owner = msgspec.structs.replace(cfg, postgres=postgres)
+    store = await open_store(owner, attempts=3)
     await store.aclose()
 
 

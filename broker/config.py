@@ -95,6 +95,10 @@ class PostgresConfig(Section, frozen=True):
     command_timeout_s: Seconds = 10.0
     acquire_timeout_s: Seconds = 10.0
     application_name: str = "q2c-broker"
+    #: Apply pending migrations at start. False for a daemon role without DDL
+    #: rights: the schema's owner runs ``brokerd migrate``, and the daemon
+    #: refuses to start while a migration is pending.
+    migrate: bool = True
 
 
 class SqliteConfig(Section, frozen=True):

@@ -131,6 +131,19 @@ async def apply_postgres(conn: asyncpg.pool.PoolConnectionProxy[Any]) -> list[st
     return applied
 
 
+async def pending_postgres(conn: asyncpg.pool.PoolConnectionProxy[Any]) -> list[str]:
+    """The PostgreSQL migrations not yet applied, by reading only (no DDL).
+
+    For a daemon whose role may not change the schema: `apply_postgres` is
+    then run by the schema's owner (``brokerd migrate``).
+    """
+    migrations = await load_migrations("postgres")
+    if await conn.fetchval("SELECT to_regclass('schema_migrations') IS NULL"):
+        return [m.name for m in migrations]
+    done = {r[0] for r in await conn.fetch("SELECT name FROM schema_migrations")}
+    return [m.name for m in migrations if m.name not in done]
+
+
 _SQLITE_LEDGER = """
 CREATE TABLE IF NOT EXISTS schema_migrations (
     name        TEXT PRIMARY KEY,

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
-from typing import Final, TypeAlias, final
+from typing import Final, Literal, TypeAlias, final
 
 import anyio
 import asyncpg
@@ -42,11 +42,12 @@ from broker.store import (
 )
 from broker.store import postgres_holds as holds
 from broker.store import postgres_sql as sql
-from broker.store.migrate import apply_postgres
+from broker.store.migrate import apply_postgres, pending_postgres
 from broker.store.postgres_errors import (
     RETRYABLE,
     commit_errors,
     connection_errors,
+    grants_needed,
     store_errors,
 )
 from broker.store.postgres_sql import EXACT_COUNT_CAP, MAINTENANCE_LOCK_TIMEOUT
@@ -97,6 +98,15 @@ _Conn: TypeAlias = "asyncpg.pool.PoolConnectionProxy[asyncpg.Record]"
 
 #: Rows deleted per statement when pruning tables that are not partitioned.
 PRUNE_CHUNK: Final = 5000
+
+# What to do about a refused privilege (README, "PostgreSQL roles").
+_MIGRATE_AS_OWNER: Final = (
+    "Run `brokerd migrate` as the schema's owner and set [postgres] migrate = false"
+)
+_GRANT_PARTITIONS: Final = (
+    "Grant the daemon's role EXECUTE ON FUNCTION q2c_ensure_partitions(text, date, "
+    "date), q2c_drop_partitions(text, date)"
+)
 
 
 def _rowcount(status: str) -> int:
@@ -152,21 +162,26 @@ class PostgresStore:
         cfg: PostgresConfig,
         *,
         lease_s: float = 30.0,
-        migrate: bool = True,
+        schema: Literal["migrate", "verify", "as-is"] = "migrate",
         retention_days: int = 7,
     ) -> PostgresStore:
-        """Connect the pool; with *migrate*, apply migrations and create partitions.
+        """Connect the pool; make sure the schema is current; create partitions.
 
         Args:
             cfg: the ``[postgres]`` section. The DSN's database must exist.
             lease_s: how long outbox rows written by `commit_batch` stay
                 leased to their writer before the relay may publish them.
-            migrate: apply pending migrations, then `ensure_partitions`.
+            schema: ``"migrate"`` applies pending migrations; ``"verify"``
+                only checks that none is pending (a role without DDL rights,
+                ``[postgres] migrate = false``); either is followed by
+                `ensure_partitions`. ``"as-is"`` does none of it (tools, tests).
             retention_days: how many past days of inbox partitions to create.
 
         Raises:
             StoreUnavailable: the server is unreachable or refused for now.
-            ConfigError: the database does not exist or the login was refused.
+            ConfigError: the database does not exist, the login was refused,
+                a migration is pending under ``"verify"``, or the role lacks a
+                grant.
         """
         try:
             with store_errors():
@@ -186,8 +201,11 @@ class PostgresStore:
             raise ConfigError(f"postgres refused the connection: {exc}") from exc
         store = cls(pool, cfg, lease_s=lease_s)
         try:
-            if migrate:
+            if schema == "migrate":
                 await store.migrate()
+            elif schema == "verify":
+                await store.check_migrated()
+            if schema != "as-is":
                 await store.ensure_partitions(retention_days=retention_days)
         except BaseException:
             await store.aclose()
@@ -236,9 +254,26 @@ class PostgresStore:
 
         Raises:
             StoreUnavailable: the database is unreachable or asked us to retry.
+            ConfigError: the role may not change the schema.
         """
         async with self._connection() as conn:
-            return await apply_postgres(conn)
+            with grants_needed("a migration", _MIGRATE_AS_OWNER):
+                return await apply_postgres(conn)
+
+    async def check_migrated(self) -> None:
+        """Refuse to run on a schema with a migration pending (no DDL here).
+
+        Raises:
+            StoreUnavailable: the database is unreachable or asked us to retry.
+            ConfigError: a migration is pending.
+        """
+        async with self._connection() as conn:
+            pending = await pending_postgres(conn)
+        if pending:
+            raise ConfigError(
+                f"postgres schema is not migrated ({', '.join(pending)} pending) and "
+                "[postgres] migrate is off: run `brokerd migrate` as the schema's owner"
+            )
 
     async def ensure_partitions(
         self, *, retention_days: int = 7, ahead_days: int = 7
@@ -255,9 +290,10 @@ class PostgresStore:
         """
         async with self._connection() as conn, conn.transaction():
             await conn.execute(sql.SET_LOCK_TIMEOUT)
-            created: int = await conn.fetchval(
-                sql.ENSURE_PARTITIONS, retention_days, ahead_days
-            )
+            with grants_needed("partition upkeep", _GRANT_PARTITIONS):
+                created: int = await conn.fetchval(
+                    sql.ENSURE_PARTITIONS, retention_days, ahead_days
+                )
         if created:
             _log.info("partitions_created", count=created)
         return created
@@ -510,9 +546,10 @@ class PostgresStore:
         )
         async with self._connection() as conn, conn.transaction():
             await conn.execute(sql.SET_LOCK_TIMEOUT)
-            dropped = await conn.fetch(
-                sql.DROP_PARTITIONS, retention_days, journal_days
-            )
+            with grants_needed("partition upkeep", _GRANT_PARTITIONS):
+                dropped = await conn.fetch(
+                    sql.DROP_PARTITIONS, retention_days, journal_days
+                )
         result = {
             "inbox_partitions": int(dropped[0][0]),
             "journal_partitions": int(dropped[0][1]),

@@ -1,4 +1,4 @@
-"""How PostgreSQL failures reach the rest of the store: three translations.
+"""How PostgreSQL failures reach the rest of the store: four translations.
 
 `store_errors()` turns every "try again later" failure of the driver
 (connection lost or refused, serialization failure or deadlock, timeouts,
@@ -7,7 +7,8 @@ chained as the cause; SQL errors and misuse pass through as the bugs they
 are. `connection_errors()` adds the one case that depends on the connection:
 an `InterfaceError` on a connection whose backend died. `commit_errors()`
 turns the commit function's own SQLSTATEs into `ConcurrencyConflict` and
-`XrefConflict`.
+`XrefConflict`. `grants_needed()` turns a refused privilege, an operator's
+fix, into a `ConfigError` that says which grant is missing.
 
 This module, `broker.store.postgres` and `broker.store.migrate` are the only
 places that know asyncpg's exception classes. Internal: not for use outside
@@ -23,10 +24,16 @@ from typing import Final, TypeAlias
 import asyncpg
 import msgspec
 
-from broker.errors import ConcurrencyConflict, StoreUnavailable
+from broker.errors import ConcurrencyConflict, ConfigError, StoreUnavailable
 from broker.store import XrefConflict
 
-__all__ = ["RETRYABLE", "commit_errors", "connection_errors", "store_errors"]
+__all__ = [
+    "RETRYABLE",
+    "commit_errors",
+    "connection_errors",
+    "grants_needed",
+    "store_errors",
+]
 
 # asyncpg's classes are generic only in the stubs: keep the alias a string.
 _Conn: TypeAlias = "asyncpg.pool.PoolConnectionProxy[asyncpg.Record]"
@@ -58,6 +65,15 @@ def store_errors() -> Iterator[None]:
         raise StoreUnavailable(
             f"postgres unavailable: {type(exc).__name__}: {exc}"
         ) from exc
+
+
+@contextmanager
+def grants_needed(what: str, fix: str) -> Iterator[None]:
+    """Re-raise a refused privilege while doing *what* as a `ConfigError` with *fix*."""
+    try:
+        yield
+    except asyncpg.exceptions.InsufficientPrivilegeError as exc:
+        raise ConfigError(f"postgres refused {what}: {exc}. {fix}") from exc
 
 
 @contextmanager

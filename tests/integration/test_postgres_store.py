@@ -49,7 +49,9 @@ async def open_store(pg_dsn: str) -> AsyncIterator[OpenStore]:
     ) -> PostgresStore:
         settings: dict[str, Any] = {"pool_min_size": 1, "pool_max_size": 4, **cfg}
         store = await PostgresStore.open(
-            PostgresConfig(dsn=pg_dsn, **settings), lease_s=lease_s, migrate=migrate
+            PostgresConfig(dsn=pg_dsn, **settings),
+            lease_s=lease_s,
+            schema="migrate" if migrate else "as-is",
         )
         opened.append(store)
         return store

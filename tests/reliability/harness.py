@@ -206,19 +206,25 @@ class Daemon:
         await path.write_text(to_toml(merge(self.spec.config, overrides)))
         return path
 
+    async def command(
+        self, *args: str, overrides: Mapping[str, Mapping[str, Any]] = {}
+    ) -> subprocess.CompletedProcess[bytes]:
+        """``brokerd --config FILE ARGS`` on this daemon's config; not checked."""
+        path = await self._write_config(f"{args[0]}.toml", overrides)
+        return await anyio.run_process(
+            [sys.executable, "-m", "broker", "--config", str(path), *args],
+            check=False,
+            cwd=ROOT,
+            env=_env(),
+        )
+
     async def declare(self, overrides: Mapping[str, Mapping[str, Any]] = {}) -> None:
         """``brokerd topology``: declare queues, so a backlog can wait for the daemon.
 
         Raises:
             AssertionError: the command failed (its output is included).
         """
-        path = await self._write_config("topology.toml", overrides)
-        done = await anyio.run_process(
-            [sys.executable, "-m", "broker", "--config", str(path), "topology"],
-            check=False,
-            cwd=ROOT,
-            env=_env(),
-        )
+        done = await self.command("topology", overrides=overrides)
         assert done.returncode == 0, done.stderr.decode(errors="replace")
 
     async def status(self, timeout_s: float = 5.0) -> dict[str, Any]:
