@@ -56,6 +56,25 @@ async def wait_delivered(daemon: Daemon, *, timeout_s: float) -> None:
             await anyio.sleep(0.1)  # bounded poll: no delivery event
 
 
+async def wait_lock_waiters(dsn: str, daemons: list[Daemon]) -> None:
+    """Wait until a statement of each daemon waits for a lock."""
+    names = {str(d.spec.config["postgres"]["application-name"]) for d in daemons}
+    async with connect(dsn) as conn:
+        with anyio.fail_after(30):
+            while True:
+                waiting = {
+                    r[0]
+                    for r in await conn.fetch(
+                        "SELECT application_name FROM pg_stat_activity"
+                        " WHERE wait_event_type = 'Lock'"
+                        " AND datname = current_database()"
+                    )
+                }
+                if names <= waiting:
+                    return
+                await anyio.sleep(0.1)  # bounded poll: no event for a lock wait
+
+
 def conflicts(events: list[dict[str, Any]]) -> int:
     """Commits retried because another writer got there first."""
     return sum(
@@ -90,6 +109,9 @@ async def test_two_writers_on_one_instance_apply_each_entry_once(
                 # The broker misses the first daemon's heartbeats and hands
                 # its shards, unacknowledged deliveries included, to the second.
                 await wait_delivered(second, timeout_s=60)
+                # Both daemons' reads wait on the lock, so that both run at
+                # once when it goes: the race, not one writer after the other.
+                await wait_lock_waiters(scenario.pg_dsn, [first, second])
                 assert await applied_count(scenario.pg_dsn) == 0
             finally:
                 await tx.commit()  # the lock goes: both batches race
