@@ -42,12 +42,11 @@ from broker.store import (
 )
 from broker.store import postgres_holds as holds
 from broker.store import postgres_sql as sql
-from broker.store.migrate import apply_postgres, pending_postgres
+from broker.store import postgres_upkeep as upkeep
 from broker.store.postgres_errors import (
     RETRYABLE,
     commit_errors,
     connection_errors,
-    grants_needed,
     store_errors,
 )
 from broker.store.postgres_sql import EXACT_COUNT_CAP, MAINTENANCE_LOCK_TIMEOUT
@@ -98,15 +97,6 @@ _Conn: TypeAlias = "asyncpg.pool.PoolConnectionProxy[asyncpg.Record]"
 
 #: Rows deleted per statement when pruning tables that are not partitioned.
 PRUNE_CHUNK: Final = 5000
-
-# What to do about a refused privilege (README, "PostgreSQL roles").
-_MIGRATE_AS_OWNER: Final = (
-    "Run `brokerd migrate` as the schema's owner and set [postgres] migrate = false"
-)
-_GRANT_PARTITIONS: Final = (
-    "Grant the daemon's role EXECUTE ON FUNCTION q2c_ensure_partitions(text, date, "
-    "date), q2c_drop_partitions(text, date)"
-)
 
 
 def _rowcount(status: str) -> int:
@@ -257,8 +247,7 @@ class PostgresStore:
             ConfigError: the role may not change the schema.
         """
         async with self._connection() as conn:
-            with grants_needed("a migration", _MIGRATE_AS_OWNER):
-                return await apply_postgres(conn)
+            return await upkeep.migrate(conn)
 
     async def check_migrated(self) -> None:
         """Refuse to run on a schema with a migration pending (no DDL here).
@@ -268,12 +257,7 @@ class PostgresStore:
             ConfigError: a migration is pending.
         """
         async with self._connection() as conn:
-            pending = await pending_postgres(conn)
-        if pending:
-            raise ConfigError(
-                f"postgres schema is not migrated ({', '.join(pending)} pending) and "
-                "[postgres] migrate is off: run `brokerd migrate` as the schema's owner"
-            )
+            await upkeep.check_migrated(conn)
 
     async def ensure_partitions(
         self, *, retention_days: int = 7, ahead_days: int = 7
@@ -287,16 +271,10 @@ class PostgresStore:
         Raises:
             StoreUnavailable: also when a lock was not granted within
                 `MAINTENANCE_LOCK_TIMEOUT` (try again later).
+            ConfigError: the role may not run the partition function.
         """
-        async with self._connection() as conn, conn.transaction():
-            await conn.execute(sql.SET_LOCK_TIMEOUT)
-            with grants_needed("partition upkeep", _GRANT_PARTITIONS):
-                created: int = await conn.fetchval(
-                    sql.ENSURE_PARTITIONS, retention_days, ahead_days
-                )
-        if created:
-            _log.info("partitions_created", count=created)
-        return created
+        async with self._connection() as conn:
+            return await upkeep.ensure_partitions(conn, retention_days, ahead_days)
 
     async def prepare_batch(
         self,
@@ -544,15 +522,13 @@ class PostgresStore:
         journal_days = (
             retention_days if journal_retention_days is None else journal_retention_days
         )
-        async with self._connection() as conn, conn.transaction():
-            await conn.execute(sql.SET_LOCK_TIMEOUT)
-            with grants_needed("partition upkeep", _GRANT_PARTITIONS):
-                dropped = await conn.fetch(
-                    sql.DROP_PARTITIONS, retention_days, journal_days
-                )
+        async with self._connection() as conn:
+            inbox_parts, journal_parts = await upkeep.drop_partitions(
+                conn, retention_days, journal_days
+            )
         result = {
-            "inbox_partitions": int(dropped[0][0]),
-            "journal_partitions": int(dropped[0][1]),
+            "inbox_partitions": inbox_parts,
+            "journal_partitions": journal_parts,
             "inbox": await self._delete_chunks(sql.PRUNE_INBOX_DEFAULT, retention_days),
             "journal": await self._delete_chunks(
                 sql.PRUNE_JOURNAL_DEFAULT, journal_days
