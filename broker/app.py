@@ -27,6 +27,7 @@ from __future__ import annotations
 import importlib
 import os
 import signal
+import ssl
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar, final
@@ -121,8 +122,13 @@ async def open_store(cfg: Config, *, attempts: int = 30) -> Store:
     raise AssertionError("unreachable")
 
 
-async def open_transport(cfg: Config, topology: Topology) -> Transport:
+async def open_transport(
+    cfg: Config, topology: Topology, *, tls: ssl.SSLContext | None = None
+) -> Transport:
     """Start the configured transport; on RabbitMQ, then declare the topology.
+
+    *tls* is the context for ``amqps://`` (`broker.transport.tls.load_tls`),
+    built from ``cfg.amqp`` when not given.
 
     The daemon's own connections come up first: when they cannot, their
     ``amqp_connect_failed`` lines say exactly why (a TLS alert, a refused
@@ -142,7 +148,8 @@ async def open_transport(cfg: Config, topology: Topology) -> Transport:
     from broker.transport.declare import declare_topology
     from broker.transport.tls import load_tls
 
-    tls = await load_tls(cfg.amqp)
+    if tls is None:
+        tls = await load_tls(cfg.amqp)
     transport = AmqpTransport(cfg.amqp, name=cfg.daemon.name, tls=tls)
     try:
         await transport.start()
@@ -230,6 +237,8 @@ class Daemon:
         self.started = anyio.Event()
         self.started_at = time.monotonic()
         self.topology: Topology | None = None
+        #: The TLS context of every connection to RabbitMQ, built once at start.
+        self.tls: ssl.SSLContext | None = None
 
     def request_shutdown(self, reason: str) -> None:
         """Begin the graceful shutdown (idempotent)."""
@@ -336,12 +345,17 @@ class Daemon:
         rt = self.runtime
         app = load_tree(cfg.daemon.tree)(rt)
         topology = self.topology = build_topology(rt.topology_config(), rt.routes())
+        if cfg.daemon.transport == "amqp":
+            from broker.transport.tls import load_tls
+
+            self.tls = await load_tls(cfg.amqp)
+        tls = self.tls
         store = await self._unless_shutdown(lambda: open_store(cfg))
         if store is None:
             return
         try:
             transport = await self._unless_shutdown(
-                lambda: open_transport(cfg, topology)
+                lambda: open_transport(cfg, topology, tls=tls)
             )
             if transport is None:
                 return

@@ -248,13 +248,12 @@ class DaemonControl:
         cfg = self._d.cfg
         if cfg.daemon.transport == "amqp":
             from broker.transport.management import ManagementApi, list_queues
-            from broker.transport.tls import load_tls
 
             api = ManagementApi(
                 cfg.amqp.url,
                 cfg.amqp.management_url,
                 timeout_s=cfg.amqp.connect_timeout_s,
-                tls=await load_tls(cfg.amqp),
+                tls=self._d.tls,
             )
             listed = await list_queues(api)
             return {
