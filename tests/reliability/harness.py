@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+import aiohttp
 import anyio
 from anyio.abc import Process
 
@@ -236,6 +237,13 @@ class Daemon:
         client = ControlClient(self.spec.socket_path, timeout_s=timeout_s)
         result: dict[str, Any] = await client.request(StatusRequest())
         return result
+
+    async def readyz(self) -> tuple[int, str]:
+        """``GET /readyz`` on the daemon's HTTP port (from its log): status, body."""
+        listening = await self.wait_log(lambda e: e["event"] == "http_listening")
+        url = f"http://{listening['host']}:{listening['port']}/readyz"
+        async with aiohttp.ClientSession() as http, http.get(url) as ready:
+            return ready.status, await ready.text()
 
     async def wait_ready(self, timeout_s: float = 30.0) -> dict[str, Any]:
         """Wait until status answers: both connections up, every shard consumed.

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import signal
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import anyio
 import anyio.abc
@@ -56,6 +57,21 @@ class Scenario:
     ) -> PublishReport:
         """Publish *messages* (confirmed; indeterminate chunks again)."""
         return await publish(self.amqp_url, messages, pause_s=pause_s)
+
+    async def start_on_backlog(
+        self,
+        backlog: Sequence[OutgoingMessage],
+        overrides: Mapping[str, Mapping[str, Any]] = {},
+    ) -> None:
+        """Declare the topology, publish *backlog*, then start the daemon on it.
+
+        The daemon starts with work waiting, so a fault soon after lands
+        while batches are in flight.
+        """
+        await self.daemon.declare()
+        assert (await self.publish(backlog)).confirmed == len(backlog)
+        await self.daemon.start(overrides)
+        await self.daemon.wait_ready()
 
     def publish_in_background(
         self,

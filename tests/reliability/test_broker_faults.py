@@ -9,9 +9,6 @@ it could not get confirmed.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
-
 import anyio
 import pytest
 
@@ -31,19 +28,6 @@ pytestmark = [pytest.mark.anyio, pytest.mark.integration]
 
 ENTRIES = 5000
 BACKLOG = 4500
-
-
-async def start_on_backlog(
-    scenario: Scenario,
-    workload: Workload,
-    overrides: Mapping[str, Mapping[str, Any]] = {},
-) -> None:
-    """Declare the topology, publish the backlog, then start the daemon."""
-    await scenario.daemon.declare()
-    report = await scenario.publish(workload.stream[:BACKLOG])
-    assert report.confirmed == BACKLOG
-    await scenario.daemon.start(overrides)
-    await scenario.daemon.wait_ready()
 
 
 def confirmed(reports: list[PublishReport]) -> int:
@@ -81,7 +65,7 @@ async def test_forced_connection_close_mid_batch_loses_and_duplicates_nothing(
     """
     daemon = scenario.daemon
     workload = Workload.build(ENTRIES)
-    await start_on_backlog(scenario, workload, SLOW)
+    await scenario.start_on_backlog(workload.stream[:BACKLOG], SLOW)
     async with anyio.create_task_group() as tg:
         reports = scenario.publish_in_background(
             tg, workload.stream[BACKLOG:], pause_s=0.2
@@ -116,7 +100,7 @@ async def test_broker_restart_under_load_restores_consumers_and_loses_nothing(
     """
     daemon = scenario.daemon
     workload = Workload.build(ENTRIES)
-    await start_on_backlog(scenario, workload, SLOW)
+    await scenario.start_on_backlog(workload.stream[:BACKLOG], SLOW)
     async with anyio.create_task_group() as tg:
         await wait_applied(scenario.pg_dsn, ENTRIES // 10)
         reports = scenario.publish_in_background(
@@ -152,15 +136,12 @@ async def test_a_silent_broker_partition_loses_and_duplicates_nothing(
     """
     daemon = scenario.daemon
     workload = Workload.build(ENTRIES)
-    await daemon.declare()
-    assert (await scenario.publish(workload.stream[:BACKLOG])).confirmed == BACKLOG
     async with proxied(scenario.amqp_url) as (proxy, via_proxy):
         overrides = {
             **SLOW,
             "amqp": {**SLOW["amqp"], "url": via_proxy, "heartbeat-s": 5},
         }
-        await daemon.start(overrides)
-        await daemon.wait_ready()
+        await scenario.start_on_backlog(workload.stream[:BACKLOG], overrides)
         async with anyio.create_task_group() as tg:
             await wait_applied(scenario.pg_dsn, ENTRIES // 10)
             reports = scenario.publish_in_background(
@@ -194,11 +175,11 @@ async def test_tcp_resets_under_load_lose_and_duplicate_nothing(
     """
     daemon = scenario.daemon
     workload = Workload.build(ENTRIES)
-    await daemon.declare()
-    assert (await scenario.publish(workload.stream[:BACKLOG])).confirmed == BACKLOG
     async with proxied(scenario.amqp_url) as (proxy, via_proxy):
-        await daemon.start({**SLOW, "amqp": {**SLOW["amqp"], "url": via_proxy}})
-        await daemon.wait_ready()
+        await scenario.start_on_backlog(
+            workload.stream[:BACKLOG],
+            {**SLOW, "amqp": {**SLOW["amqp"], "url": via_proxy}},
+        )
         resets = 0
         async with anyio.create_task_group() as tg:
             reports = scenario.publish_in_background(

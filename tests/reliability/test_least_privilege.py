@@ -19,7 +19,6 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
-import aiohttp
 import anyio
 import pytest
 
@@ -55,14 +54,6 @@ async def grant(
 ) -> None:
     """Set *user*'s permissions on the scenario's vhost: no configure at all."""
     await rabbitmqctl("set_permissions", "-p", scenario.vhost, user, "^$", write, read)
-
-
-async def readyz(scenario: Scenario) -> tuple[int, str]:
-    """The daemon's ``/readyz``: status and body."""
-    listening = await scenario.daemon.wait_log(lambda e: e["event"] == "http_listening")
-    url = f"http://{listening['host']}:{listening['port']}/readyz"
-    async with aiohttp.ClientSession() as http, http.get(url) as ready:
-        return ready.status, await ready.text()
 
 
 def as_user(scenario: Scenario, user: str) -> str:
@@ -105,7 +96,7 @@ async def test_refused_outputs_stay_pending_alert_and_go_out_once_granted(
     assert (await drain_state(scenario.pg_dsn))[1] == entries, "an output got out"
     status = await daemon.status()
     assert "ACCESS_REFUSED" in status["transport"]["refused"]
-    code, body = await readyz(scenario)
+    code, body = await scenario.daemon.readyz()
     assert code == 503
     assert "publish refused" in body
 
@@ -148,7 +139,7 @@ async def test_a_refused_queue_is_asked_again_while_the_others_are_consumed(
     assert "ACCESS_REFUSED" in str(first["reason"])
     # The other shard is consumed: some entries, never all, are applied.
     await wait_applied(scenario.pg_dsn, 1, timeout_s=30)
-    code, body = await readyz(scenario)
+    code, body = await scenario.daemon.readyz()
     assert code == 503
     assert f"consume {refused_queue} refused" in body
 

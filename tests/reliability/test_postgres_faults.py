@@ -45,12 +45,8 @@ async def test_postgres_restart_under_load_loses_and_duplicates_nothing(
     reconnects; rows the relay could not mark are republished after their
     lease. The daemon is never restarted; no loss, no duplicated effect.
     """
-    daemon = scenario.daemon
     workload = Workload.build(ENTRIES)
-    await daemon.declare()
-    assert (await scenario.publish(workload.stream[:BACKLOG])).confirmed == BACKLOG
-    await daemon.start(SLOW)
-    await daemon.wait_ready()
+    await scenario.start_on_backlog(workload.stream[:BACKLOG], SLOW)
     async with anyio.create_task_group() as tg:
         await wait_applied(scenario.pg_dsn, ENTRIES // 10)
         reports = scenario.publish_in_background(
@@ -73,10 +69,7 @@ async def test_killed_backends_under_load_lose_and_duplicate_nothing(
     daemon = scenario.daemon
     application_name = str(daemon.spec.config["postgres"]["application-name"])
     workload = Workload.build(ENTRIES)
-    await daemon.declare()
-    assert (await scenario.publish(workload.stream[:BACKLOG])).confirmed == BACKLOG
-    await daemon.start(SLOW)
-    await daemon.wait_ready()
+    await scenario.start_on_backlog(workload.stream[:BACKLOG], SLOW)
     ended = 0
     async with anyio.create_task_group() as tg:
         await wait_applied(scenario.pg_dsn, ENTRIES // 10)
@@ -106,13 +99,11 @@ async def test_a_silent_database_holds_work_back_and_loses_nothing(
     shards retry; once the network heals the pool recovers and the backlog
     drains. The daemon is never restarted; no loss, no duplicated effect.
     """
-    daemon = scenario.daemon
     workload = Workload.build(ENTRIES)
-    await daemon.declare()
-    assert (await scenario.publish(workload.stream[:BACKLOG])).confirmed == BACKLOG
     async with proxied(scenario.pg_dsn) as (proxy, via_proxy):
-        await daemon.start({**SLOW, "postgres": {"dsn": via_proxy}})
-        await daemon.wait_ready()
+        await scenario.start_on_backlog(
+            workload.stream[:BACKLOG], {**SLOW, "postgres": {"dsn": via_proxy}}
+        )
         async with anyio.create_task_group() as tg:
             await wait_applied(scenario.pg_dsn, ENTRIES // 10)
             reports = scenario.publish_in_background(
