@@ -643,6 +643,88 @@ async def test_killed_connections_give_store_unavailable_or_success_never_a_hang
 
 
 @pytest.mark.integration
+async def test_a_session_killed_while_idle_is_never_handed_out(
+    open_store: OpenStore, admin: Admin
+) -> None:
+    """The store keeps its last session checked out; a dead one is dropped."""
+    app = services.unique_name("q2c_idle")
+    store = await open_store(application_name=app, pool_min_size=1)
+    await store.counts()  # its session now waits, checked out, for the next call
+    pids = "SELECT array_agg(pid) FROM pg_stat_activity WHERE application_name = $1"
+    killed = await admin.fetchval(pids, app)
+    assert len(killed) == 1
+    await admin.execute("SELECT pg_terminate_backend($1, 5000)", killed[0])
+    with anyio.fail_after(5):
+        while killed[0] in (await admin.fetchval(pids, app) or []):  # noqa: ASYNC110
+            await anyio.sleep(0.01)  # bounded poll of the server
+
+    with anyio.fail_after(10):
+        for _ in range(3):  # no StoreUnavailable, no InterfaceError
+            await store.counts()
+
+
+@pytest.mark.integration
+async def test_a_caller_waiting_for_the_pool_gets_a_connection_freed_meanwhile(
+    open_store: OpenStore, admin: Admin, other: Admin
+) -> None:
+    """A connection freed while another caller waits goes to that caller.
+
+    Two commits hold both connections, each blocked on a key of another
+    session; a third call waits in the pool. Once the keys are free, all
+    three finish long before the acquire timeout: nothing freed sat idle
+    out of the waiter's reach.
+    """
+    store = await open_store(pool_min_size=2, pool_max_size=2, acquire_timeout_s=8)
+    today = await utc_today(admin)
+    tx = other.transaction()
+    await tx.start()
+    for name in ("held-a", "held-b"):
+        await other.execute(INSERT_KEY, "erp", name, today)
+    done: list[str] = []
+
+    async def commit(name: str) -> None:
+        await store.commit_batch(
+            write(keys=[key(f"held-{name}", today), key(name, today)])
+        )
+        done.append(name)
+
+    async def count() -> None:
+        await store.counts()
+        done.append("counted")
+
+    with anyio.fail_after(6):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(commit, "a")
+            tg.start_soon(commit, "b")
+            await wait_for_lock_waiters(admin, 2)
+            tg.start_soon(count)
+            await anyio.wait_all_tasks_blocked()
+            await tx.rollback()
+    assert sorted(done) == ["a", "b", "counted"]
+
+
+@pytest.mark.integration
+async def test_close_returns_the_idle_sessions_at_once(
+    open_store: OpenStore, admin: Admin
+) -> None:
+    """Closing does not wait out the command timeout for connections kept idle."""
+    app = services.unique_name("q2c_close")
+    store = await open_store(
+        application_name=app, pool_min_size=1, pool_max_size=4, command_timeout_s=10
+    )
+    async with anyio.create_task_group() as tg:
+        for _ in range(4):
+            tg.start_soon(store.counts)
+    sessions = "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1"
+    assert await admin.fetchval(sessions, app) >= 1
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(store.aclose)  # shielded: a deadline cannot cut it short
+        with anyio.fail_after(5):
+            while await admin.fetchval(sessions, app):  # noqa: ASYNC110
+                await anyio.sleep(0.01)  # bounded poll of the server
+
+
+@pytest.mark.integration
 async def test_a_statement_stuck_on_a_lock_times_out_as_store_unavailable(
     open_store: OpenStore, other: Admin
 ) -> None:
