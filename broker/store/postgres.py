@@ -15,11 +15,9 @@ exception chained as the cause.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
-from typing import Final, Literal, TypeAlias, final
+from collections.abc import Sequence
+from typing import Final, Literal, final
 
-import anyio
 import asyncpg
 import structlog
 
@@ -43,12 +41,8 @@ from broker.store import (
 from broker.store import postgres_holds as holds
 from broker.store import postgres_sql as sql
 from broker.store import postgres_upkeep as upkeep
-from broker.store.postgres_errors import (
-    RETRYABLE,
-    commit_errors,
-    connection_errors,
-    store_errors,
-)
+from broker.store.postgres_errors import commit_errors, store_errors
+from broker.store.postgres_pool import Connections, Pool, PoolConnection
 from broker.store.postgres_sql import EXACT_COUNT_CAP, MAINTENANCE_LOCK_TIMEOUT
 from broker.store.rows import (
     dead_letter_row,
@@ -73,28 +67,6 @@ __all__ = [
 
 _log = structlog.get_logger(__name__)
 
-# asyncpg's classes are generic only in the stubs: keep the aliases as strings.
-_Pool: TypeAlias = "asyncpg.Pool[asyncpg.Record]"
-
-
-class _Connection(asyncpg.Connection):
-    """A pooled connection returned to the pool without a reset query.
-
-    asyncpg's default release runs ``RESET ALL; CLOSE ALL; UNLISTEN *;
-    SELECT pg_advisory_unlock_all()``: one more round trip after every
-    statement, twice per batch on the hot path. This store leaves no session
-    state behind (no LISTEN, no cursors, only transaction-scoped locks and
-    ``SET LOCAL``), and asyncpg still rolls back an open transaction on
-    release, so there is nothing to reset.
-    """
-
-    def get_reset_query(self) -> str:
-        """Nothing to reset (see the class docstring)."""
-        return ""
-
-
-_Conn: TypeAlias = "asyncpg.pool.PoolConnectionProxy[asyncpg.Record]"
-
 #: Rows deleted per statement when pruning tables that are not partitioned.
 PRUNE_CHUNK: Final = 5000
 
@@ -118,19 +90,6 @@ def _arrays(records: Sequence[object], fields: Sequence[str]) -> list[list[objec
     ]
 
 
-def _reusable(conn: _Conn) -> bool:
-    """Whether *conn* may serve another call as it is: open, no transaction.
-
-    A pooled connection that closes while checked out is detached from its
-    proxy by asyncpg (its holder goes back to the pool), and the proxy then
-    raises `InterfaceError` on every call.
-    """
-    try:
-        return not conn.is_closed() and not conn.is_in_transaction()
-    except asyncpg.exceptions.InterfaceError:
-        return False
-
-
 def _dl_args(flt: DeadLetterFilter) -> tuple[object, ...]:
     return (list(flt.ids), flt.reason, flt.queue, flt.type, flt.correlation_id)
 
@@ -146,23 +105,18 @@ class PostgresStore:
     """
 
     def __init__(
-        self, pool: _Pool, cfg: PostgresConfig, *, lease_s: float = 30.0
+        self, pool: Pool, cfg: PostgresConfig, *, lease_s: float = 30.0
     ) -> None:
-        self._pool = pool
+        self._connections = Connections(pool, cfg)
+        self._connection = self._connections.connection
         self._cfg = cfg
         self._lease_s = lease_s
-        # Connections checked out of the pool and idle: see `_connection`.
-        self._idle: list[_Conn] = []
-        # Callers waiting in the pool's own acquire: while any wait, a
-        # released connection goes back to the pool, where they can get it.
-        self._waiting = 0
-        self._closing = False
 
     def __repr__(self) -> str:
-        in_use = self._pool.get_size() - self._pool.get_idle_size() - len(self._idle)
+        c = self._connections
         return (
             f"<PostgresStore {self._cfg.application_name} "
-            f"{in_use}/{self._pool.get_max_size()} connections>"
+            f"{c.in_use}/{c.max_size} connections>"
         )
 
     @classmethod
@@ -201,7 +155,7 @@ class PostgresStore:
                     command_timeout=cfg.command_timeout_s,
                     timeout=cfg.acquire_timeout_s,
                     server_settings={"application_name": cfg.application_name},
-                    connection_class=_Connection,
+                    connection_class=PoolConnection,
                 )
         except (
             asyncpg.exceptions.InvalidCatalogNameError,
@@ -226,62 +180,6 @@ class PostgresStore:
             pool_max_size=cfg.pool_max_size,
         )
         return store
-
-    @asynccontextmanager
-    async def _connection(self) -> AsyncIterator[_Conn]:
-        """A connection for one call: the last one idle, else from the pool.
-
-        asyncpg's pool costs a task and a shield per acquire and release
-        (with a timeout, `asyncio.wait_for`; on release, `asyncio.shield`):
-        about a third of a small batch's client time. A connection whose
-        call ended cleanly, outside a transaction, therefore stays checked
-        out in a short LIFO list for the next call, and only one that
-        failed, was cancelled or is not needed goes back through the pool.
-        The list never hides a connection from a caller waiting in the pool
-        (see ``_waiting``) and holds at most the pool's size.
-        """
-        conn = await self._take_idle()
-        if conn is None:
-            self._waiting += 1
-            try:
-                with store_errors():
-                    conn = await self._pool.acquire(timeout=self._cfg.acquire_timeout_s)
-            finally:
-                self._waiting -= 1
-        try:
-            with connection_errors(conn):
-                yield conn
-        except BaseException:
-            await self._release(conn)
-            raise
-        if self._waiting or self._closing or not _reusable(conn):
-            await self._release(conn)
-        else:
-            self._idle.append(conn)
-
-    async def _take_idle(self) -> _Conn | None:
-        while self._idle:
-            conn = self._idle.pop()
-            if _reusable(conn):
-                return conn
-            # Closed while idle (the server went away): asyncpg has already
-            # handed its holder back to the pool, which reconnects on the
-            # next acquire; releasing the proxy again is a no-op.
-            await self._release(conn)
-        return None
-
-    async def _release(self, conn: _Conn) -> None:
-        # Shielded so a cancelled caller still returns its connection; asyncpg
-        # rolls back an open transaction on release, or terminates the connection.
-        with anyio.move_on_after(self._cfg.command_timeout_s, shield=True):
-            try:
-                await self._pool.release(conn)
-            except (
-                asyncpg.exceptions.PostgresError,
-                asyncpg.exceptions.InterfaceError,
-                *RETRYABLE,
-            ) as exc:
-                _log.warning("connection_release_failed", error=repr(exc))
 
     async def _fetch(self, text: str, *args: object) -> list[asyncpg.Record]:
         async with self._connection() as conn:
@@ -622,11 +520,4 @@ class PostgresStore:
 
     async def aclose(self) -> None:
         """Close the pool: wait for connections in use, up to the command timeout."""
-        self._closing = True  # calls still running return theirs to the pool
-        with anyio.move_on_after(self._cfg.command_timeout_s, shield=True) as scope:
-            while self._idle:
-                await self._release(self._idle.pop())
-            await self._pool.close()
-        if scope.cancelled_caught:
-            self._pool.terminate()
-            _log.warning("pool_terminated", reason="close timed out")
+        await self._connections.aclose()
