@@ -16,7 +16,7 @@ from __future__ import annotations
 import functools
 import re
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal, InvalidOperation
@@ -320,21 +320,33 @@ def read_many(
     base: str,
     spec: EntitySpec,
     table: Mapping[str, Record[Any] | Any],
+    *,
+    finish: Callable[[Record[Any]], Record[Any]] | None = None,
 ) -> web.Response:
-    """``{"d": {"results": [...]}}`` of the rows of *table* the query selects."""
+    """``{"d": {"results": [...]}}`` of the rows of *table* the query selects.
+
+    Rows are filtered first, and only the page returned gets *finish* (for
+    example, joining a navigation property) and its ETag: a read by key
+    field stays a cheap scan however large the table grows.
+    """
     query = Query.of(request, spec)
-    rows = [
-        (r.entity, r.etag) if isinstance(r, Record) else (r, None)
+    selected = [
+        r
         for r in table.values()
+        if matches(r.entity if isinstance(r, Record) else r, query.terms)
     ]
-    selected = [(e, t) for e, t in rows if matches(e, query.terms)]
     end = None if query.top is None else query.skip + query.top
-    d: dict[str, Any] = {
-        "results": [
-            render(base, spec, e, expand=query.expand, etag=t)
-            for e, t in selected[query.skip : end]
-        ]
-    }
+    results = []
+    for row in selected[query.skip : end]:
+        if isinstance(row, Record):
+            done = finish(row) if finish is not None else row
+            rendered = render(
+                base, spec, done.entity, expand=query.expand, etag=done.etag
+            )
+        else:
+            rendered = render(base, spec, row, expand=query.expand, etag=None)
+        results.append(rendered)
+    d: dict[str, Any] = {"results": results}
     if query.inlinecount:
         d["__count"] = str(len(selected))
     return json_response({"d": d})

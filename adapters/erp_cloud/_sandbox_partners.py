@@ -171,8 +171,9 @@ class PartnerBook:
             case ("A_BusinessPartner", True) if method == "POST":
                 return await self._create(request, base)
             case ("A_BusinessPartner", True) if reading:
-                partners = {k: self._joined(r) for k, r in self.partners.items()}
-                return od.read_many(request, base, PARTNER, partners)
+                return od.read_many(
+                    request, base, PARTNER, self.partners, finish=self._joined
+                )
             case ("A_BusinessPartner", False) if method == "PATCH":
                 return await self._patch(request, self._find(self.partners, key))
             case ("A_BusinessPartner", False) if reading:

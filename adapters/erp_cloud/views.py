@@ -29,11 +29,13 @@ Decode with `adapters.erp_cloud.edm.decode` so ``/Date(...)/`` values become
 
 from __future__ import annotations
 
+import functools
 import types
 import typing
 from collections.abc import Mapping
 from datetime import datetime
 from decimal import Decimal
+from types import MappingProxyType
 from typing import Annotated, Any, Generic, TypeVar, Union
 
 import msgspec
@@ -558,19 +560,22 @@ class FieldLimit(msgspec.Struct, frozen=True, kw_only=True):
     scale: int | None = None
 
 
+@functools.cache
 def field_limits(view: type[msgspec.Struct]) -> Mapping[str, FieldLimit]:
     """Wire name → limit, for each string or decimal field of *view*.
 
     The sandbox validates requests with it and the conformance test compares
     it with SAP's published contracts, so the limits live in one place: the
-    annotations above.
+    annotations above. Worked out once per view (reading a view's fields
+    evaluates its annotations, which cost more than the request they check)
+    and read-only.
     """
     limits: dict[str, FieldLimit] = {}
     for field in msgspec.structs.fields(view):
         limit = _limit_of(field.type)
         if limit is not None:
             limits[field.encode_name] = limit
-    return limits
+    return MappingProxyType(limits)
 
 
 def _limit_of(annotation: Any) -> FieldLimit | None:
