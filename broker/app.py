@@ -163,6 +163,7 @@ async def open_transport(
                         management_url=cfg.amqp.management_url,
                         apply_policies=cfg.topology.apply_policies,
                         tls=tls,
+                        mechanism=cfg.amqp.auth_mechanism,
                     )
                     break
                 except TransportUnavailable as exc:

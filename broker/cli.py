@@ -79,6 +79,7 @@ async def _topology(cfg: Config) -> None:
         management_url=cfg.amqp.management_url,
         apply_policies=cfg.topology.apply_policies,
         tls=await load_tls(cfg.amqp),
+        mechanism=cfg.amqp.auth_mechanism,
     )
 
 

@@ -84,6 +84,11 @@ class AmqpConfig(Section, frozen=True):
     #: require one (mTLS).
     tls_cert_file: str = ""
     tls_key_file: str = ""
+    #: How the daemon logs in: "plain" with the URL's user and password, or
+    #: "external" with its client certificate (SASL EXTERNAL, amqps:// and
+    #: tls-cert-file required); the URL's credentials then serve only the
+    #: management API.
+    auth_mechanism: Literal["plain", "external"] = "plain"
 
 
 class PostgresConfig(Section, frozen=True):

@@ -123,6 +123,7 @@ class _Link:
                     heartbeat_s=cfg.heartbeat_s,
                     connect_timeout_s=cfg.connect_timeout_s,
                     tls=self._tls,
+                    mechanism=cfg.auth_mechanism,
                 )
             except TransportUnavailable as exc:
                 self.failures += 1

@@ -25,9 +25,10 @@ from __future__ import annotations
 
 import re
 import ssl
+import urllib.parse
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, Literal
 
 import aio_pika
 import aiohttp
@@ -78,6 +79,7 @@ async def declare_topology(
     apply_policies: bool = True,
     timeout_s: float = 10.0,
     tls: ssl.SSLContext | None = None,
+    mechanism: Literal["plain", "external"] = "plain",
 ) -> None:
     """Apply the policies of *topology*, then declare its exchanges, queues, bindings.
 
@@ -90,6 +92,8 @@ async def declare_topology(
         timeout_s: bound on the connect and on each declare or HTTP call.
         tls: the context for ``amqps://`` and ``https://`` URLs
             (`broker.transport.tls`); ``None`` uses the system's defaults.
+        mechanism: the AMQP login, as `WireConnection.open`'s; with
+            ``"external"`` the URL's credentials serve the management API only.
 
     Raises:
         TransportUnavailable: the broker cannot be reached or dropped us.
@@ -99,7 +103,7 @@ async def declare_topology(
     """
     with _amqp_errors():
         connection = await aio_pika.connect(
-            url,
+            _with_login(url, mechanism),
             timeout=timeout_s,
             ssl_context=tls,
             client_properties={"connection_name": CONNECTION_NAME},
@@ -118,6 +122,16 @@ async def declare_topology(
         queues=len(topology.queues),
         bindings=len(topology.bindings),
     )
+
+
+def _with_login(url: str, mechanism: Literal["plain", "external"]) -> str:
+    """*url* with aiormq's ``auth`` query parameter for the EXTERNAL login."""
+    if mechanism == "plain":
+        return url
+    parts = urllib.parse.urlsplit(url)
+    query = urllib.parse.parse_qsl(parts.query)
+    query = [(k, v) for k, v in query if k != "auth"] + [("auth", "external")]
+    return urllib.parse.urlunsplit(parts._replace(query=urllib.parse.urlencode(query)))
 
 
 async def check_plugins(

@@ -32,8 +32,9 @@ def client_context(cfg: AmqpConfig) -> ssl.SSLContext | None:
 
     Raises:
         ConfigError: TLS files given for a plain URL, a certificate without its
-            key (or the reverse), or a file that cannot be read or parsed; the
-            message names the key and the path, never the key's contents.
+            key (or the reverse), a file that cannot be read or parsed (the
+            message names the key and the path, never the key's contents), or
+            the "external" login without a client certificate to log in with.
     """
     try:
         tls = parse_url(cfg.url).tls
@@ -44,6 +45,11 @@ def client_context(cfg: AmqpConfig) -> ssl.SSLContext | None:
         "tls-cert-file": cfg.tls_cert_file,
         "tls-key-file": cfg.tls_key_file,
     }
+    if cfg.auth_mechanism == "external" and not (tls and cfg.tls_cert_file):
+        raise ConfigError(
+            'amqp.auth-mechanism = "external" logs in with the client '
+            "certificate: it needs an amqps:// URL and amqp.tls-cert-file"
+        )
     if not tls:
         given = [key for key, path in files.items() if path]
         if given:

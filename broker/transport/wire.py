@@ -36,7 +36,7 @@ import contextlib
 import platform
 import ssl
 import struct
-from typing import Any, Final, cast
+from typing import Any, Final, Literal, cast
 
 import structlog
 from pamqp import commands
@@ -135,11 +135,15 @@ class WireConnection(asyncio.Protocol):
         heartbeat_s: int,
         connect_timeout_s: float,
         tls: ssl.SSLContext | None = None,
+        mechanism: Literal["plain", "external"] = "plain",
     ) -> WireConnection:
-        """Connect, authenticate (PLAIN) and open the URL's vhost.
+        """Connect, authenticate and open the URL's vhost.
 
         An ``amqps://`` URL connects with *tls* (see `broker.transport.tls`),
-        or with the system's defaults when it is ``None``.
+        or with the system's defaults when it is ``None``. *mechanism*
+        ``"plain"`` logs in with the URL's user and password; ``"external"``
+        (SASL EXTERNAL) lets the broker take the user from the client
+        certificate in *tls*, and ignores the URL's credentials.
 
         Raises:
             TransportUnavailable: refused, timed out, or the broker closed the
@@ -149,7 +153,12 @@ class WireConnection(asyncio.Protocol):
         """
         params = parse_url(url)
         loop = asyncio.get_running_loop()
-        where = f"{params.host}:{params.port} vhost {params.vhost!r} as {params.user!r}"
+        who = (
+            "by client certificate"
+            if mechanism == "external"
+            else f"as {params.user!r}"
+        )
+        where = f"{params.host}:{params.port} vhost {params.vhost!r} {who}"
         try:
             async with asyncio.timeout(connect_timeout_s):
                 _, conn = await loop.create_connection(
@@ -159,7 +168,7 @@ class WireConnection(asyncio.Protocol):
                     ssl=(tls or ssl.create_default_context()) if params.tls else None,
                 )
                 try:
-                    await conn._handshake(params)
+                    await conn._handshake(params, mechanism)
                 except BaseException:
                     conn._die("handshake failed", None, abort=True)
                     raise
@@ -192,12 +201,24 @@ class WireConnection(asyncio.Protocol):
             )
         return reply
 
-    async def _handshake(self, params: AmqpParams) -> None:
+    async def _handshake(
+        self, params: AmqpParams, mechanism: Literal["plain", "external"]
+    ) -> None:
         self._write(PROTOCOL_HEADER)
         start = await self._expect(commands.Connection.Start)
         assert isinstance(start, commands.Connection.Start)
         self.server_properties = dict(start.server_properties or {})
-        if "PLAIN" not in str(start.mechanisms).split():
+        offered = str(start.mechanisms).split()
+        if mechanism == "external" and "EXTERNAL" not in offered:
+            # RabbitMQ offers it only with rabbitmq_auth_mechanism_ssl
+            # enabled, EXTERNAL in auth_mechanisms, and a client certificate
+            # on this very connection.
+            raise TransportUnavailable(
+                f"broker offers no EXTERNAL login (only {' '.join(offered)}): "
+                "enable rabbitmq_auth_mechanism_ssl, list EXTERNAL in "
+                "auth_mechanisms, and present a client certificate"
+            )
+        if mechanism == "plain" and "PLAIN" not in offered:
             raise TransportUnavailable(
                 f"broker offers no PLAIN auth: {start.mechanisms}"
             )
@@ -216,8 +237,12 @@ class WireConnection(asyncio.Protocol):
                         "per_consumer_qos": True,
                     },
                 },
-                mechanism="PLAIN",
-                response=f"\0{params.user}\0{params.password}",
+                mechanism=mechanism.upper(),
+                response=(
+                    ""
+                    if mechanism == "external"
+                    else f"\0{params.user}\0{params.password}"
+                ),
             )
         )
         tune = await self._expect(commands.Connection.Tune)

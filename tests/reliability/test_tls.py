@@ -18,6 +18,9 @@ stays: other tests use it.
   the daemon's CA did not sign, and plain AMQP on the TLS port.
 * A daemon started without its certificate says why, retries with back-off,
   and still stops at once on SIGTERM while it waits.
+* A daemon set to log in by certificate (SASL EXTERNAL) does so: the broker
+  names it by its certificate's subject, whatever the URL's user. Where the
+  broker does not offer EXTERNAL, the connection fails saying what to turn on.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ from broker.config import AmqpConfig
 from broker.errors import TransportUnavailable
 from broker.transport.tls import client_context
 from broker.transport.wire import WireConnection
+from tests import services
 from tests.reliability.faults import rabbitmqctl
 from tests.reliability.scenario import Scenario
 from tests.reliability.workload import Workload
@@ -246,3 +250,106 @@ async def test_a_daemon_without_its_certificate_says_why_and_backs_off(
     after = len([e for e in await daemon.log_events() if refused(e)])
     assert 0 < after - before <= 12, after - before
     assert await daemon.stop() == 0, await daemon.log_tail()
+
+
+@pytest.fixture
+async def external_login() -> AsyncIterator[None]:
+    """The broker offers SASL EXTERNAL (rabbitmq_auth_mechanism_ssl) meanwhile.
+
+    ``auth_mechanisms`` is read for each new connection, so it is set on the
+    running broker and put back afterwards; the plugin is enabled by
+    ``.ci/test``. The plugin also refuses every login unless the broker's
+    own ``ssl_options`` verify peers (it does not look at the listener's),
+    so those are set too, and put back.
+    """
+    saved = {}
+    wanted = {
+        "auth_mechanisms": "['PLAIN', 'AMQPLAIN', 'EXTERNAL']",
+        "ssl_options": "[{verify, verify_peer}, {fail_if_no_peer_cert, true}]",
+    }
+    try:
+        for key, value in wanted.items():
+            read = f"application:get_env(rabbit, {key})."
+            before = (await rabbitmqctl("eval", read)).strip()
+            assert before.startswith("{ok,"), before
+            saved[key] = before.removeprefix("{ok,").removesuffix("}")
+            await rabbitmqctl("eval", f"application:set_env(rabbit, {key}, {value}).")
+        yield
+    finally:
+        with anyio.CancelScope(shield=True):
+            for key, value in saved.items():
+                await rabbitmqctl(
+                    "eval", f"application:set_env(rabbit, {key}, {value})."
+                )
+
+
+async def test_the_daemon_logs_in_by_its_certificate(
+    scenario: Scenario, pki: Pki, external_login: None
+) -> None:
+    daemon = scenario.daemon
+    name = daemon.spec.config["daemon"]["name"]
+    subject = services.unique_name("q2c-cert")
+    client_ext = "extendedKeyUsage=clientAuth\n"
+    await _certificate(pki.root, "external", subject, "ca", client_ext)
+    # RabbitMQ names a certificate's user by its subject, "CN=..." here; the
+    # user has no password at all, so only the certificate can log in.
+    user = f"CN={subject}"
+    await rabbitmqctl("add_user", user, services.unique_name("unused"))
+    try:
+        await rabbitmqctl("clear_password", user)
+        await rabbitmqctl(
+            "set_permissions", "-p", scenario.vhost, user, ".*", ".*", ".*"
+        )
+        workload = Workload.build(300)
+        amqp = {
+            # The URL's user and password still serve the management API.
+            "url": amqps_url(scenario, pki),
+            "tls-ca-file": pki.path("ca.pem"),
+            "tls-cert-file": pki.path("external.pem"),
+            "tls-key-file": pki.path("external.key"),
+            "auth-mechanism": "external",
+        }
+        await daemon.start({"amqp": amqp})
+        await daemon.wait_ready()
+        assert (await scenario.publish(workload.stream)).confirmed == len(
+            workload.stream
+        )
+        columns = ("client_properties", "user", "auth_mechanism")
+        listed = json.loads(
+            await rabbitmqctl("list_connections", "-q", *columns, "--formatter", "json")
+        )
+        mine = {
+            props["connection_name"]: (c["user"], c["auth_mechanism"])
+            for c in listed
+            for props in [{k: v for k, _, v in c["client_properties"]}]
+            if name in str(props.get("connection_name"))
+        }
+        assert mine == {
+            f"{name} publish": (user, "EXTERNAL"),
+            f"{name} consume": (user, "EXTERNAL"),
+        }, listed
+        await scenario.finish(workload)
+    finally:
+        with anyio.CancelScope(shield=True):
+            await rabbitmqctl("delete_user", user)
+
+
+async def test_a_broker_without_the_external_login_says_what_to_enable(
+    scenario: Scenario, pki: Pki
+) -> None:
+    cfg = AmqpConfig(
+        url=amqps_url(scenario, pki),
+        tls_ca_file=pki.path("ca.pem"),
+        tls_cert_file=pki.path("client.pem"),
+        tls_key_file=pki.path("client.key"),
+        auth_mechanism="external",
+    )
+    with pytest.raises(TransportUnavailable) as caught:
+        await WireConnection.open(
+            cfg.url, name="tls probe", heartbeat_s=10, connect_timeout_s=10,
+            tls=client_context(cfg), mechanism="external",
+        )  # fmt: skip
+    error = str(caught.value)
+    assert "by client certificate" in error
+    assert "no EXTERNAL login" in error
+    assert "rabbitmq_auth_mechanism_ssl" in error

@@ -9,6 +9,7 @@ import pytest
 
 from broker.config import AmqpConfig
 from broker.errors import ConfigError
+from broker.transport.declare import _with_login
 from broker.transport.tls import client_context
 
 TLS_URL = "amqps://q2c:pw@broker.example:5671/prod"
@@ -54,3 +55,27 @@ def test_a_key_that_is_not_pem_is_named_without_its_contents(tmp_path: Path) -> 
         client_context(cfg)
     assert str(cert) in str(caught.value)
     assert "SECRET" not in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        AmqpConfig(url="amqp://127.0.0.1/", auth_mechanism="external"),
+        AmqpConfig(url=TLS_URL, auth_mechanism="external"),
+    ],
+    ids=["plain url", "no certificate"],
+)
+def test_the_external_login_needs_a_client_certificate_over_tls(
+    cfg: AmqpConfig,
+) -> None:
+    with pytest.raises(ConfigError, match=r"auth-mechanism = \"external\".*amqps://"):
+        client_context(cfg)
+
+
+def test_the_declaring_client_is_asked_for_the_external_login() -> None:
+    """aio-pika (aiormq) takes the mechanism from the URL's ``auth`` parameter."""
+    url = "amqps://ops:pw@broker.example:5671/prod?heartbeat=10&auth=plain"
+    assert _with_login(url, "plain") == url
+    assert _with_login(url, "external") == (
+        "amqps://ops:pw@broker.example:5671/prod?heartbeat=10&auth=external"
+    )
