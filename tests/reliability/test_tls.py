@@ -8,11 +8,13 @@ certificate, and a second, unrelated CA with a client certificate of its own
 listener on the running broker (``rabbit_networking:start_ssl_listener``)
 that requires a client certificate (``verify_peer`` and
 ``fail_if_no_peer_cert``), and closes it in a ``finally``. The plain listener
-stays: other tests use it.
+stays, because other tests use it, except in the one test that closes it.
 
 * The daemon, given the CA and its certificate, declares its topology and
   consumes and publishes over TLS only, and the checker finds nothing lost or
-  duplicated.
+  duplicated. With the broker's plain listener closed too
+  (``listeners.tcp = none``, done on the running broker and undone after),
+  it starts, declares and drains a backlog all the same.
 * Every wrong handshake ends in a one-line error that says what is wrong:
   no client certificate, a certificate from another CA, a broker certificate
   the daemon's CA did not sign, and plain AMQP on the TLS port.
@@ -32,6 +34,7 @@ import socket
 import ssl
 import tempfile
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,6 +46,7 @@ from broker.errors import TransportUnavailable
 from broker.transport.tls import client_context
 from broker.transport.wire import WireConnection
 from tests import services
+from tests.reliability.checker import drain_state, wait_applied
 from tests.reliability.faults import rabbitmqctl
 from tests.reliability.scenario import Scenario
 from tests.reliability.workload import Workload
@@ -353,3 +357,55 @@ async def test_a_broker_without_the_external_login_says_what_to_enable(
     assert "by client certificate" in error
     assert "no EXTERNAL login" in error
     assert "rabbitmq_auth_mechanism_ssl" in error
+
+
+@asynccontextmanager
+async def plain_listeners_off() -> AsyncIterator[None]:
+    """The broker's plain AMQP listeners are closed meanwhile, then reopened.
+
+    Closing a listener leaves the connections it accepted alone; new ones
+    are refused. Should a run be killed before the reopening, ``.ci/test``
+    restarts the broker's app, which opens the configured listeners again.
+    """
+    stop = (
+        "Ls = [{inet:ntoa(IP), Port} || {listener, N, amqp, _, IP, Port, _}"
+        " <- rabbit_networking:active_listeners(), N =:= node()],"
+        " [rabbit_networking:stop_tcp_listener(L) || L <- Ls], Ls."
+    )
+    closed = (await rabbitmqctl("eval", stop)).strip()
+    assert closed.startswith("[{"), closed  # at least one was open
+    try:
+        yield
+    finally:
+        with anyio.CancelScope(shield=True):
+            await rabbitmqctl(
+                "eval",
+                f"[rabbit_networking:start_tcp_listener(L, 10) || L <- {closed}].",
+            )
+
+
+async def test_the_daemon_needs_no_plain_listener(scenario: Scenario, pki: Pki) -> None:
+    """The rest of scenario 25: plain AMQP off, TLS the only way in."""
+    daemon = scenario.daemon
+    workload = Workload.build(300)
+    await daemon.declare()  # the test's own set-up, while the plain port is open
+    assert (await scenario.publish(workload.stream)).confirmed == len(workload.stream)
+    amqp = {
+        "url": amqps_url(scenario, pki),
+        "tls-ca-file": pki.path("ca.pem"),
+        "tls-cert-file": pki.path("client.pem"),
+        "tls-key-file": pki.path("client.key"),
+    }
+    async with plain_listeners_off():
+        with pytest.raises(TransportUnavailable, match="refused"):
+            await WireConnection.open(
+                scenario.amqp_url, name="plain probe", heartbeat_s=10,
+                connect_timeout_s=5,
+            )  # fmt: skip
+        await daemon.start({"amqp": amqp})  # connects and declares over TLS
+        await daemon.wait_ready()
+        await wait_applied(scenario.pg_dsn, len(workload.entries), timeout_s=60)
+        with anyio.fail_after(30):  # every output published, over TLS too
+            while (await drain_state(scenario.pg_dsn))[1]:  # noqa: ASYNC110
+                await anyio.sleep(0.1)  # bounded poll: the outbox has no event
+    await scenario.finish(workload)
