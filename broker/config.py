@@ -25,6 +25,7 @@ __all__ = [
     "Section",
     "DaemonConfig",
     "AmqpConfig",
+    "AuthMechanism",
     "PostgresConfig",
     "SqliteConfig",
     "TopologyConfig",
@@ -41,6 +42,8 @@ __all__ = [
 ENV_PREFIX = "BROKER__"
 
 Seconds = Annotated[float, Meta(gt=0)]
+#: How the daemon logs in to RabbitMQ (see ``[amqp] auth-mechanism``).
+AuthMechanism = Literal["plain", "external"]
 PositiveInt = Annotated[int, Meta(ge=1)]
 
 
@@ -88,7 +91,7 @@ class AmqpConfig(Section, frozen=True):
     #: "external" with its client certificate (SASL EXTERNAL, amqps:// and
     #: tls-cert-file required); the URL's credentials then serve only the
     #: management API.
-    auth_mechanism: Literal["plain", "external"] = "plain"
+    auth_mechanism: AuthMechanism = "plain"
 
 
 class PostgresConfig(Section, frozen=True):

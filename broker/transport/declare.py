@@ -28,7 +28,7 @@ import ssl
 import urllib.parse
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, Literal
+from typing import Any
 
 import aio_pika
 import aiohttp
@@ -41,6 +41,7 @@ from aiormq.exceptions import (
     ConnectionCommandInvalid,
 )
 
+from broker.config import AuthMechanism
 from broker.errors import ConfigError, TransportUnavailable
 from broker.transport.management import ManagementApi, vhost_of
 from broker.transport.topology import Topology
@@ -79,7 +80,7 @@ async def declare_topology(
     apply_policies: bool = True,
     timeout_s: float = 10.0,
     tls: ssl.SSLContext | None = None,
-    mechanism: Literal["plain", "external"] = "plain",
+    mechanism: AuthMechanism = "plain",
 ) -> None:
     """Apply the policies of *topology*, then declare its exchanges, queues, bindings.
 
@@ -124,7 +125,7 @@ async def declare_topology(
     )
 
 
-def _with_login(url: str, mechanism: Literal["plain", "external"]) -> str:
+def _with_login(url: str, mechanism: AuthMechanism) -> str:
     """*url* with aiormq's ``auth`` query parameter for the EXTERNAL login."""
     if mechanism == "plain":
         return url

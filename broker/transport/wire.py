@@ -36,7 +36,7 @@ import contextlib
 import platform
 import ssl
 import struct
-from typing import Any, Final, Literal, cast
+from typing import Any, Final, cast
 
 import structlog
 from pamqp import commands
@@ -44,6 +44,7 @@ from pamqp import frame as pframe
 from pamqp.base import Frame
 from pamqp.exceptions import UnmarshalingException
 
+from broker.config import AuthMechanism
 from broker.errors import TransportUnavailable
 from broker.transport import PublishOutcome
 from broker.transport.channel import CLOSE_TIMEOUT_S, WireChannel
@@ -135,7 +136,7 @@ class WireConnection(asyncio.Protocol):
         heartbeat_s: int,
         connect_timeout_s: float,
         tls: ssl.SSLContext | None = None,
-        mechanism: Literal["plain", "external"] = "plain",
+        mechanism: AuthMechanism = "plain",
     ) -> WireConnection:
         """Connect, authenticate and open the URL's vhost.
 
@@ -201,9 +202,7 @@ class WireConnection(asyncio.Protocol):
             )
         return reply
 
-    async def _handshake(
-        self, params: AmqpParams, mechanism: Literal["plain", "external"]
-    ) -> None:
+    async def _handshake(self, params: AmqpParams, mechanism: AuthMechanism) -> None:
         self._write(PROTOCOL_HEADER)
         start = await self._expect(commands.Connection.Start)
         assert isinstance(start, commands.Connection.Start)

@@ -148,17 +148,21 @@ def amqps_url(scenario: Scenario, pki: Pki) -> str:
     return plain.replace("amqp://", "amqps://", 1).replace(":5672/", f":{pki.port}/", 1)
 
 
+def tls_amqp(scenario: Scenario, pki: Pki, cert: str = "client") -> dict[str, str]:
+    """The daemon's ``[amqp]`` for the TLS listener, presenting *cert*."""
+    return {
+        "url": amqps_url(scenario, pki),
+        "tls-ca-file": pki.path("ca.pem"),
+        "tls-cert-file": pki.path(f"{cert}.pem"),
+        "tls-key-file": pki.path(f"{cert}.key"),
+    }
+
+
 async def test_the_daemon_runs_over_mutual_tls(scenario: Scenario, pki: Pki) -> None:
     daemon = scenario.daemon
     name = daemon.spec.config["daemon"]["name"]
     workload = Workload.build(500)
-    amqp = {
-        "url": amqps_url(scenario, pki),
-        "tls-ca-file": pki.path("ca.pem"),
-        "tls-cert-file": pki.path("client.pem"),
-        "tls-key-file": pki.path("client.key"),
-    }
-    await daemon.start({"amqp": amqp})  # declares its topology over TLS too
+    await daemon.start({"amqp": tls_amqp(scenario, pki)})  # declares over TLS too
     await daemon.wait_ready()
     # The producer uses the plain listener; the daemon only the TLS one.
     assert (await scenario.publish(workload.stream)).confirmed == len(workload.stream)
@@ -305,14 +309,8 @@ async def test_the_daemon_logs_in_by_its_certificate(
             "set_permissions", "-p", scenario.vhost, user, ".*", ".*", ".*"
         )
         workload = Workload.build(300)
-        amqp = {
-            # The URL's user and password still serve the management API.
-            "url": amqps_url(scenario, pki),
-            "tls-ca-file": pki.path("ca.pem"),
-            "tls-cert-file": pki.path("external.pem"),
-            "tls-key-file": pki.path("external.key"),
-            "auth-mechanism": "external",
-        }
+        # The URL's user and password still serve the management API.
+        amqp = {**tls_amqp(scenario, pki, "external"), "auth-mechanism": "external"}
         await daemon.start({"amqp": amqp})
         await daemon.wait_ready()
         assert (await scenario.publish(workload.stream)).confirmed == len(
@@ -390,19 +388,13 @@ async def test_the_daemon_needs_no_plain_listener(scenario: Scenario, pki: Pki) 
     workload = Workload.build(300)
     await daemon.declare()  # the test's own set-up, while the plain port is open
     assert (await scenario.publish(workload.stream)).confirmed == len(workload.stream)
-    amqp = {
-        "url": amqps_url(scenario, pki),
-        "tls-ca-file": pki.path("ca.pem"),
-        "tls-cert-file": pki.path("client.pem"),
-        "tls-key-file": pki.path("client.key"),
-    }
     async with plain_listeners_off():
         with pytest.raises(TransportUnavailable, match="refused"):
             await WireConnection.open(
                 scenario.amqp_url, name="plain probe", heartbeat_s=10,
                 connect_timeout_s=5,
             )  # fmt: skip
-        await daemon.start({"amqp": amqp})  # connects and declares over TLS
+        await daemon.start({"amqp": tls_amqp(scenario, pki)})  # TLS only
         await daemon.wait_ready()
         await wait_applied(scenario.pg_dsn, len(workload.entries), timeout_s=60)
         with anyio.fail_after(30):  # every output published, over TLS too
