@@ -8,13 +8,17 @@ short LIFO list for the next call. Only one that failed, was cancelled or
 closed, or that a caller waiting in the pool wants, goes back through the
 pool. The list never hides a connection from such a caller, and holds at
 most the pool's size, since it holds only connections already checked out.
+A connection left unused in it for `IDLE_RETURN_S` goes back to the pool too,
+whose own inactivity limit then closes it, so a burst's extra sessions do not
+stay open for good.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from typing import TypeAlias, final
+from typing import Final, TypeAlias, final
 
 import anyio
 import asyncpg
@@ -23,7 +27,11 @@ import structlog
 from broker.config import PostgresConfig
 from broker.store.postgres_errors import RETRYABLE, connection_errors, store_errors
 
-__all__ = ["Connections", "Conn", "Pool", "PoolConnection"]
+__all__ = ["IDLE_RETURN_S", "Connections", "Conn", "Pool", "PoolConnection"]
+
+#: Seconds a connection may stay checked out unused before it goes back to
+#: the pool (whose inactivity limit, 300 s by default, then closes it).
+IDLE_RETURN_S: Final = 60.0
 
 _log = structlog.get_logger(__name__)
 
@@ -65,11 +73,21 @@ def _reusable(conn: Conn) -> bool:
 class Connections:
     """One call's connection at a time: `connection`, then `aclose` once."""
 
-    def __init__(self, pool: Pool, cfg: PostgresConfig) -> None:
+    def __init__(
+        self,
+        pool: Pool,
+        cfg: PostgresConfig,
+        *,
+        idle_return_s: float = IDLE_RETURN_S,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._pool = pool
         self._cfg = cfg
-        # Checked out of the pool and idle, the most recently used last.
-        self._idle: list[Conn] = []
+        self._idle_return_s = idle_return_s
+        self._clock = clock
+        # Checked out of the pool and idle, with the time each was last used,
+        # the most recently used last.
+        self._idle: list[tuple[Conn, float]] = []
         # Callers waiting in the pool's own acquire: while any wait, a
         # connection freed goes back to the pool, where they can get it.
         self._waiting = 0
@@ -79,6 +97,11 @@ class Connections:
     def in_use(self) -> int:
         """Connections serving a call now."""
         return self._pool.get_size() - self._pool.get_idle_size() - len(self._idle)
+
+    @property
+    def kept(self) -> int:
+        """Connections checked out and idle, waiting for the next call."""
+        return len(self._idle)
 
     @property
     def max_size(self) -> int:
@@ -109,15 +132,19 @@ class Connections:
             raise
         if self._waiting or self._closing or not _reusable(conn):
             await self._release(conn)
-        else:
-            self._idle.append(conn)
+            return
+        now = self._clock()
+        self._idle.append((conn, now))
+        # The least recently used is first: return it if a burst left it over.
+        if self._idle[0][1] < now - self._idle_return_s:
+            await self._release(self._idle.pop(0)[0])
 
     async def aclose(self) -> None:
         """Close the pool: wait for connections in use, up to the command timeout."""
         self._closing = True  # calls still running return theirs to the pool
         with anyio.move_on_after(self._cfg.command_timeout_s, shield=True) as scope:
             while self._idle:
-                await self._release(self._idle.pop())
+                await self._release(self._idle.pop()[0])
             await self._pool.close()
         if scope.cancelled_caught:
             self._pool.terminate()
@@ -125,7 +152,7 @@ class Connections:
 
     async def _take_idle(self) -> Conn | None:
         while self._idle:
-            conn = self._idle.pop()
+            conn = self._idle.pop()[0]
             if _reusable(conn):
                 return conn
             # Closed while idle (the server went away): asyncpg has already
