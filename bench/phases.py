@@ -252,6 +252,7 @@ async def _latency(
         await child.wait_for(tally.done.wait(), "answering the paced messages", 120)
         tg.cancel_scope.cancel()
     after = await w.meter.sample(child.pid, w.env.name)
+    cpu = CpuMeter.delta(before, after)
     # The first warmup_s is the way out of the drain (RabbitMQ settling the
     # backlog's acks, the queues compacting): reported, not in the figures.
     since = min(tally.stamps_ns, default=0) + round(s.warmup_s * 1e9)
@@ -272,7 +273,13 @@ async def _latency(
                 "p99_ms": _ms(tally.latency_ms(99)),
                 "max_ms": _ms(tally.latency_ms(100)),
             },
-            "cpu_s": CpuMeter.delta(before, after),
+            "cpu_s": cpu,
+            # Per paced message (warm-up included, as in cpu_s): against the
+            # drain's cpu_ms_per_msg, what a trickle costs beyond a backlog.
+            "cpu_us_per_msg": {
+                role: round(secs * 1e6 / workload.messages, 1)
+                for role, secs in cpu.items()
+            },
             "rss_mb": {
                 "first": _mb(rss[0]) if rss else None,
                 "last": _mb(rss[-1]) if rss else None,
