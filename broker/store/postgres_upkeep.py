@@ -11,21 +11,19 @@ outside broker/store.
 
 from __future__ import annotations
 
-from typing import Final, TypeAlias
+from typing import Final
 
-import asyncpg
 import structlog
 
 from broker.errors import ConfigError
 from broker.store import postgres_sql as sql
 from broker.store.migrate import apply_postgres, pending_postgres
 from broker.store.postgres_errors import grants_needed
+from broker.store.postgres_pool import Conn
 
 __all__ = ["check_migrated", "drop_partitions", "ensure_partitions", "migrate"]
 
 _log = structlog.get_logger(__name__)
-
-_Conn: TypeAlias = "asyncpg.pool.PoolConnectionProxy[asyncpg.Record]"
 
 # What to do about a refused privilege (README, "PostgreSQL roles").
 _MIGRATE_AS_OWNER: Final = (
@@ -37,7 +35,7 @@ _GRANT_PARTITIONS: Final = (
 )
 
 
-async def migrate(conn: _Conn) -> list[str]:
+async def migrate(conn: Conn) -> list[str]:
     """Apply pending migrations; return the names applied.
 
     Raises:
@@ -47,7 +45,7 @@ async def migrate(conn: _Conn) -> list[str]:
         return await apply_postgres(conn)
 
 
-async def check_migrated(conn: _Conn) -> None:
+async def check_migrated(conn: Conn) -> None:
     """Refuse to run on a schema with a migration pending (a read, no DDL).
 
     Raises:
@@ -61,7 +59,7 @@ async def check_migrated(conn: _Conn) -> None:
         )
 
 
-async def ensure_partitions(conn: _Conn, retention_days: int, ahead_days: int) -> int:
+async def ensure_partitions(conn: Conn, retention_days: int, ahead_days: int) -> int:
     """Create missing daily partitions, in a transaction; return how many.
 
     Raises:
@@ -79,7 +77,7 @@ async def ensure_partitions(conn: _Conn, retention_days: int, ahead_days: int) -
 
 
 async def drop_partitions(
-    conn: _Conn, retention_days: int, journal_days: int
+    conn: Conn, retention_days: int, journal_days: int
 ) -> tuple[int, int]:
     """Drop inbox and journal partitions past retention; return how many of each.
 
