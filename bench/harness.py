@@ -263,7 +263,8 @@ async def run_command(
 CpuSample = dict[str, dict[int, float]]
 
 
-def _cpu_of(pids: Sequence[int]) -> dict[int, float]:
+def cpu_of(pids: Sequence[int]) -> dict[int, float]:
+    """User plus system CPU seconds so far of each of *pids* still running."""
     out: dict[int, float] = {}
     for pid in pids:
         try:
@@ -274,14 +275,19 @@ def _cpu_of(pids: Sequence[int]) -> dict[int, float]:
     return out
 
 
+def rabbitmq_pids() -> list[int]:
+    """The local RabbitMQ node's Erlang VM (``beam.smp``) processes."""
+    return [
+        p.pid for p in psutil.process_iter(["name"]) if p.info["name"] == "beam.smp"
+    ]
+
+
 class CpuMeter:
     """CPU seconds of the roles that do the work, between two samples."""
 
     def __init__(self, admin: asyncpg.Connection) -> None:
         self._admin = admin
-        self._rabbit = [
-            p.pid for p in psutil.process_iter(["name"]) if p.info["name"] == "beam.smp"
-        ]
+        self._rabbit = rabbitmq_pids()
 
     async def sample(self, child_pid: int, database: str) -> CpuSample:
         """CPU seconds so far of each process, by role."""
@@ -297,7 +303,7 @@ class CpuMeter:
             "bench": [os.getpid()],
         }
         return await anyio.to_thread.run_sync(
-            lambda: {role: _cpu_of(pids) for role, pids in roles.items()}
+            lambda: {role: cpu_of(pids) for role, pids in roles.items()}
         )
 
     @staticmethod

@@ -28,13 +28,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import time
 from collections import defaultdict
 from dataclasses import dataclass
-from pathlib import Path
+
+from bench.harness import cpu_of, rabbitmq_pids
 
 __all__ = ["Sample", "main", "sample"]
 
@@ -98,22 +98,6 @@ class Sample:
         return sum(self.reductions.values())
 
 
-def _beam_pid() -> int:
-    """The RabbitMQ node's ``beam.smp`` (the first one, as ``pgrep`` lists)."""
-    out = subprocess.run(
-        ["pgrep", "-f", "beam.smp.*rabbit"], capture_output=True, text=True, check=False
-    ).stdout.split()
-    if not out:
-        raise SystemExit("rabbit_top: no RabbitMQ node (beam.smp) is running")
-    return int(out[0])
-
-
-def _cpu_s(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    ticks = int(fields[11]) + int(fields[12])  # utime + stime
-    return ticks / os.sysconf("SC_CLK_TCK")
-
-
 def _connection_names(lines: list[tuple[int, str, str]]) -> dict[str, str]:
     """``"127.0.0.1:5000 -> 127.0.0.1:5672"`` → the client-provided name.
 
@@ -149,14 +133,16 @@ def parse(output: str) -> dict[str, int]:
 
 def sample(seconds: float) -> Sample:
     """Measure one window of *seconds* on the local node (blocking)."""
-    pid = _beam_pid()
+    pids = rabbitmq_pids()
+    if not pids:
+        raise SystemExit("rabbit_top: no RabbitMQ node (beam.smp) is running")
     snippet = _SNIPPET.replace("__MILLIS__", str(round(seconds * 1000)))
     started = time.monotonic()
-    cpu_before = _cpu_s(pid)
+    cpu_before = sum(cpu_of(pids).values())
     done = subprocess.run(
         ["rabbitmqctl", "eval", snippet], capture_output=True, text=True, check=False
     )
-    cpu_after = _cpu_s(pid)
+    cpu_after = sum(cpu_of(pids).values())
     if done.returncode != 0:
         raise SystemExit(f"rabbit_top: rabbitmqctl eval failed: {done.stderr.strip()}")
     elapsed = time.monotonic() - started
