@@ -8,7 +8,7 @@ in a ``finally``; tests that use them are marked ``chaos``.
 from __future__ import annotations
 
 import subprocess
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Iterable, Mapping
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
 
@@ -22,6 +22,7 @@ __all__ = [
     "rabbitmqctl",
     "rabbitmq_outage",
     "max_message_size",
+    "rabbit_env",
     "memory_alarm",
     "disk_alarm",
     "restart_postgres",
@@ -120,30 +121,35 @@ async def _alarm(read: str, command: str, value: str) -> AsyncIterator[None]:
             await rabbitmqctl(command, original)
 
 
-async def _rabbit_env(key: str) -> str:
-    return (await rabbitmqctl("eval", f"application:get_env(rabbit, {key}).")).strip()
-
-
 @asynccontextmanager
-async def max_message_size(limit: int) -> AsyncIterator[None]:
-    """Set the broker's ``max_message_size`` (new channels see it); restore it after."""
-    original = await _rabbit_env("max_message_size")
+async def rabbit_env(settings: Mapping[str, str]) -> AsyncIterator[None]:
+    """Set the running node's ``rabbit`` *settings* (Erlang terms); put them back after.
+
+    Each key is restored to the value it had, or unset if it had none.
+    """
+    restore: list[str] = []
     try:
-        await rabbitmqctl(
-            "eval", f"application:set_env(rabbit, max_message_size, {limit})."
-        )
+        for key, value in settings.items():
+            before = (
+                await rabbitmqctl("eval", f"application:get_env(rabbit, {key}).")
+            ).strip()
+            restore.append(
+                f"application:set_env(rabbit, {key}, "
+                f"{before.removeprefix('{ok,').removesuffix('}')})."
+                if before.startswith("{ok,")
+                else f"application:unset_env(rabbit, {key})."
+            )
+            await rabbitmqctl("eval", f"application:set_env(rabbit, {key}, {value}).")
         yield
     finally:
         with anyio.CancelScope(shield=True):
-            if original.startswith("{ok,"):
-                value = int(original.removeprefix("{ok,").removesuffix("}"))
-                await rabbitmqctl(
-                    "eval", f"application:set_env(rabbit, max_message_size, {value})."
-                )
-            else:
-                await rabbitmqctl(
-                    "eval", "application:unset_env(rabbit, max_message_size)."
-                )
+            for command in reversed(restore):
+                await rabbitmqctl("eval", command)
+
+
+def max_message_size(limit: int) -> AbstractAsyncContextManager[None]:
+    """Set the broker's ``max_message_size`` (new channels see it); restore it after."""
+    return rabbit_env({"max_message_size": str(limit)})
 
 
 async def _postgres_accepts(dsn: str, timeout_s: float) -> None:

@@ -13,14 +13,12 @@ once, nothing lost.
 
 from __future__ import annotations
 
-import re
 from collections.abc import AsyncIterator
 
-import anyio
 import pytest
 
 from tests.reliability.checker import applied_count, connect
-from tests.reliability.faults import rabbitmqctl
+from tests.reliability.faults import rabbit_env
 from tests.reliability.scenario import Scenario
 from tests.reliability.workload import Workload
 
@@ -32,23 +30,8 @@ TIMEOUT_MS = 5000
 @pytest.fixture
 async def short_consumer_timeout() -> AsyncIterator[None]:
     """``consumer_timeout`` at 5 s on the node, then as it was."""
-    current = await rabbitmqctl(
-        "eval", "application:get_env(rabbit, consumer_timeout)."
-    )
-    found = re.search(r"\{ok,(\d+)\}", current)
-    restore = (
-        f"application:set_env(rabbit, consumer_timeout, {found.group(1)})."
-        if found
-        else "application:unset_env(rabbit, consumer_timeout)."
-    )
-    await rabbitmqctl(
-        "eval", f"application:set_env(rabbit, consumer_timeout, {TIMEOUT_MS})."
-    )
-    try:
+    async with rabbit_env({"consumer_timeout": str(TIMEOUT_MS)}):
         yield
-    finally:
-        with anyio.CancelScope(shield=True):
-            await rabbitmqctl("eval", restore)
 
 
 @pytest.mark.usefixtures("short_consumer_timeout")

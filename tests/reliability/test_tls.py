@@ -47,7 +47,7 @@ from broker.transport.tls import client_context
 from broker.transport.wire import WireConnection
 from tests import services
 from tests.reliability.checker import drain_state, wait_applied
-from tests.reliability.faults import rabbitmqctl
+from tests.reliability.faults import rabbit_env, rabbitmqctl
 from tests.reliability.scenario import Scenario
 from tests.reliability.workload import Workload
 
@@ -270,25 +270,13 @@ async def external_login() -> AsyncIterator[None]:
     own ``ssl_options`` verify peers (it does not look at the listener's),
     so those are set too, and put back.
     """
-    saved = {}
-    wanted = {
-        "auth_mechanisms": "['PLAIN', 'AMQPLAIN', 'EXTERNAL']",
-        "ssl_options": "[{verify, verify_peer}, {fail_if_no_peer_cert, true}]",
-    }
-    try:
-        for key, value in wanted.items():
-            read = f"application:get_env(rabbit, {key})."
-            before = (await rabbitmqctl("eval", read)).strip()
-            assert before.startswith("{ok,"), before
-            saved[key] = before.removeprefix("{ok,").removesuffix("}")
-            await rabbitmqctl("eval", f"application:set_env(rabbit, {key}, {value}).")
+    async with rabbit_env(
+        {
+            "auth_mechanisms": "['PLAIN', 'AMQPLAIN', 'EXTERNAL']",
+            "ssl_options": "[{verify, verify_peer}, {fail_if_no_peer_cert, true}]",
+        }
+    ):
         yield
-    finally:
-        with anyio.CancelScope(shield=True):
-            for key, value in saved.items():
-                await rabbitmqctl(
-                    "eval", f"application:set_env(rabbit, {key}, {value})."
-                )
 
 
 async def test_the_daemon_logs_in_by_its_certificate(
