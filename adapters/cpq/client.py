@@ -2,11 +2,14 @@
 
 `CpqClient` rides on a `SalesforceClient` (same org, same session and
 token). A quote is read either through the CPQ API's QuoteReader (a
-QuoteModel, with bundle links as keys) or with two SOQL queries (records,
-with bundle links as ``SBQQ__RequiredBy__c`` ids).
+QuoteModel, with bundle links as keys) or with one SOQL query (records, its
+lines through the ``SBQQ__LineItems__r`` child relationship, bundle links as
+``SBQQ__RequiredBy__c`` ids, and optionally its account's fields).
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import msgspec
 
@@ -18,7 +21,9 @@ from adapters.cpq.views import (
     QuoteLine,
     QuoteModel,
 )
+from adapters.crm import soql
 from adapters.crm.client import SalesforceClient, UpsertResult
+from adapters.crm.views import is_id
 from broker.errors import UpstreamRejected
 
 __all__ = ["CpqClient", "QUOTE_FIELDS", "LINE_FIELDS", "decode_quote_model"]
@@ -111,18 +116,47 @@ class CpqClient:
             ) from exc
 
     async def quote_with_lines(
-        self, quote_id: str
+        self, quote_id: str, *, account_fields: Sequence[str] = ()
     ) -> tuple[Quote, tuple[QuoteLine, ...]]:
         """The quote record and its lines (in ``SBQQ__Number__c`` order).
 
+        One request: the lines come through the ``SBQQ__LineItems__r`` child
+        relationship, and *account_fields* of the quote's account, if any,
+        as ``SBQQ__Account__r``. Only when the org pages the lines (a quote
+        of hundreds) are they read with a query of their own.
+
         Raises:
-            UpstreamRejected: ``NOT_FOUND`` when there is no such quote.
+            UpstreamRejected: ``NOT_FOUND`` when there is no such live quote.
             UpstreamUnavailable: the org is down, slow or limiting us.
         """
-        quote = await self.crm.get(Quote, quote_id, fields=QUOTE_FIELDS)
-        lines = await self.crm.select(
-            QuoteLine, LINE_FIELDS, {"SBQQ__Quote__c": quote.Id or quote_id}
+        if not is_id(quote_id):
+            raise UpstreamRejected(
+                self.crm.system, f"no quote {quote_id!r}", code="NOT_FOUND"
+            )
+        fields = [
+            *QUOTE_FIELDS,
+            *(f"SBQQ__Account__r.{name}" for name in account_fields),
+            soql.subquery(
+                "SBQQ__LineItems__r", LINE_FIELDS, order_by="SBQQ__Number__c"
+            ),
+        ]
+        found = await self.crm.query(
+            soql.select(Quote.sobject_type, fields, {"Id": quote_id}), Quote
         )
+        if not found:
+            raise UpstreamRejected(
+                self.crm.system, f"no quote {quote_id!r}", code="NOT_FOUND"
+            )
+        quote = found[0]
+        page = quote.SBQQ__LineItems__r
+        if page is None:
+            lines: tuple[QuoteLine, ...] = ()
+        elif page.done:
+            lines = page.records
+        else:
+            lines = await self.crm.select(
+                QuoteLine, LINE_FIELDS, {"SBQQ__Quote__c": quote.Id or quote_id}
+            )
         ordered = sorted(lines, key=lambda line: line.SBQQ__Number__c or 0)
         return quote, tuple(ordered)
 

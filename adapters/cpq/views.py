@@ -22,7 +22,7 @@ from typing import ClassVar
 
 import msgspec
 
-from adapters.crm.views import QueryResult, SfDate, SObject
+from adapters.crm.views import Account, QueryResult, SfDate, SObject
 
 __all__ = [
     "QuoteStatus",
@@ -93,7 +93,8 @@ class Quote(SObject, frozen=True, kw_only=True):
 
     ``SBQQ__NetAmount__c`` and ``SBQQ__LineItemCount__c`` are calculated by
     the package (read-only); ``SBQQ__LineItems__r`` is present when a query
-    selects the child relationship.
+    selects the child relationship, ``SBQQ__Account__r`` when it selects the
+    account's fields (``SBQQ__Account__r.Name``).
     """
 
     sobject_type: ClassVar[str] = "SBQQ__Quote__c"
@@ -118,6 +119,7 @@ class Quote(SObject, frozen=True, kw_only=True):
     SBQQ__ShippingCountry__c: str | None = None
     CurrencyIsoCode: str | None = None
     SBQQ__LineItems__r: QueryResult[QuoteLine] | None = None
+    SBQQ__Account__r: Account | None = None
     Broker_Key__c: str | None = None
     Broker_Command_Key__c: str | None = None
     Broker_Status__c: str | None = None

@@ -174,15 +174,18 @@ class CrmConnector:
         """
         if self._cpq is None:
             raise UpstreamRejected(self._system, "no CPQ client", code="NOT_CONFIGURED")
-        quote, lines = await self._cpq.quote_with_lines(quote_id)
-        accounts = await self._account_map({quote.SBQQ__Account__c or ""} - {""})
-        account = accounts.get(quote.SBQQ__Account__c or "")
-        if account is None:
+        quote, lines = await self._cpq.quote_with_lines(
+            quote_id, account_fields=ACCOUNT_FIELDS
+        )
+        if quote.SBQQ__Account__r is None:
             raise UpstreamRejected(
                 self._system,
                 f"quote {quote_id} has no readable account",
                 code="NOT_FOUND",
             )
+        account = account_from_sf(
+            quote.SBQQ__Account__r, default_currency=self._currency
+        )
         canonical = quote_from_records(
             quote,
             lines,
@@ -191,32 +194,21 @@ class CrmConnector:
         )
         return canonical, account
 
-    async def _account_map(self, ids: set[str]) -> dict[str, Account]:
-        if not ids:
-            return {}
-        records = await self._crm.query(
-            select("Account", ACCOUNT_FIELDS, {"Id": sorted(ids)}), v.Account
-        )
-        return {
-            rec.Id: account_from_sf(rec, default_currency=self._currency)
-            for rec in records
-            if rec.Id
-        }
-
     async def _opportunities(self, ids: Sequence[str]) -> list[Event]:
+        # One request: each opportunity with its account's fields.
+        fields = [*OPPORTUNITY_FIELDS, *(f"Account.{name}" for name in ACCOUNT_FIELDS)]
         opps = await self._crm.query(
-            select("Opportunity", OPPORTUNITY_FIELDS, {"Id": ids}), v.Opportunity
+            select("Opportunity", fields, {"Id": ids}), v.Opportunity
         )
-        accounts = await self._account_map({o.AccountId for o in opps if o.AccountId})
         events: list[Event] = []
         for opp in opps:
-            account = accounts.get(opp.AccountId or "")
-            if account is None:
+            if opp.Account is None:
                 raise UpstreamRejected(
                     self._system,
                     f"Opportunity {opp.Id} has no readable account",
                     code="NOT_FOUND",
                 )
+            account = account_from_sf(opp.Account, default_currency=self._currency)
             deal = opportunity_from_sf(opp, account, default_currency=self._currency)
             events.append(OpportunityCreated(opportunity=deal))
         return events
@@ -225,7 +217,9 @@ class CrmConnector:
         events: list[Event] = []
         for quote_id in ids:
             try:
-                quote, lines = await cpq.quote_with_lines(quote_id)
+                quote, lines = await cpq.quote_with_lines(
+                    quote_id, account_fields=ACCOUNT_FIELDS
+                )
             except UpstreamRejected as exc:
                 if exc.code in ("NOT_FOUND", "ENTITY_IS_DELETED"):
                     continue
@@ -233,12 +227,12 @@ class CrmConnector:
             if quote.SBQQ__Status__c not in (QuoteStatus.APPROVED, QuoteStatus.DENIED):
                 continue
             fallback = None
-            if not (quote.SBQQ__ShippingCountry__c or quote.SBQQ__BillingCountry__c):
-                accounts = await self._account_map(
-                    {quote.SBQQ__Account__c or ""} - {""}
-                )
-                account = accounts.get(quote.SBQQ__Account__c or "")
-                fallback = account.country if account else None
+            if quote.SBQQ__Account__r is not None and not (
+                quote.SBQQ__ShippingCountry__c or quote.SBQQ__BillingCountry__c
+            ):
+                fallback = account_from_sf(
+                    quote.SBQQ__Account__r, default_currency=self._currency
+                ).country
             canonical = quote_from_records(
                 quote, lines, default_currency=self._currency, fallback_country=fallback
             )

@@ -175,17 +175,104 @@ class Org:
                 f"sObject type '{query.sobject}' is not supported.",
             )
         spec = SPECS[query.sobject]
-        names = [*query.fields, *(c.field for c in query.where)]
-        if query.order_by:
-            names.append(query.order_by)
-        for name in names:
-            if name not in spec.fields:
+        _check_columns(spec, query)
+        for parent in query.parents:
+            if parent.relationship not in spec.parents:
                 raise OrgError(
                     400,
                     "INVALID_FIELD",
-                    f"No such column '{name}' on entity '{spec.name}'.",
+                    f"Didn't understand relationship '{parent.relationship}' in field"
+                    " path. If you are attempting to use a custom relationship, be"
+                    " sure to append the '__r' after the custom relationship name.",
                 )
-        return self._records.select(spec, query, deleted=deleted)
+            target = SPECS[spec.parents[parent.relationship][1]]
+            _check_columns(target, soql.Query(fields=(parent.field,), sobject=""))
+        for child in query.children:
+            if child.sobject not in spec.children:
+                raise OrgError(
+                    400,
+                    "INVALID_TYPE",
+                    f"Didn't understand relationship '{child.sobject}' in FROM part"
+                    " of query call. If you are attempting to use a custom"
+                    " relationship, be sure to append the '__r' after the custom"
+                    " relationship name.",
+                )
+            _check_columns(SPECS[spec.children[child.sobject][0]], child)
+        rows = self._records.select(spec, query, deleted=deleted)
+        self._relate(spec, query, rows)
+        return rows
+
+    def _relate(self, spec: ObjectSpec, query: soql.Query, rows: list[Fields]) -> None:
+        """Put each row's parents and children under their relationship names."""
+        for relationship in {p.relationship for p in query.parents}:
+            lookup, target = spec.parents[relationship]
+            for row in rows:
+                parent = self._records.lookup(target, row.get(lookup) or "")
+                row[relationship] = (
+                    None
+                    if parent is None or parent.get("IsDeleted")
+                    else {**parent, **self._records.derived(target, parent)}
+                )
+        ids = tuple(row["Id"] for row in rows)
+        for child in query.children:
+            child_object, lookup = spec.children[child.sobject]
+            found = self._records.select(
+                SPECS[child_object],
+                msgspec.structs.replace(
+                    child,
+                    sobject=child_object,
+                    where=(soql.Condition(field=lookup, values=ids), *child.where),
+                    limit=None,
+                ),
+                deleted=False,
+            )
+            grouped: dict[str, list[Fields]] = {}
+            for record in found:
+                grouped.setdefault(to_id18(record[lookup]), []).append(record)
+            for row in rows:
+                row[child.sobject] = grouped.get(row["Id"], [])[: child.limit]
+
+    def project(self, query: soql.Query, row: Fields) -> Fields:
+        """*row* as the query returns it: the selected fields, parents and children.
+
+        Each record carries its ``attributes``; a parent the lookup does not
+        name is ``null``, and so is a child relationship with no rows, as
+        the REST API renders them.
+        """
+        record = self._select(query.sobject, query.fields, row)
+        spec = SPECS[query.sobject]
+        for parent in query.parents:
+            related = row[parent.relationship]
+            if related is None:
+                record[parent.relationship] = None
+                continue
+            target = spec.parents[parent.relationship][1]
+            into = record.get(parent.relationship) or self._select(target, (), related)
+            into[parent.field] = related.get(parent.field)
+            record[parent.relationship] = into
+        for child in query.children:
+            child_object = spec.children[child.sobject][0]
+            rows = row[child.sobject]
+            record[child.sobject] = (
+                {
+                    "totalSize": len(rows),
+                    "done": True,
+                    "records": [
+                        self._select(child_object, child.fields, r) for r in rows
+                    ],
+                }
+                if rows
+                else None
+            )
+        return record
+
+    def _select(self, sobject: str, fields: tuple[str, ...], row: Fields) -> Fields:
+        record = self.with_attributes(
+            sobject, {"Id": row["Id"], **{f: row.get(f) for f in fields}}
+        )
+        if "Id" not in fields:
+            del record["Id"]
+        return record
 
     def quote_model(self, quote_id: str) -> dict[str, Any]:
         """The QuoteModel of a quote, as ``SBQQ.QuoteAPI.QuoteReader`` returns it.
@@ -413,6 +500,20 @@ class Org:
         if opp.get("SBQQ__PrimaryQuote__c") != record["Id"]:
             self.update(
                 txn, "Opportunity", opp_id, {"SBQQ__PrimaryQuote__c": record["Id"]}
+            )
+
+
+def _check_columns(spec: ObjectSpec, query: soql.Query) -> None:
+    """Every field *query* names (select list, filter, order) is one of *spec*'s."""
+    names = [*query.fields, *(c.field for c in query.where)]
+    if query.order_by:
+        names.append(query.order_by)
+    for name in names:
+        if name not in spec.fields:
+            raise OrgError(
+                400,
+                "INVALID_FIELD",
+                f"No such column '{name}' on entity '{spec.name}'.",
             )
 
 

@@ -81,6 +81,7 @@ _MAX_TOKENS = 1000
 
 #: What ``GET /_sandbox/state`` counts (the org's writes and the wire's answers).
 _COUNTERS = (
+    "api_requests",
     "creates",
     "updates",
     "deletes",
@@ -306,6 +307,8 @@ class SalesforceSandbox(UserActions):
             )
         api = request.path.startswith(_API_PREFIXES)
         if api:
+            # What an org counts against its daily API request limit.
+            self.counts["api_requests"] += 1
             wait_s = self._take_token()
             if wait_s is not None:
                 self.counts["rate_limited"] += 1
@@ -514,16 +517,7 @@ class SalesforceSandbox(UserActions):
         except soql.SoqlError as exc:
             raise OrgError(400, "MALFORMED_QUERY", str(exc)) from None
         rows = self.org.query(query, deleted=request.path.endswith("/queryAll"))
-        records = [
-            self.org.with_attributes(
-                query.sobject,
-                {"Id": row["Id"], **{f: row.get(f) for f in query.fields}},
-            )
-            for row in rows
-        ]
-        for record in records:
-            if "Id" not in query.fields:
-                del record["Id"]
+        records = [self.org.project(query, row) for row in rows]
         self.counts["queries"] += 1
         return self._page(version, records, 0)
 

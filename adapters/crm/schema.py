@@ -34,6 +34,7 @@ __all__ = [
     "change_field_name",
     "compound_fields",
     "COMPOUND_OF",
+    "relationship_name",
 ]
 
 #: The REST API version the org renders in record urls.
@@ -76,6 +77,8 @@ class ObjectSpec:
     read_only: frozenset[str] = frozenset()
     #: Lookup field → the object it must point at.
     references: Mapping[str, str] = field(default_factory=dict)
+    #: Child relationship name → (child object, its lookup to this object).
+    children: Mapping[str, tuple[str, str]] = field(default_factory=dict)
     external_ids: tuple[str, ...] = ("Broker_Key__c",)
 
     @property
@@ -83,12 +86,24 @@ class ObjectSpec:
         """The object's API name."""
         return self.view.sobject_type
 
-    @property
-    def fields(self) -> frozenset[str]:
-        """Every field a query may select."""
-        return _field_names(self.view)
+    @functools.cached_property
+    def parents(self) -> dict[str, tuple[str, str]]:
+        """Parent relationship name → (lookup field, parent object).
 
-    @property
+        Salesforce's rule: ``AccountId`` is reached as ``Account``, a custom
+        ``SBQQ__Account__c`` as ``SBQQ__Account__r``.
+        """
+        return {
+            relationship_name(lookup): (lookup, target)
+            for lookup, target in self.references.items()
+        }
+
+    @functools.cached_property
+    def fields(self) -> frozenset[str]:
+        """Every field a query may select (relationships are not fields)."""
+        return _field_names(self.view) - set(self.parents) - set(self.children)
+
+    @functools.cached_property
     def writable(self) -> frozenset[str]:
         """Fields a create or update may set."""
         return self.fields - _ALWAYS_READ_ONLY - self.read_only
@@ -99,6 +114,13 @@ def _field_names(view: type[SObject]) -> frozenset[str]:
     """The view's wire names (resolving a Struct's annotations is slow: once)."""
     names = {f.encode_name for f in msgspec.structs.fields(view)}
     return frozenset(names - {"attributes"})
+
+
+def relationship_name(lookup: str) -> str:
+    """The relationship a lookup field is reached by: ``AccountId`` → ``Account``."""
+    if lookup.endswith("__c"):
+        return lookup[:-3] + "__r"
+    return lookup.removesuffix("Id")
 
 
 _ADDRESSES = frozenset({"BillingAddress", "ShippingAddress", "MailingAddress"})
@@ -125,6 +147,7 @@ SPECS: dict[str, ObjectSpec] = {
                 "AccountId": "Account",
                 "SBQQ__PrimaryQuote__c": "SBQQ__Quote__c",
             },
+            children={"OpportunityLineItems": ("OpportunityLineItem", "OpportunityId")},
         ),
         ObjectSpec(
             view=OpportunityLineItem,
@@ -160,13 +183,13 @@ SPECS: dict[str, ObjectSpec] = {
                     "SBQQ__CustomerAmount__c",
                     "SBQQ__ListAmount__c",
                     "SBQQ__LineItemCount__c",
-                    "SBQQ__LineItems__r",
                 }
             ),
             references={
                 "SBQQ__Account__c": "Account",
                 "SBQQ__Opportunity2__c": "Opportunity",
             },
+            children={"SBQQ__LineItems__r": ("SBQQ__QuoteLine__c", "SBQQ__Quote__c")},
         ),
         ObjectSpec(
             view=QuoteLine,

@@ -3,9 +3,17 @@
 Accepted: ``SELECT f1, f2 FROM Type [WHERE cond [AND cond ...]] [ORDER BY f
 [ASC|DESC]] [LIMIT n]`` where each condition is ``Field = literal`` or
 ``Field IN (literal, ...)`` and a literal is a quoted string, ``true``,
-``false``, ``null`` or a number. Anything else (relationship fields,
-subqueries, ``OR``, functions) is a ``MALFORMED_QUERY``, as an org would
-answer for text it cannot parse.
+``false``, ``null`` or a number. The select list may also name
+
+* a parent's field through a lookup, one level up: ``Account.Name`` on an
+  Opportunity (the lookup ``AccountId``; a custom ``X__c`` is ``X__r``);
+* a child relationship as a subquery: ``(SELECT f1, f2 FROM SBQQ__LineItems__r
+  [WHERE ...] [ORDER BY f] [LIMIT n])``, itself without relationships.
+
+So one request reads a record with its parent and children, as integrations
+do to stay within an org's API request limits. Anything else (``OR``,
+functions, deeper paths, nested subqueries) is a ``MALFORMED_QUERY``, as an
+org would answer for text it cannot parse.
 """
 
 from __future__ import annotations
@@ -16,7 +24,17 @@ from decimal import Decimal
 
 import msgspec
 
-__all__ = ["Query", "Condition", "Literal", "SoqlError", "parse", "quote", "select"]
+__all__ = [
+    "Query",
+    "Condition",
+    "Literal",
+    "ParentField",
+    "SoqlError",
+    "parse",
+    "quote",
+    "select",
+    "subquery",
+]
 
 Literal = str | bool | Decimal | None
 
@@ -32,8 +50,15 @@ class Condition(msgspec.Struct, frozen=True, kw_only=True):
     values: tuple[Literal, ...]
 
 
+class ParentField(msgspec.Struct, frozen=True, kw_only=True):
+    """``relationship.field`` in a select list: a field of the record a lookup names."""
+
+    relationship: str
+    field: str
+
+
 class Query(msgspec.Struct, frozen=True, kw_only=True):
-    """A parsed query."""
+    """A parsed query; in a subquery, ``sobject`` is the child relationship's name."""
 
     fields: tuple[str, ...]
     sobject: str
@@ -41,10 +66,12 @@ class Query(msgspec.Struct, frozen=True, kw_only=True):
     order_by: str | None = None
     descending: bool = False
     limit: int | None = None
+    parents: tuple[ParentField, ...] = ()
+    children: tuple[Query, ...] = ()
 
 
 _QUERY = re.compile(
-    r"""^\s*SELECT\s+(?P<fields>[\w\s,]+?)\s+FROM\s+(?P<sobject>\w+)
+    r"""^\s*FROM\s+(?P<sobject>\w+)
     (?:\s+WHERE\s+(?P<where>.+?))?
     (?:\s+ORDER\s+BY\s+(?P<order>\w+)(?:\s+(?P<dir>ASC|DESC))?)?
     (?:\s+LIMIT\s+(?P<limit>\d+))?\s*$""",
@@ -60,7 +87,12 @@ _CONDITION = re.compile(
 )
 _AND = re.compile(r"\s+AND\s+", re.IGNORECASE)
 _ITEM = re.compile(_LITERAL, re.IGNORECASE)
+_SELECT = re.compile(r"^\s*SELECT\s+(?P<items>.+)$", re.IGNORECASE | re.DOTALL)
 _FIELD = re.compile(r"\w+")
+_PARENT_FIELD = re.compile(r"(?P<relationship>\w+)\.(?P<field>\w+)")
+_SUBQUERY = re.compile(r"\(\s*(?P<text>SELECT\s.*)\)", re.IGNORECASE | re.DOTALL)
+#: ``FROM`` outside parentheses and quotes: the outer query's, not a subquery's.
+_TOKEN = re.compile(r"'(?:[^'\\]|\\.)*'|[()]|\sFROM\s", re.IGNORECASE)
 
 
 def _literal(text: str) -> Literal:
@@ -80,12 +112,28 @@ def parse(text: str) -> Query:
     Raises:
         SoqlError: outside the supported subset.
     """
-    m = _QUERY.match(text)
-    if m is None:
+    select_list, rest = _split_from(text)
+    head = _SELECT.match(select_list)
+    m = _QUERY.match(rest)
+    if head is None or m is None:
         raise SoqlError(f"unsupported or malformed query: {text[:200]!r}")
-    fields = tuple(f.strip() for f in m["fields"].split(","))
-    if not all(_FIELD.fullmatch(f) for f in fields):
-        raise SoqlError(f"unsupported field list: {m['fields']!r}")
+    fields: list[str] = []
+    parents: list[ParentField] = []
+    children: list[Query] = []
+    for item in _top_level_items(head["items"]):
+        if _FIELD.fullmatch(item):
+            fields.append(item)
+        elif p := _PARENT_FIELD.fullmatch(item):
+            parents.append(
+                ParentField(relationship=p["relationship"], field=p["field"])
+            )
+        elif (sub := _SUBQUERY.fullmatch(item)) is not None:
+            child = parse(sub["text"])
+            if child.parents or child.children:
+                raise SoqlError(f"a subquery cannot reach further: {item[:200]!r}")
+            children.append(child)
+        else:
+            raise SoqlError(f"unsupported field list item: {item[:200]!r}")
     where: list[Condition] = []
     if m["where"]:
         for part in _AND.split(m["where"]):
@@ -98,18 +146,70 @@ def parse(text: str) -> Query:
                 values = tuple(_literal(v) for v in _ITEM.findall(c["values"]))
             where.append(Condition(field=c["field"], values=values))
     return Query(
-        fields=fields,
+        fields=tuple(fields),
         sobject=m["sobject"],
         where=tuple(where),
         order_by=m["order"],
         descending=(m["dir"] or "").upper() == "DESC",
         limit=int(m["limit"]) if m["limit"] else None,
+        parents=tuple(parents),
+        children=tuple(children),
     )
+
+
+def _split_from(text: str) -> tuple[str, str]:
+    """*text* cut before its own ``FROM``: the select list, and the rest.
+
+    Raises:
+        SoqlError: no ``FROM`` outside parentheses, or unbalanced parentheses.
+    """
+    depth = 0
+    for token in _TOKEN.finditer(text):
+        match token[0]:
+            case "(":
+                depth += 1
+            case ")":
+                depth -= 1
+                if depth < 0:
+                    break
+            case t if not t.startswith("'") and depth == 0:
+                return text[: token.start()], text[token.start() :]
+    raise SoqlError(f"unsupported or malformed query: {text[:200]!r}")
+
+
+def _top_level_items(select_list: str) -> list[str]:
+    """The comma-separated items of a select list; a subquery is one item."""
+    items: list[str] = []
+    depth = start = 0
+    for token in re.finditer(r"'(?:[^'\\]|\\.)*'|[(),]", select_list):
+        match token[0]:
+            case "(":
+                depth += 1
+            case ")":
+                depth -= 1
+            case "," if depth == 0:
+                items.append(select_list[start : token.start()].strip())
+                start = token.end()
+    items.append(select_list[start:].strip())
+    return items
 
 
 def quote(value: str) -> str:
     """A SOQL string literal: quoted, with quotes and backslashes escaped."""
     return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def subquery(
+    relationship: str,
+    fields: Sequence[str],
+    *,
+    order_by: str | None = None,
+) -> str:
+    """A child relationship's subquery, as an item of `select`'s *fields*."""
+    text = f"(SELECT {', '.join(fields)} FROM {relationship}"
+    if order_by:
+        text += f" ORDER BY {order_by}"
+    return text + ")"
 
 
 def select(
@@ -123,6 +223,7 @@ def select(
     """Build a query in the supported subset, quoting every value.
 
     A string or bool value becomes ``=``; a sequence becomes ``IN (...)``.
+    *fields* may hold parent fields (``Account.Name``) and `subquery` items.
     """
     text = f"SELECT {', '.join(fields)} FROM {sobject}"
     conditions = []

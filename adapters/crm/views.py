@@ -283,6 +283,8 @@ class Opportunity(SObject, frozen=True, kw_only=True):
 
     ``SBQQ__PrimaryQuote__c`` is added by the CPQ package; the ``Broker_*``
     and ``ERP_*`` fields are where the broker writes the deal's progress.
+    ``Account`` is the parent record, present when a query selects its
+    fields (``Account.Name``).
     """
 
     sobject_type: ClassVar[str] = "Opportunity"
@@ -306,6 +308,7 @@ class Opportunity(SObject, frozen=True, kw_only=True):
     Broker_Command_Key__c: str | None = None
     Broker_Status__c: str | None = None
     ERP_Order_Number__c: str | None = None
+    Account: Account | None = None
 
 
 class OpportunityLineItem(SObject, frozen=True, kw_only=True):

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 from decimal import Decimal
+from typing import cast
 
 import pytest
 
 from adapters.cpq import views as v
 from adapters.cpq.client import CpqClient
+from adapters.crm.client import SalesforceClient
+from adapters.crm.views import QueryResult
 from broker.errors import UpstreamRejected
 from tests.adapters.crm.harness import Org
 
@@ -62,7 +65,7 @@ async def test_a_missing_quote_is_not_found(org: Org) -> None:
     cpq = CpqClient(org.client)
     for read in (cpq.read_quote, cpq.quote_with_lines):
         with pytest.raises(UpstreamRejected) as caught:
-            await read("a0Q000000000001AAA")
+            await read("a0Q000000000001EAA")
         assert caught.value.code == "NOT_FOUND"
 
 
@@ -78,3 +81,63 @@ async def test_the_ordered_flag_and_status_are_written(org: Org) -> None:
     with pytest.raises(UpstreamRejected) as caught:
         await cpq.update_quote(quote, v.Quote(SBQQ__NetAmount__c=Decimal(1)))
     assert caught.value.code == "INVALID_FIELD_FOR_INSERT_UPDATE"
+
+
+async def test_the_account_rides_along_with_the_quote_in_one_request(
+    org: Org,
+) -> None:
+    """With account_fields the quote carries its account; one API request."""
+    quote, _, _ = bundle(org)
+    before = org.sandbox.counts["api_requests"]
+    record, lines = await CpqClient(org.client).quote_with_lines(
+        quote, account_fields=("Id", "Name", "BillingCountryCode")
+    )
+    assert org.sandbox.counts["api_requests"] == before + 1
+    assert record.SBQQ__Account__r is not None
+    assert record.SBQQ__Account__r.Id == record.SBQQ__Account__c
+    assert (record.SBQQ__Account__r.Name, len(lines)) == ("Acme", 2)
+
+
+async def test_an_id_that_is_no_id_is_not_found_without_a_request(org: Org) -> None:
+    """A validation request's path may name anything; the org is not asked."""
+    before = org.sandbox.counts["api_requests"]
+    with pytest.raises(UpstreamRejected) as caught:
+        await CpqClient(org.client).quote_with_lines("quote') OR Id != ('")
+    assert caught.value.code == "NOT_FOUND"
+    assert org.sandbox.counts["api_requests"] == before
+
+
+class _PagedLines:
+    """A client whose org pages the quote's lines: the first page only inline."""
+
+    system = "crm"
+
+    def __init__(self, lines: tuple[v.QuoteLine, ...]) -> None:
+        self.lines = lines
+        self.selects: list[dict[str, object]] = []
+
+    async def query(self, text: str, view: type[v.Quote]) -> tuple[v.Quote, ...]:
+        page = QueryResult(
+            total_size=len(self.lines), done=False, records=self.lines[:1]
+        )
+        return (view(Id="a0Q000000000001EAA", SBQQ__LineItems__r=page),)
+
+    async def select(
+        self, view: type[v.QuoteLine], fields: object, where: dict[str, object]
+    ) -> tuple[v.QuoteLine, ...]:
+        self.selects.append(where)
+        return self.lines
+
+
+async def test_lines_the_org_pages_are_read_with_a_query_of_their_own() -> None:
+    """A child relationship that is not ``done`` is not taken for the whole."""
+    lines = tuple(
+        v.QuoteLine(Id=f"a0R00000000000{n}AAA", SBQQ__Number__c=Decimal(n))
+        for n in (2, 1, 3)
+    )
+    client = _PagedLines(lines)
+    _, read = await CpqClient(cast(SalesforceClient, client)).quote_with_lines(
+        "a0Q000000000001EAA"
+    )
+    assert [line.SBQQ__Number__c for line in read] == [1, 2, 3]
+    assert client.selects == [{"SBQQ__Quote__c": "a0Q000000000001EAA"}]

@@ -138,9 +138,12 @@ async def test_a_new_opportunity_is_read_back_with_its_account(org: Org) -> None
     read = RecordReadRequired(
         entity="Opportunity", native_ids=(opp,), change_type="CREATE"
     )
+    before = org.sandbox.counts["api_requests"]
     (created,) = await connector(org).handle(
         read, envelope("crm.record.read_required", "r")
     )
+    # One request against the org's API limit: the account rides along.
+    assert org.sandbox.counts["api_requests"] == before + 1
     assert isinstance(created, OpportunityCreated)
     assert created.opportunity.id == f"opp-{opp}"
     assert created.opportunity.account.name == "Acme"
@@ -181,9 +184,12 @@ async def test_an_approved_quote_is_read_back_with_its_bundle(org: Org) -> None:
     read = RecordReadRequired(
         entity="SBQQ__Quote__c", native_ids=(quote,), change_type="UPDATE"
     )
+    before = org.sandbox.counts["api_requests"]
     (approved,) = await connector(org).handle(
         read, envelope("crm.record.read_required", "q")
     )
+    # One request: the lines and the account ride along with the quote.
+    assert org.sandbox.counts["api_requests"] == before + 1
     assert isinstance(approved, QuoteApproved)
     q = approved.quote
     assert (q.id, q.opportunity_id, q.status, q.primary) == (

@@ -15,6 +15,7 @@ from aiohttp import web
 
 from adapters import signing as signature
 from adapters.cpq import views as cpq
+from adapters.crm import soql
 from adapters.crm import views as v
 from adapters.crm.sandbox import call_options_client
 from broker.errors import UpstreamRejected
@@ -274,3 +275,132 @@ def test_the_call_options_client_is_read_from_the_header() -> None:
     )
     assert call_options_client("defaultNamespace=x") is None
     assert call_options_client(None) is None
+
+
+async def test_a_query_renders_parents_and_children_as_the_rest_api_does(
+    org: Org,
+) -> None:
+    """Parents and children carry ``attributes``; empty ones are ``null``."""
+    sb = org.sandbox
+    account = sb.seed_account("Acme", country_code="DE")
+    quote = sb.create_quote(sb.create_opportunity(account, "Deal"))
+    first = sb.add_quote_line(
+        quote, product_code="GW-1", quantity=Decimal(2), list_price=Decimal(10)
+    )
+    second = sb.add_quote_line(
+        quote, product_code="OPT-1", quantity=Decimal(1), list_price=Decimal(5)
+    )
+    bare = await org.client.create(
+        cpq.Quote(Name="no lines, no account", SBQQ__Status__c="Draft")
+    )
+    query = soql.parse(
+        "SELECT Id, SBQQ__Account__r.Name, SBQQ__Account__r.BillingCountryCode,"
+        " (SELECT SBQQ__ProductCode__c FROM SBQQ__LineItems__r"
+        " ORDER BY SBQQ__Number__c DESC)"
+        f" FROM SBQQ__Quote__c WHERE Id IN ('{quote}', '{bare}')"
+    )
+    rendered = {row["Id"]: sb.org.project(query, row) for row in sb.org.query(query)}
+    with_lines, without = rendered[quote], rendered[bare]
+    base = "/services/data/v60.0/sobjects"
+    assert with_lines["SBQQ__Account__r"] == {
+        "attributes": {"type": "Account", "url": f"{base}/Account/{account}"},
+        "Name": "Acme",
+        "BillingCountryCode": "DE",
+    }
+    assert with_lines["SBQQ__LineItems__r"] == {
+        "totalSize": 2,
+        "done": True,
+        "records": [
+            {
+                "attributes": {
+                    "type": "SBQQ__QuoteLine__c",
+                    "url": f"{base}/SBQQ__QuoteLine__c/{line}",
+                },
+                "SBQQ__ProductCode__c": code,
+            }
+            for line, code in ((second, "OPT-1"), (first, "GW-1"))
+        ],
+    }
+    assert without["Id"] == bare
+    assert without["SBQQ__Account__r"] is None
+    assert without["SBQQ__LineItems__r"] is None
+    # Through the client the same answer decodes into the views.
+    (record,) = await org.client.query(
+        soql.select(
+            "Opportunity",
+            ["Id", "Account.Name", soql.subquery("OpportunityLineItems", ["Id"])],
+            {"AccountId": account},
+        ),
+        v.Opportunity,
+    )
+    assert record.Account is not None
+    assert (record.Account.Name, record.Account.Id) == ("Acme", None)
+
+
+async def test_a_subquery_filters_and_leaves_deleted_children_out(org: Org) -> None:
+    """The subquery's own WHERE applies, and the recycle bin is not read."""
+    sb = org.sandbox
+    quote = sb.create_quote(sb.create_opportunity(sb.seed_account("Acme"), "Deal"))
+    kept = sb.add_quote_line(
+        quote, product_code="GW-1", quantity=Decimal(2), list_price=Decimal(10)
+    )
+    sb.add_quote_line(
+        quote, product_code="OPT-1", quantity=Decimal(1), list_price=Decimal(5)
+    )
+    gone = sb.add_quote_line(
+        quote, product_code="GW-2", quantity=Decimal(1), list_price=Decimal(5)
+    )
+    await org.client.delete(cpq.QuoteLine, gone)
+    (record,) = await org.client.query(
+        soql.select(
+            "SBQQ__Quote__c",
+            [
+                "Id",
+                "(SELECT Id FROM SBQQ__LineItems__r"
+                " WHERE SBQQ__ProductFamily__c = null AND SBQQ__Quantity__c = 2)",
+            ],
+            {"Id": quote},
+        ),
+        cpq.Quote,
+    )
+    assert record.SBQQ__LineItems__r is not None
+    assert [line.Id for line in record.SBQQ__LineItems__r.records] == [kept]
+
+
+@pytest.mark.parametrize(
+    ("text", "code"),
+    [
+        ("SELECT Id, Owner.Name FROM Opportunity", "INVALID_FIELD"),
+        ("SELECT Id, Account.NoSuchField FROM Opportunity", "INVALID_FIELD"),
+        ("SELECT Id, AccountId__r.Name FROM Opportunity", "INVALID_FIELD"),
+        ("SELECT Id, Account FROM Opportunity", "INVALID_FIELD"),
+        ("SELECT Id, SBQQ__LineItems__r FROM SBQQ__Quote__c", "INVALID_FIELD"),
+        ("SELECT Id, (SELECT Id FROM Lines) FROM SBQQ__Quote__c", "INVALID_TYPE"),
+        (
+            "SELECT Id, (SELECT NoSuchField FROM SBQQ__LineItems__r)"
+            " FROM SBQQ__Quote__c",
+            "INVALID_FIELD",
+        ),
+    ],
+)
+async def test_an_unknown_relationship_or_its_field_is_refused(
+    org: Org, text: str, code: str
+) -> None:
+    """The org's own codes, not an empty answer: a typo fails loudly."""
+    with pytest.raises(UpstreamRejected) as refused:
+        await org.client.query(text, v.Opportunity)
+    assert refused.value.code == code
+
+
+async def test_a_relationship_is_not_a_writable_field(org: Org) -> None:
+    """A create naming a parent record instead of its lookup is refused."""
+    with pytest.raises(UpstreamRejected) as refused:
+        await org.client.create(
+            v.Opportunity(
+                Name="Deal",
+                StageName="Prospecting",
+                CloseDate=datetime(2026, 3, 1).date(),
+                Account=v.Account(Name="Acme"),
+            )
+        )
+    assert refused.value.code == "INVALID_FIELD"
