@@ -162,6 +162,14 @@ async def _metrics(http: aiohttp.ClientSession, base: str) -> dict[str, float]:
     return totals
 
 
+async def _crm_requests(http: aiohttp.ClientSession, crm: str) -> int:
+    """The CRM sandbox's count of API requests: what an org's daily limit counts."""
+    async with http.get(f"{crm}/_sandbox/state") as resp:
+        state = await resp.json()
+    count: int = state["api_requests"]
+    return count
+
+
 async def _main(args: argparse.Namespace, out: dict[str, Any]) -> None:
     deals: int = args.deals
     async with AsyncExitStack() as stack:
@@ -239,6 +247,7 @@ async def _main(args: argparse.Namespace, out: dict[str, Any]) -> None:
         cpu_boxes_before = sum(boxes_proc.cpu_times()[:2])
         cpu_before = await meter.sample(daemon.pid, env.name)
         metrics_before = await _metrics(http, base)
+        crm_before = await _crm_requests(http, urls["crm"])
 
         finished: dict[str, str] = {}
         done = anyio.Event()
@@ -294,6 +303,7 @@ async def _main(args: argparse.Namespace, out: dict[str, Any]) -> None:
         cpu["sandboxes"] = round(sum(boxes_proc.cpu_times()[:2]) - cpu_boxes_before, 3)
         metrics = await _metrics(http, base)
         delta = {k: v - metrics_before.get(k, 0.0) for k, v in metrics.items()}
+        crm_requests = await _crm_requests(http, urls["crm"]) - crm_before
         completed = sum(1 for t in finished.values() if t == "q2c.deal.completed")
         out.update(
             deals=deals,
@@ -304,6 +314,7 @@ async def _main(args: argparse.Namespace, out: dict[str, Any]) -> None:
             messages_per_deal=round(delta.get("messages_received", 0.0) / deals, 1),
             vendor_calls_per_deal=round(delta.get("gateway_calls", 0.0) / deals, 1),
             webhooks_per_deal=round(delta.get("webhook_requests", 0.0) / deals, 1),
+            crm_api_requests_per_deal=round(crm_requests / deals, 1),
             cpu_s=cpu,
             window_cpu_s=round(elapsed * (psutil.cpu_count() or 1), 1),
         )
