@@ -178,24 +178,15 @@ class Org:
         _check_columns(spec, query)
         for parent in query.parents:
             if parent.relationship not in spec.parents:
-                raise OrgError(
-                    400,
-                    "INVALID_FIELD",
-                    f"Didn't understand relationship '{parent.relationship}' in field"
-                    " path. If you are attempting to use a custom relationship, be"
-                    " sure to append the '__r' after the custom relationship name.",
+                raise _unknown_relationship(
+                    "INVALID_FIELD", parent.relationship, "field path"
                 )
             target = SPECS[spec.parents[parent.relationship][1]]
             _check_columns(target, soql.Query(fields=(parent.field,), sobject=""))
         for child in query.children:
             if child.sobject not in spec.children:
-                raise OrgError(
-                    400,
-                    "INVALID_TYPE",
-                    f"Didn't understand relationship '{child.sobject}' in FROM part"
-                    " of query call. If you are attempting to use a custom"
-                    " relationship, be sure to append the '__r' after the custom"
-                    " relationship name.",
+                raise _unknown_relationship(
+                    "INVALID_TYPE", child.sobject, "FROM part of query call"
                 )
             _check_columns(SPECS[spec.children[child.sobject][0]], child)
         rows = self._records.select(spec, query, deleted=deleted)
@@ -501,6 +492,17 @@ class Org:
             self.update(
                 txn, "Opportunity", opp_id, {"SBQQ__PrimaryQuote__c": record["Id"]}
             )
+
+
+def _unknown_relationship(code: str, name: str, where: str) -> OrgError:
+    """The org's refusal of a relationship it does not have, in its words."""
+    return OrgError(
+        400,
+        code,
+        f"Didn't understand relationship '{name}' in {where}. If you are"
+        " attempting to use a custom relationship, be sure to append the '__r'"
+        " after the custom relationship name.",
+    )
 
 
 def _check_columns(spec: ObjectSpec, query: soql.Query) -> None:
