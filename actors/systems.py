@@ -165,7 +165,9 @@ class LazyConnector:
         """What this kind of system accepts."""
         return self._commands
 
-    async def handle(self, command: Any, envelope: Envelope) -> Sequence[Any]:
+    async def handle(
+        self, command: Any, envelope: Envelope, *, first_attempt: bool = False
+    ) -> Sequence[Any]:
         """Call the open connector.
 
         Raises:
@@ -174,7 +176,7 @@ class LazyConnector:
         """
         if self.impl is None:
             raise UpstreamUnavailable(self._system, "client not open")
-        return await self.impl.handle(command, envelope)
+        return await self.impl.handle(command, envelope, first_attempt=first_attempt)
 
 
 class _System(msgspec.Struct, frozen=True):

@@ -40,11 +40,19 @@ class Connector(Protocol):
         """Command type tag → canonical Struct, for every command it accepts."""
         ...
 
-    async def handle(self, command: Any, envelope: Envelope) -> Sequence[Any]:
+    async def handle(
+        self, command: Any, envelope: Envelope, *, first_attempt: bool = False
+    ) -> Sequence[Any]:
         """Carry out *command*; return the canonical events reporting the outcome.
 
         Must be safe to call again for the same envelope (a redelivery after a
         crash): pass ``envelope.idempotency_key`` in the vendor's own form.
+
+        *first_attempt* is true when no earlier attempt of this command can
+        have reached the system: its delivery is not a redelivery and it has
+        not come back from a retry tier. A connector may then skip a read that
+        only guards against its own earlier attempt (a vendor with no
+        idempotency facility of its own); false is always safe.
 
         Raises:
             UpstreamUnavailable: the system is down, slow or rate-limiting us;

@@ -31,7 +31,7 @@ from broker.errors import (
     UpstreamUnavailable,
 )
 from broker.limits import BreakerState
-from broker.store import OutboxRecord
+from broker.store import REPLAY_HEADER, OutboxRecord
 from broker.system_commit import (
     Done,
     Kind,
@@ -67,6 +67,20 @@ class _Command:
         self.command = command
         self.received = received
         self.attempt = attempt_of(delivery)
+
+    @property
+    def first_attempt(self) -> bool:
+        """No earlier attempt can have reached the system.
+
+        Not redelivered (a crash or a nack), not back from a retry tier, not
+        sent back from the dead letters by an operator.
+        """
+        d = self.delivery
+        return (
+            self.attempt == 1
+            and not d.redelivered
+            and not (d.headers and REPLAY_HEADER in d.headers)
+        )
 
     def done(self, kind: Kind, **kw: Any) -> Done:
         """This command, finished as *kind*, on its way into a commit."""
@@ -412,7 +426,9 @@ class SystemActor(Actor[None]):
             self._calls.add(cut)
             try:
                 with anyio.fail_after(timeout_s):
-                    events = await gw.connector.handle(c.command, c.envelope)
+                    events = await gw.connector.handle(
+                        c.command, c.envelope, first_attempt=c.first_attempt
+                    )
                 results = follow_ups(
                     c.envelope, events, system=gw.system, source=self._source
                 )

@@ -65,7 +65,9 @@ class BillingConnector:
         """The one command this system carries out."""
         return {"billing.subscription.requested": SubscriptionRequested}
 
-    async def handle(self, command: Any, envelope: Envelope) -> Sequence[Any]:
+    async def handle(
+        self, command: Any, envelope: Envelope, *, first_attempt: bool = False
+    ) -> Sequence[Any]:
         """Provision the subscription; return ``billing.subscription.created``.
 
         Raises:

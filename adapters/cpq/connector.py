@@ -64,7 +64,9 @@ class CpqConnector:
             "cpq.product.sync_requested": ProductSyncRequested,
         }
 
-    async def handle(self, command: Any, envelope: Envelope) -> Sequence[Event]:
+    async def handle(
+        self, command: Any, envelope: Envelope, *, first_attempt: bool = False
+    ) -> Sequence[Event]:
         """Carry out *command*; see the class docstring.
 
         Raises:
@@ -74,7 +76,7 @@ class CpqConnector:
         """
         match command:
             case QuoteUpdateRequested():
-                return await self._update_quote(command, envelope)
+                return await self._update_quote(command, envelope, first_attempt)
             case ProductSyncRequested():
                 return await self._sync_product(command)
             case _:
@@ -83,11 +85,12 @@ class CpqConnector:
                 )
 
     async def _update_quote(
-        self, command: QuoteUpdateRequested, envelope: Envelope
+        self, command: QuoteUpdateRequested, envelope: Envelope, first: bool
     ) -> list[Event]:
         record_id = native_id(command.quote_id, QUOTE)
         key = command_key(envelope.idempotency_key)
-        if not await self._crm.carries_key(v.Quote, record_id, key):
+        # As for an opportunity: only a repeat can find its own stamp.
+        if first or not await self._crm.carries_key(v.Quote, record_id, key):
             await self._cpq.update_quote(record_id, quote_update(command, key=key))
         return [
             QuoteUpdated(

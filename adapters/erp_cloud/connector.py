@@ -96,7 +96,9 @@ class SapConnector:
             "erp.customer.sync_requested": CustomerSyncRequested,
         }
 
-    async def handle(self, command: Any, envelope: Envelope) -> Sequence[Any]:
+    async def handle(
+        self, command: Any, envelope: Envelope, *, first_attempt: bool = False
+    ) -> Sequence[Any]:
         """Carry out one command.
 
         Returns:

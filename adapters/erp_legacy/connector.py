@@ -69,7 +69,9 @@ class LegacyErpConnector:
         """The one command it takes: book an order."""
         return {"erp.order.booking_requested": OrderBookingRequested}
 
-    async def handle(self, command: Any, envelope: Envelope) -> Sequence[Any]:
+    async def handle(
+        self, command: Any, envelope: Envelope, *, first_attempt: bool = False
+    ) -> Sequence[Any]:
         """Write the order's ORDERS05 IDoc to the outbound folder.
 
         Returns:

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from datetime import date, datetime
-from typing import Any, Literal, Protocol
+from typing import Any, Final, Literal, Protocol
 
 import msgspec
 
@@ -49,6 +49,7 @@ __all__ = [
     "BatchWrite",
     "HoldWrite",
     "DeadLetterStatus",
+    "REPLAY_HEADER",
     "StatusFilter",
     "XrefEntry",
     "XrefConflict",
@@ -60,6 +61,10 @@ __all__ = [
 #: of its instance; ``released``: a held message sent on again; ``replayed``
 #: and ``purged``: an operator's decisions.
 DeadLetterStatus = Literal["parked", "held", "released", "replayed", "purged"]
+
+#: The header of a dead letter's copy sent back by ``replay_dead_letters``:
+#: how many times it has been (1 the first time).
+REPLAY_HEADER: Final = "x-q2c-replay"
 
 #: A filter's status: one status, or ``open`` for parked and held alike.
 StatusFilter = Literal["parked", "held", "released", "replayed", "purged", "open"]

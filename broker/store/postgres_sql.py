@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from typing import Final
 
+from broker.store import REPLAY_HEADER
+
 __all__ = [
     "EXACT_COUNT_CAP",
     "MAINTENANCE_LOCK_TIMEOUT",
@@ -341,7 +343,7 @@ WITH picked AS (
     INSERT INTO outbox (message_id, exchange, routing_key, body, correlation_id, type,
                         headers)
     SELECT message_id, '', queue, body, correlation_id, type,
-           headers || jsonb_build_object('x-q2c-replay', replays)
+           headers || jsonb_build_object('{REPLAY_HEADER}', replays)
     FROM replayed
     ORDER BY id
 )

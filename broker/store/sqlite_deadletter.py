@@ -15,7 +15,7 @@ from __future__ import annotations
 import sqlite3
 from typing import Any
 
-from broker.store import DeadLetterFilter
+from broker.store import REPLAY_HEADER, DeadLetterFilter
 from broker.store import sqlite_sql as sql
 from broker.store.rows import decode_headers, encode_json, releasable, release_detail
 
@@ -64,7 +64,7 @@ def replay(
                 body,
                 correlation_id,
                 type_,
-                encode_json({**decode_headers(headers), "x-q2c-replay": replays}),
+                encode_json({**decode_headers(headers), REPLAY_HEADER: replays}),
                 now,
                 0,
                 now,

@@ -112,6 +112,8 @@ class FakeErp:
         self.time = time
         self.gateway: SystemGateway | None = None
         self.calls: list[tuple[str, str, float]] = []
+        #: ``first_attempt`` of every call, in call order.
+        self.firsts: list[bool] = []
         self.journal = Journal()
         self.effects: dict[str, str] = {}
         self.failed: dict[str, int] = {}
@@ -126,12 +128,15 @@ class FakeErp:
         """The idempotency key of every call, in call order."""
         return [key for key, _, _ in self.calls]
 
-    async def handle(self, command: Any, envelope: Envelope) -> Sequence[Any]:
+    async def handle(
+        self, command: Any, envelope: Envelope, *, first_attempt: bool = False
+    ) -> Sequence[Any]:
         """Create the order once per key; fail, hang or refuse as scripted."""
         assert isinstance(command, CreateOrder)
         key = envelope.idempotency_key
         state = self.gateway.breaker.state.value if self.gateway else ""
         self.calls.append((key, state, self.time.now if self.time else 0.0))
+        self.firsts.append(first_attempt)
         self.in_flight += 1
         self.max_in_flight = max(self.max_in_flight, self.in_flight)
         self.journal.add("call")
@@ -379,6 +384,7 @@ async def test_a_command_is_carried_out_and_its_result_published() -> None:
 
     key = "deal:o-1/erp.create"
     assert erp.keys == [key]
+    assert erp.firsts == [True]  # nothing before it can have reached the system
     assert result.type == "test.order.created"
     assert result.idempotency_key == f"{key}/test.order.created/0"
     assert result.id == message_id_for(result.idempotency_key)
@@ -423,6 +429,7 @@ async def test_a_transient_failure_goes_through_a_retry_tier_then_succeeds() -> 
         journal = await h.store.journal("deal-o-1")
 
     assert erp.keys == ["deal:o-1/erp.create"] * 2
+    assert erp.firsts == [True, False]  # back from a tier: it may have landed
     assert stages == ["retry_scheduled", "completed"]
     assert "retry in 0.05s" in journal[0].detail
     assert result.causation_id == msg.message_id
@@ -486,6 +493,22 @@ async def test_a_rejected_command_is_dead_lettered_at_once_with_the_reason() -> 
     assert "customer 42 is blocked" in row.detail
     assert row.correlation_id == "deal-o-1"
     assert failures == 0  # the system answered: not a failure for the breaker
+
+
+async def test_a_replayed_dead_letter_is_not_called_a_first_attempt() -> None:
+    """An operator's replay may repeat a call that reached the system."""
+    erp = FakeErp()
+    async with running(erp) as h:
+        await h.send(command("o-1", reject=True))
+        await h.dead_letters(1)
+        await h.until("dead_lettered")
+        replayed = await h.store.replay_dead_letters(
+            DeadLetterFilter(reason="rejected"), max_replays=1, dry_run=False
+        )
+        await h.until("dead_lettered", 2)
+
+    assert len(replayed) == 1
+    assert erp.firsts == [True, False]
 
 
 def _bad_bodies() -> list[tuple[bytes, str]]:
@@ -834,6 +857,7 @@ async def test_a_crash_between_call_and_commit_calls_again_with_the_same_key() -
         await sqlite.aclose()
 
     assert erp.keys == ["deal:o-1/erp.create"] * 2
+    assert erp.firsts == [True, False]  # redelivered after the crash
     assert erp.effects == {"deal:o-1/erp.create": "erp-1"}
     assert result.id == message_id_for("deal:o-1/erp.create/test.order.created/0")
     assert restarts == 1

@@ -32,7 +32,11 @@ def quote(org: Org) -> str:
 
 
 async def test_marking_a_quote_ordered_is_one_write_for_a_redelivery(org: Org) -> None:
-    """Status ordered sets SBQQ__Ordered__c and the order number, written once."""
+    """Status ordered sets SBQQ__Ordered__c and the order number, written once.
+
+    A first attempt writes without reading (one request); the redelivery
+    reads the command key it finds stamped, and writes nothing.
+    """
     quote_id = quote(org)
     org.sandbox.approve_quote(quote_id)
     command = QuoteUpdateRequested(
@@ -41,8 +45,11 @@ async def test_marking_a_quote_ordered_is_one_write_for_a_redelivery(org: Org) -
     env = envelope("cpq.quote.update_requested", "q2c:deal-1:cpq-update")
     cpq = connector(org)
     before = org.sandbox.state()["updates"]
-    first = await cpq.handle(command, env)
+    requests = org.sandbox.counts["api_requests"]
+    first = await cpq.handle(command, env, first_attempt=True)
+    assert org.sandbox.counts["api_requests"] == requests + 1
     second = await cpq.handle(command, env)
+    assert org.sandbox.counts["api_requests"] == requests + 2
     assert (
         first
         == second

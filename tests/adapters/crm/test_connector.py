@@ -36,7 +36,11 @@ def opportunity(org: Org) -> str:
 
 
 async def test_an_opportunity_update_is_written_once_for_a_redelivery(org: Org) -> None:
-    """Same envelope twice → one PATCH (one change event), the same answer twice."""
+    """Same envelope twice → one PATCH (one change event), the same answer twice.
+
+    A first attempt writes without reading (one request); the redelivery
+    reads the command key it finds stamped, and writes nothing.
+    """
     opp = opportunity(org)
     command = OpportunityUpdateRequested(
         opportunity_id=f"opp-{opp}", stage="Closed Won", order_number="4711"
@@ -44,8 +48,11 @@ async def test_an_opportunity_update_is_written_once_for_a_redelivery(org: Org) 
     env = envelope(UPDATE, "q2c:deal-1:crm-update")
     crm = connector(org)
     before = org.sandbox.state()["updates"]
-    first = await crm.handle(command, env)
+    requests = org.sandbox.counts["api_requests"]
+    first = await crm.handle(command, env, first_attempt=True)
+    assert org.sandbox.counts["api_requests"] == requests + 1
     second = await crm.handle(command, env)
+    assert org.sandbox.counts["api_requests"] == requests + 2
     assert (
         first
         == second
