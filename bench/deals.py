@@ -162,12 +162,26 @@ async def _metrics(http: aiohttp.ClientSession, base: str) -> dict[str, float]:
     return totals
 
 
-async def _crm_requests(http: aiohttp.ClientSession, crm: str) -> int:
-    """The CRM sandbox's count of API requests: what an org's daily limit counts."""
-    async with http.get(f"{crm}/_sandbox/state") as resp:
-        state = await resp.json()
-    count: int = state["api_requests"]
-    return count
+#: Where each HTTP sandbox's state counts the requests made of it.
+_REQUEST_COUNTERS = {
+    "crm": ("api_requests",),
+    "sap": ("requests",),
+    "stripe": ("counts", "requests"),
+}
+
+
+async def _vendor_requests(
+    http: aiohttp.ClientSession, urls: dict[str, str]
+) -> dict[str, int]:
+    """Requests made of each sandbox so far (the CRM's: what an org's limit counts)."""
+    counts: dict[str, int] = {}
+    for system, path in _REQUEST_COUNTERS.items():
+        async with http.get(f"{urls[system]}/_sandbox/state") as resp:
+            value: Any = await resp.json()
+        for name in path:
+            value = value.get(name, 0)
+        counts[system] = int(value)
+    return counts
 
 
 async def _main(args: argparse.Namespace, out: dict[str, Any]) -> None:
@@ -247,7 +261,7 @@ async def _main(args: argparse.Namespace, out: dict[str, Any]) -> None:
         cpu_boxes_before = sum(boxes_proc.cpu_times()[:2])
         cpu_before = await meter.sample(daemon.pid, env.name)
         metrics_before = await _metrics(http, base)
-        crm_before = await _crm_requests(http, urls["crm"])
+        requests_before = await _vendor_requests(http, urls)
 
         finished: dict[str, str] = {}
         done = anyio.Event()
@@ -303,7 +317,8 @@ async def _main(args: argparse.Namespace, out: dict[str, Any]) -> None:
         cpu["sandboxes"] = round(sum(boxes_proc.cpu_times()[:2]) - cpu_boxes_before, 3)
         metrics = await _metrics(http, base)
         delta = {k: v - metrics_before.get(k, 0.0) for k, v in metrics.items()}
-        crm_requests = await _crm_requests(http, urls["crm"]) - crm_before
+        requests_after = await _vendor_requests(http, urls)
+        requests = {k: v - requests_before[k] for k, v in requests_after.items()}
         completed = sum(1 for t in finished.values() if t == "q2c.deal.completed")
         out.update(
             deals=deals,
@@ -314,7 +329,10 @@ async def _main(args: argparse.Namespace, out: dict[str, Any]) -> None:
             messages_per_deal=round(delta.get("messages_received", 0.0) / deals, 1),
             vendor_calls_per_deal=round(delta.get("gateway_calls", 0.0) / deals, 1),
             webhooks_per_deal=round(delta.get("webhook_requests", 0.0) / deals, 1),
-            crm_api_requests_per_deal=round(crm_requests / deals, 1),
+            crm_api_requests_per_deal=round(requests["crm"] / deals, 1),
+            vendor_requests_per_deal={
+                system: round(n / deals, 1) for system, n in requests.items()
+            },
             cpu_s=cpu,
             window_cpu_s=round(elapsed * (psutil.cpu_count() or 1), 1),
         )

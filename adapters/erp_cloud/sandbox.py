@@ -124,6 +124,8 @@ class Knobs(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 class Counters:
     """What the sandbox did, for ``GET /_sandbox/state``."""
 
+    #: Every request to the APIs, whatever the answer: what a tenant is metered on.
+    requests: int = 0
     auth_refused: int = 0
     csrf_tokens_issued: int = 0
     csrf_refused: int = 0
@@ -252,6 +254,7 @@ class SapSandbox:
         if request.path.startswith("/_sandbox/"):
             return await handler(request)
         service = request.match_info.get("service", "")
+        self.counters.requests += 1
         knobs = self.knobs
         if knobs.latency_s > 0:
             await anyio.sleep(knobs.latency_s)
