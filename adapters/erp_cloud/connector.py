@@ -148,7 +148,7 @@ class SapConnector:
         found = await self._partner(account)
         if found is None and account.deleted:
             return []
-        customer = await self._customer(account, self._customer_areas)
+        customer = await self._customer_of(account, found, self._customer_areas)
         if found is not None:
             await self._patch_partner(found, account)
         return [
@@ -173,6 +173,19 @@ class SapConnector:
     ) -> str:
         """The customer number of *account*, defined in every one of *areas*."""
         partner = await self._partner(account)
+        return await self._customer_of(
+            account, partner, areas, payment_terms=payment_terms
+        )
+
+    async def _customer_of(
+        self,
+        account: Account,
+        partner: A_BusinessPartner | None,
+        areas: Sequence[SalesArea],
+        *,
+        payment_terms: str | None = None,
+    ) -> str:
+        """`_customer`, with *account*'s partner already looked up (None: none yet)."""
         if partner is None:
             partner = await self._client.create_business_partner(
                 to_business_partner(

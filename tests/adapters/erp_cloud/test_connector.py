@@ -218,10 +218,13 @@ async def test_a_customer_sync_creates_then_patches(
         1,
         1,
     )
+    before = sandbox.state()["requests"]
     await connector.handle(
         CustomerSyncRequested(account=renamed, content_hash="h2"), envelope
     )
     assert sandbox.state()["business_partners_changed"] == 1
+    # Nothing to change: the partner is looked up once, and that is all.
+    assert sandbox.state()["requests"] - before == 1
 
 
 async def test_a_deleted_account_blocks_its_partner_and_is_ignored_if_unknown(
