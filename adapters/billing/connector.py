@@ -11,7 +11,10 @@ of calls, each safe to repeat when the command is redelivered:
    caught up);
 2. bring name and address up to date (only when they differ);
 3. make sure each SKU's product exists (``q2c-sku-<SKU>``, a caller-chosen
-   id: a second creation is refused as ``resource_already_exists``);
+   id: a second creation is refused as ``resource_already_exists``). A
+   product seen once is not asked after again, until Stripe refuses a
+   subscription (it may have been removed in the meantime); Stripe's request
+   rate limits are low, 25 a second in test mode;
 4. create the subscription under a key derived from the envelope's
    idempotency key, so a redelivery gets Stripe's stored answer back.
 
@@ -46,6 +49,9 @@ from canonical.q2c import SubscriptionCreated, SubscriptionRequested
 
 __all__ = ["BillingConnector"]
 
+#: SKUs whose products are known to exist, at most: any catalogue stays bounded.
+_KNOWN_PRODUCTS = 10_000
+
 
 @final
 class BillingConnector:
@@ -54,6 +60,7 @@ class BillingConnector:
     def __init__(self, stripe: StripeApi, *, system: str = "billing") -> None:
         self._stripe = stripe
         self._system = system
+        self._products: set[str] = set()  # SKUs whose product exists
 
     @property
     def system(self) -> str:
@@ -91,12 +98,20 @@ class BillingConnector:
         except ValueError as exc:
             raise SchemaInvalid(str(exc)) from exc
         customer_id = await self._customer(command.subscription.account, envelope)
-        for sku in sorted({item.sku for item in command.subscription.items}):
+        skus = sorted({item.sku for item in command.subscription.items})
+        for sku in skus:
             await self._product(sku)
-        native = await self._stripe.create_subscription(
-            idempotency_key=idempotency_key(envelope.idempotency_key, "subscription"),
-            params={**subscription_request, "customer": customer_id},
-        )
+        try:
+            native = await self._stripe.create_subscription(
+                idempotency_key=idempotency_key(
+                    envelope.idempotency_key, "subscription"
+                ),
+                params={**subscription_request, "customer": customer_id},
+            )
+        except UpstreamRejected:
+            # A product removed in Stripe since we saw it: look again next time.
+            self._products.difference_update(skus)
+            raise
         return subscription_created(native, command)
 
     async def _customer(self, account: Account, envelope: Envelope) -> str:
@@ -118,14 +133,18 @@ class BillingConnector:
         return customer.id
 
     async def _product(self, sku: str) -> None:
-        if await self._stripe.retrieve_product(product_id(sku)) is not None:
+        if sku in self._products:
             return
-        try:
-            await self._stripe.create_product(
-                idempotency_key=idempotency_key("q2c", "product", sku),
-                params=product_params(sku),
-            )
-        except UpstreamRejected as exc:
-            # Another command created it between our read and our write.
-            if exc.code != "resource_already_exists":
-                raise
+        if await self._stripe.retrieve_product(product_id(sku)) is None:
+            try:
+                await self._stripe.create_product(
+                    idempotency_key=idempotency_key("q2c", "product", sku),
+                    params=product_params(sku),
+                )
+            except UpstreamRejected as exc:
+                # Another command created it between our read and our write.
+                if exc.code != "resource_already_exists":
+                    raise
+        if len(self._products) >= _KNOWN_PRODUCTS:
+            self._products.pop()
+        self._products.add(sku)

@@ -200,3 +200,42 @@ async def test_other_commands_are_not_understood(client: StripeClient) -> None:
     """A command of another system is a permanent error."""
     with pytest.raises(UnknownMessageType, match="billing has no command"):
         await BillingConnector(client).handle(object(), envelope())
+
+
+async def test_a_product_seen_once_is_not_asked_after_again(
+    sandbox: StripeSandbox, client: StripeClient
+) -> None:
+    """The second subscription of the same SKUs: the customer search and the create."""
+    connector = BillingConnector(client)
+    await connector.handle(command(), envelope("deal-a"))
+    before = sandbox.counts["requests"]
+    (created,) = await connector.handle(
+        command(id="sub-0061x00000OtHeR"), envelope("deal-b")
+    )
+    assert isinstance(created, SubscriptionCreated)
+    assert sandbox.counts["requests"] - before == 2
+
+
+async def test_a_product_removed_since_is_created_again_after_the_refusal(
+    sandbox: StripeSandbox, client: StripeClient
+) -> None:
+    """Stripe's refusal drops what the connector knew; the next command recreates.
+
+    The product was made by hand (our creation's idempotency key would have
+    Stripe replay the old answer for a day, whatever happened since).
+    """
+    await client.create_product(
+        idempotency_key="by-hand", params={"id": "q2c-sku-SEAT-PRO", "name": "x"}
+    )
+    connector = BillingConnector(client)
+    await connector.handle(command(), envelope("deal-a"))
+    removed = sorted(sandbox.account.products)
+    del sandbox.account.products["q2c-sku-SEAT-PRO"]  # removed in the dashboard
+    with pytest.raises(UpstreamRejected) as refused:
+        await connector.handle(command(id="sub-0061x00000OtHeR"), envelope("deal-b"))
+    assert refused.value.code == "resource_missing"
+    (created,) = await connector.handle(
+        command(id="sub-0061x00000OtHeR"), envelope("deal-c")
+    )
+    assert isinstance(created, SubscriptionCreated)
+    assert sorted(sandbox.account.products) == removed
