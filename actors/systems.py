@@ -27,6 +27,7 @@ import functools
 from collections.abc import Callable, Mapping, Sequence
 from typing import Annotated, Any, Literal, final
 
+import aiohttp
 import anyio
 import msgspec
 import structlog
@@ -48,6 +49,7 @@ from adapters.erp_legacy.files import InboundPoller
 from adapters.erp_legacy.idocxml import parse_idocs
 from adapters.erp_legacy.ingress import to_inbound
 from adapters.erp_legacy.views import Idoc
+from adapters.session import request_counter
 from broker import (
     Actor,
     ChildSpec,
@@ -306,14 +308,30 @@ class _Clients(Actor[None]):
         self._systems = systems
         self._closers: list[Callable[[], Any]] = []
 
+    def _counted(self, system: str) -> aiohttp.TraceConfig:
+        """Counts the requests made of *system* in ``q2c_vendor_requests``."""
+        requests = self._systems.rt.metrics.vendor_requests
+
+        def count(status: str) -> None:
+            requests.labels(system, status).inc()
+
+        return request_counter(count)
+
+    def _session(self, system: str) -> aiohttp.ClientSession:
+        """A session for *system*'s client, closed on stop, its requests counted."""
+        session = aiohttp.ClientSession(trace_configs=[self._counted(system)])
+        self._closers.append(session.close)
+        return session
+
     async def on_start(self, ctx: Context[None]) -> None:
         crm: dict[str, SalesforceClient] = {}
         for s in self._systems.systems:
             impl: Connector
             match s.table.kind:
                 case "salesforce-crm" | "salesforce-cpq":
-                    client = SalesforceClient(s.settings, system=s.name)
-                    self._closers.append(client.aclose)
+                    client = SalesforceClient(
+                        s.settings, system=s.name, session=self._session(s.name)
+                    )
                     self._systems.salesforce[s.name] = client
                     cpq = CpqClient(client)
                     crm[s.name] = client
@@ -324,15 +342,16 @@ class _Clients(Actor[None]):
                     )
                 case "sap-s4":
                     settings, options = s.settings
-                    sap = SapClient(settings)
+                    sap = SapClient(settings, trace_configs=[self._counted(s.name)])
                     self._closers.append(sap.aclose)
                     impl = SapConnector(sap, system=s.name, options=options)
                     ctx.start_soon(self._load_catalogue, s.name, sap)
                 case "idoc":
                     impl = LegacyErpConnector(s.settings, system=s.name)
                 case "stripe":
-                    stripe = StripeClient(s.settings, system=s.name)
-                    self._closers.append(stripe.aclose)
+                    stripe = StripeClient(
+                        s.settings, system=s.name, session=self._session(s.name)
+                    )
                     impl = BillingConnector(stripe, system=s.name)
             if set(impl.commands) != set(s.connector.commands):
                 raise ConfigError(

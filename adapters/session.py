@@ -7,13 +7,51 @@ reads a ``Retry-After`` header the way every vendor client needs it.
 from __future__ import annotations
 
 import email.utils
+from collections.abc import Callable
 from datetime import UTC, datetime
-from types import TracebackType
+from types import SimpleNamespace, TracebackType
 from typing import Self
 
 import aiohttp
 
-__all__ = ["SessionClient", "retry_after_s"]
+__all__ = ["SessionClient", "answer_class", "request_counter", "retry_after_s"]
+
+
+def answer_class(status: int | None) -> str:
+    """An answer's class for counting: ``2xx`` … ``5xx``, ``429``, or ``failed``."""
+    if status is None:
+        return "failed"
+    if status == 429:
+        return "429"
+    return f"{status // 100}xx"
+
+
+def request_counter(count: Callable[[str], None]) -> aiohttp.TraceConfig:
+    """A trace config for a session that calls *count* once per request it makes.
+
+    *count* gets the answer's `answer_class`: ``failed`` when no answer came
+    (refused, reset, timed out). Vendors meter requests, not calls: a retry,
+    a token fetch and a CSRF handshake each count.
+    """
+
+    async def ended(
+        session: aiohttp.ClientSession,
+        context: SimpleNamespace,
+        params: aiohttp.TraceRequestEndParams,
+    ) -> None:
+        count(answer_class(params.response.status))
+
+    async def failed(
+        session: aiohttp.ClientSession,
+        context: SimpleNamespace,
+        params: aiohttp.TraceRequestExceptionParams,
+    ) -> None:
+        count("failed")
+
+    trace = aiohttp.TraceConfig()
+    trace.on_request_end.append(ended)
+    trace.on_request_exception.append(failed)
+    return trace
 
 
 def retry_after_s(value: str | None) -> float | None:

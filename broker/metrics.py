@@ -103,6 +103,14 @@ class Metrics:
             ["system", "outcome"],
             registry=r,
         )
+        self.vendor_requests = Counter(
+            "q2c_vendor_requests",
+            "HTTP requests made of external systems, by system and answer "
+            "(2xx, 3xx, 4xx, 429, 5xx; failed: no answer): what a vendor's "
+            "request limits count",
+            ["system", "status"],
+            registry=r,
+        )
         self.gateway_commands = Counter(
             "q2c_gateway_commands",
             "Commands a system actor finished with, by system and outcome "

@@ -167,11 +167,18 @@ class SapClient:
 
     The session's cookie jar keeps SAP's session cookie, to which the CSRF
     token is bound; it accepts cookies from IP-address hosts too, as a
-    sandbox on 127.0.0.1 needs.
+    sandbox on 127.0.0.1 needs. *trace_configs* go to that session (the
+    daemon counts requests with one).
     """
 
-    def __init__(self, settings: SapSettings) -> None:
+    def __init__(
+        self,
+        settings: SapSettings,
+        *,
+        trace_configs: Sequence[aiohttp.TraceConfig] = (),
+    ) -> None:
         self._settings = settings
+        self._trace_configs = list(trace_configs)
         self._system = settings.system
         self._root = settings.base_url.rstrip("/") + _ROOT
         self._authorization = aiohttp.encode_basic_auth(
@@ -208,6 +215,7 @@ class SapClient:
             self._session = aiohttp.ClientSession(
                 cookie_jar=aiohttp.CookieJar(unsafe=True),
                 timeout=aiohttp.ClientTimeout(total=self._settings.timeout_s),
+                trace_configs=self._trace_configs,
             )
         return self._session
 

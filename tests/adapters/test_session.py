@@ -1,13 +1,17 @@
-"""Reading a vendor's Retry-After header, as every client does."""
+"""Reading a vendor's Retry-After header, and counting the requests made of it."""
 
 from __future__ import annotations
 
 import email.utils
+import socket
+from collections import Counter
 from datetime import UTC, datetime, timedelta
 
+import aiohttp
 import pytest
+from aiohttp import web
 
-from adapters.session import retry_after_s
+from adapters.session import request_counter, retry_after_s
 
 
 @pytest.mark.parametrize(
@@ -33,3 +37,40 @@ def test_an_http_date_is_seconds_from_now_with_or_without_a_zone(usegmt: bool) -
     assert 100 < waited <= 120
     past = email.utils.format_datetime(later - timedelta(hours=1), usegmt=True)
     assert retry_after_s(past) == 0.0
+
+
+@pytest.mark.anyio
+async def test_every_request_is_counted_by_its_answer() -> None:
+    """One count per request, by class; no answer at all counts as ``failed``."""
+    statuses = [200, 204, 302, 404, 429, 503]
+
+    async def answer(request: web.Request) -> web.Response:
+        status = int(request.match_info["status"])
+        headers = {"Location": "/end/200"} if status == 302 else {}
+        return web.Response(status=status, headers=headers)
+
+    app = web.Application()
+    app.router.add_get("/end/{status}", answer)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        closed = s.getsockname()[1]
+    counted: Counter[str] = Counter()
+    try:
+        async with aiohttp.ClientSession(
+            trace_configs=[request_counter(lambda status: counted.update([status]))]
+        ) as session:
+            base = f"http://127.0.0.1:{runner.addresses[0][1]}"
+            for status in statuses:
+                async with session.get(
+                    f"{base}/end/{status}", allow_redirects=False
+                ) as resp:
+                    assert resp.status == status
+            with pytest.raises(aiohttp.ClientConnectionError):
+                await session.get(f"http://127.0.0.1:{closed}/")
+    finally:
+        await runner.cleanup()
+    assert counted == {"2xx": 2, "3xx": 1, "4xx": 1, "429": 1, "5xx": 1, "failed": 1}

@@ -33,6 +33,17 @@ from tests.polling import eventually
 pytestmark = pytest.mark.anyio
 
 
+def _vendor_requests(metrics: str) -> dict[str, float]:
+    """``q2c_vendor_requests_total`` summed by system, from ``/metrics`` text."""
+    made: dict[str, float] = {}
+    for line in metrics.splitlines():
+        if line.startswith("q2c_vendor_requests_total{"):
+            labels, _, value = line.partition("} ")
+            system = labels.split('system="', 1)[1].split('"', 1)[0]
+            made[system] = made.get(system, 0.0) + float(value)
+    return made
+
+
 def _config(tmp_path: Path, systems: dict[str, Any]) -> Any:
     cfg = load_config(
         environ={
@@ -105,6 +116,24 @@ async def test_deals_complete_and_the_process_api_shows_them(tmp_path: Path) -> 
 
             async with http.get(f"{api}/api/v1/deals/deal-nothing") as resp:
                 assert resp.status == 404
+
+            # Every request made of a vendor is counted, as the vendor counts it
+            # (once no call is in flight: a vendor counts a request first).
+            async def counted_alike() -> dict[str, float]:
+                async with http.get(f"{api}/metrics") as resp:
+                    made = _vendor_requests(await resp.text())
+                org = boxes.crm.state()
+                alike = (
+                    made.get("crm", 0) + made.get("cpq", 0)
+                    == org["api_requests"] + org["tokens_issued"]
+                    and made.get("erp_cloud") == boxes.sap.state()["requests"]
+                    and made.get("billing") == boxes.stripe.counts["requests"]
+                )
+                return made if alike else {}
+
+            made = await eventually(counted_alike)
+            assert made["billing"] > 0
+            assert made["erp_cloud"] > 0
 
             # The synchronous validation, with a line below its price floor.
             account = Account(id="acct-1", name="Acme", country="DE", currency="EUR")
