@@ -48,6 +48,7 @@ from adapters.billing.sandbox import Knobs as StripeKnobs
 from adapters.crm.sandbox import SalesforceSandbox
 from adapters.erp_cloud import SapSandbox
 from adapters.erp_cloud.mapping import SUBSCRIPTION_TYPE
+from adapters.erp_cloud.sandbox import NUMBER_BLOCKS
 from adapters.erp_cloud.views import A_Product
 from adapters.erp_legacy.sandbox import LegacyErpSandbox
 from broker import Config, Daemon
@@ -127,27 +128,34 @@ async def start_sandboxes(
     for folder in (idoc_out, idoc_in):
         await anyio.Path(folder).mkdir(parents=True, exist_ok=True)
     products, prices = demo_catalogue()
-    # Fresh record ids each run (unless a seed is given): deals of an earlier
-    # run on the same database and queues are never mistaken for this run's.
+    # Fresh ids and numbers in every system each run (unless a seed is given):
+    # documents of an earlier run on the same database and queues are never
+    # mistaken for this run's, and the xref registry, which remembers them,
+    # is never asked to bind one native id to two deals. The ERPs' numbers
+    # come in blocks picked by the clock: runs less than a quarter of an hour
+    # apart never share one.
+    run = seed if seed is not None else time.time_ns() % 2**31
+    block = (seed if seed is not None else int(time.time())) % NUMBER_BLOCKS
     crm = SalesforceSandbox(
         client_id=_SF_CLIENT,
         client_secret=_SF_SECRET,
         retain_events=500_000,
-        seed=seed if seed is not None else time.time_ns() % 2**31,
+        seed=run,
     )
     urls = {"crm": await crm.start()}
     stack.push_async_callback(crm.aclose)
-    sap = SapSandbox(username=_SAP_USER, password=_SAP_PASSWORD)
+    sap = SapSandbox(username=_SAP_USER, password=_SAP_PASSWORD, number_block=block)
     sap.seed_products(_sap_catalogue(products, prices))
     urls["sap"] = await sap.start()
     stack.push_async_callback(sap.aclose)
-    legacy = LegacyErpSandbox(idoc_out, idoc_in, interval_s=0.02)
+    legacy = LegacyErpSandbox(idoc_out, idoc_in, interval_s=0.02, number_block=block)
     await legacy.start()
     stack.push_async_callback(legacy.aclose)
     stripe = StripeSandbox(
         api_keys=(_STRIPE_KEY,),
         knobs=StripeKnobs(duplicate_rate=stripe_duplicates),
         webhook=WebhookEndpoint(secrets=[_STRIPE_HOOK]),
+        seed=run,
     )
     urls["stripe"] = await stripe.start()
     stack.push_async_callback(stripe.aclose)

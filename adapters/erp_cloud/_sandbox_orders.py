@@ -147,6 +147,7 @@ class OrderBook:
         partners: PartnerBook,
         pusher: Pusher,
         source: str,
+        first: int = 0,
     ) -> None:
         self._knobs = knobs
         self._counters = counters
@@ -155,8 +156,8 @@ class OrderBook:
         self._pusher = pusher
         self._source = source
         self.orders: dict[str, od.Record[A_SalesOrder]] = {}
-        self._next = 1
-        self._next_document = 0
+        self._next = first + 1
+        self._next_document = first
 
     async def route(
         self,

@@ -110,13 +110,13 @@ def area_key(area: A_CustomerSalesArea) -> AreaKey:
 class PartnerBook:
     """Business partners (with their customer data) and products, in memory."""
 
-    def __init__(self, *, counters: Counters, clock: od.Clock) -> None:
+    def __init__(self, *, counters: Counters, clock: od.Clock, first: int = 0) -> None:
         self._counters = counters
         self._clock = clock
         self.partners: dict[str, od.Record[A_BusinessPartner]] = {}
         self.customers: dict[str, A_Customer] = {}
         self.products: dict[str, A_Product] = {}
-        self._next = 1_000_001
+        self._next = first + 1_000_001
 
     def seed_products(self, products: Iterable[A_Product]) -> None:
         """Add (or replace) products."""

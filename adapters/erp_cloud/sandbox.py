@@ -144,11 +144,20 @@ class Counters:
     sales_areas_created: int = 0
 
 
+#: Number blocks a sandbox can start in: every number stays within 10 digits.
+NUMBER_BLOCKS = 1000
+
+
 class SapSandbox:
     """SAP S/4HANA Cloud's sales-order, business-partner and product APIs, faked.
 
     Start it with `start` (or mount `app` in aiohttp's ``TestServer``) and
     close it with `aclose`, which also cancels event deliveries in flight.
+
+    *number_block* moves every number it hands out (partners, orders,
+    deliveries, billing documents) up by that many millions, as a fresh
+    number range: a run against a broker whose store remembers an earlier
+    run's documents must not hand out their numbers again.
     """
 
     def __init__(
@@ -160,7 +169,10 @@ class SapSandbox:
         system_id: str = "S4H",
         client: str = "100",
         knobs: Knobs | None = None,
+        number_block: int = 0,
     ) -> None:
+        if not 0 <= number_block < NUMBER_BLOCKS:
+            raise ValueError(f"number_block must be in [0, {NUMBER_BLOCKS})")
         self.knobs = knobs or Knobs()
         self.counters = Counters()
         self._credentials = f"{username}:{password}".encode()
@@ -170,7 +182,8 @@ class SapSandbox:
         self._bucket: TokenBucket | None = None
         self._pusher = Pusher(self._push_settings)
         clock = od.Clock()
-        self.partners = PartnerBook(counters=self.counters, clock=clock)
+        first = number_block * 1_000_000
+        self.partners = PartnerBook(counters=self.counters, clock=clock, first=first)
         self.orders = OrderBook(
             knobs=self.knobs,
             counters=self.counters,
@@ -178,6 +191,7 @@ class SapSandbox:
             partners=self.partners,
             pusher=self._pusher,
             source=f"/default/sap.s4.beh/{system_id}",
+            first=first,
         )
         self._runner: web.AppRunner | None = None
         #: The base URL once `start` has run.

@@ -114,12 +114,24 @@ class _SalesOrder:
     order: v.Orders05
 
 
+#: Number blocks a sandbox can start in: every number stays within 10 digits.
+NUMBER_BLOCKS = 1000
+
+
 @dataclass
 class _Numbers:
     docnum: int = 0
     order: int = 0
     delivery: int = 80_000_000
     invoice: int = 90_000_000
+
+    @classmethod
+    def starting(cls, first: int) -> _Numbers:
+        """Numbers that begin *first* above the usual ones."""
+        return cls(
+            docnum=first, order=first, delivery=first + 80_000_000,
+            invoice=first + 90_000_000,
+        )  # fmt: skip
 
     def next(self, kind: str) -> int:
         value: int = getattr(self, kind) + 1
@@ -136,6 +148,10 @@ class LegacyErpSandbox:
         inbound_dir: the folder the ERP answers into.
         knobs: behaviour switches (see `Knobs`).
         seed: seeds the refusals drawn by ``knobs.error_rate``.
+        number_block: moves every number it hands out (orders, deliveries,
+            invoices, IDocs) up by that many millions, as a fresh number
+            range: a broker whose store remembers an earlier run's documents
+            must not be sent their numbers again.
         interval_s: how often the outbound folder is looked at.
         logical_system: the ERP's ``SNDPRN`` in its answers.
         now: the clock for dates and times in the answers.
@@ -148,6 +164,7 @@ class LegacyErpSandbox:
         *,
         knobs: Knobs | None = None,
         seed: int = 0,
+        number_block: int = 0,
         interval_s: float = 0.02,
         client: str = "100",
         logical_system: str = "LEGACYERP",
@@ -163,7 +180,9 @@ class LegacyErpSandbox:
         self._now = now
         self._orders: dict[tuple[str, str], _SalesOrder] = {}
         self._counts = _Counts()
-        self._numbers = _Numbers()
+        if not 0 <= number_block < NUMBER_BLOCKS:
+            raise ValueError(f"number_block must be in [0, {NUMBER_BLOCKS})")
+        self._numbers = _Numbers.starting(number_block * 1_000_000)
         self._poller = InboundPoller(
             outbound_dir,
             parse=parse_idocs,

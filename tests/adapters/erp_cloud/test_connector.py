@@ -26,7 +26,17 @@ from canonical.q2c import (
     OrderRejected,
     QuoteUpdateRequested,
 )
-from tests.adapters.erp_cloud.samples import ACCOUNT, CUSTOMER_REF, area, booking, order
+from tests.adapters.erp_cloud.conftest import settings_for
+from tests.adapters.erp_cloud.samples import (
+    ACCOUNT,
+    CUSTOMER_REF,
+    PASSWORD,
+    USER,
+    area,
+    booking,
+    order,
+    products,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -82,6 +92,24 @@ async def test_a_booking_creates_the_customer_then_the_order(
     record = sandbox.orders.orders["1"]
     assert record.entity.SoldToParty == partner.entity.Customer
     assert record.entity.CustomerPaymentTerms == "NT30"
+
+
+async def test_a_number_block_is_a_fresh_range_for_partners_and_orders() -> None:
+    """Block 7: the partner and the order number start seven million higher."""
+    with pytest.raises(ValueError, match="number_block"):
+        SapSandbox(number_block=-1)
+    sandbox = SapSandbox(username=USER, password=PASSWORD, number_block=7)
+    sandbox.seed_products(products())
+    await sandbox.start()
+    try:
+        async with SapClient(settings_for(sandbox)) as client:
+            connector = SapConnector(client, options=OPTIONS)
+            (booked,) = await connector.handle(*booking(order()))
+    finally:
+        await sandbox.aclose()
+    assert isinstance(booked, OrderBooked)
+    assert booked.erp_order_id == "7000001"
+    assert list(sandbox.partners.partners) == ["8000001"]
 
 
 async def test_a_redelivered_booking_creates_one_order(

@@ -35,13 +35,16 @@ async def drop(tmp_path: Path, idoc: v.Orders05) -> None:
     )
 
 
-def sandbox(tmp_path: Path, **knobs: object) -> LegacyErpSandbox:
+def sandbox(
+    tmp_path: Path, *, number_block: int = 0, **knobs: object
+) -> LegacyErpSandbox:
     samples.settings(tmp_path)
     return LegacyErpSandbox(
         tmp_path / "out",
         tmp_path / "in",
         knobs=msgspec.convert(knobs, Knobs) if knobs else None,
         now=lambda: samples.NOW,
+        number_block=number_block,
     )
 
 
@@ -138,6 +141,28 @@ async def test_a_different_po_is_a_different_order(tmp_path: Path) -> None:
     )
     await step(erp)
     assert sorted(erp.orders.values()) == ["0000000001", "0000000002"]
+
+
+async def test_a_number_block_is_a_fresh_range_for_every_number(
+    tmp_path: Path,
+) -> None:
+    """Block 7: orders, deliveries and invoices all start seven million higher."""
+    erp = sandbox(tmp_path, number_block=7)
+    await drop(tmp_path, orders05(tmp_path, samples.order(), "1"))
+    await step(erp)
+    ordrsp, desadv, invoic = answers(tmp_path)
+    assert isinstance(ordrsp, v.Orders05)
+    assert isinstance(invoic, v.Invoic02)
+    assert ordrsp.reference(v.REF_ERP_ORDER) == "0007000001"
+    assert invoic.reference(v.REF_DELIVERY) == "0087000001"
+    assert invoic.reference(v.REF_INVOICE) == "0097000001"
+    assert [int(i.edi_dc40.docnum) for i in (ordrsp, desadv, invoic)] == [
+        7_000_001,
+        7_000_002,
+        7_000_003,
+    ]
+    with pytest.raises(ValueError, match="number_block"):
+        sandbox(tmp_path, number_block=1000)
 
 
 async def test_a_service_only_order_is_not_delivered(tmp_path: Path) -> None:
