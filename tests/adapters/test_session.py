@@ -11,6 +11,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
+from adapters.serving import serve
 from adapters.session import request_counter, retry_after_s
 
 
@@ -51,10 +52,7 @@ async def test_every_request_is_counted_by_its_answer() -> None:
 
     app = web.Application()
     app.router.add_get("/end/{status}", answer)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
+    runner, base = await serve(app, "127.0.0.1", 0)
     with socket.socket() as s:  # a port nobody listens on
         s.bind(("127.0.0.1", 0))
         closed = s.getsockname()[1]
@@ -63,7 +61,6 @@ async def test_every_request_is_counted_by_its_answer() -> None:
         async with aiohttp.ClientSession(
             trace_configs=[request_counter(lambda status: counted.update([status]))]
         ) as session:
-            base = f"http://127.0.0.1:{runner.addresses[0][1]}"
             for status in statuses:
                 async with session.get(
                     f"{base}/end/{status}", allow_redirects=False

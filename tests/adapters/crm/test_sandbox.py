@@ -18,6 +18,7 @@ from adapters.cpq import views as cpq
 from adapters.crm import soql
 from adapters.crm import views as v
 from adapters.crm.sandbox import call_options_client
+from adapters.serving import serve
 from broker.errors import UpstreamRejected
 from tests.adapters.crm.harness import Org, running_org
 from tests.polling import eventually
@@ -187,12 +188,9 @@ async def receiver(
 
     app = web.Application()
     app.router.add_post("/webhooks/crm", hook)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
+    runner, base = await serve(app, "127.0.0.1", 0)
     try:
-        yield f"http://127.0.0.1:{runner.addresses[0][1]}/webhooks/crm", receive
+        yield f"{base}/webhooks/crm", receive
     finally:
         await runner.cleanup()
         send.close()
