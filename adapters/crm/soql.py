@@ -19,7 +19,7 @@ org would answer for text it cannot parse.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from decimal import Decimal
 
 import msgspec
@@ -77,7 +77,8 @@ _QUERY = re.compile(
     (?:\s+LIMIT\s+(?P<limit>\d+))?\s*$""",
     re.IGNORECASE | re.VERBOSE | re.DOTALL,
 )
-_LITERAL = r"'(?:[^'\\]|\\.)*'|true|false|null|-?\d+(?:\.\d+)?"
+_QUOTED = r"'(?:[^'\\]|\\.)*'"
+_LITERAL = rf"{_QUOTED}|true|false|null|-?\d+(?:\.\d+)?"
 _CONDITION = re.compile(
     rf"""\s*(?P<field>\w+)\s*(?:
         =\s*(?P<value>{_LITERAL})
@@ -91,8 +92,8 @@ _SELECT = re.compile(r"^\s*SELECT\s+(?P<items>.+)$", re.IGNORECASE | re.DOTALL)
 _FIELD = re.compile(r"\w+")
 _PARENT_FIELD = re.compile(r"(?P<relationship>\w+)\.(?P<field>\w+)")
 _SUBQUERY = re.compile(r"\(\s*(?P<text>SELECT\s.*)\)", re.IGNORECASE | re.DOTALL)
-#: ``FROM`` outside parentheses and quotes: the outer query's, not a subquery's.
-_TOKEN = re.compile(r"'(?:[^'\\]|\\.)*'|[()]|\sFROM\s", re.IGNORECASE)
+#: What the select list is cut at, and what hides a cut from it (quotes, parentheses).
+_TOKEN = re.compile(rf"{_QUOTED}|[(),]|\sFROM\s", re.IGNORECASE)
 
 
 def _literal(text: str) -> Literal:
@@ -157,11 +158,11 @@ def parse(text: str) -> Query:
     )
 
 
-def _split_from(text: str) -> tuple[str, str]:
-    """*text* cut before its own ``FROM``: the select list, and the rest.
+def _top_level(text: str) -> Iterator[re.Match[str]]:
+    """The commas and ``FROM``s of *text* outside quotes and parentheses, in order.
 
     Raises:
-        SoqlError: no ``FROM`` outside parentheses, or unbalanced parentheses.
+        SoqlError: a parenthesis closed that was not open.
     """
     depth = 0
     for token in _TOKEN.finditer(text):
@@ -171,25 +172,30 @@ def _split_from(text: str) -> tuple[str, str]:
             case ")":
                 depth -= 1
                 if depth < 0:
-                    break
-            case t if not t.startswith("'") and depth == 0:
-                return text[: token.start()], text[token.start() :]
+                    raise SoqlError(f"unsupported or malformed query: {text[:200]!r}")
+            case t if depth == 0 and not t.startswith("'"):
+                yield token
+
+
+def _split_from(text: str) -> tuple[str, str]:
+    """*text* cut before its own ``FROM``: the select list, and the rest.
+
+    Raises:
+        SoqlError: no ``FROM`` outside parentheses, or unbalanced parentheses.
+    """
+    for token in _top_level(text):
+        if token[0] != ",":
+            return text[: token.start()], text[token.start() :]
     raise SoqlError(f"unsupported or malformed query: {text[:200]!r}")
 
 
 def _top_level_items(select_list: str) -> list[str]:
     """The comma-separated items of a select list; a subquery is one item."""
     items: list[str] = []
-    depth = start = 0
-    for token in re.finditer(r"'(?:[^'\\]|\\.)*'|[(),]", select_list):
-        match token[0]:
-            case "(":
-                depth += 1
-            case ")":
-                depth -= 1
-            case "," if depth == 0:
-                items.append(select_list[start : token.start()].strip())
-                start = token.end()
+    start = 0
+    for token in _top_level(select_list):
+        items.append(select_list[start : token.start()].strip())
+        start = token.end()
     items.append(select_list[start:].strip())
     return items
 
