@@ -195,7 +195,7 @@ class Org:
 
     def _relate(self, spec: ObjectSpec, query: soql.Query, rows: list[Fields]) -> None:
         """Put each row's parents and children under their relationship names."""
-        for relationship in {p.relationship for p in query.parents}:
+        for relationship in _by_relationship(query.parents):
             lookup, target = spec.parents[relationship]
             for row in rows:
                 parent = self._records.lookup(target, row.get(lookup) or "")
@@ -232,15 +232,12 @@ class Org:
         """
         record = self._select(query.sobject, query.fields, row)
         spec = SPECS[query.sobject]
-        for parent in query.parents:
-            related = row[parent.relationship]
-            if related is None:
-                record[parent.relationship] = None
-                continue
-            target = spec.parents[parent.relationship][1]
-            into = record.get(parent.relationship) or self._select(target, (), related)
-            into[parent.field] = related.get(parent.field)
-            record[parent.relationship] = into
+        for relationship, names in _by_relationship(query.parents).items():
+            related = row[relationship]
+            target = spec.parents[relationship][1]
+            record[relationship] = (
+                None if related is None else self._select(target, names, related)
+            )
         for child in query.children:
             child_object = spec.children[child.sobject][0]
             rows = row[child.sobject]
@@ -492,6 +489,19 @@ class Org:
             self.update(
                 txn, "Opportunity", opp_id, {"SBQQ__PrimaryQuote__c": record["Id"]}
             )
+
+
+def _by_relationship(
+    parents: tuple[soql.ParentField, ...],
+) -> dict[str, tuple[str, ...]]:
+    """The parent fields of a select list, by relationship, in their order."""
+    grouped: dict[str, tuple[str, ...]] = {}
+    for parent in parents:
+        grouped[parent.relationship] = (
+            *grouped.get(parent.relationship, ()),
+            parent.field,
+        )
+    return grouped
 
 
 def _unknown_relationship(code: str, name: str, where: str) -> OrgError:
