@@ -48,9 +48,9 @@ from adapters.billing.sandbox import Knobs as StripeKnobs
 from adapters.crm.sandbox import SalesforceSandbox
 from adapters.erp_cloud import SapSandbox
 from adapters.erp_cloud.mapping import SUBSCRIPTION_TYPE
-from adapters.erp_cloud.sandbox import NUMBER_BLOCKS
 from adapters.erp_cloud.views import A_Product
 from adapters.erp_legacy.sandbox import LegacyErpSandbox
+from adapters.numbering import NUMBER_BLOCKS
 from broker import Config, Daemon
 from canonical import Envelope
 from canonical.ids import customer_ref, deal_id

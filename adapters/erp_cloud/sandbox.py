@@ -62,6 +62,7 @@ from adapters.erp_cloud._push import Pusher, PushSettings
 from adapters.erp_cloud._sandbox_orders import OrderBook
 from adapters.erp_cloud._sandbox_partners import PartnerBook
 from adapters.erp_cloud.views import A_CustomerSalesArea, A_Product
+from adapters.numbering import first_number
 from adapters.serving import serve
 from broker.limits import TokenBucket
 
@@ -144,10 +145,6 @@ class Counters:
     sales_areas_created: int = 0
 
 
-#: Number blocks a sandbox can start in: every number stays within 10 digits.
-NUMBER_BLOCKS = 1000
-
-
 class SapSandbox:
     """SAP S/4HANA Cloud's sales-order, business-partner and product APIs, faked.
 
@@ -171,8 +168,6 @@ class SapSandbox:
         knobs: Knobs | None = None,
         number_block: int = 0,
     ) -> None:
-        if not 0 <= number_block < NUMBER_BLOCKS:
-            raise ValueError(f"number_block must be in [0, {NUMBER_BLOCKS})")
         self.knobs = knobs or Knobs()
         self.counters = Counters()
         self._credentials = f"{username}:{password}".encode()
@@ -182,7 +177,7 @@ class SapSandbox:
         self._bucket: TokenBucket | None = None
         self._pusher = Pusher(self._push_settings)
         clock = od.Clock()
-        first = number_block * 1_000_000
+        first = first_number(number_block)
         self.partners = PartnerBook(counters=self.counters, clock=clock, first=first)
         self.orders = OrderBook(
             knobs=self.knobs,

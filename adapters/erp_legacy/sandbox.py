@@ -50,6 +50,7 @@ from adapters.erp_legacy.idocxml import (
     parse_idocs,
     write_idoc,
 )
+from adapters.numbering import first_number
 from broker.errors import UpstreamUnavailable
 
 __all__ = ["LegacyErpSandbox", "Knobs", "SandboxState"]
@@ -114,10 +115,6 @@ class _SalesOrder:
     order: v.Orders05
 
 
-#: Number blocks a sandbox can start in: every number stays within 10 digits.
-NUMBER_BLOCKS = 1000
-
-
 @dataclass
 class _Numbers:
     docnum: int = 0
@@ -180,9 +177,7 @@ class LegacyErpSandbox:
         self._now = now
         self._orders: dict[tuple[str, str], _SalesOrder] = {}
         self._counts = _Counts()
-        if not 0 <= number_block < NUMBER_BLOCKS:
-            raise ValueError(f"number_block must be in [0, {NUMBER_BLOCKS})")
-        self._numbers = _Numbers.starting(number_block * 1_000_000)
+        self._numbers = _Numbers.starting(first_number(number_block))
         self._poller = InboundPoller(
             outbound_dir,
             parse=parse_idocs,
