@@ -130,7 +130,10 @@ class SapConnector:
         except ValueError as exc:
             return [order_rejected(order, code=MAPPING_REFUSED, message=str(exc))]
         sold_to = await self._customer(
-            order.account, (area,), payment_terms=draft.CustomerPaymentTerms
+            order.account,
+            await self._partner(order.account),
+            (area,),
+            payment_terms=draft.CustomerPaymentTerms,
         )
         existing = await self._client.find_orders(sold_to, order.customer_ref)
         if existing:
@@ -148,7 +151,7 @@ class SapConnector:
         found = await self._partner(account)
         if found is None and account.deleted:
             return []
-        customer = await self._customer_of(account, found, self._customer_areas)
+        customer = await self._customer(account, found, self._customer_areas)
         if found is not None:
             await self._patch_partner(found, account)
         return [
@@ -167,25 +170,15 @@ class SapConnector:
     async def _customer(
         self,
         account: Account,
-        areas: Sequence[SalesArea],
-        *,
-        payment_terms: str | None = None,
-    ) -> str:
-        """The customer number of *account*, defined in every one of *areas*."""
-        partner = await self._partner(account)
-        return await self._customer_of(
-            account, partner, areas, payment_terms=payment_terms
-        )
-
-    async def _customer_of(
-        self,
-        account: Account,
         partner: A_BusinessPartner | None,
         areas: Sequence[SalesArea],
         *,
         payment_terms: str | None = None,
     ) -> str:
-        """`_customer`, with *account*'s partner already looked up (None: none yet)."""
+        """The customer number of *account*, defined in every one of *areas*.
+
+        *partner* is what `_partner` found for it; None creates one.
+        """
         if partner is None:
             partner = await self._client.create_business_partner(
                 to_business_partner(
