@@ -329,7 +329,6 @@ async def _main(args: argparse.Namespace, out: dict[str, Any]) -> None:
             messages_per_deal=round(delta.get("messages_received", 0.0) / deals, 1),
             vendor_calls_per_deal=round(delta.get("gateway_calls", 0.0) / deals, 1),
             webhooks_per_deal=round(delta.get("webhook_requests", 0.0) / deals, 1),
-            crm_api_requests_per_deal=round(requests["crm"] / deals, 1),
             vendor_requests_per_deal={
                 system: round(n / deals, 1) for system, n in requests.items()
             },
