@@ -6,7 +6,7 @@ crash-safety the product promises (RELIABILITY.md §7):
 
 * ``mid_txn``: the batch is applied in memory, its one atomic write not yet sent;
 * ``after_commit_before_ack``: committed, deliveries not acknowledged;
-* ``after_confirm_before_mark``: the broker confirmed outbox rows, not yet marked sent.
+* ``after_confirm_before_mark``: the broker confirmed outbox rows, not yet deleted.
 """
 
 from __future__ import annotations

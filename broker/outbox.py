@@ -7,12 +7,12 @@ a poller leases rows whose writer's lease ran out (the writer crashed, the
 relay restarted, a publish was not confirmed) with ``FOR UPDATE SKIP
 LOCKED``, and rows that just fell due: delayed emits (durable timers) are
 never leased to their writer, so only the poller publishes them, within
-``relay-poll-s`` of their time. Either way a row is marked sent only after
-the broker confirmed it; a crash between the confirm and the mark
-republishes it with the same ``message_id``, and the receiver's inbox drops
-the duplicate.
+``relay-poll-s`` of their time. Either way a row is deleted only after the
+broker confirmed it; a crash between the confirm and the delete republishes
+it with the same ``message_id``, and the receiver's inbox drops the
+duplicate.
 
-Outcomes: ACK → mark sent; NACK (queue full) → retry with growing delay;
+Outcomes: ACK → delete; NACK (queue full) → retry with growing delay;
 INDETERMINATE (timeout, connection lost) → retry soon; RETURNED
 (unroutable) → parked for an operator, logged as an error: a routing bug,
 not something time will fix.
@@ -38,8 +38,8 @@ from broker.transport import OutgoingMessage, PublishOutcome, Transport
 
 __all__ = ["OutboxFeed", "OutboxRelay", "to_message"]
 
-#: How long confirmed rows wait to be marked sent together.
-_MARK_INTERVAL_S = 0.05
+#: How long confirmed rows wait to be deleted together.
+_DELETE_INTERVAL_S = 0.05
 #: Longest wait between probes while the broker refuses our publishing.
 _REFUSED_MAX_S = 30.0
 
@@ -137,8 +137,8 @@ class OutboxRelay(Actor[None]):
         self._crash = crash
         self._workers = core.relay_workers
         self.in_flight = 0
-        # Confirmed row ids not yet marked sent: marked together, a few times
-        # a second, instead of one transaction per publish round.
+        # Confirmed row ids not yet deleted: deleted together, a few times a
+        # second, instead of one transaction per publish round.
         self._confirmed: list[int] = []
         self._has_confirmed = anyio.Event()
         self._idle = anyio.Event()
@@ -153,7 +153,7 @@ class OutboxRelay(Actor[None]):
         for n in range(self._workers):
             ctx.start_soon(self._work, ctx, name=f"{ctx.id}.worker{n}")
         ctx.start_soon(self._poll, ctx, name=f"{ctx.id}.poller")
-        ctx.start_soon(self._mark_sent_loop, ctx, name=f"{ctx.id}.marker")
+        ctx.start_soon(self._delete_sent_loop, ctx, name=f"{ctx.id}.deleter")
 
     async def handle(self, msg: None, ctx: Context[None]) -> None:
         """The relay takes no messages; its work arrives through the feed."""
@@ -167,7 +167,7 @@ class OutboxRelay(Actor[None]):
                 break
             await self._publish(rows, ctx)
         await self._idle.wait()
-        await self._mark_confirmed(ctx)
+        await self._delete_confirmed(ctx)
 
     async def _work(self, ctx: Context[None]) -> None:
         receive = self._feed.receive
@@ -181,19 +181,19 @@ class OutboxRelay(Actor[None]):
                     break
             await self._publish(rows, ctx)
 
-    async def _mark_sent_loop(self, ctx: Context[None]) -> None:
+    async def _delete_sent_loop(self, ctx: Context[None]) -> None:
         while True:
             await self._has_confirmed.wait()
-            await anyio.sleep(_MARK_INTERVAL_S)  # let confirms of other rounds join
-            await self._mark_confirmed(ctx)
+            await anyio.sleep(_DELETE_INTERVAL_S)  # let confirms of other rounds join
+            await self._delete_confirmed(ctx)
 
-    async def _mark_confirmed(self, ctx: Context[None]) -> None:
+    async def _delete_confirmed(self, ctx: Context[None]) -> None:
         ids, self._confirmed = self._confirmed, []
         self._has_confirmed = anyio.Event()
         if not ids:
             return
         try:
-            await self._store.mark_sent(ids)
+            await self._store.delete_sent(ids)
         except StoreUnavailable as exc:
             # Dropping the ids keeps memory bounded through a long outage: the
             # rows stay leased, the poller republishes them after the lease,

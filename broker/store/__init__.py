@@ -376,8 +376,12 @@ class Store(Protocol):
         """
         ...
 
-    async def mark_sent(self, ids: Sequence[int]) -> None:
-        """Record that the broker confirmed these rows."""
+    async def delete_sent(self, ids: Sequence[int]) -> None:
+        """Delete rows the broker confirmed: the outbox keeps only unsent rows.
+
+        Deleting an id that is gone already (another relay confirmed the
+        same row after its lease ran out) does nothing.
+        """
         ...
 
     async def reschedule_outbox(self, ids: Sequence[int], *, delay_s: float) -> None:
@@ -479,7 +483,10 @@ class Store(Protocol):
         ...
 
     async def prune(self, *, retention_days: int) -> dict[str, int]:
-        """Drop inbox partitions and sent outbox rows older than the retention.
+        """Drop inbox partitions older than the retention.
+
+        Outbox rows marked sent by releases that kept them go after the
+        retention too; confirmed rows are deleted at once now (`delete_sent`).
 
         Also runs `sweep_holds` (``holds_swept`` in the result).
         """

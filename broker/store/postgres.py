@@ -327,10 +327,10 @@ class PostgresStore:
         rows = await self._fetch(sql.CLAIM_OUTBOX, limit, lease_s)
         return sorted((outbox_row(r) for r in rows), key=lambda row: row.id)
 
-    async def mark_sent(self, ids: Sequence[int]) -> None:
-        """Record that the broker confirmed these rows."""
+    async def delete_sent(self, ids: Sequence[int]) -> None:
+        """Delete rows the broker confirmed."""
         if ids:
-            await self._execute(sql.MARK_SENT, list(ids))
+            await self._execute(sql.DELETE_SENT, list(ids))
 
     async def reschedule_outbox(self, ids: Sequence[int], *, delay_s: float) -> None:
         """Release the rows' lease and make them eligible again after *delay_s*."""
@@ -466,7 +466,8 @@ class PostgresStore:
 
         Inbox and journal partitions whose day is older than the retention
         are dropped whole; rows for such days that sit in a DEFAULT partition,
-        and outbox rows sent before the retention, are deleted in chunks of
+        and outbox rows that releases which kept sent rows marked sent before
+        the retention, are deleted in chunks of
         `PRUNE_CHUNK`. The journal keeps *journal_retention_days* (default:
         *retention_days*).
 

@@ -38,7 +38,7 @@ __all__ = [
     "XREF_FIND",
     "XREF_MANY",
     "CLAIM_OUTBOX",
-    "MARK_SENT",
+    "DELETE_SENT",
     "RESCHEDULE",
     "PARK",
     "LIST_DEAD_LETTERS",
@@ -283,9 +283,11 @@ WHERE o.id = ANY(ARRAY(
 RETURNING {_OUTBOX_COLUMNS}
 """
 
-MARK_SENT = """
-UPDATE outbox SET sent_at = now(), lease_until = NULL
-WHERE id = ANY($1::bigint[]) AND sent_at IS NULL
+# A confirmed row has done its work and goes at once: the table holds only
+# what is still to publish (or parked), and a publish costs no second row
+# version. Nothing reads a sent row; the receiver's inbox keeps its id.
+DELETE_SENT = """
+DELETE FROM outbox WHERE id = ANY($1::bigint[])
 """
 
 RESCHEDULE = """
@@ -408,6 +410,8 @@ DELETE FROM journal_default WHERE ctid = ANY(ARRAY(
     WHERE at < ({_TODAY} - $1::int)::timestamp AT TIME ZONE 'UTC' LIMIT $2))
 """
 
+# Rows marked sent by releases that kept them (now confirmed rows are deleted
+# at once, `DELETE_SENT`).
 PRUNE_OUTBOX = """
 DELETE FROM outbox WHERE id = ANY(ARRAY(
     SELECT id FROM outbox WHERE sent_at < now() - make_interval(days => $1) LIMIT $2))

@@ -253,11 +253,11 @@ class SqliteStore:
         )
         return sorted((outbox_row(r) for r in rows), key=lambda row: row.id)
 
-    async def mark_sent(self, ids: Sequence[int]) -> None:
-        """Record that the broker confirmed these rows."""
+    async def delete_sent(self, ids: Sequence[int]) -> None:
+        """Delete rows the broker confirmed."""
         if ids:
-            params = {"ids": encode_json(list(ids)), "now": self._clock()}
-            await self._locked(lambda conn: conn.execute(sql.MARK_SENT, params))
+            params = {"ids": encode_json(list(ids))}
+            await self._locked(lambda conn: conn.execute(sql.DELETE_SENT, params))
 
     async def reschedule_outbox(self, ids: Sequence[int], *, delay_s: float) -> None:
         """Release the rows' lease and make them eligible again after *delay_s*."""
@@ -423,10 +423,11 @@ class SqliteStore:
     async def prune(
         self, *, retention_days: int, journal_retention_days: int | None = None
     ) -> dict[str, int]:
-        """Delete, in chunks, inbox keys, journal entries and sent outbox rows.
+        """Delete, in chunks, inbox keys, journal entries and kept sent outbox rows.
 
         Keeps what is younger than the retention (inbox by the key's day,
-        journal by its time, outbox by when it was sent); the journal keeps
+        journal by its time, outbox rows marked sent by releases that kept
+        them by when they were sent); the journal keeps
         *journal_retention_days* (default: *retention_days*). The lock is
         released between chunks, so batches keep flowing.
 

@@ -42,7 +42,7 @@ __all__ = [
     "XREF_FIND",
     "XREF_MANY",
     "CLAIM_OUTBOX",
-    "MARK_SENT",
+    "DELETE_SENT",
     "RESCHEDULE",
     "PARK",
     "LIST_DEAD_LETTERS",
@@ -315,9 +315,9 @@ RETURNING {_OUTBOX_COLUMNS}
 
 _IDS = "id IN (SELECT value FROM json_each(:ids))"
 
-MARK_SENT = f"""
-UPDATE outbox SET sent_at = :now, lease_until = NULL
-WHERE {_IDS} AND sent_at IS NULL
+# Confirmed rows go at once, as in Postgres (`postgres_sql.DELETE_SENT`).
+DELETE_SENT = f"""
+DELETE FROM outbox WHERE {_IDS}
 """
 
 RESCHEDULE = f"""
@@ -396,6 +396,7 @@ PRUNE_JOURNAL = """
 DELETE FROM journal WHERE id IN (SELECT id FROM journal WHERE at < ? LIMIT ?)
 """
 
+# Rows marked sent by releases that kept them.
 PRUNE_OUTBOX = """
 DELETE FROM outbox WHERE id IN (SELECT id FROM outbox WHERE sent_at < ? LIMIT ?)
 """

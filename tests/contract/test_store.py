@@ -312,15 +312,31 @@ async def test_outbox_rows_round_trip_in_order(store: Store) -> None:
     assert {r.attempts for r in claimed} == {2}
 
 
-async def test_a_claimed_row_is_leased_until_marked_sent(store: Store) -> None:
+async def test_a_claimed_row_is_leased_until_deleted_as_sent(store: Store) -> None:
     """A leased row is not handed out twice; once sent it is gone from the relay."""
     await add_outbox(store, outbox("o1"), outbox("o2"))
     claimed = await claim_n(store, 2)
     assert await store.claim_outbox(limit=10, lease_s=30) == []
     assert (await store.counts())["outbox_pending"] == 2
 
-    await store.mark_sent([r.id for r in claimed])
+    await store.delete_sent([r.id for r in claimed])
     assert (await store.counts())["outbox_pending"] == 0
+
+
+async def test_a_row_deleted_as_sent_is_not_claimed_after_its_lease(
+    store: Store,
+) -> None:
+    """Deleted once confirmed: a lapsed lease cannot bring the row back."""
+    [row] = await add_outbox(store, outbox("o1"))
+    [first] = await claim_n(store, 1, lease_s=0)
+    [again] = await claim_n(store, 1, lease_s=0)  # the lease lapsed at once
+    assert first.id == again.id == row.id
+
+    await store.delete_sent([row.id])
+    assert await store.claim_outbox(limit=10, lease_s=0) == []
+    # Another relay confirming the same row after its lease: nothing left to do.
+    await store.delete_sent([row.id])
+    assert await store.claim_outbox(limit=10, lease_s=0) == []
 
 
 async def test_a_lapsed_relay_lease_makes_the_row_claimable_again(store: Store) -> None:
@@ -632,7 +648,7 @@ class FakeClock:
 
 
 async def test_sqlite_leases_and_retention_follow_the_injected_clock() -> None:
-    """With a fake clock, leases lapse and sent rows age out without waiting."""
+    """With a fake clock, leases lapse and kept sent rows age out without waiting."""
     clock = FakeClock()
     store = await SqliteStore.open(":memory:", lease_s=30, clock=clock)
     try:
@@ -649,7 +665,12 @@ async def test_sqlite_leases_and_retention_follow_the_injected_clock() -> None:
         assert await store.claim_outbox(limit=10, lease_s=30) == []
         clock.now += 31
         [claimed] = await store.claim_outbox(limit=10, lease_s=30)
-        await store.mark_sent([claimed.id])
+        # Marked sent and kept, as releases before `delete_sent` left them.
+        await anyio.to_thread.run_sync(
+            store._conn.execute,
+            "UPDATE outbox SET sent_at = ?, lease_until = NULL WHERE id = ?",
+            (clock.now, claimed.id),
+        )
 
         clock.now += 6 * 86_400
         assert (await store.prune(retention_days=7))["outbox"] == 0
@@ -828,7 +849,7 @@ async def test_a_delayed_row_is_not_leased_to_its_writer_and_waits_until_due(
     [due] = await claim_n(store, 1)
     assert (due.message_id, due.attempts) == ("soon", 1)
     assert await store.claim_outbox(limit=10, lease_s=30) == []
-    await store.mark_sent([due.id])
+    await store.delete_sent([due.id])
     assert (await store.counts())["outbox_pending"] == 2
 
 

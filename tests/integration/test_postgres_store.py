@@ -339,17 +339,31 @@ async def test_prune_gives_up_on_a_busy_parent_instead_of_stalling_inserts(
 
 
 @pytest.mark.integration
+async def test_rows_deleted_as_sent_leave_the_outbox_table(
+    open_store: OpenStore, admin: Admin
+) -> None:
+    """The table keeps only what is still to publish: no sent rows pile up."""
+    store = await open_store(lease_s=0.01)
+    rows = await store.commit_batch(write(outbox=outbox_records(3)))
+    await store.delete_sent([rows[0].id, rows[2].id])
+
+    remaining = await admin.fetch("SELECT message_id, sent_at FROM outbox")
+    assert [tuple(r) for r in remaining] == [("o1", None)]
+
+
+@pytest.mark.integration
 async def test_prune_deletes_outbox_rows_sent_before_the_retention(
     open_store: OpenStore, admin: Admin
 ) -> None:
-    """Sent rows older than the retention go; recent and unsent rows stay."""
+    """Kept sent rows older than the retention go; recent and unsent rows stay."""
     store = await open_store(lease_s=0.01)
     rows = await store.commit_batch(write(outbox=outbox_records(3)))
-    await store.mark_sent([rows[0].id, rows[1].id])
+    # Marked sent and kept, as releases before `delete_sent` left them.
     await admin.execute(
         "UPDATE outbox SET sent_at = now() - interval '8 days' WHERE id = $1",
         rows[0].id,
     )
+    await admin.execute("UPDATE outbox SET sent_at = now() WHERE id = $1", rows[1].id)
 
     assert (await store.prune(retention_days=7))["outbox"] == 1
     remaining = await admin.fetch("SELECT message_id FROM outbox ORDER BY id")
