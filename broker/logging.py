@@ -4,7 +4,9 @@ Configured once, at start-up. The runtime binds ``correlation_id``,
 ``message_id`` and ``actor`` through contextvars; every line carries them.
 A single redaction step masks known sensitive fields (secrets, personal
 data, commercial amounts) whatever logged them, and CR/LF in strings cannot
-split a JSON line.
+split a JSON line. Tracebacks carry frames and messages, never the frames'
+local variables: a secret held in a local (a webhook secret, a password
+being parsed) would otherwise reach the log whenever its frame raised.
 """
 
 from __future__ import annotations
@@ -41,6 +43,10 @@ SENSITIVE_KEYS = frozenset(
 )
 
 _LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40}
+#: structlog's ``dict_tracebacks`` without the locals it renders by default.
+_tracebacks = structlog.processors.ExceptionRenderer(
+    structlog.tracebacks.ExceptionDictTransformer(show_locals=False)
+)
 _json = msgspec.json.Encoder(enc_hook=repr)
 
 
@@ -68,14 +74,20 @@ def configure_logging(
     if as_json:
         processors = [
             *shared,
-            structlog.processors.dict_tracebacks,
+            _tracebacks,
             structlog.processors.JSONRenderer(
                 serializer=lambda obj, **_: _json.encode(obj)
             ),
         ]
         factory: Any = structlog.BytesLoggerFactory(sys.stderr.buffer)
     else:
-        processors = [*shared, structlog.dev.ConsoleRenderer()]
+        # Plain tracebacks: with rich installed, the default shows locals.
+        processors = [
+            *shared,
+            structlog.dev.ConsoleRenderer(
+                exception_formatter=structlog.dev.plain_traceback
+            ),
+        ]
         factory = structlog.PrintLoggerFactory(sys.stderr)
     structlog.configure(
         processors=processors,

@@ -41,3 +41,42 @@ def test_sensitive_values_are_masked_and_a_line_stays_one_line(
     assert record["memo"] == 'a\r\n{"event": "forged"}'  # escaped inside the line
     for secret in (b"s3cret", b"987654.32", b"someone@example.com"):
         assert secret not in out
+
+
+#: Built at run time, so that no source line a traceback quotes contains it.
+_SECRET = "-".join(("whsec", "do", "not", "log", "me"))
+
+
+def _verify(header: str, secret: str) -> None:
+    """Stands for any code that holds a secret in a local and then fails."""
+    raise ValueError(f"cannot parse {header[:8]!r}")
+
+
+def test_a_traceback_carries_no_local_variables(log_buffer: io.BytesIO) -> None:
+    """A failing frame's locals (here a secret) stay out of the JSON line."""
+    try:
+        _verify("t=2,v1=ab", _SECRET)
+    except ValueError:
+        structlog.get_logger("probe").exception("handler_failed")
+    out = log_buffer.getvalue()
+    record = json.loads(out)
+    frames = record["exception"][0]["frames"]
+    assert [f["name"] for f in frames][-1] == "_verify"
+    assert record["exception"][0]["exc_value"] == "cannot parse 't=2,v1=a'"
+    assert _SECRET.encode() not in out
+
+
+def test_console_tracebacks_carry_no_local_variables(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    configure_logging("debug", "console")
+    try:
+        try:
+            _verify("t=2,v1=ab", _SECRET)
+        except ValueError:
+            structlog.get_logger("probe").exception("handler_failed")
+    finally:
+        structlog.reset_defaults()
+    err = capsys.readouterr().err
+    assert "cannot parse" in err
+    assert _SECRET not in err
