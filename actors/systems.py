@@ -109,7 +109,7 @@ class SystemTable(Section, frozen=True):
 
     kind: Kind
     gateway: GatewaySettings = GatewaySettings()
-    webhook_secrets: tuple[str, ...] = ()
+    webhook_secrets: tuple[Annotated[str, Meta(min_length=1)], ...] = ()
     webhook_tolerance_s: float = 300.0
     change_feed: Literal["push", "pull"] = "push"
     change_feed_channel: str = "/data/ChangeEvents"

@@ -17,11 +17,9 @@ dedupe on ``event.id`` downstream, not of the signature.
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 from collections.abc import Sequence
 
-from broker.errors import SignatureInvalid
+from adapters import signing
 
 __all__ = ["HEADER", "DEFAULT_TOLERANCE_S", "sign", "verify", "compute_signature"]
 
@@ -31,13 +29,11 @@ HEADER = "Stripe-Signature"
 DEFAULT_TOLERANCE_S = 300.0
 
 _SCHEME = "v1"
-_MAX_ITEMS = 64
 
 
 def compute_signature(payload: bytes, secret: str, t: int) -> str:
     """Hex HMAC-SHA256 of ``"<t>." + payload`` keyed with *secret*."""
-    signed = str(t).encode("ascii") + b"." + payload
-    return hmac.new(secret.encode("utf-8"), signed, hashlib.sha256).hexdigest()
+    return signing.mac(secret, t, payload)
 
 
 def sign(
@@ -70,6 +66,9 @@ def verify(
 ) -> int:
     """Check *header* against the raw *payload*; return the signed timestamp.
 
+    Stripe's scheme is the one `adapters.signing` checks for
+    ``X-Q2C-Signature``, under another header name.
+
     Args:
         payload: the raw request body, byte for byte as received.
         header: the ``Stripe-Signature`` value (None when absent).
@@ -82,61 +81,11 @@ def verify(
         SignatureInvalid: the header is missing or malformed, has no ``v1``
             entry, no ``v1`` matches any secret, or the timestamp is outside
             the tolerance. The message says which.
-        ValueError: *secrets* is empty (a configuration error, not a bad request).
+        ValueError: *secrets* is empty or holds an empty secret (a
+            configuration error, not a bad request).
     """
-    if not secrets:
-        raise ValueError("no Stripe endpoint secret is configured")
-    if header is None or not header.strip():
-        raise SignatureInvalid(f"{HEADER} header is missing")
-    timestamp, candidates = _parse(header)
-    expected = [compute_signature(payload, s, timestamp).encode() for s in secrets]
-    # Check every pair without stopping early: the time taken must not depend
-    # on which signature matched.
-    matched = False
-    for candidate in candidates:
-        for signature in expected:
-            matched |= hmac.compare_digest(candidate.encode(), signature)
-    if not matched:
-        raise SignatureInvalid(
-            f"{HEADER}: no v1 signature matches the payload with any configured "
-            f"secret ({len(candidates)} v1, {len(secrets)} secrets)"
-        )
-    age_s = now - timestamp
-    if age_s > tolerance_s:
-        raise SignatureInvalid(
-            f"{HEADER}: timestamp {timestamp} is {age_s:.0f} s old "
-            f"(tolerance {tolerance_s:.0f} s)"
-        )
-    if -age_s > tolerance_s:
-        raise SignatureInvalid(
-            f"{HEADER}: timestamp {timestamp} is {-age_s:.0f} s in the future "
-            f"(tolerance {tolerance_s:.0f} s)"
-        )
-    return timestamp
-
-
-def _parse(header: str) -> tuple[int, list[str]]:
-    items = header.split(",")
-    if len(items) > _MAX_ITEMS:
-        raise SignatureInvalid(f"{HEADER} has more than {_MAX_ITEMS} entries")
-    timestamp: int | None = None
-    candidates: list[str] = []
-    for item in items:
-        key, eq, value = item.strip().partition("=")
-        if not eq:
-            raise SignatureInvalid(f"{HEADER}: entry {item.strip()!r} is not key=value")
-        if key == "t":
-            if timestamp is not None:
-                raise SignatureInvalid(f"{HEADER}: more than one t= entry")
-            if not value.isascii() or not value.isdigit():
-                raise SignatureInvalid(f"{HEADER}: t={value!r} is not unix seconds")
-            timestamp = int(value)
-        elif key == _SCHEME:
-            candidates.append(value)
-    if timestamp is None:
-        raise SignatureInvalid(f"{HEADER} has no t= timestamp")
-    if not candidates:
-        raise SignatureInvalid(
-            f"{HEADER} has no v1 signature (other schemes are ignored)"
-        )
-    return timestamp, candidates
+    if not secrets or not all(secrets):
+        raise ValueError("no Stripe endpoint secret is configured (or an empty one)")
+    return signing.verify(
+        header, payload, secrets, now=now, tolerance_s=tolerance_s, name=HEADER
+    )

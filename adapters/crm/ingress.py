@@ -80,8 +80,8 @@ class SalesforceWebhook:
         source: str = SOURCE,
         tolerance_s: float = signature.DEFAULT_TOLERANCE_S,
     ) -> None:
-        if not secrets:
-            raise ValueError("at least one webhook secret is needed")
+        if not secrets or not all(secrets):
+            raise ValueError("at least one webhook secret is needed, none empty")
         self._secrets = tuple(secrets)
         self._client_id = client_id
         self._currency = default_currency

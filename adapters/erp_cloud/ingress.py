@@ -66,8 +66,8 @@ class SapEventWebhook:
         system: str = "erp_cloud",
         tolerance_s: float = signature.DEFAULT_TOLERANCE_S,
     ) -> None:
-        if not secrets:
-            raise ValueError("SapEventWebhook needs at least one secret")
+        if not secrets or not all(secrets):
+            raise ValueError("SapEventWebhook needs at least one secret, none empty")
         self._secrets = tuple(secrets)
         self._system = system
         self._tolerance_s = tolerance_s

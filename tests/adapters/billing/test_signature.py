@@ -97,7 +97,7 @@ def test_receiver_in_rotation_accepts_either_secret() -> None:
 def test_a_header_without_v1_is_refused_even_with_v0() -> None:
     """v0 (and any other scheme) is ignored; no v1 means no signature."""
     v0 = compute_signature(BODY, SECRET, T)
-    with pytest.raises(SignatureInvalid, match="no v1 signature"):
+    with pytest.raises(SignatureInvalid, match="lacks a signature: no v1="):
         verify(BODY, f"t={T},v0={v0}", [SECRET], now=T)
 
 
@@ -112,11 +112,11 @@ def test_unknown_schemes_beside_v1_are_ignored() -> None:
     [
         (None, "header is missing"),
         ("", "header is missing"),
-        ("v1=abc", "no t= timestamp"),
+        ("v1=abc", "lacks a timestamp: no t="),
         ("t=abc,v1=abc", "is not unix seconds"),
         ("t=-5,v1=abc", "is not unix seconds"),
         (f"t={T},t={T},v1=abc", "more than one t="),
-        (f"t={T},garbage", "is not key=value"),
+        (f"t={T},garbage", "not key=value pairs"),
         (",".join(["v1=a"] * 70), "more than 64 entries"),
     ],
 )
@@ -150,3 +150,16 @@ def test_no_configured_secret_is_a_configuration_error() -> None:
     """Verifying with no secret at all is a setup mistake, not a bad request."""
     with pytest.raises(ValueError, match="no Stripe endpoint secret"):
         verify(BODY, sign(BODY, SECRET, T), [], now=T)
+    with pytest.raises(ValueError, match="empty one"):
+        verify(BODY, sign(BODY, "", T), [SECRET, ""], now=T)
+
+
+@pytest.mark.parametrize(
+    "header",
+    [f"t={T},v1=\udcff", "t=\u00b2,v1=ab", f"t={T},v1=\u00e9"],
+    ids=["surrogate", "superscript", "non-ascii"],
+)
+def test_undecodable_and_non_ascii_headers_are_invalid_signatures(header: str) -> None:
+    """Undecodable header bytes arrive as surrogates: refused, not a crash."""
+    with pytest.raises(SignatureInvalid):
+        verify(BODY, header, [SECRET], now=T)

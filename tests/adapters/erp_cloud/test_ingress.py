@@ -73,7 +73,7 @@ def test_rotation_accepts_old_and_new_secrets() -> None:
     ("headers", "now", "reason"),
     [
         ({}, T, "missing"),
-        (signed(b"{}", "wrong"), T, "none of"),
+        (signed(b"{}", "wrong"), T, "does not match"),
         (signed(b"{}"), T + 301, "replayed"),
     ],
     ids=["missing", "wrong-secret", "stale"],
@@ -90,6 +90,8 @@ def test_a_webhook_needs_a_secret() -> None:
     """Unsigned deliveries are never accepted."""
     with pytest.raises(ValueError, match="secret"):
         SapEventWebhook([])
+    with pytest.raises(ValueError, match="none empty"):
+        SapEventWebhook(["new", ""])  # "" would verify a body signed with ""
 
 
 # --- parse ------------------------------------------------------------------------
