@@ -165,6 +165,9 @@ class HttpConfig(Section, frozen=True):
     max_inflight: PositiveInt = 64
     retry_after_s: Seconds = 5.0
     publish_timeout_s: Seconds = 10.0
+    #: A body not fully received this long after the headers: 408.
+    body_timeout_s: Seconds = 15.0
+    keepalive_timeout_s: Seconds = 75.0
 
 
 class LoggingConfig(Section, frozen=True):

@@ -221,6 +221,7 @@ class HttpServer(Actor[None]):
             access_log=None,  # one http_request line per request instead
             handle_signals=False,
             shutdown_timeout=self._grace_s,
+            keepalive_timeout=self._cfg.keepalive_timeout_s,
         )
         await runner.setup()
         try:
@@ -314,7 +315,24 @@ class HttpServer(Actor[None]):
             )
 
     async def _read_body(self, request: web.Request) -> bytes:
-        """The body, refused with 413 past ``max-body-bytes`` without buffering more."""
+        """The body, refused with 413 past ``max-body-bytes`` without buffering more.
+
+        Raises:
+            ApiError: 413 past the limit; 408 when the body has not all
+                arrived within ``body-timeout-s``.
+        """
+        timeout_s = self._cfg.body_timeout_s
+        try:
+            with anyio.fail_after(timeout_s):
+                return await self._read_body_within_limit(request)
+        except TimeoutError:
+            raise ApiError(
+                408,
+                "body_timeout",
+                f"the body did not arrive within {timeout_s:g} s",
+            ) from None
+
+    async def _read_body_within_limit(self, request: web.Request) -> bytes:
         limit = self._cfg.max_body_bytes
         declared = request.content_length
         if declared is not None and declared > limit:
@@ -368,8 +386,11 @@ class HttpServer(Actor[None]):
         fields: dict[str, object],
     ) -> web.StreamResponse:
         retry_after_s = self._cfg.retry_after_s
-        fields["outcome"] = "too_large"
-        body = await self._read_body(request)
+        try:
+            body = await self._read_body(request)
+        except ApiError as exc:
+            fields["outcome"] = "body_timeout" if exc.status == 408 else "too_large"
+            raise
         fields["size_bytes"] = len(body)
         try:
             source.verify(request.headers, body, now=time.time())

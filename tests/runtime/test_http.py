@@ -424,6 +424,30 @@ async def test_a_declared_oversize_body_is_413_before_it_is_sent() -> None:
         assert s.counted("too_large") == 1
 
 
+async def test_a_body_that_stalls_is_408_and_frees_its_webhook_slot() -> None:
+    """A sender that stops mid-body cannot hold the only slot: 408, then 202 again."""
+    body = payload({"id": "evt-1", "thing": "t1"})
+    async with serving(BROKER__HTTP__BODY_TIMEOUT_S="0.3") as s:
+        port = int(s.base.rsplit(":", 1)[1])
+        async with await anyio.connect_tcp("127.0.0.1", port) as stream:
+            await stream.send(
+                f"POST /webhooks/{SYSTEM} HTTP/1.1\r\nHost: test\r\n"
+                f"Content-Type: application/json\r\n"
+                f"X-Signature: {sign(body)}\r\n"
+                f"Content-Length: {len(body)}\r\n\r\n".encode()
+                + body[:5]
+            )
+            head = b""
+            with anyio.fail_after(5):
+                while b"\r\n\r\n" not in head:
+                    head += await stream.receive()
+            assert head.startswith(b"HTTP/1.1 408 ")
+            # The stalled connection is still open; max-inflight is 1.
+            response = await s.webhook(body)
+            assert response.status == 202
+        assert s.counted("body_timeout") == 1
+
+
 async def test_a_chunked_body_growing_past_the_limit_is_413() -> None:
     """No Content-Length: the body is cut off once it passes max-body-bytes."""
 
