@@ -154,8 +154,12 @@ class ConfirmPublisher:
                 try:
                     await waiter
                 finally:
-                    if waiter.cancelled():  # our deadline: don't pile up
-                        self._writable_waiters.remove(waiter)
+                    # Our deadline or our caller's cancel: don't pile up. A
+                    # wake in the same turn (a confirm, the channel's death)
+                    # may have taken the waiter off the list already.
+                    if waiter.cancelled():
+                        with contextlib.suppress(ValueError):
+                            self._writable_waiters.remove(waiter)
                 continue
             self._write_slice(batch, total)
         if batch.unsettled and not (self._dead or self._closing):
