@@ -113,22 +113,47 @@ class AmqpParams:
         return f"<AmqpParams {scheme}://{where} vhost={self.vhost!r}>"
 
 
+def _split(url: str) -> tuple[urllib.parse.SplitResult, int | None] | None:
+    """The URL's parts and port, or None when it does not parse.
+
+    None rather than urllib's message, which may quote a piece of the password.
+    """
+    try:
+        parts = urllib.parse.urlsplit(url)
+        port = parts.port
+    except ValueError:
+        return None
+    return parts, port
+
+
 def parse_url(url: str) -> AmqpParams:
     """Parse ``amqp[s]://user:password@host:port/vhost`` (vhost url-encoded).
 
     An empty path means the vhost ``/``; missing credentials mean guest.
 
     Raises:
-        ValueError: not an amqp or amqps URL (the message omits the password).
+        ValueError: not an amqp or amqps URL. The message never quotes the
+            URL: a password with an unencoded ``/ ? # @`` moves the URL's
+            boundaries, and any part may then hold a piece of it.
     """
-    parts = urllib.parse.urlsplit(url)
+    unclear = ValueError(
+        "the AMQP URL does not parse as amqp[s]://user:password@host:port/vhost; "
+        "percent-encode / ? # @ : in the user name and password (and @ in the "
+        "vhost)"
+    )
+    split = _split(url)
+    if split is None:
+        raise unclear
+    parts, port = split
     if parts.scheme not in ("amqp", "amqps"):
         raise ValueError(f"not an AMQP URL (scheme {parts.scheme!r})")
+    if "@" in parts.path or "@" in parts.query or "@" in parts.fragment:
+        raise unclear
     tls = parts.scheme == "amqps"
     path = parts.path[1:] if parts.path.startswith("/") else parts.path
     return AmqpParams(
         host=parts.hostname or "localhost",
-        port=parts.port or (5671 if tls else 5672),
+        port=port or (5671 if tls else 5672),
         user=urllib.parse.unquote(parts.username or "guest"),
         password=urllib.parse.unquote(parts.password or "guest"),
         vhost=urllib.parse.unquote(path) if path else "/",

@@ -525,6 +525,25 @@ def test_url_parsing_decodes_the_vhost() -> None:
         parse_url("http://h")
 
 
+@pytest.mark.parametrize(
+    "url",
+    [
+        "amqp://svc:s3cr#et@rabbit/prod",  # '#' ends the address: port 's3cr'
+        "amqp://svc:1234/abcd@rabbit:5672/prod",  # '/' ends it: vhost 'abcd@...'
+        "amqp://svc:ab?cd@rabbit/prod",
+    ],
+)
+def test_a_password_with_unencoded_delimiters_never_shows_in_the_error(
+    url: str,
+) -> None:
+    """The URL's boundaries moved: refused, naming the fix, quoting no part of it."""
+    with pytest.raises(ValueError, match="percent-encode") as caught:
+        parse_url(url)
+    text = f"{caught.value} {caught.value.__cause__!r} {caught.value.__context__!r}"
+    for piece in ("s3cr", "abcd", "ab?cd", "et@"):
+        assert piece not in text
+
+
 class _Sink:
     """Stands in for the socket: keeps what the client writes."""
 
