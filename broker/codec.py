@@ -37,6 +37,8 @@ __all__ = [
 ]
 
 _envelope_decoder = msgspec.json.Decoder(Envelope)
+#: The longest AMQP short string, in UTF-8 bytes.
+_SHORTSTR_BYTES = 255
 _encoder = msgspec.json.Encoder(decimal_format="string")
 _MAX_NUMBER_CHARS = 64
 
@@ -105,8 +107,9 @@ def decode_envelope(
 
     Raises:
         MessageTooLarge: *body* is over *max_bytes* (checked before any parsing).
-        UndecodableMessage: not a well-formed envelope, or declared as
-            something other than JSON.
+        UndecodableMessage: not a well-formed envelope, declared as
+            something other than JSON, or with an ``id``, ``type`` or
+            ``correlationid`` too long for an AMQP short string.
     """
     if len(body) > max_bytes:
         raise MessageTooLarge(f"{len(body)} bytes is over the {max_bytes}-byte limit")
@@ -118,11 +121,26 @@ def decode_envelope(
             )
     check_json(body)
     try:
-        return _envelope_decoder.decode(body)
+        env = _envelope_decoder.decode(body)
     except msgspec.ValidationError as exc:
         raise UndecodableMessage(f"not a canonical envelope: {exc}") from exc
     except (msgspec.DecodeError, RecursionError) as exc:
         raise UndecodableMessage(f"not JSON: {exc}") from exc
+    # These travel as AMQP short strings (message id, type, correlation id)
+    # on what the message causes: one too long would fail every publish of
+    # its outputs, so it is refused here, where its bytes can be kept.
+    for name, value in (
+        ("id", env.id),
+        ("type", env.type),
+        ("correlationid", env.correlation_id),
+    ):
+        # At 4 bytes a character at most, a short value needs no encoding.
+        if len(value) * 4 > _SHORTSTR_BYTES and len(value.encode()) > _SHORTSTR_BYTES:
+            raise UndecodableMessage(
+                f"envelope {name} is over {_SHORTSTR_BYTES} bytes "
+                "(an AMQP short string)"
+            )
+    return env
 
 
 class Decoders:

@@ -67,6 +67,14 @@ def malformed() -> list[OutgoingMessage]:
         raw_message(
             "huge-number", envelope_with_data(entry + b'"amount":' + b"9" * 5000 + b"}")
         ),
+        # A valid entry, but its outputs could never be published: their AMQP
+        # correlation id would be over 255 bytes.
+        raw_message(
+            "long-correlation",
+            good.replace(
+                b'"correlationid":"acct-bad"', b'"correlationid":"' + b"c" * 300 + b'"'
+            ),
+        ),
     ]
 
 
@@ -76,7 +84,8 @@ async def test_malformed_input_is_dead_lettered_at_once_with_its_bytes(
     """Scenario 17: each malformed message → one ``malformed`` dead letter, no retry.
 
     Invalid JSON, invalid UTF-8, an XML body, a truncated body, duplicate
-    keys, 10k-deep nesting, a 5000-digit number, and a valid envelope sent
+    keys, 10k-deep nesting, a 5000-digit number, a correlation id too long
+    for the AMQP property its outputs carry it in, and a valid envelope sent
     as ``text/plain`` (a wrong content type is malformed, RELIABILITY.md §6.6).
     """
     daemon = scenario.daemon

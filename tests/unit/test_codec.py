@@ -154,3 +154,33 @@ def test_only_json_content_types_are_read(content_type: str | None, ok: bool) ->
             decode_envelope(
                 envelope_bytes(), max_bytes=LIMIT, content_type=content_type
             )
+
+
+@pytest.mark.parametrize("attribute", [b'"id":"m1"', b'"correlationid":"a"'])
+@pytest.mark.parametrize(
+    ("value", "ok"),
+    [
+        (b"c" * 255, True),
+        (b"c" * 256, False),
+        ("\u00e9".encode() * 127, True),  # 254 bytes
+        ("\u00e9".encode() * 128, False),  # 128 characters, 256 bytes
+    ],
+    ids=["255-ascii", "256-ascii", "254-bytes", "256-bytes"],
+)
+def test_attributes_sent_as_amqp_short_strings_fit_in_255_bytes(
+    attribute: bytes, value: bytes, ok: bool
+) -> None:
+    """Too long, it would fail every publish of what it causes: malformed now."""
+    name = attribute.split(b":")[0]
+    body = envelope_bytes().replace(attribute, name + b':"' + value + b'"')
+    if ok:
+        decode_envelope(body, max_bytes=LIMIT)
+    else:
+        with pytest.raises(UndecodableMessage, match="over 255 bytes"):
+            decode_envelope(body, max_bytes=LIMIT)
+
+
+def test_a_type_too_long_for_a_routing_key_is_undecodable() -> None:
+    body = envelope_bytes().replace(b"ledger.entry.posted", b"x." * 128)
+    with pytest.raises(UndecodableMessage, match="envelope type is over 255 bytes"):
+        decode_envelope(body, max_bytes=LIMIT)
