@@ -15,7 +15,8 @@ duplicate.
 Outcomes: ACK → delete; NACK (queue full) → retry with growing delay;
 INDETERMINATE (timeout, connection lost) → retry soon; RETURNED
 (unroutable) → parked for an operator, logged as an error: a routing bug,
-not something time will fix.
+not something time will fix. A row that no AMQP frame can carry (a name or
+id over 255 bytes) is parked before it is tried, for the same reason.
 """
 
 from __future__ import annotations
@@ -92,6 +93,30 @@ class OutboxFeed:
 
     def __repr__(self) -> str:
         return f"<OutboxFeed {self.fill}/{self.max_batches}>"
+
+
+#: The longest AMQP short string (exchange, routing key, ids, header names).
+_SHORTSTR_BYTES = 255
+
+
+def unpublishable(row: OutboxRow) -> str | None:
+    """Why no AMQP publish can carry *row* (None: it fits).
+
+    The exchange, routing key, message id, correlation id, type and header
+    names are AMQP short strings; the frame encoder refuses a longer one.
+    """
+    fields = {
+        "exchange": row.exchange,
+        "routing key": row.routing_key,
+        "message id": row.message_id,
+        "correlation id": row.correlation_id or "",
+        "type": row.type or "",
+    }
+    fields.update((f"header name {k[:40]!r}", k) for k in row.headers)
+    for name, value in fields.items():
+        if len(value.encode()) > _SHORTSTR_BYTES:
+            return f"unpublishable: its {name} is over {_SHORTSTR_BYTES} bytes"
+    return None
 
 
 def to_message(row: OutboxRow) -> OutgoingMessage:
@@ -256,6 +281,10 @@ class OutboxRelay(Actor[None]):
     async def _publish_together(
         self, rows: Sequence[OutboxRow], ctx: Context[None]
     ) -> None:
+        if any(unpublishable(r) for r in rows):
+            rows = await self._park_unpublishable(rows, ctx)
+            if not rows:
+                return
         outcomes = await self._transport.publish(
             [to_message(r) for r in rows], timeout_s=self._timeout_s
         )
@@ -337,6 +366,31 @@ class OutboxRelay(Actor[None]):
             # Unmarked rows stay leased; after the lease the poller republishes
             # them and receivers drop the duplicates.
             ctx.log.warning("outbox_mark_failed", error=str(exc), rows=len(rows))
+
+    async def _park_unpublishable(
+        self, rows: Sequence[OutboxRow], ctx: Context[None]
+    ) -> list[OutboxRow]:
+        """Park the rows no frame can carry; return the others."""
+        fit: list[OutboxRow] = []
+        for row in rows:
+            reason = unpublishable(row)
+            if reason is None:
+                fit.append(row)
+                continue
+            try:
+                await self._store.park_outbox([row.id], reason=reason)
+            except StoreUnavailable as exc:
+                # Still leased: the poller tries it, and parks it, again.
+                ctx.log.warning("outbox_mark_failed", error=str(exc), rows=1)
+                continue
+            self._metrics.publish_failed.labels("unpublishable").inc()
+            ctx.log.error(
+                "outbox_message_unpublishable",
+                reason=reason,
+                exchange=row.exchange[:100],
+                message_id=row.message_id[:100],
+            )
+        return fit
 
     async def _hold_back(
         self, rows: Sequence[OutboxRow], wait_s: float, ctx: Context[None]
