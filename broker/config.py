@@ -168,6 +168,9 @@ class HttpConfig(Section, frozen=True):
     #: A body not fully received this long after the headers: 408.
     body_timeout_s: Seconds = 15.0
     keepalive_timeout_s: Seconds = 75.0
+    #: Bearer tokens the process API accepts; none: the API is open.
+    api_tokens: tuple[Annotated[str, Meta(min_length=16)], ...] = ()
+    api_max_inflight: PositiveInt = 32
 
 
 class LoggingConfig(Section, frozen=True):

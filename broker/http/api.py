@@ -59,16 +59,24 @@ class ApiError(BrokerError):
         code: the short machine-readable ``error``.
         detail: the human-readable ``detail``; shown to the client.
         retry_after_s: sent as ``Retry-After`` (rounded up), if given.
+        headers: further response headers (``WWW-Authenticate`` with a 401).
     """
 
     def __init__(
-        self, status: int, code: str, detail: str, *, retry_after_s: float | None = None
+        self,
+        status: int,
+        code: str,
+        detail: str,
+        *,
+        retry_after_s: float | None = None,
+        headers: Mapping[str, str] | None = None,
     ) -> None:
         super().__init__(f"{status} {code}: {detail}")
         self.status = status
         self.code = code
         self.detail = detail
         self.retry_after_s = retry_after_s
+        self.headers = dict(headers or {})
 
 
 @final
@@ -204,11 +212,13 @@ def openapi_document(
     *,
     title: str = "Q2C Broker",
     version: str = "0",
+    bearer: bool = False,
 ) -> dict[str, Any]:
     """The OpenAPI 3.1 document of the process API, the webhooks and the probes.
 
     Schemas of the routes' Struct types go to ``components/schemas`` (through
     `msgspec.json.schema_components`) and are referenced from the operations.
+    With *bearer* (``api-tokens`` set), the routes need a bearer token.
     """
     types: list[Any] = [ErrorBody, WebhookAccepted]
     for route in routes:
@@ -252,8 +262,12 @@ def openapi_document(
         op["responses"] = {
             "200": {"description": "OK"}
             | ({"content": _json_content(response)} if response is not None else {}),
+            "429": fails("Too many API requests in flight", retry=True),
             "default": fails("An error"),
         }
+        if bearer:
+            op["security"] = [{"bearer": []}]
+            op["responses"]["401"] = fails("No bearer token, or not one of ours")
         op.update(route.operation)
         paths.setdefault(route.full_path, {})[route.method.lower()] = op
 
@@ -312,7 +326,12 @@ def openapi_document(
         "openapi": "3.1.0",
         "info": {"title": title, "version": version},
         "paths": paths,
-        "components": {"schemas": components},
+        "components": {"schemas": components}
+        | (
+            {"securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}}
+            if bearer
+            else {}
+        ),
     }
 
 

@@ -5,7 +5,9 @@ Routes:
 * ``POST /webhooks/{system}``: a vendor pushes an event (see below).
 * ``/api/v1/...``: the process API, routes registered by the application
   through `Runtime.http_route`; ``GET /api/v1/openapi.json`` describes them
-  (OpenAPI 3.1, JSON Schema generated from the registrants' Structs).
+  (OpenAPI 3.1, JSON Schema generated from the registrants' Structs). With
+  ``api-tokens`` set, a call needs ``Authorization: Bearer <token>`` (401
+  otherwise); past ``api-max-inflight`` calls in hand, 429.
 * ``GET /healthz`` (the process answers), ``GET /readyz`` (the transport is
   connected and the store answers: 200 or 503), ``GET /metrics``
   (Prometheus text from the daemon's registry).
@@ -49,7 +51,9 @@ from __future__ import annotations
 
 import contextvars
 import hashlib
+import hmac
 import importlib.metadata
+import ipaddress
 import math
 import re
 import time
@@ -140,6 +144,13 @@ def _error(
     return _json(ErrorBody(error=code, detail=detail), status, extra)
 
 
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
 def _safe_headers(headers: Mapping[str, str]) -> dict[str, str]:
     """The request headers worth keeping with a dead letter: no credentials."""
     return {
@@ -197,6 +208,7 @@ class HttpServer(Actor[None]):
         self._on_listening = on_listening
         self._title = title
         self._inflight = 0
+        self._api_inflight = 0
         self._grace_s = cfg.publish_timeout_s + 1.0
 
     @property
@@ -238,6 +250,13 @@ class HttpServer(Actor[None]):
         base = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
         self._on_listening(base)
         ctx.log.info("http_listening", host=host, port=port)
+        if self._routes and not self._cfg.api_tokens and not _is_loopback(host):
+            ctx.log.warning(
+                "http_api_open",
+                host=host,
+                hint="the process API answers anyone who reaches this address; "
+                "set [http] api-tokens or listen on 127.0.0.1",
+            )
         ctx.start_soon(self._hold, runner, ctx, name=f"{ctx.id}.serve")
 
     async def handle(self, msg: None, ctx: Context[None]) -> None:
@@ -288,7 +307,11 @@ class HttpServer(Actor[None]):
                 response = await handler(request)
             except ApiError as exc:
                 response = _error(
-                    exc.status, exc.code, exc.detail, retry_after_s=exc.retry_after_s
+                    exc.status,
+                    exc.code,
+                    exc.detail,
+                    retry_after_s=exc.retry_after_s,
+                    headers=exc.headers,
                 )
             except web.HTTPException as exc:  # the router's 404 and 405
                 allow = (
@@ -515,6 +538,21 @@ class HttpServer(Actor[None]):
         self, route: ApiRoute
     ) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
         async def answer(request: web.Request) -> web.StreamResponse:
+            self._authorize(request)
+            if self._api_inflight >= self._cfg.api_max_inflight:
+                raise ApiError(
+                    429,
+                    "too_many_requests",
+                    f"{self._api_inflight} API requests are in flight; retry later",
+                    retry_after_s=self._cfg.retry_after_s,
+                )
+            self._api_inflight += 1
+            try:
+                return await call_route(request)
+            finally:
+                self._api_inflight -= 1
+
+        async def call_route(request: web.Request) -> web.StreamResponse:
             body = await self._read_body(request) if request.body_exists else b""
             call = ApiRequest(
                 method=request.method,
@@ -543,6 +581,25 @@ class HttpServer(Actor[None]):
 
         return answer
 
+    def _authorize(self, request: web.Request) -> None:
+        """Refuse a call without one of ``api-tokens`` (when any is set) with 401."""
+        tokens = self._cfg.api_tokens
+        if not tokens:
+            return
+        scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+        presented = given.strip().encode("utf-8", "surrogateescape")
+        # Every token is compared, so the time taken does not tell which came close.
+        matched = False
+        for token in tokens:
+            matched |= hmac.compare_digest(presented, token.encode())
+        if scheme.lower() != "bearer" or not matched:
+            raise ApiError(
+                401,
+                "unauthorized",
+                "the process API needs Authorization: Bearer <token>",
+                headers={"WWW-Authenticate": 'Bearer realm="q2c"'},
+            )
+
     async def _openapi(self, request: web.Request) -> web.StreamResponse:
         return _json(
             openapi_document(
@@ -550,6 +607,7 @@ class HttpServer(Actor[None]):
                 list(self._sources),
                 title=self._title,
                 version=_package_version(),
+                bearer=bool(self._cfg.api_tokens),
             )
         )
 

@@ -11,7 +11,7 @@ import hashlib
 import hmac
 import json
 import socket
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from functools import partial
@@ -39,7 +39,7 @@ from broker import (
 )
 from broker.codec import decode_envelope
 from broker.config import Config
-from broker.errors import StoreUnavailable, SupervisorGaveUp
+from broker.errors import ConfigError, StoreUnavailable, SupervisorGaveUp
 from broker.http import HttpServer, webhook_message_id
 from broker.store import BatchWrite, DeadLetterFilter, OutboxRow
 from broker.store.sqlite import SqliteStore
@@ -282,11 +282,18 @@ class Served:
 
 
 @asynccontextmanager
-async def serving(**env: str) -> AsyncIterator[Served]:
-    """Run an `HttpServer` as the daemon does, as the only child of a root."""
+async def serving(
+    *, also: Callable[[Runtime], None] | None = None, **env: str
+) -> AsyncIterator[Served]:
+    """Run an `HttpServer` as the daemon does, as the only child of a root.
+
+    *also* registers more webhooks or routes beside the test's own.
+    """
     cfg = settings(**env)
     rt = Runtime(cfg)
     register(rt)
+    if also is not None:
+        also(rt)
     store = await SqliteStore.open(":memory:")
     transport = HeldTransport(MemoryTransport(build_topology(cfg.topology, [])))
     rt.attach(store=store, transport=transport)
@@ -606,6 +613,76 @@ async def test_registered_routes_are_served_under_api_v1() -> None:
         async with s.client.get(f"{s.base}/nowhere") as response:
             assert response.status == 404
             assert (await error_of(response))["error"] == "not_found"
+
+
+TOKEN = "t0ken-for-the-process-api"
+
+
+async def test_with_api_tokens_a_call_needs_one_of_them() -> None:
+    """401 with WWW-Authenticate without a token or with another; 200 with one."""
+    tokens = f'["{TOKEN}", "second-token-in-rotation"]'
+    async with serving(BROKER__HTTP__API_TOKENS=tokens) as s:
+        url = f"{s.base}/api/v1/things/t7"
+        for headers in (
+            {},
+            {"Authorization": "Bearer wrong-token-of-some-length"},
+            {"Authorization": f"Basic {TOKEN}"},
+            {"Authorization": f"Bearer {TOKEN}x"},
+        ):
+            async with s.client.get(url, headers=headers) as response:
+                assert response.status == 401, headers
+                assert response.headers["WWW-Authenticate"].startswith("Bearer")
+                assert (await error_of(response))["error"] == "unauthorized"
+        for token in (TOKEN, "second-token-in-rotation"):
+            headers = {"Authorization": f"Bearer {token}"}
+            async with s.client.get(url, headers=headers) as response:
+                assert response.status == 200
+        async with s.client.get(f"{s.base}/api/v1/openapi.json") as response:
+            document = await response.json()
+        read = document["paths"]["/api/v1/things/{thing_id}"]["get"]
+        assert read["security"] == [{"bearer": []}]
+        assert "401" in read["responses"]
+        assert document["components"]["securitySchemes"]["bearer"]["scheme"] == "bearer"
+        # Webhooks, probes and metrics have their own checks, or none.
+        async with s.client.get(f"{s.base}/healthz") as response:
+            assert response.status == 200
+        assert (await s.webhook(payload({"id": "evt-1", "thing": "t1"}))).status == 202
+
+
+async def test_a_short_api_token_is_refused_by_the_config() -> None:
+    with pytest.raises(ConfigError, match="api-tokens"):
+        settings(BROKER__HTTP__API_TOKENS='["short"]')
+
+
+async def test_api_calls_past_api_max_inflight_are_429() -> None:
+    """The process API has its own cap: a flood of calls cannot pile up."""
+    gate = anyio.Event()
+    entered = anyio.Event()
+
+    async def slow(request: ApiRequest) -> Thing:
+        entered.set()
+        await gate.wait()
+        return Thing(thing_id="slow", label="")
+
+    def route(rt: Runtime) -> None:
+        rt.http_route("GET", "/slow", slow, summary="Wait for the test")
+
+    async with serving(BROKER__HTTP__API_MAX_INFLIGHT="1", also=route) as s:
+        async with anyio.create_task_group() as tg:
+
+            async def first() -> None:
+                async with s.client.get(f"{s.base}/api/v1/slow") as response:
+                    assert response.status == 200
+
+            tg.start_soon(first)
+            with anyio.fail_after(5):
+                await entered.wait()
+            async with s.client.get(f"{s.base}/api/v1/things/t7") as response:
+                assert response.status == 429
+                assert response.headers["Retry-After"] == RETRY_AFTER
+            gate.set()
+        async with s.client.get(f"{s.base}/api/v1/things/t7") as response:
+            assert response.status == 200
 
 
 async def test_a_crashing_handler_answers_500_without_its_traceback() -> None:
