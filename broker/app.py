@@ -107,6 +107,7 @@ async def open_store(cfg: Config, *, attempts: int = 30) -> Store:
                     cfg.postgres,
                     lease_s=cfg.core.outbox_lease_s,
                     schema="migrate" if cfg.postgres.migrate else "verify",
+                    retention_days=cfg.core.inbox_retention_days,
                 )
             from broker.store.sqlite import SqliteStore
 

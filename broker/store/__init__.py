@@ -488,7 +488,10 @@ class Store(Protocol):
         Outbox rows marked sent by releases that kept them go after the
         retention too; confirmed rows are deleted at once now (`delete_sent`).
 
-        Also runs `sweep_holds` (``holds_swept`` in the result).
+        Also runs `sweep_holds` (``holds_swept`` in the result), then deletes
+        the dead letters nothing waits on any more (``dead_letters``):
+        released, replayed or purged, no hold's blocker, and last seen before
+        the retention. Parked and held dead letters stay for an operator.
         """
         ...
 

@@ -472,11 +472,14 @@ class PostgresStore:
         *retention_days*).
 
         Holds nothing can release any more are handed on (`sweep_holds`).
+        Then dead letters nothing waits on any more (released, replayed or
+        purged, and no hold's blocker) whose ``last_seen`` is older than the
+        retention are deleted in chunks too; parked and held ones stay.
 
         Returns:
             Counts under ``inbox_partitions``, ``journal_partitions`` (dropped),
-            ``inbox``, ``journal``, ``outbox`` (rows deleted) and
-            ``holds_swept`` (instances handed on).
+            ``inbox``, ``journal``, ``outbox``, ``dead_letters`` (rows
+            deleted) and ``holds_swept`` (instances handed on).
         """
         journal_days = (
             retention_days if journal_retention_days is None else journal_retention_days
@@ -494,6 +497,9 @@ class PostgresStore:
             ),
             "outbox": await self._delete_chunks(sql.PRUNE_OUTBOX, retention_days),
             "holds_swept": await self.sweep_holds(),
+            "dead_letters": await self._delete_chunks(
+                sql.PRUNE_DEAD_LETTERS, retention_days
+            ),
         }
         await self.ensure_partitions(retention_days=retention_days)
         _log.debug("store_pruned", **result)

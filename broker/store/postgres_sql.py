@@ -54,6 +54,7 @@ __all__ = [
     "PRUNE_INBOX_DEFAULT",
     "PRUNE_JOURNAL_DEFAULT",
     "PRUNE_OUTBOX",
+    "PRUNE_DEAD_LETTERS",
     "COUNTS",
 ]
 
@@ -197,9 +198,10 @@ ORDER BY c.id, d.held_seq
 
 SWEEP_HOLDS = "SELECT q2c_sweep_holds($1)"
 
-# After purging: the holds whose blocker was purged are handed on.
+# After purging: the holds whose blocker was purged are handed on, each read
+# again under its row lock (migration 0008): one moved on meanwhile is left.
 PROMOTE_PURGED = """
-SELECT q2c_promote_hold(workflow, correlation_id)
+SELECT q2c_promote_hold_seen(workflow, correlation_id, message_id)
 FROM hold WHERE message_id = ANY($1::text[])
 ORDER BY workflow, correlation_id
 """
@@ -411,12 +413,29 @@ DELETE FROM journal_default WHERE ctid = ANY(ARRAY(
 """
 
 # Rows marked sent by releases that kept them (now confirmed rows are deleted
-# at once, `DELETE_SENT`).
+# at once, `DELETE_SENT`), read from outbox_sent (0008).
 PRUNE_OUTBOX = """
 DELETE FROM outbox WHERE id = ANY(ARRAY(
     SELECT id FROM outbox WHERE sent_at < now() - make_interval(days => $1) LIMIT $2))
 """
 
+# Dead letters nothing waits on any more, by last_seen (dead_letter_settled,
+# 0008); parked and held ones stay for an operator, and so does a released
+# one that still blocks its instance. The conditions are checked again on the
+# row deleted: a new failure of the same message may have parked it since.
+PRUNE_DEAD_LETTERS = """
+DELETE FROM dead_letter
+WHERE id = ANY(ARRAY(
+    SELECT d.id FROM dead_letter AS d
+    WHERE d.status IN ('released', 'replayed', 'purged')
+      AND d.last_seen < now() - make_interval(days => $1)
+      AND NOT EXISTS (SELECT 1 FROM hold AS h WHERE h.message_id = d.message_id)
+    LIMIT $2))
+  AND status IN ('released', 'replayed', 'purged')
+  AND last_seen < now() - make_interval(days => $1)
+"""
+
+# The parked count reads outbox_parked (0008).
 COUNTS = f"""
 SELECT
     (SELECT count(*) FROM outbox WHERE sent_at IS NULL AND parked_reason IS NULL),

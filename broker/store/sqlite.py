@@ -423,20 +423,23 @@ class SqliteStore:
     async def prune(
         self, *, retention_days: int, journal_retention_days: int | None = None
     ) -> dict[str, int]:
-        """Delete, in chunks, inbox keys, journal entries and kept sent outbox rows.
+        """Delete, in chunks, old keys, journal entries, sent rows and dead letters.
 
         Keeps what is younger than the retention (inbox by the key's day,
         journal by its time, outbox rows marked sent by releases that kept
-        them by when they were sent); the journal keeps
-        *journal_retention_days* (default: *retention_days*). The lock is
-        released between chunks, so batches keep flowing.
+        them by when they were sent, dead letters by ``last_seen``); the
+        journal keeps *journal_retention_days* (default: *retention_days*).
+        Only dead letters nothing waits on any more go: released, replayed
+        or purged, and no hold's blocker; parked and held ones stay. The lock
+        is released between chunks, so batches keep flowing.
 
-        Holds nothing can release any more are handed on (`sweep_holds`).
+        Holds nothing can release any more are handed on (`sweep_holds`)
+        before dead letters are deleted.
 
         Returns:
-            Rows deleted under ``inbox``, ``journal`` and ``outbox``, instances
-            handed on under ``holds_swept``; the ``*_partitions`` counts are
-            always 0 here.
+            Rows deleted under ``inbox``, ``journal``, ``outbox`` and
+            ``dead_letters``, instances handed on under ``holds_swept``; the
+            ``*_partitions`` counts are always 0 here.
         """
         now = self._clock()
         today = _utc(now).date()
@@ -456,6 +459,9 @@ class SqliteStore:
                 sql.PRUNE_OUTBOX, now - retention_days * 86_400.0
             ),
             "holds_swept": await self.sweep_holds(),
+            "dead_letters": await self._delete_chunks(
+                sql.PRUNE_DEAD_LETTERS, now - retention_days * 86_400.0
+            ),
         }
         _log.debug("store_pruned", **result)
         return result

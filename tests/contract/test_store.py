@@ -605,6 +605,7 @@ async def test_prune_forgets_keys_older_than_the_retention(store: Store) -> None
         "journal_partitions",
         "outbox",
         "holds_swept",
+        "dead_letters",
     }
     read = await store.prepare_batch("ledger", [old, edge, recent], "ledger", [])
     assert read.claimed == {"edge", "recent"}
