@@ -620,7 +620,7 @@ class HttpServer(Actor[None]):
         checks = {"transport": self._transport_check(), "store": "ok"}
         try:
             with anyio.fail_after(_READY_TIMEOUT_S):
-                await self._store.counts()
+                await self._store.ping()
         except Exception as exc:  # noqa: BLE001 - whatever fails the probe means "not ready"; logged
             _log.warning("readiness_store_failed", error=f"{type(exc).__name__}: {exc}")
             checks["store"] = f"unavailable ({type(exc).__name__})"

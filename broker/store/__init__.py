@@ -495,6 +495,14 @@ class Store(Protocol):
         """
         ...
 
+    async def ping(self) -> None:
+        """One trivial statement: the store answers (readiness).
+
+        Raises:
+            StoreUnavailable: it does not.
+        """
+        ...
+
     async def counts(self) -> dict[str, int]:
         """Row counts for status: outbox, dead letters, held messages and instances."""
         ...

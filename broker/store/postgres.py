@@ -513,6 +513,10 @@ class PostgresStore:
             if deleted < PRUNE_CHUNK:
                 return total
 
+    async def ping(self) -> None:
+        """``SELECT 1`` through the pool: a connection can be had and answers."""
+        await self._fetch(sql.PING)
+
     async def counts(self) -> dict[str, int]:
         """Row counts for status.
 

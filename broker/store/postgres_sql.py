@@ -56,6 +56,7 @@ __all__ = [
     "PRUNE_OUTBOX",
     "PRUNE_DEAD_LETTERS",
     "COUNTS",
+    "PING",
 ]
 
 #: Above this many rows, `counts()` reports the planner's estimate instead.
@@ -450,3 +451,5 @@ SELECT
      FROM pg_inherits AS h JOIN pg_class AS c ON c.oid = h.inhrelid
      WHERE h.inhparent = 'inbox'::regclass)
 """
+
+PING = "SELECT 1"

@@ -476,6 +476,10 @@ class SqliteStore:
             if deleted < PRUNE_CHUNK:
                 return total
 
+    async def ping(self) -> None:
+        """``SELECT 1`` on the store's connection, off the event loop."""
+        await self._locked(lambda conn: conn.execute(sql.PING).fetchone())
+
     async def counts(self) -> dict[str, int]:
         """Exact row counts for status."""
         row = await self._locked(lambda conn: conn.execute(sql.COUNTS).fetchone())

@@ -57,6 +57,7 @@ __all__ = [
     "PRUNE_OUTBOX",
     "PRUNE_DEAD_LETTERS",
     "COUNTS",
+    "PING",
 ]
 
 # json_each() expands one JSON array parameter into rows: one statement per
@@ -426,3 +427,5 @@ SELECT
     (SELECT count(*) FROM saga),
     (SELECT count(*) FROM inbox)
 """
+
+PING = "SELECT 1"

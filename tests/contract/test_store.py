@@ -1131,3 +1131,8 @@ async def test_xref_entries_commit_with_their_batch(store: Store) -> None:
         )
     assert await claimed(store, "k2") == set()
     assert (await store.counts())["outbox_pending"] == 0
+
+
+async def test_ping_answers_while_the_store_is_open(store: Store) -> None:
+    """What /readyz asks: one trivial statement, not the status counts."""
+    assert await store.ping() is None
