@@ -52,6 +52,9 @@ T = TypeVar("T")
 _ENCODER = msgspec.json.Encoder(decimal_format="number")
 _ERRORS = msgspec.json.Decoder(tuple[ApiError, ...])
 _OAUTH_ERROR = msgspec.json.Decoder(OAuthError)
+#: Error codes an org answers with 4xx that pass with time: its API limit, and
+#: a record locked by a user, a flow or a CPQ calculation while we write it.
+_TRANSIENT_CODES = frozenset({"REQUEST_LIMIT_EXCEEDED", "UNABLE_TO_LOCK_ROW"})
 
 
 class SalesforceSettings(Section, frozen=True):
@@ -418,7 +421,7 @@ class SalesforceClient(SessionClient):
             return
         code, message = _error_of(body)
         detail = f"{method} {path}: HTTP {status} {code}: {message}".rstrip(": ")
-        if status == 429 or status >= 500 or code == "REQUEST_LIMIT_EXCEEDED":
+        if status == 429 or status >= 500 or code in _TRANSIENT_CODES:
             raise UpstreamUnavailable(
                 self.system,
                 detail,

@@ -112,6 +112,9 @@ class Knobs(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
         latency_s: added before every call is answered.
         error_rate: fraction of write calls answered 500 or 503 (seeded).
         outage: every call is answered 503.
+        locked_writes: the next this many writes are answered 400
+            ``UNABLE_TO_LOCK_ROW``, as an org answers while a user, a flow
+            or a CPQ calculation holds the record.
         rate_limit_per_s: beyond it, API calls are answered 429 + Retry-After.
         push_url: where the relay POSTs change events; None pushes nothing.
         push_secrets: signing secrets; two while one is being rotated.
@@ -122,6 +125,7 @@ class Knobs(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     latency_s: NonNegative = 0.0
     error_rate: Annotated[float, Meta(ge=0, le=1)] = 0.0
     outage: bool = False
+    locked_writes: Annotated[int, Meta(ge=0)] = 0
     rate_limit_per_s: Annotated[float, Meta(gt=0)] | None = None
     push_url: str | None = None
     push_secrets: list[str] = msgspec.field(
@@ -321,6 +325,14 @@ class SalesforceSandbox(UserActions):
             if not self._authorized(request):
                 self.counts["auth_refused"] += 1
                 return _error(401, "INVALID_SESSION_ID", "Session expired or invalid")
+            if request.method in _WRITES and knobs.locked_writes > 0:
+                knobs.locked_writes -= 1
+                self.counts["locked"] += 1
+                return _error(
+                    400,
+                    "UNABLE_TO_LOCK_ROW",
+                    "unable to obtain exclusive access to this record",
+                )
             if request.method in _WRITES and self._inject_error():
                 status = self._random.choice((500, 503))
                 self.counts["injected_errors"] += 1

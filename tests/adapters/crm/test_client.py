@@ -132,6 +132,17 @@ async def test_server_errors_on_writes_are_unavailable_not_refused(org: Org) -> 
     assert org.sandbox.state()["injected_errors"] == 1
 
 
+async def test_a_locked_record_is_unavailable_then_written(org: Org) -> None:
+    """UNABLE_TO_LOCK_ROW (400) passes with time: retried, not refused."""
+    account_id = org.sandbox.seed_account("Acme")
+    org.sandbox.knobs.locked_writes = 1
+    with pytest.raises(UpstreamUnavailable, match="UNABLE_TO_LOCK_ROW"):
+        await org.client.update(account_id, v.Account(Name="Acme 2"))
+    await org.client.update(account_id, v.Account(Name="Acme 2"))
+    assert (await org.client.get(v.Account, account_id)).Name == "Acme 2"
+    assert org.sandbox.state()["locked"] == 1
+
+
 async def test_an_outage_is_unavailable_and_ends_when_the_knob_is_off(org: Org) -> None:
     """outage: every call (the token endpoint too) answers 503."""
     account_id = org.sandbox.seed_account("Acme")
