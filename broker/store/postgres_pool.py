@@ -25,6 +25,7 @@ import asyncpg
 import structlog
 
 from broker.config import PostgresConfig
+from broker.errors import StoreUnavailable
 from broker.store.postgres_errors import RETRYABLE, connection_errors, store_errors
 
 __all__ = ["IDLE_RETURN_S", "Connections", "Conn", "Pool", "PoolConnection"]
@@ -113,9 +114,11 @@ class Connections:
         """A connection for one call: the last one idle, else from the pool.
 
         Raises:
-            StoreUnavailable: none came within the acquire timeout, or the
-                database failed the call in a way worth retrying.
+            StoreUnavailable: none came within the acquire timeout, the
+                database failed the call in a way worth retrying, or the
+                store is closed (the daemon is stopping).
         """
+        self._check_open()
         conn = await self._take_idle()
         if conn is None:
             self._waiting += 1
@@ -138,6 +141,10 @@ class Connections:
         # The least recently used is first: return it if a burst left it over.
         if self._idle[0][1] < now - self._idle_return_s:
             await self._release(self._idle.pop(0)[0])
+
+    def _check_open(self) -> None:
+        if self._closing:
+            raise StoreUnavailable("postgres store is closed")
 
     async def aclose(self) -> None:
         """Close the pool: wait for connections in use, up to the command timeout."""

@@ -33,6 +33,7 @@ import anyio.to_thread
 import structlog
 
 from broker.config import SqliteConfig
+from broker.errors import StoreUnavailable
 from broker.store import (
     BatchRead,
     BatchWrite,
@@ -97,6 +98,7 @@ class SqliteStore:
         self._lease_s = lease_s
         self._clock = clock
         self._lock = anyio.Lock()
+        self._closed = False
 
     def __repr__(self) -> str:
         return f"<SqliteStore {self._path}>"
@@ -144,6 +146,8 @@ class SqliteStore:
         runs is committed or rolled back, never left open.
         """
         async with self._lock:
+            if self._closed:
+                raise StoreUnavailable("sqlite store is closed")
             with sqlite_errors():
                 return await anyio.to_thread.run_sync(fn, self._conn)
 
@@ -497,7 +501,9 @@ class SqliteStore:
     async def aclose(self) -> None:
         """Close the connection (after any call in progress)."""
         with anyio.CancelScope(shield=True):
-            await self._locked(lambda conn: conn.close())
+            if not self._closed:
+                await self._locked(lambda conn: conn.close())
+                self._closed = True
 
 
 def _utc(ts: float) -> datetime:

@@ -1135,4 +1135,7 @@ async def test_xref_entries_commit_with_their_batch(store: Store) -> None:
 
 async def test_ping_answers_while_the_store_is_open(store: Store) -> None:
     """What /readyz asks: one trivial statement, not the status counts."""
-    assert await store.ping() is None
+    await store.ping()
+    await store.aclose()
+    with pytest.raises(StoreUnavailable):
+        await store.ping()
