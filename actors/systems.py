@@ -529,7 +529,7 @@ class _IdocInbound(Actor[None]):
         self._system = system
         self._poller = InboundPoller(
             settings.inbound,
-            parse=parse_idocs,
+            parse=functools.partial(parse_idocs, max_bytes=settings.max_file_bytes),
             handle=self._handle,
             batch=settings.batch,
             interval_s=settings.poll_interval_s,

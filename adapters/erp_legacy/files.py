@@ -33,10 +33,20 @@ from anyio.abc import TaskStatus
 
 from broker.errors import PermanentError, TransientError
 
-__all__ = ["write_atomic", "InboundPoller", "PollReport", "FileTooLarge"]
+__all__ = [
+    "UNREADABLE_TRIES",
+    "FileTooLarge",
+    "FileUnreadable",
+    "InboundPoller",
+    "PollReport",
+    "write_atomic",
+]
 
 T = TypeVar("T")
-_Outcome = Literal["processed", "failed", "deferred", "gone", "changed"]
+_Outcome = Literal["processed", "failed", "deferred", "gone", "changed", "unreadable"]
+#: Polls in a row a file may fail to read (permissions, a stale NFS handle)
+#: before it moves to ``failed/``; a passing fault heals within them.
+UNREADABLE_TRIES = 3
 
 _log = structlog.get_logger(__name__)
 
@@ -111,6 +121,12 @@ class FileTooLarge(PermanentError):
     reason = "oversize"
 
 
+class FileUnreadable(PermanentError):
+    """An inbound file could not be read, poll after poll."""
+
+    reason = "unreadable"
+
+
 class PollReport(NamedTuple):
     """What one look at the directory did.
 
@@ -152,6 +168,10 @@ class InboundPoller(Generic[T]):
       file moves to ``failed/`` with ``<name>.reason.txt``.
     * *handle* raises a `TransientError`: the file stays; the rest of the
       batch waits for the next poll (the downstream is not taking work).
+    * the file cannot be read (an `OSError`: permissions, a stale NFS
+      handle): it is skipped, and after `UNREADABLE_TRIES` polls in a row
+      moved to ``failed/``. A directory that cannot be listed (unmounted)
+      is logged and looked at again next poll. Neither ends the poller.
     * anything else is a bug and propagates; the file stays where it is.
 
     Memory is bounded by the listing window, whatever the directory holds. One poller
@@ -185,6 +205,8 @@ class InboundPoller(Generic[T]):
         self._max_bytes = max_bytes
         self._clock = clock
         self._seen: dict[str, _Look] = {}
+        # Failed reads in a row, of files still listed (bounded by the window).
+        self._unreadable: dict[str, int] = {}
 
     def __repr__(self) -> str:
         return f"<InboundPoller {self.directory} {len(self._seen)} watched>"
@@ -201,7 +223,15 @@ class InboundPoller(Generic[T]):
 
     async def poll_once(self) -> PollReport:
         """Look once, and hand over the files found stable; see the class docstring."""
-        listing = await anyio.to_thread.run_sync(self._list)
+        try:
+            listing = await anyio.to_thread.run_sync(self._list)
+        except OSError as exc:
+            _log.warning(
+                "inbound_listing_failed",
+                directory=str(self.directory),
+                error=f"{type(exc).__name__}: {exc}",
+            )
+            return PollReport()
         now = self._clock()
         stable: list[str] = []
         seen: dict[str, _Look] = {}
@@ -217,6 +247,7 @@ class InboundPoller(Generic[T]):
             else:
                 seen[name] = _Look(size, mtime_ns, now)
         self._seen = seen
+        self._unreadable = {n: k for n, k in self._unreadable.items() if n in seen}
         counts = dict.fromkeys(("processed", "failed", "deferred"), 0)
         for position, name in enumerate(stable[: self._batch]):
             outcome = await self._take(name)
@@ -246,6 +277,9 @@ class InboundPoller(Generic[T]):
         except PermanentError as exc:
             await self._fail(name, exc)
             return "failed"
+        except OSError as exc:
+            return await self._unreadable_file(name, exc)
+        self._unreadable.pop(name, None)
         try:
             await self._handle(name, document)
         except TransientError as exc:
@@ -265,12 +299,50 @@ class InboundPoller(Generic[T]):
         except FileNotFoundError:
             _log.info("inbound_file_vanished", directory=str(self.directory), file=name)
             return "gone"
+        except OSError as exc:
+            # Handed over but still in place: it is handed over again next
+            # poll, and the receiver's inbox drops the repeat.
+            _log.error(
+                "inbound_file_unmovable",
+                directory=str(self.directory),
+                file=name,
+                error=f"{type(exc).__name__}: {exc}",
+            )
+            return "processed"
         _log.info("inbound_file_processed", directory=str(self.directory), file=name)
         return "processed"
 
+    async def _unreadable_file(self, name: str, exc: OSError) -> _Outcome:
+        tries = self._unreadable.get(name, 0) + 1
+        self._unreadable[name] = tries
+        error = f"{type(exc).__name__}: {exc}"
+        _log.warning(
+            "inbound_file_unreadable",
+            directory=str(self.directory),
+            file=name,
+            error=error,
+            tries=tries,
+        )
+        if tries < UNREADABLE_TRIES:
+            return "unreadable"
+        self._unreadable.pop(name, None)
+        await self._fail(name, FileUnreadable(f"{name} could not be read: {error}"))
+        return "failed"
+
     async def _fail(self, name: str, exc: PermanentError) -> None:
         reason = f"{type(exc).__name__}: {exc}\n"
-        await anyio.to_thread.run_sync(self._move_failed, name, reason)
+        try:
+            await anyio.to_thread.run_sync(self._move_failed, name, reason)
+        except OSError as err:
+            # It stays in place, and is tried (and failed) again next poll.
+            _log.error(
+                "inbound_file_unmovable",
+                directory=str(self.directory),
+                file=name,
+                reason=reason.strip(),
+                error=f"{type(err).__name__}: {err}",
+            )
+            return
         self._seen.pop(name, None)
         _log.warning(
             "inbound_file_failed",

@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
 
 import anyio
 import pytest
 
-from adapters.erp_legacy.files import InboundPoller, PollReport, write_atomic
+from adapters.erp_legacy.files import (
+    UNREADABLE_TRIES,
+    InboundPoller,
+    PollReport,
+    write_atomic,
+)
 from broker.errors import RetryLater, SchemaInvalid, UpstreamRejected
 from tests.polling import eventually
 
@@ -267,3 +273,48 @@ async def test_run_polls_until_cancelled(tmp_path: Path) -> None:
         await eventually(handed_over)
         tg.cancel_scope.cancel()
     assert names(tmp_path / "processed") == ["late.xml"]
+
+
+async def test_a_file_that_cannot_be_read_is_skipped_then_failed(
+    tmp_path: Path,
+) -> None:
+    """An I/O error reading one file (here from the parse step) ends nothing.
+
+    The files beside it are handed over; it is tried again, and after
+    UNREADABLE_TRIES polls in a row moves to failed/ with the error.
+    """
+    handler = Recorder()
+
+    def flaky(data: bytes) -> bytes:
+        if data == b"<ok>stale</ok>":
+            raise OSError(errno.ESTALE, "Stale file handle")
+        return parse(data)
+
+    p = InboundPoller(tmp_path, parse=flaky, handle=handler, settle_s=0.0)
+    (tmp_path / "a.xml").write_bytes(b"<ok>stale</ok>")
+    (tmp_path / "b.xml").write_bytes(b"<ok>fine</ok>")
+    await p.poll_once()
+    assert await p.poll_once() == PollReport(processed=1)
+    assert handler.got == [("b.xml", b"<ok>fine</ok>")]
+    for _ in range(UNREADABLE_TRIES - 2):
+        assert await p.poll_once() == PollReport()
+    assert await p.poll_once() == PollReport(failed=1)
+    reason = (tmp_path / "failed" / "a.xml.reason.txt").read_text()
+    assert reason.startswith("FileUnreadable: a.xml could not be read: OSError")
+    assert "Stale file handle" in reason
+
+
+async def test_a_folder_that_cannot_be_listed_is_looked_at_again(
+    tmp_path: Path,
+) -> None:
+    """The inbound folder gone (an unmounted share): logged, then picked up again."""
+    handler = Recorder()
+    inbound = tmp_path / "in"
+    inbound.mkdir()
+    p = poller(inbound, handler)
+    inbound.rmdir()
+    assert await p.poll_once() == PollReport()
+    inbound.mkdir()
+    (inbound / "x.xml").write_bytes(b"<ok/>")
+    await p.poll_once()
+    assert await p.poll_once() == PollReport(processed=1)
