@@ -60,7 +60,9 @@ class Backoff:
 
     def next_delay(self) -> float:
         """The delay before the next try; grows until the cap."""
-        base = min(self._cap_s, self._initial_s * 2.0**self.attempt)
+        # The exponent stops growing long before float overflow (2.0**1024)
+        # would: a breaker or a loop that has waited days keeps its cap.
+        base = min(self._cap_s, self._initial_s * 2.0 ** min(self.attempt, 64))
         self.attempt += 1
         return base * (1 - self._jitter * self._rand())
 

@@ -23,3 +23,11 @@ def test_policy_needs_a_tier() -> None:
     """An empty tier list is a configuration mistake, refused at once."""
     with pytest.raises(ValueError, match="tier"):
         RetryPolicy((), max_attempts=3)
+
+
+def test_backoff_keeps_its_cap_after_thousands_of_attempts() -> None:
+    """Days of a vendor outage: the delay stays at the cap, no OverflowError."""
+    backoff = Backoff(30.0, 300.0, rand=lambda: 0.0)
+    delays = [backoff.next_delay() for _ in range(5000)]
+    assert delays[-1] == 300.0
+    assert max(delays) == 300.0
