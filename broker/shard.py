@@ -38,6 +38,7 @@ from broker.errors import PermanentError, TransportUnavailable
 from broker.faults import CrashHook
 from broker.metrics import Metrics
 from broker.outbox import OutboxFeed
+from broker.store import OutboxRow
 from broker.transport import Delivery, Subscription, Transport
 from broker.workflow import Workflow
 
@@ -144,12 +145,25 @@ class WorkflowShard(Actor[None]):
             # The batch in hand finishes even if the actor is being stopped:
             # the commit and the ack are one step for the drain.
             with anyio.CancelScope(shield=True):
-                await self._process(sub, deliveries, ctx)
+                waiting = await self._process(sub, deliveries, ctx)
             self.in_batch = 0
+            if waiting:
+                # The relay has no room: wait for it (back-pressure: no next
+                # batch meanwhile), but not in the shield, where a stop's
+                # deadline could not end the wait: a relay that crashed with
+                # the feed full would hold the whole tree. The rows are
+                # committed and leased; what is not handed over, the poller
+                # publishes once the lease runs out.
+                await self._feed.put(waiting)
 
     async def _process(
         self, sub: Subscription, deliveries: list[Delivery], ctx: Context[None]
-    ) -> None:
+    ) -> list[OutboxRow]:
+        """Decode, commit and acknowledge one batch.
+
+        Returns:
+            The batch's outbox rows the relay had no room for ([] if none).
+        """
         started = time.perf_counter()
         items: list[Item] = []
         bad: list[tuple[Delivery, PermanentError]] = []
@@ -177,7 +191,7 @@ class WorkflowShard(Actor[None]):
         outcome = await self._commit.write(self._queue, items, bad)
         self._crash.passed("after_commit_before_ack", len(deliveries))
         committed = time.perf_counter()
-        await self._feed.put(outcome.outbox)
+        waiting = [] if self._feed.offer(outcome.outbox) else outcome.outbox
         sub.ack(deliveries[-1].tag, multiple=True)
 
         self.batches += 1
@@ -210,4 +224,6 @@ class WorkflowShard(Actor[None]):
             duration_ms=round(elapsed * 1000, 2),
             commit_ms=round((committed - decoded) * 1000, 2),
             handoff_ms=round((started + elapsed - committed) * 1000, 2),
+            relay_full=bool(waiting),
         )
+        return waiting

@@ -15,6 +15,8 @@ from actors.demo import entry_message
 from actors.ledger import LedgerState
 from broker import Daemon, load_config
 from broker.config import Config
+from broker.errors import SupervisorGaveUp
+from broker.outbox import OutboxFeed
 from broker.store import DeadLetterFilter, DeadLetterRow
 from broker.transport import Delivery, OutgoingMessage, PublishOutcome
 from canonical import Envelope, LedgerEntryApplied
@@ -262,3 +264,61 @@ async def test_drain_commits_every_delivery_it_took(tmp_path: Path) -> None:
 
 async def _at_least(read: Callable[[], Awaitable[int]], n: int) -> bool:
     return await read() >= n
+
+
+async def test_a_shard_waiting_on_a_dead_relay_is_stopped_at_its_deadline(
+    tmp_path: Path,
+) -> None:
+    """The relay crashes while the hand-over to it is full: the tree still stops.
+
+    The shards wait for room in the feed (back-pressure) after their commit.
+    That wait must give way to a stop's deadline, or the root, stopping the
+    application to restart the relay, would wait for them forever. Here the
+    relay fails on every publish, so the root gives up, as OTP would, and
+    the daemon ends instead of hanging.
+    """
+    cfg = config(
+        tmp_path,
+        BROKER__TOPOLOGY__SHARDS="1",
+        BROKER__CORE__BATCH_MAX="1",
+        BROKER__CORE__RELAY_WORKERS="1",
+        BROKER__DAEMON__SHUTDOWN_S="1",
+        BROKER__HTTP__ENABLED="false",
+    )
+    daemon = Daemon(cfg)
+    daemon.runtime.feed.close()
+    daemon.runtime.feed = OutboxFeed(max_batches=2)  # full after two batches
+    crash, ended = anyio.Event(), anyio.Event()
+    gave_up: list[SupervisorGaveUp] = []
+
+    async def run() -> None:
+        try:
+            await daemon.run()
+        except SupervisorGaveUp as exc:
+            gave_up.append(exc)
+        finally:
+            ended.set()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(run)
+        with anyio.fail_after(20):
+            await daemon.started.wait()
+        transport = daemon.runtime.transport
+        publish_for_real = transport.publish
+
+        async def failing(messages: object, *, timeout_s: float) -> object:
+            await crash.wait()
+            raise RuntimeError("a relay bug")
+
+        transport.publish = failing  # type: ignore[method-assign,assignment]
+        entries = [entry_message("a", f"e{n}", Decimal(n)) for n in range(10)]
+        assert set(await publish_for_real(entries, timeout_s=5)) == {PublishOutcome.ACK}
+
+        async def feed_full() -> bool:
+            return daemon.runtime.feed.fill == 2
+
+        await eventually(feed_full)
+        crash.set()
+        with anyio.fail_after(60):
+            await ended.wait()
+    assert "relay" in str(gave_up[0])
