@@ -64,9 +64,10 @@ from broker import (
 )
 from broker.config import Section, convert_table
 from broker.connector import Connector, Inbound, WebhookSource
-from broker.errors import ConcurrencyConflict
+from broker.errors import ConcurrencyConflict, PublishFailed, TransportUnavailable
 from broker.gateway import GatewaySettings, system_actor_spec
 from broker.http import publish_inbound
+from broker.retry import Backoff
 from broker.store import BatchWrite, SagaWrite
 from canonical import Envelope
 from canonical.commerce import PriceBookEntry, Product
@@ -359,21 +360,59 @@ class _Clients(Actor[None]):
                     f"expected {sorted(s.connector.commands)}"
                 )
             s.connector.impl = impl
+        # Closed by a task of the actor's, so that a crash (after which
+        # on_stop does not run) closes them too.
+        ctx.start_soon(self._close_on_exit, name=f"{ctx.id}.sessions")
+
+    async def _close_on_exit(self) -> None:
+        try:
+            await anyio.sleep_forever()
+        finally:
+            self._systems.salesforce.clear()
+            for s in self._systems.systems:
+                s.connector.impl = None
+            closers, self._closers = self._closers, []
+            for close in reversed(closers):
+                with anyio.CancelScope(shield=True), anyio.move_on_after(5.0):
+                    await close()
 
     async def _load_catalogue(self, system: str, sap: SapClient) -> None:
         """Read the ERP's products once at start and announce each.
 
         The catalog workflow forwards changes to the CPQ; the reference data
-        that quotes are validated against is refreshed here.
+        that quotes are validated against is refreshed here. An outage of
+        SAP or of the broker is waited out; a refusal (the communication
+        user may not read the product API) is logged and the load given up:
+        it is the operator's to fix, and the other systems keep running.
         """
-        rt = self._systems.rt
+        backoff = Backoff(1.0, 60.0)
         while True:
             try:
-                products = await sap.list_products()
-                break
-            except UpstreamUnavailable as exc:
-                _log.warning("catalogue_unavailable", system=system, error=str(exc))
-                await anyio.sleep(5.0)
+                await self._announce_catalogue(system, sap)
+            except (UpstreamUnavailable, PublishFailed, TransportUnavailable) as exc:
+                delay = backoff.next_delay()
+                _log.warning(
+                    "catalogue_unavailable",
+                    system=system,
+                    error=f"{type(exc).__name__}: {exc}",
+                    retry_in_s=round(delay, 1),
+                )
+                await anyio.sleep(delay)
+            except UpstreamRejected as exc:
+                _log.error(
+                    "catalogue_refused",
+                    system=system,
+                    error=str(exc),
+                    hint="check the user's access to API_PRODUCT_SRV; "
+                    "restart the daemon to load the catalogue",
+                )
+                return
+            else:
+                return
+
+    async def _announce_catalogue(self, system: str, sap: SapClient) -> None:
+        rt = self._systems.rt
+        products = await sap.list_products()
         entries = [catalogue_entry(p, default_currency="EUR") for p in products]
         changes = [
             ProductChanged(product=product, prices=(price,) if price else ())
@@ -393,15 +432,6 @@ class _Clients(Actor[None]):
 
     async def handle(self, msg: None, ctx: Context[None]) -> None:
         """Takes no messages."""
-
-    async def on_stop(self, ctx: Context[None]) -> None:
-        self._systems.salesforce.clear()
-        for s in self._systems.systems:
-            s.connector.impl = None
-        for close in reversed(self._closers):
-            with anyio.CancelScope(shield=True):
-                await close()
-        self._closers.clear()
 
 
 def _product_changed(system: str, change: ProductChanged) -> Inbound:

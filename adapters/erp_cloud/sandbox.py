@@ -102,6 +102,8 @@ class Knobs(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
         invoice_deltas: per customer reference, added to that order's bill.
         refuse_refs: customer references whose orders are refused with a
             business error (order fallout).
+        forbidden_services: services the communication user has no
+            authorization for: every call to them is answered 403.
     """
 
     latency_s: NonNegative = 0.0
@@ -119,6 +121,7 @@ class Knobs(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     invoice_delta: Decimal = Decimal(0)
     invoice_deltas: dict[str, Decimal] = {}
     refuse_refs: frozenset[str] = frozenset()
+    forbidden_services: frozenset[str] = frozenset()
 
 
 @dataclass(kw_only=True)
@@ -133,6 +136,7 @@ class Counters:
     rate_limited: int = 0
     outage_refused: int = 0
     injected_errors: int = 0
+    forbidden: int = 0
     validation_errors: int = 0
     duplicate_po_warnings: int = 0
     duplicate_po_refused: int = 0
@@ -292,6 +296,14 @@ class SapSandbox:
                 status=401,
                 text="Logon failed",
                 headers={"WWW-Authenticate": 'Basic realm="SAP NetWeaver"'},
+            )
+        if service in knobs.forbidden_services:
+            self.counters.forbidden += 1
+            return od.error_response(
+                403,
+                "/IWFND/CM_CONSUMER/101",
+                f"No authorization to access service {service}",
+                service=service,
             )
         if request.method in _WRITES:
             if not self._csrf_valid(request):

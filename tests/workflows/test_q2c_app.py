@@ -16,6 +16,7 @@ import aiohttp
 import anyio
 import msgspec
 import pytest
+from structlog.testing import capture_logs
 
 from actors.q2c import DealView, ValidateResponse
 from actors.q2c_demo import Plan, drive_deals, start_sandboxes
@@ -328,3 +329,36 @@ async def test_a_crm_read_by_pull_follows_its_change_feed_by_replay_id(
             assert int(cursor.state) > 0
             assert boxes.crm.counts["push_sent"] == 0
             daemon.request_shutdown("test finished")
+
+
+async def test_a_refused_catalogue_read_leaves_every_system_running(
+    tmp_path: Path,
+) -> None:
+    """SAP refuses the product API (403): logged once, nothing crashes or restarts.
+
+    The catalogue is read in the background at start; a refusal is the
+    operator's to fix, and must not take the CRM, CPQ and billing down with
+    the ERP's client.
+    """
+    async with AsyncExitStack() as stack:
+        boxes = await start_sandboxes(stack, tmp_path / "systems")
+        boxes.sap.knobs.forbidden_services = frozenset({"API_PRODUCT_SRV"})
+        daemon = Daemon(_config(tmp_path, boxes.systems()))
+        with capture_logs() as logs:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(daemon.run)
+                with anyio.fail_after(20):
+                    await daemon.started.wait()
+
+                async def refused() -> bool:
+                    return any(line["event"] == "catalogue_refused" for line in logs)
+
+                await eventually(refused)
+                systems = (await DaemonControl(daemon).status())["systems"]
+                daemon.request_shutdown("test finished")
+    events = [line["event"] for line in logs]
+    assert events.count("catalogue_refused") == 1
+    assert "actor_crashed" not in events
+    assert "actor_restarted" not in events
+    assert set(systems) == {"crm", "cpq", "erp_cloud", "erp_legacy", "billing"}
+    assert boxes.sap.state()["forbidden"] >= 1
