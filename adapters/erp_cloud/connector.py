@@ -21,6 +21,7 @@ from adapters.erp_cloud.mapping import (
 )
 from adapters.erp_cloud.views import A_BusinessPartner, expanded
 from broker.errors import UnknownMessageType
+from broker.keyed_lock import KeyedLock
 from canonical import Envelope
 from canonical.commerce import Account, Order
 from canonical.q2c import CustomerSynced, CustomerSyncRequested, OrderBookingRequested
@@ -79,6 +80,10 @@ class SapConnector:
         self._system = system
         self._options = options or MappingOptions()
         self._customer_areas = tuple(customer_areas)
+        # Finding an account's partner and creating it when missing is one
+        # step per account: SAP has no unique key that would refuse a second
+        # partner for two commands (a sync and a booking) running at once.
+        self._accounts = KeyedLock()
 
     def __repr__(self) -> str:
         return f"<SapConnector {self._system}>"
@@ -129,12 +134,13 @@ class SapConnector:
             draft = to_sales_order(order, sold_to="", options=self._options)
         except ValueError as exc:
             return [order_rejected(order, code=MAPPING_REFUSED, message=str(exc))]
-        sold_to = await self._customer(
-            order.account,
-            await self._partner(order.account),
-            (area,),
-            payment_terms=draft.CustomerPaymentTerms,
-        )
+        async with self._accounts.hold(order.account.id):
+            sold_to = await self._customer(
+                order.account,
+                await self._partner(order.account),
+                (area,),
+                payment_terms=draft.CustomerPaymentTerms,
+            )
         existing = await self._client.find_orders(sold_to, order.customer_ref)
         if existing:
             return [order_booked(order, existing[0])]
@@ -148,12 +154,13 @@ class SapConnector:
         return [order_booked(order, created, notices)]
 
     async def _sync(self, account: Account, digest: str) -> Sequence[Any]:
-        found = await self._partner(account)
-        if found is None and account.deleted:
-            return []
-        customer = await self._customer(account, found, self._customer_areas)
-        if found is not None:
-            await self._patch_partner(found, account)
+        async with self._accounts.hold(account.id):
+            found = await self._partner(account)
+            if found is None and account.deleted:
+                return []
+            customer = await self._customer(account, found, self._customer_areas)
+            if found is not None:
+                await self._patch_partner(found, account)
         return [
             CustomerSynced(
                 account_id=account.id,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from decimal import Decimal
 
+import anyio
 import msgspec
 import pytest
 
@@ -92,6 +93,20 @@ async def test_a_booking_creates_the_customer_then_the_order(
     record = sandbox.orders.orders["1"]
     assert record.entity.SoldToParty == partner.entity.Customer
     assert record.entity.CustomerPaymentTerms == "NT30"
+
+
+async def test_a_sync_and_a_booking_of_a_new_account_at_once_make_one_partner(
+    sandbox: SapSandbox, connector: SapConnector
+) -> None:
+    """Both look the partner up and find none: they take turns, not two creates."""
+    sync = CustomerSyncRequested(account=ACCOUNT, content_hash="h1")
+    command, envelope = booking(order())
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(connector.handle, sync, envelope)
+        tg.start_soon(connector.handle, command, envelope)
+    (partner,) = sandbox.partners.partners.values()
+    (record,) = sandbox.orders.orders.values()
+    assert record.entity.SoldToParty == partner.entity.Customer
 
 
 async def test_a_number_block_is_a_fresh_range_for_partners_and_orders() -> None:
