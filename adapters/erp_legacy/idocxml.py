@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import enum
 import functools
+import re
 import xml.etree.ElementTree as ET
 from datetime import date, datetime, time
 from decimal import Decimal, InvalidOperation
@@ -169,7 +170,10 @@ def write_idoc(idoc: Idoc) -> bytes:
     """IDoc-XML for *idoc*: root named after its basic type (or extension), indented.
 
     Fields that are None and segments that are absent are left out; values are
-    written as they are in the view, so build views with the ``fmt_*`` helpers.
+    written as they are in the view, so build views with the ``fmt_*`` helpers,
+    except for characters XML 1.0 cannot carry at all (control characters
+    such as a vertical tab pasted into a street name), which are written as
+    spaces: the file port must be able to read every file we write.
     The output is deterministic: equal views give equal bytes.
     """
     control = idoc.edi_dc40
@@ -180,6 +184,8 @@ def write_idoc(idoc: Idoc) -> bytes:
 
 
 _DECLARATION = b'<?xml version="1.0" encoding="UTF-8"?>\n'
+#: What XML 1.0 cannot carry (its Char production, inverted).
+_NOT_XML = re.compile("[^\t\n\r\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
 
 
 def _write(parent: ET.Element, segment: Segment) -> None:
@@ -187,7 +193,7 @@ def _write(parent: ET.Element, segment: Segment) -> None:
         value = getattr(segment, slot.name)
         if slot.kind is _Kind.FIELD:
             if value is not None:
-                ET.SubElement(parent, slot.encode_name).text = value
+                ET.SubElement(parent, slot.encode_name).text = _NOT_XML.sub(" ", value)
         elif slot.kind is _Kind.ONE:
             if value is not None:
                 _write(ET.SubElement(parent, slot.encode_name, SEGMENT="1"), value)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import date, datetime, time
 from decimal import Decimal
 
+import msgspec
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -259,3 +260,13 @@ def test_fixed_formats_parse_back_and_refuse_garbage() -> None:
 def test_quantities_survive_the_fixed_format(value: Decimal) -> None:
     """fmt_quantity → parse_decimal keeps any three-decimal quantity."""
     assert parse_decimal(fmt_quantity(value)) == value
+
+
+def test_characters_xml_cannot_carry_are_written_as_spaces() -> None:
+    """A vertical tab or a NUL in a name: the file still parses, the rest intact."""
+    control = msgspec.structs.replace(
+        ORDER.e1edka1[0], name1="Fish\x0b& Chips\x00 \u00e9\U0001f41f"
+    )
+    idoc = msgspec.structs.replace(ORDER, e1edka1=(control, *ORDER.e1edka1[1:]))
+    (party, *_) = parse_idoc(write_idoc(idoc)).e1edka1  # type: ignore[union-attr]
+    assert party.name1 == "Fish & Chips  \u00e9\U0001f41f"
