@@ -1,7 +1,8 @@
 """The HTTP session an adapter's client talks through, and reading its answers.
 
 `SessionClient` holds the session (its own, or borrowed); `retry_after_s`
-reads a ``Retry-After`` header the way every vendor client needs it.
+reads a ``Retry-After`` header the way every vendor client needs it;
+`read_bounded` reads an answer's body up to a limit.
 """
 
 from __future__ import annotations
@@ -14,7 +15,35 @@ from typing import Self
 
 import aiohttp
 
-__all__ = ["SessionClient", "answer_class", "request_counter", "retry_after_s"]
+__all__ = [
+    "MAX_RESPONSE_BYTES",
+    "SessionClient",
+    "answer_class",
+    "read_bounded",
+    "request_counter",
+    "retry_after_s",
+]
+
+#: The largest answer a vendor client reads; a larger one is a failed call.
+MAX_RESPONSE_BYTES = 16 * 1024 * 1024
+
+
+async def read_bounded(
+    response: aiohttp.ClientResponse, limit: int = MAX_RESPONSE_BYTES
+) -> bytes:
+    """The body of *response*, refused past *limit* bytes without reading on.
+
+    Raises:
+        aiohttp.ClientPayloadError: the body is larger than *limit*.
+    """
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in response.content.iter_chunked(65_536):
+        size += len(chunk)
+        if size > limit:
+            raise aiohttp.ClientPayloadError(f"response larger than {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def answer_class(status: int | None) -> str:

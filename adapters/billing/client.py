@@ -39,7 +39,7 @@ from adapters.billing.views import (
     SearchResult,
     Subscription,
 )
-from adapters.session import SessionClient, retry_after_s
+from adapters.session import SessionClient, read_bounded, retry_after_s
 from broker.config import Section
 from broker.errors import UpstreamRejected, UpstreamUnavailable
 
@@ -308,7 +308,7 @@ class StripeClient(SessionClient):
             async with self._session.request(
                 method, url, data=data, headers=all_headers, timeout=self._timeout
             ) as resp:
-                body = await resp.read()
+                body = await read_bounded(resp)
                 status, replayed = resp.status, "Idempotent-Replayed" in resp.headers
                 retry_after = retry_after_s(resp.headers.get("Retry-After"))
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:

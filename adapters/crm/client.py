@@ -36,7 +36,7 @@ from adapters.crm.views import (
     TokenResponse,
     decode_cometd,
 )
-from adapters.session import SessionClient, retry_after_s
+from adapters.session import SessionClient, read_bounded, retry_after_s
 from broker.config import Section
 from broker.errors import UpstreamRejected, UpstreamUnavailable
 
@@ -399,7 +399,8 @@ class SalesforceClient(SessionClient):
                 params=params,
                 timeout=self._timeout,
             ) as response:
-                return response.status, response.headers, await response.read()
+                body = await read_bounded(response)
+                return response.status, response.headers, body
         except TimeoutError as exc:
             raise UpstreamUnavailable(
                 self.system, f"{what}: no answer within {self.settings.timeout_s} s"

@@ -39,7 +39,7 @@ from adapters.erp_cloud.views import (
     SapNotice,
     Single,
 )
-from adapters.session import retry_after_s
+from adapters.session import read_bounded, retry_after_s
 from broker.config import Section
 from broker.errors import (
     ConcurrencyConflict,
@@ -63,7 +63,6 @@ SALES_ORDER_SERVICE: Final = "API_SALES_ORDER_SRV"
 BUSINESS_PARTNER_SERVICE: Final = "API_BUSINESS_PARTNER"
 PRODUCT_SERVICE: Final = "API_PRODUCT_SRV"
 _ROOT = "/sap/opu/odata/sap"
-_MAX_BODY_BYTES = 16 * 1024 * 1024
 _NOTICE = msgspec.json.Decoder(SapNotice | list[SapNotice])
 
 
@@ -428,7 +427,7 @@ class SapClient:
             async with self._http().request(
                 method, url, params=query, data=body, headers=headers
             ) as response:
-                data = await _read_bounded(response)
+                data = await read_bounded(response)
                 return _Reply(response.status, response.headers, data)
         except TimeoutError as exc:
             raise UpstreamUnavailable(
@@ -489,19 +488,6 @@ class SapClient:
             raise UpstreamUnavailable(
                 self._system, f"unreadable answer ({reply.status}): {exc}"
             ) from exc
-
-
-async def _read_bounded(response: aiohttp.ClientResponse) -> bytes:
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in response.content.iter_chunked(65_536):
-        size += len(chunk)
-        if size > _MAX_BODY_BYTES:
-            raise aiohttp.ClientPayloadError(
-                f"response larger than {_MAX_BODY_BYTES} bytes"
-            )
-        chunks.append(chunk)
-    return b"".join(chunks)
 
 
 def _error_of(body: bytes) -> ODataError | None:

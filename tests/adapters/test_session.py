@@ -12,7 +12,7 @@ import pytest
 from aiohttp import web
 
 from adapters.serving import serve
-from adapters.session import request_counter, retry_after_s
+from adapters.session import read_bounded, request_counter, retry_after_s
 
 
 @pytest.mark.parametrize(
@@ -71,3 +71,24 @@ async def test_every_request_is_counted_by_its_answer() -> None:
     finally:
         await runner.cleanup()
     assert counted == {"2xx": 2, "3xx": 1, "4xx": 1, "429": 1, "5xx": 1, "failed": 1}
+
+
+@pytest.mark.anyio
+async def test_a_body_past_the_limit_is_a_payload_error_not_read_whole() -> None:
+    """A vendor's runaway answer cannot fill the daemon's memory."""
+
+    async def big(request: web.Request) -> web.Response:
+        return web.Response(body=b"x" * 300_000)
+
+    app = web.Application()
+    app.router.add_get("/big", big)
+    runner, base = await serve(app, "127.0.0.1", 0)
+    try:
+        async with aiohttp.ClientSession() as session:
+            async with session.get(f"{base}/big") as response:
+                assert len(await read_bounded(response, 300_000)) == 300_000
+            async with session.get(f"{base}/big") as response:
+                with pytest.raises(aiohttp.ClientPayloadError, match="larger than"):
+                    await read_bounded(response, 100_000)
+    finally:
+        await runner.cleanup()
