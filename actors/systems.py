@@ -521,7 +521,19 @@ class _ChangeFeed(Actor[None]):
                 version = record.version if record is not None else 0
             except UpstreamRejected as exc:
                 if exc.code != "INVALID_REPLAY_ID":
-                    raise
+                    # Refused (access rights, an answer we cannot read): the
+                    # operator's to fix. The cursor stays, so nothing is lost
+                    # meanwhile; the other systems go on.
+                    _log.error(
+                        "change_feed_refused",
+                        system=self._system.name,
+                        channel=self._channel,
+                        error=str(exc),
+                        retry_in_s=backoff,
+                    )
+                    await anyio.sleep(backoff)
+                    backoff = min(backoff * 2, 30.0)
+                    continue
                 _log.error(
                     "change_feed_gap",
                     system=self._system.name,

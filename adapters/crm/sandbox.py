@@ -112,6 +112,9 @@ class Knobs(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
         latency_s: added before every call is answered.
         error_rate: fraction of write calls answered 500 or 503 (seeded).
         outage: every call is answered 503.
+        feed_refused: the change feed is answered 403
+            ``INSUFFICIENT_ACCESS`` (a user without "View Change Data
+            Capture" rights).
         locked_writes: the next this many writes are answered 400
             ``UNABLE_TO_LOCK_ROW``, as an org answers while a user, a flow
             or a CPQ calculation holds the record.
@@ -126,6 +129,7 @@ class Knobs(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     error_rate: Annotated[float, Meta(ge=0, le=1)] = 0.0
     outage: bool = False
     locked_writes: Annotated[int, Meta(ge=0)] = 0
+    feed_refused: bool = False
     rate_limit_per_s: Annotated[float, Meta(gt=0)] | None = None
     push_url: str | None = None
     push_secrets: list[str] = msgspec.field(
@@ -570,6 +574,13 @@ class SalesforceSandbox(UserActions):
     # --- change feed ---------------------------------------------------------
 
     async def _replay(self, request: web.Request) -> web.Response:
+        if self.knobs.feed_refused:
+            self.counts["feed_refused"] += 1
+            return _error(
+                403,
+                "INSUFFICIENT_ACCESS",
+                "insufficient access rights to the change data capture channel",
+            )
         return _json(await self.feed.replay(request.query))
 
     # --- sandbox control -----------------------------------------------------

@@ -362,3 +362,43 @@ async def test_a_refused_catalogue_read_leaves_every_system_running(
     assert "actor_restarted" not in events
     assert set(systems) == {"crm", "cpq", "erp_cloud", "erp_legacy", "billing"}
     assert boxes.sap.state()["forbidden"] >= 1
+
+
+async def test_a_refused_change_feed_waits_and_resumes_where_it_was(
+    tmp_path: Path,
+) -> None:
+    """403 on the CDC channel: logged and retried with back-off, then it reads."""
+    async with AsyncExitStack() as stack:
+        boxes = await start_sandboxes(stack, tmp_path / "systems")
+        systems = boxes.systems()
+        systems["crm"] = {**systems["crm"], "change-feed": "pull"}
+        del systems["crm"]["webhook-secrets"]
+        boxes.crm.knobs.push_url = None
+        boxes.crm.knobs.feed_refused = True
+        daemon = Daemon(_config(tmp_path, systems))
+        with capture_logs() as logs:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(daemon.run)
+                with anyio.fail_after(20):
+                    await daemon.started.wait()
+                rt = daemon.runtime
+
+                async def refused_twice() -> bool:
+                    events = [line["event"] for line in logs]
+                    return events.count("change_feed_refused") >= 2
+
+                await eventually(refused_twice, timeout_s=20)
+                boxes.crm.seed_account("Acme After The Fix")
+                boxes.crm.knobs.feed_refused = False
+
+                async def cursor_moved() -> bool:
+                    cursor = await rt.store.load_saga(
+                        "cursor", "cdc:crm:/data/ChangeEvents"
+                    )
+                    return cursor is not None and int(cursor.state) > 0
+
+                await eventually(cursor_moved, timeout_s=30)
+                daemon.request_shutdown("test finished")
+    events = [line["event"] for line in logs]
+    assert "actor_crashed" not in events
+    assert boxes.crm.counts["feed_refused"] >= 2
