@@ -98,7 +98,10 @@ class AccountSyncWorkflow:
             case AccountChanged(account=account, native_id=crm_id):
                 digest = erp_fields_hash(account)
                 known = [_xref("account", account.id, "crm", crm_id)]
-                if digest in (state.requested_hash, state.written_hash):
+                # Only what was asked for last: a change back to what was
+                # written before, while a newer write is on its way, must be
+                # sent again, or that newer write would be the ERP's last word.
+                if digest == state.requested_hash:
                     return Applied(
                         msgspec.structs.replace(state, account=account), xref=known
                     )
