@@ -215,6 +215,12 @@ class DealWorkflow:
                 if quote.primary and s.order is None:
                     s.out_of_order += s.opportunity is None
                     s.quote = quote
+                    if s.stage == "exception" and set(s.exceptions) <= _QUOTE_KINDS:
+                        # The rep revised the denied or refused quote and it
+                        # was approved: the deal goes on from it (a new
+                        # refusal of it is raised afresh).
+                        s.exceptions, s.violations = (), ()
+                        s.stage = "quoted"
                     _reached(s, "quoted", at)
             case QuoteDenied(quote=quote, reason=reason):
                 if quote.primary and s.order is None:
@@ -259,9 +265,13 @@ class DealWorkflow:
                 s.subscription_amount = sub.amount_per_period
                 _reached(s, "subscribed", at)
             case InvoiceIssued(invoice=invoice):
-                s.out_of_order += s.erp_order_id is None
-                s.invoice = invoice
-                _reached(s, "invoiced", at)
+                # The order's invoice is its first; later billing documents
+                # of it (a cancellation, a credit memo) are not this deal's
+                # to compare, and must not reopen a completed deal.
+                if s.invoice is None or s.invoice.id == invoice.id:
+                    s.out_of_order += s.erp_order_id is None
+                    s.invoice = invoice
+                    _reached(s, "invoiced", at)
             case InvoicePaid():
                 s.invoice_paid = True
             case ShipmentDispatched(shipment=shipment):
@@ -465,8 +475,11 @@ class DealWorkflow:
         violations: tuple[str, ...],
         at: datetime,
     ) -> None:
-        """Raise a business exception once per kind; tell the CRM."""
-        if kind in s.exceptions:
+        """Raise a business exception once per kind; tell the CRM.
+
+        A completed deal is done: a late fact about it raises nothing.
+        """
+        if kind in s.exceptions or s.stage == "completed":
             return
         s.exceptions = (*s.exceptions, kind)
         s.violations = (*s.violations, *violations)
@@ -531,6 +544,10 @@ def _entry(kind: str, canonical_id: str, system: str, native_id: str) -> XrefEnt
     return XrefEntry(
         kind=kind, canonical_id=canonical_id, system=system, native_id=native_id
     )
+
+
+#: Exceptions a revised, approved quote lifts (no order was made yet).
+_QUOTE_KINDS: frozenset[str] = frozenset({"quote_denied", "quote_rejected"})
 
 
 def _reached(s: DealState, stage: str, at: datetime) -> None:

@@ -272,6 +272,68 @@ def test_a_price_below_floor_is_a_business_exception_naming_sku_and_amount(
     assert deal.stage() == "exception"
 
 
+def test_a_revised_quote_approved_after_a_refusal_goes_on_to_an_order(
+    deal: Deal,
+) -> None:
+    """Below floor, then revised and approved: the deal leaves its exception."""
+    cheap = quote(line(1, "HW-SRV-1U", 1, "100.00"))
+    deal.feed(OPPORTUNITY, QuoteApproved(quote=cheap))
+    assert deal.stage() == "exception"
+    out = deal.feed(QuoteApproved(quote=SAAS_ONLY))
+    assert [type(e.event) for e in out].count(OrderBookingRequested) == 1
+    assert deal.stage() == "ordering"
+    assert (deal.state.exceptions, deal.state.violations) == ((), ())
+    # A later refusal of the deal is raised afresh.
+    deal.feed(booked(deal, eur("300.00")), invoice(deal, eur("310.00")))
+    assert [e.kind for e in deal.of(BusinessException)] == [
+        "quote_rejected",
+        "invoice_mismatch",
+    ]
+
+
+def test_a_completed_deal_stays_completed_whatever_comes_later(deal: Deal) -> None:
+    """A second billing document (a credit memo), a late rejection: no reopening."""
+    deal.feed(OPPORTUNITY, QuoteApproved(quote=SAAS_ONLY))
+    order = deal.state.order
+    assert order is not None
+    deal.feed(booked(deal, order.net_total))
+    sub = deal.of(SubscriptionRequested)[0].subscription
+    deal.feed(
+        OpportunityUpdated(
+            opportunity_id="opp-006Hn00000A1b2cIAB",
+            stage="Closed Won",
+            native_id="006Hn00000A1b2cIAB",
+        ),
+        QuoteUpdated(quote_id=order.quote_id, status="ordered", native_id="a0Q"),
+        SubscriptionCreated(
+            subscription_id=sub.id,
+            deal_id=DEAL,
+            order_id=order.id,
+            native_id="sub_1",
+            amount_per_period=sub.amount_per_period,
+            status="active",
+        ),
+        invoice(deal, order.net_total),
+    )
+    assert deal.stage() == "completed"
+    credit = Invoice(id="inv-2", order_id=order.id, number="9002", amount=eur("-300"))
+    deal.feed(
+        InvoiceIssued(invoice=credit, deal_id=DEAL, erp=order.erp),
+        OrderRejected(
+            order_id=order.id,
+            deal_id=DEAL,
+            erp=order.erp,
+            code="V1/320",
+            message="late",
+            net_total=order.net_total,
+        ),
+    )
+    assert deal.stage() == "completed"
+    assert deal.state.invoice is not None
+    assert deal.state.invoice.id == "inv-1"
+    assert not deal.of(BusinessException)
+
+
 def test_order_fallout_and_invoice_mismatch_are_business_exceptions(deal: Deal) -> None:
     deal.feed(OPPORTUNITY, QuoteApproved(quote=SAAS_ONLY))
     order = deal.state.order
