@@ -380,8 +380,10 @@ def invoice_from_invoic(invoic: v.Invoic02, key: DealRef) -> InvoiceIssued:
     number = _required(
         invoic.reference(v.REF_INVOICE) or header.belnr, "invoice number", what
     )
+    # The net total of the items, as the order's total is net; the invoice
+    # amount (011, with tax) only when an ERP sends no item total.
     amount = _money(
-        invoic.total(v.SUM_INVOICE) or invoic.total(v.SUM_ITEMS), header.curcy, what
+        invoic.total(v.SUM_ITEMS) or invoic.total(v.SUM_INVOICE), header.curcy, what
     )
     issued = invoic.date(v.DATE_DOCUMENT)
     issued_at = _moment(issued, None, what) if issued else None

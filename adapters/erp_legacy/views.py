@@ -110,7 +110,8 @@ PARTNER_PAYER = "RG"
 # E1EDP19 QUALF [M]: 001 the customer's material number, 002 ours.
 MATERIAL_CUSTOMER = "001"
 MATERIAL_OURS = "002"
-# E1EDS01 SUMID: 002 total item value [V fixture]; 011 invoice amount [M].
+# E1EDS01 SUMID: 002 total item value, net [V fixture]; 011 invoice amount,
+# tax included [M].
 SUM_ITEMS = "002"
 SUM_INVOICE = "011"
 # E1EDP01 ACTION 001 new item [V fixture]; E1EDK01 ACTION in ORDRSP: ours.
