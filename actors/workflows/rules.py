@@ -457,7 +457,11 @@ def validate_quote(
             )
 
     if quote.lines and quote.net_total.currency == currency:
-        lines_total = sum((line.net_total for line in quote.lines), Decimal(0))
+        # Each line as the order will carry it (rounded to the currency),
+        # then added up: what enrichment books is what is checked here.
+        lines_total = sum(
+            (_quantized(line.net_total, currency) for line in quote.lines), Decimal(0)
+        )
         if _quantized(lines_total, currency) != _quantized(
             quote.net_total.amount, currency
         ):

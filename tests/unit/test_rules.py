@@ -216,8 +216,18 @@ def test_total_mismatch_is_judged_at_the_minor_unit() -> None:
     v = only(validate_quote(off, ACCOUNT, ref()))
     assert v.code == "total_mismatch"
     assert v.message == (
-        "lines sum to 1600.004 EUR but the quote net total is 1600.01 EUR"
+        "lines sum to 1600.00 EUR but the quote net total is 1600.01 EUR"
     )
+
+
+def test_lines_are_added_up_as_the_order_will_carry_them() -> None:
+    """Each line rounded first, as enrichment books it: 2 x 1500.005 is 3000.00."""
+    lines = (line(1, "SVC-CONSULT", "1500.005"), line(2, "SVC-CONSULT", "1500.005"))
+    total = Money(amount=Decimal("3000.01"), currency="EUR")
+    v = only(validate_quote(quote(*lines, total=total), ACCOUNT, ref()))
+    assert v.code == "total_mismatch"
+    booked = quote(*lines, total=Money(amount=Decimal("3000.00"), currency="EUR"))
+    assert validate_quote(booked, ACCOUNT, ref()).ok
 
 
 def test_bundle_parent_missing() -> None:
