@@ -160,22 +160,27 @@ def _line(line: v.QuoteLine, number: int, parent: int | None) -> QuoteLine:
     )
     recurring = bool(line.SBQQ__SubscriptionPricing__c)
     term = line.SBQQ__SubscriptionTerm__c
-    return QuoteLine(
-        number=number,
-        sku=line.SBQQ__ProductCode__c,
-        product_name=line.SBQQ__ProductName__c or "",
-        family=line.SBQQ__ProductFamily__c or "",
-        quantity=quantity,
-        list_price=list_price,
-        unit_price=unit_price,
-        net_total=line.SBQQ__NetTotal__c
-        if line.SBQQ__NetTotal__c is not None
-        else unit_price * quantity,
-        recurring=recurring,
-        physical=line.Physical__c if line.Physical__c is not None else not recurring,
-        term_months=int(term) if recurring and term is not None else None,
-        parent=parent,
-    )
+    try:
+        return QuoteLine(
+            number=number,
+            sku=line.SBQQ__ProductCode__c,
+            product_name=line.SBQQ__ProductName__c or "",
+            family=line.SBQQ__ProductFamily__c or "",
+            quantity=quantity,
+            list_price=list_price,
+            unit_price=unit_price,
+            net_total=line.SBQQ__NetTotal__c
+            if line.SBQQ__NetTotal__c is not None
+            else unit_price * quantity,
+            recurring=recurring,
+            physical=line.Physical__c
+            if line.Physical__c is not None
+            else not recurring,
+            term_months=int(term) if recurring and term is not None else None,
+            parent=parent,
+        )
+    except ValueError as exc:  # a zero or negative quantity, say
+        raise SchemaInvalid(f"crm: quote line {line.Id}: {exc}") from exc
 
 
 def _numbers(lines: Sequence[v.QuoteLine]) -> list[int]:

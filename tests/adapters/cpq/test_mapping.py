@@ -144,6 +144,19 @@ def test_a_line_without_a_product_code_is_schema_invalid() -> None:
         m.quote_from_records(MODEL.record, [line], default_currency="EUR")
 
 
+@pytest.mark.parametrize("quantity", ["0", "-2"])
+def test_a_line_of_no_or_negative_quantity_is_schema_invalid(quantity: str) -> None:
+    """Refused as a bad quote (a 400 from /validate), not a crash (a 500)."""
+    line = v.QuoteLine(
+        Id="a0R000000000001AAA",
+        SBQQ__ProductCode__c="SAAS-ANL",
+        SBQQ__Quantity__c=Decimal(quantity),
+        SBQQ__ListPrice__c=Decimal(30),
+    )
+    with pytest.raises(SchemaInvalid, match="a0R000000000001AAA"):
+        m.quote_from_records(MODEL.record, [line], default_currency="EUR")
+
+
 def test_the_quote_update_body_is_the_golden_patch() -> None:
     """Golden: ordered → SBQQ__Ordered__c, status kept verbatim, order number."""
     command = QuoteUpdateRequested(
