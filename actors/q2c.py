@@ -113,9 +113,24 @@ class ReferenceHolder:
         return self._current is not None
 
     def update(self, products: list[Product], prices: list[PriceBookEntry]) -> None:
-        """Merge the ERP's products and prices (newer wins) and rebuild."""
+        """Merge the ERP's products and prices (newer wins) and rebuild.
+
+        A price whose floor is above its list price is left out, and logged:
+        one bad entry in the ERP must not keep every other price from use.
+        Its SKU then has no price, and quotes with it are refused for that.
+        """
         self._products.update({p.sku: p for p in products})
-        self._prices.update({(p.sku, p.currency): p for p in prices})
+        for price in prices:
+            if price.floor_price > price.list_price:
+                _log.warning(
+                    "catalogue_price_refused",
+                    sku=price.sku,
+                    currency=price.currency,
+                    reason="floor price above list price",
+                )
+                self._prices.pop((price.sku, price.currency), None)
+                continue
+            self._prices[(price.sku, price.currency)] = price
         self._current = build_reference(
             self._products.values(), self._prices.values(), self._policy
         )
