@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 import os
-from collections.abc import AsyncIterator, Iterator
-from typing import cast
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from typing import Any, cast
 
+import anyio
 import pytest
 from hypothesis import HealthCheck, settings
 
@@ -15,7 +18,8 @@ from broker.store.postgres import PostgresStore
 from broker.store.sqlite import SqliteStore
 from tests import services
 
-IN_CI = bool(os.environ.get("CI"))
+#: Services must be up: fail rather than skip (CI, and the README's test command).
+IN_CI = bool(os.environ.get("CI") or os.environ.get("Q2C_REQUIRE_SERVICES"))
 
 # Properties are checked, not timed: on a shared two-core machine a draw can
 # stall for a second while the services catch up, which says nothing about
@@ -30,6 +34,36 @@ settings.load_profile("q2c")
 def anyio_backend() -> tuple[str, dict[str, bool]]:
     """Run async tests on asyncio with uvloop, as the daemon does."""
     return ("asyncio", {"use_uvloop": True})
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Give every async test a deadline of its ``timeout`` (ini or mark).
+
+    pytest-timeout's signal cannot interrupt a test on uvloop (the loop
+    takes the signal and carries on), so a hang in an async test would hang
+    the run. The deadline cancels the test instead, and its shielded
+    cleanups (services restored) still run.
+    """
+    default = float(items[0].config.getini("timeout")) if items else 0.0
+    for item in items:
+        fn = getattr(item, "obj", None)
+        if not isinstance(item, pytest.Function) or not inspect.iscoroutinefunction(fn):
+            continue
+        mark = item.get_closest_marker("timeout")
+        limit = float(mark.args[0]) if mark is not None and mark.args else default
+        if limit > 0:
+            item.obj = _with_deadline(fn, limit)
+
+
+def _with_deadline(
+    fn: Callable[..., Awaitable[Any]], limit: float
+) -> Callable[..., Awaitable[Any]]:
+    @functools.wraps(fn)
+    async def run(*args: Any, **kwargs: Any) -> Any:
+        with anyio.fail_after(limit):
+            return await fn(*args, **kwargs)
+
+    return run
 
 
 def _require(available: bool, what: str) -> None:

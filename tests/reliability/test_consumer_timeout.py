@@ -35,6 +35,7 @@ async def short_consumer_timeout() -> AsyncIterator[None]:
 
 
 @pytest.mark.usefixtures("short_consumer_timeout")
+@pytest.mark.timeout(300)  # waits up to 150 s for the broker's timeout
 async def test_deliveries_held_past_the_consumer_timeout_are_applied_once(
     scenario: Scenario,
 ) -> None:

@@ -46,6 +46,7 @@ async def _deal_states(dsn: str) -> list[DealState]:
     return [msgspec.json.decode(r["state"], type=DealState) for r in rows]
 
 
+@pytest.mark.timeout(300)  # up to 120 s for the deals after the restart
 @pytest.mark.parametrize(
     ("point", "after"), [("after_commit_before_ack", 150), ("mid_txn", 220)]
 )

@@ -18,6 +18,7 @@ from tests.reliability.workload import Workload
 pytestmark = [pytest.mark.anyio, pytest.mark.integration]
 
 
+@pytest.mark.timeout(420)  # its own waits add up to 300 s
 async def test_a_slow_network_slows_the_daemon_without_errors(
     scenario: Scenario,
 ) -> None:
