@@ -112,13 +112,24 @@ def disk_alarm() -> AbstractAsyncContextManager[None]:
 @asynccontextmanager
 async def _alarm(read: str, command: str, value: str) -> AsyncIterator[None]:
     """``rabbitmqctl COMMAND VALUE`` for the block; then back to what *read* gave."""
-    original = (await rabbitmqctl("eval", read)).strip()
+    original = setting_args((await rabbitmqctl("eval", read)).strip())
     try:
         await rabbitmqctl(command, value)
         yield
     finally:
         with anyio.CancelScope(shield=True):
-            await rabbitmqctl(command, original)
+            await rabbitmqctl(command, *original)
+
+
+def setting_args(printed: str) -> list[str]:
+    """The arguments to give rabbitmqctl for a limit as ``eval`` prints it.
+
+    ``0.4`` and ``50000000`` are given as they are; ``{absolute,1073741824}``
+    (a watermark set in bytes) is ``absolute 1073741824``.
+    """
+    if printed.startswith("{absolute,") and printed.endswith("}"):
+        return ["absolute", printed.removeprefix("{absolute,").removesuffix("}")]
+    return [printed]
 
 
 @asynccontextmanager

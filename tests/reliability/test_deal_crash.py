@@ -24,6 +24,7 @@ import pytest
 from actors.q2c_demo import Plan, drive_deals, start_sandboxes
 from actors.workflows.deal import DealState
 from tests.reliability.harness import Daemon
+from tests.reliability.scenario import KILLED
 
 pytestmark = [pytest.mark.anyio, pytest.mark.integration]
 
@@ -73,7 +74,9 @@ async def test_deals_retried_across_a_crash_book_one_of_each_document(
 
         await drive_deals(boxes, DEALS, random.Random(3), Plan(), http, faults=False)
         with anyio.fail_after(60):
-            assert await daemon.wait_exit(60) != 0  # killed itself at the point
+            assert await daemon.wait_exit(60) == KILLED, await daemon.log_tail()
+        # Killed itself at the point, not failed in some other way.
+        assert "crash_injected" in [e["event"] for e in await daemon.log_events()]
         # The crash came mid-stream: the startup's catalogue sync alone stays
         # below the count, and some deals were still open.
         crashed = await _deal_states(pg_dsn)
