@@ -10,10 +10,9 @@ from __future__ import annotations
 import json
 import random
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from contextlib import asynccontextmanager
+from collections.abc import Iterator
 from datetime import UTC, date, datetime, timedelta
-from typing import Any, TypeAlias
+from typing import Any
 
 import anyio
 import asyncpg
@@ -32,56 +31,9 @@ from broker.store import postgres_sql as sql
 from broker.store.migrate import load_migrations, migrate
 from broker.store.postgres import PostgresStore, store_errors
 from tests import services
+from tests.integration.pg import Admin, OpenStore
 
 pytestmark = pytest.mark.anyio
-
-Admin: TypeAlias = "asyncpg.Connection[Any]"  # generic only in the stubs
-OpenStore = Callable[..., Awaitable[PostgresStore]]
-
-
-@pytest.fixture
-async def open_store(pg_dsn: str) -> AsyncIterator[OpenStore]:
-    """Open PostgresStores on the test's database; close them afterwards."""
-    opened: list[PostgresStore] = []
-
-    async def open_(
-        *, lease_s: float = 30.0, migrate: bool = True, **cfg: Any
-    ) -> PostgresStore:
-        settings: dict[str, Any] = {"pool_min_size": 1, "pool_max_size": 4, **cfg}
-        store = await PostgresStore.open(
-            PostgresConfig(dsn=pg_dsn, **settings),
-            lease_s=lease_s,
-            schema="migrate" if migrate else "as-is",
-        )
-        opened.append(store)
-        return store
-
-    yield open_
-    for store in opened:
-        await store.aclose()
-
-
-@pytest.fixture
-async def admin(pg_dsn: str) -> AsyncIterator[Admin]:
-    """A plain connection for inspecting (and disturbing) the test's database."""
-    async with session(pg_dsn) as conn:
-        yield conn
-
-
-@pytest.fixture
-async def other(pg_dsn: str) -> AsyncIterator[Admin]:
-    """Another daemon's session: holds row locks in a transaction of its own."""
-    async with session(pg_dsn) as conn:
-        yield conn
-
-
-@asynccontextmanager
-async def session(dsn: str) -> AsyncIterator[Admin]:
-    conn = await asyncpg.connect(dsn)
-    try:
-        yield conn
-    finally:
-        await conn.close()
 
 
 async def utc_today(admin: Admin) -> date:

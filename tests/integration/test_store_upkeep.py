@@ -10,7 +10,6 @@ the hourly statements read partial indexes, not the whole table.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import timedelta
 from typing import Any
 
@@ -23,49 +22,16 @@ from broker.store import DeadLetterFilter
 from broker.store import postgres_sql as sql
 from broker.store.postgres import PRUNE_CHUNK, PostgresStore
 from tests.contract.test_store import batch_write, dead_letter, held, hold
+from tests.integration.pg import Admin, OpenStore
 from tests.integration.test_postgres_store import (
     INSERT_KEY,
-    Admin,
     daily,
     partitions,
-    session,
     utc_today,
     wait_for_lock_waiters,
 )
 
 pytestmark = [pytest.mark.anyio, pytest.mark.integration]
-
-OpenStore = Callable[[], Awaitable[PostgresStore]]
-
-
-@pytest.fixture
-async def open_store(pg_dsn: str) -> AsyncIterator[OpenStore]:
-    """Open PostgresStores (one per daemon) on the test's database; close them after."""
-    opened: list[PostgresStore] = []
-
-    async def open_() -> PostgresStore:
-        cfg = PostgresConfig(dsn=pg_dsn, pool_min_size=1, pool_max_size=4)
-        store = await PostgresStore.open(cfg)
-        opened.append(store)
-        return store
-
-    yield open_
-    for store in opened:
-        await store.aclose()
-
-
-@pytest.fixture
-async def admin(pg_dsn: str) -> AsyncIterator[Admin]:
-    """A plain connection for inspecting the test's database."""
-    async with session(pg_dsn) as conn:
-        yield conn
-
-
-@pytest.fixture
-async def other(pg_dsn: str) -> AsyncIterator[Admin]:
-    """A third session: holds a lock the upkeep needs, in a transaction of its own."""
-    async with session(pg_dsn) as conn:
-        yield conn
 
 
 async def hold_freed_by_a_purge(store: PostgresStore) -> None:
