@@ -205,6 +205,7 @@ class InboundPoller(Generic[T]):
         self._max_bytes = max_bytes
         self._clock = clock
         self._seen: dict[str, _Look] = {}
+        self._log = _log.bind(directory=str(directory))
         # Failed reads in a row, of files still listed (bounded by the window).
         self._unreadable: dict[str, int] = {}
 
@@ -226,9 +227,8 @@ class InboundPoller(Generic[T]):
         try:
             listing = await anyio.to_thread.run_sync(self._list)
         except OSError as exc:
-            _log.warning(
+            self._log.warning(
                 "inbound_listing_failed",
-                directory=str(self.directory),
                 error=f"{type(exc).__name__}: {exc}",
             )
             return PollReport()
@@ -269,7 +269,7 @@ class InboundPoller(Generic[T]):
             document = await anyio.to_thread.run_sync(self._load, name, look)
         except FileNotFoundError:
             self._seen.pop(name, None)
-            _log.info("inbound_file_vanished", directory=str(self.directory), file=name)
+            self._log.info("inbound_file_vanished", file=name)
             return "gone"
         except _Changed:
             self._seen.pop(name, None)
@@ -283,9 +283,8 @@ class InboundPoller(Generic[T]):
         try:
             await self._handle(name, document)
         except TransientError as exc:
-            _log.warning(
+            self._log.warning(
                 "inbound_file_deferred",
-                directory=str(self.directory),
                 file=name,
                 error=f"{type(exc).__name__}: {exc}",
             )
@@ -297,28 +296,26 @@ class InboundPoller(Generic[T]):
         try:
             await anyio.to_thread.run_sync(self._move, name, self.processed_dir)
         except FileNotFoundError:
-            _log.info("inbound_file_vanished", directory=str(self.directory), file=name)
+            self._log.info("inbound_file_vanished", file=name)
             return "gone"
         except OSError as exc:
             # Handed over but still in place: it is handed over again next
             # poll, and the receiver's inbox drops the repeat.
-            _log.error(
+            self._log.error(
                 "inbound_file_unmovable",
-                directory=str(self.directory),
                 file=name,
                 error=f"{type(exc).__name__}: {exc}",
             )
             return "processed"
-        _log.info("inbound_file_processed", directory=str(self.directory), file=name)
+        self._log.info("inbound_file_processed", file=name)
         return "processed"
 
     async def _unreadable_file(self, name: str, exc: OSError) -> _Outcome:
         tries = self._unreadable.get(name, 0) + 1
         self._unreadable[name] = tries
         error = f"{type(exc).__name__}: {exc}"
-        _log.warning(
+        self._log.warning(
             "inbound_file_unreadable",
-            directory=str(self.directory),
             file=name,
             error=error,
             tries=tries,
@@ -335,18 +332,16 @@ class InboundPoller(Generic[T]):
             await anyio.to_thread.run_sync(self._move_failed, name, reason)
         except OSError as err:
             # It stays in place, and is tried (and failed) again next poll.
-            _log.error(
+            self._log.error(
                 "inbound_file_unmovable",
-                directory=str(self.directory),
                 file=name,
                 reason=reason.strip(),
                 error=f"{type(err).__name__}: {err}",
             )
             return
         self._seen.pop(name, None)
-        _log.warning(
+        self._log.warning(
             "inbound_file_failed",
-            directory=str(self.directory),
             file=name,
             reason=reason.strip(),
         )

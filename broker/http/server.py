@@ -388,12 +388,7 @@ class HttpServer(Actor[None]):
         if self._inflight >= self._cfg.max_inflight:
             fields["outcome"] = "throttled"
             self._metrics.webhook_requests.labels(system, "throttled").inc()
-            raise ApiError(
-                429,
-                "too_many_requests",
-                f"{self._inflight} webhook requests are in flight; retry later",
-                retry_after_s=self._cfg.retry_after_s,
-            )
+            raise self._too_many(self._inflight, "webhook")
         self._inflight += 1
         try:
             return await self._ingest(request, system, source, fields)
@@ -540,12 +535,7 @@ class HttpServer(Actor[None]):
         async def answer(request: web.Request) -> web.StreamResponse:
             self._authorize(request)
             if self._api_inflight >= self._cfg.api_max_inflight:
-                raise ApiError(
-                    429,
-                    "too_many_requests",
-                    f"{self._api_inflight} API requests are in flight; retry later",
-                    retry_after_s=self._cfg.retry_after_s,
-                )
+                raise self._too_many(self._api_inflight, "API")
             self._api_inflight += 1
             try:
                 return await call_route(request)
@@ -580,6 +570,15 @@ class HttpServer(Actor[None]):
             return _json(result.body, result.status, result.headers)
 
         return answer
+
+    def _too_many(self, inflight: int, kind: str) -> ApiError:
+        """429 with Retry-After: *inflight* requests of *kind* already in hand."""
+        return ApiError(
+            429,
+            "too_many_requests",
+            f"{inflight} {kind} requests are in flight; retry later",
+            retry_after_s=self._cfg.retry_after_s,
+        )
 
     def _authorize(self, request: web.Request) -> None:
         """Refuse a call without one of ``api-tokens`` (when any is set) with 401."""

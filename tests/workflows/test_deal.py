@@ -21,7 +21,15 @@ from actors.workflows.routing import RoutingRegistry
 from broker import Emit
 from broker.codec import encode_event
 from canonical import Envelope, Money
-from canonical.commerce import Account, Invoice, Opportunity, Quote, QuoteLine, Shipment
+from canonical.commerce import (
+    Account,
+    Invoice,
+    Opportunity,
+    Quote,
+    QuoteLine,
+    Shipment,
+    Subscription,
+)
 from canonical.q2c import (
     BusinessException,
     DealCompleted,
@@ -181,6 +189,29 @@ def invoice(d: Deal, amount: Money) -> InvoiceIssued:
     )
 
 
+def confirmed(d: Deal, sub: Subscription) -> tuple[Any, ...]:
+    """What the systems answer after a booking: CRM, CPQ, billing and the invoice."""
+    order = d.state.order
+    assert order is not None
+    return (
+        OpportunityUpdated(
+            opportunity_id="opp-006Hn00000A1b2cIAB",
+            stage="Closed Won",
+            native_id="006Hn00000A1b2cIAB",
+        ),
+        QuoteUpdated(quote_id=order.quote_id, status="ordered", native_id="a0Q"),
+        SubscriptionCreated(
+            subscription_id=sub.id,
+            deal_id=DEAL,
+            order_id=order.id,
+            native_id="sub_1",
+            amount_per_period=sub.amount_per_period,
+            status="active",
+        ),
+        invoice(d, order.net_total),
+    )
+
+
 def test_a_deal_runs_from_opportunity_to_completion(deal: Deal) -> None:
     deal.feed(OPPORTUNITY)
     out = deal.feed(QuoteApproved(quote=MIXED))
@@ -205,23 +236,7 @@ def test_a_deal_runs_from_opportunity_to_completion(deal: Deal) -> None:
     sub = deal.of(SubscriptionRequested)[0].subscription
     assert sub.amount_per_period == eur("300.00")
 
-    deal.feed(
-        OpportunityUpdated(
-            opportunity_id="opp-006Hn00000A1b2cIAB",
-            stage="Closed Won",
-            native_id="006Hn00000A1b2cIAB",
-        ),
-        QuoteUpdated(quote_id=order.quote_id, status="ordered", native_id="a0Q"),
-        SubscriptionCreated(
-            subscription_id=sub.id,
-            deal_id=DEAL,
-            order_id=order.id,
-            native_id="sub_1",
-            amount_per_period=eur("300.00"),
-            status="active",
-        ),
-        invoice(deal, order.net_total),
-    )
+    deal.feed(*confirmed(deal, sub))
     assert not deal.of(DealCompleted), "the hardware has not shipped yet"
     deal.feed(
         ShipmentDispatched(
@@ -298,23 +313,7 @@ def test_a_completed_deal_stays_completed_whatever_comes_later(deal: Deal) -> No
     assert order is not None
     deal.feed(booked(deal, order.net_total))
     sub = deal.of(SubscriptionRequested)[0].subscription
-    deal.feed(
-        OpportunityUpdated(
-            opportunity_id="opp-006Hn00000A1b2cIAB",
-            stage="Closed Won",
-            native_id="006Hn00000A1b2cIAB",
-        ),
-        QuoteUpdated(quote_id=order.quote_id, status="ordered", native_id="a0Q"),
-        SubscriptionCreated(
-            subscription_id=sub.id,
-            deal_id=DEAL,
-            order_id=order.id,
-            native_id="sub_1",
-            amount_per_period=sub.amount_per_period,
-            status="active",
-        ),
-        invoice(deal, order.net_total),
-    )
+    deal.feed(*confirmed(deal, sub))
     assert deal.stage() == "completed"
     credit = Invoice(id="inv-2", order_id=order.id, number="9002", amount=eur("-300"))
     deal.feed(

@@ -19,7 +19,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from actors.q2c import DealView, ValidateResponse
-from actors.q2c_demo import Plan, drive_deals, start_sandboxes
+from actors.q2c_demo import Plan, Sandboxes, drive_deals, start_sandboxes
 from actors.workflows.deal import DealState
 from broker import Daemon, load_config
 from broker.codec import encode_envelope, utcnow
@@ -58,6 +58,18 @@ def _config(tmp_path: Path, systems: dict[str, Any]) -> Any:
     )
     topology = msgspec.structs.replace(cfg.topology, systems=tuple(sorted(systems)))
     return msgspec.structs.replace(cfg, systems=systems, topology=topology)
+
+
+def _crm_by_pull(boxes: Sandboxes) -> dict[str, Any]:
+    """The sandboxes' systems with the CRM's change feed followed by pull.
+
+    The org pushes nothing, and the CRM has no webhook.
+    """
+    systems = boxes.systems()
+    systems["crm"] = {**systems["crm"], "change-feed": "pull"}
+    del systems["crm"]["webhook-secrets"]
+    boxes.crm.knobs.push_url = None
+    return systems
 
 
 async def test_deals_complete_and_the_process_api_shows_them(tmp_path: Path) -> None:
@@ -297,10 +309,7 @@ async def test_a_crm_read_by_pull_follows_its_change_feed_by_replay_id(
     """Without a signing relay the daemon reads the CDC feed itself, durably."""
     async with AsyncExitStack() as stack:
         boxes = await start_sandboxes(stack, tmp_path / "systems")
-        systems = boxes.systems()
-        systems["crm"] = {**systems["crm"], "change-feed": "pull"}
-        del systems["crm"]["webhook-secrets"]
-        daemon = Daemon(_config(tmp_path, systems))
+        daemon = Daemon(_config(tmp_path, _crm_by_pull(boxes)))
         async with anyio.create_task_group() as tg:
             tg.start_soon(daemon.run)
             with anyio.fail_after(20):
@@ -370,12 +379,8 @@ async def test_a_refused_change_feed_waits_and_resumes_where_it_was(
     """403 on the CDC channel: logged and retried with back-off, then it reads."""
     async with AsyncExitStack() as stack:
         boxes = await start_sandboxes(stack, tmp_path / "systems")
-        systems = boxes.systems()
-        systems["crm"] = {**systems["crm"], "change-feed": "pull"}
-        del systems["crm"]["webhook-secrets"]
-        boxes.crm.knobs.push_url = None
         boxes.crm.knobs.feed_refused = True
-        daemon = Daemon(_config(tmp_path, systems))
+        daemon = Daemon(_config(tmp_path, _crm_by_pull(boxes)))
         with capture_logs() as logs:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(daemon.run)
