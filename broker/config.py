@@ -1,8 +1,9 @@
 """Typed view of the daemon's TOML configuration.
 
 Layers, lowest first: the defaults declared here (mirrored, with comments,
-in ``config/default.toml``), the operator's file (``config/broker.toml`` by
-convention), then environment variables named ``BROKER__<SECTION>__<KEY>``.
+in ``config/broker.toml``), the operator's file, then environment variables
+named ``BROKER__<SECTION>__<KEY>``, or ``BROKER__<SECTION>__<TABLE>__<KEY>``
+for a key of a nested table (``BROKER__SYSTEMS__ERP_CLOUD__PASSWORD``).
 Components receive the frozen section they need as an argument; nothing
 below this module reads files or the environment.
 """
@@ -244,13 +245,7 @@ def load_config(
     source = str(path) if path is not None else "defaults"
     for name, value in environ.items():
         if name.startswith(ENV_PREFIX):
-            section, _, key = name.removeprefix(ENV_PREFIX).lower().partition("__")
-            if not key:
-                raise ConfigError(f"{name}: expected BROKER__<SECTION>__<KEY>")
-            table = raw.setdefault(section, {})
-            if not isinstance(table, dict):
-                raise ConfigError(f"{name}: [{section}] is not a table")
-            table[key.replace("_", "-")] = _env_value(value)
+            _set_from_env(raw, name, value)
             source = f"{source} + environment"
 
     try:
@@ -267,6 +262,30 @@ def load_config(
         )
         cfg = msgspec.structs.replace(cfg, topology=topology)
     return cfg
+
+
+def _set_from_env(raw: dict[str, Any], name: str, value: str) -> None:
+    """Set ``BROKER__SECTION[__TABLE...]__KEY`` in *raw*.
+
+    The key is kebab-case (``PUBLISH_TIMEOUT_S`` is ``publish-timeout-s``).
+    A table on the way is the one the file already has, by either spelling;
+    a new one keeps its underscores (system names: ``erp_cloud``).
+
+    Raises:
+        ConfigError: fewer than two parts, or a part on the way that is not
+            a table.
+    """
+    parts = name.removeprefix(ENV_PREFIX).lower().split("__")
+    if len(parts) < 2 or not all(parts):
+        raise ConfigError(f"{name}: expected BROKER__<SECTION>__<KEY>")
+    table = raw
+    for depth, part in enumerate(parts[:-1]):
+        key = next((k for k in (part, part.replace("_", "-")) if k in table), part)
+        table = table.setdefault(key, {})
+        if not isinstance(table, dict):
+            where = ".".join(parts[: depth + 1])
+            raise ConfigError(f"{name}: [{where}] is not a table")
+    table[parts[-1].replace("_", "-")] = _env_value(value)
 
 
 def _env_value(value: str) -> Any:

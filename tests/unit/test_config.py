@@ -39,6 +39,28 @@ def test_environment_overrides_file_and_coerces_strings(tmp_path: Path) -> None:
     assert cfg.topology.retry_tiers_s == (1.0, 2.0)
 
 
+def test_a_key_of_a_nested_table_comes_from_the_environment(tmp_path: Path) -> None:
+    """A system's password in BROKER__SYSTEMS__<NAME>__PASSWORD, not in the file."""
+    path = tmp_path / "b.toml"
+    path.write_text(
+        '[systems.erp_cloud]\nkind = "sap-s4"\nbase-url = "http://sap"\n'
+        "[systems.erp_cloud.gateway]\nburst = 5\n"
+    )
+    cfg = load_config(
+        path,
+        environ={
+            "BROKER__SYSTEMS__ERP_CLOUD__PASSWORD": "s3cret",
+            "BROKER__SYSTEMS__ERP_CLOUD__GATEWAY__RATE_PER_S": "2.5",
+        },
+    )
+    erp = cfg.systems["erp_cloud"]
+    assert (erp["password"], erp["base-url"]) == ("s3cret", "http://sap")
+    assert erp["gateway"] == {"burst": 5, "rate-per-s": "2.5"}
+    assert set(cfg.systems) == {"erp_cloud"}
+    with pytest.raises(ConfigError, match=r"BROKER__SYSTEMS__ERP_CLOUD__KIND__X"):
+        load_config(path, environ={"BROKER__SYSTEMS__ERP_CLOUD__KIND__X": "1"})
+
+
 def test_unknown_key_in_file_names_file_and_path(tmp_path: Path) -> None:
     """A typo in the operator's file is refused with the file name and the key path."""
     path = tmp_path / "b.toml"
