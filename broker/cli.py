@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Any
 
 import anyio
 import msgspec
@@ -84,13 +85,28 @@ async def _topology(cfg: Config) -> None:
 
 
 def _masked(cfg: Config) -> bytes:
-    raw = msgspec.to_builtins(cfg)
-    for section, key in (("amqp", "url"), ("postgres", "dsn")):
-        value = raw[section][key]
-        if "@" in value:
-            scheme, _, rest = value.partition("://")
-            raw[section][key] = f"{scheme}://***@{rest.rpartition('@')[2]}"
+    """The configuration as JSON, with every secret in it masked."""
+    raw = _mask(msgspec.to_builtins(cfg))
     return msgspec.json.format(msgspec.json.encode(raw), indent=2)
+
+
+#: Words that make a key's value secret (``api-tokens``, ``client-secret``).
+_SECRET_WORDS = frozenset({"password", "secret", "secrets", "token", "tokens"})
+
+
+def _mask(value: Any, key: str = "") -> Any:
+    """*value* with secrets masked: by key name, and a URL's user information."""
+    words = set(key.replace("_", "-").split("-"))
+    if words & _SECRET_WORDS or key == "api-key":
+        return ["***"] * len(value) if isinstance(value, list) else "***"
+    if isinstance(value, dict):
+        return {k: _mask(v, k) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_mask(v, key) for v in value]
+    if isinstance(value, str) and "://" in value and "@" in value:
+        scheme, _, rest = value.partition("://")
+        return f"{scheme}://***@{rest.rpartition('@')[2]}"
+    return value
 
 
 def _demo(cfg: Config, deals: int, entries: int) -> int:

@@ -55,6 +55,42 @@ def test_a_typo_in_the_config_exits_78_naming_the_key(tmp_path: Path) -> None:
     assert "$.core" in done.stderr
 
 
+def test_check_config_masks_every_secret(tmp_path: Path) -> None:
+    """Passwords, tokens, webhook secrets, API keys and URL credentials: ***."""
+    path = tmp_path / "broker.toml"
+    path.write_text(
+        '[systems.erp_cloud]\nkind = "sap-s4"\nbase-url = "http://sap"\n'
+        'username = "COMM"\nwebhook-secrets = ["whsec-one", "whsec-two"]\n'
+        '[systems.billing]\nkind = "stripe"\napi-key = "sk_live_key"\n'
+    )
+    secrets = {
+        "BROKER__SYSTEMS__ERP_CLOUD__PASSWORD": "hunter2-pw",
+        "BROKER__HTTP__API_TOKENS": '["api-token-0123456789"]',
+        "BROKER__AMQP__URL": "amqp://svc:amqp-pw@rabbit/prod",
+        "BROKER__POSTGRES__DSN": "postgresql://svc:pg-pw@db/q2c",
+        "BROKER__AMQP__MANAGEMENT_URL": "http://admin:mgmt-pw@rabbit:15672",
+    }
+    done = subprocess.run(
+        [sys.executable, "-m", "broker", "--config", str(path), "check-config"],
+        cwd=ROOT,
+        env={**os.environ, **secrets},
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    shown = json.loads(done.stdout)
+    for secret in (
+        "whsec-one", "whsec-two", "sk_live_key", "hunter2-pw", "api-token-0123456789",
+        "amqp-pw", "pg-pw", "mgmt-pw",
+    ):  # fmt: skip
+        assert secret not in done.stdout, secret
+    assert shown["systems"]["erp_cloud"]["webhook-secrets"] == ["***", "***"]
+    assert shown["systems"]["erp_cloud"]["username"] == "COMM"
+    assert shown["amqp"]["url"] == "amqp://***@rabbit/prod"
+
+
 def test_runs_answers_brokerctl_and_drains_on_sigterm(tmp_path: Path) -> None:
     """The embedded daemon serves status and the actor tree, then exits 0 on SIGTERM."""
     log_path = tmp_path / "daemon.log"
