@@ -15,6 +15,7 @@ exception chained as the cause.
 
 from __future__ import annotations
 
+import urllib.parse
 from collections.abc import Sequence
 from typing import Final, Literal, final
 
@@ -154,6 +155,7 @@ class PostgresStore:
                 a migration is pending under ``"verify"``, or the role lacks a
                 grant.
         """
+        _check_dsn(cfg.dsn)
         try:
             with store_errors():
                 pool = await asyncpg.create_pool(
@@ -540,3 +542,30 @@ class PostgresStore:
     async def aclose(self) -> None:
         """Close the pool: wait for connections in use, up to the command timeout."""
         await self._connections.aclose()
+
+
+def _check_dsn(dsn: str) -> None:
+    """Refuse a DSN whose parts cannot be told apart, quoting none of it.
+
+    A password with an unencoded ``/ ? #`` moves the URL's boundaries, and the
+    driver's error would then quote a piece of it as a port or a database.
+
+    Raises:
+        ConfigError: the DSN does not parse as a PostgreSQL URL.
+    """
+    try:
+        parts = urllib.parse.urlsplit(dsn)
+        port = parts.port
+    except ValueError:
+        parts, port = None, None
+    ok = (
+        parts is not None
+        and parts.scheme in ("postgres", "postgresql")
+        and "@" not in parts.path + parts.query + parts.fragment
+        and (port is None or port > 0)
+    )
+    if not ok:
+        raise ConfigError(
+            "postgres.dsn does not parse as postgresql://user:password@host:port/"
+            "database; percent-encode / ? # @ : in the user name and password"
+        )

@@ -202,6 +202,25 @@ async def test_a_missing_database_is_a_config_error(postgres: None) -> None:
         await PostgresStore.open(PostgresConfig(dsn=dsn, pool_min_size=1))
 
 
+@pytest.mark.parametrize(
+    "dsn",
+    [
+        "postgresql://postgres:S3cret/PW@127.0.0.1:5432/q2c",  # '/' ends the host
+        "postgresql://postgres:ab#cd@127.0.0.1/q2c",  # '#' ends the address
+        "mysql://postgres@127.0.0.1/q2c",
+    ],
+)
+async def test_a_dsn_that_does_not_parse_is_a_config_error_quoting_none_of_it(
+    dsn: str,
+) -> None:
+    """Refused before any connection, naming the fix; no piece of the password."""
+    with pytest.raises(ConfigError, match="percent-encode") as caught:
+        await PostgresStore.open(PostgresConfig(dsn=dsn, pool_min_size=1))
+    text = f"{caught.value} {caught.value.__cause__!r} {caught.value.__context__!r}"
+    for piece in ("S3cret", "PW@", "ab#cd"):
+        assert piece not in text
+
+
 async def test_an_unreachable_server_is_store_unavailable() -> None:
     """Nothing listening on the port: StoreUnavailable, so the supervisor retries."""
     cfg = PostgresConfig(
