@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, final
 
 import anyio
@@ -143,7 +144,15 @@ class DaemonControl:
 
         Raises:
             KeyError: no such actor.
+            ValueError: the actor is the control socket or a subtree holding
+                it: the restart would stop the very connection carrying it,
+                and with it the restart, leaving no socket.
         """
+        if _CONTROL_ID in _subtree_ids(self._d.system.tree(), actor_id):
+            raise ValueError(
+                f"{actor_id!r} holds the control socket, which cannot restart "
+                "itself; restart the daemon instead"
+            )
         await self._d.system.restart(actor_id)
         return {"restarted": actor_id}
 
@@ -284,3 +293,24 @@ def _pause_result(pause: SystemPause) -> dict[str, Any]:
         "paused_by": pause.paused_by,
         "since": pause.since.isoformat(),
     }
+
+
+#: The control socket's actor (`broker.app.Daemon.root_spec`).
+_CONTROL_ID = "control"
+
+
+def _subtree_ids(node: Mapping[str, Any], actor_id: str) -> set[str]:
+    """The ids in *actor_id*'s subtree of the status tree *node* (none if absent)."""
+    if node.get("id") == actor_id:
+        found: set[str] = set()
+        stack = [node]
+        while stack:
+            current = stack.pop()
+            found.add(current["id"])
+            stack.extend(current.get("children", ()))
+        return found
+    for child in node.get("children", ()):
+        ids = _subtree_ids(child, actor_id)
+        if ids:
+            return ids
+    return set()

@@ -16,6 +16,7 @@ from actors.ledger import LedgerState
 from broker import Daemon, load_config
 from broker.config import Config
 from broker.errors import SupervisorGaveUp
+from broker.handler import DaemonControl
 from broker.outbox import OutboxFeed
 from broker.store import DeadLetterFilter, DeadLetterRow
 from broker.transport import Delivery, OutgoingMessage, PublishOutcome
@@ -322,3 +323,17 @@ async def test_a_shard_waiting_on_a_dead_relay_is_stopped_at_its_deadline(
         with anyio.fail_after(60):
             await ended.wait()
     assert "relay" in str(gave_up[0])
+
+
+async def test_the_control_socket_cannot_be_restarted_through_itself(
+    tmp_path: Path,
+) -> None:
+    """Refused with the reason, the control actor untouched; others still restart."""
+    async with running(config(tmp_path)) as daemon:
+        control = DaemonControl(daemon)
+        with pytest.raises(ValueError, match="control socket"):
+            await control.restart("control")
+        assert await control.restart("relay") == {"restarted": "relay"}
+        children = {c["id"]: c for c in daemon.system.tree()["children"]}
+        assert children["control"]["state"] == "running"
+        assert children["relay"]["state"] == "running"
