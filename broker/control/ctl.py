@@ -241,6 +241,10 @@ def _add_filters(parser: argparse.ArgumentParser, *, status: str = "parked") -> 
     parser.add_argument("--limit", metavar="N", type=_positive(int), default=100)
 
 
+#: The most letters one request may name or act on (`protocol.DlqFilter`).
+_MAX_LIMIT = 10_000
+
+
 def _request(
     args: argparse.Namespace, guarded: dict[str, argparse.ArgumentParser]
 ) -> Request:
@@ -286,6 +290,9 @@ def _request(
             f"refusing to {args.action} every dead letter: give ids or a filter "
             "(--reason, --queue, --type, --correlation-id), or --all"
         )
+    if args.ids:
+        # Every letter named, not the first --limit of them.
+        selection["limit"] = min(_MAX_LIMIT, max(args.limit, len(args.ids)))
     selection.update(ids=tuple(args.ids), dry_run=args.dry_run, all=args.all)
     if args.action == "replay":
         return DlqReplayRequest(max_replays=args.max_replays, **selection)
@@ -317,9 +324,9 @@ def render(req: Request, result: Any) -> str:
         case DlqListRequest(limit=limit) if isinstance(result, list):
             return _letters(result, limit)
         case DlqReplayRequest(dry_run=dry_run) if isinstance(result, list):
-            return _ids("replay", "replayed", result, dry_run=dry_run)
+            return _ids("replay", "replayed", result, dry_run, _capped(req, result))
         case DlqPurgeRequest(dry_run=dry_run) if isinstance(result, list):
-            return _ids("purge", "purged", result, dry_run=dry_run)
+            return _ids("purge", "purged", result, dry_run, _capped(req, result))
         case HoldListRequest(limit=limit) if isinstance(result, list):
             return _holds(result, limit)
         case HoldReleaseRequest() if isinstance(result, dict):
@@ -435,12 +442,25 @@ def _released(result: dict[str, Any]) -> str:
     )
 
 
-def _ids(verb: str, done: str, ids: list[Any], *, dry_run: bool) -> str:
+def _capped(req: DlqReplayRequest | DlqPurgeRequest, result: list[Any]) -> bool:
+    """Whether the limit, not the selection, ended the list: more may match."""
+    if req.ids and len(req.ids) <= req.limit:
+        return False  # every letter named was looked at
+    return len(result) >= req.limit
+
+
+def _ids(verb: str, done: str, ids: list[Any], dry_run: bool, capped: bool) -> str:
     count = f"{len(ids)} dead letter{'s' if len(ids) != 1 else ''}"
     listed = ", ".join(cell(i) for i in ids)
+    more = (
+        f" (limit reached: run again, or raise --limit, to {verb} the rest)"
+        if capped
+        else ""
+    )
+    named = f"{count}: {listed}" if ids else count
     if dry_run:
-        return f"would {verb} {count}" + (f": {listed}" if ids else "") + " (dry run)"
-    return f"{done} {count}" + (f": {listed}" if ids else "")
+        return f"would {verb} {named} (dry run){more}"
+    return f"{done} {named}{more}"
 
 
 if __name__ == "__main__":

@@ -192,9 +192,9 @@ class FakeHandler:
     async def dlq_replay(
         self, flt: DeadLetterFilter, /, *, dry_run: bool, max_replays: int
     ) -> list[int]:
-        """The ids asked for."""
+        """The ids asked for; for a filter, as many as the limit lets through."""
         self.calls.append(("dlq_replay", (flt, dry_run, max_replays)))
-        return list(flt.ids)
+        return list(flt.ids) or list(range(1, flt.limit + 1))
 
     async def dlq_purge(self, flt: DeadLetterFilter, /, *, dry_run: bool) -> list[int]:
         """Nothing matched."""
@@ -395,6 +395,29 @@ async def test_replay_dry_run_names_what_would_be_replayed(socket_path: str) -> 
     assert text == "would replay 2 dead letters: 3, 4 (dry run)\n"
     flt = DeadLetterFilter(ids=(3, 4), reason="malformed")
     assert handler.calls == [("dlq_replay", (flt, True, 5))]
+
+
+async def test_every_named_letter_is_replayed_and_a_reached_limit_is_said(
+    socket_path: str,
+) -> None:
+    """150 ids: all 150 asked for (not the first --limit 100), and the cap said."""
+    ids = [str(n) for n in range(1, 151)]
+    async with daemon(socket_path) as handler:
+        text = out(await brokerctl("--socket", socket_path, "dlq", "replay", *ids))
+        capped = out(
+            await brokerctl(
+                "--socket", socket_path, "dlq", "replay", "--reason", "malformed",
+                "--limit", "2",
+            )
+        )  # fmt: skip
+    ((_, (flt, _, _)), _) = handler.calls
+    assert (len(flt.ids), flt.limit) == (150, 150)
+    assert text.startswith("replayed 150 dead letters: 1, 2, 3")
+    assert text.endswith("149, 150\n")  # all named, none left: no limit said
+    assert capped == (
+        "replayed 2 dead letters: 1, 2"
+        " (limit reached: run again, or raise --limit, to replay the rest)\n"
+    )
 
 
 async def test_an_error_reply_exits_1_with_the_daemons_message(
