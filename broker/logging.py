@@ -95,4 +95,58 @@ def configure_logging(
         logger_factory=factory,
         cache_logger_on_first_use=True,
     )
-    logging.basicConfig(level=max(_LEVELS[level], logging.WARNING), stream=sys.stderr)
+    _route_libraries(shared[1:], processors[-1], as_json, level)
+
+
+def _route_libraries(
+    pre_chain: list[Any], renderer: Any, as_json: bool, level: str
+) -> None:
+    """Libraries' stdlib log records: the same lines, redaction and all.
+
+    A library's own line is one JSON object like the daemon's (or a console
+    line), through the same redaction step. aiohttp's server logs a request
+    it could not parse with the parser's error, which quotes the offending
+    header (an Authorization value, say): its message keeps the error's type
+    only.
+    """
+    global _library_handler
+    render = renderer
+    if as_json:
+        render = structlog.processors.JSONRenderer(
+            serializer=lambda obj, **_: _json.encode(obj).decode()
+        )
+    formatter = structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=pre_chain,
+        processors=[
+            structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+            *([_tracebacks] if as_json else []),
+            render,
+        ],
+    )
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(formatter)
+    root = logging.getLogger()
+    if _library_handler is not None:
+        root.removeHandler(_library_handler)
+    root.addHandler(handler)
+    root.setLevel(max(_LEVELS[level], logging.WARNING))
+    _library_handler = handler
+    server = logging.getLogger("aiohttp.server")
+    if not any(isinstance(f, _RequestDetailFilter) for f in server.filters):
+        server.addFilter(_RequestDetailFilter())
+
+
+_library_handler: logging.Handler | None = None
+
+
+class _RequestDetailFilter(logging.Filter):
+    """Keep only the error's type of what aiohttp's server says of a bad request."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and record.exc_info[1] is not None:
+            error = type(record.exc_info[1]).__name__
+            record.msg = f"{record.getMessage()} ({error})"
+            record.args = None
+            record.exc_info = None
+            record.exc_text = None
+        return True

@@ -4,12 +4,23 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 from collections.abc import Iterator
 
 import pytest
 import structlog
 
 from broker.logging import configure_logging
+
+
+@pytest.fixture(autouse=True)
+def stdlib_logging_restored() -> Iterator[None]:
+    """configure_logging adds a handler to the root logger: taken off after."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
 
 
 @pytest.fixture
@@ -80,3 +91,24 @@ def test_console_tracebacks_carry_no_local_variables(
     err = capsys.readouterr().err
     assert "cannot parse" in err
     assert _SECRET not in err
+
+
+def test_a_librarys_records_are_json_lines_through_the_redaction(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Libraries' records (aiohttp, asyncpg) come out as the daemon's own lines do."""
+    configure_logging("info", "json")
+    try:
+        logging.getLogger("some.library").warning("pool %s", "resized")
+        bad = ValueError("Invalid header value: 'Bearer tok_SECRET_12345\\x7f'")
+        logging.getLogger("aiohttp.server").error(
+            "Error handling request", exc_info=(ValueError, bad, None)
+        )
+    finally:
+        structlog.reset_defaults()
+    lines = [json.loads(line) for line in capsys.readouterr().err.splitlines()]
+    assert [(r["event"], r["level"]) for r in lines] == [
+        ("pool resized", "warning"),
+        ("Error handling request (ValueError)", "error"),
+    ]
+    assert "tok_SECRET" not in repr(lines)
