@@ -11,26 +11,22 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 from typing import Any
 
 import anyio
 import msgspec
 
-from broker.config import Config, load_config
+from broker.config import DEFAULT_CONFIG, Config, config_file, load_config
 from broker.errors import BrokerError, ConfigError
 from broker.logging import configure_logging
 
 __all__ = ["main", "ctl_main", "DEFAULT_CONFIG"]
 
 #: Read when ``--config`` is not given and the file exists.
-DEFAULT_CONFIG = Path("config/broker.toml")
 
 
 def _config(path: str | None) -> Config:
-    if path is not None:
-        return load_config(Path(path))
-    return load_config(DEFAULT_CONFIG if DEFAULT_CONFIG.exists() else None)
+    return load_config(config_file(path))
 
 
 def _parser() -> argparse.ArgumentParser:

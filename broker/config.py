@@ -22,7 +22,9 @@ from msgspec import Meta
 from broker.errors import ConfigError
 
 __all__ = [
+    "DEFAULT_CONFIG",
     "ENV_PREFIX",
+    "config_file",
     "Section",
     "DaemonConfig",
     "AmqpConfig",
@@ -230,6 +232,20 @@ def read_toml(path: Path) -> dict[str, Any]:
         return tomllib.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
         raise ConfigError(f"{path}: {exc}") from exc
+
+
+#: The operator's file when none is named, relative to the working directory.
+DEFAULT_CONFIG = Path("config/broker.toml")
+
+
+def config_file(named: str | Path | None) -> Path | None:
+    """The file to read: *named*, else `DEFAULT_CONFIG` if it exists, else none.
+
+    ``brokerd`` and ``brokerctl`` both look here, so they agree on the socket.
+    """
+    if named is not None:
+        return Path(named)
+    return DEFAULT_CONFIG if DEFAULT_CONFIG.exists() else None
 
 
 def load_config(

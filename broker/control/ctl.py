@@ -10,6 +10,7 @@ connection broke), 2 usage or configuration error, 3 no daemon reachable.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,7 @@ from typing import Any
 import anyio
 import msgspec
 
-from broker.config import load_config
+from broker.config import DEFAULT_CONFIG, config_file, load_config
 from broker.control.client import ControlClient, DaemonUnreachable
 from broker.control.ctl_views import (
     block,
@@ -71,7 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exc:  # argparse's usage errors and --help
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
     try:
-        socket_path = args.socket or load_config(args.config).control.socket_path
+        config = load_config(config_file(args.config))
+        socket_path = args.socket or config.control.socket_path
     except ConfigError as exc:
         print(f"brokerctl: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -108,7 +110,8 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
         "--config",
         metavar="FILE",
         type=Path,
-        help="daemon config file to take the socket path from",
+        help="daemon config file to take the socket path from "
+        f"(default: {DEFAULT_CONFIG} if it exists, as brokerd)",
     )
     parser.add_argument("--json", action="store_true", help="print raw JSON results")
     parser.add_argument(
@@ -187,9 +190,7 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
     find.add_argument("kind", metavar="KIND", help=_KINDS)
     find.add_argument("system", metavar="SYSTEM", help="e.g. crm, erp_cloud, billing")
     find.add_argument("native_id", metavar="NATIVE_ID")
-    queues = commands.add_parser(
-        "queues", help="q2c.* queues: ready, unacked, consumers, type"
-    )
+    commands.add_parser("queues", help="q2c.* queues: ready, unacked, consumers, type")
     pause = commands.add_parser(
         "pause",
         help="stop calls to one system on every daemon; its commands wait in its queue",
@@ -207,13 +208,6 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
         "brokerctl says so and exits 0.",
     )
     resume.add_argument("system", metavar="SYSTEM")
-    for sub in (held, release, get, find, queues, pause, resume):
-        sub.add_argument(
-            "--json",
-            action="store_true",
-            default=argparse.SUPPRESS,
-            help="print raw JSON results",
-        )
 
     commands.add_parser("drain", help="stop intake and let mailboxes empty")
     commands.add_parser("restart", help="restart an actor or subtree").add_argument(
@@ -222,7 +216,27 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
     commands.add_parser("trace", help="timeline of one correlation id").add_argument(
         "correlation_id", metavar="CORRELATION_ID"
     )
+    _json_after_the_command(parser)
     return parser, {"replay": replay, "purge": purge}
+
+
+def _json_after_the_command(parser: argparse.ArgumentParser) -> None:
+    """Take ``--json`` after any command too (``brokerctl status --json``)."""
+    subcommands = [
+        action
+        for action in parser._actions  # argparse keeps its subparsers there
+        if isinstance(action, argparse._SubParsersAction)
+    ]
+    for action in subcommands:
+        for command in {id(p): p for p in action.choices.values()}.values():
+            _json_after_the_command(command)
+    if not subcommands and "--json" not in parser._option_string_actions:
+        parser.add_argument(
+            "--json",
+            action="store_true",
+            default=argparse.SUPPRESS,
+            help="print raw JSON results",
+        )
 
 
 def _add_filters(parser: argparse.ArgumentParser, *, status: str = "parked") -> None:
@@ -305,8 +319,8 @@ def _positive(kind: type[int] | type[float]) -> Any:
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-        if value <= 0:
-            raise argparse.ArgumentTypeError(f"must be positive: {text!r}")
+        if not math.isfinite(value) or value <= 0:
+            raise argparse.ArgumentTypeError(f"must be a positive number: {text!r}")
         return value
 
     convert.__name__ = kind.__name__  # argparse names the type in its errors

@@ -727,3 +727,40 @@ def test_an_unfiltered_purge_is_a_usage_error(
     assert main(["--socket", "/nonexistent/brokerd.sock", "dlq", "purge"]) == 2
     assert "refusing to purge every dead letter" in capsys.readouterr().err
     assert main(["dlq", "list", "--limit", "0"]) == EXIT_USAGE
+
+
+async def test_without_config_or_socket_it_reads_config_broker_toml_as_brokerd(
+    socket_path: str, tmp_path: Path
+) -> None:
+    """Run where the daemon runs: ./config/broker.toml names the socket for both."""
+    (tmp_path / "config").mkdir()
+    (tmp_path / "config" / "broker.toml").write_text(
+        f'[control]\nsocket-path = "{socket_path}"\n'
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BROKER__")}
+    async with daemon(socket_path):
+        done = await anyio.run_process(
+            [sys.executable, "-m", "broker.control.ctl", "status"],
+            check=False,
+            cwd=tmp_path,
+            env=env,
+        )
+    assert out(done).startswith("daemon       q2c-broker\n")
+
+
+async def test_json_goes_before_or_after_the_command(socket_path: str) -> None:
+    async with daemon(socket_path):
+        after = out(await brokerctl("--socket", socket_path, "status", "--json"))
+        listed = out(await brokerctl("--socket", socket_path, "dlq", "list", "--json"))
+    assert json.loads(after)["daemon"] == "q2c-broker"
+    assert isinstance(json.loads(listed), list)
+
+
+@pytest.mark.parametrize("seconds", ["nan", "inf", "-1", "0"])
+async def test_a_timeout_that_is_no_positive_number_is_a_usage_error(
+    seconds: str,
+) -> None:
+    done = await brokerctl("--timeout", seconds, "status")
+    assert done.returncode == 2
+    assert b"must be a positive number" in done.stderr
+    assert b"Traceback" not in done.stderr
