@@ -143,6 +143,11 @@ async def open_transport(
     if cfg.daemon.transport == "memory":
         from broker.transport.memory import MemoryTransport
 
+        _log.warning(
+            "transport_in_memory",
+            hint="what is queued when the daemon stops is lost: for the demo, "
+            'development and tests; [daemon] transport = "amqp" is durable',
+        )
         return MemoryTransport(topology)
 
     from broker.transport.amqp import AmqpTransport

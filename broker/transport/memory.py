@@ -21,8 +21,12 @@ operation first runs the due timers, and a waiting ``batch()`` wakes at the
 next due time by itself. With an injected fake *clock*, move the clock and
 call `MemoryTransport.run_timers`.
 
-Durability comes from the outbox in the embedded mode, not from here:
-everything is lost when the process exits, and the outbox republishes it.
+Nothing here is durable: what sits in a queue when the process exits (a
+message its consumer has not yet committed, a retry waiting out its tier, a
+webhook's event already answered 202) is gone. The outbox does not bring it
+back: the relay deletes a row once a publish is confirmed, and this transport
+confirms as soon as the message is queued. The embedded mode is for the
+demo, development and tests; RabbitMQ is the durable transport.
 """
 
 from __future__ import annotations
