@@ -383,6 +383,8 @@ def deal_view(s: DealState, version: int) -> DealView:
                 id=subscription_id(s.deal_id),
                 amount=s.subscription_amount,
                 native_ids={"billing": s.subscription_native_id},
+                # The billing platform's invoices are the subscription's.
+                status="invoice paid" if s.invoice_paid else None,
             )
         )
     if s.invoice is not None:
@@ -392,7 +394,7 @@ def deal_view(s: DealState, version: int) -> DealView:
                 id=s.invoice.id,
                 amount=s.invoice.amount,
                 native_ids=_native({f"erp_{s.erp}": s.invoice.number}),
-                status="paid" if s.invoice_paid else s.invoice.status,
+                status=s.invoice.status,
             )
         )
     if s.shipment is not None:

@@ -128,6 +128,8 @@ class DealState(msgspec.Struct, kw_only=True):
     subscription_native_id: str | None = None
     subscription_amount: Money | None = None
     invoice: Invoice | None = None
+    #: The billing platform collected one of the subscription's invoices
+    #: (not the ERP's invoice of the order: nothing reports that one paid).
     invoice_paid: bool = False
     shipment: Shipment | None = None
     #: Commands and announcements already issued (each once).

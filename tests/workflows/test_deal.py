@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from actors.q2c import deal_view
 from actors.workflows.catalogue import demo_reference
 from actors.workflows.deal import DealState, DealWorkflow
 from actors.workflows.routing import RoutingRegistry
@@ -34,6 +35,7 @@ from canonical.q2c import (
     BusinessException,
     DealCompleted,
     InvoiceIssued,
+    InvoicePaid,
     OpportunityCreated,
     OpportunityUpdated,
     OpportunityUpdateRequested,
@@ -394,3 +396,20 @@ def test_results_bind_the_documents_native_ids_in_the_xref(deal: Deal) -> None:
     assert order is not None
     assert entry.canonical_id == order.id
     assert not deal.wf.apply(deal.state, OPPORTUNITY, envelope(OPPORTUNITY)).xref
+
+
+def test_a_subscription_invoice_paid_is_shown_on_the_subscription(deal: Deal) -> None:
+    """Stripe's invoice paid is the subscription's, not the ERP's order invoice."""
+    deal.feed(OPPORTUNITY, QuoteApproved(quote=MIXED))
+    order = deal.state.order
+    assert order is not None
+    deal.feed(booked(deal, order.net_total))
+    sub = deal.of(SubscriptionRequested)[0].subscription
+    deal.feed(*confirmed(deal, sub))
+    stripe_invoice = Invoice(
+        id="inv-sub-1", order_id=order.id, number="in_1", amount=eur("300.00")
+    )
+    deal.feed(InvoicePaid(invoice=stripe_invoice, deal_id=DEAL, native_id="in_1"))
+    view = {d.kind: d for d in deal_view(deal.state, 1).documents}
+    assert view["subscription"].status == "invoice paid"
+    assert view["invoice"].status != "paid"
