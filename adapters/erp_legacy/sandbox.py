@@ -253,6 +253,13 @@ class LegacyErpSandbox:
         """(sold-to, customer PO) → ERP order number, for every order created."""
         return {key: order.number for key, order in self._orders.items()}
 
+    @property
+    def order_totals(self) -> Mapping[tuple[str, str], str | None]:
+        """(sold-to, customer PO) → the order's total item value (SUMID 002)."""
+        return {
+            key: order.order.total(v.SUM_ITEMS) for key, order in self._orders.items()
+        }
+
     # --- the ERP ---------------------------------------------------------------------
 
     async def _receive(self, name: str, idocs: tuple[v.Idoc, ...]) -> None:
