@@ -8,16 +8,17 @@ and the same messages, to the other daemon.
 
 The test makes that race happen. The first daemon reaches RabbitMQ through a
 fault proxy; the second waits as the standby consumer. The test locks the
-``saga`` table, so the first daemon's batch waits in the database, then cuts
+``saga`` table against writes (SHARE: reads go on), so the first daemon's
+batch is read and applied and its write waits in the database, then cuts
 the first daemon's network to RabbitMQ. Once the broker has handed the
-shards over and the second daemon's batch waits on the same lock, the lock
-goes: both write the same instances from the same reads. The store's
-optimistic checks (keys claimed, instance versions changed since the read:
-``ConcurrencyConflict``) refuse the second writer, which reads again and
-finds the entries already applied.
-
-``brokerctl status`` answers throughout: while the lock holds, its store
-counts say "no answer within 2 s" instead of the whole command timing out.
+shards over and the second daemon's write of the same messages waits too,
+the lock goes: both write the same keys and instances from reads made
+before either wrote. The store's optimistic checks (keys claimed, instance
+versions changed since the read: ``ConcurrencyConflict``) refuse the second
+writer, which reads again and finds the entries already applied. Holding
+the writes rather than the reads makes the race certain: with the reads
+held, a slow daemon could read only after the other had committed, and see
+duplicates without any race.
 
 The checker then finds every account's balance equal to the serial
 application of its entries, nothing lost and no entry applied twice.
@@ -39,15 +40,15 @@ from tests.reliability.workload import Workload
 pytestmark = [pytest.mark.anyio, pytest.mark.integration]
 
 #: Statements wait on the lock instead of timing out, so that both daemons'
-#: reads are queued behind it when it goes, and run together.
+#: writes are queued behind it when it goes.
 PATIENT: Config = {
     "postgres": {"command-timeout-s": 120.0},
     "core": {"batch-max": 50},
 }
 
 
-#: What only `PostgresStore.prepare_batch`'s statement says (``sql.PREPARE_BATCH``).
-BATCH_READ = "%FROM inbox AS i%"
+#: What only `PostgresStore.commit_batch`'s statement says (``sql.COMMIT_BATCH``).
+BATCH_WRITE = "%q2c_commit_batch_v2(%"
 
 
 async def wait_delivered(daemon: Daemon, *, timeout_s: float) -> None:
@@ -61,12 +62,10 @@ async def wait_delivered(daemon: Daemon, *, timeout_s: float) -> None:
 
 
 async def wait_lock_waiters(dsn: str, daemons: list[Daemon]) -> None:
-    """Wait until each daemon's batch read waits for a lock.
+    """Wait until each daemon's batch write waits for a lock.
 
-    The batch read, not any statement: the test's own ``status`` calls run
-    the store's counts, which wait on the same lock for up to 2 s, and one
-    of those seen in place of a daemon's read would let the lock go before
-    that daemon's batch is queued behind it: no race.
+    The first waits on the table lock, the second on the first's claim of
+    the same keys; either way, a lock.
     """
     names = {str(d.spec.config["postgres"]["application-name"]) for d in daemons}
     async with connect(dsn) as conn:
@@ -79,7 +78,7 @@ async def wait_lock_waiters(dsn: str, daemons: list[Daemon]) -> None:
                         " WHERE wait_event_type = 'Lock'"
                         " AND datname = current_database()"
                         " AND query LIKE $1",
-                        BATCH_READ,
+                        BATCH_WRITE,
                     )
                 }
                 if names <= waiting:
@@ -113,7 +112,7 @@ async def test_two_writers_on_one_instance_apply_each_entry_once(
             tx = conn.transaction()
             await tx.start()
             try:
-                await conn.execute("LOCK TABLE saga IN ACCESS EXCLUSIVE MODE")
+                await conn.execute("LOCK TABLE saga IN SHARE MODE")  # no writes
                 published = await scenario.publish(workload.stream)
                 assert published.confirmed == len(workload.stream)
                 await wait_delivered(first, timeout_s=30)
@@ -121,8 +120,8 @@ async def test_two_writers_on_one_instance_apply_each_entry_once(
                 # The broker misses the first daemon's heartbeats and hands
                 # its shards, unacknowledged deliveries included, to the second.
                 await wait_delivered(second, timeout_s=60)
-                # Both daemons' reads wait on the lock, so that both run at
-                # once when it goes: the race, not one writer after the other.
+                # Both daemons' writes wait on the lock, from reads made
+                # before either wrote: the race, not one after the other.
                 await wait_lock_waiters(scenario.pg_dsn, [first, second])
                 assert await applied_count(scenario.pg_dsn) == 0
             finally:
