@@ -23,6 +23,7 @@ from broker.errors import (
     UndecodableMessage,
     UnknownMessageType,
 )
+from broker.transport import SHORTSTR_MAX_BYTES, fits_shortstr
 from canonical.envelope import Envelope
 from canonical.upcast import current_version, upcast
 
@@ -37,8 +38,6 @@ __all__ = [
 ]
 
 _envelope_decoder = msgspec.json.Decoder(Envelope)
-#: The longest AMQP short string, in UTF-8 bytes.
-_SHORTSTR_BYTES = 255
 _encoder = msgspec.json.Encoder(decimal_format="string")
 _MAX_NUMBER_CHARS = 64
 
@@ -134,10 +133,9 @@ def decode_envelope(
         ("type", env.type),
         ("correlationid", env.correlation_id),
     ):
-        # At 4 bytes a character at most, a short value needs no encoding.
-        if len(value) * 4 > _SHORTSTR_BYTES and len(value.encode()) > _SHORTSTR_BYTES:
+        if not fits_shortstr(value):
             raise UndecodableMessage(
-                f"envelope {name} is over {_SHORTSTR_BYTES} bytes "
+                f"envelope {name} is over {SHORTSTR_MAX_BYTES} bytes "
                 "(an AMQP short string)"
             )
     return env

@@ -35,7 +35,13 @@ from broker.faults import CrashHook
 from broker.metrics import Metrics
 from broker.retry import Backoff
 from broker.store import OutboxRow, Store
-from broker.transport import OutgoingMessage, PublishOutcome, Transport
+from broker.transport import (
+    SHORTSTR_MAX_BYTES,
+    OutgoingMessage,
+    PublishOutcome,
+    Transport,
+    fits_shortstr,
+)
 
 __all__ = ["OutboxFeed", "OutboxRelay", "to_message"]
 
@@ -95,27 +101,28 @@ class OutboxFeed:
         return f"<OutboxFeed {self.fill}/{self.max_batches}>"
 
 
-#: The longest AMQP short string (exchange, routing key, ids, header names).
-_SHORTSTR_BYTES = 255
-
-
 def unpublishable(row: OutboxRow) -> str | None:
     """Why no AMQP publish can carry *row* (None: it fits).
 
     The exchange, routing key, message id, correlation id, type and header
     names are AMQP short strings; the frame encoder refuses a longer one.
+    Asked of every row published, so a row that fits costs no encoding.
     """
-    fields = {
-        "exchange": row.exchange,
-        "routing key": row.routing_key,
-        "message id": row.message_id,
-        "correlation id": row.correlation_id or "",
-        "type": row.type or "",
-    }
-    fields.update((f"header name {k[:40]!r}", k) for k in row.headers)
-    for name, value in fields.items():
-        if len(value.encode()) > _SHORTSTR_BYTES:
-            return f"unpublishable: its {name} is over {_SHORTSTR_BYTES} bytes"
+    for name, value in (
+        ("exchange", row.exchange),
+        ("routing key", row.routing_key),
+        ("message id", row.message_id),
+        ("correlation id", row.correlation_id or ""),
+        ("type", row.type or ""),
+    ):
+        if not fits_shortstr(value):
+            return f"unpublishable: its {name} is over {SHORTSTR_MAX_BYTES} bytes"
+    for key in row.headers:
+        if not fits_shortstr(key):
+            return (
+                f"unpublishable: its header name {key[:40]!r} is over "
+                f"{SHORTSTR_MAX_BYTES} bytes"
+            )
     return None
 
 

@@ -27,12 +27,27 @@ from typing import Any, Protocol, final
 import msgspec
 
 __all__ = [
+    "SHORTSTR_MAX_BYTES",
     "Delivery",
     "OutgoingMessage",
     "PublishOutcome",
     "Subscription",
     "Transport",
+    "fits_shortstr",
 ]
+
+#: The longest AMQP short string (exchange, routing key, message and
+#: correlation ids, type, header names), in UTF-8 bytes.
+SHORTSTR_MAX_BYTES = 255
+
+
+def fits_shortstr(value: str) -> bool:
+    """Whether *value* fits an AMQP short string."""
+    # At 4 bytes a character at most, a short value needs no encoding.
+    return (
+        len(value) * 4 <= SHORTSTR_MAX_BYTES
+        or len(value.encode()) <= SHORTSTR_MAX_BYTES
+    )
 
 
 @final

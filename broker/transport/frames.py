@@ -22,6 +22,7 @@ from pamqp import frame as pframe
 from pamqp.base import Frame
 
 from broker.errors import TransportUnavailable
+from broker.transport import SHORTSTR_MAX_BYTES
 
 __all__ = [
     # connecting and closing
@@ -165,11 +166,14 @@ def shortstr(value: str) -> bytes:
     """Encode an AMQP short string (length byte, then UTF-8).
 
     Raises:
-        ValueError: *value* is longer than 255 bytes encoded.
+        ValueError: *value* is longer than `SHORTSTR_MAX_BYTES` encoded.
     """
     raw = value.encode()
-    if len(raw) > 255:
-        raise ValueError(f"AMQP short string longer than 255 bytes: {value[:40]!r}...")
+    if len(raw) > SHORTSTR_MAX_BYTES:
+        raise ValueError(
+            f"AMQP short string longer than {SHORTSTR_MAX_BYTES} bytes: "
+            f"{value[:40]!r}..."
+        )
     return bytes((len(raw),)) + raw
 
 
