@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import tomllib
+import urllib.parse
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
@@ -25,6 +26,7 @@ __all__ = [
     "DEFAULT_CONFIG",
     "ENV_PREFIX",
     "config_file",
+    "split_url",
     "Section",
     "DaemonConfig",
     "AmqpConfig",
@@ -232,6 +234,24 @@ def read_toml(path: Path) -> dict[str, Any]:
         return tomllib.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
         raise ConfigError(f"{path}: {exc}") from exc
+
+
+def split_url(url: str) -> tuple[urllib.parse.SplitResult, int | None] | None:
+    """A URL's parts and port, or None when its boundaries cannot be told.
+
+    A password with an unencoded ``/ ? #`` moves them: urllib then refuses
+    the port (its message quoting the password's start), or an ``@`` is left
+    after the host. None, rather than an error, so that the caller's message
+    quotes no part of the URL.
+    """
+    try:
+        parts = urllib.parse.urlsplit(url)
+        port = parts.port
+    except ValueError:
+        return None
+    if "@" in parts.path + parts.query + parts.fragment:
+        return None
+    return parts, port
 
 
 #: The operator's file when none is named, relative to the working directory.

@@ -15,14 +15,13 @@ exception chained as the cause.
 
 from __future__ import annotations
 
-import urllib.parse
 from collections.abc import Sequence
 from typing import Final, Literal, final
 
 import asyncpg
 import structlog
 
-from broker.config import PostgresConfig
+from broker.config import PostgresConfig, split_url
 from broker.errors import ConfigError
 from broker.store import (
     BatchRead,
@@ -468,8 +467,8 @@ class PostgresStore:
 
         Inbox and journal partitions whose day is older than the retention
         are dropped whole; rows for such days that sit in a DEFAULT partition,
-        and outbox rows that releases which kept sent rows marked sent before
-        the retention, are deleted in chunks of
+        and outbox rows marked sent before the retention (by releases that
+        kept sent rows), are deleted in chunks of
         `PRUNE_CHUNK`. The journal keeps *journal_retention_days* (default:
         *retention_days*).
 
@@ -553,18 +552,12 @@ def _check_dsn(dsn: str) -> None:
     Raises:
         ConfigError: the DSN does not parse as a PostgreSQL URL.
     """
-    try:
-        parts = urllib.parse.urlsplit(dsn)
-        port = parts.port
-    except ValueError:
-        parts, port = None, None
-    ok = (
-        parts is not None
-        and parts.scheme in ("postgres", "postgresql")
-        and "@" not in parts.path + parts.query + parts.fragment
-        and (port is None or port > 0)
-    )
-    if not ok:
+    split = split_url(dsn)
+    if (
+        split is None
+        or split[0].scheme not in ("postgres", "postgresql")
+        or split[1] == 0
+    ):
         raise ConfigError(
             "postgres.dsn does not parse as postgresql://user:password@host:port/"
             "database; percent-encode / ? # @ : in the user name and password"

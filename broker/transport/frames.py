@@ -21,6 +21,7 @@ from pamqp import encode as pencode
 from pamqp import frame as pframe
 from pamqp.base import Frame
 
+from broker.config import split_url
 from broker.errors import TransportUnavailable
 from broker.transport import SHORTSTR_MAX_BYTES
 
@@ -114,19 +115,6 @@ class AmqpParams:
         return f"<AmqpParams {scheme}://{where} vhost={self.vhost!r}>"
 
 
-def _split(url: str) -> tuple[urllib.parse.SplitResult, int | None] | None:
-    """The URL's parts and port, or None when it does not parse.
-
-    None rather than urllib's message, which may quote a piece of the password.
-    """
-    try:
-        parts = urllib.parse.urlsplit(url)
-        port = parts.port
-    except ValueError:
-        return None
-    return parts, port
-
-
 def parse_url(url: str) -> AmqpParams:
     """Parse ``amqp[s]://user:password@host:port/vhost`` (vhost url-encoded).
 
@@ -142,14 +130,12 @@ def parse_url(url: str) -> AmqpParams:
         "percent-encode / ? # @ : in the user name and password (and @ in the "
         "vhost)"
     )
-    split = _split(url)
+    split = split_url(url)
     if split is None:
         raise unclear
     parts, port = split
     if parts.scheme not in ("amqp", "amqps"):
         raise ValueError(f"not an AMQP URL (scheme {parts.scheme!r})")
-    if "@" in parts.path or "@" in parts.query or "@" in parts.fragment:
-        raise unclear
     tls = parts.scheme == "amqps"
     path = parts.path[1:] if parts.path.startswith("/") else parts.path
     return AmqpParams(
