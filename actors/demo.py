@@ -90,9 +90,10 @@ def _demo_config(cfg: Config) -> Config:
         },
     )
     sqlite = msgspec.structs.replace(cfg.sqlite, path="var/demo/q2c.sqlite3")
+    memory = msgspec.structs.replace(cfg.memory, journal="var/demo/q2c.queues.sqlite3")
     control = msgspec.structs.replace(cfg.control, socket_path="var/demo/brokerd.sock")
     return msgspec.structs.replace(
-        cfg, topology=topology, sqlite=sqlite, control=control
+        cfg, topology=topology, sqlite=sqlite, memory=memory, control=control
     )
 
 
@@ -102,7 +103,8 @@ async def run_demo(
     """Run the demo; return 0 when every check passed (*deals* is the q2c demo's)."""
     del deals
     cfg = _demo_config(cfg)
-    if cfg.daemon.store == "sqlite":
+    if cfg.daemon.store == "sqlite" or cfg.daemon.transport == "memory":
+        # A fresh run: no store or queue journal of an earlier one.
         await anyio.to_thread.run_sync(
             lambda: shutil.rmtree("var/demo", ignore_errors=True)
         )

@@ -172,7 +172,8 @@ async def run_demo(
 ) -> int:
     """Run the demo; return 0 when every check passed."""
     del entries  # the ledger demo's size
-    if cfg.daemon.store == "sqlite":
+    if cfg.daemon.store == "sqlite" or cfg.daemon.transport == "memory":
+        # A fresh run: no store or queue journal of an earlier one.
         await anyio.to_thread.run_sync(lambda: shutil.rmtree(_WORK, ignore_errors=True))
     rng = random.Random(11)
     async with AsyncExitStack() as stack:
@@ -316,6 +317,9 @@ def _demo_config(cfg: Config, boxes: Sandboxes) -> Config:
         topology=topology,
         core=msgspec.structs.replace(cfg.core, max_attempts=8, relay_poll_s=0.5),
         sqlite=msgspec.structs.replace(cfg.sqlite, path=str(_WORK / "q2c.sqlite3")),
+        memory=msgspec.structs.replace(
+            cfg.memory, journal=str(_WORK / "q2c.queues.sqlite3")
+        ),
         control=msgspec.structs.replace(
             cfg.control, socket_path=str(_WORK / "brokerd.sock")
         ),

@@ -143,10 +143,12 @@ async def open_transport(
     if cfg.daemon.transport == "memory":
         from broker.transport.memory import MemoryTransport
 
+        if cfg.memory.journal:
+            return await MemoryTransport.open(topology, journal=cfg.memory.journal)
         _log.warning(
             "transport_in_memory",
-            hint="what is queued when the daemon stops is lost: for the demo, "
-            'development and tests; [daemon] transport = "amqp" is durable',
+            hint="[memory] journal is empty: what is queued when the daemon "
+            "stops is lost",
         )
         return MemoryTransport(topology)
 

@@ -120,6 +120,14 @@ class SqliteConfig(Section, frozen=True):
     path: str = "var/q2c.sqlite3"
 
 
+class MemoryConfig(Section, frozen=True):
+    """``[memory]``: the in-process transport of the embedded mode."""
+
+    #: The file its queues are kept in, so that a restart delivers them
+    #: again; ``""`` keeps them in memory only (lost when the daemon stops).
+    journal: str = "var/q2c.queues.sqlite3"
+
+
 class TopologyConfig(Section, frozen=True):
     """``[topology]``: what the daemon declares on RabbitMQ (all names ``q2c.*``)."""
 
@@ -199,6 +207,7 @@ class Config(Section, frozen=True):
     amqp: AmqpConfig = AmqpConfig()
     postgres: PostgresConfig = PostgresConfig()
     sqlite: SqliteConfig = SqliteConfig()
+    memory: MemoryConfig = MemoryConfig()
     topology: TopologyConfig = TopologyConfig()
     core: CoreConfig = CoreConfig()
     control: ControlConfig = ControlConfig()

@@ -21,12 +21,14 @@ operation first runs the due timers, and a waiting ``batch()`` wakes at the
 next due time by itself. With an injected fake *clock*, move the clock and
 call `MemoryTransport.run_timers`.
 
-Nothing here is durable: what sits in a queue when the process exits (a
-message its consumer has not yet committed, a retry waiting out its tier, a
-webhook's event already answered 202) is gone. The outbox does not bring it
-back: the relay deletes a row once a publish is confirmed, and this transport
-confirms as soon as the message is queued. The embedded mode is for the
-demo, development and tests; RabbitMQ is the durable transport.
+Durability: opened with a journal (`MemoryTransport.open`, the daemon's
+``[memory] journal``), every queue is kept on disk as well, a publish is
+confirmed only once it is written, and a restart delivers again what was
+queued: a message its consumer had not committed (redelivered, counted), a
+retry waiting out its tier, a webhook's event already answered 202. See
+`broker.transport.journal` for when each change is written. Without one
+(the constructor, as the unit tests use it), what sits in a queue when the
+process exits is gone.
 """
 
 from __future__ import annotations
@@ -42,8 +44,9 @@ import anyio
 import anyio.lowlevel
 import structlog
 
-from broker.errors import ConfigError, TransportUnavailable
+from broker.errors import ConfigError, StoreUnavailable, TransportUnavailable
 from broker.transport import Delivery, OutgoingMessage, PublishOutcome
+from broker.transport.journal import JournalRow, QueueJournal
 from broker.transport.topology import Topology
 from broker.transport.vhost import Entry, Message, Queue, Vhost
 
@@ -122,12 +125,19 @@ class MemorySubscription:
         if max_n < 1:
             raise ValueError(f"max_n must be at least 1, not {max_n}")
         await anyio.lowlevel.checkpoint()
+        transport = self._transport
         while True:
             if self._closed_because is not None:
                 raise TransportUnavailable(
                     f"subscription to {self._queue.name!r} {self._closed_because}"
                 )
-            self._transport.run_timers()
+            transport.run_timers()
+            if transport._journal is not None and transport._journal.pending:
+                # Before taking deliveries (they are marked delivered) and
+                # before waiting (the acknowledgements since the last write).
+                await transport._sync_journal()
+                if not self.alive:
+                    continue  # closed meanwhile
             if self._received:
                 n = min(max_n, len(self._received))
                 self.delivered += n
@@ -149,8 +159,11 @@ class MemorySubscription:
             self._unknown_tag(tag)
             return
         settled = [t for t in self._unacked if t <= tag] if multiple else [tag]
+        journal = self._transport._journal
         for t in settled:
-            del self._unacked[t]
+            entry = self._unacked.pop(t)
+            if journal is not None:
+                journal.removed(entry)
         self.acked += len(settled)
         self._transport._dispatch(self._queue)
 
@@ -183,6 +196,9 @@ class MemorySubscription:
         tag = self._next_tag
         self._next_tag += 1
         self._unacked[tag] = entry
+        entry.delivered = True
+        if self._transport._journal is not None:
+            self._transport._journal.changed(entry, self._queue.name)
         self._received.append(entry.delivery(tag))
         self._wakeup.set()
 
@@ -212,6 +228,8 @@ class MemoryTransport:
         max_length: when given, the bound of every queue, overriding the
             topology; otherwise queue argument, then policy, then
             `DEFAULT_MAX_LENGTH`.
+        journal: where the queues are kept on disk; see `open`, which
+            opens one and restores what it holds.
 
     Raises:
         ConfigError: a binding names an exchange or queue not in *topology*.
@@ -223,8 +241,10 @@ class MemoryTransport:
         *,
         clock: Callable[[], float] = time.monotonic,
         max_length: int | None = None,
+        journal: QueueJournal | None = None,
     ) -> None:
         self._clock = clock
+        self._journal = journal
         self._vhost = Vhost(topology, max_length=max_length)
         self._subscriptions: set[MemorySubscription] = set()
         self._consumers = 0
@@ -242,6 +262,34 @@ class MemoryTransport:
             f"{len(self._subscriptions)} subscriptions"
             f"{' closed' if self._closed else ''}>"
         )
+
+    @classmethod
+    async def open(
+        cls,
+        topology: Topology,
+        *,
+        journal: str,
+        clock: Callable[[], float] = time.monotonic,
+        max_length: int | None = None,
+    ) -> MemoryTransport:
+        """A transport whose queues are kept in the SQLite file *journal*.
+
+        What the file holds is queued again, in the order it was first
+        queued: a message that was delivered and not acknowledged comes back
+        redelivered with its delivery count one higher (past the queue's
+        delivery limit it is dead-lettered), a message in a TTL queue keeps
+        its due time. Messages of a queue no longer in *topology* stay in
+        the file, untouched, and are logged.
+
+        Raises:
+            ConfigError: another process has *journal* open, or it is not a
+                queue journal this version reads.
+            StoreUnavailable: the file cannot be opened or read.
+        """
+        opened, rows = await QueueJournal.open(journal, clock=clock)
+        transport = cls(topology, clock=clock, max_length=max_length, journal=opened)
+        transport._restore(rows)
+        return transport
 
     async def subscribe(self, queue: str, *, prefetch: int) -> MemorySubscription:
         """Start consuming *queue* with at most *prefetch* unacknowledged deliveries.
@@ -281,6 +329,13 @@ class MemoryTransport:
             return [PublishOutcome.INDETERMINATE] * len(messages)
         self.run_timers()
         outcomes = [self._publish_one(m) for m in messages]
+        if self._journal is not None and not await self._sync_journal():
+            # Queued, but not on disk: not confirmed. The publisher sends
+            # them again; the inbox makes the copies cause nothing.
+            outcomes = [
+                PublishOutcome.INDETERMINATE if o is PublishOutcome.ACK else o
+                for o in outcomes
+            ]
         self._counts["published"] += len(messages)
         for outcome in outcomes:
             self._counts[_COUNTER[outcome]] += 1
@@ -294,7 +349,11 @@ class MemoryTransport:
     def status(self) -> dict[str, Any]:
         """The AMQP transport's status shape, plus per-queue message counts."""
         self.run_timers()
+        journal = self._journal
         return {
+            "journal": None
+            if journal is None
+            else {"path": journal.path, "writes": journal.writes},
             "connections": {
                 "memory": {
                     "name": "memory",
@@ -335,10 +394,19 @@ class MemoryTransport:
             self._requeue(queue, entries)
 
     async def aclose(self) -> None:
-        """Close: subscriptions fail, later publishes are indeterminate."""
+        """Close: subscriptions fail, later publishes are indeterminate.
+
+        The journal, if any, is written and closed: what was unacknowledged
+        is queued again, redelivered, at the next `open`.
+        """
         self._closed = True
         self.simulate_disconnect()
         await anyio.lowlevel.checkpoint()
+        if self._journal is not None:
+            try:
+                await self._journal.aclose()
+            except StoreUnavailable as exc:
+                log.warning("queue_journal_unavailable", error=str(exc))
 
     def run_timers(self) -> None:
         """Dead-letter every message whose TTL has passed; retry parked dead letters.
@@ -356,7 +424,10 @@ class MemoryTransport:
                 if q.parked[0].due > now:
                     break
                 entry = q.parked.popleft()
-                if not self._route_dead_letter(entry.message):
+                if self._route_dead_letter(entry.message):
+                    if self._journal is not None:
+                        self._journal.removed(entry)
+                else:
                     entry.due = now + _DEAD_LETTER_RETRY_S
                     q.parked.append(entry)
             for pending in (q.ready if q.ttl_s is not None else (), q.parked):
@@ -392,11 +463,17 @@ class MemoryTransport:
         return outcome
 
     def _enqueue(self, q: Queue, message: Message) -> None:
+        journal = self._journal
+        entry_id = 0 if journal is None else journal.new_id()
         if q.ttl_s is None:
-            q.ready.append(Entry(message))
+            entry = Entry(message, id=entry_id)
         else:
-            due = self._clock() + q.ttl_s
-            q.ready.append(Entry(message, due=due))
+            entry = Entry(message, due=self._clock() + q.ttl_s, id=entry_id)
+        q.ready.append(entry)
+        if journal is not None:
+            journal.added(entry, q.name)
+        if q.ttl_s is not None:
+            due = entry.due
             if due < self._next_due:
                 self._next_due = due
                 # Waiters computed their timeout before this timer existed:
@@ -428,13 +505,17 @@ class MemoryTransport:
     def _requeue(self, q: Queue, entries: list[Entry]) -> None:
         """Put *entries* back at the front, oldest first; dead-letter the exhausted."""
         kept = []
+        journal = self._journal
         for entry in entries:
             entry.redelivered = True
+            entry.delivered = False
             entry.delivery_count += 1
             if q.delivery_limit is not None and entry.delivery_count > q.delivery_limit:
                 self._dead_letter(q, entry, "delivery_limit")
             else:
                 kept.append(entry)
+                if journal is not None:
+                    journal.changed(entry, q.name)
         q.ready.extendleft(reversed(kept))
         if q.ttl_s is not None and q.ready:
             self._next_due = min(self._next_due, q.ready[0].due)
@@ -442,6 +523,9 @@ class MemoryTransport:
 
     def _dead_letter(self, q: Queue, entry: Entry, reason: str) -> None:
         """Move *entry* out of *q* through its dead-letter exchange, if it has one."""
+        journal = self._journal
+        if journal is not None:
+            journal.removed(entry)
         if q.dead_letter_exchange is None:
             return  # dropped, as RabbitMQ drops it
         msg = entry.message
@@ -474,8 +558,10 @@ class MemoryTransport:
             dead_letter_exchange=q.dead_letter_exchange,
         )
         due = self._clock() + _DEAD_LETTER_RETRY_S
-        parked = Entry(dead, due=due)
+        parked = Entry(dead, due=due, id=0 if journal is None else journal.new_id())
         q.parked.append(parked)
+        if journal is not None:
+            journal.added(parked, q.name, parked=True)
         self._next_due = min(self._next_due, due)
 
     def _route_dead_letter(self, message: Message) -> bool:
@@ -486,3 +572,58 @@ class MemoryTransport:
         for q in targets:
             self._enqueue(q, message)
         return True
+
+    async def _sync_journal(self) -> bool:
+        """Write the journal's pending changes; ``False`` (logged) if that failed."""
+        assert self._journal is not None
+        try:
+            await self._journal.sync()
+        except StoreUnavailable as exc:
+            log.warning("queue_journal_unavailable", error=str(exc))
+            return False
+        return True
+
+    def _restore(self, rows: list[JournalRow]) -> None:
+        """Queue again what the journal held when it was opened."""
+        now, wall = self._clock(), time.time()
+        orphans: dict[str, int] = {}
+        held: dict[str, list[Entry]] = {}
+        queues = self._vhost.queues
+        for row in rows:
+            q = queues.get(row.queue)
+            if q is None:
+                orphans[row.queue] = orphans.get(row.queue, 0) + 1
+                continue
+            due = math.inf if row.due is None else now + max(0.0, row.due - wall)
+            entry = Entry(row.message, due=due, id=row.id)
+            entry.delivery_count = row.delivery_count
+            entry.redelivered = row.redelivered
+            if row.parked:
+                q.parked.append(entry)
+            elif row.delivered:
+                held.setdefault(q.name, []).append(entry)
+            else:
+                q.ready.append(entry)
+        for name, entries in held.items():
+            # Delivered, never settled: the process died while a consumer
+            # held them. As a lost connection does, back to the front.
+            self._requeue(queues[name], entries)
+        for name, count in orphans.items():
+            log.warning(
+                "queue_journal_orphans",
+                queue=name,
+                messages=count,
+                hint="the queue is no longer in the topology; they stay in the journal",
+            )
+        for q in queues.values():
+            for pending in (q.ready if q.ttl_s is not None else (), q.parked):
+                if pending:
+                    self._next_due = min(self._next_due, pending[0].due)
+        restored = len(rows) - sum(orphans.values())
+        if restored:
+            log.info(
+                "queue_journal_restored",
+                journal=self._journal.path if self._journal else None,
+                messages=restored,
+                redelivered=sum(len(e) for e in held.values()),
+            )

@@ -88,13 +88,19 @@ class Message:
 
 
 class Entry:
-    """A message's life in one queue: redeliveries and, in TTL queues, its due time."""
+    """A message's life in one queue: redeliveries and, in TTL queues, its due time.
 
-    __slots__ = ("delivery_count", "due", "message", "redelivered")
+    *id* names it in the queue journal (`broker.transport.journal`), when
+    the transport keeps one; ``delivered`` is true while a consumer holds it.
+    """
 
-    def __init__(self, message: Message, *, due: float = math.inf) -> None:
+    __slots__ = ("delivered", "delivery_count", "due", "id", "message", "redelivered")
+
+    def __init__(self, message: Message, *, due: float = math.inf, id: int = 0) -> None:
         self.message = message
+        self.id = id
         self.redelivered = False
+        self.delivered = False
         self.delivery_count = 0
         self.due = due
 

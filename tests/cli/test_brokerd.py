@@ -19,6 +19,7 @@ def env_for(tmp_path: Path, **extra: str) -> dict[str, str]:
     return {
         **os.environ,
         "BROKER__SQLITE__PATH": str(tmp_path / "q2c.sqlite3"),
+        "BROKER__MEMORY__JOURNAL": str(tmp_path / "queues.sqlite3"),
         "BROKER__CONTROL__SOCKET_PATH": str(tmp_path / "run" / "brokerd.sock"),
         "BROKER__LOGGING__FORMAT": "json",
         "BROKER__HTTP__PORT": "0",

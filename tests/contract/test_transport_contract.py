@@ -66,11 +66,13 @@ class Harness:
 # Parametrization hook: every transport the suite runs against.
 #
 # To add a transport, add a `pytest.param` here and a branch in `harness`.
-# "amqp" runs `AmqpTransport` on a fresh vhost of the real RabbitMQ (hence the
+# "memory-journal" keeps the queues in a SQLite file (the daemon's embedded
+# mode). "amqp" runs `AmqpTransport` on a fresh vhost of the real RabbitMQ (hence the
 # integration mark; it skips when RabbitMQ is down).
 # ---------------------------------------------------------------------------
 TRANSPORTS = [
     pytest.param("memory", id="memory"),
+    pytest.param("memory-journal", id="memory-journal"),
     pytest.param("amqp", id="amqp", marks=pytest.mark.integration),
 ]
 
@@ -91,6 +93,12 @@ async def harness(request: pytest.FixtureRequest) -> AsyncIterator[Harness]:
     """Each transport of `TRANSPORTS`, opened on `TOPOLOGY` and closed after."""
     if request.param == "memory":
         transport: Transport = MemoryTransport(TOPOLOGY)
+        quiet_s = 0.05
+    elif request.param == "memory-journal":
+        tmp_path = request.getfixturevalue("tmp_path")
+        transport = await MemoryTransport.open(
+            TOPOLOGY, journal=str(tmp_path / "queues.sqlite3")
+        )
         quiet_s = 0.05
     else:
         transport = await _open_amqp(request)

@@ -31,6 +31,7 @@ OUT = "q2c.events.ledger-applied"
 def config(tmp_path: Path, **overrides: str) -> Config:
     env = {
         "BROKER__SQLITE__PATH": str(tmp_path / "q2c.sqlite3"),
+        "BROKER__MEMORY__JOURNAL": str(tmp_path / "queues.sqlite3"),
         "BROKER__CONTROL__SOCKET_PATH": str(tmp_path / "ctl" / "brokerd.sock"),
         "BROKER__TOPOLOGY__SHARDS": "2",
         "BROKER__TOPOLOGY__RETRY_TIERS_S": "[0.05, 0.1]",

@@ -799,6 +799,7 @@ async def test_every_request_is_one_log_line_without_bodies() -> None:
 def daemon_config(tmp_path: Path, **env: str) -> Config:
     return settings(
         BROKER__SQLITE__PATH=str(tmp_path / "q2c.sqlite3"),
+        BROKER__MEMORY__JOURNAL=str(tmp_path / "queues.sqlite3"),
         BROKER__CONTROL__SOCKET_PATH=str(tmp_path / "ctl" / "brokerd.sock"),
         BROKER__DAEMON__TREE="tests.runtime.test_http:build_tree",
         BROKER__LOGGING__LEVEL="warning",

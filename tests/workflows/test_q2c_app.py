@@ -49,6 +49,7 @@ def _config(tmp_path: Path, systems: dict[str, Any]) -> Any:
     cfg = load_config(
         environ={
             "BROKER__SQLITE__PATH": str(tmp_path / "q2c.sqlite3"),
+            "BROKER__MEMORY__JOURNAL": str(tmp_path / "queues.sqlite3"),
             "BROKER__CONTROL__SOCKET_PATH": str(tmp_path / "ctl" / "brokerd.sock"),
             "BROKER__HTTP__PORT": "0",
             "BROKER__TOPOLOGY__SHARDS": "2",
