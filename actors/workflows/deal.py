@@ -33,6 +33,12 @@ events for the operator, not dead letters. Integration errors (a malformed
 payload, a vendor that keeps failing) never reach this module: the engine
 dead-letters them, and later messages of the deal are held behind them.
 
+The CRM opportunity shows the deal's latest word (``Closed Won`` with the
+order number, or ``Needs Attention`` with the exception). Writes to it can
+overtake each other (one waits in a retry tier while a later one succeeds,
+and the org keeps whichever lands last), so a confirmation of any stage but
+the latest one requested writes the latest one again.
+
 A deal keeps the ERP it was routed to: the routing decision is taken once,
 when the order is built, and stored in the state; a routing reload changes
 only deals that have not ordered yet.
@@ -124,6 +130,10 @@ class DealState(msgspec.Struct, kw_only=True):
     booking_warnings: tuple[str, ...] = ()
     submitted_document: str | None = None
     crm_native_id: str | None = None
+    #: The latest progress written to the CRM opportunity: what it must show.
+    crm_wanted: OpportunityUpdateRequested | None = None
+    #: Times `crm_wanted` was written again after an older write landed last.
+    crm_rewrites: int = 0
     cpq_native_id: str | None = None
     subscription_native_id: str | None = None
     subscription_amount: Money | None = None
@@ -258,8 +268,13 @@ class DealWorkflow:
                     (f"{rejected.code}: {rejected.message}",),
                     at,
                 )
-            case OpportunityUpdated(native_id=native_id):
+            case OpportunityUpdated(native_id=native_id, stage=stage):
                 s.crm_native_id = native_id
+                wanted = s.crm_wanted
+                if wanted is not None and stage != wanted.stage:
+                    # An older write landed, perhaps after the latest one.
+                    s.crm_rewrites += 1
+                    _tell_crm(s, emits, wanted, f"rewrite-{s.crm_rewrites}")
             case QuoteUpdated(native_id=native_id):
                 s.cpq_native_id = native_id
             case SubscriptionCreated() as sub:
@@ -324,18 +339,15 @@ class DealWorkflow:
         stage_note = f"order {s.erp_order_id} booked in the {s.erp} ERP"
         if _once(s, "crm_update"):
             assert s.opportunity is not None
-            emits.append(
-                Emit(
-                    event=OpportunityUpdateRequested(
-                        opportunity_id=s.opportunity.id,
-                        stage="Closed Won",
-                        order_number=s.erp_order_id,
-                        status_note=stage_note,
-                    ),
-                    exchange="",
-                    routing_key=system_queue("crm"),
-                    subject=s.opportunity.id,
-                )
+            _tell_crm(
+                s,
+                emits,
+                OpportunityUpdateRequested(
+                    opportunity_id=s.opportunity.id,
+                    stage="Closed Won",
+                    order_number=s.erp_order_id,
+                    status_note=stage_note,
+                ),
             )
         if _once(s, "cpq_update"):
             emits.append(
@@ -502,19 +514,16 @@ class DealWorkflow:
             )
         )
         if s.opportunity is not None:
-            emits.append(
-                Emit(
-                    event=OpportunityUpdateRequested(
-                        opportunity_id=s.opportunity.id,
-                        stage="Needs Attention",
-                        status_note=f"{kind.replace('_', ' ')}: {document} "
-                        f"{document_id} ({amount})",
-                    ),
-                    exchange="",
-                    routing_key=system_queue("crm"),
-                    subject=s.opportunity.id,
-                    key_suffix=kind,
-                )
+            _tell_crm(
+                s,
+                emits,
+                OpportunityUpdateRequested(
+                    opportunity_id=s.opportunity.id,
+                    stage="Needs Attention",
+                    status_note=f"{kind.replace('_', ' ')}: {document} "
+                    f"{document_id} ({amount})",
+                ),
+                kind,
             )
 
 
@@ -569,6 +578,25 @@ def _reached(s: DealState, stage: str, at: datetime) -> None:
 
 
 _ORDERED_STAGES = ("opened", "quoted", "ordering", "booked", "fulfilling", "completed")
+
+
+def _tell_crm(
+    s: DealState,
+    emits: list[Emit],
+    update: OpportunityUpdateRequested,
+    key_suffix: str = "",
+) -> None:
+    """Write *update* to the CRM opportunity; it is now what the CRM must show."""
+    s.crm_wanted = update
+    emits.append(
+        Emit(
+            event=update,
+            exchange="",
+            routing_key=system_queue("crm"),
+            subject=update.opportunity_id,
+            key_suffix=key_suffix,
+        )
+    )
 
 
 def _once(s: DealState, what: str) -> bool:

@@ -413,3 +413,39 @@ def test_a_subscription_invoice_paid_is_shown_on_the_subscription(deal: Deal) ->
     view = {d.kind: d for d in deal_view(deal.state, 1).documents}
     assert view["subscription"].status == "invoice paid"
     assert view["invoice"].status != "paid"
+
+
+def crm_updated(stage: str) -> OpportunityUpdated:
+    return OpportunityUpdated(
+        opportunity_id="opp-006Hn00000A1b2cIAB",
+        stage=stage,
+        native_id="006Hn00000A1b2cIAB",
+    )
+
+
+def test_an_older_crm_write_landing_last_is_written_over_again(deal: Deal) -> None:
+    """Closed Won retried past Needs Attention: the CRM gets Needs Attention again."""
+    deal.feed(OPPORTUNITY, QuoteApproved(quote=SAAS_ONLY))
+    deal.feed(booked(deal, eur("300.00")), invoice(deal, eur("310.00")))
+    closed_won, attention = deal.of(OpportunityUpdateRequested)
+    assert (closed_won.stage, attention.stage) == ("Closed Won", "Needs Attention")
+
+    assert deal.feed(crm_updated("Needs Attention")) == []
+    [again] = deal.feed(crm_updated("Closed Won"))  # the retried write landed
+
+    assert again.event == attention
+    assert again.routing_key == "q2c.sys.crm"
+    assert again.key_suffix == "rewrite-1"
+    assert deal.feed(crm_updated("Needs Attention")) == []
+
+
+def test_crm_writes_confirmed_in_order_are_not_written_again(deal: Deal) -> None:
+    deal.feed(OPPORTUNITY, QuoteApproved(quote=SAAS_ONLY))
+    deal.feed(booked(deal, eur("300.00")), crm_updated("Closed Won"))
+    deal.feed(invoice(deal, eur("310.00")), crm_updated("Needs Attention"))
+
+    assert [u.stage for u in deal.of(OpportunityUpdateRequested)] == [
+        "Closed Won",
+        "Needs Attention",
+    ]
+    assert deal.state.crm_rewrites == 0
