@@ -24,6 +24,7 @@ clients, new system actors.
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Annotated, Any, Literal, final
 
@@ -67,6 +68,7 @@ from broker.connector import Connector, Inbound, WebhookSource
 from broker.errors import ConcurrencyConflict, PublishFailed, TransportUnavailable
 from broker.gateway import GatewaySettings, system_actor_spec
 from broker.http import publish_inbound
+from broker.keyed_lock import SharedKeyedLock
 from broker.retry import Backoff
 from broker.store import BatchWrite, SagaWrite
 from canonical import Envelope
@@ -324,6 +326,11 @@ class _Clients(Actor[None]):
         self._closers.append(session.close)
         return session
 
+    def _locks(self) -> SharedKeyedLock:
+        """Locks every daemon on the store honours (DESIGN §9)."""
+        rt = self._systems.rt
+        return SharedKeyedLock(rt.store, owner=f"{rt.cfg.daemon.name}:{os.getpid()}")
+
     async def on_start(self, ctx: Context[None]) -> None:
         crm: dict[str, SalesforceClient] = {}
         for s in self._systems.systems:
@@ -345,7 +352,9 @@ class _Clients(Actor[None]):
                     settings, options = s.settings
                     sap = SapClient(settings, trace_configs=[self._counted(s.name)])
                     self._closers.append(sap.aclose)
-                    impl = SapConnector(sap, system=s.name, options=options)
+                    impl = SapConnector(
+                        sap, system=s.name, options=options, locks=self._locks()
+                    )
                     ctx.start_soon(self._load_catalogue, s.name, sap)
                 case "idoc":
                     impl = LegacyErpConnector(s.settings, system=s.name)

@@ -21,7 +21,7 @@ from adapters.erp_cloud.mapping import (
 )
 from adapters.erp_cloud.views import A_BusinessPartner, expanded
 from broker.errors import UnknownMessageType
-from broker.keyed_lock import KeyedLock
+from broker.keyed_lock import KeyedLock, Locks
 from canonical import Envelope
 from canonical.commerce import Account, Order
 from canonical.q2c import CustomerSynced, CustomerSyncRequested, OrderBookingRequested
@@ -66,6 +66,9 @@ class SapConnector:
         system: the configured system name.
         options: the tenant's customizing (`MappingOptions`).
         customer_areas: sales areas a customer sync creates customers in.
+        locks: where finding and creating an account's partner take turns:
+            by default in this process; the daemon passes a
+            `SharedKeyedLock`, so daemons sharing the queue take turns too.
     """
 
     def __init__(
@@ -75,6 +78,7 @@ class SapConnector:
         system: str = "erp_cloud",
         options: MappingOptions | None = None,
         customer_areas: Sequence[SalesArea] = (),
+        locks: Locks | None = None,
     ) -> None:
         self._client = client
         self._system = system
@@ -83,7 +87,7 @@ class SapConnector:
         # Finding an account's partner and creating it when missing is one
         # step per account: SAP has no unique key that would refuse a second
         # partner for two commands (a sync and a booking) running at once.
-        self._accounts = KeyedLock()
+        self._accounts = KeyedLock() if locks is None else locks
 
     def __repr__(self) -> str:
         return f"<SapConnector {self._system}>"
@@ -134,7 +138,7 @@ class SapConnector:
             draft = to_sales_order(order, sold_to="", options=self._options)
         except ValueError as exc:
             return [order_rejected(order, code=MAPPING_REFUSED, message=str(exc))]
-        async with self._accounts.hold(order.account.id):
+        async with self._accounts.hold(self._partner_key(order.account)):
             sold_to = await self._customer(
                 order.account,
                 await self._partner(order.account),
@@ -154,7 +158,7 @@ class SapConnector:
         return [order_booked(order, created, notices)]
 
     async def _sync(self, account: Account, digest: str) -> Sequence[Any]:
-        async with self._accounts.hold(account.id):
+        async with self._accounts.hold(self._partner_key(account)):
             found = await self._partner(account)
             if found is None and account.deleted:
                 return []
@@ -169,6 +173,9 @@ class SapConnector:
                 content_hash=digest,
             )
         ]
+
+    def _partner_key(self, account: Account) -> str:
+        return f"{self._system}:business-partner:{account.id}"
 
     async def _partner(self, account: Account) -> A_BusinessPartner | None:
         found = await self._client.find_business_partners(search_term(account.id))

@@ -472,6 +472,22 @@ class Store(Protocol):
         """
         ...
 
+    async def try_lease(self, key: str, owner: str, *, lease_s: float) -> bool:
+        """Take the named lock *key* for *owner* (a token of one holder).
+
+        It is taken when nobody holds it or its holder's lease has run out;
+        it is then *owner*'s for *lease_s* seconds, or until `end_lease`.
+        Every daemon on this store sees the same locks.
+
+        Returns:
+            Whether *owner* holds it now.
+        """
+        ...
+
+    async def end_lease(self, key: str, owner: str) -> None:
+        """Give back lock *key* if *owner* still holds it (else do nothing)."""
+        ...
+
     async def load_saga(self, workflow: str, correlation_id: str) -> SagaRecord | None:
         """One instance's state, for status queries and tests."""
         ...

@@ -35,6 +35,7 @@ from broker.store import (
     SagaRecord,
     SystemPause,
     XrefEntry,
+    leases,
     pauses,
     ratebuckets,
 )
@@ -447,6 +448,14 @@ class PostgresStore:
         """Up to *want* of *system*'s shared tokens, on the database's clock."""
         rows = await self._fetch(ratebuckets.PG_TAKE, system, want, rate_per_s, burst)
         return rows[0][0], rows[0][1]
+
+    async def try_lease(self, key: str, owner: str, *, lease_s: float) -> bool:
+        """Take lock *key* for *owner*, on the database's clock."""
+        return bool(await self._fetch(leases.PG_TAKE, key, owner, lease_s))
+
+    async def end_lease(self, key: str, owner: str) -> None:
+        """Give back lock *key* if *owner* holds it."""
+        await self._execute(leases.PG_END, key, owner)
 
     async def load_saga(self, workflow: str, correlation_id: str) -> SagaRecord | None:
         """One instance's state, for status queries and tests."""

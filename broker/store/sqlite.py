@@ -46,6 +46,7 @@ from broker.store import (
     SagaRecord,
     SystemPause,
     XrefEntry,
+    leases,
     pauses,
     ratebuckets,
 )
@@ -405,6 +406,26 @@ class SqliteStore:
             return granted, wait_s
 
         return await self._transaction(take)
+
+    async def try_lease(self, key: str, owner: str, *, lease_s: float) -> bool:
+        """Take lock *key* for *owner*, in one write transaction."""
+
+        def take(conn: sqlite3.Connection) -> bool:
+            now = self._clock()
+            lapsed = now - leases.LAPSED_KEPT_S
+            conn.execute(leases.SQLITE_FORGET, {"lapsed": lapsed, "key": key})
+            params = {"key": key, "owner": owner, "until": now + lease_s, "now": now}
+            conn.execute(leases.SQLITE_TAKE, params)
+            row = conn.execute(leases.SQLITE_HOLDER, {"key": key}).fetchone()
+            return row is not None and row[0] == owner
+
+        return await self._transaction(take)
+
+    async def end_lease(self, key: str, owner: str) -> None:
+        """Give back lock *key* if *owner* holds it."""
+        await self._transaction(
+            lambda conn: conn.execute(leases.SQLITE_END, {"key": key, "owner": owner})
+        )
 
     async def load_saga(self, workflow: str, correlation_id: str) -> SagaRecord | None:
         """One instance's state, for status queries and tests."""

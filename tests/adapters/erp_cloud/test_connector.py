@@ -18,6 +18,8 @@ from adapters.erp_cloud import (
 )
 from adapters.erp_cloud.views import A_SalesOrder, SapNotice
 from broker.errors import UnknownMessageType, UpstreamUnavailable
+from broker.keyed_lock import SharedKeyedLock
+from broker.store import Store
 from canonical import Envelope
 from canonical.commerce import OrderLine
 from canonical.q2c import (
@@ -104,6 +106,34 @@ async def test_a_sync_and_a_booking_of_a_new_account_at_once_make_one_partner(
     async with anyio.create_task_group() as tg:
         tg.start_soon(connector.handle, sync, envelope)
         tg.start_soon(connector.handle, command, envelope)
+    (partner,) = sandbox.partners.partners.values()
+    (record,) = sandbox.orders.orders.values()
+    assert record.entity.SoldToParty == partner.entity.Customer
+
+
+async def test_two_daemons_syncing_and_booking_a_new_account_make_one_partner(
+    sandbox: SapSandbox, real_store: Store
+) -> None:
+    """Each daemon has its own connector and client; the store's lock is shared."""
+    areas = [SalesArea(sales_organization="1010")]
+    sync = CustomerSyncRequested(account=ACCOUNT, content_hash="h1")
+    command, envelope = booking(order())
+    async with (
+        SapClient(settings_for(sandbox)) as one,
+        SapClient(settings_for(sandbox)) as two,
+    ):
+        daemons = [
+            SapConnector(
+                client,
+                options=OPTIONS,
+                customer_areas=areas,
+                locks=SharedKeyedLock(real_store, owner=name),
+            )
+            for client, name in ((one, "daemon-a"), (two, "daemon-b"))
+        ]
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(daemons[0].handle, sync, envelope)
+            tg.start_soon(daemons[1].handle, command, envelope)
     (partner,) = sandbox.partners.partners.values()
     (record,) = sandbox.orders.orders.values()
     assert record.entity.SoldToParty == partner.entity.Customer
