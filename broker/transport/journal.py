@@ -40,7 +40,8 @@ from __future__ import annotations
 import math
 import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Final, NamedTuple
 
@@ -88,7 +89,8 @@ _LOAD: Final = (
 _encode = msgspec.msgpack.Encoder().encode
 _decode = msgspec.msgpack.Decoder(Message).decode
 
-_Pending = tuple[int, Entry, str, bool]  # kind, entry, queue name, parked
+# kind, entry, queue name, parked, the message encoded (for _NEW)
+_Pending = tuple[int, Entry, str, bool, bytes]
 _Rows = tuple[list[tuple[object, ...]], list[tuple[object, ...]], list[tuple[int]]]
 
 
@@ -156,7 +158,7 @@ class QueueJournal:
         """
 
         def opened() -> tuple[sqlite3.Connection, list[JournalRow]]:
-            with sqlite_errors():
+            with _open_errors(path):
                 conn = _connect(path)
                 try:
                     return conn, _load(conn, path)
@@ -179,17 +181,44 @@ class QueueJournal:
         self._next_id += 1
         return entry_id
 
-    def added(self, entry: Entry, queue: str, *, parked: bool = False) -> None:
-        """Record that *entry* (with an id from `new_id`) is now in *queue*."""
-        self._record(entry.id, (_NEW, entry, queue, parked))
+    @staticmethod
+    def encode(message: Message) -> bytes:
+        """*message* as the journal stores it.
+
+        Raises:
+            ValueError: it cannot be stored (e.g. a header integer beyond
+                64 bits).
+        """
+        try:
+            return _encode(message)
+        except (msgspec.EncodeError, OverflowError, TypeError) as exc:
+            raise ValueError(f"the queue journal cannot store it: {exc}") from None
+
+    def added(
+        self,
+        entry: Entry,
+        queue: str,
+        *,
+        parked: bool = False,
+        encoded: bytes | None = None,
+    ) -> None:
+        """Record that *entry* (with an id from `new_id`) is now in *queue*.
+
+        *encoded* is `encode` of its message, when the caller has it already.
+
+        Raises:
+            ValueError: the message cannot be stored; nothing was recorded.
+        """
+        blob = self.encode(entry.message) if encoded is None else encoded
+        self._record(entry.id, (_NEW, entry, queue, parked, blob))
 
     def changed(self, entry: Entry, queue: str, *, parked: bool = False) -> None:
         """Record that *entry*'s delivery state or due time changed."""
-        self._record(entry.id, (_META, entry, queue, parked))
+        self._record(entry.id, (_META, entry, queue, parked, b""))
 
     def removed(self, entry: Entry) -> None:
         """Record that *entry* left its queue (acknowledged, dropped or moved)."""
-        self._record(entry.id, (_GONE, entry, "", False))
+        self._record(entry.id, (_GONE, entry, "", False, b""))
 
     async def sync(self) -> None:
         """Write every change recorded before this call, in one transaction.
@@ -208,16 +237,16 @@ class QueueJournal:
                 raise StoreUnavailable(f"the queue journal {self.path} is closed")
             batch, self._pending = self._pending, {}
             recorded = self._recorded
-            rows = self._rows(batch)
             done = False
 
             def write() -> None:
                 nonlocal done
-                with sqlite_errors():
+                with _journal_errors(self.path):
                     _write(self._conn, rows)
                 done = True
 
             try:
+                rows = self._rows(batch)
                 await anyio.to_thread.run_sync(write)
             finally:
                 if done:
@@ -227,14 +256,19 @@ class QueueJournal:
                     self._restore(batch)
 
     async def aclose(self) -> None:
-        """Write what is pending, then close the file; later syncs fail."""
-        try:
-            await self.sync()
-        finally:
-            async with self._lock:
-                if not self._closed:
-                    self._closed = True
-                    await anyio.to_thread.run_sync(self._conn.close)
+        """Write what is pending, then close the file; later syncs fail.
+
+        Shielded: a cancelled close still writes, closes and lets go of the
+        file's lock.
+        """
+        with anyio.CancelScope(shield=True):
+            try:
+                await self.sync()
+            finally:
+                async with self._lock:
+                    if not self._closed:
+                        self._closed = True
+                        await anyio.to_thread.run_sync(self._conn.close)
 
     def _record(self, entry_id: int, change: _Pending) -> None:
         self._recorded += 1
@@ -264,7 +298,7 @@ class QueueJournal:
         inserts: list[tuple[object, ...]] = []
         updates: list[tuple[object, ...]] = []
         deletes: list[tuple[int]] = []
-        for entry_id, (kind, entry, queue, parked) in batch.items():
+        for entry_id, (kind, entry, queue, parked, blob) in batch.items():
             if kind == _GONE:
                 deletes.append((entry_id,))
                 continue
@@ -278,7 +312,7 @@ class QueueJournal:
                 due,
             )
             if kind == _NEW:
-                inserts.append((entry_id, *state, _encode(entry.message)))
+                inserts.append((entry_id, *state, blob))
             else:
                 updates.append((*state, entry_id))
         return inserts, updates, deletes
@@ -290,8 +324,33 @@ def _merge(earlier: _Pending, later: _Pending) -> _Pending | None:
         # Never written: nothing to delete either.
         return None if earlier[0] == _NEW else later
     if earlier[0] == _NEW:
-        return (_NEW, *later[1:])
+        return (_NEW, *later[1:4], earlier[4])
     return later
+
+
+@contextmanager
+def _journal_errors(path: str) -> Iterator[None]:
+    """Every failure to write is `StoreUnavailable`: not written, try again.
+
+    Whatever SQLite says (busy, I/O, read-only, corrupt), the changes stay
+    pending and the transport confirms nothing that was not written.
+    """
+    try:
+        yield
+    except (sqlite3.Error, OSError) as exc:
+        raise StoreUnavailable(f"queue journal {path}: {exc}") from exc
+
+
+@contextmanager
+def _open_errors(path: str) -> Iterator[None]:
+    """Busy and I/O failures: `StoreUnavailable`; a file that is no journal: config."""
+    try:
+        with sqlite_errors():
+            yield
+    except sqlite3.DatabaseError as exc:
+        raise ConfigError(
+            f"[memory] journal: {path} is not a queue journal SQLite can read: {exc}"
+        ) from None
 
 
 def _connect(path: str) -> sqlite3.Connection:

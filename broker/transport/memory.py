@@ -47,7 +47,7 @@ import structlog
 from broker.errors import ConfigError, StoreUnavailable, TransportUnavailable
 from broker.transport import Delivery, OutgoingMessage, PublishOutcome
 from broker.transport.journal import JournalRow, QueueJournal
-from broker.transport.topology import Topology
+from broker.transport.topology import RETRY_PREFIX, Topology
 from broker.transport.vhost import Entry, Message, Queue, Vhost
 
 __all__ = [
@@ -59,6 +59,8 @@ log = structlog.get_logger(__name__)
 
 #: How long a dead letter whose target is full waits before the next attempt.
 _DEAD_LETTER_RETRY_S = 1.0
+#: How long a consumer waits before it tries a failed journal write again.
+_JOURNAL_RETRY_S = 0.5
 _COUNTER = {
     PublishOutcome.ACK: "confirmed",
     PublishOutcome.NACK: "nacked",
@@ -132,16 +134,23 @@ class MemorySubscription:
                     f"subscription to {self._queue.name!r} {self._closed_because}"
                 )
             transport.run_timers()
+            # Only deliveries whose delivered mark is written are handed out:
+            # the ones here before the write below (an ack or a timer may
+            # push more while it runs). The write also carries the
+            # acknowledgements since the last one, before any wait.
+            ready = len(self._received)
             if transport._journal is not None and transport._journal.pending:
-                # Before taking deliveries (they are marked delivered) and
-                # before waiting (the acknowledgements since the last write).
-                await transport._sync_journal()
+                if not await transport._sync_journal():
+                    await anyio.sleep(_JOURNAL_RETRY_S)
+                    continue
                 if not self.alive:
                     continue  # closed meanwhile
-            if self._received:
-                n = min(max_n, len(self._received))
+            if ready:
+                n = min(max_n, ready)
                 self.delivered += n
                 return [self._received.popleft() for _ in range(n)]
+            if self._received:
+                continue  # arrived during the write: write their marks first
             if self._wakeup.is_set():
                 self._wakeup = anyio.Event()
             with anyio.move_on_after(self._transport.seconds_to_next_timer()):
@@ -287,8 +296,14 @@ class MemoryTransport:
             StoreUnavailable: the file cannot be opened or read.
         """
         opened, rows = await QueueJournal.open(journal, clock=clock)
-        transport = cls(topology, clock=clock, max_length=max_length, journal=opened)
-        transport._restore(rows)
+        try:
+            transport = cls(
+                topology, clock=clock, max_length=max_length, journal=opened
+            )
+            transport._restore(rows)
+        except BaseException:
+            await opened.aclose()  # lets go of the file's lock
+            raise
         return transport
 
     async def subscribe(self, queue: str, *, prefetch: int) -> MemorySubscription:
@@ -401,12 +416,12 @@ class MemoryTransport:
         """
         self._closed = True
         self.simulate_disconnect()
-        await anyio.lowlevel.checkpoint()
         if self._journal is not None:
             try:
-                await self._journal.aclose()
+                await self._journal.aclose()  # shielded
             except StoreUnavailable as exc:
                 log.warning("queue_journal_unavailable", error=str(exc))
+        await anyio.lowlevel.checkpoint()
 
     def run_timers(self) -> None:
         """Dead-letter every message whose TTL has passed; retry parked dead letters.
@@ -449,6 +464,17 @@ class MemoryTransport:
             content_type=m.content_type,
             headers=dict(m.headers),
         )
+        encoded = None
+        if self._journal is not None:
+            try:
+                encoded = self._journal.encode(message)
+            except ValueError as exc:
+                # Nothing could ever store it: parked by the relay, as an
+                # unroutable message is (RabbitMQ refuses such a frame too).
+                log.warning(
+                    "publish_unstorable", message_id=m.message_id, error=str(exc)
+                )
+                return PublishOutcome.RETURNED
         targets = self._vhost.route(message)
         if not targets:
             if m.exchange and m.exchange not in self._vhost.exchanges:
@@ -459,10 +485,12 @@ class MemoryTransport:
             if q.is_full():
                 outcome = PublishOutcome.NACK  # stored in the others, as RabbitMQ
             else:
-                self._enqueue(q, message)
+                self._enqueue(q, message, encoded)
         return outcome
 
-    def _enqueue(self, q: Queue, message: Message) -> None:
+    def _enqueue(
+        self, q: Queue, message: Message, encoded: bytes | None = None
+    ) -> None:
         journal = self._journal
         entry_id = 0 if journal is None else journal.new_id()
         if q.ttl_s is None:
@@ -471,7 +499,7 @@ class MemoryTransport:
             entry = Entry(message, due=self._clock() + q.ttl_s, id=entry_id)
         q.ready.append(entry)
         if journal is not None:
-            journal.added(entry, q.name)
+            journal.added(entry, q.name, encoded=encoded)
         if q.ttl_s is not None:
             due = entry.due
             if due < self._next_due:
@@ -583,6 +611,28 @@ class MemoryTransport:
             return False
         return True
 
+    def _expire_orphan(self, row: JournalRow) -> bool:
+        """Send a message of a retry tier no longer declared back to its origin.
+
+        A tier's messages dead-letter through the default exchange by their
+        own routing key when their TTL runs out; a tier taken out of
+        ``[topology] retry-tiers-s`` ends their wait now instead of never.
+        """
+        if not row.queue.startswith(RETRY_PREFIX) or row.parked:
+            return False
+        msg = row.message
+        headers = dict(msg.headers)
+        headers.setdefault("x-first-death-queue", row.queue)
+        headers.setdefault("x-first-death-reason", "expired")
+        headers["x-last-death-queue"] = row.queue
+        headers["x-last-death-reason"] = "expired"
+        back = replace(msg, exchange="", headers=headers)
+        if not self._route_dead_letter(back):
+            return False
+        assert self._journal is not None
+        self._journal.removed(Entry(msg, id=row.id))
+        return True
+
     def _restore(self, rows: list[JournalRow]) -> None:
         """Queue again what the journal held when it was opened."""
         now, wall = self._clock(), time.time()
@@ -592,7 +642,8 @@ class MemoryTransport:
         for row in rows:
             q = queues.get(row.queue)
             if q is None:
-                orphans[row.queue] = orphans.get(row.queue, 0) + 1
+                if not self._expire_orphan(row):
+                    orphans[row.queue] = orphans.get(row.queue, 0) + 1
                 continue
             due = math.inf if row.due is None else now + max(0.0, row.due - wall)
             entry = Entry(row.message, due=due, id=row.id)

@@ -38,6 +38,7 @@ __all__ = [
     "QueueSpec",
     "BindingSpec",
     "PolicySpec",
+    "RETRY_PREFIX",
     "Topology",
     "WorkflowRoute",
     "build_topology",
@@ -133,9 +134,13 @@ def retry_label(delay_s: float) -> str:
     return f"{round(delay_s * 1000)}ms"
 
 
+#: What every retry tier's exchange and queue name starts with.
+RETRY_PREFIX = "q2c.retry."
+
+
 def retry_exchange(delay_s: float) -> str:
     """The exchange a message is published to in order to wait *delay_s*."""
-    return f"q2c.retry.{retry_label(delay_s)}"
+    return f"{RETRY_PREFIX}{retry_label(delay_s)}"
 
 
 def shard_queue(workflow: str, shard: int) -> str:

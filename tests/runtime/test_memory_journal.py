@@ -8,13 +8,17 @@ from __future__ import annotations
 
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import anyio
+import msgspec
 import pytest
 from structlog.testing import capture_logs
 
@@ -283,10 +287,154 @@ async def test_the_journal_holds_only_what_is_queued(journal: str) -> None:
 
 
 def _rows(path: str) -> int:
-    import sqlite3
-
     conn = sqlite3.connect(path)
     try:
         return int(conn.execute("SELECT count(*) FROM queued").fetchone()[0])
     finally:
         conn.close()
+
+
+async def die(transport: MemoryTransport) -> None:
+    """Leave *transport* as a killed process would: nothing more is written."""
+    journal = transport._journal
+    assert journal is not None
+    await anyio.to_thread.run_sync(journal._conn.close)
+
+
+async def test_a_delivery_pushed_during_a_write_waits_for_its_own(
+    journal: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A delivery pushed while the consumer writes waits for its own write.
+
+    A retry comes due while the consumer writes its last ack: the delivery it
+    pushes is handed out only once its delivered mark is on disk, so a crash
+    while it is handled counts it.
+    """
+    clock = FakeClock(1000.0)
+    transport = await MemoryTransport.open(TOPOLOGY, journal=journal, clock=clock)
+    tier = retry_exchange(5.0)
+    await transport.publish(
+        [to_erp(0), to_erp(1).__replace__(exchange=tier)], timeout_s=1
+    )
+    sub = await transport.subscribe(ERP, prefetch=1)
+    [first] = await take(sub, 1)
+    sub.ack(first.tag)  # pending, and nothing to push: the queue is empty
+
+    write = journal_module._write
+    writing = threading.Event()
+
+    def slow(*args: Any) -> None:
+        writing.set()
+        time.sleep(0.2)
+        write(*args)
+
+    monkeypatch.setattr(journal_module, "_write", slow)
+
+    async def retry_due_during_the_write() -> None:
+        assert await anyio.to_thread.run_sync(writing.wait, 5.0)
+        clock.now += 5.0
+        transport.run_timers()  # m-1 back in the queue, pushed to the consumer
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(retry_due_during_the_write)
+        [retried] = await take(sub, 1)
+    await die(transport)
+
+    reopened = await MemoryTransport.open(TOPOLOGY, journal=journal)
+    [again] = await take(await reopened.subscribe(ERP, prefetch=1), 1)
+    await reopened.aclose()
+    assert retried.message_id == again.message_id == "m-1"
+    assert again.redelivered
+    assert again.headers is not None
+    assert again.headers["x-delivery-count"] == 1
+
+
+async def test_while_writes_fail_a_consumer_is_handed_nothing_unwritten(
+    journal: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    transport = await MemoryTransport.open(TOPOLOGY, journal=journal)
+    await transport.publish([to_erp(0)], timeout_s=1)
+    write = journal_module._write
+
+    def failing(*args: Any) -> None:
+        raise sqlite3.OperationalError("disk I/O error")
+
+    monkeypatch.setattr(journal_module, "_write", failing)
+    sub = await transport.subscribe(ERP, prefetch=1)
+    with capture_logs() as logs, anyio.move_on_after(0.3):
+        await sub.batch(1)
+        pytest.fail("handed out a delivery whose mark was not written")
+    assert {e["event"] for e in logs} == {"queue_journal_unavailable"}
+
+    monkeypatch.setattr(journal_module, "_write", write)
+    [d] = await take(sub, 1)
+    await transport.aclose()
+    assert d.message_id == "m-0"
+
+
+async def test_a_message_the_journal_cannot_store_is_returned_alone(
+    journal: str,
+) -> None:
+    """A header integer beyond 64 bits: returned (parked by the relay).
+
+    The rest of the publish is confirmed, and the journal goes on writing.
+    """
+    transport = await MemoryTransport.open(TOPOLOGY, journal=journal)
+    huge = msgspec.structs.replace(to_erp(1), headers={"x-attempt": 2**64})
+    with capture_logs() as logs:
+        outcomes = await transport.publish([to_erp(0), huge, to_erp(2)], timeout_s=1)
+    assert outcomes == [ACK, PublishOutcome.RETURNED, ACK]
+    assert [e["event"] for e in logs] == ["publish_unstorable"]
+    await transport.aclose()
+
+    reopened = await MemoryTransport.open(TOPOLOGY, journal=journal)
+    got = await take(await reopened.subscribe(ERP, prefetch=10), 2)
+    await reopened.aclose()
+    assert [d.message_id for d in got] == ["m-0", "m-2"]
+
+
+async def test_a_file_that_is_no_journal_is_a_config_error(tmp_path: Path) -> None:
+    path = tmp_path / "queues.sqlite3"
+    path.write_bytes(b"not a database, just bytes " * 100)
+    with pytest.raises(ConfigError, match="not a queue journal"):
+        await MemoryTransport.open(TOPOLOGY, journal=str(path))
+
+
+async def test_a_cancelled_close_still_writes_and_lets_go(journal: str) -> None:
+    transport = await MemoryTransport.open(TOPOLOGY, journal=journal)
+    await transport.publish([to_erp(0)], timeout_s=1)
+    sub = await transport.subscribe(ERP, prefetch=1)
+    [d] = await take(sub, 1)
+    sub.ack(d.tag)  # pending: written by the close
+    with anyio.CancelScope() as scope:
+        scope.cancel()
+        await transport.aclose()
+
+    reopened = await MemoryTransport.open(TOPOLOGY, journal=journal)
+    assert reopened.queue_depth(ERP) == 0
+    await reopened.aclose()
+
+
+async def test_a_retry_tier_taken_out_of_the_topology_sends_its_messages_back(
+    journal: str,
+) -> None:
+    """They would otherwise wait for a tier nobody declares: they expire now."""
+    first = await MemoryTransport.open(TOPOLOGY, journal=journal)
+    tier = retry_exchange(5.0)
+    await first.publish([to_erp(0).__replace__(exchange=tier)], timeout_s=1)
+    await first.aclose()
+
+    other_tiers = build_topology(
+        TopologyConfig(systems=("erp",), retry_tiers_s=(30.0,)), []
+    )
+    second = await MemoryTransport.open(other_tiers, journal=journal)
+    [back] = await take(await second.subscribe(ERP, prefetch=1), 1)
+    await second.aclose()
+    assert back.message_id == "m-0"
+    assert back.headers is not None
+    assert back.headers["x-first-death-queue"] == tier
+    assert back.headers["x-first-death-reason"] == "expired"
+
+    third = await MemoryTransport.open(TOPOLOGY, journal=journal)
+    assert third.queue_depth(tier) == 0  # gone from the journal, not only moved
+    await third.aclose()
