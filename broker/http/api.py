@@ -119,7 +119,7 @@ class ApiRequest:
         """
         try:
             return msgspec.json.decode(self.body, type=type_)
-        except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+        except (msgspec.ValidationError, msgspec.DecodeError, RecursionError) as exc:
             raise ApiError(400, "bad_request", str(exc)) from exc
 
 

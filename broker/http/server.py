@@ -152,12 +152,22 @@ def _is_loopback(host: str) -> bool:
 
 
 def _safe_headers(headers: Mapping[str, str]) -> dict[str, str]:
-    """The request headers worth keeping with a dead letter: no credentials."""
+    """The request headers worth keeping with a dead letter: no credentials.
+
+    Bytes that are not UTF-8 (aiohttp hands them on as surrogate escapes,
+    which no store can encode) become U+FFFD: the body is kept as sent.
+    """
     return {
-        name: value[:1000]
+        _printable(name): _printable(value[:1000])
         for name, value in headers.items()
         if not _SECRET_HEADER.search(name)
     }
+
+
+def _printable(text: str) -> str:
+    if text.isascii():
+        return text
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
 
 @final

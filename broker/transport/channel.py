@@ -304,14 +304,14 @@ class WireChannel(ConfirmPublisher):
         tag, redelivered = TAG_BITS.unpack_from(buf, p)
         p += 9
         n = buf[p]
-        exchange = buf[p + 1 : p + 1 + n].decode()
+        exchange = buf[p + 1 : p + 1 + n].decode(errors="replace")
         p += 1 + n
         n = buf[p]
         self._content = Delivery(
             tag=tag,
             body=b"",
             exchange=exchange,
-            routing_key=buf[p + 1 : p + 1 + n].decode(),
+            routing_key=buf[p + 1 : p + 1 + n].decode(errors="replace"),
             redelivered=bool(redelivered & 1),
         )
         self._content_is_return = False
@@ -328,7 +328,7 @@ class WireChannel(ConfirmPublisher):
             p += 2
         if flags & 0x8000:
             n = buf[p]
-            d.content_type = buf[p + 1 : p + 1 + n].decode()
+            d.content_type = buf[p + 1 : p + 1 + n].decode(errors="replace")
             p += 1 + n
         if flags & 0x4000:  # content-encoding
             p += 1 + buf[p]
@@ -342,7 +342,7 @@ class WireChannel(ConfirmPublisher):
             p += 1
         if flags & 0x0400:
             n = buf[p]
-            d.correlation_id = buf[p + 1 : p + 1 + n].decode()
+            d.correlation_id = buf[p + 1 : p + 1 + n].decode(errors="replace")
             p += 1 + n
         if flags & 0x0200:  # reply-to
             p += 1 + buf[p]
@@ -350,13 +350,13 @@ class WireChannel(ConfirmPublisher):
             p += 1 + buf[p]
         if flags & 0x0080:
             n = buf[p]
-            d.message_id = buf[p + 1 : p + 1 + n].decode()
+            d.message_id = buf[p + 1 : p + 1 + n].decode(errors="replace")
             p += 1 + n
         if flags & 0x0040:  # timestamp
             p += 8
         if flags & 0x0020:
             n = buf[p]
-            d.type = buf[p + 1 : p + 1 + n].decode()
+            d.type = buf[p + 1 : p + 1 + n].decode(errors="replace")
         self._content_size = size
         self._content_got = 0
         if size == 0:

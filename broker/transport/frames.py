@@ -185,7 +185,7 @@ def decode_table(buf: bytearray, p: int, end: int) -> dict[str, Any]:
     out: dict[str, Any] = {}
     while p < end:
         n = buf[p]
-        key = buf[p + 1 : p + 1 + n].decode()
+        key = buf[p + 1 : p + 1 + n].decode(errors="replace")
         p += 1 + n
         kind = buf[p]
         if kind == 0x53:  # S: long string (bytes when not UTF-8, as pamqp does)

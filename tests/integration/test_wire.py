@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import datetime
 import socket
+import struct
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -184,6 +185,47 @@ async def test_round_trip_keeps_properties_and_headers(amqp_url: str) -> None:
         await incoming.ack()
     finally:
         await pika.close()
+
+
+async def test_properties_that_are_not_utf8_do_not_cost_the_connection(
+    amqp_url: str,
+) -> None:
+    """RabbitMQ passes short strings through unchecked: bad bytes are replaced.
+
+    A strict decode took the whole connection down on every redelivery of
+    such a message; now it arrives, to be judged by its body.
+    """
+
+    def short(raw: bytes) -> bytes:
+        return bytes([len(raw)]) + raw
+
+    body = b"{}"
+    table = short(b"x-\xffname") + b"S" + struct.pack(">I", 3) + b"v\xfe1"
+    flags = 0x2000 | 0x0080 | 0x0020  # headers, message-id, type
+    header = (
+        struct.pack(">HHQH", 60, 0, len(body), flags)
+        + struct.pack(">I", len(table))
+        + table
+        + short(b"msg-\xff")
+        + short(b"order.\xc3")
+    )
+    async with connected(amqp_url) as conn:
+        ch = await conn.channel()
+        await ch.queue_declare("q")
+        conn._write(
+            pframe.marshal(commands.Basic.Publish(exchange="", routing_key="q"), ch.id)
+            + struct.pack(">BHI", 2, ch.id, len(header))
+            + header
+            + b"\xce"
+            + pframe.marshal(pbody.ContentBody(body), ch.id)
+        )
+        await ch.consume("q")
+        with anyio.fail_after(5):
+            [d] = await ch.get_batch(1)
+        ch.ack(d.tag)
+        assert (d.message_id, d.type, d.body) == ("msg-\ufffd", "order.\ufffd", body)
+        assert d.headers == {"x-\ufffdname": b"v\xfe1"}
+        assert await queue_depth(await conn.channel(), "q") == 0  # still connected
 
 
 async def test_parses_rich_headers_published_by_aio_pika(amqp_url: str) -> None:

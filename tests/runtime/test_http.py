@@ -473,6 +473,30 @@ async def test_a_chunked_body_growing_past_the_limit_is_413() -> None:
         assert s.depth() == 0
 
 
+async def test_a_header_that_is_not_utf8_does_not_cost_the_dead_letter() -> None:
+    """A byte aiohttp cannot decode in an ordinary header: still 400 and kept."""
+    body = b'{"not": "a list of events"}'
+    async with serving() as s:
+        port = int(s.base.rsplit(":", 1)[1])
+        async with await anyio.connect_tcp("127.0.0.1", port) as stream:
+            await stream.send(
+                f"POST /webhooks/{SYSTEM} HTTP/1.1\r\nHost: test\r\n"
+                f"Content-Type: application/json\r\n"
+                f"X-Signature: {sign(body)}\r\n".encode()
+                + b"X-Note: caf\xe9\r\n"
+                + f"Content-Length: {len(body)}\r\n\r\n".encode()
+                + body
+            )
+            head = b""
+            with anyio.fail_after(5):
+                while b"\r\n\r\n" not in head:
+                    head += await stream.receive()
+        assert head.startswith(b"HTTP/1.1 400 ")
+        (row,) = await s.store.list_dead_letters(DeadLetterFilter())
+        assert row.body == body
+        assert {k.lower(): v for k, v in row.headers.items()}["x-note"] == "caf\ufffd"
+
+
 async def test_an_unparseable_payload_is_400_and_dead_lettered_with_its_bytes() -> None:
     """400 schema_invalid; the dead letter keeps the bytes and headers, no secrets."""
     body = b'{"not": "a list of events"}'
@@ -864,3 +888,18 @@ def test_registration_refuses_bad_and_duplicate_routes() -> None:
     with pytest.raises(RuntimeError, match="not listening"):
         _ = rt.http_url
     rt.feed.close()
+
+
+def test_an_api_body_nested_too_deep_is_a_400_not_a_crash() -> None:
+    """Past msgspec's nesting limit (RecursionError): a bad request, not a 500."""
+    request = ApiRequest(
+        method="POST",
+        path="/api/v1/x",
+        params={},
+        query={},
+        headers={},
+        body=b"[" * 2000 + b"]" * 2000,
+    )
+    with pytest.raises(ApiError) as caught:
+        request.json(list[Any])
+    assert (caught.value.status, caught.value.code) == (400, "bad_request")
