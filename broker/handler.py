@@ -95,11 +95,45 @@ class DaemonControl:
 
     async def dlq_replay(
         self, flt: DeadLetterFilter, *, dry_run: bool, max_replays: int
-    ) -> list[int]:
-        """Send matching dead letters back to their queues through the outbox."""
-        return await self._d.runtime.store.replay_dead_letters(
-            flt, max_replays=max_replays, dry_run=dry_run
+    ) -> dict[str, Any]:
+        """Send matching dead letters back to their queues through the outbox.
+
+        Only parked letters of a queue the topology declares go back; each
+        other match is named under ``skipped`` with why, and stays as it is:
+        ``not_parked``, ``loop_guard`` (replayed *max_replays* times
+        already), ``no_queue`` (a webhook's payload, which no queue takes,
+        or a queue no longer declared: sent back, it could only be parked
+        unroutable).
+
+        Returns:
+            ``{"replayed": [ids], "skipped": [{"id", "reason"}], "matched": n}``
+            (*matched*: how many letters the filter's limit let through).
+        """
+        store = self._d.runtime.store
+        topology = self._d.topology
+        queues = {q.name for q in topology.queues} if topology else set()
+        matched = await store.list_dead_letters(flt)
+        skipped: list[dict[str, Any]] = []
+        wanted: list[int] = []
+        for row in matched:
+            if row.status != "parked":
+                skipped.append({"id": row.id, "reason": "not_parked"})
+            elif row.replays >= max_replays:
+                skipped.append({"id": row.id, "reason": "loop_guard"})
+            elif row.queue not in queues:
+                skipped.append({"id": row.id, "reason": "no_queue"})
+            else:
+                wanted.append(row.id)
+        replayed = (
+            await store.replay_dead_letters(
+                DeadLetterFilter(ids=tuple(wanted), limit=len(wanted)),
+                max_replays=max_replays,
+                dry_run=dry_run,
+            )
+            if wanted
+            else []
         )
+        return {"replayed": replayed, "skipped": skipped, "matched": len(matched)}
 
     async def dlq_purge(self, flt: DeadLetterFilter, *, dry_run: bool) -> list[int]:
         """Drop matching dead letters' bodies and mark them purged."""

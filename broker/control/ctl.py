@@ -337,8 +337,8 @@ def render(req: Request, result: Any) -> str:
             return _actor_tree(result)
         case DlqListRequest(limit=limit) if isinstance(result, list):
             return _letters(result, limit)
-        case DlqReplayRequest(dry_run=dry_run) if isinstance(result, list):
-            return _ids("replay", "replayed", result, dry_run, _capped(req, result))
+        case DlqReplayRequest(dry_run=dry_run) if isinstance(result, dict):
+            return _replayed(req, result, dry_run)
         case DlqPurgeRequest(dry_run=dry_run) if isinstance(result, list):
             return _ids("purge", "purged", result, dry_run, _capped(req, result))
         case HoldListRequest(limit=limit) if isinstance(result, list):
@@ -458,9 +458,34 @@ def _released(result: dict[str, Any]) -> str:
 
 def _capped(req: DlqReplayRequest | DlqPurgeRequest, result: list[Any]) -> bool:
     """Whether the limit, not the selection, ended the list: more may match."""
+    return _limit_reached(req, len(result))
+
+
+def _limit_reached(req: DlqReplayRequest | DlqPurgeRequest, matched: int) -> bool:
     if req.ids and len(req.ids) <= req.limit:
         return False  # every letter named was looked at
-    return len(result) >= req.limit
+    return matched >= req.limit
+
+
+#: Why a matching letter was not replayed, for people.
+_SKIPPED = {
+    "not_parked": "not parked",
+    "loop_guard": "replayed --max-replays times already",
+    "no_queue": "no queue takes it: a webhook's payload, or a queue no longer declared",
+}
+
+
+def _replayed(req: DlqReplayRequest, result: dict[str, Any], dry_run: bool) -> str:
+    capped = _limit_reached(req, int(result.get("matched", 0)))
+    lines = [_ids("replay", "replayed", result["replayed"], dry_run, capped)]
+    by_reason: dict[str, list[Any]] = {}
+    for skip in result.get("skipped", ()):
+        by_reason.setdefault(str(skip["reason"]), []).append(skip["id"])
+    for reason, ids in by_reason.items():
+        listed = ", ".join(cell(i) for i in ids)
+        why = _SKIPPED.get(reason, reason)
+        lines.append(f"skipped {len(ids)} ({why}): {listed}")
+    return "\n".join(lines)
 
 
 def _ids(verb: str, done: str, ids: list[Any], dry_run: bool, capped: bool) -> str:

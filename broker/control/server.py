@@ -96,8 +96,8 @@ class ControlHandler(Protocol):
 
     async def dlq_replay(
         self, flt: DeadLetterFilter, /, *, dry_run: bool, max_replays: int
-    ) -> list[int]:
-        """Replay matching parked dead letters; return the ids (to be) replayed."""
+    ) -> dict[str, Any]:
+        """Replay matching parked dead letters (see `DaemonControl.dlq_replay`)."""
         ...
 
     async def dlq_purge(self, flt: DeadLetterFilter, /, *, dry_run: bool) -> list[int]:

@@ -191,10 +191,24 @@ class FakeHandler:
 
     async def dlq_replay(
         self, flt: DeadLetterFilter, /, *, dry_run: bool, max_replays: int
-    ) -> list[int]:
-        """The ids asked for; for a filter, as many as the limit lets through."""
+    ) -> dict[str, Any]:
+        """The ids asked for; for a filter, as many as the limit lets through.
+
+        Ids from 900 are skipped: 900-949 by the loop guard, 950 and up for
+        want of a queue.
+        """
         self.calls.append(("dlq_replay", (flt, dry_run, max_replays)))
-        return list(flt.ids) or list(range(1, flt.limit + 1))
+        ids = list(flt.ids) or list(range(1, flt.limit + 1))
+        skipped = [
+            {"id": i, "reason": "loop_guard" if i < 950 else "no_queue"}
+            for i in ids
+            if i >= 900
+        ]
+        return {
+            "replayed": [i for i in ids if i < 900],
+            "skipped": skipped,
+            "matched": len(ids),
+        }
 
     async def dlq_purge(self, flt: DeadLetterFilter, /, *, dry_run: bool) -> list[int]:
         """Nothing matched."""
@@ -395,6 +409,21 @@ async def test_replay_dry_run_names_what_would_be_replayed(socket_path: str) -> 
     assert text == "would replay 2 dead letters: 3, 4 (dry run)\n"
     flt = DeadLetterFilter(ids=(3, 4), reason="malformed")
     assert handler.calls == [("dlq_replay", (flt, True, 5))]
+
+
+async def test_letters_not_replayed_are_named_with_why(socket_path: str) -> None:
+    async with daemon(socket_path):
+        text = out(
+            await brokerctl(
+                "--socket", socket_path, "dlq", "replay", "7", "901", "950"
+            )
+        )  # fmt: skip
+    assert text == (
+        "replayed 1 dead letter: 7\n"
+        "skipped 1 (replayed --max-replays times already): 901\n"
+        "skipped 1 (no queue takes it: a webhook's payload, or a queue no longer"
+        " declared): 950\n"
+    )
 
 
 async def test_every_named_letter_is_replayed_and_a_reached_limit_is_said(

@@ -294,7 +294,7 @@ async def test_unknown_type_is_dead_lettered_then_redriven_exactly_once(
     await daemon.wait_ready()
     socket = daemon.spec.socket_path
     replayed = await brokerctl(socket, "dlq", "replay", "--reason", "unknown_type")
-    assert replayed == [letter["id"]]
+    assert replayed == {"replayed": [letter["id"]], "skipped": [], "matched": 1}
 
     outcome = await scenario.finish(workload, extra=[posted, void], silent=[void])
     assert outcome.report.effects[unknown.message_id] == 1
@@ -306,8 +306,9 @@ async def test_unknown_type_is_dead_lettered_then_redriven_exactly_once(
         {"daemon": {"tree": "tests.reliability.trees:build_voiding_tree"}}
     )
     await daemon.wait_ready()
-    assert await brokerctl(socket, "dlq", "replay", "--reason", "unknown_type") == []
-    assert await brokerctl(socket, "dlq", "replay", str(letter["id"])) == []
+    none = {"replayed": [], "skipped": [], "matched": 0}
+    assert await brokerctl(socket, "dlq", "replay", "--reason", "unknown_type") == none
+    assert await brokerctl(socket, "dlq", "replay", str(letter["id"])) == none
     [after] = await brokerctl(socket, "dlq", "list", "--reason", "unknown_type",
                               "--status", "any")  # fmt: skip
     assert (after["status"], after["replays"]) == ("replayed", 1)

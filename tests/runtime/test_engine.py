@@ -18,7 +18,7 @@ from broker.config import Config
 from broker.errors import SupervisorGaveUp
 from broker.handler import DaemonControl
 from broker.outbox import OutboxFeed
-from broker.store import DeadLetterFilter, DeadLetterRow
+from broker.store import BatchWrite, DeadLetterFilter, DeadLetterRecord, DeadLetterRow
 from broker.transport import Delivery, OutgoingMessage, PublishOutcome
 from canonical import Envelope, LedgerEntryApplied
 from tests.polling import eventually
@@ -245,6 +245,53 @@ async def test_replayed_dead_letter_is_applied_once(tmp_path: Path) -> None:
 
     assert again == []
     assert (state.entries, state.balance) == (1, Decimal(3))
+
+
+async def test_replay_sends_back_only_what_a_queue_takes(tmp_path: Path) -> None:
+    """A webhook's payload has no queue to go back to: named, kept parked.
+
+    Sent back, it could only be parked unroutable in the outbox, and the
+    letter, marked replayed, would be pruned with its bytes.
+    """
+    cfg = config(tmp_path, BROKER__DAEMON__TREE="tests.runtime.trees:build_poison_tree")
+    rejected = entry_message("acct-q", "e-q", Decimal(2), memo="REJECT")
+    async with running(cfg) as daemon:
+        await publish(daemon, [rejected])
+        (letter,) = await dead_letters(daemon, 1)
+    async with running(config(tmp_path)) as daemon:
+        store = daemon.runtime.store
+        webhook = DeadLetterRecord(
+            message_id="webhook:crm:sha256:00",
+            queue="/webhooks/crm",
+            routing_key="",
+            reason="schema_invalid",
+            detail="not a change event",
+            body=b"{}",
+        )
+        await store.commit_batch(
+            BatchWrite(consumer="http", workflow="", dead_letters=[webhook])
+        )
+        control = DaemonControl(daemon)
+        first = await control.dlq_replay(
+            DeadLetterFilter(), dry_run=False, max_replays=1
+        )
+        again = await control.dlq_replay(
+            DeadLetterFilter(status=None), dry_run=False, max_replays=1
+        )
+        kept = await store.list_dead_letters(DeadLetterFilter(queue="/webhooks/crm"))
+
+    [webhook_id] = [s["id"] for s in first["skipped"]]
+    assert first == {
+        "replayed": [letter.id],
+        "skipped": [{"id": webhook_id, "reason": "no_queue"}],
+        "matched": 2,
+    }
+    assert sorted(again["skipped"], key=lambda s: s["id"]) == [
+        {"id": letter.id, "reason": "not_parked"},
+        {"id": webhook_id, "reason": "no_queue"},
+    ]
+    assert again["replayed"] == []
+    assert [(r.id, r.status) for r in kept] == [(webhook_id, "parked")]
 
 
 async def test_drain_commits_every_delivery_it_took(tmp_path: Path) -> None:

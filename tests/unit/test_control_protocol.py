@@ -240,10 +240,10 @@ class FakeHandler:
 
     async def dlq_replay(
         self, flt: DeadLetterFilter, /, *, dry_run: bool, max_replays: int
-    ) -> list[int]:
+    ) -> dict[str, Any]:
         """The ids asked for."""
         self.calls.append(("dlq_replay", (flt, dry_run, max_replays)))
-        return list(flt.ids)
+        return {"replayed": list(flt.ids), "skipped": [], "matched": len(flt.ids)}
 
     async def dlq_purge(self, flt: DeadLetterFilter, /, *, dry_run: bool) -> list[int]:
         """A canned id."""
@@ -387,7 +387,7 @@ EXPECTED_CALLS: list[tuple[Request, tuple[str, Any], Any]] = [
     (
         DlqReplayRequest(ids=(5, 6), dry_run=True, max_replays=1),
         ("dlq_replay", (DeadLetterFilter(ids=(5, 6)), True, 1)),
-        [5, 6],
+        {"replayed": [5, 6], "skipped": [], "matched": 2},
     ),
     (
         DlqPurgeRequest(reason="oversize"),
