@@ -10,6 +10,7 @@ configuration (secrets masked). Exit status: 0 ok, 1 failure, 2 usage,
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from typing import Any
 
@@ -99,10 +100,21 @@ def _mask(value: Any, key: str = "") -> Any:
         return {k: _mask(v, k) for k, v in value.items()}
     if isinstance(value, list):
         return [_mask(v, key) for v in value]
-    if isinstance(value, str) and "://" in value and "@" in value:
-        scheme, _, rest = value.partition("://")
-        return f"{scheme}://***@{rest.rpartition('@')[2]}"
+    if isinstance(value, str):
+        # A password may also sit in a DSN's query (``?password=``) or in
+        # its key=value form (``host=db password=…``).
+        value = _SECRET_PARAM.sub(r"\1***", value)
+        if "://" in value and "@" in value:
+            scheme, _, rest = value.partition("://")
+            return f"{scheme}://***@{rest.rpartition('@')[2]}"
     return value
+
+
+#: A parameter whose name says secret, in a URL's query or a key=value DSN.
+_SECRET_PARAM = re.compile(
+    r"(?i)((?:^|[?&;\s])[\w.-]*(?:password|secret|token)[\w.-]*\s*=\s*)"
+    r"('(?:[^'\\]|\\.)*'|[^&;\s]*)"
+)
 
 
 def _demo(cfg: Config, deals: int, entries: int) -> int:

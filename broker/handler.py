@@ -24,7 +24,10 @@ from broker.store import DeadLetterFilter, HoldRefused, SystemPause
 if TYPE_CHECKING:
     from broker.app import Daemon
 
-__all__ = ["DaemonControl"]
+__all__ = ["TRACE_LIMIT", "DaemonControl"]
+
+#: The newest facts of a correlation id that ``brokerctl trace`` shows.
+TRACE_LIMIT = 1000
 
 _log = structlog.get_logger(__name__)
 
@@ -194,10 +197,14 @@ class DaemonControl:
         """The journal of one correlation id, its workflow states and holds.
 
         A workflow instance that is held shows ``held_by``: the id of the
-        parked message its later messages wait behind.
+        parked message its later messages wait behind. The journal is the
+        newest `TRACE_LIMIT` facts; ``truncated`` says whether older ones
+        exist.
         """
         rt = self._d.runtime
-        journal = await rt.store.journal(correlation_id)
+        journal = await rt.store.journal(correlation_id, limit=TRACE_LIMIT + 1)
+        truncated = len(journal) > TRACE_LIMIT
+        journal = journal[-TRACE_LIMIT:]
         sagas: dict[str, Any] = {}
         for name in rt.workflows:
             read = await rt.store.prepare_batch(name, [], name, [correlation_id])
@@ -214,6 +221,8 @@ class DaemonControl:
             "correlation_id": correlation_id,
             "sagas": sagas,
             "journal": [msgspec.to_builtins(j) for j in journal],
+            #: Older facts exist than the journal shown (the newest TRACE_LIMIT).
+            "truncated": truncated,
         }
 
     async def xref_get(self, kind: str, canonical_id: str) -> list[dict[str, Any]]:

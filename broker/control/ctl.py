@@ -209,7 +209,9 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
     )
     resume.add_argument("system", metavar="SYSTEM")
 
-    commands.add_parser("drain", help="stop intake and let mailboxes empty")
+    commands.add_parser(
+        "drain", help="stop intake, finish in-flight work, then exit 0 (as SIGTERM)"
+    )
     commands.add_parser("restart", help="restart an actor or subtree").add_argument(
         "actor_id", metavar="ACTOR_ID"
     )

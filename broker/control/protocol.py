@@ -212,7 +212,7 @@ class HoldReleaseRequest(_Command, frozen=True, tag="hold_release"):
 
 
 class DrainRequest(_Command, frozen=True, tag="drain"):
-    """Stop intake and let mailboxes empty (the first half of a shutdown)."""
+    """Stop intake, finish in-flight work, then exit 0: a shutdown, as SIGTERM."""
 
 
 class RestartRequest(_Command, frozen=True, tag="restart"):

@@ -495,7 +495,7 @@ class Store(Protocol):
     async def journal(
         self, correlation_id: str, *, limit: int = 1000
     ) -> list[JournalRow]:
-        """The audit trail of one correlation id, oldest first."""
+        """The newest *limit* facts of one correlation id, oldest first."""
         ...
 
     async def prune(self, *, retention_days: int) -> dict[str, int]:

@@ -373,11 +373,15 @@ SELECT correlation_id, version, state, updated_at
 FROM saga WHERE workflow = $1 AND correlation_id = $2
 """
 
+# The newest *limit* facts (a long-lived instance has more), oldest first.
 JOURNAL = """
-SELECT id, at, message_id, correlation_id, stage, type, detail
-FROM journal WHERE correlation_id = $1
+SELECT * FROM (
+    SELECT id, at, message_id, correlation_id, stage, type, detail
+    FROM journal WHERE correlation_id = $1
+    ORDER BY at DESC, id DESC
+    LIMIT $2
+) AS newest
 ORDER BY at, id
-LIMIT $2
 """
 
 _TODAY = "(now() AT TIME ZONE 'UTC')::date"

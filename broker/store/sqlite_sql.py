@@ -383,11 +383,15 @@ LOAD_SAGA = f"""
 SELECT {_SAGA_COLUMNS} FROM saga WHERE workflow = ? AND correlation_id = ?
 """
 
+# The newest *limit* facts (a long-lived instance has more), oldest first.
 JOURNAL = """
-SELECT id, at, message_id, correlation_id, stage, type, detail
-FROM journal WHERE correlation_id = ?
+SELECT * FROM (
+    SELECT id, at, message_id, correlation_id, stage, type, detail
+    FROM journal WHERE correlation_id = ?
+    ORDER BY at DESC, id DESC
+    LIMIT ?
+) AS newest
 ORDER BY at, id
-LIMIT ?
 """
 
 PRUNE_INBOX = """

@@ -68,7 +68,9 @@ def test_check_config_masks_every_secret(tmp_path: Path) -> None:
         "BROKER__SYSTEMS__ERP_CLOUD__PASSWORD": "hunter2-pw",
         "BROKER__HTTP__API_TOKENS": '["api-token-0123456789"]',
         "BROKER__AMQP__URL": "amqp://svc:amqp-pw@rabbit/prod",
-        "BROKER__POSTGRES__DSN": "postgresql://svc:pg-pw@db/q2c",
+        "BROKER__POSTGRES__DSN": (
+            "postgresql://svc:pg-pw@db/q2c?sslpassword=key-pw&password=query-pw"
+        ),
         "BROKER__AMQP__MANAGEMENT_URL": "http://admin:mgmt-pw@rabbit:15672",
     }
     done = subprocess.run(
@@ -84,12 +86,15 @@ def test_check_config_masks_every_secret(tmp_path: Path) -> None:
     shown = json.loads(done.stdout)
     for secret in (
         "whsec-one", "whsec-two", "sk_live_key", "hunter2-pw", "api-token-0123456789",
-        "amqp-pw", "pg-pw", "mgmt-pw",
+        "amqp-pw", "pg-pw", "mgmt-pw", "key-pw", "query-pw",
     ):  # fmt: skip
         assert secret not in done.stdout, secret
     assert shown["systems"]["erp_cloud"]["webhook-secrets"] == ["***", "***"]
     assert shown["systems"]["erp_cloud"]["username"] == "COMM"
     assert shown["amqp"]["url"] == "amqp://***@rabbit/prod"
+    assert shown["postgres"]["dsn"] == (
+        "postgresql://***@db/q2c?sslpassword=***&password=***"
+    )
 
 
 def test_runs_answers_brokerctl_and_drains_on_sigterm(tmp_path: Path) -> None:

@@ -548,6 +548,22 @@ async def test_purge_drops_bodies_and_a_new_failure_parks_again(store: Store) ->
 # --- journal, retention, counts ----------------------------------------------------
 
 
+async def test_past_its_limit_the_journal_shows_the_newest(store: Store) -> None:
+    """A long-lived instance: the newest *limit* facts, still oldest first."""
+    for n in range(5):
+        await store.commit_batch(
+            batch_write(
+                journal=[
+                    JournalRecord(
+                        message_id=f"m{n}", correlation_id="acct-1", stage="applied"
+                    )
+                ]
+            )
+        )
+    rows = await store.journal("acct-1", limit=3)
+    assert [r.message_id for r in rows] == ["m2", "m3", "m4"]
+
+
 async def test_the_journal_of_a_correlation_id_is_in_order(store: Store) -> None:
     """Entries come back oldest first, across batches, and only for that id."""
     await store.commit_batch(
