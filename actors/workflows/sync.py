@@ -62,6 +62,8 @@ class AccountSyncState(msgspec.Struct, frozen=True, kw_only=True):
     written_hash: str | None = None
     erp_customer: str | None = None
     syncs_requested: int = 0
+    #: Times the latest request was sent again after an older write landed.
+    rewrites: int = 0
     echoes_suppressed: int = 0
     #: The ERP changed the customer itself (CRM is master: reported, not copied).
     erp_drift: bool = False
@@ -90,6 +92,15 @@ class AccountSyncWorkflow:
         """An account never synced."""
         return AccountSyncState()
 
+    def _sync(self, account: Account, digest: str, key_suffix: str = "") -> Emit:
+        return Emit(
+            event=CustomerSyncRequested(account=account, content_hash=digest),
+            exchange="",
+            routing_key=system_queue(self._erp_system),
+            subject=account.id,
+            key_suffix=key_suffix,
+        )
+
     def apply(
         self, state: AccountSyncState, event: Any, envelope: Envelope
     ) -> Applied[AccountSyncState]:
@@ -111,31 +122,25 @@ class AccountSyncWorkflow:
                     requested_hash=digest,
                     syncs_requested=state.syncs_requested + 1,
                 )
-                command = CustomerSyncRequested(account=account, content_hash=digest)
-                return Applied(
-                    new,
-                    [
-                        Emit(
-                            event=command,
-                            exchange="",
-                            routing_key=system_queue(self._erp_system),
-                            subject=account.id,
-                        )
-                    ],
-                    xref=known,
-                )
+                return Applied(new, [self._sync(account, digest)], xref=known)
             case CustomerSynced(
                 account_id=account_id,
                 system=system,
                 native_id=native_id,
                 content_hash=digest,
             ):
-                return Applied(
-                    msgspec.structs.replace(
-                        state, written_hash=digest, erp_customer=native_id
-                    ),
-                    xref=[_xref("account", account_id, system, native_id, digest)],
+                new = msgspec.structs.replace(
+                    state, written_hash=digest, erp_customer=native_id
                 )
+                xref = [_xref("account", account_id, system, native_id, digest)]
+                latest = state.requested_hash
+                if state.account is None or latest is None or digest == latest:
+                    return Applied(new, xref=xref)
+                # An older write landed, perhaps after the latest one (which
+                # waited in a retry tier): the ERP's last word may be stale.
+                new = msgspec.structs.replace(new, rewrites=state.rewrites + 1)
+                again = self._sync(state.account, latest, f"rewrite-{new.rewrites}")
+                return Applied(new, [again], xref=xref)
             case CustomerChanged(content_hash=digest):
                 if digest == state.written_hash:
                     return Applied(

@@ -86,3 +86,18 @@ def test_a_change_the_erp_does_not_see_asks_for_nothing() -> None:
     sync.feed(synced(ACCOUNT))
     assert sync.feed(changed(ACCOUNT)) == []
     assert sync.state.syncs_requested == 1
+
+
+def test_an_older_write_landing_last_is_followed_by_the_latest_again() -> None:
+    """A's write waited in a retry tier and landed after B's: B is sent again."""
+    a, b = ACCOUNT, msgspec.structs.replace(ACCOUNT, name="Acme")
+    sync = Sync()
+    sync.feed(changed(a))
+    sync.feed(changed(b))
+    assert sync.feed(synced(b)) == []
+    (again,) = sync.feed(synced(a))
+
+    assert isinstance(again, CustomerSyncRequested)
+    assert (again.account, again.content_hash) == (b, erp_fields_hash(b))
+    assert sync.state.rewrites == 1
+    assert sync.feed(synced(b)) == []
