@@ -492,6 +492,10 @@ class MemoryTransport:
         self, q: Queue, message: Message, encoded: bytes | None = None
     ) -> None:
         journal = self._journal
+        if q.drop_head and q.ready and q.at_max_length():
+            dropped = q.ready.popleft()  # overflow drop-head: the oldest goes
+            if journal is not None:
+                journal.removed(dropped)
         entry_id = 0 if journal is None else journal.new_id()
         if q.ttl_s is None:
             entry = Entry(message, id=entry_id)

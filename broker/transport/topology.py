@@ -13,9 +13,13 @@ explains itself:
   a message waits there, then dead-letters through the default exchange back
   to the queue named by its routing key, i.e. the queue it came from.
 * ``q2c.dead`` (fanout exchange + quorum queue): dead letters, for humans.
+* ``q2c.unrouted`` (fanout exchange + quorum queue, the newest 10,000 kept):
+  ``q2c.events``'s alternate exchange, for events no binding takes (nobody
+  subscribed to them): not returned to the publisher, not a routing bug.
 * Policies (not queue arguments, so operators can change them live):
   ``q2c.work`` (delivery-limit backstop, at-least-once dead-lettering,
-  max-length with reject-publish), ``q2c.retry`` and ``q2c.dead``.
+  max-length with reject-publish), ``q2c.retry``, ``q2c.dead``,
+  ``q2c.events`` (the alternate exchange) and ``q2c.unrouted``.
 
 `build_topology` is pure; `broker.transport.amqp` declares the result and
 `broker.transport.memory` routes by it.
@@ -39,6 +43,8 @@ __all__ = [
     "BindingSpec",
     "PolicySpec",
     "RETRY_PREFIX",
+    "UNROUTED",
+    "UNROUTED_MAX_LENGTH",
     "Topology",
     "WorkflowRoute",
     "build_topology",
@@ -49,6 +55,11 @@ __all__ = [
 
 EVENTS_EXCHANGE = "q2c.events"
 DEAD_EXCHANGE = "q2c.dead"
+#: Where ``q2c.events`` sends an event no binding takes (its alternate
+#: exchange): a fanout exchange and a bounded queue of the same name.
+UNROUTED = "q2c.unrouted"
+#: The newest events nobody subscribed to that ``q2c.unrouted`` keeps.
+UNROUTED_MAX_LENGTH = 10_000
 DEAD_QUEUE = "q2c.dead"
 
 ExchangeType = Literal["topic", "direct", "fanout", "x-consistent-hash"]
@@ -155,8 +166,15 @@ def build_topology(cfg: TopologyConfig, workflows: Sequence[WorkflowRoute]) -> T
         ExchangeSpec(name=EVENTS_EXCHANGE, type="topic"),
         ExchangeSpec(name=DEAD_EXCHANGE, type="fanout"),
     ]
-    queues = [QueueSpec(name=DEAD_QUEUE, arguments=quorum)]
-    bindings = [BindingSpec(source=DEAD_EXCHANGE, destination=DEAD_QUEUE)]
+    exchanges.append(ExchangeSpec(name=UNROUTED, type="fanout"))
+    queues = [
+        QueueSpec(name=DEAD_QUEUE, arguments=quorum),
+        QueueSpec(name=UNROUTED, arguments=quorum),
+    ]
+    bindings = [
+        BindingSpec(source=DEAD_EXCHANGE, destination=DEAD_QUEUE),
+        BindingSpec(source=UNROUTED, destination=UNROUTED),
+    ]
 
     for delay_s in cfg.retry_tiers_s:
         name = retry_exchange(delay_s)
@@ -244,6 +262,20 @@ def build_topology(cfg: TopologyConfig, workflows: Sequence[WorkflowRoute]) -> T
                 "overflow": "reject-publish",
                 "max-length": cfg.queue_max_length,
             },
+        ),
+        # An event nobody subscribed to is not a routing bug: it goes to
+        # q2c.unrouted (the newest kept, for a look in the management UI)
+        # instead of back to the publisher, whose outbox would park it.
+        PolicySpec(
+            name="q2c.events",
+            pattern=r"^q2c\.events$",
+            definition={"alternate-exchange": UNROUTED},
+            apply_to="exchanges",
+        ),
+        PolicySpec(
+            name="q2c.unrouted",
+            pattern=r"^q2c\.unrouted$",
+            definition={"overflow": "drop-head", "max-length": UNROUTED_MAX_LENGTH},
         ),
     )
     return Topology(

@@ -8,9 +8,11 @@ virtual host, and routes a message through it:
   routing key, picks one binding; weights are treated as equal), the default
   exchange ``""`` (routes to the queue named by the routing key), and
   exchange-to-exchange bindings;
+* an exchange's ``alternate-exchange`` (argument first, then policy) takes
+  what none of its bindings matched;
 * queues take their limits from queue arguments first, then from the one
   matching policy (highest priority): ``max-length`` with reject-publish
-  (counting ready messages, as RabbitMQ does), ``message-ttl``,
+  or drop-head (counting ready messages, as RabbitMQ does), ``message-ttl``,
   ``dead-letter-exchange`` / ``-routing-key`` / ``-strategy`` and
   ``delivery-limit``.
 
@@ -137,6 +139,9 @@ class Queue:
         if max_length is None:
             max_length = int(settings.get("max-length", DEFAULT_MAX_LENGTH))
         self.max_length = max_length
+        #: Past max-length the oldest ready message goes (drop-head) instead
+        #: of the publish being refused (reject-publish).
+        self.drop_head = settings.get("overflow") == "drop-head"
         self.dead_letter_exchange: str | None = settings.get("dead-letter-exchange")
         self.dead_letter_routing_key: str | None = settings.get(
             "dead-letter-routing-key"
@@ -153,6 +158,10 @@ class Queue:
 
     def is_full(self) -> bool:
         """Whether a publish to this queue is rejected (reject-publish)."""
+        return not self.drop_head and self.at_max_length()
+
+    def at_max_length(self) -> bool:
+        """Whether the queue holds its ``max-length`` (or more)."""
         return len(self.ready) + len(self.parked) >= self.max_length
 
     def counts(self) -> dict[str, int]:
@@ -183,6 +192,12 @@ class Vhost:
     def __init__(self, topology: Topology, *, max_length: int | None) -> None:
         self.exchanges: dict[str, ExchangeSpec] = {
             e.name: e for e in topology.exchanges
+        }
+        #: Exchange -> its alternate exchange.
+        self.alternates = {
+            e.name: alternate
+            for e in topology.exchanges
+            if (alternate := _alternate(e, topology)) in self.exchanges
         }
         self.queues = {
             q.name: Queue(q, _settings(q, topology), max_length)
@@ -232,12 +247,31 @@ class Vhost:
                 chosen = (
                     [bindings[zlib.crc32(hashed) % len(bindings)]] if bindings else []
                 )
+        alternate = self.alternates.get(name)
+        if not chosen and alternate is not None and alternate not in seen:
+            seen.add(alternate)
+            self._route_exchange(alternate, message, seen, found)
         for binding in chosen:
             if binding.destination_type == "queue":
                 found.setdefault(binding.destination, self.queues[binding.destination])
             elif binding.destination not in seen:
                 seen.add(binding.destination)
                 self._route_exchange(binding.destination, message, seen, found)
+
+
+def _alternate(exchange: ExchangeSpec, topology: Topology) -> str | None:
+    """The alternate exchange of *exchange*: its argument beats its policy."""
+    if (name := exchange.arguments.get("alternate-exchange")) is not None:
+        return str(name)
+    policies = [
+        p
+        for p in topology.policies
+        if p.apply_to in ("exchanges", "all") and re.search(p.pattern, exchange.name)
+    ]
+    if not policies:
+        return None
+    name = max(policies, key=lambda p: p.priority).definition.get("alternate-exchange")
+    return None if name is None else str(name)
 
 
 def _settings(queue: QueueSpec, topology: Topology) -> dict[str, Any]:

@@ -28,6 +28,7 @@ from broker.transport.memory import MemoryTransport
 from broker.transport.topology import (
     DEAD_QUEUE,
     EVENTS_EXCHANGE,
+    UNROUTED,
     WorkflowRoute,
     build_topology,
     retry_exchange,
@@ -202,15 +203,25 @@ async def test_properties_arrive_intact(harness: Harness) -> None:
     assert got.headers["traceparent"] == "00-abc-def-01"
 
 
-async def test_unroutable_publish_is_returned(harness: Harness) -> None:
-    """No binding matches: RETURNED, never ACK."""
+async def test_an_event_nobody_takes_goes_to_unrouted_a_missing_queue_returns(
+    harness: Harness,
+) -> None:
+    """An event no binding takes is kept (ACK); a missing queue is RETURNED.
+
+    The first goes to q2c.events' alternate exchange, q2c.unrouted; the
+    default exchange has none, so the second is never ACKed.
+    """
     outcomes = await publish(
         harness,
-        message("nobody.listens", exchange=EVENTS_EXCHANGE),
+        message("nobody.listens", 7, exchange=EVENTS_EXCHANGE),
         message("q2c.sys.none"),
     )
 
-    assert outcomes == [RETURNED, RETURNED]
+    assert outcomes == [ACK, RETURNED]
+    sub = await harness.transport.subscribe(UNROUTED, prefetch=10)
+    [kept] = await take(sub, 1)
+    sub.ack(kept.tag)
+    assert (kept.routing_key, kept.body) == ("nobody.listens", b"body-7")
 
 
 async def test_a_full_queue_refuses_with_nack(harness: Harness) -> None:

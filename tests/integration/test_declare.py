@@ -21,6 +21,8 @@ from broker.transport.declare import check_plugins, declare_topology
 from broker.transport.topology import (
     DEAD_QUEUE,
     EVENTS_EXCHANGE,
+    UNROUTED,
+    UNROUTED_MAX_LENGTH,
     ExchangeSpec,
     Topology,
     WorkflowRoute,
@@ -43,6 +45,7 @@ EXPECTED_POLICY = {
     **dict.fromkeys([*SHARDS, *SYSTEMS], "q2c.work"),
     TIER: "q2c.retry",
     DEAD_QUEUE: "q2c.dead",
+    UNROUTED: "q2c.unrouted",
 }
 
 
@@ -104,6 +107,37 @@ async def test_declares_quorum_queues_single_active_shards_and_policies(
     work = await management(f"/api/policies/{vhost}/q2c.work")
     assert work["definition"]["delivery-limit"] == 20
     assert work["apply-to"] == "queues"
+    events = await management(f"/api/exchanges/{vhost}/{EVENTS_EXCHANGE}")
+    assert events["policy"] == "q2c.events"
+    assert queues[UNROUTED]["effective_policy_definition"] == {
+        "overflow": "drop-head",
+        "max-length": UNROUTED_MAX_LENGTH,
+    }
+
+
+async def test_an_event_no_binding_takes_is_kept_in_unrouted_not_returned(
+    amqp_url: str,
+) -> None:
+    """A mandatory publish nobody subscribed to is kept, not returned.
+
+    The policy gives q2c.events its alternate exchange, q2c.unrouted.
+    """
+    await declare_topology(amqp_url, TOPOLOGY, management_url=services.MANAGEMENT_URL)
+    async with channel(amqp_url) as ch:
+        events = await ch.get_exchange(EVENTS_EXCHANGE)
+        await events.publish(
+            aio_pika.Message(b"x", message_id="m-1"),
+            routing_key="q2c.deal.completed",
+            mandatory=True,
+        )
+        kept = await ch.declare_queue(UNROUTED, passive=True)
+        with anyio.fail_after(5):
+            message = await kept.get()
+        assert (message.message_id, message.routing_key) == (
+            "m-1",
+            "q2c.deal.completed",
+        )
+        await message.ack()
 
 
 async def test_an_event_reaches_exactly_one_shard_per_correlation_id(

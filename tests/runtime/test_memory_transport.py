@@ -13,6 +13,8 @@ from broker.transport.memory import MemorySubscription, MemoryTransport
 from broker.transport.topology import (
     DEAD_QUEUE,
     EVENTS_EXCHANGE,
+    UNROUTED,
+    UNROUTED_MAX_LENGTH,
     BindingSpec,
     ExchangeSpec,
     QueueSpec,
@@ -193,15 +195,32 @@ async def test_default_exchange_routes_by_queue_name(
     assert transport.queue_depth(ERP) == 1
 
 
-async def test_unroutable_and_unknown_exchange_are_returned(
+async def test_unknown_exchange_or_queue_is_returned(
     transport: MemoryTransport,
 ) -> None:
-    """No matching binding, or no such exchange: RETURNED, nothing stored."""
+    """No such exchange, or no such queue: RETURNED, nothing stored."""
     outcomes = await transport.publish(
-        [msg("nobody.listens"), msg("order.placed", exchange="q2c.nope")], timeout_s=1
+        [msg("order.placed", exchange="q2c.nope"), msg("q2c.sys.none", exchange="")],
+        timeout_s=1,
     )
 
     assert outcomes == [RETURNED, RETURNED]
+    assert transport.queue_depth(AUDIT) == 0
+    assert transport.queue_depth(UNROUTED) == 0
+
+
+async def test_unrouted_events_keep_the_newest_in_q2c_unrouted() -> None:
+    """q2c.events' alternate exchange; past its max-length the oldest goes."""
+    transport = MemoryTransport(topology())
+    outcomes = await transport.publish(
+        [msg("nobody.listens", n=n) for n in range(UNROUTED_MAX_LENGTH + 2)],
+        timeout_s=5,
+    )
+
+    assert set(outcomes) == {ACK}
+    assert transport.queue_depth(UNROUTED) == UNROUTED_MAX_LENGTH
+    [oldest] = await take(await transport.subscribe(UNROUTED, prefetch=1), 1)
+    assert oldest.message_id == "m-2"
     assert transport.queue_depth(AUDIT) == 0
 
 
@@ -534,7 +553,9 @@ async def test_status_and_reprs_report_counters_like_the_amqp_transport(
 ) -> None:
     """status() has the AMQP transport's keys plus per-queue counts; reprs agree."""
     sub = await transport.subscribe(ERP, prefetch=32)
-    await transport.publish([to_erp(0), to_erp(1), msg("nobody.listens")], timeout_s=1)
+    await transport.publish(
+        [to_erp(0), to_erp(1), msg("q2c.sys.none", exchange="")], timeout_s=1
+    )
     first, _ = await take(sub, 2)
     sub.ack(first.tag)
     transport.simulate_disconnect()
@@ -562,4 +583,4 @@ async def test_status_and_reprs_report_counters_like_the_amqp_transport(
     }
     fresh = await transport.subscribe(AUDIT, prefetch=32)
     assert repr(fresh) == "<MemorySubscription q2c.events.audit 0/32 unacked>"
-    assert repr(transport) == "<MemoryTransport 9 queues 1 subscriptions>"
+    assert repr(transport) == "<MemoryTransport 10 queues 1 subscriptions>"
