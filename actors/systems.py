@@ -24,6 +24,7 @@ clients, new system actors.
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Annotated, Any, Literal, final
@@ -47,8 +48,9 @@ from adapters.erp_cloud import SapClient, SapConnector, SapEventWebhook, SapSett
 from adapters.erp_cloud.mapping import MappingOptions, catalogue_entry
 from adapters.erp_legacy import LegacyErpConnector, LegacyErpSettings
 from adapters.erp_legacy.files import InboundPoller
-from adapters.erp_legacy.idocxml import parse_idocs
+from adapters.erp_legacy.idocxml import parse_idocs, write_idoc
 from adapters.erp_legacy.ingress import to_inbound
+from adapters.erp_legacy.mapping import customer_po
 from adapters.erp_legacy.views import Idoc
 from adapters.session import request_counter
 from broker import (
@@ -62,15 +64,22 @@ from broker import (
     TransientError,
     UpstreamRejected,
     UpstreamUnavailable,
+    letters,
 )
 from broker.config import Section, convert_table
 from broker.connector import Connector, Inbound, WebhookSource
-from broker.errors import ConcurrencyConflict, PublishFailed, TransportUnavailable
+from broker.errors import (
+    ConcurrencyConflict,
+    PermanentError,
+    PublishFailed,
+    TransportUnavailable,
+)
 from broker.gateway import GatewaySettings, system_actor_spec
 from broker.http import publish_inbound
 from broker.keyed_lock import SharedKeyedLock
 from broker.retry import Backoff
 from broker.store import BatchWrite, SagaWrite
+from broker.transport import Delivery
 from canonical import Envelope
 from canonical.commerce import PriceBookEntry, Product
 from canonical.hashing import content_hash
@@ -570,9 +579,24 @@ CURSOR_KIND = "cursor"
 class _IdocInbound(Actor[None]):
     """Reads ORDRSP, DESADV and INVOIC IDocs from the legacy ERP's inbound folder.
 
+    A file (a packet) may hold several IDocs, for different deals; each is
+    handled on its own, so one bad IDoc costs no other its deal:
+
+    * an IDoc whose customer PO is not a ``Q2C-…`` reference (or that has
+      none) belongs to no deal: it is skipped with an ``idoc_not_ours`` log
+      line, as the cloud ERP's webhook drops such documents;
+    * an IDoc the mapping refuses (a `PermanentError`) is dead-lettered on its
+      own in queue ``/inbound/<system>``, like a webhook's unparseable
+      payload: its bytes (the IDoc written back as a one-IDoc file, which can
+      be dropped in the folder again once fixed), the reason, and headers
+      naming the file and the IDoc, with a copy on ``q2c.dead`` and a journal
+      entry;
+    * the others are published.
+
     A file moves to ``processed/`` only after its events were confirmed by
-    RabbitMQ; a crash in between reads it again, and the IDoc number keeps the
-    repeat a duplicate.
+    RabbitMQ and its refused IDocs recorded; a crash in between reads it
+    again, and the IDoc number keeps the repeat a duplicate (a dead letter
+    written again only counts one more attempt).
     """
 
     def __init__(self, rt: Runtime, system: str, settings: LegacyErpSettings) -> None:
@@ -596,9 +620,94 @@ class _IdocInbound(Actor[None]):
 
     async def _handle(self, name: str, idocs: tuple[Idoc, ...]) -> None:
         events: list[Inbound] = []
+        refused: list[tuple[Idoc, PermanentError]] = []
         for idoc in idocs:
-            events.extend(await to_inbound(idoc, resolve=_resolve))
+            control = idoc.edi_dc40
+            po = customer_po(idoc)
+            if control.mestyp in _ERP_ANSWERS and (
+                not po or await _resolve(po) is None
+            ):
+                _log.info(
+                    "idoc_not_ours",
+                    system=self._system,
+                    file=name,
+                    idoc=control.docnum,
+                    mestyp=control.mestyp,
+                    customer_po=po,
+                )
+                continue
+            try:
+                events.extend(await to_inbound(idoc, resolve=_resolve))
+            except PermanentError as exc:
+                refused.append((idoc, exc))
         await publish_inbound(self._rt.transport, events, timeout_s=30.0)
+        if refused:
+            await self._dead_letter(name, refused)
+
+    async def _dead_letter(
+        self, name: str, refused: Sequence[tuple[Idoc, PermanentError]]
+    ) -> None:
+        """Keep each refused IDoc as a dead letter, in one write.
+
+        Raises:
+            TransientError: the store is unavailable; the file stays in place
+                and is handled again on a later poll.
+        """
+        queue = f"/inbound/{self._system}"
+        made = []
+        for idoc, exc in refused:
+            control = idoc.edi_dc40
+            body = write_idoc(idoc)
+            digest = hashlib.sha256(body).hexdigest()
+            po = customer_po(idoc)
+            ref = deal_ref(po)
+            payload = Delivery(
+                tag=0,
+                body=body,
+                message_id=f"idoc:{self._system}:{control.docnum}:sha256:{digest}",
+                headers={
+                    "x-q2c-file": name,
+                    "x-q2c-idoc": control.docnum,
+                    "x-q2c-idoc-type": f"{control.idoctyp}/{control.mestyp}",
+                    **({"x-q2c-customer-po": po} if po else {}),
+                },
+            )
+            made.append(
+                letters.dead_letter(
+                    queue,
+                    payload,
+                    reason=exc.reason,
+                    detail=str(exc),
+                    attempts=1,
+                    correlation_id=ref.deal_id if ref is not None else None,
+                    type_=None,
+                )
+            )
+        records = [record for record, _, _ in made]
+        rows = await self._rt.store.commit_batch(
+            BatchWrite(
+                consumer="ingress",
+                workflow="ingress",
+                dead_letters=records,
+                outbox=[copy for _, copy, _ in made],
+                journal=[entry for _, _, entry in made],
+            )
+        )
+        self._rt.feed.offer(rows)
+        for record in records:
+            _log.warning(
+                "idoc_dead_lettered",
+                system=self._system,
+                file=name,
+                idoc=record.headers.get("x-q2c-idoc"),
+                message_id=record.message_id,
+                reason=record.reason,
+                detail=record.detail[:200],
+            )
+
+
+#: The message types the ERP sends us; each names the PO of an order of ours.
+_ERP_ANSWERS = frozenset({"ORDRSP", "DESADV", "INVOIC"})
 
 
 async def _resolve(po: str) -> DealRef | None:

@@ -26,7 +26,11 @@ Stages and what moves them on:
   ``q2c.deal.completed``.
 - exception: a business rule stopped the deal (quote rejected by validation,
   quote denied, order fallout, invoice ≠ order): ``q2c.exception.raised``
-  and the CRM opportunity marked for attention.
+  and the CRM opportunity marked for attention. A revised primary quote
+  approved afterwards (not the same quote read back again) lifts a quote
+  refusal; an ``erp.order.booked`` of the deal's order after its fallout (a
+  clerk fixed it in the ERP) lets the deal go on from the booking, the
+  exception raised staying in its history.
 
 Business exceptions name the document and the amount they hold up; they are
 events for the operator, not dead letters. Integration errors (a malformed
@@ -191,6 +195,9 @@ class DealWorkflow:
         self._routing = routing
         self._reference = reference
         self._booking_sla_s = booking_sla_s
+        # The rules' names are checked against what quotes are validated
+        # against: a typo in the routing file is logged at load and reload.
+        routing.check_names(reference)
 
     @property
     def events(self) -> Mapping[str, type[Any]]:
@@ -226,11 +233,19 @@ class DealWorkflow:
             case QuoteApproved(quote=quote):
                 if quote.primary and s.order is None:
                     s.out_of_order += s.opportunity is None
+                    revised = quote != s.quote
                     s.quote = quote
-                    if s.stage == "exception" and set(s.exceptions) <= _QUOTE_KINDS:
+                    if (
+                        revised
+                        and s.stage == "exception"
+                        and set(s.exceptions) <= _QUOTE_KINDS
+                    ):
                         # The rep revised the denied or refused quote and it
                         # was approved: the deal goes on from it (a new
-                        # refusal of it is raised afresh).
+                        # refusal of it is raised afresh). The same quote
+                        # read back again (a change-feed re-read, a resent
+                        # approval) is no revision: its refusal stands, and
+                        # is not raised twice.
                         s.exceptions, s.violations = (), ()
                         s.stage = "quoted"
                     _reached(s, "quoted", at)
@@ -254,6 +269,11 @@ class DealWorkflow:
                 s.erp_status = booked.status
                 s.booked_total = booked.net_total
                 s.booking_warnings = booked.warnings
+                if _fallout_fixed(s, booked):
+                    # A clerk fixed the refused order in the ERP and it was
+                    # booked after all: the deal goes on from the booking.
+                    # The exception raised stays raised (and in `exceptions`).
+                    s.stage = "ordering"
                 if s.stage not in ("completed", "exception"):
                     _reached(s, "booked", at)
             case OrderRejected() as rejected:
@@ -559,6 +579,16 @@ def _entry(kind: str, canonical_id: str, system: str, native_id: str) -> XrefEnt
 
 #: Exceptions a revised, approved quote lifts (no order was made yet).
 _QUOTE_KINDS: frozenset[str] = frozenset({"quote_denied", "quote_rejected"})
+
+
+def _fallout_fixed(s: DealState, booked: OrderBooked) -> bool:
+    """*booked* books the deal's order, which stopped the deal only by its fallout."""
+    return (
+        s.stage == "exception"
+        and set(s.exceptions) == {"order_fallout"}
+        and s.order is not None
+        and booked.order_id == s.order.id
+    )
 
 
 def _reached(s: DealState, stage: str, at: datetime) -> None:

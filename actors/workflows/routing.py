@@ -21,12 +21,21 @@ triggered it (not the wall clock, so a replay decides the same), and keeps the
 `RouteDecision` in the deal's state. Later events read the stored decision;
 they never route again, so a reload never moves a deal.
 
-Reloading: `RoutingRegistry` holds the table in use. `RoutingRegistry.reload`
-re-reads the file and swaps the table only when the new file is valid; an
-invalid edit keeps the previous table and is reported. A periodic watcher calls
-`RoutingRegistry.maybe_reload`, which stats the file and reads it only when it
-changed. Reading the file blocks: from async code, build the registry and
-call both through ``anyio.to_thread.run_sync``
+Reloading: `RoutingRegistry` holds the table in use. There is no reload
+command: the daemon's ``routing-watcher`` actor calls
+`RoutingRegistry.maybe_reload` every ``[app] routing-poll-s`` seconds, which
+stats the file and reads it only when it changed; saving the file is how a
+new table comes into force. `RoutingRegistry.reload` swaps the table only
+when the new file is valid; an invalid edit keeps the previous table and is
+reported (logged by the watcher as ``routing_reload_refused``). A file in use
+must name its ``default-erp``: an empty or cut-short file (an editor that
+truncates, then writes, caught in between) is refused, not read as "no
+rules, everything to the default ERP". Names the rules use that the
+reference data does not know (`RoutingTable.unknown_names`: a wave for
+``DE1`` that matches nothing) are logged as ``routing_unknown_names`` for the
+table loaded at start and for every reloaded one. Reading the file blocks:
+from async code, build the registry and call both through
+``anyio.to_thread.run_sync``
 (``await anyio.to_thread.run_sync(registry.maybe_reload)``), never on the
 event loop. `RoutingRegistry.table` and `RoutingRegistry.route` do no I/O.
 """
@@ -35,16 +44,17 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from datetime import datetime
 from pathlib import Path
 from typing import Annotated
 
 import msgspec
+import structlog
 from msgspec import Meta
 
 from actors.workflows.rules import ReferenceData
-from broker import ConfigError
+from broker import ConfigError, TransientError
 from broker.config import Section, read_toml
 from canonical.base import UtcDatetime
 from canonical.commerce import Account, ErpKind, Quote
@@ -64,6 +74,8 @@ __all__ = [
 
 #: In a wave's or override's list, matches any legal entity, region or family.
 ANY = "*"
+
+_log = structlog.get_logger(__name__)
 
 RuleName = Annotated[str, Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")]
 Names = Annotated[tuple[Annotated[str, Meta(min_length=1)], ...], Meta(min_length=1)]
@@ -275,11 +287,36 @@ def load_routing(path: Path) -> RoutingTable:
         ConfigError: naming the file and, for a bad value, its key path
             (``$.waves[0].cut-over``).
     """
-    raw = read_toml(path)
+    return _convert(path, read_toml(path))
+
+
+def _convert(path: Path, raw: dict[str, object]) -> RoutingTable:
     try:
         return msgspec.convert(raw, RoutingTable)
     except msgspec.ValidationError as exc:
         raise ConfigError(f"{path}: {exc}") from exc
+
+
+def _load_in_use(path: Path) -> RoutingTable:
+    """`load_routing`, refusing a file that does not name its ``default-erp``.
+
+    A routing file in use always names it (the shipped one does, first): one
+    that does not is empty, cut short (read in the middle of a save that
+    truncates the file, then writes it) or lost the line, and would send
+    every new order to the default ERP with no rule at all.
+
+    Raises:
+        ConfigError: as `load_routing`, or no ``default-erp``.
+    """
+    raw = read_toml(path)
+    if "default-erp" not in raw:
+        what = "is empty" if not raw else "names no default-erp"
+        raise ConfigError(
+            f"{path}: the routing file {what} (cut short by a save in "
+            'progress?); a routing table must set default-erp = "legacy" '
+            'or "cloud" explicitly'
+        )
+    return _convert(path, raw)
 
 
 class ReloadResult(msgspec.Struct, frozen=True, kw_only=True):
@@ -311,23 +348,40 @@ class RoutingRegistry:
 
     Reading `table` is safe from any thread: a reload builds the new table
     completely, then replaces the reference in one assignment. Reloads are
-    serialised with a lock, so a watcher thread and ``brokerctl reload
-    routing`` cannot interleave.
+    serialised with a lock, so two callers of `reload` or `maybe_reload`
+    (the routing watcher's worker thread, a test) cannot interleave.
+
+    The names each table in use mentions are checked against the reference
+    data (`RoutingTable.unknown_names`) and the unknown ones logged as a
+    warning: when the table is loaded or reloaded, if *reference* answers
+    then; else (the ERP's catalogue is not read yet) when it first routes
+    an order.
 
     Args:
         path: the routing file; read now, so an invalid file fails the start.
+        reference: the reference data the names are checked against (also
+            settable later with `check_names`).
 
     Raises:
-        ConfigError: the file is missing or invalid.
+        ConfigError: the file is missing, invalid or names no default ERP.
     """
 
-    def __init__(self, path: Path) -> None:
+    def __init__(
+        self,
+        path: Path,
+        *,
+        reference: Callable[[], ReferenceData] | None = None,
+    ) -> None:
         self._path = path
         self._lock = threading.Lock()
         # Stat before reading: an edit in between is then seen by the next check.
         self._seen = _signature(path)
-        self._table = load_routing(path)
+        self._table = _load_in_use(path)
         self._error: str | None = None
+        self._reference = reference
+        #: The table whose names were last checked.
+        self._checked: RoutingTable | None = None
+        self._check_names(self._table)
 
     @property
     def path(self) -> Path:
@@ -356,19 +410,49 @@ class RoutingRegistry:
         Raises:
             ValueError: a SKU is not in the catalogue, or *at* is naive.
         """
-        return self._table.route(order_facts(quote, account, ref), at)
+        table = self._table
+        if self._checked is not table:
+            self._check_names(table, ref)
+        return table.route(order_facts(quote, account, ref), at)
+
+    def check_names(self, reference: Callable[[], ReferenceData]) -> None:
+        """Check the table in use, and every one reloaded, against *reference*."""
+        self._reference = reference
+        self._check_names(self._table)
+
+    def _check_names(
+        self, table: RoutingTable, ref: ReferenceData | None = None
+    ) -> None:
+        """Log the names *table* uses that the reference data does not know."""
+        if ref is None:
+            if self._reference is None:
+                return
+            try:
+                ref = self._reference()
+            except TransientError:
+                return  # the catalogue is not read yet: checked at the first order
+        self._checked = table
+        unknown = table.unknown_names(ref)
+        if unknown:
+            _log.warning(
+                "routing_unknown_names",
+                path=str(self._path),
+                unknown=list(unknown),
+                hint="a misspelt name matches nothing: its rule moves no order",
+            )
 
     def reload(self) -> ReloadResult:
         """Re-read the file; use it only if it is valid (blocking)."""
         with self._lock:
             self._seen = _signature(self._path)
             try:
-                table = load_routing(self._path)
+                table = _load_in_use(self._path)
             except ConfigError as exc:
                 self._error = str(exc)
                 return ReloadResult(reloaded=False, error=self._error)
             self._table = table
             self._error = None
+            self._check_names(table)
             return ReloadResult(reloaded=True)
 
     def maybe_reload(self) -> ReloadResult | None:

@@ -26,7 +26,7 @@ from msgspec import Meta
 
 from broker import ConfigError
 from broker.config import Section, read_toml
-from canonical.commerce import Account, PriceBookEntry, Product, Quote
+from canonical.commerce import Account, PriceBookEntry, Product, Quote, QuoteLine
 from canonical.scalars import ISO_3166, ISO_4217, MINOR_UNITS, CountryCode
 
 __all__ = [
@@ -60,6 +60,8 @@ ViolationCode = Literal[
     "unknown_sku",
     "inactive_sku",
     "price_below_floor",
+    "quantity_not_whole",
+    "billing_interval_mismatch",
     "total_mismatch",
 ]
 
@@ -373,7 +375,15 @@ def validate_quote(
     """Check *quote* (for *account*, its customer) against the reference data.
 
     Every violation is reported, in a fixed order: the quote as a whole
-    first, then each line in quote order, then the totals.
+    first, then each line in quote order, then what the lines must agree on,
+    then the totals.
+
+    The recurring lines (recurring by the catalogue) become one subscription
+    on the billing platform, which bills whole quantities, and all the items
+    of a subscription on one interval: a recurring line with a fractional
+    quantity, or recurring lines with different terms (``term_months``, none
+    being monthly), are refused here rather than booked and then refused by
+    the billing platform.
     """
     policy = ref.policy
     eligibility = policy.eligibility
@@ -408,6 +418,8 @@ def validate_quote(
 
     numbers = {line.number for line in quote.lines}
     allowed = eligibility.families_by_country.get(quote.tax_country)
+    #: Recurring lines and their billing interval in months.
+    recurring: list[tuple[QuoteLine, int]] = []
     for line in quote.lines:
         where = f"line {line.number} {line.sku}"
         if line.parent is not None and (
@@ -438,6 +450,16 @@ def validate_quote(
                 line.number,
                 line.sku,
             )
+        if product.recurring:
+            recurring.append((line, line.term_months or 1))
+            if line.quantity != line.quantity.to_integral_value():
+                add(
+                    "quantity_not_whole",
+                    f"{where}: recurring quantity {line.quantity} is not a whole"
+                    " number; subscriptions are billed in whole units",
+                    line.number,
+                    line.sku,
+                )
         entry = ref.prices.get((line.sku, currency))
         if entry is None:
             add(
@@ -455,6 +477,19 @@ def validate_quote(
                 line.number,
                 line.sku,
             )
+
+    if len({months for _, months in recurring}) > 1:
+        terms = ", ".join(
+            f"line {line.number} {line.sku} every {months} month"
+            + ("s" if months != 1 else "")
+            for line, months in recurring
+        )
+        add(
+            "billing_interval_mismatch",
+            f"recurring lines bill on different intervals ({terms}); one"
+            " subscription bills all its lines on one interval: quote them"
+            " with one term",
+        )
 
     if quote.lines and quote.net_total.currency == currency:
         # Each line as the order will carry it (rounded to the currency),

@@ -69,23 +69,24 @@ def eur(amount: str) -> Money:
 def line(
     n: int,
     sku: str,
-    qty: int,
+    qty: int | str,
     price: str,
     *,
     recurring: bool = False,
     physical: bool = True,
+    term: int | None = None,
 ) -> QuoteLine:
-    p = Decimal(price)
+    p, q = Decimal(price), Decimal(qty)
     return QuoteLine(
         number=n,
         sku=sku,
-        quantity=Decimal(qty),
+        quantity=q,
         list_price=p,
         unit_price=p,
-        net_total=p * qty,
+        net_total=p * q,
         recurring=recurring,
         physical=physical,
-        term_months=1 if recurring else None,
+        term_months=term or (1 if recurring else None),
     )
 
 
@@ -306,6 +307,119 @@ def test_a_revised_quote_approved_after_a_refusal_goes_on_to_an_order(
         "quote_rejected",
         "invoice_mismatch",
     ]
+
+
+def test_the_same_refused_quote_read_again_is_not_refused_again(deal: Deal) -> None:
+    """A change-feed re-read or a resent approval of it is no revision.
+
+    The refusal stands, raised once: one exception, one Needs Attention.
+    """
+    cheap = quote(line(1, "HW-SRV-1U", 1, "100.00"))
+    deal.feed(OPPORTUNITY, QuoteApproved(quote=cheap))
+    assert deal.feed(QuoteApproved(quote=cheap)) == []
+    (refused,) = deal.of(BusinessException)
+    assert (refused.kind, refused.amount) == ("quote_rejected", eur("100.00"))
+    assert [u.stage for u in deal.of(OpportunityUpdateRequested)] == ["Needs Attention"]
+    assert deal.stage() == "exception"
+    assert deal.state.exceptions == ("quote_rejected",)
+    # Revised, it goes on.
+    deal.feed(QuoteApproved(quote=SAAS_ONLY))
+    assert deal.stage() == "ordering"
+
+
+def test_recurring_lines_billing_cannot_bill_are_refused_at_validation(
+    deal: Deal,
+) -> None:
+    """Mixed terms or a fractional recurring quantity: refused before booking.
+
+    The billing platform bills one subscription's items on one interval, in
+    whole units; booked, such an order would wait for a subscription forever.
+    """
+    mixed_terms = quote(
+        line(1, "SAAS-ANL", 10, "30.00", recurring=True, physical=False, term=1),
+        line(2, "SAAS-SUP-PREM", 1, "1500.00", recurring=True, physical=False, term=12),
+    )
+    deal.feed(OPPORTUNITY, QuoteApproved(quote=mixed_terms))
+    (refused,) = deal.of(BusinessException)
+    assert refused.kind == "quote_rejected"
+    (violation,) = refused.violations
+    assert "line 1 SAAS-ANL every 1 month," in violation
+    assert "line 2 SAAS-SUP-PREM every 12 months" in violation
+    assert not deal.of(OrderBookingRequested)
+
+    fractional = Deal(deal.wf)
+    backup = line(1, "SAAS-BACKUP-TB", "2.5", "22.50", recurring=True, physical=False)
+    fractional.feed(OPPORTUNITY, QuoteApproved(quote=quote(backup)))
+    (refused,) = fractional.of(BusinessException)
+    assert refused.violations == (
+        "line 1 SAAS-BACKUP-TB: recurring quantity 2.5 is not a whole number;"
+        " subscriptions are billed in whole units",
+    )
+    assert not fractional.of(OrderBookingRequested)
+
+    # One term for every recurring line (a yearly one too) is billable.
+    yearly = Deal(deal.wf)
+    yearly.feed(
+        OPPORTUNITY,
+        QuoteApproved(
+            quote=quote(
+                line(1, "HW-SRV-1U", 1, "4200.00"),
+                line(
+                    2, "SAAS-ANL", 10, "30.00", recurring=True, physical=False, term=12
+                ),
+                line(
+                    3,
+                    "SAAS-SUP-PREM",
+                    1,
+                    "1500.00",
+                    recurring=True,
+                    physical=False,
+                    term=12,
+                ),
+            )
+        ),
+    )
+    assert not yearly.of(BusinessException)
+    assert len(yearly.of(OrderBookingRequested)) == 1
+
+
+def test_an_order_booked_after_its_fallout_goes_on(deal: Deal) -> None:
+    """The ERP refused the order, a clerk fixed it there and it was booked.
+
+    The deal leaves its exception and goes on from the booking (CRM, CPQ,
+    subscription); the fallout raised stays raised, once.
+    """
+    deal.feed(OPPORTUNITY, QuoteApproved(quote=SAAS_ONLY))
+    order = deal.state.order
+    assert order is not None
+    deal.feed(
+        OrderRejected(
+            order_id=order.id,
+            deal_id=DEAL,
+            erp=order.erp,
+            code="V1/320",
+            message="credit block",
+            net_total=order.net_total,
+        )
+    )
+    assert deal.stage() == "exception"
+
+    out = deal.feed(booked(deal, order.net_total))
+    routed = {e.routing_key: type(e.event) for e in out}
+    assert routed == {
+        "q2c.sys.crm": OpportunityUpdateRequested,
+        "q2c.sys.cpq": QuoteUpdateRequested,
+        "q2c.sys.billing": SubscriptionRequested,
+    }
+    assert deal.stage() == "fulfilling"
+    assert deal.state.crm_wanted is not None
+    assert deal.state.crm_wanted.stage == "Closed Won"
+    sub = deal.of(SubscriptionRequested)[0].subscription
+    deal.feed(*confirmed(deal, sub))
+    assert deal.stage() == "completed"
+    assert len(deal.of(DealCompleted)) == 1
+    assert [e.kind for e in deal.of(BusinessException)] == ["order_fallout"]
+    assert deal.state.exceptions == ("order_fallout",)
 
 
 def test_a_completed_deal_stays_completed_whatever_comes_later(deal: Deal) -> None:
