@@ -318,7 +318,11 @@ class StripeClient(SessionClient):
         if status < 300:
             try:
                 return msgspec.json.decode(body, type=into)
-            except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            except (
+                msgspec.DecodeError,
+                msgspec.ValidationError,
+                RecursionError,
+            ) as exc:
                 raise UpstreamRejected(
                     self.system,
                     f"{what}: unreadable answer: {exc}",
@@ -336,7 +340,7 @@ class StripeClient(SessionClient):
     ) -> UpstreamUnavailable | UpstreamRejected:
         try:
             error = msgspec.json.decode(body, type=ErrorBody).error
-        except (msgspec.DecodeError, msgspec.ValidationError):
+        except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):
             error = None
         code = (error.code or error.type) if error is not None else f"http_{status}"
         detail = f"{what}: HTTP {status} {code}"

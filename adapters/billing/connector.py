@@ -81,7 +81,8 @@ class BillingConnector:
             UpstreamUnavailable: Stripe is down, slow or rate-limiting us.
             UpstreamRejected: Stripe refused a request.
             SchemaInvalid: the subscription cannot be expressed in Stripe
-                (a fractional quantity, no items).
+                (a fractional quantity, no items), or Stripe's answer holds a
+                price no arithmetic should touch (``unit_amount_decimal``).
             UnknownMessageType: *command* is not a billing command.
         """
         if not isinstance(command, SubscriptionRequested):
@@ -112,7 +113,12 @@ class BillingConnector:
             # A product removed in Stripe since we saw it: look again next time.
             self._products.difference_update(skus)
             raise
-        return subscription_created(native, command)
+        try:
+            return subscription_created(native, command)
+        except ValueError as exc:
+            raise SchemaInvalid(
+                f"{self._system}: subscription {native.id}: {exc}"
+            ) from exc
 
     async def _customer(self, account: Account, envelope: Envelope) -> str:
         customer = await self._stripe.find_customer_by_metadata(

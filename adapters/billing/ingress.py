@@ -84,12 +84,13 @@ class StripeWebhook:
         """Map a verified Stripe event to canonical events (often none).
 
         Raises:
-            SchemaInvalid: the body is not a Stripe event, or its object is
-                not what its type promises.
+            SchemaInvalid: the body is not a Stripe event (or is nested deeper
+                than the JSON decoder goes), or its object is not what its
+                type promises.
         """
         try:
             event = _event_decoder.decode(body)
-        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        except (msgspec.DecodeError, msgspec.ValidationError, RecursionError) as exc:
             raise SchemaInvalid(f"{self._system}: not a Stripe event: {exc}") from exc
         if event.object != "event":
             raise SchemaInvalid(
@@ -99,7 +100,7 @@ class StripeWebhook:
             return []
         try:
             invoice = msgspec.json.decode(event.data.object, type=Invoice)
-        except msgspec.ValidationError as exc:
+        except (msgspec.ValidationError, RecursionError) as exc:
             raise SchemaInvalid(
                 f"{self._system}: event {event.id} ({event.type}) does not carry an "
                 f"invoice: {exc}"

@@ -268,7 +268,13 @@ def _canonical_item(item: SubscriptionItem) -> CanonicalSubscriptionItem:
 
 
 def amount_per_period(native: Subscription) -> Money:
-    """What Stripe will invoice per period: each line rounded to a minor unit."""
+    """What Stripe will invoice per period: each line rounded to a minor unit.
+
+    Raises:
+        ValueError: a price's ``unit_amount_decimal`` is not a sane decimal
+            number (checked before any arithmetic), or the total is not an
+            amount the canonical model takes.
+    """
     minor = sum(
         _line_minor(item.price, item.quantity or 0) for item in native.items.data
     )
@@ -286,7 +292,11 @@ def _line_minor(price: Price, quantity: int) -> int:
 def subscription_created(
     native: Subscription, command: SubscriptionRequested
 ) -> SubscriptionCreated:
-    """The canonical outcome of creating *command*'s subscription in Stripe."""
+    """The canonical outcome of creating *command*'s subscription in Stripe.
+
+    Raises:
+        ValueError: see `amount_per_period`.
+    """
     return SubscriptionCreated(
         subscription_id=command.subscription.id,
         deal_id=command.deal_id,

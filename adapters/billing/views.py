@@ -18,9 +18,12 @@ from __future__ import annotations
 
 import re
 from decimal import Decimal
-from typing import Generic, TypeVar
+from typing import Annotated, Generic, TypeVar
 
 import msgspec
+from msgspec import Meta
+
+from adapters.decimals import bounded
 
 __all__ = [
     "API_VERSION",
@@ -43,6 +46,7 @@ __all__ = [
     "SubscriptionDetails",
     "InvoiceParent",
     "StatusTransitions",
+    "UnixTime",
     "Invoice",
     "InvoiceItem",
     # Events and errors
@@ -161,9 +165,22 @@ class Price(View, frozen=True, kw_only=True):
     livemode: bool = False
 
     def minor_amount(self) -> Decimal | None:
-        """The exact unit amount in minor units, if the price has one."""
+        """The exact unit amount in minor units, if the price has one.
+
+        Raises:
+            ValueError: ``unit_amount_decimal`` is not a decimal number, or
+                one no arithmetic should touch (`adapters.decimals.bounded`:
+                ``NaN``, ``1e999999``); the message names the price and field.
+        """
         if self.unit_amount_decimal is not None:
-            return Decimal(self.unit_amount_decimal)
+            field = f"price {self.id}: unit_amount_decimal"
+            try:
+                value = Decimal(self.unit_amount_decimal)
+            except ArithmeticError as exc:
+                raise ValueError(
+                    f"{field} {self.unit_amount_decimal[:40]!r} is not a decimal number"
+                ) from exc
+            return bounded(value, field)
         if self.unit_amount is not None:
             return Decimal(self.unit_amount)
         return None
@@ -269,13 +286,18 @@ class InvoiceParent(View, frozen=True, kw_only=True):
     subscription_details: SubscriptionDetails | None = None
 
 
-class StatusTransitions(View, frozen=True, kw_only=True):
-    """When an invoice changed status (unix seconds)."""
+#: Unix seconds a `datetime` holds (up to year 9999): a value outside is
+#: refused when decoded, not an OverflowError or OSError when converted.
+UnixTime = Annotated[int, Meta(ge=0, le=253_402_300_799)]
 
-    finalized_at: int | None = None
-    paid_at: int | None = None
-    voided_at: int | None = None
-    marked_uncollectible_at: int | None = None
+
+class StatusTransitions(View, frozen=True, kw_only=True):
+    """When an invoice changed status (unix seconds, within `UnixTime`)."""
+
+    finalized_at: UnixTime | None = None
+    paid_at: UnixTime | None = None
+    voided_at: UnixTime | None = None
+    marked_uncollectible_at: UnixTime | None = None
 
 
 class Invoice(View, frozen=True, kw_only=True):

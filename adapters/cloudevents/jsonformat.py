@@ -40,12 +40,13 @@ def parse_structured(body: bytes) -> CloudEventView:
     """Read one event in the JSON format.
 
     Raises:
-        SchemaInvalid: the body is not a JSON object, or not a valid
-            CloudEvent (the message names the attribute at fault).
+        SchemaInvalid: the body is not a JSON object (or is nested deeper
+            than the JSON decoder goes), or not a valid CloudEvent (the
+            message names the attribute at fault).
     """
     try:
         members = _object_decoder.decode(body)
-    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+    except (msgspec.DecodeError, msgspec.ValidationError, RecursionError) as exc:
         raise SchemaInvalid(f"CloudEvent is not a JSON object: {exc}") from exc
     return _event(members)
 
@@ -58,17 +59,18 @@ def parse_batch(body: bytes) -> list[CloudEventView | MemberError]:
     is a valid, empty batch.
 
     Raises:
-        SchemaInvalid: the body as a whole is not a JSON array.
+        SchemaInvalid: the body as a whole is not a JSON array, or is nested
+            deeper than the JSON decoder goes.
     """
     try:
         raw_members = _array_decoder.decode(body)
-    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+    except (msgspec.DecodeError, msgspec.ValidationError, RecursionError) as exc:
         raise SchemaInvalid(f"CloudEvents batch is not a JSON array: {exc}") from exc
     results: list[CloudEventView | MemberError] = []
     for index, raw in enumerate(raw_members):
         try:
             members = _object_decoder.decode(raw)
-        except msgspec.ValidationError:
+        except (msgspec.ValidationError, RecursionError):
             results.append(
                 MemberError(index=index, id=None, reason="member is not a JSON object")
             )

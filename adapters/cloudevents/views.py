@@ -110,7 +110,7 @@ class CloudEventView(msgspec.Struct, frozen=True, kw_only=True):
             raise SchemaInvalid(f"CloudEvent {self.id!r} carries no JSON data")
         try:
             return msgspec.json.decode(self.data)
-        except msgspec.DecodeError as exc:
+        except (msgspec.DecodeError, RecursionError) as exc:
             raise SchemaInvalid(
                 f"CloudEvent {self.id!r}: data is not valid JSON: {exc}"
             ) from exc

@@ -108,7 +108,7 @@ class CpqClient:
         )
         try:
             return decode_quote_model(body)
-        except msgspec.DecodeError as exc:
+        except (msgspec.DecodeError, RecursionError) as exc:
             raise UpstreamRejected(
                 self.crm.system,
                 f"QuoteReader {quote_id}: unexpected response: {exc}",

@@ -26,6 +26,7 @@ from decimal import Decimal
 from adapters.cpq import views as v
 from adapters.crm.mapping import canonical_id, checked, native_id
 from adapters.crm.views import as_date
+from adapters.decimals import bounded
 from adapters.fieldmap import FieldMapping
 from broker.errors import SchemaInvalid
 from canonical.commerce import PriceBookEntry, Product, Quote, QuoteLine, QuoteStatus
@@ -144,22 +145,26 @@ def _tax_country(quote: v.Quote, fallback: str | None) -> str:
 
 
 def _line(line: v.QuoteLine, number: int, parent: int | None) -> QuoteLine:
-    if not line.SBQQ__ProductCode__c or line.SBQQ__Quantity__c is None:
+    quantity = _bounded(line, "SBQQ__Quantity__c")
+    if not line.SBQQ__ProductCode__c or quantity is None:
         raise SchemaInvalid(
             f"crm: quote line {line.Id} has no product code or quantity"
         )
-    quantity = line.SBQQ__Quantity__c
-    list_price = line.SBQQ__ListPrice__c or Decimal(0)
+    list_price = _bounded(line, "SBQQ__ListPrice__c") or Decimal(0)
     unit_price = next(
         (
             p
-            for p in (line.SBQQ__NetPrice__c, line.SBQQ__CustomerPrice__c)
+            for p in (
+                _bounded(line, "SBQQ__NetPrice__c"),
+                _bounded(line, "SBQQ__CustomerPrice__c"),
+            )
             if p is not None
         ),
         list_price,
     )
+    net_total = _bounded(line, "SBQQ__NetTotal__c")
     recurring = bool(line.SBQQ__SubscriptionPricing__c)
-    term = line.SBQQ__SubscriptionTerm__c
+    term = _bounded(line, "SBQQ__SubscriptionTerm__c")
     try:
         return QuoteLine(
             number=number,
@@ -169,9 +174,7 @@ def _line(line: v.QuoteLine, number: int, parent: int | None) -> QuoteLine:
             quantity=quantity,
             list_price=list_price,
             unit_price=unit_price,
-            net_total=line.SBQQ__NetTotal__c
-            if line.SBQQ__NetTotal__c is not None
-            else unit_price * quantity,
+            net_total=net_total if net_total is not None else unit_price * quantity,
             recurring=recurring,
             physical=line.Physical__c
             if line.Physical__c is not None
@@ -183,10 +186,26 @@ def _line(line: v.QuoteLine, number: int, parent: int | None) -> QuoteLine:
         raise SchemaInvalid(f"crm: quote line {line.Id}: {exc}") from exc
 
 
+def _bounded(line: v.QuoteLine, field: str) -> Decimal | None:
+    """The line's number *field*, refused (naming it) when it is absurd.
+
+    Checked before any arithmetic or ``int()``: ``NaN``, ``Infinity`` or
+    ``1e999999`` would otherwise raise decimal errors, or burn seconds of CPU.
+    """
+    value: Decimal | None = getattr(line, field)
+    if value is None:
+        return None
+    try:
+        return bounded(value, field)
+    except ValueError as exc:
+        raise SchemaInvalid(f"crm: quote line {line.Id}: {exc}") from exc
+
+
 def _numbers(lines: Sequence[v.QuoteLine]) -> list[int]:
+    numbers = [_bounded(line, "SBQQ__Number__c") for line in lines]
     return [
-        int(line.SBQQ__Number__c) if line.SBQQ__Number__c is not None else n
-        for n, line in enumerate(lines, start=1)
+        int(number) if number is not None else n
+        for n, number in enumerate(numbers, start=1)
     ]
 
 

@@ -10,7 +10,7 @@ from adapters.crm.client import (
     SalesforceSettings,
     UpsertResult,
 )
-from adapters.crm.connector import CrmConnector
+from adapters.crm.connector import CrmConnector, ResyncRequired
 from adapters.crm.ingress import SalesforceWebhook, inbound_from_change, poll_changes
 from adapters.crm.mapping import (
     FIELD_MAP,
@@ -82,4 +82,5 @@ __all__ = [
     "inbound_from_change",
     "poll_changes",
     "CrmConnector",
+    "ResyncRequired",
 ]

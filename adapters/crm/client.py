@@ -318,7 +318,7 @@ class SalesforceClient(SessionClient):
         _, body = await self._call("GET", "/cometd/replay", params=params)
         try:
             return decode_cometd(body)
-        except msgspec.DecodeError as exc:
+        except (msgspec.DecodeError, RecursionError) as exc:
             raise UpstreamRejected(
                 self.system, f"change feed: {exc}", code="MALFORMED_RESPONSE"
             ) from exc
@@ -435,7 +435,7 @@ class SalesforceClient(SessionClient):
     def _decode(self, body: bytes, view: type[T], path: str) -> T:
         try:
             return msgspec.json.decode(body, type=view)
-        except msgspec.DecodeError as exc:
+        except (msgspec.DecodeError, RecursionError) as exc:
             raise UpstreamRejected(
                 self.system,
                 f"{path}: unexpected response: {exc}",
@@ -447,7 +447,7 @@ def _error_of(body: bytes) -> tuple[str, str]:
     """``(errorCode, message)`` from a REST error array or an OAuth error."""
     try:
         errors = _ERRORS.decode(body)
-    except msgspec.DecodeError:
+    except (msgspec.DecodeError, RecursionError):
         pass
     else:
         if errors:
@@ -455,6 +455,6 @@ def _error_of(body: bytes) -> tuple[str, str]:
         return "", ""
     try:
         oauth = _OAUTH_ERROR.decode(body)
-    except msgspec.DecodeError:
+    except (msgspec.DecodeError, RecursionError):
         return "", body[:200].decode("utf-8", "replace")
     return oauth.error, oauth.error_description

@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal, final
 
+import structlog
+
 from adapters.cpq.client import CpqClient
 from adapters.cpq.mapping import quote_from_records
 from adapters.cpq.views import QuoteStatus
@@ -20,7 +22,7 @@ from adapters.crm.mapping import (
     opportunity_update,
 )
 from adapters.crm.soql import select
-from broker.errors import UnknownMessageType, UpstreamRejected
+from broker.errors import PermanentError, UnknownMessageType, UpstreamRejected
 from canonical import Envelope, Event
 from canonical.commerce import Account, Quote
 from canonical.ids import OPPORTUNITY
@@ -34,7 +36,9 @@ from canonical.q2c import (
     RecordReadRequired,
 )
 
-__all__ = ["CrmConnector"]
+__all__ = ["CrmConnector", "ResyncRequired"]
+
+_log = structlog.get_logger(__name__)
 
 _CHANGE: dict[str, Literal["created", "updated", "deleted", "undeleted"]] = {
     "CREATE": "created",
@@ -45,6 +49,20 @@ _CHANGE: dict[str, Literal["created", "updated", "deleted", "undeleted"]] = {
     "GAP_UNDELETE": "undeleted",
 }
 _CREATED = frozenset({"CREATE", "GAP_CREATE"})
+
+
+class ResyncRequired(PermanentError):
+    """A read-back names no record: an object's changes are lost to the feed.
+
+    A ``GAP_OVERFLOW`` (more than 100,000 changes in one transaction) or a
+    wildcard record id (``001*``) says that any record of the object may
+    have changed. Reading them all is not the connector's to start; the
+    command is dead-lettered with this reason so an operator sees it, runs a
+    resync of the object, then purges the dead letter (replaying it only
+    fails again). Not counted against the circuit breaker.
+    """
+
+    reason = "resync_required"
 
 
 @final
@@ -61,6 +79,9 @@ class CrmConnector:
     back and answers with the canonical facts: ``crm.account.changed``,
     ``crm.opportunity.created``, ``cpq.quote.approved`` /
     ``cpq.quote.denied`` (quotes need *cpq*). Reading has no effect to repeat.
+    One that names no record (an overflow, a wildcard id) raises
+    `ResyncRequired`: the changes are lost to the feed, and only an
+    operator's resync of the object recovers them.
 
     Args:
         crm: the org's client.
@@ -105,6 +126,7 @@ class CrmConnector:
             UpstreamUnavailable: the org is down, slow or limiting us.
             UpstreamRejected: the org refused (e.g. ``NOT_FOUND``).
             SchemaInvalid: a record the org returned does not map.
+            ResyncRequired: a read-back that names no record.
             UnknownMessageType: not a command of this connector.
         """
         match command:
@@ -138,7 +160,21 @@ class CrmConnector:
         ids = [v.to_id18(i) for i in command.native_ids if v.is_id(i)]
         if not ids:
             # An overflow names no records; a full resync is an operator's call.
-            return []
+            raise ResyncRequired(
+                f"{self._system}: {command.change_type} names no {command.entity} "
+                f"record ({', '.join(command.native_ids) or 'no ids'}): changes "
+                f"were lost to the change feed; resync {command.entity} from the org"
+            )
+        if len(ids) < len(command.native_ids):
+            # The ingress sends a wildcard on its own; a command that mixes
+            # one with real ids still has those read, and says what it lost.
+            _log.warning(
+                "crm_resync_required",
+                system=self._system,
+                entity=command.entity,
+                change_type=command.change_type,
+                ignored=[i for i in command.native_ids if not v.is_id(i)],
+            )
         if command.entity == "Account":
             return await self._accounts(
                 ids, _CHANGE.get(command.change_type, "updated")

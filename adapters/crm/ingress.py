@@ -13,6 +13,10 @@ Both paths apply the same rules to each change event (`inbound_from_change`):
 * A quote whose ``SBQQ__Status__c`` becomes Approved or Denied is read back
   (with its lines) into ``cpq.quote.approved`` / ``cpq.quote.denied``.
 * Gap and overflow events say only which records changed: read back.
+  A wildcard id (``001*``) or none at all says every record of the object
+  may have changed: one more read-back naming no record, besides those of
+  the ids that are real, which the connector dead-letters as a resync the
+  operator must run (`adapters.crm.connector.ResyncRequired`).
 * Changes to objects no canonical event speaks of give nothing.
 
 The dedupe id of each canonical event is ``<transactionKey>/<sequenceNumber>/
@@ -131,14 +135,15 @@ class SalesforceWebhook:
         """The canonical events of the pushed change events (none for echoes).
 
         Raises:
-            SchemaInvalid: the body is not a change event in either form.
+            SchemaInvalid: the body is not a change event in either form, or
+                is nested deeper than the JSON decoder goes (RecursionError).
         """
         try:
             events = decode_cometd(body)
-        except msgspec.DecodeError as cometd_error:
+        except (msgspec.DecodeError, RecursionError) as cometd_error:
             try:
                 events = (decode_pubsub(body),)
-            except msgspec.DecodeError:
+            except (msgspec.DecodeError, RecursionError):
                 raise SchemaInvalid(
                     f"{self._system}: not a change event: {cometd_error}"
                 ) from cometd_error
@@ -177,7 +182,7 @@ def inbound_from_change(
         return []
     try:
         quote = event.record(Quote)
-    except msgspec.ValidationError:
+    except (msgspec.ValidationError, RecursionError):
         return _read_back(event, source)
     if quote.SBQQ__Status__c not in _READ_STATUSES:
         return []
@@ -253,10 +258,12 @@ def _read_back(
     entity = header.entity_name
     kind = header.change_type.value
     ids = [rid for rid in map(_normalised, header.record_ids) if rid is not None]
+    out = []
     if not ids or len(ids) < len(header.record_ids):
-        # A wildcard (``001*``) or no id at all: every record may have changed.
+        # A wildcard (``001*``) or no id at all: every record may have
+        # changed. The ids that are real are still read back, below.
         whole = RecordReadRequired(entity=entity, native_ids=(), change_type=kind)
-        return [
+        out.append(
             _inbound(
                 event,
                 whole,
@@ -265,9 +272,8 @@ def _read_back(
                 subject=None,
                 source=source,
             )
-        ]
+        )
     deal = _normalised(deal_of) if deal_of else None
-    out = []
     for rid in ids:
         subject = _SUBJECTS[entity] + rid
         if entity == "Opportunity":
@@ -301,7 +307,7 @@ def _account_created(
         account = account_from_sf(
             event.record(Account), default_currency=default_currency, record_id=rid
         )
-    except (msgspec.ValidationError, SchemaInvalid):
+    except (msgspec.ValidationError, SchemaInvalid, RecursionError):
         return None  # the read-back will say what is wrong with the record
     fields = () if is_bitmap_encoded(header.changed_fields) else header.changed_fields
     changed = AccountChanged(

@@ -23,9 +23,10 @@ import enum
 import re
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
-from typing import ClassVar, Generic, TypeVar
+from typing import Annotated, ClassVar, Generic, TypeVar
 
 import msgspec
+from msgspec import Meta
 
 __all__ = [
     # ids
@@ -154,10 +155,15 @@ def key_prefix(record_id: str) -> str:
 
 # --- scalars -------------------------------------------------------------------
 
+#: Epoch milliseconds a `datetime` can hold (years 1 to 9999): a value
+#: outside is refused when decoded, not an OverflowError when converted.
+EpochMillis = Annotated[int, Meta(ge=-62_135_596_800_000, le=253_402_300_799_999)]
+#: Days since the epoch a `date` can hold (years 1 to 9999).
+EpochDays = Annotated[int, Meta(ge=-719_162, le=2_932_896)]
 #: A date-time: ISO 8601 (``2024-01-15T10:30:00.000+0000``) or epoch milliseconds.
-SfDateTime = datetime | int
+SfDateTime = datetime | EpochMillis
 #: A date: ISO 8601 (``2024-03-31``) or days since the epoch (Pub/Sub).
-SfDate = date | int
+SfDate = date | EpochDays
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
@@ -447,7 +453,7 @@ class ChangeEventHeader(_View, frozen=True, kw_only=True, rename="camel"):
         changed_fields: names (``BillingAddress.City``) or, from the Pub/Sub
             API, bitmaps (see `is_bitmap_encoded`); kept as strings.
         change_origin: see `parse_change_origin`; empty for UI and Apex changes.
-        commit_timestamp: epoch milliseconds.
+        commit_timestamp: epoch milliseconds, within what a `datetime` holds.
     """
 
     entity_name: str
@@ -456,7 +462,7 @@ class ChangeEventHeader(_View, frozen=True, kw_only=True, rename="camel"):
     change_origin: str = ""
     transaction_key: str
     sequence_number: int
-    commit_timestamp: int
+    commit_timestamp: EpochMillis
     commit_number: int | None = None
     commit_user: str | None = None
     changed_fields: tuple[str, ...] = ()

@@ -483,7 +483,7 @@ class SapClient:
     def _decode(self, reply: _Reply, type_: type[T]) -> T:
         try:
             return edm.decode(reply.body, type_)
-        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        except (msgspec.DecodeError, msgspec.ValidationError, RecursionError) as exc:
             # A proxy's error page with status 200 looks like this; it passes.
             raise UpstreamUnavailable(
                 self._system, f"unreadable answer ({reply.status}): {exc}"
@@ -493,7 +493,7 @@ class SapClient:
 def _error_of(body: bytes) -> ODataError | None:
     try:
         return edm.decode(body, ODataError)
-    except (msgspec.DecodeError, msgspec.ValidationError):
+    except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):
         return None
 
 
@@ -503,7 +503,7 @@ def _notices(reply: _Reply) -> tuple[SapNotice, ...]:
     for value in reply.headers.getall("sap-message", ()):
         try:
             decoded = _NOTICE.decode(value.encode())
-        except (msgspec.DecodeError, msgspec.ValidationError):
+        except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):
             # Still a message SAP meant the caller to see: keep its text.
             found.append(SapNotice(message=value, severity="warning"))
             continue

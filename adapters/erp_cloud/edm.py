@@ -68,13 +68,20 @@ class _EdmInstant(datetime):
         SAP's own spec shows both forms for both types, so both are accepted.
 
         Raises:
-            ValueError: *text* is not in the ``/Date(...)/`` form.
+            ValueError: *text* is not in the ``/Date(...)/`` form, or its
+                milliseconds fall outside years 1 to 9999 (msgspec reports
+                either as a validation error at the field).
         """
         return cls._from_millis(_parse_millis(text))
 
     @classmethod
     def _from_millis(cls, ms: int) -> Self:
-        at = _EPOCH + timedelta(milliseconds=ms)
+        try:
+            at = _EPOCH + timedelta(milliseconds=ms)
+        except OverflowError as exc:
+            raise ValueError(
+                f"/Date({ms})/ is outside the years 1 to 9999 a date can hold"
+            ) from exc
         return cls(
             at.year,
             at.month,

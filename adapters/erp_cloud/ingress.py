@@ -119,7 +119,10 @@ class SapEventWebhook:
             ref = deal_ref(delivery.PurchaseOrderByCustomer)
             if ref is None:
                 return []
-            canonical: Any = shipment_dispatched(delivery, ref, at=event.time)
+            try:
+                canonical: Any = shipment_dispatched(delivery, ref, at=event.time)
+            except ValueError as exc:
+                raise SchemaInvalid(f"{self._system}: {exc}") from exc
             key = f"{self._system}:outbound-delivery:{delivery.OutboundDelivery}"
             subject = canonical.shipment.id
         elif event.type == BILLING_DOCUMENT_CREATED:
@@ -161,7 +164,7 @@ def _data(event_id: str, data: bytes | None, view: type[D]) -> D:
         raise SchemaInvalid(f"SAP event {event_id!r} carries no data")
     try:
         return edm.decode(data, view)
-    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+    except (msgspec.DecodeError, msgspec.ValidationError, RecursionError) as exc:
         raise SchemaInvalid(
             f"SAP event {event_id!r}: data is not a {view.__name__}: {exc}"
         ) from exc

@@ -54,6 +54,7 @@ from adapters.erp_cloud.views import (
     A_SalesOrderItem,
     A_SalesOrderItemPrElement,
     BillingDocumentEventData,
+    DeliveryEventItem,
     Navigation,
     OutboundDeliveryEventData,
     SapNotice,
@@ -438,21 +439,36 @@ def to_sales_area(
 def shipment_dispatched(
     data: OutboundDeliveryEventData, ref: DealRef, *, at: datetime | None
 ) -> ShipmentDispatched:
-    """``erp.shipment.dispatched`` for an outbound delivery."""
+    """``erp.shipment.dispatched`` for an outbound delivery.
+
+    Raises:
+        ValueError: an item's ``ActualDeliveryQuantity`` is not a quantity the
+            canonical model takes (zero, negative, not finite, too large);
+            the message names the delivery, the item and the field.
+    """
     return ShipmentDispatched(
         shipment=Shipment(
             id=f"shipment-cloud-{data.OutboundDelivery}",
             order_id=ref.order_id,
             number=data.OutboundDelivery,
-            lines=tuple(
-                ShipmentLine(sku=item.Material, quantity=item.ActualDeliveryQuantity)
-                for item in data.Items
-            ),
+            lines=tuple(_shipment_line(data, item) for item in data.Items),
             dispatched_at=data.EventRaisedDateTime or at,
         ),
         deal_id=ref.deal_id,
         erp="cloud",
     )
+
+
+def _shipment_line(
+    data: OutboundDeliveryEventData, item: DeliveryEventItem
+) -> ShipmentLine:
+    try:
+        return ShipmentLine(sku=item.Material, quantity=item.ActualDeliveryQuantity)
+    except ValueError as exc:
+        raise ValueError(
+            f"outbound delivery {data.OutboundDelivery} item {item.Material}: "
+            f"ActualDeliveryQuantity: {exc}"
+        ) from exc
 
 
 def invoice_issued(

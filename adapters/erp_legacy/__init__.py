@@ -10,6 +10,7 @@ from __future__ import annotations
 from adapters.erp_legacy.connector import LegacyErpConnector
 from adapters.erp_legacy.files import (
     FileTooLarge,
+    FileUnparsable,
     InboundPoller,
     PollReport,
     write_atomic,
@@ -49,6 +50,7 @@ __all__ = [
     "InboundPoller",
     "PollReport",
     "FileTooLarge",
+    "FileUnparsable",
     # mapping
     "FIELD_MAP",
     "partner_number",

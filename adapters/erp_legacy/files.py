@@ -36,6 +36,7 @@ from broker.errors import PermanentError, TransientError
 __all__ = [
     "UNREADABLE_TRIES",
     "FileTooLarge",
+    "FileUnparsable",
     "FileUnreadable",
     "InboundPoller",
     "PollReport",
@@ -121,6 +122,12 @@ class FileTooLarge(PermanentError):
     reason = "oversize"
 
 
+class FileUnparsable(PermanentError):
+    """The parser crashed (not a `PermanentError`) on an inbound file's bytes."""
+
+    reason = "malformed"
+
+
 class FileUnreadable(PermanentError):
     """An inbound file could not be read, poll after poll."""
 
@@ -172,7 +179,11 @@ class InboundPoller(Generic[T]):
       handle): it is skipped, and after `UNREADABLE_TRIES` polls in a row
       moved to ``failed/``. A directory that cannot be listed (unmounted)
       is logged and looked at again next poll. Neither ends the poller.
-    * anything else is a bug and propagates; the file stays where it is.
+    * *parse* raises anything else (a bug the file's bytes found): logged
+      with its traceback, and the file moves to ``failed/`` as for a
+      `PermanentError` (`FileUnparsable`), so one file cannot stop every poll.
+    * anything else *handle* raises is a bug and propagates; the file stays
+      where it is.
 
     Memory is bounded by the listing window, whatever the directory holds. One poller
     per directory: two would both deliver a file (harmless, at least once)
@@ -279,6 +290,13 @@ class InboundPoller(Generic[T]):
             return "failed"
         except OSError as exc:
             return await self._unreadable_file(name, exc)
+        except Exception as exc:  # noqa: BLE001 - a parser bug fails the file, not the poller
+            # A bug in *parse*, found by this file's bytes: the file fails
+            # (with the traceback logged), so it cannot stop every poll after.
+            self._log.exception("inbound_parse_crashed", file=name)
+            error = f"{name} crashed the parser: {type(exc).__name__}: {exc}"
+            await self._fail(name, FileUnparsable(error))
+            return "failed"
         self._unreadable.pop(name, None)
         try:
             await self._handle(name, document)

@@ -71,7 +71,8 @@ def parse_idocs(data: bytes, *, max_bytes: int = DEFAULT_MAX_BYTES) -> tuple[Ido
     """Every IDoc in an IDoc-XML document, in file order.
 
     Raises:
-        IdocInvalid: oversize, not well-formed (truncated), a DOCTYPE or
+        IdocInvalid: oversize, not well-formed (truncated), an encoding
+            expat cannot read (multi-byte or unknown), a DOCTYPE or
             entity declaration, no ``IDOC`` element, an unsupported basic
             type, or a segment that does not fit its view (naming the IDoc
             and the path, e.g. ``$.EDI_DC40``).
@@ -123,6 +124,10 @@ def _tree(data: bytes) -> ET.Element:
         parser.Parse(data, True)
     except expat.ExpatError as exc:
         raise IdocInvalid(f"not well-formed XML (truncated?): {exc}") from exc
+    except (ValueError, LookupError) as exc:
+        # pyexpat refuses a multi-byte encoding declaration (``shift_jis``)
+        # with ValueError and an unknown one (``ebcdic``) with LookupError.
+        raise IdocInvalid(f"XML declaration's encoding refused: {exc}") from exc
     return builder.close()
 
 

@@ -11,6 +11,7 @@ import pytest
 
 from adapters.billing import BillingConnector, StripeClient, StripeSandbox
 from adapters.billing.mapping import META_ACCOUNT, META_DEAL
+from adapters.billing.views import Subscription
 from broker.errors import (
     SchemaInvalid,
     UnknownMessageType,
@@ -150,6 +151,27 @@ async def test_unmappable_subscriptions_fail_before_any_call(
     with pytest.raises(SchemaInvalid, match="not a whole number"):
         await BillingConnector(client).handle(command(items=items), envelope())
     assert sandbox.counts["requests"] == 0
+
+
+async def test_an_answer_with_an_absurd_unit_amount_is_schema_invalid(
+    client: StripeClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``unit_amount_decimal`` 1e999999 in Stripe's answer: refused, no CPU burnt."""
+    native = msgspec.json.decode(
+        (GOLDEN / "stripe_subscription.json").read_bytes(), type=Subscription
+    )
+    item = native.items.data[0]
+    price = msgspec.structs.replace(item.price, unit_amount_decimal="1e999999")
+    items = msgspec.structs.replace(
+        native.items, data=(msgspec.structs.replace(item, price=price),)
+    )
+
+    async def created(**_: object) -> Subscription:
+        return msgspec.structs.replace(native, items=items)
+
+    monkeypatch.setattr(client, "create_subscription", created)
+    with pytest.raises(SchemaInvalid, match="unit_amount_decimal 1E\\+999999"):
+        await BillingConnector(client).handle(command(), envelope())
 
 
 async def test_a_stripe_refusal_propagates_with_its_code(

@@ -119,6 +119,26 @@ def test_payloads_that_are_not_stripe_events_are_schema_invalid(
         StripeWebhook([SECRET]).parse({}, body)
 
 
+def test_json_nested_too_deep_is_schema_invalid() -> None:
+    """~2 KB nested 1,000 deep makes msgspec recurse out: refused, not a 500."""
+    deep = b"[" * 1000 + b"]" * 1000
+    body = (
+        b'{"id": "evt_1", "object": "event", "created": 1, "type": "invoice.paid",'
+        b' "data": {"object": ' + deep + b"}}"
+    )
+    with pytest.raises(SchemaInvalid, match="not a Stripe event: maximum recursion"):
+        StripeWebhook([SECRET]).parse({}, body)
+
+
+@pytest.mark.parametrize("stamp", [2**62, 10**20, 253402300800, -1])
+def test_a_finalized_at_no_datetime_holds_is_schema_invalid(stamp: int) -> None:
+    """Past year 9999 (OSError, OverflowError once converted): refused by name."""
+    event = msgspec.json.decode(invoice_paid_body())
+    event["data"]["object"]["status_transitions"] = {"finalized_at": stamp}
+    with pytest.raises(SchemaInvalid, match=r"status_transitions\.finalized_at"):
+        StripeWebhook([SECRET]).parse({}, msgspec.json.encode(event))
+
+
 def test_invoice_paid_must_carry_an_invoice() -> None:
     """An ``invoice.paid`` whose object is a customer is refused."""
     with pytest.raises(SchemaInvalid, match="invoice"):

@@ -282,6 +282,34 @@ def test_foreign_subscriptions_cannot_be_read_back() -> None:
     assert amount_per_period(native).currency == "EUR"
 
 
+def with_unit_amount_decimal(native: Subscription, text: str) -> Subscription:
+    item = native.items.data[0]
+    price = msgspec.structs.replace(item.price, unit_amount_decimal=text)
+    bad = msgspec.structs.replace(item, price=price)
+    items = msgspec.structs.replace(native.items, data=(bad, *native.items.data[1:]))
+    return msgspec.structs.replace(native, items=items)
+
+
+@pytest.mark.parametrize(
+    ("text", "reason"),
+    [
+        ("abc", "'abc' is not a decimal number"),
+        ("NaN", "NaN is not a finite number"),
+        ("1e999999", r"1E\+999999 is out of range"),  # was ~40 s of CPU
+    ],
+)
+def test_an_absurd_unit_amount_decimal_is_refused_before_any_arithmetic(
+    text: str, reason: str
+) -> None:
+    """A ValueError naming the price and field (the connector's SchemaInvalid)."""
+    native = golden_input("stripe_subscription.json", Subscription)
+    price_id = native.items.data[0].price.id
+    with pytest.raises(ValueError, match=f"price {price_id}: unit_amount_decimal "):
+        amount_per_period(with_unit_amount_decimal(native, text))
+    with pytest.raises(ValueError, match=reason):
+        subscription_created(with_unit_amount_decimal(native, text), command())
+
+
 def test_field_map_renders_every_line() -> None:
     """The field map prints as a table with one row per mapping."""
     table = render("billing (Stripe)", FIELD_MAP)

@@ -282,3 +282,15 @@ def test_a_batch_body_must_be_an_array(body: bytes) -> None:
 def test_json_media_types(content_type: str | None, expected: bool) -> None:
     """``*/json`` and ``*/*+json`` declare JSON, parameters ignored."""
     assert is_json_media_type(content_type) is expected
+
+
+#: ~2 KB of JSON nested deeper than msgspec decodes: it raises RecursionError.
+DEEP = b"[" * 1000 + b"]" * 1000
+
+
+def test_json_nested_too_deep_is_refused_not_a_crash() -> None:
+    """The decoder's RecursionError is SchemaInvalid (a 400 and a dead letter)."""
+    with pytest.raises(SchemaInvalid, match="not a JSON object: maximum recursion"):
+        parse_structured(b'{"specversion": "1.0", "data": ' + DEEP + b"}")
+    with pytest.raises(SchemaInvalid, match="not a JSON array: maximum recursion"):
+        parse_batch(b"[" + DEEP + b"]")

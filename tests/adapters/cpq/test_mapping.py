@@ -157,6 +157,37 @@ def test_a_line_of_no_or_negative_quantity_is_schema_invalid(quantity: str) -> N
         m.quote_from_records(MODEL.record, [line], default_currency="EUR")
 
 
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("SBQQ__Quantity__c", "1e999999"),  # times a price: decimal.Overflow
+        ("SBQQ__Number__c", "NaN"),  # int(): ValueError
+        ("SBQQ__Number__c", "Infinity"),  # int(): OverflowError
+        ("SBQQ__Number__c", "1e1000000"),  # int(): ~30 s of CPU
+        ("SBQQ__SubscriptionTerm__c", "-Infinity"),
+        ("SBQQ__NetPrice__c", "sNaN"),
+        ("SBQQ__NetTotal__c", "1e-999999"),
+    ],
+)
+def test_absurd_line_numbers_are_schema_invalid_before_any_arithmetic(
+    field: str, value: str
+) -> None:
+    """Checked where read (adapters.decimals): refused by name, no CPU burnt."""
+    body = msgspec.json.encode(
+        {
+            "Id": "a0R000000000001AAA",
+            "SBQQ__ProductCode__c": "SAAS-ANL",
+            "SBQQ__Quantity__c": 1,
+            "SBQQ__ListPrice__c": 30,
+            "SBQQ__SubscriptionPricing__c": "Fixed Price",
+            field: value,
+        }
+    )
+    line = msgspec.json.decode(body, type=v.QuoteLine)
+    with pytest.raises(SchemaInvalid, match=f"a0R000000000001AAA: {field} "):
+        m.quote_from_records(MODEL.record, [line], default_currency="EUR")
+
+
 def test_the_quote_update_body_is_the_golden_patch() -> None:
     """Golden: ordered → SBQQ__Ordered__c, status kept verbatim, order number."""
     command = QuoteUpdateRequested(

@@ -206,6 +206,31 @@ async def test_writes_are_marked_with_our_client_id(org: Org) -> None:
     assert event.header.origin.api == "rest"
 
 
+@pytest.mark.parametrize("status", [200, 400])
+async def test_an_answer_nested_too_deep_is_refused_not_a_crash(
+    org: Org, monkeypatch: pytest.MonkeyPatch, status: int
+) -> None:
+    """JSON 1,000 deep (msgspec's RecursionError) is an answer we cannot read."""
+    deep = b'{"unknown": ' + b"[" * 1000 + b"]" * 1000 + b"}"
+    await org.client.replay("/data/ChangeEvents", -1)  # logged in
+
+    async def answer(
+        *args: object, **kwargs: object
+    ) -> tuple[int, dict[str, str], bytes]:
+        return status, {}, deep
+
+    monkeypatch.setattr(org.client, "_send", answer)
+    with pytest.raises(UpstreamRejected) as replayed:
+        await org.client.replay("/data/ChangeEvents", -2)
+    with pytest.raises(UpstreamRejected) as queried:
+        await org.client.query(select("Account", ["Id"], {}), v.Account)
+    if status == 200:
+        assert replayed.value.code == queried.value.code == "MALFORMED_RESPONSE"
+        assert "maximum recursion" in str(replayed.value)
+    else:
+        assert replayed.value.code == queried.value.code == "HTTP_400"
+
+
 async def test_knobs_and_state_are_reachable_over_http(org: Org) -> None:
     """POST /_sandbox/knobs changes the running sandbox; GET /_sandbox/state counts."""
     async with aiohttp.ClientSession() as http:

@@ -5,11 +5,12 @@ from __future__ import annotations
 from decimal import Decimal
 
 import pytest
+from structlog.testing import capture_logs
 
 from adapters.cpq.client import CpqClient
 from adapters.crm import views as v
-from adapters.crm.connector import CrmConnector
-from broker.errors import UnknownMessageType, UpstreamRejected
+from adapters.crm.connector import CrmConnector, ResyncRequired
+from broker.errors import PermanentError, UnknownMessageType, UpstreamRejected
 from canonical.q2c import (
     AccountChanged,
     OpportunityCreated,
@@ -234,15 +235,44 @@ async def test_a_denied_quote_is_reported_and_a_draft_is_not(org: Org) -> None:
     assert denied.quote.tax_country == "AT"
 
 
-async def test_an_overflow_naming_no_record_reads_nothing(org: Org) -> None:
-    """A full resync is not the connector's to start."""
+@pytest.mark.parametrize("ids", [(), ("001*",)], ids=["none", "wildcard"])
+async def test_an_overflow_naming_no_record_is_dead_lettered_for_a_resync(
+    org: Org, ids: tuple[str, ...]
+) -> None:
+    """A full resync is not the connector's to start, but must not pass unseen.
+
+    ResyncRequired is a PermanentError: the command is dead-lettered with
+    reason ``resync_required`` (not counted against the breaker), and the
+    org is not asked anything.
+    """
     read = RecordReadRequired(
-        entity="Account", native_ids=(), change_type="GAP_OVERFLOW"
+        entity="Account", native_ids=ids, change_type="GAP_OVERFLOW"
     )
-    assert (
+    before = org.sandbox.counts["api_requests"]
+    with pytest.raises(ResyncRequired, match="GAP_OVERFLOW names no Account") as e:
         await connector(org).handle(read, envelope("crm.record.read_required", "o"))
-        == []
+    assert isinstance(e.value, PermanentError)
+    assert e.value.reason == "resync_required"
+    assert "resync Account" in str(e.value)
+    assert org.sandbox.counts["api_requests"] == before
+
+
+async def test_real_ids_beside_a_wildcard_are_still_read_back(org: Org) -> None:
+    """The ids that are real are read; the wildcard is logged for a resync."""
+    account = org.sandbox.seed_account("Acme", country_code="DE", currency="EUR")
+    read = RecordReadRequired(
+        entity="Account", native_ids=(account, "001*"), change_type="GAP_UPDATE"
     )
+    with capture_logs() as logs:
+        (changed,) = await connector(org).handle(
+            read, envelope("crm.record.read_required", "g")
+        )
+    assert isinstance(changed, AccountChanged)
+    assert changed.native_id == account
+    (warning,) = [e for e in logs if e["event"] == "crm_resync_required"]
+    assert warning["log_level"] == "warning"
+    assert (warning["entity"], warning["change_type"]) == ("Account", "GAP_UPDATE")
+    assert warning["ignored"] == ["001*"]
 
 
 async def test_a_command_of_another_system_is_unknown(org: Org) -> None:

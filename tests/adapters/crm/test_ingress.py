@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -17,7 +18,7 @@ from adapters.crm import views as v
 from adapters.crm.ingress import SalesforceWebhook, inbound_from_change, poll_changes
 from adapters.crm.views import ChangeType, decode_cometd, decode_pubsub
 from broker.connector import Inbound
-from broker.errors import SchemaInvalid, SignatureInvalid
+from broker.errors import SchemaInvalid, SignatureInvalid, UpstreamRejected
 from canonical.commerce import Account, Address
 from canonical.q2c import AccountChanged, RecordReadRequired
 from tests.adapters.crm.harness import CLIENT_ID, Org, settings
@@ -235,6 +236,31 @@ def test_an_overflow_without_record_ids_asks_for_the_whole_object() -> None:
         assert inbound.subject is None
 
 
+def test_a_gap_with_a_wildcard_beside_real_ids_reads_those_and_the_object() -> None:
+    """Real ids keep their read-backs; the wildcard adds one naming no record."""
+    ids = ["0014H00002LbR7QQAV", "001000000000000", "001*"]
+    reads = webhook().parse({}, message({"changeType": "GAP_UPDATE", "recordIds": ids}))
+    assert [i.event for i in reads] == [
+        RecordReadRequired(entity="Account", native_ids=(), change_type="GAP_UPDATE"),
+        RecordReadRequired(
+            entity="Account",
+            native_ids=("0014H00002LbR7QQAV",),
+            change_type="GAP_UPDATE",
+        ),
+        RecordReadRequired(
+            entity="Account",
+            native_ids=("001000000000000AAA",),
+            change_type="GAP_UPDATE",
+        ),
+    ]
+    assert [i.subject for i in reads] == [
+        None,
+        "acct-0014H00002LbR7QQAV",
+        "acct-001000000000000AAA",
+    ]
+    assert len({i.id for i in reads}) == len({i.idempotency_key for i in reads}) == 3
+
+
 def test_a_new_opportunity_is_read_back_for_its_account() -> None:
     """Opportunity CREATE → read-back under the deal's correlation id; UPDATE → []."""
     create = message(
@@ -297,6 +323,21 @@ def test_a_body_that_is_not_a_change_event_is_schema_invalid(body: bytes) -> Non
         webhook().parse({}, body)
 
 
+@pytest.mark.parametrize("stamp", [253402300800000, 10**20])
+def test_a_commit_timestamp_past_year_9999_is_schema_invalid(stamp: int) -> None:
+    """No datetime holds it: refused by name (a 400 and a dead letter), not a 500."""
+    with pytest.raises(SchemaInvalid, match="commitTimestamp"):
+        webhook().parse({}, message({"commitTimestamp": stamp}))
+
+
+def test_json_nested_too_deep_is_schema_invalid() -> None:
+    """~2 KB nested 1,000 deep makes msgspec recurse out: refused, not a 500."""
+    deep = b"[" * 1000 + b"]" * 1000
+    body = b'{"channel": "/data/ChangeEvents", "data": {"payload": ' + deep + b"}}"
+    with pytest.raises(SchemaInvalid, match="not a change event: maximum recursion"):
+        webhook().parse({}, body)
+
+
 def test_inbound_from_change_applies_the_same_rules_to_one_event() -> None:
     """The shared rule set, called directly on a decoded event."""
     (event,) = decode_cometd(message({"changeType": "DELETE"}))
@@ -322,6 +363,26 @@ async def test_the_poller_reads_on_from_its_replay_id_and_drops_echoes(
     assert last == org.sandbox.org.last_replay_id
     again, same = await poll_changes(org.client, "/data/ChangeEvents", last, 100)
     assert (again, same) == ([], last)
+
+
+@pytest.mark.anyio
+async def test_the_poller_refuses_a_feed_answer_with_an_impossible_timestamp(
+    org: Org,
+) -> None:
+    """An event past year 9999 is an answer we cannot read: UpstreamRejected.
+
+    The feed follower logs that (``change_feed_refused``) and keeps its cursor,
+    instead of crashing on an OverflowError at every restart.
+    """
+    org.sandbox.seed_account("Acme", country_code="DE", currency="EUR")
+    log = org.sandbox.org.log
+    log[-1] = dataclasses.replace(
+        log[-1],
+        header=msgspec.structs.replace(log[-1].header, commit_timestamp=10**20),
+    )
+    with pytest.raises(UpstreamRejected, match="commitTimestamp") as caught:
+        await poll_changes(org.client, "/data/ChangeEvents", -2, 100)
+    assert caught.value.code == "MALFORMED_RESPONSE"
 
 
 @pytest.mark.anyio

@@ -182,6 +182,35 @@ def test_dates_come_as_iso_text_or_epoch_numbers() -> None:
     )
 
 
+@pytest.mark.parametrize(
+    "stamp", [253402300800000, 10**20, -62135596800001], ids=["y10000", "huge", "y0"]
+)
+def test_a_commit_timestamp_no_datetime_holds_is_refused_by_name(stamp: int) -> None:
+    """Outside years 1 to 9999 the header does not decode (no OverflowError later)."""
+    with pytest.raises(msgspec.ValidationError, match="commitTimestamp"):
+        v.decode_cometd(cometd({**HEADER, "commitTimestamp": stamp}))
+    (edge,) = v.decode_cometd(cometd({**HEADER, "commitTimestamp": 253402300799999}))
+    assert edge.header.committed_at.year == 9999
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("LastModifiedDate", 253402300800000),
+        ("LastModifiedDate", -(10**20)),
+        ("CloseDate", 2932897),
+        ("CloseDate", -(10**12)),
+    ],
+)
+def test_epoch_numbers_no_date_holds_are_refused_by_name(
+    field: str, value: int
+) -> None:
+    """Pub/Sub epoch ms or days past year 9999: a ValidationError naming the field."""
+    body = msgspec.json.encode({"Name": "Deal", field: value})
+    with pytest.raises(msgspec.ValidationError, match=field):
+        msgspec.json.decode(body, type=v.Opportunity)
+
+
 def test_a_rest_record_decodes_with_its_attributes() -> None:
     """The ``attributes`` block, ``+0000`` times, Decimals and compound addresses."""
     body = b"""{

@@ -79,6 +79,22 @@ def test_a_bad_date_is_a_validation_error_at_its_path() -> None:
 
 
 @pytest.mark.parametrize(
+    "ms", ["253402300800000", "99999999999999999", "-99999999999999", "9" * 400]
+)
+def test_a_date_no_datetime_holds_is_a_validation_error_at_its_path(ms: str) -> None:
+    """Past year 9999 (an OverflowError inside) is refused like any bad date.
+
+    The client catches validation errors; an OverflowError escaped it.
+    """
+    raw = b'{"changed":"/Date(' + ms.encode() + b'+0000)/"}'
+    with pytest.raises(msgspec.ValidationError, match=r"1 to 9999 .* at `\$\.changed`"):
+        edm.decode(raw, _Dated)
+    with pytest.raises(ValueError, match="outside the years 1 to 9999"):
+        EdmDateTime.parse(f"/Date({ms})/")
+    assert EdmDateTime.parse("/Date(253402300799999)/").year == 9999
+
+
+@pytest.mark.parametrize(
     ("given", "expected"),
     [
         ("1E+2", "100"),

@@ -204,6 +204,29 @@ def test_what_sap_does_not_send_is_schema_invalid(body: bytes, reason: str) -> N
         SapEventWebhook([SECRET]).parse({}, body)
 
 
+@pytest.mark.parametrize(
+    ("quantity", "reason"),
+    [
+        ("0", "quantity 0 is not positive"),
+        ("-1", "quantity -1 is not positive"),
+        ("NaN", "NaN is not finite"),
+        ("1e999999", "1e15 or more"),
+    ],
+)
+def test_a_delivered_quantity_the_model_refuses_is_schema_invalid(
+    quantity: str, reason: str
+) -> None:
+    """Refused naming the delivery, item and field (a 400, not a 500)."""
+    event = golden("event_outbound_delivery_created.json")
+    event["data"]["Items"][0]["ActualDeliveryQuantity"] = quantity
+    with pytest.raises(
+        SchemaInvalid,
+        match=f"erp_cloud: outbound delivery 80000001 item HW-GATEWAY-200: "
+        f"ActualDeliveryQuantity: .*{reason}",
+    ):
+        SapEventWebhook([SECRET]).parse({}, body_of(event))
+
+
 # --- end to end -------------------------------------------------------------------
 
 

@@ -168,6 +168,36 @@ async def test_an_unparsable_file_moves_to_failed_with_its_reason(
     assert reason == "SchemaInvalid: not a document: b'garbage'\n"
 
 
+async def test_a_parser_crash_fails_the_file_and_the_poller_goes_on(
+    tmp_path: Path,
+) -> None:
+    """A parse error that is no PermanentError (a bug) still moves the file.
+
+    Left in place, the file would crash every poll (and every restarted
+    poller) again; the files beside it are handed over as usual.
+    """
+    handler = Recorder()
+
+    def buggy(data: bytes) -> bytes:
+        if data == b"<ok>crash</ok>":
+            raise ValueError("multi-byte encodings are not supported")
+        return parse(data)
+
+    p = InboundPoller(tmp_path, parse=buggy, handle=handler, settle_s=0.0)
+    (tmp_path / "a.xml").write_bytes(b"<ok>crash</ok>")
+    (tmp_path / "b.xml").write_bytes(b"<ok>fine</ok>")
+    await p.poll_once()
+    assert await p.poll_once() == PollReport(processed=1, failed=1)
+    assert handler.got == [("b.xml", b"<ok>fine</ok>")]
+    assert names(tmp_path) == []
+    assert (tmp_path / "failed" / "a.xml").read_bytes() == b"<ok>crash</ok>"
+    reason = (tmp_path / "failed" / "a.xml.reason.txt").read_text()
+    assert reason == (
+        "FileUnparsable: a.xml crashed the parser: "
+        "ValueError: multi-byte encodings are not supported\n"
+    )
+
+
 async def test_an_oversize_file_fails_unread(tmp_path: Path) -> None:
     """Files above ``max_bytes`` go to failed/ with FileTooLarge."""
     handler = Recorder()

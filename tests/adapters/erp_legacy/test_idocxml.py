@@ -186,6 +186,23 @@ def test_an_undeclared_entity_reference_is_not_well_formed() -> None:
         parse_idocs(xml)
 
 
+@pytest.mark.parametrize(
+    ("encoding", "message"),
+    [
+        ("shift_jis", "multi-byte encodings are not supported"),
+        ("ebcdic", "unknown encoding: ebcdic"),
+    ],
+)
+def test_an_encoding_expat_cannot_read_is_refused(encoding: str, message: str) -> None:
+    """A multi-byte or unknown declared encoding is IdocInvalid, not a crash."""
+    xml = (
+        f'<?xml version="1.0" encoding="{encoding}"?>'
+        '<ORDERS05><IDOC BEGIN="1"/></ORDERS05>'
+    ).encode()
+    with pytest.raises(IdocInvalid, match=f"encoding refused: {message}"):
+        parse_idocs(xml)
+
+
 def test_oversize_input_is_refused_before_parsing() -> None:
     """The size limit applies to the raw bytes, even to hostile ones."""
     with pytest.raises(IdocInvalid, match=r"of \d+ bytes exceeds 100 bytes"):
