@@ -76,14 +76,14 @@ class SharedKeyedLock:
     Within the daemon, holders of a key take turns in a `KeyedLock` first, so
     only one of them asks the store. The store's lock is then taken with a
     token of this hold, asked again with back-off while another daemon has
-    it. A holder that dies keeps the key until its lease runs out, so
-    *lease_s* must outlast the longest hold (a few vendor calls, each with
-    its own timeout).
+    it, and renewed every third of *lease_s* while the body runs. A holder
+    that dies keeps the key until its lease runs out: within *lease_s*.
 
     Args:
         store: where the locks are (`Store.try_lease`, `Store.end_lease`).
         owner: names this daemon in the tokens (e.g. name and pid).
-        lease_s: how long a taken lock stays taken if it is not given back.
+        lease_s: how long a taken lock stays taken if it is neither renewed
+            nor given back.
         wait_s: how long a hold waits for another daemon before it gives up
             with `RetryLater` (the command comes back through a retry tier).
         clock: monotonic seconds; sleep: how to wait (both for the tests).
@@ -94,7 +94,7 @@ class SharedKeyedLock:
         store: Store,
         *,
         owner: str,
-        lease_s: float = 300.0,
+        lease_s: float = 30.0,
         wait_s: float = 30.0,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], Awaitable[None]] = anyio.sleep,
@@ -122,7 +122,12 @@ class SharedKeyedLock:
             token = f"{self._owner}:{secrets.token_hex(8)}"
             await self._take(key, token)
             try:
-                yield
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(self._renew, key, token)
+                    try:
+                        yield
+                    finally:
+                        tg.cancel_scope.cancel()
             finally:
                 with anyio.CancelScope(shield=True):
                     try:
@@ -134,6 +139,23 @@ class SharedKeyedLock:
                             error=str(exc),
                             hint=f"it is free again within {self._lease_s:g} s",
                         )
+
+    async def _renew(self, key: str, token: str) -> None:
+        """Keep the lease from running out while the body runs."""
+        while True:
+            await self._sleep(self._lease_s / 3)
+            try:
+                kept = await self._store.try_lease(key, token, lease_s=self._lease_s)
+            except StoreUnavailable as exc:
+                _log.warning("lease_not_renewed", key=key, error=str(exc))
+                continue
+            if not kept:
+                _log.warning(
+                    "lease_lost",
+                    key=key,
+                    hint="it ran out before it was renewed: another daemon may hold it",
+                )
+                return
 
     async def _take(self, key: str, token: str) -> None:
         deadline = self._clock() + self._wait_s

@@ -477,7 +477,8 @@ class Store(Protocol):
 
         It is taken when nobody holds it or its holder's lease has run out;
         it is then *owner*'s for *lease_s* seconds, or until `end_lease`.
-        Every daemon on this store sees the same locks.
+        Taken again by its holder, the lease is renewed for *lease_s* from
+        now. Every daemon on this store sees the same locks.
 
         Returns:
             Whether *owner* holds it now.

@@ -2,8 +2,9 @@
 
 A row of ``lease_lock`` is a held lock: its key, the token of the one
 holder, and the time its lease runs out. Taking a lock inserts the row, or
-takes over one whose lease ran out (its holder died or hung); giving it back
-deletes the row if the token is still the holder's. Rows whose lease ran
+takes over one whose lease ran out (its holder died or hung); taking it
+again with the holder's own token renews the lease; giving it back deletes
+the row if the token is still the holder's. Rows whose lease ran
 out an hour ago go when another lock is taken, so holders that died leave
 nothing behind for long. `broker.keyed_lock.SharedKeyedLock` uses them.
 
@@ -36,7 +37,7 @@ WITH forgotten AS (
 INSERT INTO lease_lock AS l (key, owner, until)
 VALUES ($1, $2, clock_timestamp() + make_interval(secs => $3))
 ON CONFLICT (key) DO UPDATE SET owner = EXCLUDED.owner, until = EXCLUDED.until
- WHERE l.until < clock_timestamp()
+ WHERE l.until < clock_timestamp() OR l.owner = EXCLUDED.owner
 RETURNING true
 """
 PG_END: Final = "DELETE FROM lease_lock WHERE key = $1 AND owner = $2"
@@ -45,7 +46,7 @@ SQLITE_FORGET: Final = "DELETE FROM lease_lock WHERE until < :lapsed AND key <> 
 SQLITE_TAKE: Final = """
 INSERT INTO lease_lock (key, owner, until) VALUES (:key, :owner, :until)
 ON CONFLICT (key) DO UPDATE SET owner = excluded.owner, until = excluded.until
- WHERE lease_lock.until < :now
+ WHERE lease_lock.until < :now OR lease_lock.owner = excluded.owner
 """
 SQLITE_HOLDER: Final = "SELECT owner FROM lease_lock WHERE key = :key"
 SQLITE_END: Final = "DELETE FROM lease_lock WHERE key = :key AND owner = :owner"

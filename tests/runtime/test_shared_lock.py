@@ -80,3 +80,22 @@ async def test_a_key_held_elsewhere_too_long_is_retry_later(real_store: Store) -
         async with lock.hold("k"):
             pytest.fail("held a key another daemon holds")
     assert 1.0 <= now[0] <= 2.0
+
+
+async def test_a_hold_longer_than_the_lease_keeps_the_key(real_store: Store) -> None:
+    """The lease is renewed while the body runs: nobody takes the key from it."""
+    lock = SharedKeyedLock(real_store, owner="slow", lease_s=1.5)
+    async with lock.hold("k"):
+        # Past the first lease's end: only renewals keep the key now.
+        await anyio.sleep(2.5)
+        assert not await real_store.try_lease("k", "other", lease_s=30)
+    assert await real_store.try_lease("k", "other", lease_s=30)
+
+
+async def test_taking_a_lease_again_with_its_token_renews_it(
+    real_store: Store,
+) -> None:
+    assert await real_store.try_lease("k", "holder:1", lease_s=0.05)
+    assert await real_store.try_lease("k", "holder:1", lease_s=30)
+    await anyio.sleep(0.1)  # the first lease's time: over; the renewed one's: not
+    assert not await real_store.try_lease("k", "other:1", lease_s=30)
