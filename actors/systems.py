@@ -444,7 +444,10 @@ class _Clients(Actor[None]):
             )
         for chunk in range(0, len(events), 100):
             await publish_inbound(
-                rt.transport, events[chunk : chunk + 100], timeout_s=30.0
+                rt.transport,
+                events[chunk : chunk + 100],
+                timeout_s=30.0,
+                takes=rt.takes_event,
             )
         _log.info("catalogue_loaded", system=system, products=len(products))
 
@@ -514,7 +517,9 @@ class _ChangeFeed(Actor[None]):
                     self._batch,
                     wait_s=self._wait_s,
                 )
-                await publish_inbound(rt.transport, events, timeout_s=30.0)
+                await publish_inbound(
+                    rt.transport, events, timeout_s=30.0, takes=rt.takes_event
+                )
                 if last != after:
                     await rt.store.commit_batch(
                         BatchWrite(
@@ -640,7 +645,9 @@ class _IdocInbound(Actor[None]):
                 events.extend(await to_inbound(idoc, resolve=_resolve))
             except PermanentError as exc:
                 refused.append((idoc, exc))
-        await publish_inbound(self._rt.transport, events, timeout_s=30.0)
+        await publish_inbound(
+            self._rt.transport, events, timeout_s=30.0, takes=self._rt.takes_event
+        )
         if refused:
             await self._dead_letter(name, refused)
 

@@ -308,6 +308,7 @@ class Daemon:
                     on_listening=rt.http_listening,
                     title=self.cfg.daemon.name,
                     feed=rt.feed,
+                    takes=rt.takes_event,
                 ),
                 # Requests in hand get publish-timeout-s to be confirmed.
                 shutdown_s=cfg.publish_timeout_s + 2,
@@ -367,7 +368,7 @@ class Daemon:
             if transport is None:
                 return
             try:
-                rt.attach(store=store, transport=transport)
+                rt.attach(store=store, transport=transport, topology=topology)
                 control = ControlServer(cfg.control, DaemonControl(self))
                 _log.info(
                     "daemon_started",

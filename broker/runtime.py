@@ -35,7 +35,7 @@ from broker.shard import WorkflowShard
 from broker.store import Store, SystemPause
 from broker.supervision import ChildSpec, Strategy, SupervisorSpec
 from broker.transport import Transport
-from broker.transport.topology import WorkflowRoute, shard_queue
+from broker.transport.topology import Topology, WorkflowRoute, shard_queue
 from broker.workflow import Workflow
 
 __all__ = ["Runtime"]
@@ -95,10 +95,21 @@ class Runtime:
             raise RuntimeError("the transport is not started yet")
         return self._transport
 
-    def attach(self, *, store: Store, transport: Transport) -> None:
+    def attach(
+        self, *, store: Store, transport: Transport, topology: Topology | None = None
+    ) -> None:
         """Called by the composition root once resources are open."""
         self._store = store
         self._transport = transport
+        self._topology = topology
+
+    def takes_event(self, event_type: str) -> bool:
+        """Whether the topology routes *event_type* to a reader (`Topology.takes`).
+
+        True when no topology is attached (a test's runtime).
+        """
+        topology = getattr(self, "_topology", None)
+        return topology is None or topology.takes(event_type)
 
     @property
     def http_url(self) -> str:

@@ -8,7 +8,7 @@ webhook or by a poller.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from broker.codec import encode_envelope, encode_event, utcnow
 from broker.connector import Inbound
@@ -36,21 +36,32 @@ def _event_type(event: object) -> str:
 
 
 async def publish_inbound(
-    transport: Transport, events: Sequence[Inbound], *, timeout_s: float
+    transport: Transport,
+    events: Sequence[Inbound],
+    *,
+    timeout_s: float,
+    takes: Callable[[str], bool] = lambda event_type: True,
 ) -> None:
     """Publish events taken from a vendor (a poller's, not a webhook's) with confirms.
 
     The ids are the same as the webhook's would be, so an event seen both
     ways, or read again after a crash, is one message to the inbox.
 
+    *takes* says whether the topology routes an event type to a reader
+    (`broker.runtime.Runtime.takes_event`); an event nothing reads is not
+    published (``q2c.events``' alternate exchange would keep it, bounded).
+
     Raises:
-        PublishFailed: not every event was confirmed; nothing may be
-            acknowledged to the vendor side (the file stays, the replay id
-            stays where it was).
+        PublishFailed: not every event was confirmed, or one is of a type
+            nothing reads; nothing may be acknowledged to the vendor side
+            (the file stays, the replay id stays where it was).
     """
     if not events:
         return
     messages = [inbound_message(inbound) for inbound in events]
+    unread = sorted({m.routing_key for m in messages if not takes(m.routing_key)})
+    if unread:
+        raise PublishFailed(f"no queue takes event type(s) {unread}")
     outcomes = await transport.publish(messages, timeout_s=timeout_s)
     failed = [o.name for o in outcomes if o is not PublishOutcome.ACK]
     if failed:

@@ -193,6 +193,9 @@ class HttpServer(Actor[None]):
         title: the OpenAPI document's title.
         feed: the relay's hand-over, for the ``q2c.dead`` copy of a webhook's
             dead letter (without it, the outbox poller publishes the copy).
+        takes: whether the topology routes an event type to a reader
+            (`broker.runtime.Runtime.takes_event`): an event nothing reads is
+            refused (500) before it is published, so that the vendor keeps it.
     """
 
     def __init__(
@@ -207,8 +210,10 @@ class HttpServer(Actor[None]):
         on_listening: Callable[[str | None], None] = lambda url: None,
         title: str = "Q2C Broker",
         feed: OutboxFeed | None = None,
+        takes: Callable[[str], bool] = lambda event_type: True,
     ) -> None:
         self._cfg = cfg
+        self._takes = takes
         self._feed = feed
         self._sources = dict(sources)
         self._routes = list(routes)
@@ -441,16 +446,26 @@ class HttpServer(Actor[None]):
             return _json(WebhookAccepted(accepted=0, message_ids=[]), 202)
 
         messages = [inbound_message(inbound) for inbound in events]
-        try:
-            outcomes = await self._transport.publish(
-                messages, timeout_s=self._cfg.publish_timeout_s
-            )
-        except TransportUnavailable as exc:
-            outcomes = [PublishOutcome.INDETERMINATE] * len(messages)
-            _log.warning("webhook_publish_unavailable", system=system, error=str(exc))
+        # Nothing reads such an event (q2c.events' alternate exchange would
+        # keep it, bounded): refuse it unpublished, and the vendor keeps it.
+        unread = sorted(
+            {m.routing_key for m in messages if not self._takes(m.routing_key)}
+        )
+        if unread:
+            outcomes = [PublishOutcome.RETURNED] * len(messages)
+        else:
+            try:
+                outcomes = await self._transport.publish(
+                    messages, timeout_s=self._cfg.publish_timeout_s
+                )
+            except TransportUnavailable as exc:
+                outcomes = [PublishOutcome.INDETERMINATE] * len(messages)
+                _log.warning(
+                    "webhook_publish_unavailable", system=system, error=str(exc)
+                )
         if PublishOutcome.RETURNED in outcomes:
             fields["outcome"] = "unroutable"
-            unroutable = sorted(
+            unroutable = unread or sorted(
                 {
                     m.routing_key
                     for m, o in zip(messages, outcomes, strict=True)

@@ -28,6 +28,7 @@ explains itself:
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import lru_cache
 from typing import Any, Literal
 
 import msgspec
@@ -51,6 +52,7 @@ __all__ = [
     "retry_label",
     "retry_exchange",
     "shard_queue",
+    "topic_matches",
 ]
 
 EVENTS_EXCHANGE = "q2c.events"
@@ -126,6 +128,18 @@ class Topology(msgspec.Struct, frozen=True, kw_only=True):
     policies: tuple[PolicySpec, ...]
     retry_tiers_s: tuple[float, ...]
 
+    def takes(self, event_type: str) -> bool:
+        """Whether a binding of ``q2c.events`` takes events of *event_type*.
+
+        One that none takes goes to ``q2c.unrouted``: a reader nobody
+        configured. The ingress asks first, and refuses a vendor's event
+        that nothing here would read, so that the vendor keeps it.
+        """
+        return any(
+            b.source == EVENTS_EXCHANGE and topic_matches(b.routing_key, event_type)
+            for b in self.bindings
+        )
+
     def queue(self, name: str) -> QueueSpec:
         """Return the queue called *name*.
 
@@ -136,6 +150,30 @@ class Topology(msgspec.Struct, frozen=True, kw_only=True):
             if queue.name == name:
                 return queue
         raise KeyError(name)
+
+
+@lru_cache(maxsize=4096)
+def topic_matches(pattern: str, routing_key: str) -> bool:
+    """Whether topic binding key *pattern* matches *routing_key*.
+
+    Words are separated by dots; ``*`` matches exactly one word and ``#``
+    zero or more, as in AMQP 0-9-1.
+    """
+    words = routing_key.split(".") if routing_key else []
+    # The positions in `words` the pattern consumed so far can end at.
+    ends = {0}
+    for part in pattern.split(".") if pattern else []:
+        if part == "#":
+            ends = set(range(min(ends), len(words) + 1))
+        else:
+            ends = {
+                i + 1
+                for i in ends
+                if i < len(words) and (part == "*" or words[i] == part)
+            }
+            if not ends:
+                return False
+    return len(words) in ends
 
 
 def retry_label(delay_s: float) -> str:

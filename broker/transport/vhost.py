@@ -27,12 +27,17 @@ import re
 import zlib
 from collections import deque
 from dataclasses import dataclass
-from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 
 from broker.errors import ConfigError
 from broker.transport import Delivery
-from broker.transport.topology import BindingSpec, ExchangeSpec, QueueSpec, Topology
+from broker.transport.topology import (
+    BindingSpec,
+    ExchangeSpec,
+    QueueSpec,
+    Topology,
+    topic_matches,
+)
 
 if TYPE_CHECKING:
     from broker.transport.memory import MemorySubscription
@@ -49,30 +54,6 @@ __all__ = [
 
 #: Queue bound when neither the topology nor the constructor sets one.
 DEFAULT_MAX_LENGTH = 100_000
-
-
-@lru_cache(maxsize=4096)
-def topic_matches(pattern: str, routing_key: str) -> bool:
-    """Whether topic binding key *pattern* matches *routing_key*.
-
-    Words are separated by dots; ``*`` matches exactly one word and ``#``
-    zero or more, as in AMQP 0-9-1.
-    """
-    words = routing_key.split(".") if routing_key else []
-    # The positions in `words` the pattern consumed so far can end at.
-    ends = {0}
-    for part in pattern.split(".") if pattern else []:
-        if part == "#":
-            ends = set(range(min(ends), len(words) + 1))
-        else:
-            ends = {
-                i + 1
-                for i in ends
-                if i < len(words) and (part == "*" or words[i] == part)
-            }
-            if not ends:
-                return False
-    return len(words) in ends
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

@@ -39,8 +39,13 @@ from broker import (
 )
 from broker.codec import decode_envelope
 from broker.config import Config
-from broker.errors import ConfigError, StoreUnavailable, SupervisorGaveUp
-from broker.http import HttpServer, webhook_message_id
+from broker.errors import (
+    ConfigError,
+    PublishFailed,
+    StoreUnavailable,
+    SupervisorGaveUp,
+)
+from broker.http import HttpServer, publish_inbound, webhook_message_id
 from broker.store import BatchWrite, DeadLetterFilter, OutboxRow
 from broker.store.sqlite import SqliteStore
 from broker.system import ActorSystem
@@ -295,8 +300,9 @@ async def serving(
     if also is not None:
         also(rt)
     store = await SqliteStore.open(":memory:")
-    transport = HeldTransport(MemoryTransport(build_topology(cfg.topology, [])))
-    rt.attach(store=store, transport=transport)
+    topology = build_topology(cfg.topology, [])
+    transport = HeldTransport(MemoryTransport(topology))
+    rt.attach(store=store, transport=transport, topology=topology)
     spec = SupervisorSpec(
         id="root",
         children=[
@@ -311,6 +317,7 @@ async def serving(
                     metrics=rt.metrics,
                     on_listening=rt.http_listening,
                     feed=rt.feed,
+                    takes=rt.takes_event,
                 ),
             )
         ],
@@ -903,3 +910,19 @@ def test_an_api_body_nested_too_deep_is_a_400_not_a_crash() -> None:
     with pytest.raises(ApiError) as caught:
         request.json(list[Any])
     assert (caught.value.status, caught.value.code) == (400, "bad_request")
+
+
+async def test_a_polled_event_nothing_reads_is_not_published() -> None:
+    """publish_inbound refuses it unpublished: the poller's cursor stays put."""
+    topology = build_topology(settings().topology, [])
+    transport = MemoryTransport(topology)
+    event = Inbound(
+        event=OrphanHappened(thing_id="t1"),
+        id="evt-1",
+        source=SOURCE,
+        correlation_id="thing-t1",
+        idempotency_key=f"{SYSTEM}:evt-1",
+    )
+    with pytest.raises(PublishFailed, match="no queue takes event type"):
+        await publish_inbound(transport, [event], timeout_s=1, takes=topology.takes)
+    assert transport.status()["published"] == 0

@@ -40,3 +40,15 @@ def test_retry_tiers_dead_letter_back_through_the_default_exchange() -> None:
     assert tier.message_ttl_ms == 500
     assert tier.arguments["x-dead-letter-exchange"] == ""
     assert retry_label(600.0) == "600s"
+
+
+def test_takes_says_whether_a_binding_of_q2c_events_reads_a_type() -> None:
+    """Workflow types and event-queue patterns are read; the rest go unrouted."""
+    topology = build_topology(
+        TopologyConfig(event_queues={"q2c.events.audit": ("order.*",)}),
+        [WorkflowRoute(name="deal", event_types=("quote.approved",))],
+    )
+    assert topology.takes("quote.approved")
+    assert topology.takes("order.booked")
+    assert not topology.takes("order.booked.late")
+    assert not topology.takes("q2c.deal.completed")
