@@ -95,6 +95,10 @@ class Rt:
         self.store = Store()
         self.feed = Feed()
 
+    def takes_event(self, event_type: str) -> bool:
+        """Every event type has a reader."""
+        return True
+
 
 async def read_folder(tmp_path: Path, data: bytes) -> tuple[Rt, Any, list[Any]]:
     """Drop *data* as one file and let the daemon's poller take it."""

@@ -182,6 +182,20 @@ def booked(d: Deal, total: Money) -> OrderBooked:
     )
 
 
+def rejected(d: Deal, message: str) -> OrderRejected:
+    """The ERP's refusal of the deal's order (SAP message V1/320)."""
+    order = d.state.order
+    assert order is not None
+    return OrderRejected(
+        order_id=order.id,
+        deal_id=DEAL,
+        erp=order.erp,
+        code="V1/320",
+        message=message,
+        net_total=order.net_total,
+    )
+
+
 def invoice(d: Deal, amount: Money) -> InvoiceIssued:
     order = d.state.order
     assert order is not None
@@ -392,16 +406,7 @@ def test_an_order_booked_after_its_fallout_goes_on(deal: Deal) -> None:
     deal.feed(OPPORTUNITY, QuoteApproved(quote=SAAS_ONLY))
     order = deal.state.order
     assert order is not None
-    deal.feed(
-        OrderRejected(
-            order_id=order.id,
-            deal_id=DEAL,
-            erp=order.erp,
-            code="V1/320",
-            message="credit block",
-            net_total=order.net_total,
-        )
-    )
+    deal.feed(rejected(deal, "credit block"))
     assert deal.stage() == "exception"
 
     out = deal.feed(booked(deal, order.net_total))
@@ -434,14 +439,7 @@ def test_a_completed_deal_stays_completed_whatever_comes_later(deal: Deal) -> No
     credit = Invoice(id="inv-2", order_id=order.id, number="9002", amount=eur("-300"))
     deal.feed(
         InvoiceIssued(invoice=credit, deal_id=DEAL, erp=order.erp),
-        OrderRejected(
-            order_id=order.id,
-            deal_id=DEAL,
-            erp=order.erp,
-            code="V1/320",
-            message="late",
-            net_total=order.net_total,
-        ),
+        rejected(deal, "late"),
     )
     assert deal.stage() == "completed"
     assert deal.state.invoice is not None
@@ -453,16 +451,7 @@ def test_order_fallout_and_invoice_mismatch_are_business_exceptions(deal: Deal) 
     deal.feed(OPPORTUNITY, QuoteApproved(quote=SAAS_ONLY))
     order = deal.state.order
     assert order is not None
-    deal.feed(
-        OrderRejected(
-            order_id=order.id,
-            deal_id=DEAL,
-            erp="cloud",
-            code="V1/320",
-            message="sold-to not in sales area",
-            net_total=order.net_total,
-        )
-    )
+    deal.feed(rejected(deal, "sold-to not in sales area"))
     (fallout,) = deal.of(BusinessException)
     assert (fallout.kind, fallout.document_id) == ("order_fallout", order.id)
 
