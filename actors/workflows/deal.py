@@ -26,7 +26,9 @@ Stages and what moves them on:
   ``q2c.deal.completed``.
 - exception: a business rule stopped the deal (quote rejected by validation,
   quote denied, order fallout, invoice ≠ order): ``q2c.exception.raised``
-  and the CRM opportunity marked for attention. A revised primary quote
+  and the CRM opportunity marked for attention. A later invoice of the
+  order's amount (the wrong one cancelled, a right one issued) lifts an
+  invoice mismatch; a revised primary quote
   approved afterwards (not the same quote read back again) lifts a quote
   refusal; an ``erp.order.booked`` of the deal's order after its fallout (a
   clerk fixed it in the ERP) lets the deal go on from the booking, the
@@ -302,13 +304,34 @@ class DealWorkflow:
                 s.subscription_amount = sub.amount_per_period
                 _reached(s, "subscribed", at)
             case InvoiceIssued(invoice=invoice):
-                # The order's invoice is its first; later billing documents
-                # of it (a cancellation, a credit memo) are not this deal's
-                # to compare, and must not reopen a completed deal.
-                if s.invoice is None or s.invoice.id == invoice.id:
+                # The order's invoice is its first invoice; other billing
+                # documents of it (a cancellation, a credit memo: status
+                # other than "issued") are not this deal's to compare, and
+                # must not reopen a completed deal.
+                if invoice.status != "issued":
+                    pass
+                elif s.invoice is None or s.invoice.id == invoice.id:
                     s.out_of_order += s.erp_order_id is None
                     s.invoice = invoice
                     _reached(s, "invoiced", at)
+                elif _mismatch_corrected(s, invoice):
+                    # The wrong invoice was cancelled and a right one issued:
+                    # it is the order's invoice now, and the deal goes on;
+                    # the CRM shows it won again.
+                    s.invoice = invoice
+                    s.stage = "fulfilling"
+                    if s.opportunity is not None:
+                        _tell_crm(
+                            s,
+                            emits,
+                            OpportunityUpdateRequested(
+                                opportunity_id=s.opportunity.id,
+                                stage="Closed Won",
+                                order_number=s.erp_order_id,
+                                status_note=f"invoice {invoice.number} corrected",
+                            ),
+                            f"corrected-{invoice.id}",
+                        )
             case InvoicePaid():
                 s.invoice_paid = True
             case ShipmentDispatched(shipment=shipment):
@@ -579,6 +602,16 @@ def _entry(kind: str, canonical_id: str, system: str, native_id: str) -> XrefEnt
 
 #: Exceptions a revised, approved quote lifts (no order was made yet).
 _QUOTE_KINDS: frozenset[str] = frozenset({"quote_denied", "quote_rejected"})
+
+
+def _mismatch_corrected(s: DealState, invoice: Invoice) -> bool:
+    """*invoice*, a later one, matches the order its first invoice did not."""
+    return (
+        s.stage == "exception"
+        and set(s.exceptions) == {"invoice_mismatch"}
+        and s.order is not None
+        and invoice.amount == s.order.net_total
+    )
 
 
 def _fallout_fixed(s: DealState, booked: OrderBooked) -> bool:

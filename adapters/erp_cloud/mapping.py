@@ -471,22 +471,45 @@ def _shipment_line(
         ) from exc
 
 
+#: Billing document types that are not an invoice, and what they are
+#: (``Invoice.status``); F1/F2 and the other F types are invoices ("issued").
+BILLING_DOCUMENT_KINDS = {
+    "S1": "cancellation",
+    "S2": "cancellation",
+    "G2": "credit_memo",
+    "RE": "credit_memo",
+    "L2": "debit_memo",
+}
+
+
 def invoice_issued(
     data: BillingDocumentEventData, ref: DealRef, *, at: datetime | None
 ) -> InvoiceIssued:
     """``erp.invoice.issued`` for a billing document.
+
+    Its ``status`` says what the document is: ``issued`` for an invoice
+    (``BillingDocumentType`` F…, or none given), else the kind named in
+    `BILLING_DOCUMENT_KINDS` (a cancellation, a credit memo), or
+    ``other:<type>``: not the order's invoice.
 
     Raises:
         ValueError: the event carries no amount or currency.
     """
     if data.TotalNetAmount is None or not data.TransactionCurrency:
         raise ValueError(f"billing document {data.BillingDocument} has no amount")
+    kind = data.BillingDocumentType
+    status = (
+        "issued"
+        if not kind or kind.startswith("F")
+        else BILLING_DOCUMENT_KINDS.get(kind, f"other:{kind}")
+    )
     return InvoiceIssued(
         invoice=Invoice(
             id=f"invoice-cloud-{data.BillingDocument}",
             order_id=ref.order_id,
             number=data.BillingDocument,
             amount=Money(amount=data.TotalNetAmount, currency=data.TransactionCurrency),
+            status=status,
             issued_at=data.EventRaisedDateTime or at,
         ),
         deal_id=ref.deal_id,

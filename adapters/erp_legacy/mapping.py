@@ -369,8 +369,19 @@ def shipment_from_desadv(desadv: v.Delvry03, key: DealRef) -> ShipmentDispatched
     )
 
 
+#: INVOIC02 document types (E1EDK01.BSART) that are not an invoice.
+DOCUMENT_KINDS = {"CRME": "credit_memo", "DEBI": "debit_memo", "STOR": "cancellation"}
+
+
+def _document_status(bsart: str | None) -> str:
+    """``Invoice.status`` for a BSART: ``issued`` for an invoice (INVO, none)."""
+    if not bsart or bsart == "INVO":
+        return "issued"
+    return DOCUMENT_KINDS.get(bsart, f"other:{bsart}")
+
+
 def invoice_from_invoic(invoic: v.Invoic02, key: DealRef) -> InvoiceIssued:
-    """An INVOIC02 as the invoice of the order.
+    """An INVOIC02 as the invoice of the order (``status`` from BSART).
 
     Raises:
         SchemaInvalid: no invoice number, currency or amount.
@@ -395,6 +406,7 @@ def invoice_from_invoic(invoic: v.Invoic02, key: DealRef) -> InvoiceIssued:
                 order_id=key.order_id,
                 number=number,
                 amount=amount,
+                status=_document_status(header.bsart),
                 issued_at=issued_at,
             ),
             deal_id=key.deal_id,

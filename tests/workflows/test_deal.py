@@ -552,3 +552,56 @@ def test_crm_writes_confirmed_in_order_are_not_written_again(deal: Deal) -> None
         "Needs Attention",
     ]
     assert deal.state.crm_rewrites == 0
+
+
+def test_a_cancellation_before_the_invoice_is_not_the_orders_invoice(
+    deal: Deal,
+) -> None:
+    """A billing document that is no invoice raises no mismatch; the invoice counts."""
+    deal.feed(OPPORTUNITY, QuoteApproved(quote=SAAS_ONLY))
+    order = deal.state.order
+    assert order is not None
+    deal.feed(booked(deal, order.net_total))
+    cancellation = Invoice(
+        id="inv-0",
+        order_id=order.id,
+        number="9000",
+        amount=eur("-300.00"),
+        status="cancellation",
+    )
+    deal.feed(InvoiceIssued(invoice=cancellation, deal_id=DEAL, erp=order.erp))
+    sub = deal.of(SubscriptionRequested)[0].subscription
+    deal.feed(*confirmed(deal, sub))
+
+    assert deal.stage() == "completed"
+    assert not deal.of(BusinessException)
+    assert deal.state.invoice is not None
+    assert deal.state.invoice.id == "inv-1"
+
+
+def test_a_wrong_invoice_corrected_by_a_right_one_completes_the_deal(
+    deal: Deal,
+) -> None:
+    """Mismatch raised once; the right invoice issued later lets the deal finish."""
+    deal.feed(OPPORTUNITY, QuoteApproved(quote=SAAS_ONLY))
+    order = deal.state.order
+    assert order is not None
+    deal.feed(booked(deal, order.net_total), invoice(deal, eur("310.00")))
+    assert deal.stage() == "exception"
+    right = Invoice(id="inv-2", order_id=order.id, number="9002", amount=eur("300.00"))
+    sub = deal.of(SubscriptionRequested)[0].subscription
+    deal.feed(
+        *confirmed(deal, sub)[:3],
+        InvoiceIssued(invoice=right, deal_id=DEAL, erp=order.erp),
+    )
+
+    assert deal.stage() == "completed"
+    assert [e.kind for e in deal.of(BusinessException)] == ["invoice_mismatch"]
+    assert deal.state.invoice == right
+    # Won, attention, attention again (Closed Won's late confirmation), won.
+    assert [u.stage for u in deal.of(OpportunityUpdateRequested)] == [
+        "Closed Won",
+        "Needs Attention",
+        "Needs Attention",
+        "Closed Won",
+    ]

@@ -300,3 +300,29 @@ def test_the_field_map_renders() -> None:
     table = render("SAP S/4HANA Cloud", FIELD_MAP)
     assert "order.customer_ref" in table
     assert "PurchaseOrderByCustomer" in table
+
+
+@pytest.mark.parametrize(
+    ("document_type", "status"),
+    [
+        ("F2", "issued"),
+        (None, "issued"),
+        ("S1", "cancellation"),
+        ("G2", "credit_memo"),
+        ("ZX9", "other:ZX9"),
+    ],
+)
+def test_a_billing_document_says_whether_it_is_an_invoice(
+    document_type: str | None, status: str
+) -> None:
+    """A cancellation or credit memo is not the order's invoice: its status says so."""
+    event = msgspec.json.decode(
+        (GOLDEN / "event_billing_document_created.json").read_bytes()
+    )
+    data = msgspec.structs.replace(
+        msgspec.convert(event["data"], BillingDocumentEventData),
+        BillingDocumentType=document_type,
+    )
+    ref = deal_ref(data.PurchaseOrderByCustomer)
+    assert ref is not None
+    assert invoice_issued(data, ref, at=None).invoice.status == status

@@ -266,3 +266,19 @@ def test_the_field_map_renders() -> None:
     table = render("legacy ERP (IDoc)", FIELD_MAP)
     assert "E1EDK02[QUALF=001].BELNR" in table
     assert "order.customer_ref" in table
+
+
+@pytest.mark.parametrize(
+    ("bsart", "status"),
+    [("INVO", "issued"), (None, "issued"), ("CRME", "credit_memo"), ("XX", "other:XX")],
+)
+def test_an_invoic_says_whether_it_is_an_invoice(
+    bsart: str | None, status: str
+) -> None:
+    """E1EDK01.BSART: a credit memo is not the order's invoice."""
+    invoic = v.Invoic02(
+        edi_dc40=v.EdiDc40(docnum="9", idoctyp="INVOIC02", mestyp="INVOIC"),
+        e1edk01=v.E1EDK01(curcy="EUR", bsart=bsart, belnr="0090000002"),
+        e1eds01=(v.E1EDS01(sumid=v.SUM_ITEMS, summe="-500.00"),),
+    )
+    assert invoice_from_invoic(invoic, samples.KEY).invoice.status == status
