@@ -296,7 +296,7 @@ class DealWorkflow:
                 if wanted is not None and stage != wanted.stage:
                     # An older write landed, perhaps after the latest one.
                     s.crm_rewrites += 1
-                    _tell_crm(s, emits, wanted, f"rewrite-{s.crm_rewrites}")
+                    _send_crm(s, emits, wanted, f"rewrite-{s.crm_rewrites}")
             case QuoteUpdated(native_id=native_id):
                 s.cpq_native_id = native_id
             case SubscriptionCreated() as sub:
@@ -320,18 +320,14 @@ class DealWorkflow:
                     # the CRM shows it won again.
                     s.invoice = invoice
                     s.stage = "fulfilling"
-                    if s.opportunity is not None:
-                        _tell_crm(
-                            s,
-                            emits,
-                            OpportunityUpdateRequested(
-                                opportunity_id=s.opportunity.id,
-                                stage="Closed Won",
-                                order_number=s.erp_order_id,
-                                status_note=f"invoice {invoice.number} corrected",
-                            ),
-                            f"corrected-{invoice.id}",
-                        )
+                    _tell_crm(
+                        s,
+                        emits,
+                        "Closed Won",
+                        f"invoice {invoice.number} corrected",
+                        order_number=s.erp_order_id,
+                        key_suffix=f"corrected-{invoice.id}",
+                    )
             case InvoicePaid():
                 s.invoice_paid = True
             case ShipmentDispatched(shipment=shipment):
@@ -381,17 +377,7 @@ class DealWorkflow:
             return
         stage_note = f"order {s.erp_order_id} booked in the {s.erp} ERP"
         if _once(s, "crm_update"):
-            assert s.opportunity is not None
-            _tell_crm(
-                s,
-                emits,
-                OpportunityUpdateRequested(
-                    opportunity_id=s.opportunity.id,
-                    stage="Closed Won",
-                    order_number=s.erp_order_id,
-                    status_note=stage_note,
-                ),
-            )
+            _tell_crm(s, emits, "Closed Won", stage_note, order_number=s.erp_order_id)
         if _once(s, "cpq_update"):
             emits.append(
                 Emit(
@@ -556,18 +542,13 @@ class DealWorkflow:
                 key_suffix=kind,
             )
         )
-        if s.opportunity is not None:
-            _tell_crm(
-                s,
-                emits,
-                OpportunityUpdateRequested(
-                    opportunity_id=s.opportunity.id,
-                    stage="Needs Attention",
-                    status_note=f"{kind.replace('_', ' ')}: {document} "
-                    f"{document_id} ({amount})",
-                ),
-                kind,
-            )
+        _tell_crm(
+            s,
+            emits,
+            "Needs Attention",
+            f"{kind.replace('_', ' ')}: {document} {document_id} ({amount})",
+            key_suffix=kind,
+        )
 
 
 def _xref(event: Any) -> list[XrefEntry]:
@@ -644,6 +625,27 @@ _ORDERED_STAGES = ("opened", "quoted", "ordering", "booked", "fulfilling", "comp
 
 
 def _tell_crm(
+    s: DealState,
+    emits: list[Emit],
+    stage: str,
+    note: str,
+    *,
+    order_number: str | None = None,
+    key_suffix: str = "",
+) -> None:
+    """Write *stage* and *note* to the deal's CRM opportunity, if it is known."""
+    if s.opportunity is None:
+        return
+    update = OpportunityUpdateRequested(
+        opportunity_id=s.opportunity.id,
+        stage=stage,
+        order_number=order_number,
+        status_note=note,
+    )
+    _send_crm(s, emits, update, key_suffix)
+
+
+def _send_crm(
     s: DealState,
     emits: list[Emit],
     update: OpportunityUpdateRequested,
