@@ -561,16 +561,12 @@ class MemoryTransport:
         if q.dead_letter_exchange is None:
             return  # dropped, as RabbitMQ drops it
         msg = entry.message
-        headers = dict(msg.headers)
-        headers.setdefault("x-first-death-queue", q.name)
-        headers.setdefault("x-first-death-reason", reason)
-        headers["x-last-death-queue"] = q.name
-        headers["x-last-death-reason"] = reason
-        dead = replace(
+        dead = _died(
             msg,
+            q.name,
+            reason,
             exchange=q.dead_letter_exchange,
             routing_key=q.dead_letter_routing_key or msg.routing_key,
-            headers=headers,
         )
         if self._route_dead_letter(dead):
             return
@@ -625,12 +621,9 @@ class MemoryTransport:
         if not row.queue.startswith(RETRY_PREFIX) or row.parked:
             return False
         msg = row.message
-        headers = dict(msg.headers)
-        headers.setdefault("x-first-death-queue", row.queue)
-        headers.setdefault("x-first-death-reason", "expired")
-        headers["x-last-death-queue"] = row.queue
-        headers["x-last-death-reason"] = "expired"
-        back = replace(msg, exchange="", headers=headers)
+        back = _died(
+            msg, row.queue, "expired", exchange="", routing_key=msg.routing_key
+        )
         if not self._route_dead_letter(back):
             return False
         assert self._journal is not None
@@ -682,3 +675,19 @@ class MemoryTransport:
                 messages=restored,
                 redelivered=sum(len(e) for e in held.values()),
             )
+
+
+def _died(
+    msg: Message, queue: str, reason: str, *, exchange: str, routing_key: str
+) -> Message:
+    """*msg* dead-lettered out of *queue* for *reason*, to *exchange*.
+
+    The ``x-first-death-*`` headers keep the first death, ``x-last-death-*``
+    name this one, as RabbitMQ's do.
+    """
+    headers = dict(msg.headers)
+    headers.setdefault("x-first-death-queue", queue)
+    headers.setdefault("x-first-death-reason", reason)
+    headers["x-last-death-queue"] = queue
+    headers["x-last-death-reason"] = reason
+    return replace(msg, exchange=exchange, routing_key=routing_key, headers=headers)
