@@ -24,7 +24,6 @@ clients, new system actors.
 from __future__ import annotations
 
 import functools
-import hashlib
 import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Annotated, Any, Literal, final
@@ -64,7 +63,6 @@ from broker import (
     TransientError,
     UpstreamRejected,
     UpstreamUnavailable,
-    letters,
 )
 from broker.config import Section, convert_table
 from broker.connector import Connector, Inbound, WebhookSource
@@ -75,11 +73,10 @@ from broker.errors import (
     TransportUnavailable,
 )
 from broker.gateway import GatewaySettings, system_actor_spec
-from broker.http import publish_inbound
+from broker.http import Refused, keep_refused, publish_inbound
 from broker.keyed_lock import SharedKeyedLock
 from broker.retry import Backoff
 from broker.store import BatchWrite, SagaWrite
-from broker.transport import Delivery
 from canonical import Envelope
 from canonical.commerce import PriceBookEntry, Product
 from canonical.hashing import content_hash
@@ -660,47 +657,29 @@ class _IdocInbound(Actor[None]):
             TransientError: the store is unavailable; the file stays in place
                 and is handled again on a later poll.
         """
-        queue = f"/inbound/{self._system}"
-        made = []
+        kept = []
         for idoc, exc in refused:
             control = idoc.edi_dc40
-            body = write_idoc(idoc)
-            digest = hashlib.sha256(body).hexdigest()
             po = customer_po(idoc)
             ref = deal_ref(po)
-            payload = Delivery(
-                tag=0,
-                body=body,
-                message_id=f"idoc:{self._system}:{control.docnum}:sha256:{digest}",
-                headers={
-                    "x-q2c-file": name,
-                    "x-q2c-idoc": control.docnum,
-                    "x-q2c-idoc-type": f"{control.idoctyp}/{control.mestyp}",
-                    **({"x-q2c-customer-po": po} if po else {}),
-                },
-            )
-            made.append(
-                letters.dead_letter(
-                    queue,
-                    payload,
-                    reason=exc.reason,
-                    detail=str(exc),
-                    attempts=1,
+            headers = {
+                "x-q2c-file": name,
+                "x-q2c-idoc": control.docnum,
+                "x-q2c-idoc-type": f"{control.idoctyp}/{control.mestyp}",
+                **({"x-q2c-customer-po": po} if po else {}),
+            }
+            kept.append(
+                Refused(
+                    f"idoc:{self._system}:{control.docnum}",
+                    write_idoc(idoc),
+                    exc,
+                    headers=headers,
                     correlation_id=ref.deal_id if ref is not None else None,
-                    type_=None,
                 )
             )
-        records = [record for record, _, _ in made]
-        rows = await self._rt.store.commit_batch(
-            BatchWrite(
-                consumer="ingress",
-                workflow="ingress",
-                dead_letters=records,
-                outbox=[copy for _, copy, _ in made],
-                journal=[entry for _, _, entry in made],
-            )
+        records = await keep_refused(
+            self._rt.store, self._rt.feed, f"/inbound/{self._system}", kept
         )
-        self._rt.feed.offer(rows)
         for record in records:
             _log.warning(
                 "idoc_dead_lettered",

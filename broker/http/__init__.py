@@ -20,7 +20,13 @@ from broker.http.api import (
     WebhookAccepted,
     openapi_document,
 )
-from broker.http.ingress import inbound_message, publish_inbound, webhook_message_id
+from broker.http.ingress import (
+    Refused,
+    inbound_message,
+    keep_refused,
+    publish_inbound,
+    webhook_message_id,
+)
 from broker.http.server import HttpServer
 
 __all__ = [
@@ -33,10 +39,12 @@ __all__ = [
     "ApiRoute",
     "ErrorBody",
     "HttpServer",
+    "Refused",
     "RouteHandler",
     "WebhookAccepted",
     "inbound_message",
     "openapi_document",
+    "keep_refused",
     "publish_inbound",
     "webhook_message_id",
 ]

@@ -3,24 +3,34 @@
 Each event becomes a CloudEvents envelope published to ``q2c.events`` with
 routing key = its type; its id is `webhook_message_id` of the vendor's source
 and event id, so a resent event gets the same message id, whether it came by
-webhook or by a poller.
+webhook or by a poller. A payload refused before it became an event is kept
+by `keep_refused`, as a dead letter of the ingress.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import hashlib
+from collections.abc import Callable, Mapping, Sequence
+from typing import NamedTuple
 
+from broker import letters
 from broker.codec import encode_envelope, encode_event, utcnow
 from broker.connector import Inbound
-from broker.errors import (
-    PublishFailed,
-)
+from broker.errors import PermanentError, PublishFailed
 from broker.letters import message_id_for
-from broker.transport import OutgoingMessage, PublishOutcome, Transport
+from broker.outbox import OutboxFeed
+from broker.store import BatchWrite, DeadLetterRecord, Store
+from broker.transport import Delivery, OutgoingMessage, PublishOutcome, Transport
 from broker.transport.topology import EVENTS_EXCHANGE
 from canonical.envelope import Envelope
 
-__all__ = ["inbound_message", "publish_inbound", "webhook_message_id"]
+__all__ = [
+    "Refused",
+    "inbound_message",
+    "keep_refused",
+    "publish_inbound",
+    "webhook_message_id",
+]
 
 
 def webhook_message_id(source: str, vendor_id: str) -> str:
@@ -94,3 +104,60 @@ def inbound_message(inbound: Inbound) -> OutgoingMessage:
         correlation_id=inbound.correlation_id,
         type=event_type,
     )
+
+
+class Refused(NamedTuple):
+    """A payload an ingress refused: what its dead letter keeps.
+
+    Its message id is *prefix* and the SHA-256 of *body*, so the same
+    payload refused again is one dead letter, one more attempt.
+    """
+
+    prefix: str
+    body: bytes
+    error: PermanentError
+    headers: Mapping[str, str] = {}
+    correlation_id: str | None = None
+
+
+async def keep_refused(
+    store: Store, feed: OutboxFeed | None, queue: str, refused: Sequence[Refused]
+) -> list[DeadLetterRecord]:
+    """Keep *refused* payloads as dead letters of *queue*, in one write.
+
+    Each is kept like a delivery's dead letter: the row with its bytes and
+    reason, its copy on ``q2c.dead`` (handed to the relay through *feed*)
+    and its journal entry.
+
+    Raises:
+        TransientError: the store is unavailable; nothing was kept.
+    """
+    made = [
+        letters.dead_letter(
+            queue,
+            Delivery(
+                tag=0,
+                body=r.body,
+                message_id=f"{r.prefix}:sha256:{hashlib.sha256(r.body).hexdigest()}",
+                headers=dict(r.headers),
+            ),
+            reason=r.error.reason,
+            detail=str(r.error),
+            attempts=1,
+            correlation_id=r.correlation_id,
+            type_=None,
+        )
+        for r in refused
+    ]
+    rows = await store.commit_batch(
+        BatchWrite(
+            consumer="ingress",
+            workflow="ingress",
+            dead_letters=[record for record, _, _ in made],
+            outbox=[copy for _, copy, _ in made],
+            journal=[entry for _, _, entry in made],
+        )
+    )
+    if feed is not None:
+        feed.offer(rows)
+    return [record for record, _, _ in made]

@@ -50,7 +50,6 @@ line (method, path, status, ``duration_ms``), never with bodies or headers.
 from __future__ import annotations
 
 import contextvars
-import hashlib
 import hmac
 import importlib.metadata
 import ipaddress
@@ -66,7 +65,6 @@ import structlog
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from broker import letters
 from broker.actor import Actor, Context
 from broker.config import HttpConfig
 from broker.connector import WebhookSource
@@ -90,11 +88,11 @@ from broker.http.api import (
     WebhookAccepted,
     openapi_document,
 )
-from broker.http.ingress import inbound_message
+from broker.http.ingress import Refused, inbound_message, keep_refused
 from broker.metrics import Metrics
 from broker.outbox import OutboxFeed
-from broker.store import BatchWrite, Store
-from broker.transport import Delivery, PublishOutcome, Transport
+from broker.store import Store
+from broker.transport import PublishOutcome, Transport
 
 __all__ = ["HttpServer"]
 
@@ -142,6 +140,19 @@ def _error(
     if retry_after_s is not None:
         extra["Retry-After"] = str(max(1, math.ceil(retry_after_s)))
     return _json(ErrorBody(error=code, detail=detail), status, extra)
+
+
+def _unroutable(system: str, types: set[str], fields: dict[str, object]) -> ApiError:
+    """The 500 for events of *types*, which no queue takes; logged as an error."""
+    fields["outcome"] = "unroutable"
+    unroutable = sorted(types)
+    _log.error(
+        "webhook_unroutable",
+        system=system,
+        types=unroutable,
+        hint="no queue is bound to q2c.events for these types",
+    )
+    return ApiError(500, "unroutable", f"no queue takes event type(s) {unroutable}")
 
 
 def _is_loopback(host: str) -> bool:
@@ -448,39 +459,23 @@ class HttpServer(Actor[None]):
         messages = [inbound_message(inbound) for inbound in events]
         # Nothing reads such an event (q2c.events' alternate exchange would
         # keep it, bounded): refuse it unpublished, and the vendor keeps it.
-        unread = sorted(
-            {m.routing_key for m in messages if not self._takes(m.routing_key)}
-        )
+        unread = {m.routing_key for m in messages if not self._takes(m.routing_key)}
         if unread:
-            outcomes = [PublishOutcome.RETURNED] * len(messages)
-        else:
-            try:
-                outcomes = await self._transport.publish(
-                    messages, timeout_s=self._cfg.publish_timeout_s
-                )
-            except TransportUnavailable as exc:
-                outcomes = [PublishOutcome.INDETERMINATE] * len(messages)
-                _log.warning(
-                    "webhook_publish_unavailable", system=system, error=str(exc)
-                )
+            raise _unroutable(system, unread, fields)
+        try:
+            outcomes = await self._transport.publish(
+                messages, timeout_s=self._cfg.publish_timeout_s
+            )
+        except TransportUnavailable as exc:
+            outcomes = [PublishOutcome.INDETERMINATE] * len(messages)
+            _log.warning("webhook_publish_unavailable", system=system, error=str(exc))
         if PublishOutcome.RETURNED in outcomes:
-            fields["outcome"] = "unroutable"
-            unroutable = unread or sorted(
-                {
-                    m.routing_key
-                    for m, o in zip(messages, outcomes, strict=True)
-                    if o is PublishOutcome.RETURNED
-                }
-            )
-            _log.error(
-                "webhook_unroutable",
-                system=system,
-                types=unroutable,
-                hint="no queue is bound to q2c.events for these types",
-            )
-            raise ApiError(
-                500, "unroutable", f"no queue takes event type(s) {unroutable}"
-            )
+            returned = {
+                m.routing_key
+                for m, o in zip(messages, outcomes, strict=True)
+                if o is PublishOutcome.RETURNED
+            }
+            raise _unroutable(system, returned, fields)
         if PublishOutcome.NACK in outcomes:
             fields["outcome"] = "refused"
             _log.warning("webhook_publish_refused", system=system, events=len(events))
@@ -505,33 +500,12 @@ class HttpServer(Actor[None]):
     async def _dead_letter(
         self, system: str, request: web.Request, body: bytes, exc: PermanentError
     ) -> None:
-        digest = hashlib.sha256(body).hexdigest()
-        # A webhook is not a delivery, but its dead letter is kept like one:
-        # the row, its copy on q2c.dead and its journal entry in one write.
-        payload = Delivery(
-            tag=0,
-            body=body,
-            message_id=f"webhook:{system}:sha256:{digest}",
-            headers=dict(_safe_headers(request.headers)),
-        )
-        record, copy, entry = letters.dead_letter(
-            f"/webhooks/{system}",
-            payload,
-            reason=exc.reason,
-            detail=str(exc),
-            attempts=1,
-            correlation_id=None,
-            type_=None,
+        refused = Refused(
+            f"webhook:{system}", body, exc, headers=_safe_headers(request.headers)
         )
         try:
-            rows = await self._store.commit_batch(
-                BatchWrite(
-                    consumer="ingress",
-                    workflow="ingress",
-                    dead_letters=[record],
-                    outbox=[copy],
-                    journal=[entry],
-                )
+            (record,) = await keep_refused(
+                self._store, self._feed, f"/webhooks/{system}", [refused]
             )
         except TransientError as err:
             # Not stored: the sender must keep the payload and try again.
@@ -542,8 +516,6 @@ class HttpServer(Actor[None]):
                 "the payload is invalid but could not be recorded; retry later",
                 retry_after_s=self._cfg.retry_after_s,
             ) from err
-        if self._feed is not None:
-            self._feed.offer(rows)
         _log.warning(
             "webhook_dead_lettered",
             system=system,
