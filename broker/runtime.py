@@ -72,6 +72,7 @@ class Runtime:
         self.system_pause: dict[str, Callable[[SystemPause | None], None]] = {}
         self._store: Store | None = None
         self._transport: Transport | None = None
+        self._topology: Topology | None = None
 
     @property
     def store(self) -> Store:
@@ -108,8 +109,7 @@ class Runtime:
 
         True when no topology is attached (a test's runtime).
         """
-        topology = getattr(self, "_topology", None)
-        return topology is None or topology.takes(event_type)
+        return self._topology is None or self._topology.takes(event_type)
 
     @property
     def http_url(self) -> str:
