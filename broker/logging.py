@@ -12,8 +12,9 @@ being parsed) would otherwise reach the log whenever its frame raised.
 from __future__ import annotations
 
 import logging
+import re
 import sys
-from collections.abc import MutableMapping
+from collections.abc import Mapping, MutableMapping
 from typing import Any, Literal
 
 import msgspec
@@ -21,13 +22,18 @@ import structlog
 
 __all__ = ["configure_logging", "SENSITIVE_KEYS", "redact"]
 
-#: Keys whose values never reach a log line.
+#: Words whose values never reach a log line: a key is masked when it is one
+#: of these or ends in one (``webhook_secret``, ``Authorization``,
+#: ``order_amount``), wherever it sits in the line, nested mappings included.
 SENSITIVE_KEYS = frozenset(
     {
         "password",
+        "passwd",
         "secret",
         "token",
         "authorization",
+        "cookie",
+        "credentials",
         "signature",
         "dsn",
         "url",
@@ -41,6 +47,16 @@ SENSITIVE_KEYS = frozenset(
         "body",
     }
 )
+#: Two-word names whose last word alone says nothing (``key``, ``id``).
+_SENSITIVE_PAIRS = frozenset({"api_key", "apikey", "private_key", "secret_key"})
+#: Keys the later processors read as they are (an exception's triple).
+_UNTOUCHED = frozenset({"exc_info", "exception", "_record", "_from_structlog"})
+#: How deep nested mappings and sequences are searched for sensitive keys.
+_MAX_DEPTH = 6
+#: ``scheme://user:password@`` in any string value: the password goes.
+_CREDENTIALS_IN_URL = re.compile(
+    r"(?P<head>[A-Za-z][A-Za-z0-9+.-]*://[^/\s:@]*):[^/\s@]*@"
+)
 
 _LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40}
 #: structlog's ``dict_tracebacks`` without the locals it renders by default.
@@ -53,10 +69,54 @@ _json = msgspec.json.Encoder(enc_hook=repr)
 def redact(
     _logger: Any, _method: str, event_dict: MutableMapping[str, Any]
 ) -> MutableMapping[str, Any]:
-    """Mask the values of `SENSITIVE_KEYS` (the one redaction choke point)."""
-    for key in event_dict.keys() & SENSITIVE_KEYS:
-        event_dict[key] = "***"
+    """Mask sensitive values (the one redaction choke point).
+
+    A value goes when its key is sensitive (`SENSITIVE_KEYS`), at any depth of
+    nested mappings, lists and tuples (copied, never changed in place: they
+    belong to the caller); a password written into a URL inside any string
+    goes too.
+    """
+    for key, value in event_dict.items():
+        if key in _UNTOUCHED:
+            continue
+        if _sensitive(key):
+            event_dict[key] = "***"
+        elif not isinstance(value, (int, float, bool)) and value is not None:
+            event_dict[key] = _scrub(value, 1)
     return event_dict
+
+
+def _sensitive(key: object) -> bool:
+    if not isinstance(key, str):
+        return False
+    name = key.lower().replace("-", "_")
+    if name in SENSITIVE_KEYS or name in _SENSITIVE_PAIRS:
+        return True
+    head, sep, last = name.rpartition("_")
+    if not sep:
+        return False
+    if last in SENSITIVE_KEYS:
+        return True
+    return f"{head.rpartition('_')[2]}_{last}" in _SENSITIVE_PAIRS
+
+
+def _scrub(value: Any, depth: int) -> Any:
+    if isinstance(value, str):
+        if "://" in value and "@" in value:
+            return _CREDENTIALS_IN_URL.sub(r"\g<head>:***@", value)
+        return value
+    if depth > _MAX_DEPTH:
+        return value
+    if isinstance(value, Mapping):
+        return {
+            k: "***" if _sensitive(k) else _scrub(v, depth + 1)
+            for k, v in value.items()
+        }
+    if isinstance(value, list):
+        return [_scrub(v, depth + 1) for v in value]
+    if type(value) is tuple:
+        return tuple(_scrub(v, depth + 1) for v in value)
+    return value
 
 
 def configure_logging(

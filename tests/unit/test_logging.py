@@ -112,3 +112,51 @@ def test_a_librarys_records_are_json_lines_through_the_redaction(
         ("Error handling request (ValueError)", "error"),
     ]
     assert "tok_SECRET" not in repr(lines)
+
+
+def test_sensitive_keys_are_found_by_their_last_word_and_at_any_depth(
+    log_buffer: io.BytesIO,
+) -> None:
+    """``webhook_secret``, header names and nested mappings are masked too."""
+    headers = {"Authorization": "Bearer abc.def", "X-Api-Key": "k-123", "Accept": "*/*"}
+    structlog.get_logger("probe").warning(
+        "probe",
+        webhook_secret="whsec_1",
+        order_amount="12.50",
+        request={"headers": headers, "lines": [{"unit_price": "9.99", "sku": "A-1"}]},
+        body_size=512,
+        key="idem-1",
+    )
+    record = json.loads(log_buffer.getvalue())
+    assert record["webhook_secret"] == record["order_amount"] == "***"
+    assert record["request"] == {
+        "headers": {"Authorization": "***", "X-Api-Key": "***", "Accept": "*/*"},
+        "lines": [{"unit_price": "***", "sku": "A-1"}],
+    }
+    assert (record["body_size"], record["key"]) == (512, "idem-1")
+    assert headers["Authorization"] == "Bearer abc.def"  # the caller's own, untouched
+
+
+def test_a_password_inside_a_url_in_any_string_is_masked(
+    log_buffer: io.BytesIO,
+) -> None:
+    structlog.get_logger("probe").error(
+        "connect_failed",
+        error="cannot reach amqp://q2c:hunter2@rabbit:5672/ (refused)",
+        hosts=["postgresql://broker:pw@db/q2c", "db2"],
+    )
+    out = log_buffer.getvalue()
+    record = json.loads(out)
+    assert record["error"] == "cannot reach amqp://q2c:***@rabbit:5672/ (refused)"
+    assert record["hosts"] == ["postgresql://broker:***@db/q2c", "db2"]
+    assert b"hunter2" not in out
+    assert b":pw@" not in out
+
+
+def test_an_exception_is_still_rendered_after_redaction(log_buffer: io.BytesIO) -> None:
+    try:
+        _verify("t=2,v1=ab", _SECRET)
+    except ValueError:
+        structlog.get_logger("probe").error("failed", exc_info=True)
+    record = json.loads(log_buffer.getvalue())
+    assert record["exception"][0]["exc_value"] == "cannot parse 't=2,v1=a'"
