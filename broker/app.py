@@ -144,7 +144,11 @@ async def open_transport(
         from broker.transport.memory import MemoryTransport
 
         if cfg.memory.journal:
-            return await MemoryTransport.open(topology, journal=cfg.memory.journal)
+            return await MemoryTransport.open(
+                topology,
+                journal=cfg.memory.journal,
+                synchronous=cfg.memory.synchronous,
+            )
         _log.warning(
             "transport_in_memory",
             hint="[memory] journal is empty: what is queued when the daemon "

@@ -33,6 +33,7 @@ __all__ = [
     "AuthMechanism",
     "PostgresConfig",
     "SqliteConfig",
+    "Synchronous",
     "TopologyConfig",
     "CoreConfig",
     "ControlConfig",
@@ -50,6 +51,8 @@ Seconds = Annotated[float, Meta(gt=0)]
 #: How the daemon logs in to RabbitMQ (see ``[amqp] auth-mechanism``).
 AuthMechanism = Literal["plain", "external"]
 PositiveInt = Annotated[int, Meta(ge=1)]
+#: SQLite's ``synchronous`` for the embedded mode's files.
+Synchronous = Literal["full", "normal"]
 
 
 class Section(
@@ -118,6 +121,9 @@ class SqliteConfig(Section, frozen=True):
     """``[sqlite]``: the embedded store."""
 
     path: str = "var/q2c.sqlite3"
+    #: ``full``: a commit is on disk when it returns (it survives the machine
+    #: losing power); ``normal``: it survives the process dying only.
+    synchronous: Synchronous = "full"
 
 
 class MemoryConfig(Section, frozen=True):
@@ -126,6 +132,9 @@ class MemoryConfig(Section, frozen=True):
     #: The file its queues are kept in, so that a restart delivers them
     #: again; ``""`` keeps them in memory only (lost when the daemon stops).
     journal: str = "var/q2c.queues.sqlite3"
+    #: As ``[sqlite] synchronous``, for the journal's writes: with ``normal``
+    #: a power loss can take back publishes already confirmed.
+    synchronous: Synchronous = "full"
 
 
 class TopologyConfig(Section, frozen=True):

@@ -117,7 +117,8 @@ class SqliteStore:
         """Open (creating it if needed) the database file, or a private in-memory one.
 
         Args:
-            cfg: the ``[sqlite]`` section, or a path, or ``":memory:"``.
+            cfg: the ``[sqlite]`` section (its ``synchronous`` too), or a path
+                (``synchronous = full``), or ``":memory:"``.
             lease_s: how long outbox rows written by `commit_batch` stay
                 leased to their writer before the relay may publish them.
             migrate: apply pending migrations.
@@ -128,8 +129,11 @@ class SqliteStore:
             StoreUnavailable: the file cannot be opened or is locked.
         """
         path = cfg.path if isinstance(cfg, SqliteConfig) else os.fspath(cfg)
+        synchronous = cfg.synchronous if isinstance(cfg, SqliteConfig) else "full"
         with sqlite_errors():
-            conn = await anyio.to_thread.run_sync(connect, path, busy_timeout_s)
+            conn = await anyio.to_thread.run_sync(
+                connect, path, busy_timeout_s, synchronous
+            )
         store = cls(conn, path=path, lease_s=lease_s, clock=clock)
         try:
             if migrate:

@@ -1,6 +1,7 @@
 """The SQLite store's one connection: opening it, its failures, its transactions.
 
-`connect` opens and tunes the connection (WAL on disk, a busy timeout);
+`connect` opens and tunes the connection (WAL on disk, ``synchronous`` as
+configured, a busy timeout);
 `sqlite_errors()` is the only place that decides which sqlite3 failures mean
 "try again later"; `in_transaction` runs blocking work inside ``BEGIN
 IMMEDIATE`` ... ``COMMIT``. All of it blocks: `broker.store.sqlite` calls it
@@ -17,11 +18,15 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Final, TypeVar
 
+from broker.config import Synchronous
 from broker.errors import StoreUnavailable
 
-__all__ = ["sqlite_errors", "connect", "in_transaction"]
+__all__ = ["sqlite_errors", "connect", "in_transaction", "set_synchronous"]
 
 _T = TypeVar("_T")
+
+#: ``PRAGMA synchronous`` levels by their configured names.
+_SYNCHRONOUS: Final = {"full": 2, "normal": 1}
 
 #: Primary result codes that mean "try again later": busy, locked, I/O, full.
 _RETRYABLE_CODES: Final = frozenset(
@@ -54,7 +59,9 @@ def sqlite_errors() -> Iterator[None]:
         raise StoreUnavailable(f"sqlite unavailable: {exc}") from exc
 
 
-def connect(path: str, busy_timeout_s: float) -> sqlite3.Connection:
+def connect(
+    path: str, busy_timeout_s: float, synchronous: Synchronous = "full"
+) -> sqlite3.Connection:
     """Open and tune the connection (blocking: runs on a worker thread)."""
     on_disk = path != ":memory:" and not path.startswith("file:")
     if on_disk:
@@ -69,12 +76,17 @@ def connect(path: str, busy_timeout_s: float) -> sqlite3.Connection:
     try:
         if on_disk:
             conn.execute("PRAGMA journal_mode = WAL")
-        conn.execute("PRAGMA synchronous = NORMAL")
+        set_synchronous(conn, synchronous)
         conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_s * 1000)}")
     except BaseException:
         conn.close()
         raise
     return conn
+
+
+def set_synchronous(conn: sqlite3.Connection, synchronous: Synchronous) -> None:
+    """``PRAGMA synchronous``: ``full`` survives a power loss, ``normal`` a crash."""
+    conn.execute(f"PRAGMA synchronous = {_SYNCHRONOUS[synchronous]}")
 
 
 def in_transaction(conn: sqlite3.Connection, fn: Callable[[], _T]) -> _T:

@@ -29,8 +29,10 @@ waits out the rest of its tier across a restart.
 
 The file is opened in exclusive locking mode: a second process on the same
 journal fails at start instead of delivering the same messages twice. Writes
-use WAL with ``synchronous = NORMAL``, as the SQLite store does: they survive
-the process dying, not the machine losing power.
+use WAL with ``synchronous = FULL`` by default, as the SQLite store does: a
+write is on disk when it returns, so a confirmed publish survives the machine
+losing power. ``normal`` (``[memory] synchronous``) survives the process
+dying only.
 
 Internal: not for use outside broker/transport.
 """
@@ -49,8 +51,9 @@ import anyio
 import anyio.to_thread
 import msgspec
 
+from broker.config import Synchronous
 from broker.errors import ConfigError, StoreUnavailable
-from broker.store.sqlite_connection import sqlite_errors
+from broker.store.sqlite_connection import set_synchronous, sqlite_errors
 from broker.transport.vhost import Entry, Message
 
 __all__ = ["JournalRow", "QueueJournal"]
@@ -147,7 +150,11 @@ class QueueJournal:
 
     @classmethod
     async def open(
-        cls, path: str, *, clock: Callable[[], float] = time.monotonic
+        cls,
+        path: str,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        synchronous: Synchronous = "full",
     ) -> tuple[QueueJournal, list[JournalRow]]:
         """Open (or create) the journal at *path*; return it and what it holds.
 
@@ -159,7 +166,7 @@ class QueueJournal:
 
         def opened() -> tuple[sqlite3.Connection, list[JournalRow]]:
             with _open_errors(path):
-                conn = _connect(path)
+                conn = _connect(path, synchronous)
                 try:
                     return conn, _load(conn, path)
                 except BaseException:
@@ -353,7 +360,7 @@ def _open_errors(path: str) -> Iterator[None]:
         ) from None
 
 
-def _connect(path: str) -> sqlite3.Connection:
+def _connect(path: str, synchronous: Synchronous) -> sqlite3.Connection:
     """Open, lock and create the journal (blocking)."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     conn = sqlite3.connect(
@@ -363,14 +370,14 @@ def _connect(path: str) -> sqlite3.Connection:
         check_same_thread=False,  # worker threads take turns, under the lock
     )
     try:
-        _prepare(conn, path)
+        _prepare(conn, path, synchronous)
     except BaseException:
         conn.close()
         raise
     return conn
 
 
-def _prepare(conn: sqlite3.Connection, path: str) -> None:
+def _prepare(conn: sqlite3.Connection, path: str, synchronous: Synchronous) -> None:
     # Exclusive before WAL: the lock is taken by the first write and held
     # until the connection closes, and the WAL index stays in memory.
     conn.execute("PRAGMA locking_mode = EXCLUSIVE")
@@ -385,7 +392,7 @@ def _prepare(conn: sqlite3.Connection, path: str) -> None:
     conn.execute(_SCHEMA)
     conn.execute(f"PRAGMA user_version = {_SCHEMA_VERSION}")
     conn.execute("COMMIT")
-    conn.execute("PRAGMA synchronous = NORMAL")
+    set_synchronous(conn, synchronous)
 
 
 def _begin_alone(conn: sqlite3.Connection, path: str) -> None:

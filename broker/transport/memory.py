@@ -44,6 +44,7 @@ import anyio
 import anyio.lowlevel
 import structlog
 
+from broker.config import Synchronous
 from broker.errors import ConfigError, StoreUnavailable, TransportUnavailable
 from broker.transport import Delivery, OutgoingMessage, PublishOutcome
 from broker.transport.journal import JournalRow, QueueJournal
@@ -280,6 +281,7 @@ class MemoryTransport:
         journal: str,
         clock: Callable[[], float] = time.monotonic,
         max_length: int | None = None,
+        synchronous: Synchronous = "full",
     ) -> MemoryTransport:
         """A transport whose queues are kept in the SQLite file *journal*.
 
@@ -288,14 +290,17 @@ class MemoryTransport:
         redelivered with its delivery count one higher (past the queue's
         delivery limit it is dead-lettered), a message in a TTL queue keeps
         its due time. Messages of a queue no longer in *topology* stay in
-        the file, untouched, and are logged.
+        the file, untouched, and are logged. *synchronous* is SQLite's for
+        the file (``[memory] synchronous``).
 
         Raises:
             ConfigError: another process has *journal* open, or it is not a
                 queue journal this version reads.
             StoreUnavailable: the file cannot be opened or read.
         """
-        opened, rows = await QueueJournal.open(journal, clock=clock)
+        opened, rows = await QueueJournal.open(
+            journal, clock=clock, synchronous=synchronous
+        )
         try:
             transport = cls(
                 topology, clock=clock, max_length=max_length, journal=opened
