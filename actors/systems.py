@@ -114,6 +114,10 @@ class SystemTable(Section, frozen=True):
         change_feed_channel: the CDC channel followed in ``pull`` mode.
         change_feed_wait_s: how long one poll of the feed waits for news.
         change_feed_batch: events read per poll at most.
+        catalogue_refresh_s: for an ``sap-s4`` system, how often its product
+            catalogue (the reference data quotes are validated against) is
+            read again; products and prices changed in the ERP are in use
+            within this.
     """
 
     kind: Kind
@@ -124,6 +128,7 @@ class SystemTable(Section, frozen=True):
     change_feed_channel: str = "/data/ChangeEvents"
     change_feed_wait_s: Annotated[float, Meta(ge=0, le=60)] = 2.0
     change_feed_batch: Annotated[int, Meta(ge=1, le=1000)] = 500
+    catalogue_refresh_s: Annotated[float, Meta(ge=1)] = 900.0
 
 
 _OURS = frozenset(
@@ -136,6 +141,7 @@ _OURS = frozenset(
         "change-feed-channel",
         "change-feed-wait-s",
         "change-feed-batch",
+        "catalogue-refresh-s",
     }
 )
 
@@ -361,7 +367,12 @@ class _Clients(Actor[None]):
                     impl = SapConnector(
                         sap, system=s.name, options=options, locks=self._locks()
                     )
-                    ctx.start_soon(self._load_catalogue, s.name, sap)
+                    ctx.start_soon(
+                        self._load_catalogue,
+                        s.name,
+                        sap,
+                        s.table.catalogue_refresh_s,
+                    )
                 case "idoc":
                     impl = LegacyErpConnector(s.settings, system=s.name)
                 case "stripe":
@@ -391,21 +402,28 @@ class _Clients(Actor[None]):
                 with anyio.CancelScope(shield=True), anyio.move_on_after(5.0):
                     await close()
 
-    async def _load_catalogue(self, system: str, sap: SapClient) -> None:
-        """Read the ERP's products once at start and announce each.
+    async def _load_catalogue(
+        self, system: str, sap: SapClient, refresh_s: float
+    ) -> None:
+        """Read the ERP's products at start and every *refresh_s*; announce changes.
 
         The catalog workflow forwards changes to the CPQ; the reference data
-        that quotes are validated against is refreshed here. An outage of
-        SAP or of the broker is waited out; a refusal (the communication
-        user may not read the product API) is logged and the load given up:
-        it is the operator's to fix, and the other systems keep running.
+        that quotes are validated against is refreshed here, so a product or
+        price changed in the ERP is in use within *refresh_s*. Each read
+        announces only the products whose content changed since the last
+        one (all of them at start: the inbox drops what an earlier run
+        already announced). An outage of SAP or of the broker is waited out;
+        a refusal (the communication user may not read the product API) is
+        logged and tried again at the next refresh: it is the operator's to
+        fix, and the other systems keep running.
         """
+        announced: dict[str, str] = {}
         backoff = Backoff(1.0, 60.0)
         while True:
             try:
-                await self._announce_catalogue(system, sap)
+                await self._announce_catalogue(system, sap, announced)
             except (UpstreamUnavailable, PublishFailed, TransportUnavailable) as exc:
-                delay = backoff.next_delay()
+                delay = min(backoff.next_delay(), refresh_s)
                 _log.warning(
                     "catalogue_unavailable",
                     system=system,
@@ -413,32 +431,44 @@ class _Clients(Actor[None]):
                     retry_in_s=round(delay, 1),
                 )
                 await anyio.sleep(delay)
+                continue
             except UpstreamRejected as exc:
                 _log.error(
                     "catalogue_refused",
                     system=system,
                     error=str(exc),
-                    hint="check the user's access to API_PRODUCT_SRV; "
-                    "restart the daemon to load the catalogue",
+                    hint="check the user's access to API_PRODUCT_SRV",
+                    retry_in_s=refresh_s,
                 )
-                return
-            else:
-                return
+            backoff.reset()
+            await anyio.sleep(refresh_s)
 
-    async def _announce_catalogue(self, system: str, sap: SapClient) -> None:
+    async def _announce_catalogue(
+        self, system: str, sap: SapClient, announced: dict[str, str]
+    ) -> None:
+        """Read the catalogue whole; update the reference data; announce changes.
+
+        *announced* maps each SKU to the content hash last announced, and is
+        updated once the changes are published.
+        """
         rt = self._systems.rt
         products = await sap.list_products()
         entries = [catalogue_entry(p, default_currency="EUR") for p in products]
-        changes = [
-            ProductChanged(product=product, prices=(price,) if price else ())
-            for product, price in entries
-        ]
-        events = [_product_changed(system, change) for change in changes]
         if self._systems.catalogue is not None:
             self._systems.catalogue(
                 [product for product, _ in entries],
                 [price for _, price in entries if price is not None],
             )
+        changes = [
+            ProductChanged(product=product, prices=(price,) if price else ())
+            for product, price in entries
+        ]
+        digests = {change.product.sku: content_hash(change) for change in changes}
+        events = [
+            _product_changed(system, change, digests[change.product.sku])
+            for change in changes
+            if announced.get(change.product.sku) != digests[change.product.sku]
+        ]
         for chunk in range(0, len(events), 100):
             await publish_inbound(
                 rt.transport,
@@ -446,18 +476,25 @@ class _Clients(Actor[None]):
                 timeout_s=30.0,
                 takes=rt.takes_event,
             )
-        _log.info("catalogue_loaded", system=system, products=len(products))
+        announced.clear()
+        announced.update(digests)
+        _log.info(
+            "catalogue_loaded",
+            system=system,
+            products=len(products),
+            changed=len(events),
+        )
 
     async def handle(self, msg: None, ctx: Context[None]) -> None:
         """Takes no messages."""
 
 
-def _product_changed(system: str, change: ProductChanged) -> Inbound:
-    """The ERP's catalogue entry as an event whose ids are its content.
+def _product_changed(system: str, change: ProductChanged, digest: str) -> Inbound:
+    """The ERP's catalogue entry as an event whose ids are its content (*digest*).
 
     The same catalogue read again (at the next start) is a duplicate.
     """
-    sku, digest = change.product.sku, content_hash(change)
+    sku = change.product.sku
     return Inbound(
         event=change,
         id=f"{sku}@{digest}",

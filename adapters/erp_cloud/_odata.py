@@ -50,6 +50,7 @@ __all__ = [
     "error_response",
     "read_one",
     "read_many",
+    "MAX_PAGE_SIZE",
     "body_of",
     "convert",
     "changes",
@@ -131,6 +132,10 @@ class Refused(Exception):
         self.details = tuple(details)
 
 
+#: The request key under which the sandbox puts its page size (`read_many`).
+MAX_PAGE_SIZE = web.RequestKey("max_page_size", int)
+
+
 @dataclass(frozen=True, kw_only=True)
 class Query:
     """The query options of one read."""
@@ -145,6 +150,9 @@ class Query:
     def of(cls, request: web.Request, spec: EntitySpec) -> Query:
         """Read ``$filter``, ``$top``, ``$skip``, ``$inlinecount``, ``$expand``.
 
+        ``$skiptoken`` (the server's own paging, see `read_many`) is read as
+        a ``$skip``.
+
         Raises:
             Refused: an unsupported filter, a bad number, an unknown property.
         """
@@ -152,7 +160,7 @@ class Query:
         try:
             terms = parse_filter(params["$filter"]) if "$filter" in params else []
             top = int(params["$top"]) if "$top" in params else None
-            skip = int(params.get("$skip", "0"))
+            skip = int(params.get("$skiptoken", params.get("$skip", "0")))
         except ValueError as exc:
             raise Refused(400, "ZQ2C_SANDBOX/002", str(exc)) from exc
         if (top is not None and top < 0) or skip < 0:
@@ -328,6 +336,11 @@ def read_many(
     Rows are filtered first, and only the page returned gets *finish* (for
     example, joining a navigation property) and its ETag: a read by key
     field stays a cheap scan however large the table grows.
+
+    Server-driven paging, as SAP Gateway does it: when more rows are
+    selected than ``request[MAX_PAGE_SIZE]`` (set by the sandbox from its
+    knob), the page is cut there and ``__next`` links the rest, with a
+    ``$skiptoken``.
     """
     query = Query.of(request, spec)
     selected = [
@@ -335,7 +348,12 @@ def read_many(
         for r in table.values()
         if matches(r.entity if isinstance(r, Record) else r, query.terms)
     ]
-    end = None if query.top is None else query.skip + query.top
+    end = len(selected) if query.top is None else query.skip + query.top
+    max_page = request.get(MAX_PAGE_SIZE)
+    cut = max_page is not None and min(end, len(selected)) - query.skip > max_page
+    if cut:
+        assert max_page is not None
+        end = query.skip + max_page
     results = []
     for row in selected[query.skip : end]:
         if isinstance(row, Record):
@@ -349,6 +367,12 @@ def read_many(
     d: dict[str, Any] = {"results": results}
     if query.inlinecount:
         d["__count"] = str(len(selected))
+    if cut:
+        params = {k: v for k, v in request.query.items() if k != "$skip"}
+        params["$skiptoken"] = str(end)
+        if query.top is not None:
+            params["$top"] = str(query.top - (end - query.skip))
+        d["__next"] = str(request.url.with_query(params))
     return json_response({"d": d})
 
 

@@ -26,6 +26,7 @@ import aiohttp
 import msgspec
 from msgspec import Meta
 from multidict import CIMultiDict, CIMultiDictProxy
+from yarl import URL
 
 from adapters.erp_cloud import edm
 from adapters.erp_cloud.views import (
@@ -55,6 +56,7 @@ __all__ = [
     "SALES_ORDER_SERVICE",
     "BUSINESS_PARTNER_SERVICE",
     "PRODUCT_SERVICE",
+    "MAX_PAGES",
 ]
 
 T = TypeVar("T")
@@ -63,6 +65,9 @@ SALES_ORDER_SERVICE: Final = "API_SALES_ORDER_SRV"
 BUSINESS_PARTNER_SERVICE: Final = "API_BUSINESS_PARTNER"
 PRODUCT_SERVICE: Final = "API_PRODUCT_SRV"
 _ROOT = "/sap/opu/odata/sap"
+#: The most pages `SapClient.list_products` follows (1,000 rows a page at
+#: SAP's usual size: ten million products).
+MAX_PAGES: Final = 10_000
 _NOTICE = msgspec.json.Decoder(SapNotice | list[SapNotice])
 
 
@@ -353,14 +358,39 @@ class SapClient:
     async def list_products(
         self, *, product_group: str | None = None, top: int | None = None
     ) -> tuple[A_Product, ...]:
-        """Products with their list price and floor, optionally of one group."""
+        """Products with their list price and floor, optionally of one group.
+
+        Every page: SAP Gateway answers a large read a page at a time, with a
+        ``__next`` link to the rest, which is followed (at most `MAX_PAGES`).
+
+        Raises:
+            UpstreamUnavailable: the links do not advance, or there are more
+                than `MAX_PAGES` of them.
+        """
         params: dict[str, str] = {}
         if product_group is not None:
             params["$filter"] = f"ProductGroup eq {edm.odata_literal(product_group)}"
         if top is not None:
             params["$top"] = str(top)
-        reply = await self._call("GET", PRODUCT_SERVICE, "/A_Product", params)
-        return self._decode(reply, Collection[A_Product]).d.results
+        products: list[A_Product] = []
+        for _ in range(MAX_PAGES):
+            reply = await self._call("GET", PRODUCT_SERVICE, "/A_Product", params)
+            page = self._decode(reply, Collection[A_Product]).d
+            products.extend(page.results)
+            if page.next is None or not page.results:
+                return tuple(products)
+            following = {
+                k: v for k, v in URL(page.next).query.items() if k.startswith("$")
+            }
+            if following == params:
+                raise UpstreamUnavailable(
+                    self._system,
+                    f"the product list's next link does not advance: {page.next[:200]}",
+                )
+            params = following
+        raise UpstreamUnavailable(
+            self._system, f"the product list runs to more than {MAX_PAGES} pages"
+        )
 
     # -- the wire ----------------------------------------------------------------
 

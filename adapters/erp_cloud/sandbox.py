@@ -6,7 +6,8 @@
   other navigations as ``{"results": [...]}`` or as a bare array), read by
   key with an ETag, the collection with ``$filter`` (``Field eq '...'``
   terms joined by ``and``), ``$top``, ``$skip``, ``$inlinecount``,
-  ``$expand``; ``PATCH`` with ``If-Match`` (412 when stale, 428 when absent);
+  ``$expand``, server-driven paging (``__next``); ``PATCH`` with
+  ``If-Match`` (412 when stale, 428 when absent);
 - ``API_BUSINESS_PARTNER``: ``A_BusinessPartner`` (deep create with roles,
   customer and sales areas; read; ``$filter`` by ``SearchTerm1``; ``PATCH``),
   ``A_Customer``, ``A_CustomerSalesArea`` (read, create);
@@ -104,6 +105,9 @@ class Knobs(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
             business error (order fallout).
         forbidden_services: services the communication user has no
             authorization for: every call to them is answered 403.
+        max_page_size: server-driven paging, as SAP Gateway's: a read that
+            selects more rows answers this many and a ``__next`` link
+            (``$skiptoken``) to the rest.
     """
 
     latency_s: NonNegative = 0.0
@@ -122,6 +126,7 @@ class Knobs(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     invoice_deltas: dict[str, Decimal] = {}
     refuse_refs: frozenset[str] = frozenset()
     forbidden_services: frozenset[str] = frozenset()
+    max_page_size: Annotated[int, Meta(ge=1)] = 1000
 
 
 @dataclass(kw_only=True)
@@ -370,6 +375,7 @@ class SapSandbox:
 
     async def _dispatch(self, request: web.Request) -> web.StreamResponse:
         service = request.match_info["service"]
+        request[od.MAX_PAGE_SIZE] = self.knobs.max_page_size
         try:
             return await self._route(request, service)
         except od.Refused as refused:

@@ -7,6 +7,7 @@ process API shows them across the systems and validates quotes on request.
 from __future__ import annotations
 
 import random
+from collections.abc import MutableMapping
 from contextlib import AsyncExitStack
 from decimal import Decimal
 from pathlib import Path
@@ -21,6 +22,7 @@ from structlog.testing import capture_logs
 from actors.q2c import DealView, ValidateResponse
 from actors.q2c_demo import Plan, Sandboxes, drive_deals, start_sandboxes
 from actors.workflows.deal import DealState
+from actors.workflows.sync import CatalogState
 from broker import Daemon, load_config
 from broker.codec import encode_envelope, utcnow
 from broker.handler import DaemonControl
@@ -408,3 +410,78 @@ async def test_a_refused_change_feed_waits_and_resumes_where_it_was(
     events = [line["event"] for line in logs]
     assert "actor_crashed" not in events
     assert boxes.crm.counts["feed_refused"] >= 2
+
+
+async def test_the_erp_catalogue_is_read_again_and_its_changes_reach_the_cpq(
+    tmp_path: Path,
+) -> None:
+    """A refused read is tried again; products added or repriced later arrive.
+
+    The catalogue comes a page at a time (``__next``); each refresh
+    announces only what changed, and the CPQ gets the new product and the
+    new price.
+    """
+    async with AsyncExitStack() as stack:
+        boxes = await start_sandboxes(stack, tmp_path / "systems")
+        boxes.sap.knobs.max_page_size = 7
+        boxes.sap.knobs.forbidden_services = frozenset({"API_PRODUCT_SRV"})
+        systems = boxes.systems()
+        systems["erp_cloud"] = {**systems["erp_cloud"], "catalogue-refresh-s": 1.0}
+        daemon = Daemon(_config(tmp_path, systems))
+        with capture_logs() as logs:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(daemon.run)
+                with anyio.fail_after(20):
+                    await daemon.started.wait()
+                store = daemon.runtime.store
+
+                def loaded() -> list[MutableMapping[str, Any]]:
+                    return [
+                        line for line in logs if line["event"] == "catalogue_loaded"
+                    ]
+
+                async def refused() -> bool:
+                    return any(line["event"] == "catalogue_refused" for line in logs)
+
+                async def read_once() -> bool:
+                    return bool(loaded())
+
+                async def read_twice_more() -> bool:
+                    return len(loaded()) >= 3
+
+                await eventually(refused)
+                boxes.sap.knobs.forbidden_services = frozenset()
+                await eventually(read_once, timeout_s=10)
+                first = loaded()[0]
+                assert first["products"] == first["changed"] == 20
+
+                old = boxes.sap.partners.products["SVC-HEALTH"]
+                boxes.sap.seed_products(
+                    [
+                        msgspec.structs.replace(
+                            old, Product="SVC-AUDIT", ProductDescription="Audit"
+                        ),
+                        msgspec.structs.replace(old, ListPrice=Decimal("3900.00")),
+                    ]
+                )
+
+                async def synced() -> bool:
+                    new = await store.load_saga("catalog", "SVC-AUDIT")
+                    repriced = await store.load_saga("catalog", "SVC-HEALTH")
+                    if new is None or repriced is None:
+                        return False
+                    new_state = msgspec.json.decode(new.state, type=CatalogState)
+                    old_state = msgspec.json.decode(repriced.state, type=CatalogState)
+                    return (
+                        new_state.cpq_product is not None
+                        and old_state.syncs_requested == 2
+                        and old_state.prices[0].list_price == Decimal("3900.00")
+                    )
+
+                await eventually(synced, timeout_s=20)
+                await eventually(read_twice_more, timeout_s=10)
+                daemon.request_shutdown("test finished")
+    later = [line["changed"] for line in loaded()[1:]]
+    assert 2 in later
+    assert sum(later) == 2  # the rest of the reads found nothing new
+    assert boxes.sap.state()["forbidden"] >= 1

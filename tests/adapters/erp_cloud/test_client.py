@@ -9,6 +9,8 @@ from typing import Any
 import aiohttp
 import msgspec
 import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
 
 from adapters.erp_cloud import SapClient, SapRejected, SapSandbox, SapSettings
 from adapters.erp_cloud.views import (
@@ -23,7 +25,7 @@ from adapters.erp_cloud.views import (
 from broker.config import convert_table
 from broker.errors import ConcurrencyConflict, ConfigError, UpstreamUnavailable
 from tests.adapters.erp_cloud.conftest import settings_for
-from tests.adapters.erp_cloud.samples import PASSWORD, USER, area
+from tests.adapters.erp_cloud.samples import PASSWORD, USER, area, products
 
 pytestmark = pytest.mark.anyio
 
@@ -445,6 +447,55 @@ async def test_products_carry_their_prices_and_filter_by_group(
         Decimal("30.00"),
     )
     assert len(await client.list_products(top=2)) == 2
+
+
+async def test_a_large_product_list_comes_a_page_at_a_time_and_is_read_whole(
+    sandbox: SapSandbox, client: SapClient
+) -> None:
+    """Server-driven paging: ``__next`` with a ``$skiptoken``, followed to the end."""
+    sandbox.knobs.max_page_size = 2
+    first = await raw(
+        sandbox,
+        "GET",
+        "/sap/opu/odata/sap/API_PRODUCT_SRV/A_Product",
+        headers={"Authorization": AUTH},
+    )
+    d = first.json()["d"]
+    assert len(d["results"]) == 2
+    assert "$skiptoken=2" in d["__next"]
+    everything = await client.list_products()
+    assert sorted(p.Product for p in everything) == sorted(
+        p.Product for p in products()
+    )
+    assert len(await client.list_products(top=3)) == 3
+    sandbox.knobs.max_page_size = 1
+    assert len(await client.list_products(top=2)) == 2
+
+
+async def test_a_next_link_that_does_not_advance_is_an_error_not_a_loop() -> None:
+    """A server whose ``__next`` points back at the same page: refused at once."""
+    calls = 0
+
+    async def same_page(request: web.Request) -> web.Response:
+        nonlocal calls
+        calls += 1
+        page = {"results": [{"Product": "P-1"}], "__next": str(request.url)}
+        return web.json_response({"d": page})
+
+    app = web.Application()
+    app.router.add_get("/sap/opu/odata/sap/API_PRODUCT_SRV/A_Product", same_page)
+    server = TestServer(app)
+    await server.start_server()
+    try:
+        settings = SapSettings(
+            base_url=str(server.make_url("/")).rstrip("/"), username=USER, password="x"
+        )
+        async with SapClient(settings) as sap:
+            with pytest.raises(UpstreamUnavailable, match="does not advance"):
+                await sap.list_products()
+    finally:
+        await server.close()
+    assert calls == 1
 
 
 # --- errors and knobs --------------------------------------------------------------
