@@ -38,7 +38,7 @@ from broker.store import (
     JournalRecord,
     OutboxRecord,
 )
-from broker.workflow import Workflow, is_ordered
+from broker.workflow import Workflow, is_ordered, unheld_types
 
 if TYPE_CHECKING:
     from broker._pass import Backlog, Parked, Pass
@@ -61,6 +61,7 @@ class Applier:
         self._wf = workflow
         self._retry = retry
         self._ordered = is_ordered(workflow)
+        self._unheld = unheld_types(workflow)
         self._source = f"/q2c/{workflow.name}"
 
     def take(self, p: Pass, item: Item) -> None:
@@ -69,6 +70,9 @@ class Applier:
         cid = env.correlation_id
         blocker = p.holds.get(cid) if p.holds else None
         unblocks = blocker is not None and is_blocker(blocker, item)
+        # A type applied even while held goes past the hold and leaves it as
+        # it was, whatever becomes of it.
+        passes = blocker is not None and not unblocks and env.type in self._unheld
         key = env.idempotency_key
         if item.error is None and (key in p.seen or key in p.held_keys):
             # Claimed before, or met earlier in this batch.
@@ -76,7 +80,7 @@ class Applier:
             if unblocks:  # the blocker's fact was applied after all
                 self._resolve(p, cid, item.req)
             return
-        if blocker is not None and not unblocks:
+        if blocker is not None and not unblocks and not passes:
             if item.error is None:
                 p.held_keys.add(key)
             p.waiting.setdefault(cid, []).append(item)
@@ -86,6 +90,8 @@ class Applier:
         if item.error is None:
             p.seen.add(key)
         parked = self._apply(p, item)
+        if passes:
+            return
         if parked is not None:
             if blocker is not None or self._ordered:
                 self._block(p, cid, parked[0])

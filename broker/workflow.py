@@ -16,7 +16,10 @@ while one of its messages is parked (dead-lettered or waiting in a retry
 tier), the instance's later messages are held, and applied after it once
 it goes through (see `broker.commit`). Without it, a parked message does
 not stop the messages behind it, which suits workflows whose events
-commute (a ledger), not a deal.
+commute (a ledger), not a deal. An ordered workflow may name event types
+in ``unheld``: those are applied even while their instance is held (a
+timer that only reads the state, such as an SLA check: a deal stuck behind
+a parked message is exactly the deal whose SLA must still fall due).
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ import msgspec
 from broker.xref import XrefEntry
 from canonical.envelope import Envelope
 
-__all__ = ["Emit", "Workflow", "Applied", "is_ordered"]
+__all__ = ["Emit", "Workflow", "Applied", "is_ordered", "unheld_types"]
 
 S = TypeVar("S")
 
@@ -81,7 +84,9 @@ class Workflow(Protocol[S]):
     if the batch's transaction is retried.
 
     A class attribute ``ordered = True`` (optional, see the module
-    docstring) holds an instance's later messages while one is parked.
+    docstring) holds an instance's later messages while one is parked;
+    ``unheld`` (optional, a frozenset of event types) names those applied
+    even then.
     """
 
     @property
@@ -111,3 +116,11 @@ class Workflow(Protocol[S]):
 def is_ordered(workflow: object) -> bool:
     """Whether *workflow* holds an instance's later messages behind a parked one."""
     return getattr(workflow, "ordered", False) is True
+
+
+def unheld_types(workflow: object) -> frozenset[str]:
+    """The event types *workflow* applies even while their instance is held."""
+    unheld: object = getattr(workflow, "unheld", ())
+    if isinstance(unheld, (frozenset, set, tuple)):
+        return frozenset(str(t) for t in unheld)
+    return frozenset()

@@ -186,6 +186,9 @@ class DealWorkflow:
     state_type = DealState
     #: A deal's facts wait behind one that failed (retry or dead letter).
     ordered = True
+    #: Its timers do not: a deal stuck behind a parked message is the deal
+    #: whose booking SLA must still fall due.
+    unheld = frozenset({"q2c.timer.elapsed"})
 
     def __init__(
         self,

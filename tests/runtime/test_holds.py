@@ -15,11 +15,13 @@ import pytest
 
 from actors.demo import entry_message
 from broker import Daemon
+from broker.codec import encode_envelope, encode_event, utcnow
 from broker.control.ctl import render
 from broker.control.protocol import DlqListRequest, HoldListRequest
 from broker.handler import DaemonControl
 from broker.store import DeadLetterFilter, DeadLetterRow, HoldRefused
 from broker.transport import OutgoingMessage
+from canonical import Envelope, LedgerEntryApplied
 from tests.polling import eventually
 from tests.runtime.test_engine import config, publish, running
 from tests.runtime.trees import OrderedLedger, OrderedState
@@ -289,3 +291,60 @@ async def test_an_unordered_workflow_does_not_hold(tmp_path: Path) -> None:
         counts = await daemon.runtime.store.counts()
 
     assert (counts["held"], counts["holds"], counts["dead_letters"]) == (0, 0, 1)
+
+
+def check(account: str, entry_id: str) -> OutgoingMessage:
+    """A ``ledger.entry.applied`` for *account*: an `unheld` type of OrderedLedger."""
+    env = Envelope(
+        id=f"check-{entry_id}",
+        source="/test/timer",
+        type="ledger.entry.applied",
+        time=utcnow(),
+        correlation_id=account,
+        idempotency_key=f"check:{entry_id}",
+        data=encode_event(
+            LedgerEntryApplied(
+                account=account,
+                entry_id=entry_id,
+                amount=Decimal(0),
+                balance=Decimal(0),
+                entries=0,
+            )
+        ),
+    )
+    return OutgoingMessage(
+        exchange="q2c.events",
+        routing_key=env.type,
+        body=encode_envelope(env),
+        message_id=env.id,
+        correlation_id=account,
+        type=env.type,
+    )
+
+
+async def test_an_unheld_type_applies_at_once_behind_a_parked_blocker(
+    tmp_path: Path,
+) -> None:
+    """A timer (an `unheld` type) is not held: it applies while a2 waits.
+
+    The hold keeps its blocker: replayed, a1 and a2 then apply in order.
+    """
+    cfg = config(tmp_path, BROKER__DAEMON__TREE=TREE)
+    async with running(cfg) as daemon:
+        await publish(daemon, [entry("acct-a", "a1", "REJECT"), entry("acct-a", "a2")])
+        await held_letters(daemon, 1)
+        await publish(daemon, [check("acct-a", "sla")])
+        checked = await order_is(daemon, "acct-a", "check:sla")
+        store = daemon.runtime.store
+        counts = await store.counts()
+        [blocker] = [r for r in await letters(daemon) if r.status == "parked"]
+        workflow(daemon).fixed = True
+        await store.replay_dead_letters(
+            DeadLetterFilter(ids=(blocker.id,)), max_replays=1, dry_run=False
+        )
+        applied = await order_is(daemon, "acct-a", "check:sla", "a1", "a2")
+
+    assert checked == ("check:sla",)
+    assert (counts["held"], counts["holds"]) == (1, 1)
+    assert blocker.message_id == "demo-a1"
+    assert applied == ("check:sla", "a1", "a2")

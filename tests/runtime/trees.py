@@ -10,7 +10,7 @@ import msgspec
 from actors.ledger import LedgerState, LedgerWorkflow
 from broker import Actor, Applied, ChildSpec, Context, Runtime, SupervisorSpec
 from broker.errors import UpstreamRejected
-from canonical import Envelope, LedgerEntryPosted
+from canonical import Envelope, LedgerEntryApplied, LedgerEntryPosted
 
 __all__ = [
     "OrderedLedger",
@@ -80,11 +80,15 @@ class OrderedLedger:
 
     Memo ``FLAKY`` fails the entry's first attempt only (a transient fault:
     its retry goes through); memo ``REJECT`` is refused permanently until
-    the test sets `fixed` (the deploy of a fix).
+    the test sets `fixed` (the deploy of a fix). ``ledger.entry.applied``
+    stands for a timer: it is `unheld`, applied at once even while the
+    account is held, and recorded as ``check:<entry id>``.
     """
 
     name = "ordered"
     ordered = True
+    #: A check that only reads the state: applied even behind a parked entry.
+    unheld = frozenset({"ledger.entry.applied"})
     state_type = OrderedState
 
     def __init__(self) -> None:
@@ -93,8 +97,11 @@ class OrderedLedger:
 
     @property
     def events(self) -> Mapping[str, type[Any]]:
-        """Posted ledger entries."""
-        return {"ledger.entry.posted": LedgerEntryPosted}
+        """Posted ledger entries, and checks (unheld)."""
+        return {
+            "ledger.entry.posted": LedgerEntryPosted,
+            "ledger.entry.applied": LedgerEntryApplied,
+        }
 
     def initial(self, correlation_id: str) -> OrderedState:
         """Nothing applied yet."""
@@ -104,6 +111,9 @@ class OrderedLedger:
         self, state: OrderedState, event: Any, envelope: Envelope
     ) -> Applied[OrderedState]:
         """Append the entry id, unless its memo says to fail."""
+        if isinstance(event, LedgerEntryApplied):
+            checked = f"check:{event.entry_id}"
+            return Applied(OrderedState(order=(*state.order, checked)))
         assert isinstance(event, LedgerEntryPosted)
         if event.memo == "FLAKY" and event.entry_id not in self._failed:
             self._failed.add(event.entry_id)

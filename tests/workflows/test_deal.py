@@ -21,6 +21,7 @@ from actors.workflows.deal import DealState, DealWorkflow
 from actors.workflows.routing import RoutingRegistry
 from broker import Emit
 from broker.codec import encode_event
+from broker.workflow import is_ordered, unheld_types
 from canonical import Envelope, Money
 from canonical.commerce import (
     Account,
@@ -605,3 +606,11 @@ def test_a_wrong_invoice_corrected_by_a_right_one_completes_the_deal(
         "Needs Attention",
         "Closed Won",
     ]
+
+
+def test_only_the_deals_timers_pass_a_hold(deal: Deal) -> None:
+    """The engine holds a deal's facts behind a parked one, but not its timers."""
+    assert is_ordered(deal.wf)
+    timer_type = TimerElapsed.__struct_config__.tag
+    assert unheld_types(deal.wf) == {timer_type}
+    assert timer_type in deal.wf.events
