@@ -107,8 +107,9 @@ def decode_envelope(
     Raises:
         MessageTooLarge: *body* is over *max_bytes* (checked before any parsing).
         UndecodableMessage: not a well-formed envelope, declared as
-            something other than JSON, or with an ``id``, ``type`` or
-            ``correlationid`` too long for an AMQP short string.
+            something other than JSON, with an ``id``, ``type`` or
+            ``correlationid`` too long for an AMQP short string, or with a
+            NUL character in an attribute.
     """
     if len(body) > max_bytes:
         raise MessageTooLarge(f"{len(body)} bytes is over the {max_bytes}-byte limit")
@@ -138,6 +139,21 @@ def decode_envelope(
                 f"envelope {name} is over {SHORTSTR_MAX_BYTES} bytes "
                 "(an AMQP short string)"
             )
+    # Attributes become text columns (inbox keys, journal, dead letters),
+    # and PostgreSQL's text cannot hold NUL: one such message would fail
+    # the write of every batch it came in, again at each redelivery.
+    for name, text in (
+        ("id", env.id),
+        ("source", env.source),
+        ("type", env.type),
+        ("subject", env.subject),
+        ("correlationid", env.correlation_id),
+        ("causationid", env.causation_id),
+        ("idempotencykey", env.idempotency_key),
+        ("traceparent", env.traceparent),
+    ):
+        if text is not None and "\x00" in text:
+            raise UndecodableMessage(f"envelope {name} contains a NUL character")
     return env
 
 

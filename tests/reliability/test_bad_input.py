@@ -75,6 +75,13 @@ def malformed() -> list[OutgoingMessage]:
                 b'"correlationid":"acct-bad"', b'"correlationid":"' + b"c" * 300 + b'"'
             ),
         ),
+        # A NUL in a key PostgreSQL would store as text: it cannot.
+        raw_message(
+            "nul-key",
+            good.replace(
+                b'"correlationid":"acct-bad"', b'"correlationid":"acct\\u0000"'
+            ),
+        ),
     ]
 
 
@@ -85,7 +92,8 @@ async def test_malformed_input_is_dead_lettered_at_once_with_its_bytes(
 
     Invalid JSON, invalid UTF-8, an XML body, a truncated body, duplicate
     keys, 10k-deep nesting, a 5000-digit number, a correlation id too long
-    for the AMQP property its outputs carry it in, and a valid envelope sent
+    for the AMQP property its outputs carry it in, a NUL in a correlation id
+    (PostgreSQL's text cannot hold one), and a valid envelope sent
     as ``text/plain`` (a wrong content type is malformed, RELIABILITY.md §6.6).
     """
     daemon = scenario.daemon

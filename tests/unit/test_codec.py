@@ -184,3 +184,15 @@ def test_a_type_too_long_for_a_routing_key_is_undecodable() -> None:
     body = envelope_bytes().replace(b"ledger.entry.posted", b"x." * 128)
     with pytest.raises(UndecodableMessage, match="envelope type is over 255 bytes"):
         decode_envelope(body, max_bytes=LIMIT)
+
+
+@pytest.mark.parametrize(
+    "attribute",
+    [b'"id":"m1"', b'"source":"/t"', b'"correlationid":"a"', b'"idempotencykey":"k1"'],
+)
+def test_a_nul_in_an_attribute_is_undecodable(attribute: bytes) -> None:
+    """PostgreSQL's text cannot hold NUL: refused here, where its bytes are kept."""
+    name, _, value = attribute.partition(b":")
+    body = envelope_bytes().replace(attribute, name + b":" + value[:-1] + b'\\u0000"')
+    with pytest.raises(UndecodableMessage, match="contains a NUL character"):
+        decode_envelope(body, max_bytes=LIMIT)
