@@ -72,6 +72,7 @@ class Pass:
 
     __slots__ = (
         "backlog",
+        "broken",
         "claims",
         "dead",
         "dirty",
@@ -98,6 +99,8 @@ class Pass:
         #: Keys of the items held in this pass (their copies are duplicates).
         self.held_keys: set[str] = set()
         self.states: dict[str, Any] = {}
+        #: Instances whose stored state does not decode: their items fail.
+        self.broken: dict[str, PermanentError] = {}
         self.versions: dict[str, int] = {}
         self.dirty: set[str] = set()
         self.claims: list[InboxKey] = []

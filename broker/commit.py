@@ -41,7 +41,7 @@ import structlog
 from broker._pass import Backlog, Pass
 from broker.codec import Decoders, decode_envelope
 from broker.config import CoreConfig
-from broker.errors import PermanentError, TransientError
+from broker.errors import PermanentError, StateUndecodable, TransientError
 from broker.faults import CrashHook
 from broker.holds import RELEASED_HEADER, Applier, held_record, hold_writes, is_blocker
 from broker.letters import ATTEMPT_HEADER, message_id_for
@@ -306,8 +306,22 @@ class GroupCommit:
         if read.holds:
             await self._read_backlog(p, items)
         for cid, rec in read.sagas.items():
-            p.states[cid] = self._state_decoder.decode(rec.state)
             p.versions[cid] = rec.version
+            try:
+                p.states[cid] = self._state_decoder.decode(rec.state)
+            except (msgspec.DecodeError, msgspec.ValidationError) as undecodable:
+                # One instance's state, not the group's write: its messages
+                # are dead-lettered, the others' go on.
+                p.broken[cid] = StateUndecodable(
+                    f"the stored {wf.name} state of {cid[:100]} does not decode: "
+                    f"{undecodable}"
+                )
+                _log.error(
+                    "saga_state_undecodable",
+                    workflow=wf.name,
+                    correlation_id=cid,
+                    error=str(undecodable),
+                )
 
         for req in group:
             for d, exc in req.bad:

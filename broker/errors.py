@@ -18,6 +18,7 @@ __all__ = [
     "MessageTooLarge",
     "UnknownMessageType",
     "SchemaInvalid",
+    "StateUndecodable",
     "UpstreamUnavailable",
     "UpstreamRejected",
     "SignatureInvalid",
@@ -86,6 +87,17 @@ class SchemaInvalid(PermanentError):
     """A well-formed envelope whose data does not match its type's schema."""
 
     reason = "schema_invalid"
+
+
+class StateUndecodable(PermanentError):
+    """An instance's stored state does not decode as its workflow's state type.
+
+    Written by another version of the workflow, or changed by hand. Its
+    messages are dead-lettered (an ordered workflow's instance is held) until
+    a version that reads it is deployed and they are replayed.
+    """
+
+    reason = "state_undecodable"
 
 
 class UpstreamUnavailable(TransientError):

@@ -106,6 +106,10 @@ class Applier:
         if item.error is not None:
             out.dead.append(item.error.reason)
             return p.dead_letter_item(item, item.error), True
+        broken = p.broken.get(cid) if p.broken else None
+        if broken is not None:
+            out.dead.append(broken.reason)
+            return p.dead_letter_item(item, broken), True
         state = p.states[cid] if cid in p.states else self._wf.initial(cid)
         try:
             applied = self._wf.apply(state, item.event, env)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from decimal import Decimal
 from pathlib import Path
+from typing import Any
 
 import anyio
 import msgspec
@@ -385,3 +387,66 @@ async def test_the_control_socket_cannot_be_restarted_through_itself(
         children = {c["id"]: c for c in daemon.system.tree()["children"]}
         assert children["control"]["state"] == "running"
         assert children["relay"]["state"] == "running"
+
+
+async def test_an_undecodable_stored_state_fails_its_instance_not_the_batch(
+    tmp_path: Path,
+) -> None:
+    """One account's state no longer decodes: its entry is dead-lettered, no crash.
+
+    The other account's entries, written in the same batches, apply; nothing
+    restarts.
+    """
+    cfg = config(tmp_path)
+    async with running(cfg) as daemon:
+        await publish(
+            daemon,
+            [
+                entry_message("acct-x", "x1", Decimal(1)),
+                entry_message("acct-y", "y1", Decimal(1)),
+            ],
+        )
+        await eventually(lambda: _entries(daemon, "acct-y", 1))
+        await eventually(lambda: _entries(daemon, "acct-x", 1))
+
+        def corrupt() -> None:
+            with sqlite3.connect(cfg.sqlite.path, timeout=5) as conn:
+                conn.execute(
+                    "UPDATE saga SET state = ? WHERE correlation_id = 'acct-x'",
+                    (b'{"balance": "twelve"}',),
+                )
+
+        await anyio.to_thread.run_sync(corrupt)
+        await publish(
+            daemon,
+            [
+                entry_message("acct-x", "x2", Decimal(1)),
+                entry_message("acct-y", "y2", Decimal(1)),
+            ],
+        )
+        (row,) = await dead_letters(daemon, 1)
+        await eventually(lambda: _entries(daemon, "acct-y", 2))
+        tree = await DaemonControl(daemon).actors()
+
+    assert (row.message_id, row.reason, row.attempts) == (
+        "demo-x2",
+        "state_undecodable",
+        1,
+    )
+    assert "does not decode" in row.detail
+    assert _restarts(tree) == 0
+
+
+def _restarts(node: dict[str, Any]) -> int:
+    """Restarts anywhere in a supervision tree (``brokerctl actors``)."""
+    return int(node.get("restarts", 0)) + sum(
+        _restarts(child) for child in node.get("children", ())
+    )
+
+
+async def _entries(daemon: Daemon, account: str, n: int) -> bool:
+    rec = await daemon.runtime.store.load_saga("ledger", account)
+    return (
+        rec is not None
+        and msgspec.json.decode(rec.state, type=LedgerState).entries == n
+    )
