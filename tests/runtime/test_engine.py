@@ -12,6 +12,7 @@ from typing import Any
 import anyio
 import msgspec
 import pytest
+from structlog.testing import capture_logs
 
 from actors.demo import entry_message
 from actors.ledger import LedgerState
@@ -21,6 +22,7 @@ from broker.errors import SupervisorGaveUp
 from broker.handler import DaemonControl
 from broker.outbox import OutboxFeed
 from broker.store import BatchWrite, DeadLetterFilter, DeadLetterRecord, DeadLetterRow
+from broker.store.sqlite import SqliteStore
 from broker.transport import Delivery, OutgoingMessage, PublishOutcome
 from canonical import Envelope, LedgerEntryApplied
 from tests.polling import eventually
@@ -450,3 +452,32 @@ async def _entries(daemon: Daemon, account: str, n: int) -> bool:
         rec is not None
         and msgspec.json.decode(rec.state, type=LedgerState).entries == n
     )
+
+
+async def test_a_failing_prune_is_logged_and_restarts_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Housekeeping that fails for a reason nobody foresaw stays housekeeping."""
+    calls = 0
+
+    async def broken_prune(self: SqliteStore, **_: object) -> dict[str, int]:
+        nonlocal calls
+        calls += 1
+        raise RuntimeError("a view depends on this partition")
+
+    monkeypatch.setattr(SqliteStore, "prune", broken_prune)
+    with capture_logs() as logs:
+        async with running(config(tmp_path)) as daemon:
+
+            async def failed() -> bool:
+                return any(line["event"] == "store_prune_failed" for line in logs)
+
+            await eventually(failed)
+            await publish(daemon, [entry_message("acct-p", "p1", Decimal(1))])
+            await eventually(lambda: _entries(daemon, "acct-p", 1))
+            tree = await DaemonControl(daemon).actors()
+
+    assert calls == 1
+    assert _restarts(tree) == 0
+    (line,) = [line for line in logs if line["event"] == "store_prune_failed"]
+    assert line["log_level"] == "error"
