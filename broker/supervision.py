@@ -244,6 +244,9 @@ class Supervisor:
         self._stop_requested = False
         self._starting: tuple[_Slot, anyio.CancelScope] | None = None
         self._tg: anyio.abc.TaskGroup | None = None
+        #: Operators' restarts, by child id, each with the event set once done;
+        #: carried out by this supervisor's own loop (`_restart_requested`).
+        self._restart_requests: dict[str, anyio.Event] = {}
 
     @property
     def id(self) -> str:
@@ -268,6 +271,8 @@ class Supervisor:
                 gave_up = await self._supervise(started)
         finally:
             self.running = False
+            for done in self._restart_requests.values():
+                done.set()  # each requester learns the supervisor stopped
         if gave_up is not None:
             raise gave_up
 
@@ -291,22 +296,50 @@ class Supervisor:
         """Stop one child (within its ``shutdown_s``) and start it again.
 
         The operator's restart: it ignores the restart type, restarts no
-        siblings, and does not count against the intensity.
+        siblings, and does not count against the intensity. This supervisor's
+        own loop carries it out, as OTP's supervisor handles
+        ``restart_child`` in its process: a caller that gives up waiting (a
+        control request past its deadline) does not leave the child stopped
+        half-way. A second request for the same child while one is under way
+        waits for that one.
 
         Raises:
             KeyError: no such child.
-            ActorStopped: this supervisor is not running.
+            ActorStopped: this supervisor is not running, or stopped before
+                the child was started again.
         """
         slot = next((s for s in self._slots if s.id == child_id), None)
         if slot is None:
             raise KeyError(f"supervisor {self.id!r} has no child {child_id!r}")
-        async with self._lock:
-            if self._stop_requested or not self.running:
-                raise ActorStopped(f"supervisor {self.id!r} is not running")
+        if not self._accepting():
+            raise ActorStopped(f"supervisor {self.id!r} is not running")
+        done = self._restart_requests.get(child_id)
+        if done is None:
+            done = self._restart_requests[child_id] = anyio.Event()
             self._log.info("actor_restart_requested", actor=child_id)
-            await self._stop(slot)
-            slot.wanted = True
-            await self._start(slot)
+            self._wakeup.set()
+        await done.wait()
+        if not self._accepting():
+            raise ActorStopped(
+                f"supervisor {self.id!r} stopped before {child_id!r} restarted"
+            )
+
+    def _accepting(self) -> bool:
+        """Running, and not asked to stop: an operator's restart may be made."""
+        return self.running and not self._stop_requested
+
+    async def _restart_requested(self) -> None:
+        """Carry out the operators' restarts, in the order they were asked for."""
+        while self._restart_requests and not self._stop_requested:
+            child_id, done = next(iter(self._restart_requests.items()))
+            slot = next(s for s in self._slots if s.id == child_id)
+            try:
+                await self._stop(slot)
+                slot.wanted = True
+                await self._start(slot)
+            finally:
+                del self._restart_requests[child_id]
+                done.set()
 
     def status(self, *, restarts: int = 0) -> NodeStatus:
         """This subtree as plain data; ``restarts`` is the parent's count."""
@@ -323,6 +356,7 @@ class Supervisor:
         announced = False
         while True:
             async with self._lock:
+                await self._restart_requested()
                 gave_up = await self._converge()
                 if gave_up is not None or self._stop_requested:
                     await self._stop_all()

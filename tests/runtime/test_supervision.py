@@ -14,6 +14,7 @@ from broker.actor import Actor, ActorRef, Context
 from broker.errors import ActorStopped, SupervisorGaveUp
 from broker.supervision import ChildSpec, Restart, Strategy, SupervisorSpec
 from broker.system import ActorSystem
+from tests.polling import eventually
 from tests.runtime.journal import Journal
 
 pytestmark = pytest.mark.anyio
@@ -456,6 +457,54 @@ async def test_operator_restart_restarts_one_child_without_using_intensity() -> 
             await system.restart("nobody")
         with pytest.raises(ValueError, match="root"):
             await system.restart("root")
+
+
+async def test_an_operator_restart_is_carried_out_when_its_caller_gives_up() -> None:
+    """The caller's deadline passes while the child stops: it still comes back.
+
+    The control socket cancels a request past its deadline; the restart it
+    asked for is the supervisor's to finish, not left with the child stopped.
+    """
+    journal = Journal()
+    stopping, finish = anyio.Event(), anyio.Event()
+
+    class SlowStop(Actor[None]):
+        async def on_start(self, ctx: Context) -> None:
+            journal.add("slow start")
+
+        async def handle(self, msg: None, ctx: Context) -> None:
+            """Takes no messages."""
+
+        async def on_stop(self, ctx: Context) -> None:
+            stopping.set()
+            await finish.wait()
+            journal.add("slow stop")
+
+    spec = SupervisorSpec(
+        id="root",
+        children=[
+            ChildSpec(id="slow", start=SlowStop, shutdown_s=10),
+            *members(journal, ["b"]),
+        ],
+    )
+    async with running(spec) as system:
+        journal.take()
+        with anyio.move_on_after(5) as waited:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(system.restart, "slow")
+                await stopping.wait()
+                tg.cancel_scope.cancel()  # the caller gives up mid-stop
+        assert not waited.cancel_called
+        finish.set()
+
+        async def back() -> bool:
+            child = system.tree()["children"][0]
+            return bool(child["state"] == "running" and child["restarts"] == 1)
+
+        await eventually(back, timeout_s=5)
+        with anyio.fail_after(5):
+            await system.restart("b")  # the supervisor takes requests still
+    assert journal.take()[:2] == ["slow stop", "slow start"]
 
 
 async def test_a_stop_during_a_slow_on_start_is_bounded_by_shutdown_s() -> None:
