@@ -55,22 +55,38 @@ _REFUSED_MAX_S = 30.0
 class OutboxFeed:
     """The bounded in-memory hand-over from committing shards to the relay.
 
-    Bounded in batches: when the relay falls behind, ``put`` waits, the
-    shard stops taking deliveries, and RabbitMQ holds the backlog.
+    Bounded in batches and in rows: one batch is a whole commit group's rows
+    (its shards times ``batch-max`` messages times what each emits), so a count of
+    batches alone would let a stalled relay (a RabbitMQ memory alarm blocks
+    publishing while consumers drain) hold gigabytes. When either bound is
+    reached, ``put`` waits, the shard stops taking deliveries, and RabbitMQ
+    holds the backlog. A batch is taken whole while the feed holds fewer
+    than *max_rows* rows, so a group larger than the bound still passes.
     """
 
-    def __init__(self, max_batches: int = 64) -> None:
+    def __init__(self, max_batches: int = 64, max_rows: int = 16_000) -> None:
         send: ObjectSendStream[list[OutboxRow]]
         receive: ObjectReceiveStream[list[OutboxRow]]
         send, receive = anyio.create_memory_object_stream[list[OutboxRow]](max_batches)
         self._send = send
-        self.receive = receive
+        self._receive = receive
         self.max_batches = max_batches
+        self.max_rows = max_rows
+        self._rows = 0
+        self._room = anyio.Event()
 
     async def put(self, rows: list[OutboxRow]) -> None:
         """Hand *rows* (already committed) to the relay, waiting for room."""
-        if rows:
+        if not rows:
+            return
+        while self._rows >= self.max_rows:
+            await self._room.wait()
+        self._rows += len(rows)
+        try:
             await self._send.send(rows)
+        except BaseException:
+            self._taken(len(rows))
+            raise
 
     def offer(self, rows: list[OutboxRow]) -> bool:
         """Hand *rows* over if there is room now; False leaves them to the poller.
@@ -81,24 +97,58 @@ class OutboxFeed:
         """
         if not rows:
             return True
+        if self._rows >= self.max_rows:
+            return False
         try:
             self._send.send_nowait(rows)
         except (anyio.WouldBlock, anyio.ClosedResourceError):
             return False
+        self._rows += len(rows)
         return True
+
+    async def take(self) -> list[OutboxRow]:
+        """The next batch of rows, waiting for one.
+
+        Raises:
+            anyio.EndOfStream: the feed was closed.
+        """
+        rows = await self._receive.receive()
+        self._taken(len(rows))
+        return rows
+
+    def take_nowait(self) -> list[OutboxRow]:
+        """The next batch of rows if one is waiting.
+
+        Raises:
+            anyio.WouldBlock: none is.
+        """
+        rows = self._receive.receive_nowait()
+        self._taken(len(rows))
+        return rows
+
+    def _taken(self, n: int) -> None:
+        self._rows -= n
+        if self._rows < self.max_rows:
+            self._room.set()
+            self._room = anyio.Event()
 
     def close(self) -> None:
         """Close both ends; rows left inside are leased in the outbox and recovered."""
         self._send.close()
-        self.receive.close()
+        self._receive.close()
 
     @property
     def fill(self) -> int:
         """Batches waiting for the relay."""
         return self._send.statistics().current_buffer_used
 
+    @property
+    def rows(self) -> int:
+        """Rows waiting for the relay."""
+        return self._rows
+
     def __repr__(self) -> str:
-        return f"<OutboxFeed {self.fill}/{self.max_batches}>"
+        return f"<OutboxFeed {self.fill}/{self.max_batches} batches, {self._rows} rows>"
 
 
 def unpublishable(row: OutboxRow) -> str | None:
@@ -194,7 +244,7 @@ class OutboxRelay(Actor[None]):
         """Publish what the feed still holds, within the shutdown grace."""
         while True:
             try:
-                rows = self._feed.receive.receive_nowait()
+                rows = self._feed.take_nowait()
             except anyio.WouldBlock:
                 break
             await self._publish(rows, ctx)
@@ -202,13 +252,16 @@ class OutboxRelay(Actor[None]):
         await self._delete_confirmed(ctx)
 
     async def _work(self, ctx: Context[None]) -> None:
-        receive = self._feed.receive
+        feed = self._feed
         limit = self._core.relay_batch
-        async for first in receive:
-            rows = list(first)
+        while True:
+            try:
+                rows = list(await feed.take())
+            except anyio.EndOfStream:
+                return
             while len(rows) < limit:
                 try:
-                    rows.extend(receive.receive_nowait())
+                    rows.extend(feed.take_nowait())
                 except anyio.WouldBlock:
                     break
             await self._publish(rows, ctx)

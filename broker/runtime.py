@@ -51,7 +51,8 @@ class Runtime:
         self.cfg = cfg
         self.metrics = Metrics()
         self.crash = CrashHook(cfg.testing)
-        self.feed = OutboxFeed()
+        #: Rows bounded to 16 relay rounds: what a stalled relay may hold.
+        self.feed = OutboxFeed(max_rows=16 * cfg.core.relay_batch)
         self.retry = RetryPolicy(
             cfg.topology.retry_tiers_s, max_attempts=cfg.core.max_attempts
         )

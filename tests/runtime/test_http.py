@@ -527,7 +527,7 @@ async def test_an_unparseable_payload_is_400_and_dead_lettered_with_its_bytes() 
         assert s.depth() == 0
         assert s.counted("schema_invalid") == 1
         # Its copy for q2c.dead was written with it and handed to the relay.
-        (copy,) = s.rt.feed.receive.receive_nowait()
+        (copy,) = s.rt.feed.take_nowait()
         assert (copy.exchange, copy.message_id) == ("q2c.dead", row.message_id)
         assert copy.body == body
         assert copy.headers is not None
