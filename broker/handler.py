@@ -16,7 +16,7 @@ import anyio
 import msgspec
 import structlog
 
-from broker.control.protocol import dead_letter_view
+from broker.control.protocol import dead_letter_view, parked_outbox_view
 from broker.errors import ControlError, StoreUnavailable
 from broker.gcwatch import gc_status
 from broker.store import DeadLetterFilter, HoldRefused, SystemPause
@@ -141,6 +141,68 @@ class DaemonControl:
     async def dlq_purge(self, flt: DeadLetterFilter, *, dry_run: bool) -> list[int]:
         """Drop matching dead letters' bodies and mark them purged."""
         return await self._d.runtime.store.purge_dead_letters(flt, dry_run=dry_run)
+
+    async def outbox_list(self, limit: int) -> list[dict[str, Any]]:
+        """Parked outbox rows, newest first, without bodies or headers."""
+        rows = await self._d.runtime.store.list_parked_outbox(limit=limit)
+        return [parked_outbox_view(r) for r in rows]
+
+    async def outbox_show(self, row_id: int) -> dict[str, Any]:
+        """One parked outbox row, with headers and body (text if UTF-8, else base64).
+
+        Raises:
+            KeyError: no parked outbox row with that id (sent, retried,
+                purged, or never there).
+        """
+        row = await self._d.runtime.store.parked_outbox(row_id)
+        if row is None:
+            raise KeyError(f"no parked outbox row {row_id}")
+        return parked_outbox_view(row)
+
+    async def outbox_retry(
+        self, ids: tuple[int, ...] | None, *, dry_run: bool, by: str
+    ) -> dict[str, Any]:
+        """Unpark rows (*ids*, or all with None): the relay publishes them again.
+
+        The relay's poller claims them within ``[core] relay-poll-s``, as it
+        does replayed dead letters. Each id named that is not parked any
+        more is named under ``skipped`` and left alone.
+
+        Returns:
+            ``{"retried": [ids], "skipped": [{"id", "reason": "not_parked"}]}``
+        """
+        retried = await self._d.runtime.store.retry_parked_outbox(ids, dry_run=dry_run)
+        skipped = _skipped(ids, retried)
+        if not dry_run:
+            # Counts and the peer: the ids may be many, and bodies never belong.
+            _log.info(
+                "outbox_rows_retried",
+                count=len(retried),
+                skipped=len(skipped),
+                all=ids is None,
+                by=by,
+            )
+        return {"retried": retried, "skipped": skipped}
+
+    async def outbox_purge(
+        self, ids: tuple[int, ...] | None, *, dry_run: bool, by: str
+    ) -> dict[str, Any]:
+        """Delete parked rows (*ids*, or all with None); skip those not parked.
+
+        Returns:
+            ``{"purged": [ids], "skipped": [{"id", "reason": "not_parked"}]}``
+        """
+        purged = await self._d.runtime.store.purge_parked_outbox(ids, dry_run=dry_run)
+        skipped = _skipped(ids, purged)
+        if not dry_run:
+            _log.info(
+                "outbox_rows_purged",
+                count=len(purged),
+                skipped=len(skipped),
+                all=ids is None,
+                by=by,
+            )
+        return {"purged": purged, "skipped": skipped}
 
     async def hold_list(
         self, workflow: str | None, *, limit: int
@@ -327,6 +389,16 @@ class DaemonControl:
                 if name.startswith("q2c.")
             ],
         }
+
+
+def _skipped(ids: tuple[int, ...] | None, acted: list[int]) -> list[dict[str, Any]]:
+    """The ids named but not acted on: no longer parked (or never there)."""
+    hit = set(acted)
+    return [
+        {"id": i, "reason": "not_parked"}
+        for i in dict.fromkeys(ids or ())
+        if i not in hit
+    ]
 
 
 def _pause_result(pause: SystemPause) -> dict[str, Any]:

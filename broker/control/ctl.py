@@ -23,6 +23,8 @@ from broker.control.client import ControlClient, DaemonUnreachable
 from broker.control.ctl_views import (
     block,
     cell,
+    outbox_acted,
+    parked_rows,
     paused,
     queue_table,
     resumed,
@@ -40,6 +42,10 @@ from broker.control.protocol import (
     DrainRequest,
     HoldListRequest,
     HoldReleaseRequest,
+    OutboxListRequest,
+    OutboxPurgeRequest,
+    OutboxRetryRequest,
+    OutboxShowRequest,
     PauseRequest,
     QueuesRequest,
     Request,
@@ -95,7 +101,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
-    """The argument parser, and the replay/purge sub-parsers (for their guard)."""
+    """The argument parser, and the sub-parsers whose guard `_request` applies.
+
+    Those of ``dlq replay``/``purge`` (by action) and of ``outbox retry``/``purge``.
+    """
     parser = argparse.ArgumentParser(
         prog="brokerctl",
         description="Inspect and steer a running brokerd over its control socket.",
@@ -154,6 +163,7 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
         destructive.add_argument(
             "--all", action="store_true", help="allow acting without ids or a filter"
         )
+    guarded = {"replay": replay, "purge": purge, **_outbox_parser(commands)}
 
     hold = commands.add_parser("hold", help="held workflow instances: list, release")
     hold_actions = hold.add_subparsers(dest="action", metavar="ACTION", required=True)
@@ -219,7 +229,37 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
         "correlation_id", metavar="CORRELATION_ID"
     )
     _json_after_the_command(parser)
-    return parser, {"replay": replay, "purge": purge}
+    return parser, guarded
+
+
+def _outbox_parser(
+    commands: argparse._SubParsersAction[argparse.ArgumentParser],
+) -> dict[str, argparse.ArgumentParser]:
+    """``brokerctl outbox …``; returns its retry/purge sub-parsers (for their guard)."""
+    outbox = commands.add_parser(
+        "outbox",
+        help="parked outbox rows (unroutable, unpublishable): list, show, retry, purge",
+    )
+    actions = outbox.add_subparsers(dest="action", metavar="ACTION", required=True)
+    listing = actions.add_parser("list", help="list parked outbox rows, newest first")
+    listing.add_argument("--limit", metavar="N", type=_positive(int), default=100)
+    show = actions.add_parser("show", help="one parked outbox row, body included")
+    show.add_argument("id", type=_positive(int))
+    retry = actions.add_parser(
+        "retry",
+        help="publish parked rows again (after fixing the queue or binding)",
+        description="Unpark rows: the relay publishes them within [core] "
+        "relay-poll-s, under their own message ids. Rows no longer parked are "
+        "skipped. Returned unroutable again, a row is parked again.",
+    )
+    purge = actions.add_parser("purge", help="delete parked rows for good")
+    for acting in (retry, purge):
+        acting.add_argument("ids", nargs="*", type=_positive(int), metavar="ID")
+        acting.add_argument("--all", action="store_true", help="every parked row")
+        acting.add_argument(
+            "--dry-run", action="store_true", help="say what would happen; do nothing"
+        )
+    return {"outbox retry": retry, "outbox purge": purge}
 
 
 def _json_after_the_command(parser: argparse.ArgumentParser) -> None:
@@ -296,6 +336,8 @@ def _request(
             return PauseRequest(system=args.system, reason=args.reason)
         case "resume":
             return ResumeRequest(system=args.system)
+        case "outbox":
+            return _outbox_request(args, guarded)
     selection: dict[str, Any] = {name: getattr(args, name) for name in _FILTERS}
     selection["status"] = None if args.status == "any" else args.status
     selection["limit"] = args.limit
@@ -313,6 +355,29 @@ def _request(
     if args.action == "replay":
         return DlqReplayRequest(max_replays=args.max_replays, **selection)
     return DlqPurgeRequest(**selection)
+
+
+def _outbox_request(
+    args: argparse.Namespace, guarded: dict[str, argparse.ArgumentParser]
+) -> Request:
+    """``outbox`` arguments as a request (exit 2: retry/purge take ids xor --all)."""
+    match args.action:
+        case "list":
+            return OutboxListRequest(limit=args.limit)
+        case "show":
+            return OutboxShowRequest(id=args.id)
+    if bool(args.ids) == args.all:
+        guarded[f"outbox {args.action}"].error(
+            f"name the parked rows to {args.action} (ID ...), or say --all; not both"
+        )
+    if len(args.ids) > _MAX_LIMIT:
+        guarded[f"outbox {args.action}"].error(
+            f"at most {_MAX_LIMIT} ids at a time; use --all for every parked row"
+        )
+    selection = {"ids": tuple(args.ids), "all": args.all, "dry_run": args.dry_run}
+    if args.action == "retry":
+        return OutboxRetryRequest(**selection)
+    return OutboxPurgeRequest(**selection)
 
 
 def _positive(kind: type[int] | type[float]) -> Any:
@@ -343,6 +408,12 @@ def render(req: Request, result: Any) -> str:
             return _replayed(req, result, dry_run)
         case DlqPurgeRequest(dry_run=dry_run) if isinstance(result, list):
             return _ids("purge", "purged", result, dry_run, _capped(req, result))
+        case OutboxListRequest(limit=limit) if isinstance(result, list):
+            return parked_rows(result, limit)
+        case OutboxRetryRequest(dry_run=dry_run) if isinstance(result, dict):
+            return outbox_acted("retry", "retried", result, dry_run)
+        case OutboxPurgeRequest(dry_run=dry_run) if isinstance(result, dict):
+            return outbox_acted("purge", "purged", result, dry_run)
         case HoldListRequest(limit=limit) if isinstance(result, list):
             return _holds(result, limit)
         case HoldReleaseRequest() if isinstance(result, dict):

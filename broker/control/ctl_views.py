@@ -1,5 +1,7 @@
 """How ``brokerctl`` shows results to people: tables, blocks, lookups, queues.
 
+Also the parked outbox rows and what a retry or purge of them did.
+
 Every value printed goes through `cell`, which escapes control characters:
 ids, reasons and native ids come from outside systems, and printed raw an
 escape sequence in one could rewrite the operator's terminal.
@@ -21,6 +23,8 @@ __all__ = [
     "xref_entries",
     "xref_owner",
     "queue_table",
+    "parked_rows",
+    "outbox_acted",
     "paused",
     "resumed",
 ]
@@ -78,6 +82,53 @@ def queue_table(result: dict[str, Any]) -> str:
         f"{table(headers, rows)}\n{len(rows)} queue{'s' if len(rows) != 1 else ''} "
         f"on {where}: {ready} ready, {unacked} unacked"
     )
+
+
+def parked_rows(rows: list[Any], limit: int) -> str:
+    """The table of parked outbox rows, newest first, and how many there are."""
+    shown = [r for r in rows if isinstance(r, dict)]
+    if not shown:
+        return "no parked outbox rows"
+    lines = [
+        [
+            cell(r.get("id")),
+            cell(r.get("message_id")),
+            "(default)" if r.get("exchange") == "" else cell(r.get("exchange")),
+            cell(r.get("routing_key")),
+            cell(r.get("type")),
+            cell(r.get("correlation_id")),
+            cell(r.get("size_bytes")),
+            when(r.get("created_at")),
+            cell(r.get("reason")),
+        ]
+        for r in shown
+    ]
+    headers = ["ID", "MESSAGE ID", "EXCHANGE", "ROUTING KEY", "TYPE"]
+    headers += ["CORRELATION ID", "BYTES", "CREATED", "REASON"]
+    more = " (limit reached: raise --limit to see more)" if len(lines) >= limit else ""
+    plural = "s" if len(lines) != 1 else ""
+    return f"{table(headers, lines)}\n{len(lines)} parked outbox row{plural}{more}"
+
+
+def outbox_acted(verb: str, done: str, result: dict[str, Any], dry_run: bool) -> str:
+    """What an outbox retry or purge did (or, dry, would do), and what it skipped.
+
+    *verb* is ``retry`` or ``purge``, *done* its past tense and the result's
+    key of the ids acted on.
+    """
+    ids = [i for i in result.get(done) or () if isinstance(i, int)]
+    count = f"{len(ids)} parked outbox row{'s' if len(ids) != 1 else ''}"
+    named = f"{count}: {', '.join(cell(i) for i in ids)}" if ids else count
+    lines = [f"would {verb} {named} (dry run)" if dry_run else f"{done} {named}"]
+    if ids and verb == "retry" and not dry_run:
+        lines.append("the relay publishes them within [core] relay-poll-s")
+    skipped = [s.get("id") for s in result.get("skipped") or () if isinstance(s, dict)]
+    if skipped:
+        lines.append(
+            f"skipped {len(skipped)} (not parked: sent, retried or purged already, "
+            f"or no such row): {', '.join(cell(i) for i in skipped)}"
+        )
+    return "\n".join(lines)
 
 
 def paused(result: dict[str, Any]) -> str:

@@ -24,7 +24,7 @@ import msgspec
 from msgspec import Meta
 
 from broker.errors import ControlError
-from broker.store import DeadLetterFilter, DeadLetterRow
+from broker.store import DeadLetterFilter, DeadLetterRow, ParkedOutboxRow
 
 __all__ = [
     # Requests
@@ -34,6 +34,10 @@ __all__ = [
     "DlqShowRequest",
     "DlqReplayRequest",
     "DlqPurgeRequest",
+    "OutboxListRequest",
+    "OutboxShowRequest",
+    "OutboxRetryRequest",
+    "OutboxPurgeRequest",
     "HoldListRequest",
     "HoldReleaseRequest",
     "DrainRequest",
@@ -52,6 +56,7 @@ __all__ = [
     "RequestRefused",
     "ActorNode",
     "dead_letter_view",
+    "parked_outbox_view",
     # Framing
     "command_name",
     "encode_request",
@@ -187,6 +192,58 @@ class DlqPurgeRequest(_Selection, frozen=True, tag="dlq_purge"):
             raise ValueError(_UNFILTERED.format(verb="purge"))
 
 
+class OutboxListRequest(_Command, frozen=True, tag="outbox_list"):
+    """List parked outbox rows (unroutable or unpublishable), newest first."""
+
+    limit: Annotated[int, Meta(ge=1, le=10_000)] = 100
+
+
+class OutboxShowRequest(_Command, frozen=True, tag="outbox_show"):
+    """One parked outbox row in full, body included."""
+
+    id: RowId
+
+
+class _ParkedSelection(_Command, frozen=True):
+    """Which parked outbox rows a retry or purge acts on: ``ids``, or ``all``.
+
+    Exactly one of the two: acting on every parked row must be a deliberate
+    act, and ids with ``all`` would be ambiguous.
+
+    Raises:
+        ValueError: on construction (or ``ValidationError`` on decode) when
+            neither or both are given.
+    """
+
+    ids: Annotated[tuple[RowId, ...], Meta(max_length=10_000)] = ()
+    all: bool = False
+    dry_run: bool = False
+
+    def __post_init__(self) -> None:
+        if bool(self.ids) == self.all:
+            verb = str(self.__struct_config__.tag).removeprefix("outbox_")
+            raise ValueError(
+                f"name the parked outbox rows to {verb} by id, or say all=true "
+                "(not both)"
+            )
+
+    def selected(self) -> tuple[int, ...] | None:
+        """The ids named, or None for every parked row."""
+        return None if self.all else self.ids
+
+
+class OutboxRetryRequest(_ParkedSelection, frozen=True, tag="outbox_retry"):
+    """Unpark parked outbox rows: the relay publishes them again.
+
+    For rows parked unroutable once the missing queue or binding exists.
+    Rows no longer parked are skipped, not touched.
+    """
+
+
+class OutboxPurgeRequest(_ParkedSelection, frozen=True, tag="outbox_purge"):
+    """Delete parked outbox rows for good; rows no longer parked are skipped."""
+
+
 class HoldListRequest(_Command, frozen=True, tag="hold_list"):
     """List held workflow instances (of one ``workflow``, or all), longest held first.
 
@@ -277,6 +334,10 @@ Request = (
     | DlqShowRequest
     | DlqReplayRequest
     | DlqPurgeRequest
+    | OutboxListRequest
+    | OutboxShowRequest
+    | OutboxRetryRequest
+    | OutboxPurgeRequest
     | HoldListRequest
     | HoldReleaseRequest
     | DrainRequest
@@ -345,6 +406,25 @@ def dead_letter_view(row: DeadLetterRow, *, body: bool = False) -> dict[str, Any
     view: dict[str, Any] = msgspec.to_builtins(row)
     del view["body"]
     if not body:
+        del view["headers"]
+        return view
+    try:
+        view["body"] = row.body.decode("utf-8")
+    except UnicodeDecodeError:
+        view["body_b64"] = msgspec.to_builtins(row.body)
+    return view
+
+
+def parked_outbox_view(row: ParkedOutboxRow) -> dict[str, Any]:
+    """A parked outbox row as a JSON-ready dict, for ``outbox_list`` and ``_show``.
+
+    A listed row (no body) leaves out its headers too, as `dead_letter_view`
+    does; a shown one has its body as text when it is UTF-8 and as
+    ``body_b64`` otherwise.
+    """
+    view: dict[str, Any] = msgspec.to_builtins(row)
+    del view["body"]
+    if row.body is None:
         del view["headers"]
         return view
     try:

@@ -43,6 +43,10 @@ from broker.control.protocol import (
     DrainRequest,
     HoldListRequest,
     HoldReleaseRequest,
+    OutboxListRequest,
+    OutboxPurgeRequest,
+    OutboxRetryRequest,
+    OutboxShowRequest,
     PauseRequest,
     QueuesRequest,
     Reply,
@@ -102,6 +106,26 @@ class ControlHandler(Protocol):
 
     async def dlq_purge(self, flt: DeadLetterFilter, /, *, dry_run: bool) -> list[int]:
         """Purge matching dead letters; return the ids (to be) purged."""
+        ...
+
+    async def outbox_list(self, limit: int, /) -> list[dict[str, Any]]:
+        """Parked outbox rows, newest first (see `parked_outbox_view`)."""
+        ...
+
+    async def outbox_show(self, id: int, /) -> dict[str, Any]:
+        """One parked outbox row with its body (see `parked_outbox_view`)."""
+        ...
+
+    async def outbox_retry(
+        self, ids: tuple[int, ...] | None, /, *, dry_run: bool, by: str
+    ) -> dict[str, Any]:
+        """Unpark rows (None: all); *by* names the peer (``uid 1000``)."""
+        ...
+
+    async def outbox_purge(
+        self, ids: tuple[int, ...] | None, /, *, dry_run: bool, by: str
+    ) -> dict[str, Any]:
+        """Delete parked rows (None: all); *by* names the peer (``uid 1000``)."""
         ...
 
     async def hold_list(
@@ -348,6 +372,18 @@ class ControlServer:
                 )
             case DlqPurgeRequest(dry_run=dry_run):
                 return await handler.dlq_purge(req.to_filter(), dry_run=dry_run)
+            case OutboxListRequest(limit=limit):
+                return await handler.outbox_list(limit)
+            case OutboxShowRequest(id=row_id):
+                return await handler.outbox_show(row_id)
+            case OutboxRetryRequest(dry_run=dry_run):
+                return await handler.outbox_retry(
+                    req.selected(), dry_run=dry_run, by=f"uid {uid}"
+                )
+            case OutboxPurgeRequest(dry_run=dry_run):
+                return await handler.outbox_purge(
+                    req.selected(), dry_run=dry_run, by=f"uid {uid}"
+                )
             case HoldListRequest(workflow=workflow, limit=limit):
                 return await handler.hold_list(workflow, limit=limit)
             case HoldReleaseRequest(workflow=workflow, correlation_id=correlation_id):

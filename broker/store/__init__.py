@@ -13,9 +13,11 @@ batch carries the *holds* of ordered workflows: an instance whose message
 was parked (dead-lettered or sent to retry) is held by that message, and its
 later messages are recorded as dead letters of status ``held`` instead of
 being applied, until the blocker is applied or purged (see `broker.commit`).
-Outbox rows may be delayed (`OutboxRecord.delay_s`), and the cross-reference
-registry (`broker.xref`) and the operators' paused systems
-(`broker.store.pauses`) live here too.
+Outbox rows may be delayed (`OutboxRecord.delay_s`); rows the relay parked
+(unroutable, or no AMQP frame can carry them) wait for an operator to retry
+or purge them (`ParkedOutboxRow`). The cross-reference registry
+(`broker.xref`) and the operators' paused systems (`broker.store.pauses`)
+live here too.
 
 Every driver exception is translated where the driver is called:
 `StoreUnavailable` (retry later) or a bug.
@@ -23,7 +25,7 @@ Every driver exception is translated where the driver is called:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import date, datetime
 from typing import Any, Final, Literal, Protocol
 
@@ -38,6 +40,9 @@ __all__ = [
     "SagaWrite",
     "OutboxRecord",
     "OutboxRow",
+    "ParkedOutboxRow",
+    "PARKED_CHUNK",
+    "in_chunks",
     "DeadLetterRecord",
     "DeadLetterRow",
     "DeadLetterFilter",
@@ -128,6 +133,70 @@ class OutboxRow(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     type: str | None
     headers: dict[str, str | int]
     attempts: int
+
+
+class ParkedOutboxRow(msgspec.Struct, frozen=True, kw_only=True):
+    """An outbox row the relay parked (`Store.park_outbox`), for an operator.
+
+    ``body`` is None in listings (`Store.list_parked_outbox`), which carry
+    its ``size_bytes`` only, so that a listing stays small whatever the
+    bodies weigh.
+    """
+
+    id: int
+    message_id: str
+    exchange: str
+    routing_key: str
+    correlation_id: str | None
+    type: str | None
+    headers: dict[str, Any]
+    attempts: int
+    #: Why the relay parked it (``parked_reason``).
+    reason: str
+    created_at: datetime
+    size_bytes: int
+    body: bytes | None = None
+
+
+#: How many parked outbox rows one statement of a retry or purge touches.
+PARKED_CHUNK: Final = 1000
+
+
+async def in_chunks(
+    ids: Sequence[int] | None,
+    *,
+    chunk: int,
+    page: Callable[[int, int], Awaitable[list[int]]],
+    act: Callable[[list[int]], Awaitable[list[int]]],
+) -> list[int]:
+    """Apply *act* to *ids* (or, None, to every row *page* finds), *chunk* at a time.
+
+    Internal: the loop both stores run for an operator's retry or purge of
+    parked outbox rows. *page(after, limit)* returns the ids of up to
+    *limit* parked rows above id *after*, in ascending order; *act* acts on
+    at most *chunk* ids and returns those it acted on. Each chunk commits on
+    its own, so a run cut short has done whole chunks, and repeating it
+    does the rest.
+
+    Returns:
+        The ids acted on, ascending.
+    """
+    done: list[int] = []
+    if ids is not None:
+        named = sorted(set(ids))
+        for start in range(0, len(named), chunk):
+            done.extend(await act(named[start : start + chunk]))
+        return sorted(done)
+    after = 0
+    while True:
+        found = await page(after, chunk)
+        if found:
+            done.extend(await act(found))
+        if len(found) < chunk:
+            # Ids only grow: a row parked meanwhile above *after* is seen by
+            # a later page, one below it was not parked when its page ran.
+            return sorted(done)
+        after = found[-1]
 
 
 class DeadLetterRecord(msgspec.Struct, frozen=True, kw_only=True):
@@ -390,6 +459,51 @@ class Store(Protocol):
 
     async def park_outbox(self, ids: Sequence[int], *, reason: str) -> None:
         """Stop retrying rows that cannot be routed; they stay for an operator."""
+        ...
+
+    async def list_parked_outbox(self, *, limit: int) -> list[ParkedOutboxRow]:
+        """Parked, unsent outbox rows, newest first, without bodies (``body`` None)."""
+        ...
+
+    async def parked_outbox(self, id: int, /) -> ParkedOutboxRow | None:
+        """Parked, unsent outbox row *id* with its body (None: no such parked row)."""
+        ...
+
+    async def retry_parked_outbox(
+        self,
+        ids: Sequence[int] | None,
+        *,
+        dry_run: bool = False,
+        chunk: int = PARKED_CHUNK,
+    ) -> list[int]:
+        """Unpark rows: the relay publishes them again, as if newly written.
+
+        Of *ids* (None: every parked row), each row still parked and unsent
+        loses its ``parked_reason`` and lease, is due now and starts its
+        attempts afresh; the relay's poller claims it within ``[core]
+        relay-poll-s``. Rows not parked (sent, retried or purged already, or
+        no such id) are left as they are. At most *chunk* rows per statement,
+        each chunk committed on its own (`in_chunks`).
+
+        Returns:
+            The ids unparked (or, with *dry_run*, that would be), ascending.
+        """
+        ...
+
+    async def purge_parked_outbox(
+        self,
+        ids: Sequence[int] | None,
+        *,
+        dry_run: bool = False,
+        chunk: int = PARKED_CHUNK,
+    ) -> list[int]:
+        """Delete parked rows: of *ids* (None: all), those still parked and unsent.
+
+        Chunked like `retry_parked_outbox`; rows not parked are left as they are.
+
+        Returns:
+            The ids deleted (or, with *dry_run*, that would be), ascending.
+        """
         ...
 
     async def list_dead_letters(self, flt: DeadLetterFilter) -> list[DeadLetterRow]:

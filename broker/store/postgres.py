@@ -24,6 +24,7 @@ import structlog
 from broker.config import PostgresConfig, split_url
 from broker.errors import ConfigError
 from broker.store import (
+    PARKED_CHUNK,
     BatchRead,
     BatchWrite,
     DeadLetterFilter,
@@ -32,9 +33,11 @@ from broker.store import (
     InboxKey,
     JournalRow,
     OutboxRow,
+    ParkedOutboxRow,
     SagaRecord,
     SystemPause,
     XrefEntry,
+    in_chunks,
     leases,
     pauses,
     ratebuckets,
@@ -46,7 +49,9 @@ from broker.store.postgres_errors import commit_errors, store_errors
 from broker.store.postgres_pool import Connections, Pool, PoolConnection
 from broker.store.postgres_sql import EXACT_COUNT_CAP, MAINTENANCE_LOCK_TIMEOUT
 from broker.store.rows import (
+    Row,
     dead_letter_row,
+    decode_headers,
     encode_json,
     journal_row,
     normalized,
@@ -344,6 +349,49 @@ class PostgresStore:
         if ids:
             await self._execute(sql.PARK, list(ids), reason)
 
+    async def list_parked_outbox(self, *, limit: int) -> list[ParkedOutboxRow]:
+        """Parked rows, newest first, without bodies (read from outbox_parked)."""
+        return [_parked_row(r) for r in await self._fetch(sql.LIST_PARKED, limit)]
+
+    async def parked_outbox(self, id: int, /) -> ParkedOutboxRow | None:
+        """Parked row *id* with its body (None: no such parked row)."""
+        rows = await self._fetch(sql.SHOW_PARKED, id)
+        return _parked_row(rows[0], with_body=True) if rows else None
+
+    async def retry_parked_outbox(
+        self,
+        ids: Sequence[int] | None,
+        *,
+        dry_run: bool = False,
+        chunk: int = PARKED_CHUNK,
+    ) -> list[int]:
+        """Unpark rows still parked, *chunk* per statement (`Store`)."""
+        return await self._parked_chunks(sql.RETRY_PARKED, ids, dry_run, chunk)
+
+    async def purge_parked_outbox(
+        self,
+        ids: Sequence[int] | None,
+        *,
+        dry_run: bool = False,
+        chunk: int = PARKED_CHUNK,
+    ) -> list[int]:
+        """Delete rows still parked, *chunk* per statement (`Store`)."""
+        return await self._parked_chunks(sql.PURGE_PARKED, ids, dry_run, chunk)
+
+    async def _parked_chunks(
+        self, text: str, ids: Sequence[int] | None, dry_run: bool, chunk: int
+    ) -> list[int]:
+        async def page(after: int, limit: int) -> list[int]:
+            return [r[0] for r in await self._fetch(sql.PARKED_PAGE, after, limit)]
+
+        async def act(chunk_ids: list[int]) -> list[int]:
+            if dry_run and ids is None:
+                return chunk_ids  # just paged: parked
+            statement = sql.PARKED_AMONG if dry_run else text
+            return [r[0] for r in await self._fetch(statement, chunk_ids)]
+
+        return await in_chunks(ids, chunk=chunk, page=page, act=act)
+
     async def list_dead_letters(self, flt: DeadLetterFilter) -> list[DeadLetterRow]:
         """Dead letters matching *flt*, newest first."""
         rows = await self._fetch(
@@ -550,6 +598,24 @@ class PostgresStore:
     async def aclose(self) -> None:
         """Close the pool: wait for connections in use, up to the command timeout."""
         await self._connections.aclose()
+
+
+def _parked_row(r: Row, *, with_body: bool = False) -> ParkedOutboxRow:
+    """Decode `postgres_sql.LIST_PARKED`'s columns (and SHOW_PARKED's ``body``)."""
+    return ParkedOutboxRow(
+        id=r[0],
+        message_id=r[1],
+        exchange=r[2],
+        routing_key=r[3],
+        correlation_id=r[4],
+        type=r[5],
+        headers=decode_headers(r[6]),
+        attempts=r[7],
+        reason=r[8],
+        created_at=r[9],
+        size_bytes=r[10],
+        body=r[11] if with_body else None,
+    )
 
 
 def _check_dsn(dsn: str) -> None:

@@ -41,6 +41,12 @@ __all__ = [
     "DELETE_SENT",
     "RESCHEDULE",
     "PARK",
+    "LIST_PARKED",
+    "SHOW_PARKED",
+    "PARKED_PAGE",
+    "PARKED_AMONG",
+    "RETRY_PARKED",
+    "PURGE_PARKED",
     "LIST_DEAD_LETTERS",
     "REPLAYABLE",
     "REPLAY",
@@ -302,6 +308,46 @@ WHERE id = ANY($1::bigint[]) AND sent_at IS NULL
 PARK = """
 UPDATE outbox SET parked_reason = $2, lease_until = NULL
 WHERE id = ANY($1::bigint[]) AND sent_at IS NULL
+"""
+
+# Parked rows, for an operator: each statement reads outbox_parked (0008) or
+# probes the primary key, and touches at most the ids or LIMIT it is given.
+_PARKED = "parked_reason IS NOT NULL AND sent_at IS NULL"
+
+_PARKED_COLUMNS = """
+    id, message_id, exchange, routing_key, correlation_id, type, headers::text,
+    attempts, parked_reason, created_at, octet_length(body)
+"""
+
+LIST_PARKED = f"""
+SELECT {_PARKED_COLUMNS} FROM outbox WHERE {_PARKED} ORDER BY id DESC LIMIT $1
+"""
+
+SHOW_PARKED = f"""
+SELECT {_PARKED_COLUMNS}, body FROM outbox WHERE id = $1 AND {_PARKED}
+"""
+
+PARKED_PAGE = f"""
+SELECT id FROM outbox WHERE {_PARKED} AND id > $1 ORDER BY id LIMIT $2
+"""
+
+PARKED_AMONG = f"""
+SELECT id FROM outbox WHERE id = ANY($1::bigint[]) AND {_PARKED}
+"""
+
+# Unparked, a row is due now, unleased, and starts its attempts afresh: the
+# poller claims it as it claims a replay. The condition is checked again on
+# the row updated, so a row sent or retried meanwhile is left alone.
+RETRY_PARKED = f"""
+UPDATE outbox
+SET parked_reason = NULL, next_attempt_at = now(), lease_until = NULL, attempts = 0
+WHERE id = ANY($1::bigint[]) AND {_PARKED}
+RETURNING id
+"""
+
+PURGE_PARKED = f"""
+DELETE FROM outbox WHERE id = ANY($1::bigint[]) AND {_PARKED}
+RETURNING id
 """
 
 # $1..$5 select rows; every dead-letter statement below shares these parameters.

@@ -35,6 +35,7 @@ import structlog
 from broker.config import SqliteConfig
 from broker.errors import StoreUnavailable
 from broker.store import (
+    PARKED_CHUNK,
     BatchRead,
     BatchWrite,
     DeadLetterFilter,
@@ -43,9 +44,11 @@ from broker.store import (
     InboxKey,
     JournalRow,
     OutboxRow,
+    ParkedOutboxRow,
     SagaRecord,
     SystemPause,
     XrefEntry,
+    in_chunks,
     leases,
     pauses,
     ratebuckets,
@@ -54,7 +57,9 @@ from broker.store import sqlite_deadletter as deadletter
 from broker.store import sqlite_sql as sql
 from broker.store.migrate import apply_sqlite, load_migrations
 from broker.store.rows import (
+    Row,
     dead_letter_row,
+    decode_headers,
     encode_json,
     hold_row,
     journal_row,
@@ -279,6 +284,63 @@ class SqliteStore:
         if ids:
             params = {"ids": encode_json(list(ids)), "reason": reason}
             await self._locked(lambda conn: conn.execute(sql.PARK, params))
+
+    async def list_parked_outbox(self, *, limit: int) -> list[ParkedOutboxRow]:
+        """Parked rows, newest first, without bodies."""
+        rows = await self._locked(
+            lambda conn: conn.execute(sql.LIST_PARKED, (limit,)).fetchall()
+        )
+        return [_parked_row(r) for r in rows]
+
+    async def parked_outbox(self, id: int, /) -> ParkedOutboxRow | None:
+        """Parked row *id* with its body (None: no such parked row)."""
+        row = await self._locked(
+            lambda conn: conn.execute(sql.SHOW_PARKED, (id,)).fetchone()
+        )
+        return _parked_row(row, with_body=True) if row is not None else None
+
+    async def retry_parked_outbox(
+        self,
+        ids: Sequence[int] | None,
+        *,
+        dry_run: bool = False,
+        chunk: int = PARKED_CHUNK,
+    ) -> list[int]:
+        """Unpark rows still parked, *chunk* per statement (`Store`)."""
+        return await self._parked_chunks(sql.RETRY_PARKED, ids, dry_run, chunk)
+
+    async def purge_parked_outbox(
+        self,
+        ids: Sequence[int] | None,
+        *,
+        dry_run: bool = False,
+        chunk: int = PARKED_CHUNK,
+    ) -> list[int]:
+        """Delete rows still parked, *chunk* per statement (`Store`)."""
+        return await self._parked_chunks(sql.PURGE_PARKED, ids, dry_run, chunk)
+
+    async def _parked_chunks(
+        self, text: str, ids: Sequence[int] | None, dry_run: bool, chunk: int
+    ) -> list[int]:
+        """Each chunk in a lock of its own: batches commit between chunks."""
+
+        async def page(after: int, limit: int) -> list[int]:
+            rows = await self._locked(
+                lambda conn: conn.execute(sql.PARKED_PAGE, (after, limit)).fetchall()
+            )
+            return [r[0] for r in rows]
+
+        async def act(chunk_ids: list[int]) -> list[int]:
+            if dry_run and ids is None:
+                return chunk_ids  # just paged: parked
+            statement = sql.PARKED_AMONG if dry_run else text
+            params = {"ids": encode_json(chunk_ids), "now": self._clock()}
+            rows = await self._locked(
+                lambda conn: conn.execute(statement, params).fetchall()
+            )
+            return [r[0] for r in rows]
+
+        return await in_chunks(ids, chunk=chunk, page=page, act=act)
 
     async def list_dead_letters(self, flt: DeadLetterFilter) -> list[DeadLetterRow]:
         """Dead letters matching *flt*, newest first."""
@@ -529,6 +591,24 @@ class SqliteStore:
             if not self._closed:
                 await self._locked(lambda conn: conn.close())
                 self._closed = True
+
+
+def _parked_row(r: Row, *, with_body: bool = False) -> ParkedOutboxRow:
+    """Decode `sqlite_sql.LIST_PARKED`'s columns (and SHOW_PARKED's ``body``)."""
+    return ParkedOutboxRow(
+        id=r[0],
+        message_id=r[1],
+        exchange=r[2],
+        routing_key=r[3],
+        correlation_id=r[4],
+        type=r[5],
+        headers=decode_headers(r[6]),
+        attempts=r[7],
+        reason=r[8],
+        created_at=_utc(r[9]),
+        size_bytes=r[10],
+        body=r[11] if with_body else None,
+    )
 
 
 def _utc(ts: float) -> datetime:

@@ -45,6 +45,12 @@ __all__ = [
     "DELETE_SENT",
     "RESCHEDULE",
     "PARK",
+    "LIST_PARKED",
+    "SHOW_PARKED",
+    "PARKED_PAGE",
+    "PARKED_AMONG",
+    "RETRY_PARKED",
+    "PURGE_PARKED",
     "LIST_DEAD_LETTERS",
     "REPLAYABLE",
     "REPLAY",
@@ -330,6 +336,44 @@ WHERE {_IDS} AND sent_at IS NULL
 PARK = f"""
 UPDATE outbox SET parked_reason = :reason, lease_until = NULL
 WHERE {_IDS} AND sent_at IS NULL
+"""
+
+# Parked rows, for an operator, as in Postgres (`postgres_sql.LIST_PARKED`).
+# There is no outbox_parked index here: the outbox holds only unsent rows, and
+# the pages walk the primary key from :after, so together they read it once.
+_PARKED = "parked_reason IS NOT NULL AND sent_at IS NULL"
+
+_PARKED_COLUMNS = """
+    id, message_id, exchange, routing_key, correlation_id, type, headers,
+    attempts, parked_reason, created_at, length(body)
+"""
+
+LIST_PARKED = f"""
+SELECT {_PARKED_COLUMNS} FROM outbox WHERE {_PARKED} ORDER BY id DESC LIMIT ?
+"""
+
+SHOW_PARKED = f"""
+SELECT {_PARKED_COLUMNS}, body FROM outbox WHERE id = ? AND {_PARKED}
+"""
+
+PARKED_PAGE = f"""
+SELECT id FROM outbox WHERE {_PARKED} AND id > ? ORDER BY id LIMIT ?
+"""
+
+PARKED_AMONG = f"""
+SELECT id FROM outbox WHERE {_IDS} AND {_PARKED}
+"""
+
+RETRY_PARKED = f"""
+UPDATE outbox
+SET parked_reason = NULL, next_attempt_at = :now, lease_until = NULL, attempts = 0
+WHERE {_IDS} AND {_PARKED}
+RETURNING id
+"""
+
+PURGE_PARKED = f"""
+DELETE FROM outbox WHERE {_IDS} AND {_PARKED}
+RETURNING id
 """
 
 _DL_MATCH = """

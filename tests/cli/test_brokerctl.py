@@ -155,6 +155,34 @@ QUEUES = {
 }
 
 
+PARKED = [
+    {
+        "id": 42,
+        "message_id": "m-42",
+        "exchange": "",
+        "routing_key": "q2c.sys.erp_cloud",
+        "correlation_id": "deal-7",
+        "type": "erp.order.create",
+        "attempts": 1,
+        "reason": "unroutable (returned by the broker)",
+        "created_at": "2024-05-01T14:00:00+02:00",
+        "size_bytes": 312,
+    },
+    {
+        "id": 7,
+        "message_id": "m-7",
+        "exchange": "q2c.events",
+        "routing_key": "deal.completed",
+        "correlation_id": None,
+        "type": "deal.completed",
+        "attempts": 2,
+        "reason": "unpublishable: its routing key is over 255 bytes",
+        "created_at": "2024-05-01T12:00:00+00:00",
+        "size_bytes": 2048,
+    },
+]
+
+
 PAUSE = {
     "system": "erp_cloud",
     "reason": "S/4 upgrade",
@@ -214,6 +242,31 @@ class FakeHandler:
         """Nothing matched."""
         self.calls.append(("dlq_purge", (flt, dry_run)))
         return []
+
+    async def outbox_list(self, limit: int, /) -> list[dict[str, Any]]:
+        """The parked rows, up to *limit*."""
+        self.calls.append(("outbox_list", limit))
+        return PARKED[:limit]
+
+    async def outbox_show(self, id: int, /) -> dict[str, Any]:
+        """Only row 42 is parked."""
+        if id != 42:
+            raise KeyError(f"no parked outbox row {id}")
+        return {**PARKED[0], "headers": {"x-q2c-system": "erp_cloud"}, "body": "{}"}
+
+    async def outbox_retry(
+        self, ids: tuple[int, ...] | None, /, *, dry_run: bool, by: str
+    ) -> dict[str, Any]:
+        """Rows 7 and 42 are parked; any other id named is skipped."""
+        self.calls.append(("outbox_retry", (ids, dry_run, by)))
+        return _acted("retried", ids)
+
+    async def outbox_purge(
+        self, ids: tuple[int, ...] | None, /, *, dry_run: bool, by: str
+    ) -> dict[str, Any]:
+        """Rows 7 and 42 are parked; any other id named is skipped."""
+        self.calls.append(("outbox_purge", (ids, dry_run, by)))
+        return _acted("purged", ids)
 
     async def hold_list(
         self, workflow: str | None, /, *, limit: int
@@ -296,6 +349,13 @@ class FakeHandler:
         if system == "erp_cloud":
             return {"resumed": True, **PAUSE, "resumed_by": by}
         return {"system": system, "resumed": False}
+
+
+def _acted(done: str, ids: tuple[int, ...] | None) -> dict[str, Any]:
+    parked = [7, 42]  # the ids of PARKED, ascending
+    named = parked if ids is None else list(ids)
+    skipped = [{"id": i, "reason": "not_parked"} for i in named if i not in parked]
+    return {done: [i for i in parked if i in named], "skipped": skipped}
 
 
 @pytest.fixture

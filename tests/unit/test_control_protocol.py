@@ -250,6 +250,30 @@ class FakeHandler:
         self.calls.append(("dlq_purge", (flt, dry_run)))
         return [9]
 
+    async def outbox_list(self, limit: int, /) -> list[dict[str, Any]]:
+        """One canned parked row."""
+        self.calls.append(("outbox_list", limit))
+        return [{"id": 3, "reason": "unroutable (returned by the broker)"}]
+
+    async def outbox_show(self, id: int, /) -> dict[str, Any]:
+        """The row, body included."""
+        self.calls.append(("outbox_show", id))
+        return {"id": id, "body": "{}"}
+
+    async def outbox_retry(
+        self, ids: tuple[int, ...] | None, /, *, dry_run: bool, by: str
+    ) -> dict[str, Any]:
+        """The ids asked for."""
+        self.calls.append(("outbox_retry", (ids, dry_run, by)))
+        return {"retried": list(ids or ()), "skipped": []}
+
+    async def outbox_purge(
+        self, ids: tuple[int, ...] | None, /, *, dry_run: bool, by: str
+    ) -> dict[str, Any]:
+        """The ids asked for."""
+        self.calls.append(("outbox_purge", (ids, dry_run, by)))
+        return {"purged": list(ids or ()), "skipped": []}
+
     async def hold_list(
         self, workflow: str | None, /, *, limit: int
     ) -> list[dict[str, Any]]:
