@@ -20,7 +20,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal, InvalidOperation
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 import msgspec
 from aiohttp import web
@@ -58,6 +58,8 @@ __all__ = [
     "invalid",
     "parse_filter",
     "parse_key",
+    "PreconditionCounters",
+    "check_if_match",
     "matches",
     "nav_entries",
     "check_limits",
@@ -232,7 +234,8 @@ def render(
     """*entity* as SAP writes it: every property, ``__metadata``, navigations.
 
     A navigation named in *expand* (``to_Item``, ``to_Item/to_PricingElement``)
-    is written inline; any other is ``{"__deferred": {"uri": ...}}``.
+    is written inline; any other is ``{"__deferred": {"uri": ...}}``. An
+    entity written inline keeps the ETag its own ``metadata`` carries.
     """
     uri = entity_uri(base, spec, entity)
     meta: dict[str, Any] = {"id": uri, "uri": uri, "type": spec.type_name}
@@ -247,7 +250,14 @@ def render(
         if f"{path}{name}" in expand:
             out[name] = {
                 "results": [
-                    render(base, child, c, expand=expand, path=f"{path}{name}/")
+                    render(
+                        base,
+                        child,
+                        c,
+                        expand=expand,
+                        etag=_etag_of(c),
+                        path=f"{path}{name}/",
+                    )
                     for c in expanded(getattr(entity, name))
                 ]
             }
@@ -261,6 +271,12 @@ def render(
         else:
             out[name] = {"__deferred": {"uri": f"{uri}/{name}"}}
     return out
+
+
+def _etag_of(entity: msgspec.Struct) -> str | None:
+    metadata = getattr(entity, "metadata", None)
+    etag = getattr(metadata, "etag", None)
+    return etag if isinstance(etag, str) else None
 
 
 def json_response(
@@ -438,6 +454,38 @@ def changes(raw: Mapping[str, Any], allowed: frozenset[str]) -> dict[str, Any]:
             [detail("014", f"Property {n} cannot be changed", n) for n in refused]
         )
     return wanted
+
+
+class PreconditionCounters(Protocol):
+    """Where `check_if_match` counts the changes it refuses (the sandbox's counters)."""
+
+    precondition_required: int
+    precondition_failed: int
+
+
+def check_if_match(
+    request: web.Request, record: Record[Any], counters: PreconditionCounters
+) -> None:
+    """Optimistic locking: 428 without ``If-Match``, 412 when it is stale.
+
+    Raises:
+        Refused: the precondition is missing or failed.
+    """
+    given = (request.headers.get("If-Match") or "").strip()
+    if not given:
+        counters.precondition_required += 1
+        raise Refused(
+            428,
+            "ZQ2C_SANDBOX/051",
+            "This change needs an If-Match header with the entity's ETag",
+        )
+    if given != "*" and given != record.etag:
+        counters.precondition_failed += 1
+        raise Refused(
+            412,
+            "ZQ2C_SANDBOX/050",
+            "The entity was changed since it was read (ETag mismatch)",
+        )
 
 
 def parse_key(text: str) -> str:

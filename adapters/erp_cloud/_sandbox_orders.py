@@ -24,7 +24,7 @@ from aiohttp import web
 from adapters.erp_cloud import _odata as od
 from adapters.erp_cloud import edm
 from adapters.erp_cloud._push import Pusher
-from adapters.erp_cloud._sandbox_partners import PartnerBook, check_if_match
+from adapters.erp_cloud._sandbox_partners import PartnerBook
 from adapters.erp_cloud.edm import EdmDateTime, EdmDateTimeOffset
 from adapters.erp_cloud.views import (
     BILLING_DOCUMENT_CREATED,
@@ -410,7 +410,7 @@ class OrderBook:
     async def _patch(
         self, request: web.Request, record: od.Record[A_SalesOrder]
     ) -> web.Response:
-        check_if_match(request, record, self._counters)
+        od.check_if_match(request, record, self._counters)
         wanted = od.changes(await od.body_of(request, ORDER), _UPDATABLE)
         partial = od.convert(wanted, A_SalesOrder)
         now = self._clock.tick()

@@ -1,8 +1,9 @@
 """The sandbox's master data: business partners, customers, sales areas, products.
 
 Internal: used by `adapters.erp_cloud.sandbox` only. Serves
-``API_BUSINESS_PARTNER`` (``A_BusinessPartner`` with its roles and customer,
-``A_Customer``, ``A_CustomerSalesArea``) and the sandbox's
+``API_BUSINESS_PARTNER`` (``A_BusinessPartner`` with its roles, addresses,
+tax numbers and customer, ``A_Customer``, ``A_CustomerSalesArea``; the
+addresses and tax numbers live in `PartnerDetails`) and the sandbox's
 ``API_PRODUCT_SRV`` (``A_Product``), and answers the order book's questions:
 does this sold-to exist in that sales area, what does a product cost.
 """
@@ -12,12 +13,17 @@ from __future__ import annotations
 import uuid
 from collections.abc import Iterable
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import msgspec
 from aiohttp import web
 
 from adapters.erp_cloud import _odata as od
+from adapters.erp_cloud._sandbox_partner_details import (
+    ADDRESS,
+    TAX_NUMBER,
+    PartnerDetails,
+)
 from adapters.erp_cloud.edm import EdmDateTime
 from adapters.erp_cloud.views import (
     A_BusinessPartner,
@@ -34,7 +40,6 @@ if TYPE_CHECKING:
 
 __all__ = [
     "PartnerBook",
-    "check_if_match",
     "area_key",
     "PARTNER",
     "CUSTOMER",
@@ -69,7 +74,9 @@ PARTNER = od.EntitySpec(
             type_name=f"{_BP}.A_BusinessPartnerRoleType",
             keys=("BusinessPartner", "BusinessPartnerRole"),
             view=A_BusinessPartnerRole,
-        )
+        ),
+        "to_BusinessPartnerAddress": ADDRESS,
+        "to_BusinessPartnerTax": TAX_NUMBER,
     },
     one={"to_Customer": CUSTOMER},
 )
@@ -91,7 +98,13 @@ _UPDATABLE = frozenset(
     }
 )
 _CREATED_EXPAND = frozenset(
-    {"to_BusinessPartnerRole", "to_Customer", "to_Customer/to_CustomerSalesArea"}
+    {
+        "to_BusinessPartnerRole",
+        "to_BusinessPartnerAddress",
+        "to_BusinessPartnerTax",
+        "to_Customer",
+        "to_Customer/to_CustomerSalesArea",
+    }
 )
 
 AreaKey = tuple[str, str, str, str]
@@ -116,6 +129,9 @@ class PartnerBook:
         self.partners: dict[str, od.Record[A_BusinessPartner]] = {}
         self.customers: dict[str, A_Customer] = {}
         self.products: dict[str, A_Product] = {}
+        self.details = PartnerDetails(
+            counters=counters, clock=clock, exists=self.partners.__contains__
+        )
         self._next = first + 1_000_001
 
     def seed_products(self, products: Iterable[A_Product]) -> None:
@@ -205,7 +221,9 @@ class PartnerBook:
                 raise od.Refused(405, "ZQ2C_SANDBOX/041", f"{method} not allowed")
             case ("A_Product", _):
                 raise od.Refused(405, "ZQ2C_SANDBOX/041", f"{method} not allowed")
-        return None
+        return await self.details.route(
+            request, entity_set=entity_set, key=key, method=method, base=base
+        )
 
     def _find(self, table: dict[str, T], key: str | None) -> T:
         found = table.get(od.alpha(key or ""))
@@ -218,6 +236,7 @@ class PartnerBook:
     ) -> od.Record[A_BusinessPartner]:
         customer = self.customers.get(record.entity.Customer or "")
         entity = msgspec.structs.replace(record.entity, to_Customer=customer)
+        entity = self.details.join(entity)
         return od.Record(entity=entity, changed_at=record.changed_at)
 
     async def _create(self, request: web.Request, base: str) -> web.Response:
@@ -230,6 +249,7 @@ class PartnerBook:
         if number in self.partners:
             text = f"Business partner {number} already exists"
             problems.append(od.detail("026", text, "BusinessPartner"))
+        problems.extend(self.details.problems(partner))
         if problems:
             raise od.invalid(problems)
         if not number:
@@ -283,16 +303,19 @@ class PartnerBook:
             BusinessPartnerUUID=str(uuid.uuid4()),
             LastChangeDate=_day(now),
             to_BusinessPartnerRole=Navigation(results=roles),
+            to_BusinessPartnerAddress=None,
+            to_BusinessPartnerTax=None,
             to_Customer=None,
         )
         record = od.Record(entity=stored, changed_at=now)
         self.partners[number] = record
+        self.details.add(number, partner, now)
         return record
 
     async def _patch(
         self, request: web.Request, record: od.Record[A_BusinessPartner]
     ) -> web.Response:
-        check_if_match(request, record, self._counters)
+        od.check_if_match(request, record, self._counters)
         wanted = od.changes(await od.body_of(request, PARTNER), _UPDATABLE)
         partial = od.convert(wanted, A_BusinessPartner)
         values = {name: getattr(partial, name) for name in wanted}
@@ -330,31 +353,6 @@ class PartnerBook:
         self._counters.sales_areas_created += 1
         body = od.render(base, SALES_AREA, stored)
         return od.json_response({"d": body}, status=201)
-
-
-def check_if_match(
-    request: web.Request, record: od.Record[Any], counters: Counters
-) -> None:
-    """Optimistic locking: 428 without ``If-Match``, 412 when it is stale.
-
-    Raises:
-        Refused: the precondition is missing or failed.
-    """
-    given = (request.headers.get("If-Match") or "").strip()
-    if not given:
-        counters.precondition_required += 1
-        raise od.Refused(
-            428,
-            "ZQ2C_SANDBOX/051",
-            "This change needs an If-Match header with the entity's ETag",
-        )
-    if given != "*" and given != record.etag:
-        counters.precondition_failed += 1
-        raise od.Refused(
-            412,
-            "ZQ2C_SANDBOX/050",
-            "The entity was changed since it was read (ETag mismatch)",
-        )
 
 
 def _day(now: datetime) -> EdmDateTime:

@@ -31,6 +31,8 @@ from yarl import URL
 from adapters.erp_cloud import edm
 from adapters.erp_cloud.views import (
     A_BusinessPartner,
+    A_BusinessPartnerAddress,
+    A_BusinessPartnerTaxNumber,
     A_CustomerSalesArea,
     A_Product,
     A_SalesOrder,
@@ -69,6 +71,15 @@ _ROOT = "/sap/opu/odata/sap"
 #: SAP's usual size: ten million products).
 MAX_PAGES: Final = 10_000
 _NOTICE = msgspec.json.Decoder(SapNotice | list[SapNotice])
+#: What a partner is read with: its customer and sales areas, addresses, tax numbers.
+_PARTNER_EXPAND = ",".join(
+    (
+        "to_Customer",
+        "to_Customer/to_CustomerSalesArea",
+        "to_BusinessPartnerAddress",
+        "to_BusinessPartnerTax",
+    )
+)
 
 
 class SapSettings(Section, frozen=True):
@@ -157,6 +168,40 @@ class SapApi(Protocol):
 
     async def create_sales_area(self, area: A_CustomerSalesArea) -> A_CustomerSalesArea:
         """Extend a customer to a sales area."""
+        ...
+
+    async def create_partner_address(
+        self, address: A_BusinessPartnerAddress
+    ) -> A_BusinessPartnerAddress:
+        """Add an address to a partner; SAP numbers it."""
+        ...
+
+    async def update_partner_address(
+        self,
+        partner: str,
+        address_id: str,
+        changes: A_BusinessPartnerAddress,
+        *,
+        etag: str,
+    ) -> str:
+        """PATCH one address of a partner; the new ETag."""
+        ...
+
+    async def create_tax_number(
+        self, tax: A_BusinessPartnerTaxNumber
+    ) -> A_BusinessPartnerTaxNumber:
+        """Add a tax number to a partner."""
+        ...
+
+    async def update_tax_number(
+        self,
+        partner: str,
+        tax_type: str,
+        changes: A_BusinessPartnerTaxNumber,
+        *,
+        etag: str,
+    ) -> str:
+        """PATCH a partner's tax number of one category; the new ETag."""
         ...
 
 
@@ -293,10 +338,14 @@ class SapClient:
     async def find_business_partners(
         self, search_term: str
     ) -> tuple[A_BusinessPartner, ...]:
-        """Partners whose ``SearchTerm1`` is *search_term*, with their customer."""
+        """Partners whose ``SearchTerm1`` is *search_term*.
+
+        Each with its customer and sales areas, its addresses and its tax
+        numbers, every one with its own ETag.
+        """
         params = {
             "$filter": f"SearchTerm1 eq {edm.odata_literal(search_term.upper())}",
-            "$expand": "to_Customer,to_Customer/to_CustomerSalesArea",
+            "$expand": _PARTNER_EXPAND,
         }
         reply = await self._call(
             "GET", BUSINESS_PARTNER_SERVICE, "/A_BusinessPartner", params
@@ -306,9 +355,9 @@ class SapClient:
     async def get_business_partner(
         self, partner: str
     ) -> tuple[A_BusinessPartner, str | None]:
-        """One partner with its customer and sales areas, and its ETag."""
+        """One partner (expanded as `find_business_partners`), and its ETag."""
         path = f"/A_BusinessPartner({edm.odata_literal(partner)})"
-        params = {"$expand": "to_Customer,to_Customer/to_CustomerSalesArea"}
+        params = {"$expand": _PARTNER_EXPAND}
         reply = await self._call("GET", BUSINESS_PARTNER_SERVICE, path, params)
         found = self._decode(reply, Single[A_BusinessPartner]).d
         return found, reply.headers.get("ETag") or _etag_of(found)
@@ -334,14 +383,7 @@ class SapClient:
             ConcurrencyConflict: *etag* is stale.
         """
         path = f"/A_BusinessPartner({edm.odata_literal(partner)})"
-        reply = await self._call(
-            "PATCH",
-            BUSINESS_PARTNER_SERVICE,
-            path,
-            body=edm.encode(changes),
-            headers={"If-Match": etag},
-        )
-        return reply.headers.get("ETag", "")
+        return await self._patch_bp(path, changes, etag)
 
     async def create_sales_area(self, area: A_CustomerSalesArea) -> A_CustomerSalesArea:
         """Extend a customer to one more sales area."""
@@ -352,6 +394,84 @@ class SapClient:
             body=edm.encode(area),
         )
         return self._decode(reply, Single[A_CustomerSalesArea]).d
+
+    async def create_partner_address(
+        self, address: A_BusinessPartnerAddress
+    ) -> A_BusinessPartnerAddress:
+        """Add *address* to the partner it names; SAP assigns the ``AddressID``.
+
+        Raises:
+            SapRejected: an unknown partner or an invalid address (400).
+        """
+        reply = await self._call(
+            "POST",
+            BUSINESS_PARTNER_SERVICE,
+            "/A_BusinessPartnerAddress",
+            body=edm.encode(msgspec.structs.replace(address, metadata=None)),
+        )
+        return self._decode(reply, Single[A_BusinessPartnerAddress]).d
+
+    async def update_partner_address(
+        self,
+        partner: str,
+        address_id: str,
+        changes: A_BusinessPartnerAddress,
+        *,
+        etag: str,
+    ) -> str:
+        """PATCH the fields set in *changes* on one address; returns the new ETag.
+
+        Raises:
+            ConcurrencyConflict: *etag* is stale.
+        """
+        key = _key(BusinessPartner=partner, AddressID=address_id)
+        path = f"/A_BusinessPartnerAddress{key}"
+        return await self._patch_bp(path, changes, etag)
+
+    async def create_tax_number(
+        self, tax: A_BusinessPartnerTaxNumber
+    ) -> A_BusinessPartnerTaxNumber:
+        """Add *tax* to the partner it names.
+
+        Raises:
+            SapRejected: an unknown partner, or it has a number of that
+                category already (400).
+        """
+        reply = await self._call(
+            "POST",
+            BUSINESS_PARTNER_SERVICE,
+            "/A_BusinessPartnerTaxNumber",
+            body=edm.encode(msgspec.structs.replace(tax, metadata=None)),
+        )
+        return self._decode(reply, Single[A_BusinessPartnerTaxNumber]).d
+
+    async def update_tax_number(
+        self,
+        partner: str,
+        tax_type: str,
+        changes: A_BusinessPartnerTaxNumber,
+        *,
+        etag: str,
+    ) -> str:
+        """PATCH the partner's tax number of category *tax_type*; the new ETag.
+
+        Raises:
+            ConcurrencyConflict: *etag* is stale.
+        """
+        key = _key(BusinessPartner=partner, BPTaxType=tax_type)
+        path = f"/A_BusinessPartnerTaxNumber{key}"
+        return await self._patch_bp(path, changes, etag)
+
+    async def _patch_bp(self, path: str, changes: msgspec.Struct, etag: str) -> str:
+        """PATCH an ``API_BUSINESS_PARTNER`` entity with ``If-Match``; its new ETag."""
+        reply = await self._call(
+            "PATCH",
+            BUSINESS_PARTNER_SERVICE,
+            path,
+            body=edm.encode(changes),
+            headers={"If-Match": etag},
+        )
+        return reply.headers.get("ETag", "")
 
     # -- products ----------------------------------------------------------------
 
@@ -540,6 +660,12 @@ def _notices(reply: _Reply) -> tuple[SapNotice, ...]:
         for notice in decoded if isinstance(decoded, list) else [decoded]:
             found.extend(notice.flatten())
     return tuple(found)
+
+
+def _key(**values: str) -> str:
+    """A compound key predicate: ``(A='1',B='x')``."""
+    pairs = ",".join(f"{k}={edm.odata_literal(v)}" for k, v in values.items())
+    return f"({pairs})"
 
 
 def _etag_of(entity: Any) -> str | None:

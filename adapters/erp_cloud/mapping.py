@@ -31,6 +31,20 @@ Decisions that are not obvious from the field names:
   ≤ 20 characters, and a Salesforce id is case-sensitive and 18 long, so the
   term is ``Q2C`` + 17 base-32 characters of the SHA-256 of the canonical
   account id (`search_term`): deterministic, and 85 bits against collisions.
+* Text longer than SAP's field: free text is cut to SAP's length, as SAP's
+  own UI would (the name to 40, the street line to 60, the city to 40); a
+  code that does not fit is left out rather than cut, since a cut code is a
+  wrong one (``ExternalDocumentID`` > 40; a postal code > 10; a region > 3,
+  which is a state name, not SAP's region key); what must be exact and has
+  nowhere to go is refused with `ValueError` (payment terms without a key,
+  a tax number > 60).
+* The billing address is the partner's address: the whole street line goes
+  into ``StreetName`` (``HouseNumber`` stays empty), postal code and region
+  upper case, as SAP keeps them. An account without a billing address gets
+  an address with its country only.
+* The tax id is the VAT registration number: tax number category
+  ``<country>0`` (``DE0``), for the account's country; upper case, without
+  blanks; ``BPTaxNumber`` up to 20 characters, else ``BPTaxLongNumber``.
 """
 
 from __future__ import annotations
@@ -46,7 +60,9 @@ import msgspec
 from adapters.erp_cloud.edm import edm_decimal
 from adapters.erp_cloud.views import (
     A_BusinessPartner,
+    A_BusinessPartnerAddress,
     A_BusinessPartnerRole,
+    A_BusinessPartnerTaxNumber,
     A_Customer,
     A_CustomerSalesArea,
     A_Product,
@@ -87,6 +103,11 @@ __all__ = [
     "order_booked",
     "order_rejected",
     "to_business_partner",
+    "partner_name",
+    "to_partner_address",
+    "to_tax_number",
+    "address_changes",
+    "tax_changes",
     "shipment_dispatched",
     "invoice_issued",
     "catalogue_entry",
@@ -177,6 +198,43 @@ FIELD_MAP: tuple[FieldMapping, ...] = (
     FieldMapping("account.id", "A_BusinessPartner.SearchTerm1", "search_term()"),
     FieldMapping("account.name", "A_BusinessPartner.OrganizationBPName1", "first 40"),
     FieldMapping("account.currency", "A_CustomerSalesArea.Currency"),
+    FieldMapping(
+        "account.billing_address.street",
+        "A_BusinessPartnerAddress.StreetName",
+        "whole line, first 60",
+    ),
+    FieldMapping(
+        "account.billing_address.city", "A_BusinessPartnerAddress.CityName", "first 40"
+    ),
+    FieldMapping(
+        "account.billing_address.postal_code",
+        "A_BusinessPartnerAddress.PostalCode",
+        "upper case; left out when > 10",
+    ),
+    FieldMapping(
+        "account.billing_address.region",
+        "A_BusinessPartnerAddress.Region",
+        "upper case; left out when > 3",
+    ),
+    FieldMapping(
+        "account.billing_address.country",
+        "A_BusinessPartnerAddress.Country",
+        "else account.country",
+    ),
+    FieldMapping("(MappingOptions.language)", "A_BusinessPartnerAddress.Language"),
+    FieldMapping(
+        "account.country", "A_BusinessPartnerTaxNumber.BPTaxType", "<country>0 (DE0)"
+    ),
+    FieldMapping(
+        "account.tax_id",
+        "A_BusinessPartnerTaxNumber.BPTaxNumber",
+        "upper case, no blanks; ≤ 20",
+    ),
+    FieldMapping(
+        "account.tax_id",
+        "A_BusinessPartnerTaxNumber.BPTaxLongNumber",
+        "when > 20; refused when > 60",
+    ),
     FieldMapping("(SAP event) PurchaseOrderByCustomer", "deal_id, order_id", "Q2C-X"),
     FieldMapping("shipment.number", "OutboundDelivery"),
     FieldMapping("invoice.number", "BillingDocument"),
@@ -389,6 +447,17 @@ def order_rejected(order: Order, *, code: str, message: str) -> OrderRejected:
     )
 
 
+def partner_name(account: Account) -> str:
+    """``OrganizationBPName1``: the account's name, cut to SAP's 40 characters."""
+    return _cut(account.name, 40)
+
+
+def _cut(text: str, length: int) -> str:
+    # SAP drops trailing blanks (ABAP CHAR); a cut that ends in one would
+    # otherwise differ from what SAP keeps on every comparison.
+    return text.strip()[:length].rstrip()
+
+
 def to_business_partner(
     account: Account,
     *,
@@ -396,17 +465,28 @@ def to_business_partner(
     payment_terms: str | None,
     options: MappingOptions,
 ) -> A_BusinessPartner:
-    """A business partner (organisation) with the customer role in *areas*."""
-    name = account.name
+    """A business partner (organisation) with the customer role in *areas*.
+
+    It is created with its address (`to_partner_address`) and, when the
+    account has a tax id, its VAT registration number (`to_tax_number`).
+
+    Raises:
+        ValueError: a tax id SAP has no room for (see `to_tax_number`).
+    """
+    tax = to_tax_number(account)
     return A_BusinessPartner(
         BusinessPartnerCategory="2",
         BusinessPartnerGrouping=options.partner_grouping,
-        OrganizationBPName1=name[:40],
+        OrganizationBPName1=partner_name(account),
         SearchTerm1=search_term(account.id),
         CorrespondenceLanguage=options.language,
         to_BusinessPartnerRole=Navigation(
             results=(A_BusinessPartnerRole(BusinessPartnerRole=_CUSTOMER_ROLE),)
         ),
+        to_BusinessPartnerAddress=Navigation(
+            results=(to_partner_address(account, language=options.language),)
+        ),
+        to_BusinessPartnerTax=Navigation(results=() if tax is None else (tax,)),
         to_Customer=A_Customer(
             to_CustomerSalesArea=Navigation(
                 results=tuple(
@@ -416,6 +496,120 @@ def to_business_partner(
             )
         ),
     )
+
+
+#: The address fields an account with a billing address owns in SAP; without
+#: one, it owns the country only (`address_changes`).
+_ADDRESS_FIELDS = (
+    "StreetName",
+    "HouseNumber",
+    "CityName",
+    "PostalCode",
+    "Region",
+    "Country",
+)
+_TAX_NUMBER_MAX = 20
+_TAX_LONG_NUMBER_MAX = 60
+
+
+def to_partner_address(
+    account: Account, *, language: str | None = None
+) -> A_BusinessPartnerAddress:
+    """The partner's address: the account's billing address, else its country.
+
+    Street and city are cut to SAP's length (60, 40) like the name; a postal
+    code longer than 10 characters or a region longer than 3 (a state name,
+    not SAP's region key) is left out, not cut. *language* is the address's
+    ``Language`` (SAP's logon language when None).
+    """
+    address = account.billing_address
+    if address is None:
+        return A_BusinessPartnerAddress(Country=account.country, Language=language)
+    postal_code = address.postal_code.strip().upper()
+    region = (address.region or "").strip().upper()
+    return A_BusinessPartnerAddress(
+        StreetName=_cut(address.street, 60) or None,
+        CityName=_cut(address.city, 40) or None,
+        PostalCode=postal_code if 0 < len(postal_code) <= 10 else None,
+        Region=region if 0 < len(region) <= 3 else None,
+        Country=address.country,
+        Language=language,
+    )
+
+
+def to_tax_number(account: Account) -> A_BusinessPartnerTaxNumber | None:
+    """The account's VAT registration number, of category ``<country>0``; None without.
+
+    The tax id is upper-cased and its blanks removed (``de 123 456 789`` is
+    ``DE123456789``), as SAP keeps it; up to 20 characters it is
+    ``BPTaxNumber``, longer ``BPTaxLongNumber``.
+
+    Raises:
+        ValueError: the tax id is longer than 60 characters: SAP has no room
+            for it, and a cut tax number would be a wrong one on invoices.
+    """
+    number = "".join((account.tax_id or "").split()).upper()
+    if not number:
+        return None
+    if len(number) > _TAX_LONG_NUMBER_MAX:
+        raise ValueError(
+            f"tax id of account {account.id} has {len(number)} characters; "
+            f"SAP keeps at most {_TAX_LONG_NUMBER_MAX}"
+        )
+    short = len(number) <= _TAX_NUMBER_MAX
+    return A_BusinessPartnerTaxNumber(
+        BPTaxType=f"{account.country}0",
+        BPTaxNumber=number if short else None,
+        BPTaxLongNumber=None if short else number,
+    )
+
+
+def address_changes(
+    current: A_BusinessPartnerAddress, account: Account
+) -> A_BusinessPartnerAddress | None:
+    """The PATCH that gives SAP's *current* address the account's; None if it has it.
+
+    With a billing address the account owns street, house number, city,
+    postal code, region and country: each that differs is written, and one
+    the account lacks is cleared (``""``; the house number, say, since the
+    whole street line is in ``StreetName``). Without one it owns only the
+    country: an address kept in SAP is not wiped because the CRM has none.
+    Empty and absent compare equal.
+    """
+    wanted = to_partner_address(account)
+    owned = _ADDRESS_FIELDS if account.billing_address is not None else ("Country",)
+    changes = {
+        name: getattr(wanted, name) or ""
+        for name in owned
+        if (getattr(wanted, name) or "") != (getattr(current, name) or "")
+    }
+    if not changes:
+        return None
+    return msgspec.structs.replace(A_BusinessPartnerAddress(), **changes)
+
+
+def tax_changes(
+    current: A_BusinessPartnerTaxNumber, wanted: A_BusinessPartnerTaxNumber
+) -> A_BusinessPartnerTaxNumber | None:
+    """The PATCH that gives *current* the number of *wanted*; None if it has it.
+
+    The number is compared as SAP means it (the long field when set, else the
+    short one), so an SAP that copies a short number into the long field
+    too reads as unchanged. A change writes the field the new number belongs
+    in and clears the other when SAP has something in it.
+    """
+    if _tax_number_of(current) == _tax_number_of(wanted):
+        return None
+    changes: dict[str, str] = {}
+    for name in ("BPTaxNumber", "BPTaxLongNumber"):
+        value = getattr(wanted, name) or ""
+        if value or getattr(current, name):
+            changes[name] = value
+    return msgspec.structs.replace(A_BusinessPartnerTaxNumber(), **changes)
+
+
+def _tax_number_of(tax: A_BusinessPartnerTaxNumber) -> str:
+    return tax.BPTaxLongNumber or tax.BPTaxNumber or ""
 
 
 def to_sales_area(

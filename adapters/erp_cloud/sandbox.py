@@ -9,8 +9,11 @@
   ``$expand``, server-driven paging (``__next``); ``PATCH`` with
   ``If-Match`` (412 when stale, 428 when absent);
 - ``API_BUSINESS_PARTNER``: ``A_BusinessPartner`` (deep create with roles,
-  customer and sales areas; read; ``$filter`` by ``SearchTerm1``; ``PATCH``),
-  ``A_Customer``, ``A_CustomerSalesArea`` (read, create);
+  addresses, tax numbers, customer and sales areas; read, with ``$expand``;
+  ``$filter`` by ``SearchTerm1``; ``PATCH``), ``A_BusinessPartnerAddress``
+  and ``A_BusinessPartnerTaxNumber`` (read, create, ``PATCH`` with
+  ``If-Match``; one tax number per category), ``A_Customer``,
+  ``A_CustomerSalesArea`` (read, create);
 - ``API_PRODUCT_SRV``: ``A_Product``, read only, seeded with
   `SapSandbox.seed_products`: the sandbox's stand-in for pricing conditions
   (list price and price floor on the product; see `A_Product`).
@@ -75,7 +78,13 @@ _WRITES = frozenset({"POST", "PUT", "PATCH", "MERGE", "DELETE"})
 #: The entity sets each service serves.
 _SERVICES: Final = {
     "API_SALES_ORDER_SRV": ("A_SalesOrder",),
-    "API_BUSINESS_PARTNER": ("A_BusinessPartner", "A_Customer", "A_CustomerSalesArea"),
+    "API_BUSINESS_PARTNER": (
+        "A_BusinessPartner",
+        "A_BusinessPartnerAddress",
+        "A_BusinessPartnerTaxNumber",
+        "A_Customer",
+        "A_CustomerSalesArea",
+    ),
     "API_PRODUCT_SRV": ("A_Product",),
 }
 _PATH = re.compile(r"(?P<set>\w+)(?:\((?P<key>[^)]*)\))?(?:/(?P<nav>\w+))?")
@@ -152,6 +161,12 @@ class Counters:
     business_partners_created: int = 0
     business_partners_changed: int = 0
     sales_areas_created: int = 0
+    #: Addresses and tax numbers added (by their own POST; those a partner's
+    #: deep insert brings count as its create) and changed.
+    partner_addresses_created: int = 0
+    partner_addresses_changed: int = 0
+    tax_numbers_created: int = 0
+    tax_numbers_changed: int = 0
 
 
 class SapSandbox:

@@ -67,6 +67,8 @@ __all__ = [
     # API_BUSINESS_PARTNER
     "A_BusinessPartner",
     "A_BusinessPartnerRole",
+    "A_BusinessPartnerAddress",
+    "A_BusinessPartnerTaxNumber",
     "A_Customer",
     "A_CustomerSalesArea",
     # API_PRODUCT_SRV (sandbox stand-in for products with their prices)
@@ -347,11 +349,49 @@ class A_BusinessPartnerRole(Entity, frozen=True, kw_only=True):
     BusinessPartnerRole: Str6
 
 
+class A_BusinessPartnerAddress(Entity, frozen=True, kw_only=True):
+    """``A_BusinessPartnerAddressType``, minimal: one postal address of a partner.
+
+    Keyed by ``BusinessPartner`` and ``AddressID``, the address number SAP
+    assigns on create (left out of a create request). ``PostalCode``,
+    ``Region`` and ``Country`` are upper case in SAP; ``Region`` is SAP's
+    region key (``BY``, ``CA``), not a state name.
+    """
+
+    BusinessPartner: Str10 | None = None
+    AddressID: Str10 | None = None
+    StreetName: Str60 | None = None
+    HouseNumber: Str10 | None = None
+    CityName: Str40 | None = None
+    PostalCode: Str10 | None = None
+    Region: Str3 | None = None
+    Country: Str3 | None = None
+    Language: Str2 | None = None
+
+
+class A_BusinessPartnerTaxNumber(Entity, frozen=True, kw_only=True):
+    """``A_BusinessPartnerTaxNumberType``: one tax number of a partner.
+
+    Keyed by ``BusinessPartner`` and ``BPTaxType``, the tax number category
+    (``DE0``: German VAT registration number); a partner has at most one
+    number per category. A number longer than 20 characters is kept in
+    ``BPTaxLongNumber``. ``BPTaxType`` is optional only so that a PATCH body
+    (which must not repeat the key) is a view too.
+    """
+
+    BusinessPartner: Str10 | None = None
+    BPTaxType: Str4 | None = None
+    BPTaxNumber: Str20 | None = None
+    BPTaxLongNumber: Str60 | None = None
+
+
 class A_BusinessPartner(Entity, frozen=True, kw_only=True):
     """``A_BusinessPartnerType``, minimal: an organisation with its customer role.
 
     ``BusinessPartnerCategory`` is ``"1"`` person, ``"2"`` organisation,
     ``"3"`` group. ``SearchTerm1`` (upper case, ≤ 20) carries our account key.
+    ``to_BusinessPartnerAddress`` and ``to_BusinessPartnerTax`` carry its
+    addresses and tax numbers (in a deep insert, and when expanded on a read).
     """
 
     BusinessPartner: Str10 | None = None
@@ -367,6 +407,8 @@ class A_BusinessPartner(Entity, frozen=True, kw_only=True):
     BusinessPartnerUUID: str | None = None
     LastChangeDate: EdmDateTime | None = None
     to_BusinessPartnerRole: ToMany[A_BusinessPartnerRole] | None = None
+    to_BusinessPartnerAddress: ToMany[A_BusinessPartnerAddress] | None = None
+    to_BusinessPartnerTax: ToMany[A_BusinessPartnerTaxNumber] | None = None
     to_Customer: A_Customer | None = None
 
 

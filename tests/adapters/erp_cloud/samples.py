@@ -9,7 +9,7 @@ import msgspec
 
 from adapters.erp_cloud.views import A_CustomerSalesArea, A_Product
 from canonical import Envelope
-from canonical.commerce import Account, Order, OrderLine
+from canonical.commerce import Account, Address, Order, OrderLine
 from canonical.q2c import OrderBookingRequested
 from canonical.scalars import Money
 
@@ -25,6 +25,18 @@ ACCOUNT = Account(
     name="Nordwind Logistik GmbH",
     country="DE",
     currency="EUR",
+)
+#: The same account with what the ERP needs for invoicing: address and VAT number.
+BILLED = msgspec.structs.replace(
+    ACCOUNT,
+    billing_address=Address(
+        street="Hafenstraße 12",
+        city="Hamburg",
+        postal_code="20457",
+        region="HH",
+        country="DE",
+    ),
+    tax_id="DE123456789",
 )
 
 

@@ -15,7 +15,9 @@ from aiohttp.test_utils import TestServer
 from adapters.erp_cloud import SapClient, SapRejected, SapSandbox, SapSettings
 from adapters.erp_cloud.views import (
     A_BusinessPartner,
+    A_BusinessPartnerAddress,
     A_BusinessPartnerRole,
+    A_BusinessPartnerTaxNumber,
     A_Customer,
     A_SalesOrder,
     A_SalesOrderItem,
@@ -432,6 +434,195 @@ async def test_a_business_partner_is_created_found_and_extended(
     )
     customer = await raw(sandbox, "GET", f"{BP}/A_Customer('1000001')")
     assert customer.json()["d"]["CustomerName"] == "Nordwind AG"
+
+
+def billed_partner(*more_taxes: A_BusinessPartnerTaxNumber) -> A_BusinessPartner:
+    """An organisation with the customer role, an address and a VAT number."""
+    return A_BusinessPartner(
+        BusinessPartnerCategory="2",
+        OrganizationBPName1="Nordwind Logistik GmbH",
+        SearchTerm1="Q2CABC",
+        to_BusinessPartnerRole=(A_BusinessPartnerRole(BusinessPartnerRole="FLCU01"),),
+        to_BusinessPartnerAddress=(
+            A_BusinessPartnerAddress(
+                StreetName="Hafenstraße 12",
+                CityName="Hamburg",
+                PostalCode="20457",
+                Country="DE",
+                Language="DE",
+            ),
+        ),
+        to_BusinessPartnerTax=(
+            A_BusinessPartnerTaxNumber(BPTaxType="DE0", BPTaxNumber="DE123456789"),
+            *more_taxes,
+        ),
+        to_Customer=A_Customer(to_CustomerSalesArea=(area(),)),
+    )
+
+
+async def test_a_partner_is_created_with_address_and_tax_number_and_read_back(
+    sandbox: SapSandbox, client: SapClient
+) -> None:
+    """Deep insert: both stamped with the partner; reads expand them with ETags."""
+    created = await client.create_business_partner(billed_partner())
+    (address,) = expanded(created.to_BusinessPartnerAddress)
+    (tax,) = expanded(created.to_BusinessPartnerTax)
+    assert (address.BusinessPartner, address.AddressID) == ("1000001", "1")
+    assert (tax.BusinessPartner, tax.BPTaxType, tax.BPTaxNumber) == (
+        "1000001",
+        "DE0",
+        "DE123456789",
+    )
+    (found,) = await client.find_business_partners("Q2CABC")
+    partner, _ = await client.get_business_partner("1000001")
+    for read in (found, partner):
+        (address,) = expanded(read.to_BusinessPartnerAddress)
+        (tax,) = expanded(read.to_BusinessPartnerTax)
+        assert (address.StreetName, address.CityName, address.Country) == (
+            "Hafenstraße 12",
+            "Hamburg",
+            "DE",
+        )
+        assert tax.BPTaxNumber == "DE123456789"
+        assert address.metadata is not None
+        assert address.metadata.etag
+        assert tax.metadata is not None
+        assert tax.metadata.etag
+    one = await raw(
+        sandbox,
+        "GET",
+        f"{BP}/A_BusinessPartnerAddress(BusinessPartner='1000001',AddressID='1')",
+    )
+    (address,) = expanded(partner.to_BusinessPartnerAddress)
+    assert one.json()["d"]["PostalCode"] == "20457"
+    assert address.metadata is not None
+    assert one.json()["d"]["__metadata"]["etag"] == address.metadata.etag
+    assert sandbox.state()["partner_addresses_created"] == 0  # the partner's create
+
+
+async def test_an_address_patch_needs_a_current_etag(
+    sandbox: SapSandbox, client: SapClient
+) -> None:
+    """Current ETag → 204 and a new one; stale → ConcurrencyConflict; absent → 428."""
+    await client.create_business_partner(billed_partner())
+    partner, _ = await client.get_business_partner("1000001")
+    (address,) = expanded(partner.to_BusinessPartnerAddress)
+    assert address.metadata is not None
+    assert address.metadata.etag is not None
+    etag = address.metadata.etag
+    change = A_BusinessPartnerAddress(StreetName="Am Sandtorkai 1", PostalCode="20457")
+    new_etag = await client.update_partner_address("1000001", "1", change, etag=etag)
+    assert new_etag not in ("", etag)
+    with pytest.raises(ConcurrencyConflict, match="412"):
+        await client.update_partner_address("1000001", "1", change, etag=etag)
+    partner, _ = await client.get_business_partner("1000001")
+    (address,) = expanded(partner.to_BusinessPartnerAddress)
+    assert (address.StreetName, address.CityName) == ("Am Sandtorkai 1", "Hamburg")
+    fetched = await raw(sandbox, "GET", f"{BP}/", headers={"X-CSRF-Token": "Fetch"})
+    cookie = fetched.headers["Set-Cookie"].split(";")[0]
+    headers = {"X-CSRF-Token": fetched.headers["x-csrf-token"], "Cookie": cookie}
+    path = f"{BP}/A_BusinessPartnerAddress(BusinessPartner='1000001',AddressID='1')"
+    missing = await raw(sandbox, "PATCH", path, headers=headers, body={"CityName": "X"})
+    assert missing.status == 428
+    key = await raw(
+        sandbox,
+        "PATCH",
+        path,
+        headers={**headers, "If-Match": "*"},
+        body={"AddressID": "2"},
+    )
+    assert key.status == 400
+    counters = sandbox.counters
+    assert (counters.partner_addresses_changed, counters.precondition_failed) == (1, 1)
+
+
+async def test_addresses_and_tax_numbers_are_added_and_patched_on_their_own(
+    sandbox: SapSandbox, client: SapClient
+) -> None:
+    """POST numbers the next address; a tax number of a new category is added."""
+    seed_customer(sandbox)
+    added = await client.create_partner_address(
+        A_BusinessPartnerAddress(
+            BusinessPartner="17100001", Country="DE", PostalCode="sw1"
+        )
+    )
+    assert (added.AddressID, added.PostalCode) == ("1", "SW1")
+    tax = await client.create_tax_number(
+        A_BusinessPartnerTaxNumber(
+            BusinessPartner="17100001", BPTaxType="DE0", BPTaxLongNumber="de" + "1" * 25
+        )
+    )
+    assert tax.BPTaxLongNumber == "DE" + "1" * 25
+    partner, _ = await client.get_business_partner("17100001")
+    (held,) = expanded(partner.to_BusinessPartnerTax)
+    assert held.metadata is not None
+    await client.update_tax_number(
+        "17100001",
+        "DE0",
+        A_BusinessPartnerTaxNumber(BPTaxNumber="DE999", BPTaxLongNumber=""),
+        etag=held.metadata.etag or "",
+    )
+    partner, _ = await client.get_business_partner("17100001")
+    (held,) = expanded(partner.to_BusinessPartnerTax)
+    assert (held.BPTaxNumber, held.BPTaxLongNumber) == ("DE999", "")
+    counters = sandbox.counters
+    assert (
+        counters.partner_addresses_created,
+        counters.tax_numbers_created,
+        counters.tax_numbers_changed,
+    ) == (1, 1, 1)
+
+
+async def test_the_sandbox_refuses_what_sap_refuses_in_addresses_and_tax_numbers(
+    sandbox: SapSandbox, client: SapClient
+) -> None:
+    """A second number of a category, a bad country, an unknown partner: refused."""
+    await client.create_business_partner(billed_partner())
+    with pytest.raises(SapRejected) as caught:
+        await client.create_tax_number(
+            A_BusinessPartnerTaxNumber(
+                BusinessPartner="1000001", BPTaxType="DE0", BPTaxNumber="DE2"
+            )
+        )
+    assert (caught.value.status, caught.value.code) == (400, "ZQ2C_SANDBOX/026")
+    assert caught.value.details[0].propertyref.endswith("BPTaxType")
+    assert "DE0 already exists" in caught.value.detail
+    with pytest.raises(SapRejected) as caught:
+        await client.create_business_partner(
+            billed_partner(
+                A_BusinessPartnerTaxNumber(BPTaxType="de0", BPTaxNumber="DE3")
+            )
+        )
+    assert caught.value.code == "ZQ2C_SANDBOX/026"
+    for country in ("de", "D", "D1", None):
+        with pytest.raises(SapRejected) as caught:
+            await client.create_partner_address(
+                A_BusinessPartnerAddress(BusinessPartner="1000001", Country=country)
+            )
+        assert (caught.value.status, caught.value.code) == (400, "ZQ2C_SANDBOX/029")
+    with pytest.raises(SapRejected) as caught:
+        await client.update_partner_address(
+            "1000001", "1", A_BusinessPartnerAddress(Country="ge"), etag="*"
+        )
+    assert caught.value.code == "ZQ2C_SANDBOX/029"
+    with pytest.raises(SapRejected) as caught:
+        await client.create_partner_address(
+            A_BusinessPartnerAddress(BusinessPartner="999", Country="DE")
+        )
+    assert (caught.value.status, caught.value.code) == (400, "ZQ2C_SANDBOX/028")
+    with pytest.raises(SapRejected) as caught:
+        await client.create_tax_number(
+            A_BusinessPartnerTaxNumber(
+                BusinessPartner="999", BPTaxType="DE0", BPTaxNumber="DE1"
+            )
+        )
+    assert caught.value.code == "ZQ2C_SANDBOX/028"
+    with pytest.raises(SapRejected) as caught:
+        await client.update_tax_number(
+            "999", "DE0", A_BusinessPartnerTaxNumber(BPTaxNumber="DE1"), etag="*"
+        )
+    assert caught.value.status == 404
+    assert len(sandbox.partners.details.addresses["1000001"]) == 1
 
 
 async def test_products_carry_their_prices_and_filter_by_group(

@@ -16,12 +16,12 @@ from adapters.erp_cloud import (
     SapSandbox,
     search_term,
 )
-from adapters.erp_cloud.views import A_SalesOrder, SapNotice
-from broker.errors import UnknownMessageType, UpstreamUnavailable
+from adapters.erp_cloud.views import A_BusinessPartner, A_SalesOrder, SapNotice
+from broker.errors import UnknownMessageType, UpstreamRejected, UpstreamUnavailable
 from broker.keyed_lock import SharedKeyedLock
 from broker.store import Store
 from canonical import Envelope
-from canonical.commerce import OrderLine
+from canonical.commerce import Account, OrderLine
 from canonical.q2c import (
     CustomerSynced,
     CustomerSyncRequested,
@@ -32,6 +32,7 @@ from canonical.q2c import (
 from tests.adapters.erp_cloud.conftest import settings_for
 from tests.adapters.erp_cloud.samples import (
     ACCOUNT,
+    BILLED,
     CUSTOMER_REF,
     PASSWORD,
     USER,
@@ -337,6 +338,226 @@ async def test_it_names_its_commands_and_refuses_others(
             QuoteUpdateRequested(quote_id="quote-1", status="ordered"),
             _envelope("cpq.quote.update_requested", "deal-1"),
         )
+
+
+# --- address and tax number ----------------------------------------------------------
+
+#: The sandbox's counters of writes to business-partner data.
+WRITES = (
+    "business_partners_created",
+    "business_partners_changed",
+    "sales_areas_created",
+    "partner_addresses_created",
+    "partner_addresses_changed",
+    "tax_numbers_created",
+    "tax_numbers_changed",
+)
+
+
+class Writes:
+    """The writes a stretch of a test made in the sandbox, by kind, and its requests."""
+
+    def __init__(self, sandbox: SapSandbox) -> None:
+        self._sandbox = sandbox
+        self._before = sandbox.state()
+
+    def made(self) -> dict[str, int]:
+        """Writes since this was made, the kinds with none left out."""
+        after = self._sandbox.state()
+        changed = {k: after[k] - self._before[k] for k in WRITES}
+        return {k: n for k, n in changed.items() if n}
+
+    def requests(self) -> int:
+        """Requests since this was made, reads included."""
+        return self._sandbox.state()["requests"] - self._before["requests"]
+
+
+async def sync(connector: SapConnector, account: Account) -> str:
+    """Sync *account*; the customer number it has in SAP."""
+    command = CustomerSyncRequested(account=account, content_hash="h")
+    (synced,) = await connector.handle(
+        command, _envelope("erp.customer.sync_requested", account.id)
+    )
+    assert isinstance(synced, CustomerSynced)
+    return synced.native_id
+
+
+def moved(account: Account, **changes: str) -> Account:
+    """*account* with its billing address changed."""
+    assert account.billing_address is not None
+    address = msgspec.structs.replace(account.billing_address, **changes)
+    return msgspec.structs.replace(account, billing_address=address)
+
+
+async def test_a_new_account_is_created_with_its_address_and_tax_number(
+    sandbox: SapSandbox, connector: SapConnector
+) -> None:
+    """One deep insert: the partner with its billing address and VAT number."""
+    writes = Writes(sandbox)
+    number = await sync(connector, BILLED)
+    assert writes.made() == {"business_partners_created": 1}
+    details = sandbox.partners.details
+    (address,) = (r.entity for r in details.addresses[number].values())
+    assert (
+        address.StreetName,
+        address.CityName,
+        address.PostalCode,
+        address.Region,
+        address.Country,
+    ) == ("Hafenstraße 12", "Hamburg", "20457", "HH", "DE")
+    (tax,) = (r.entity for r in details.tax_numbers[number].values())
+    assert (tax.BPTaxType, tax.BPTaxNumber) == ("DE0", "DE123456789")
+
+
+async def test_a_changed_address_patches_the_address_and_nothing_else(
+    sandbox: SapSandbox, connector: SapConnector
+) -> None:
+    """A move in the CRM: one PATCH of the address, with If-Match; name, tax kept."""
+    number = await sync(connector, BILLED)
+    writes = Writes(sandbox)
+    await sync(connector, moved(BILLED, street="Am Sandtorkai 1", postal_code="20457"))
+    assert writes.made() == {"partner_addresses_changed": 1}
+    assert writes.requests() == 2  # the lookup, the PATCH
+    assert sandbox.counters.precondition_failed == 0
+    (record,) = sandbox.partners.details.addresses[number].values()
+    assert (record.entity.StreetName, record.entity.CityName) == (
+        "Am Sandtorkai 1",
+        "Hamburg",
+    )
+    partner = sandbox.partners.partners[number].entity
+    assert partner.OrganizationBPName1 == BILLED.name
+
+
+async def test_a_changed_tax_id_patches_the_tax_number_and_nothing_else(
+    sandbox: SapSandbox, connector: SapConnector
+) -> None:
+    """A corrected VAT number: one PATCH of the DE0 tax number; the address kept."""
+    number = await sync(connector, BILLED)
+    writes = Writes(sandbox)
+    await sync(connector, msgspec.structs.replace(BILLED, tax_id="DE987654321"))
+    assert writes.made() == {"tax_numbers_changed": 1}
+    (tax,) = sandbox.partners.details.tax_numbers[number].values()
+    assert tax.entity.BPTaxNumber == "DE987654321"
+
+
+async def test_the_same_sync_twice_writes_nothing_the_second_time(
+    sandbox: SapSandbox, connector: SapConnector
+) -> None:
+    """Everything changed at once is written once; the repeat only looks."""
+    await sync(connector, ACCOUNT)
+    changed = msgspec.structs.replace(
+        moved(BILLED, street="Am Sandtorkai 1", postal_code="20457"),
+        name="Nordwind Logistik AG",
+        tax_id="de 987 654 321",
+    )
+    writes = Writes(sandbox)
+    await sync(connector, changed)
+    assert writes.made() == {
+        "business_partners_changed": 1,
+        "partner_addresses_changed": 1,
+        "tax_numbers_created": 1,
+    }
+    again = Writes(sandbox)
+    await sync(connector, changed)
+    assert again.made() == {}
+    assert again.requests() == 1
+
+
+async def test_an_existing_partner_without_an_address_gets_one(
+    sandbox: SapSandbox, connector: SapConnector
+) -> None:
+    """A partner made in SAP without address or tax number: both added, once."""
+    sandbox.seed_customer(
+        "17100001",
+        name=BILLED.name,
+        sales_areas=[area()],
+        search_term=search_term(BILLED.id),
+    )
+    writes = Writes(sandbox)
+    assert await sync(connector, BILLED) == "17100001"
+    assert writes.made() == {"partner_addresses_created": 1, "tax_numbers_created": 1}
+    (address,) = sandbox.partners.details.addresses["17100001"].values()
+    assert address.entity.StreetName == "Hafenstraße 12"
+    again = Writes(sandbox)
+    await sync(connector, BILLED)
+    assert again.made() == {}
+
+
+class ReadsWithoutDetails:
+    """A client whose partner reads come back without addresses and tax numbers.
+
+    As a proxy or a changed service might answer: not expanded, not empty.
+    """
+
+    def __init__(self, client: SapClient) -> None:
+        self._client = client
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._client, name)
+
+    async def find_business_partners(
+        self, search_term: str
+    ) -> tuple[A_BusinessPartner, ...]:
+        """The partners found, their addresses and tax numbers not read."""
+        found = await self._client.find_business_partners(search_term)
+        return tuple(
+            msgspec.structs.replace(
+                p, to_BusinessPartnerAddress=None, to_BusinessPartnerTax=None
+            )
+            for p in found
+        )
+
+
+async def test_a_partner_read_without_its_details_gets_none_added(
+    sandbox: SapSandbox, client: SapClient
+) -> None:
+    """Not expanded is not "has none": syncing adds no second address or tax number."""
+    connector = SapConnector(
+        ReadsWithoutDetails(client),  # type: ignore[arg-type]
+        options=OPTIONS,
+        customer_areas=[SalesArea(sales_organization="1010")],
+    )
+    number = await sync(connector, BILLED)
+    writes = Writes(sandbox)
+    await sync(connector, moved(BILLED, city="Bremen"))
+    assert writes.made() == {}
+    assert len(sandbox.partners.details.addresses[number]) == 1
+    assert len(sandbox.partners.details.tax_numbers[number]) == 1
+
+
+async def test_what_the_account_lacks_is_not_deleted_in_sap(
+    sandbox: SapSandbox, connector: SapConnector
+) -> None:
+    """No tax id, no billing address: SAP's tax number and street stay as they are."""
+    number = await sync(connector, BILLED)
+    writes = Writes(sandbox)
+    await sync(connector, ACCOUNT)
+    assert writes.made() == {}
+    (tax,) = sandbox.partners.details.tax_numbers[number].values()
+    assert tax.entity.BPTaxNumber == "DE123456789"
+    (address,) = sandbox.partners.details.addresses[number].values()
+    assert address.entity.StreetName == "Hafenstraße 12"
+
+
+async def test_a_tax_id_sap_cannot_hold_is_refused_before_any_write(
+    sandbox: SapSandbox, connector: SapConnector
+) -> None:
+    """Over 60 characters: the sync is refused, a booking is fallout; SAP untouched."""
+    absurd = msgspec.structs.replace(BILLED, tax_id="DE" + "1" * 59)
+    writes = Writes(sandbox)
+    with pytest.raises(UpstreamRejected, match="61 characters") as caught:
+        await sync(connector, absurd)
+    assert caught.value.code == "Q2C/MAPPING"
+    command, envelope = booking(msgspec.structs.replace(order(), account=absurd))
+    (rejected,) = await connector.handle(command, envelope)
+    assert isinstance(rejected, OrderRejected)
+    assert rejected.code == "Q2C/MAPPING"
+    assert "tax id" in rejected.message
+    await sync(connector, BILLED)
+    renamed = msgspec.structs.replace(absurd, name="Nordwind Logistik AG")
+    with pytest.raises(UpstreamRejected, match="61 characters"):
+        await sync(connector, renamed)
+    assert writes.made() == {"business_partners_created": 1}
 
 
 def _envelope(type_: str, correlation: str) -> Envelope:

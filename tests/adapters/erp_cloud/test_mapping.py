@@ -24,6 +24,7 @@ from adapters.erp_cloud.mapping import (
     MappingOptions,
     OrderContext,
     SalesArea,
+    address_changes,
     catalogue_entry,
     from_sales_order,
     invoice_issued,
@@ -32,10 +33,15 @@ from adapters.erp_cloud.mapping import (
     sales_area_of,
     search_term,
     shipment_dispatched,
+    tax_changes,
     to_business_partner,
+    to_partner_address,
     to_sales_order,
+    to_tax_number,
 )
 from adapters.erp_cloud.views import (
+    A_BusinessPartnerAddress,
+    A_BusinessPartnerTaxNumber,
     A_Product,
     A_SalesOrder,
     BillingDocumentEventData,
@@ -46,10 +52,10 @@ from adapters.erp_cloud.views import (
     expanded,
 )
 from adapters.fieldmap import render
-from canonical.commerce import Order, OrderLine
+from canonical.commerce import Address, Order, OrderLine
 from canonical.ids import DealRef, deal_ref
 from canonical.q2c import OrderBookingRequested
-from tests.adapters.erp_cloud.samples import ACCOUNT, order
+from tests.adapters.erp_cloud.samples import ACCOUNT, BILLED, order
 
 GOLDEN = Path(__file__).resolve().parents[2] / "contract" / "golden" / "erp_cloud"
 SOLD_TO = "1000001"
@@ -144,9 +150,9 @@ def test_a_refusal_becomes_the_pinned_rejection() -> None:
 
 
 def test_an_account_becomes_the_pinned_business_partner() -> None:
-    """An organisation with the customer role, defined in the given sales area."""
+    """An organisation with the customer role in the sales area, address and VAT id."""
     partner = to_business_partner(
-        ACCOUNT,
+        BILLED,
         areas=[SalesArea(sales_organization="1010")],
         payment_terms="NT30",
         options=MappingOptions(partner_grouping="BP02"),
@@ -300,6 +306,153 @@ def test_the_field_map_renders() -> None:
     table = render("SAP S/4HANA Cloud", FIELD_MAP)
     assert "order.customer_ref" in table
     assert "PurchaseOrderByCustomer" in table
+
+
+def test_the_field_map_lists_the_address_and_the_tax_number() -> None:
+    """Every canonical field of the partner's address and tax number is listed."""
+    table = render("SAP S/4HANA Cloud", FIELD_MAP)
+    for canonical, native in [
+        ("account.billing_address.street", "A_BusinessPartnerAddress.StreetName"),
+        ("account.billing_address.city", "A_BusinessPartnerAddress.CityName"),
+        ("account.billing_address.postal_code", "A_BusinessPartnerAddress.PostalCode"),
+        ("account.billing_address.region", "A_BusinessPartnerAddress.Region"),
+        ("account.billing_address.country", "A_BusinessPartnerAddress.Country"),
+        ("account.country", "A_BusinessPartnerTaxNumber.BPTaxType"),
+        ("account.tax_id", "A_BusinessPartnerTaxNumber.BPTaxNumber"),
+        ("account.tax_id", "A_BusinessPartnerTaxNumber.BPTaxLongNumber"),
+    ]:
+        assert any((m.canonical, m.native) == (canonical, native) for m in FIELD_MAP), (
+            native
+        )
+        assert native in table
+
+
+# --- the partner's address and tax number -----------------------------------------
+
+
+def test_the_billing_address_becomes_the_partner_address() -> None:
+    """The whole street line in StreetName; postal code and region upper case."""
+    lower = msgspec.structs.replace(
+        BILLED,
+        billing_address=Address(
+            street=" Hafenstraße 12 ",
+            city="Hamburg",
+            postal_code="sw1a 1aa",
+            region="hh",
+            country="GB",
+        ),
+    )
+    assert to_partner_address(lower, language="EN") == A_BusinessPartnerAddress(
+        StreetName="Hafenstraße 12",
+        CityName="Hamburg",
+        PostalCode="SW1A 1AA",
+        Region="HH",
+        Country="GB",
+        Language="EN",
+    )
+
+
+def test_without_a_billing_address_the_address_is_the_accounts_country() -> None:
+    """Country only: what the CRM does not know is not made up."""
+    assert to_partner_address(ACCOUNT) == A_BusinessPartnerAddress(Country="DE")
+
+
+def test_overlong_address_text_is_cut_and_overlong_codes_left_out() -> None:
+    """Street and city cut like the name; a state name, a long postal code dropped."""
+    assert BILLED.billing_address is not None
+    long = msgspec.structs.replace(
+        BILLED,
+        billing_address=msgspec.structs.replace(
+            BILLED.billing_address,
+            street="x" * 59 + " Straße 1",
+            city="C" * 45,
+            postal_code="12345678901",
+            region="Bavaria",
+        ),
+    )
+    address = to_partner_address(long)
+    # Cut at 60 ends in a blank, which SAP would drop: so is it here.
+    assert address.StreetName == "x" * 59
+    assert address.CityName == "C" * 40
+    assert (address.PostalCode, address.Region, address.Country) == (None, None, "DE")
+
+
+def test_the_tax_id_is_the_vat_number_of_the_accounts_country() -> None:
+    """Category <country>0, upper case and without blanks; none without a tax id."""
+    assert to_tax_number(BILLED) == A_BusinessPartnerTaxNumber(
+        BPTaxType="DE0", BPTaxNumber="DE123456789"
+    )
+    spaced = msgspec.structs.replace(BILLED, country="AT", tax_id=" atu 123 456 78 ")
+    assert to_tax_number(spaced) == A_BusinessPartnerTaxNumber(
+        BPTaxType="AT0", BPTaxNumber="ATU12345678"
+    )
+    assert to_tax_number(ACCOUNT) is None
+    assert to_tax_number(msgspec.structs.replace(ACCOUNT, tax_id="  ")) is None
+
+
+def test_a_tax_id_over_20_goes_long_and_over_60_is_refused() -> None:
+    """21..60 characters: BPTaxLongNumber only; beyond, SAP has no room: refused."""
+    twenty = msgspec.structs.replace(BILLED, tax_id="D" * 20)
+    assert to_tax_number(twenty) == A_BusinessPartnerTaxNumber(
+        BPTaxType="DE0", BPTaxNumber="D" * 20
+    )
+    long = msgspec.structs.replace(BILLED, tax_id="D" * 60)
+    assert to_tax_number(long) == A_BusinessPartnerTaxNumber(
+        BPTaxType="DE0", BPTaxLongNumber="D" * 60
+    )
+    with pytest.raises(ValueError, match="61 characters"):
+        to_tax_number(msgspec.structs.replace(BILLED, tax_id="D" * 61))
+    with pytest.raises(ValueError, match="61 characters"):
+        to_business_partner(
+            msgspec.structs.replace(BILLED, tax_id="D" * 61),
+            areas=[],
+            payment_terms=None,
+            options=OPTIONS,
+        )
+
+
+def test_address_changes_are_what_differs_and_only_that() -> None:
+    """Equal → nothing; a new street → StreetName; a stray house number cleared."""
+    held = msgspec.structs.replace(
+        to_partner_address(BILLED, language="DE"), BusinessPartner="1", AddressID="7"
+    )
+    assert address_changes(held, BILLED) is None
+    assert BILLED.billing_address is not None
+    moved = msgspec.structs.replace(
+        BILLED,
+        billing_address=msgspec.structs.replace(
+            BILLED.billing_address, street="Am Sandtorkai 1", region=None
+        ),
+    )
+    split = msgspec.structs.replace(held, HouseNumber="12", Region="hh")
+    assert address_changes(split, moved) == A_BusinessPartnerAddress(
+        StreetName="Am Sandtorkai 1", HouseNumber="", Region=""
+    )
+
+
+def test_without_a_billing_address_only_the_country_is_compared() -> None:
+    """An address kept in SAP is not wiped because the CRM has none."""
+    held = A_BusinessPartnerAddress(
+        AddressID="7", StreetName="Hafenstraße", HouseNumber="12", Country="DE"
+    )
+    assert address_changes(held, ACCOUNT) is None
+    moved = msgspec.structs.replace(ACCOUNT, country="AT")
+    assert address_changes(held, moved) == A_BusinessPartnerAddress(Country="AT")
+
+
+def test_tax_changes_compare_the_number_sap_means() -> None:
+    """A short number SAP mirrors into the long field is unchanged; a new one is set."""
+    wanted = A_BusinessPartnerTaxNumber(BPTaxType="DE0", BPTaxNumber="DE1")
+    mirrored = msgspec.structs.replace(wanted, BPTaxLongNumber="DE1")
+    assert tax_changes(mirrored, wanted) is None
+    assert tax_changes(wanted, wanted) is None
+    longer = A_BusinessPartnerTaxNumber(BPTaxType="DE0", BPTaxLongNumber="D" * 30)
+    assert tax_changes(mirrored, longer) == A_BusinessPartnerTaxNumber(
+        BPTaxNumber="", BPTaxLongNumber="D" * 30
+    )
+    assert tax_changes(longer, wanted) == A_BusinessPartnerTaxNumber(
+        BPTaxNumber="DE1", BPTaxLongNumber=""
+    )
 
 
 @pytest.mark.parametrize(

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import xml.etree.ElementTree as ET
 from decimal import Decimal
+from pathlib import Path
 
 import msgspec
 import pytest
@@ -10,6 +12,8 @@ import pytest
 from adapters.erp_cloud import edm
 from adapters.erp_cloud.views import (
     A_BusinessPartner,
+    A_BusinessPartnerAddress,
+    A_BusinessPartnerTaxNumber,
     A_SalesOrder,
     A_SalesOrderItem,
     Collection,
@@ -120,3 +124,53 @@ def test_field_limits_follow_the_annotations() -> None:
     assert "LastChangeDateTime" not in limits
     assert field_limits(A_BusinessPartner)["SearchTerm1"] == FieldLimit(max_length=20)
     assert field_limits(A_BusinessPartner)["BusinessPartnerUUID"] == FieldLimit()
+
+
+EDMX = (
+    Path(__file__).resolve().parents[3]
+    / ".."
+    / "shared"
+    / "payloads"
+    / "sap_api_business_partner.edmx"
+)
+EDM = "{http://schemas.microsoft.com/ado/2008/09/edm}"
+
+
+@pytest.mark.parametrize(
+    ("view", "entity_type", "keys"),
+    [
+        (
+            A_BusinessPartnerAddress,
+            "A_BusinessPartnerAddressType",
+            ["BusinessPartner", "AddressID"],
+        ),
+        (
+            A_BusinessPartnerTaxNumber,
+            "A_BusinessPartnerTaxNumberType",
+            ["BusinessPartner", "BPTaxType"],
+        ),
+    ],
+    ids=["address", "tax-number"],
+)
+def test_address_and_tax_number_views_match_the_metadata(
+    view: type[msgspec.Struct], entity_type: str, keys: list[str]
+) -> None:
+    """Keys, names and MaxLength as in SAP's ``$metadata`` of API_BUSINESS_PARTNER."""
+    if not EDMX.is_file():
+        pytest.skip(f"{EDMX} is absent (the shared payload corpus is not here)")
+    root = ET.fromstring(EDMX.read_bytes())
+    (entity,) = (
+        e for e in root.iter(f"{EDM}EntityType") if e.attrib["Name"] == entity_type
+    )
+    assert [k.attrib["Name"] for k in entity.iter(f"{EDM}PropertyRef")] == keys
+    lengths = {
+        p.attrib["Name"]: int(p.attrib["MaxLength"])
+        for p in entity.iter(f"{EDM}Property")
+        if "MaxLength" in p.attrib
+    }
+    limits = field_limits(view)
+    assert set(limits) <= set(lengths)
+    assert {name: limits[name].max_length for name in limits} == {
+        name: lengths[name] for name in limits
+    }
+    assert set(keys) <= set(limits)
