@@ -159,6 +159,11 @@ class CoreConfig(Section, frozen=True):
     commit_writers: Annotated[int, Meta(ge=1, le=64)] = 2
     max_message_bytes: PositiveInt = 1_048_576
     max_attempts: PositiveInt = 5
+    #: A command that fails only because its system is unavailable (down,
+    #: throttling, not answering, refusing our credentials) is retried at the
+    #: longest tier without using up ``max-attempts``, for this long after its
+    #: first such failure; then it is dead-lettered (``unavailable_too_long``).
+    unavailable_max_s: Seconds = 7 * 86_400.0
     commit_deadline_s: Seconds = 60.0
     relay_batch: PositiveInt = 1000
     relay_workers: Annotated[int, Meta(ge=1, le=256)] = 8

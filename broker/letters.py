@@ -25,6 +25,8 @@ from canonical.envelope import Envelope
 
 __all__ = [
     "ATTEMPT_HEADER",
+    "UNAVAILABLE_SINCE_HEADER",
+    "unavailable_since",
     "dead_letter",
     "follow_up",
     "journal",
@@ -37,6 +39,8 @@ __all__ = [
 
 #: Delivery attempts so far, counted durably in the message itself.
 ATTEMPT_HEADER = "x-q2c-attempt"
+#: Epoch seconds of the first of a run of failures for want of the system.
+UNAVAILABLE_SINCE_HEADER = "x-q2c-unavailable-since"
 
 
 def message_id_for(idempotency_key: str) -> str:
@@ -168,9 +172,27 @@ def dead_letter(
 
 
 def retry(
-    queue: str, d: Delivery, *, message_id: str, attempt: int, tier: float, error: str
+    queue: str,
+    d: Delivery,
+    *,
+    message_id: str,
+    attempt: int,
+    tier: float,
+    error: str,
+    unavailable_since: int | None = None,
 ) -> OutboxRecord:
-    """The copy of a failed delivery that waits in tier *tier*, then comes back."""
+    """The copy of a failed delivery that waits in tier *tier*, then comes back.
+
+    *unavailable_since* (epoch seconds) marks a failure of the system's
+    availability, and since when the command has met only those
+    (`UNAVAILABLE_SINCE_HEADER`); None drops the mark.
+    """
+    headers = plain_headers(d.headers)
+    headers.pop(UNAVAILABLE_SINCE_HEADER, None)
+    headers[ATTEMPT_HEADER] = attempt + 1
+    headers["x-q2c-reason"] = error[:500]
+    if unavailable_since is not None:
+        headers[UNAVAILABLE_SINCE_HEADER] = unavailable_since
     return OutboxRecord(
         message_id=message_id,
         exchange=retry_exchange(tier),
@@ -178,9 +200,11 @@ def retry(
         body=d.body,
         correlation_id=d.correlation_id,
         type=d.type,
-        headers={
-            **plain_headers(d.headers),
-            ATTEMPT_HEADER: attempt + 1,
-            "x-q2c-reason": error[:500],
-        },
+        headers=headers,
     )
+
+
+def unavailable_since(d: Delivery) -> int | None:
+    """Since when (epoch seconds) *d* has failed only for want of its system."""
+    raw = d.headers.get(UNAVAILABLE_SINCE_HEADER) if d.headers else None
+    return raw if isinstance(raw, int) and not isinstance(raw, bool) else None

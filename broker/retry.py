@@ -35,6 +35,10 @@ class RetryPolicy:
         """The delay tier after failed *attempt*; None once attempts are exhausted."""
         if attempt >= self.max_attempts:
             return None
+        return self.delay_for(attempt)
+
+    def delay_for(self, attempt: int) -> float:
+        """The delay tier after failed *attempt*, however many there were."""
         return self._tiers[min(max(attempt, 1) - 1, len(self._tiers) - 1)]
 
     def __repr__(self) -> str:

@@ -29,7 +29,12 @@ from anyio.streams.memory import MemoryObjectReceiveStream
 from broker import letters
 from broker.actor import Context
 from broker.codec import utcnow
-from broker.errors import ConcurrencyConflict, PermanentError, TransientError
+from broker.errors import (
+    ConcurrencyConflict,
+    PermanentError,
+    TransientError,
+    UpstreamUnavailable,
+)
 from broker.letters import ATTEMPT_HEADER
 from broker.retry import Backoff
 from broker.store import (
@@ -276,7 +281,21 @@ class SystemCommit:
             else:
                 error = f"{type(d.error).__name__}: {d.error}"
                 retry_after = getattr(d.error, "retry_after_s", None)
-                tier = self._tier(d.attempt, retry_after)
+                since: int | None = None
+                if isinstance(d.error, UpstreamUnavailable):
+                    # The system was down, throttling or silent: that says
+                    # nothing of the command, so it does not use up attempts,
+                    # only time (the breaker keeps the queue still meanwhile).
+                    now = int(time.time())
+                    since = letters.unavailable_since(d.delivery) or now
+                    if now - since > self._core.unavailable_max_s:
+                        dead_letter(d, "unavailable_too_long", error)
+                        continue
+                    tier: float | None = self._longer(
+                        self._rt.retry.delay_for(d.attempt), retry_after
+                    )
+                else:
+                    tier = self._tier(d.attempt, retry_after)
                 if tier is None:
                     dead_letter(d, "attempts_exhausted", error)
                     continue
@@ -289,6 +308,7 @@ class SystemCommit:
                         attempt=d.attempt,
                         tier=tier,
                         error=error,
+                        unavailable_since=since,
                     )
                 )
                 journal.append(
@@ -311,7 +331,11 @@ class SystemCommit:
     def _tier(self, attempt: int, retry_after_s: float | None) -> float | None:
         """The retry tier after failed *attempt*, at least *retry_after_s* long."""
         tier = self._rt.retry.tier_for(attempt)
-        if tier is None or retry_after_s is None or tier >= retry_after_s:
+        return None if tier is None else self._longer(tier, retry_after_s)
+
+    def _longer(self, tier: float, retry_after_s: float | None) -> float:
+        """*tier*, or the shortest tier at least *retry_after_s* long."""
+        if retry_after_s is None or tier >= retry_after_s:
             return tier
         longer = [t for t in self._tiers if t >= retry_after_s]
         return min(longer) if longer else max(self._tiers)

@@ -54,6 +54,7 @@ class CreateOrder(Event, frozen=True, tag="test.order.create"):
     hang_times: int = 0  # never answer this many calls first
     retry_after_s: float | None = None
     reject: bool = False
+    bug: bool = False  # the connector fails with a bug, not the system
 
 
 class OrderCreated(Event, frozen=True, tag="test.order.created"):
@@ -155,6 +156,8 @@ class FakeErp:
                 )
             if command.reject:
                 raise UpstreamRejected("erp", "customer 42 is blocked", code="BLOCKED")
+            if command.bug:
+                raise RuntimeError(f"no mapping for order {command.order_id}")
             erp_id = self.effects.setdefault(key, f"erp-{len(self.effects) + 1}")
             return [OrderCreated(order_id=command.order_id, erp_id=erp_id)]
         finally:
@@ -461,9 +464,9 @@ async def test_a_call_that_never_answers_times_out_and_is_retried() -> None:
 
 
 async def test_exhausted_attempts_dead_letter_the_command() -> None:
-    """Unavailable on every attempt: max_attempts calls, then a dead letter."""
+    """A command failing itself on every attempt: max_attempts calls, then a letter."""
     erp = FakeErp()
-    msg = command("o-1", fail_times=99)
+    msg = command("o-1", bug=True)
     settings = GatewaySettings(rate_per_s=1000, burst=100, breaker_failures=10)
     async with running(erp, settings) as h:
         await h.send(msg)
@@ -473,9 +476,31 @@ async def test_exhausted_attempts_dead_letter_the_command() -> None:
 
     assert len(erp.keys) == 3
     assert (row.reason, row.attempts, row.body) == ("attempts_exhausted", 3, msg.body)
-    assert "busy" in row.detail
+    assert "no mapping for order o-1" in row.detail
     assert copy.body == msg.body
     assert stages == ["retry_scheduled", "retry_scheduled", "dead_lettered"]
+
+
+async def test_an_unavailable_system_uses_up_time_not_attempts() -> None:
+    """Unavailable past max_attempts: still retried, until unavailable-max-s.
+
+    The mark of the first such failure travels with the message; once the
+    run of failures is older than the limit, the command is dead-lettered.
+    """
+    erp = FakeErp()
+    msg = command("o-1", fail_times=99)
+    settings = GatewaySettings(rate_per_s=1000, burst=100, breaker_failures=100)
+    cfg = config(BROKER__CORE__UNAVAILABLE_MAX_S="0.5")
+    async with running(erp, settings, cfg=cfg) as h:
+        await h.send(msg)
+        (row,) = await h.dead_letters(1)
+        stages = await h.stages("deal-o-1", msg.message_id)
+
+    assert len(erp.keys) > 3  # max_attempts is 3
+    assert (row.reason, row.body) == ("unavailable_too_long", msg.body)
+    assert "busy" in row.detail
+    assert stages[-1] == "dead_lettered"
+    assert set(stages[:-1]) == {"retry_scheduled"}
 
 
 async def test_a_rejected_command_is_dead_lettered_at_once_with_the_reason() -> None:
@@ -709,6 +734,37 @@ async def test_the_breaker_cancels_the_consumer_and_a_good_probe_recovers() -> N
     assert len(consumers) == 1
     assert h.gateway.breaker.opened == 1
     assert (gauge_while_open, gauge_after, opened, failed_calls) == (2, 0, 1, 3)
+
+
+async def test_a_long_outage_is_waited_out_not_dead_lettered() -> None:
+    """Forty half-open periods of outage, far past max_attempts: nothing is lost.
+
+    Each failed probe and each retry used to spend one of the command's
+    attempts; with the breaker open for most of an outage, a long one
+    dead-lettered every command caught in it.
+    """
+    time = FakeTime()
+    erp = FakeErp(time)
+    async with running(erp, breaker_settings(), fake=time) as h:
+        await open_the_breaker(h, erp)
+        for _ in range(40):
+            time.advance(41)
+            await anyio.wait_all_tasks_blocked()
+        probes = [state for _, state, _ in erp.calls].count("half_open")
+        during = dict(h.gateway.commands)
+        erp.outage = False
+        for _ in range(40):
+            if h.gateway.commands.get("completed", 0) >= 6:
+                break
+            time.advance(41)
+            await anyio.wait_all_tasks_blocked()
+        results = await h.results(6)
+
+    assert probes > 3  # max_attempts is 3
+    assert during.get("dead_lettered", 0) == 0
+    assert sorted(r.subject or "" for r in results) == [
+        f"order/o-{n}" for n in range(6)
+    ]
 
 
 async def test_a_failed_probe_opens_the_breaker_again_for_longer() -> None:
