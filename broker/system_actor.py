@@ -27,6 +27,7 @@ from broker.errors import (
     StoreUnavailable,
     TransientError,
     TransportUnavailable,
+    UndecodableMessage,
     UpstreamRejected,
     UpstreamUnavailable,
 )
@@ -357,6 +358,8 @@ class SystemActor(Actor[None]):
         commands: list[_Command] = []
         for d in deliveries:
             try:
+                if d.unreadable is not None:
+                    raise UndecodableMessage(d.unreadable)
                 envelope = decode_envelope(
                     d.body,
                     max_bytes=self._core.max_message_bytes,

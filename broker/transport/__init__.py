@@ -69,6 +69,7 @@ class Delivery:
         "routing_key",
         "tag",
         "type",
+        "unreadable",
     )
 
     def __init__(
@@ -84,6 +85,7 @@ class Delivery:
         type: str | None = None,
         content_type: str | None = None,
         headers: dict[str, Any] | None = None,
+        unreadable: str | None = None,
     ) -> None:
         self.tag = tag
         self.body = body
@@ -95,6 +97,9 @@ class Delivery:
         self.type = type
         self.content_type = content_type
         self.headers = headers
+        #: Why the message's AMQP headers could not be read (they are then
+        #: None): a delivery to dead-letter by its body, not to apply.
+        self.unreadable = unreadable
 
     def __repr__(self) -> str:
         return (

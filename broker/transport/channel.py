@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import struct
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, Final, final
 
@@ -334,7 +335,14 @@ class WireChannel(ConfirmPublisher):
             p += 1 + buf[p]
         if flags & 0x2000:
             n = U32.unpack_from(buf, p)[0]
-            d.headers = decode_table(buf, p + 4, p + 4 + n)
+            try:
+                d.headers = decode_table(buf, p + 4, p + 4 + n)
+            except (ValueError, IndexError, struct.error) as exc:
+                # RabbitMQ passes header tables through unchecked: one a
+                # producer got wrong (a nested key not UTF-8, an unknown
+                # field type) is this message's fault, not the connection's.
+                d.headers = None
+                d.unreadable = f"AMQP headers unreadable: {exc}"[:300]
             p += 4 + n
         if flags & 0x1000:  # delivery-mode
             p += 1

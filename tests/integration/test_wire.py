@@ -753,3 +753,44 @@ async def test_frames_split_across_reads_are_reassembled() -> None:
 
 
 _HEARTBEAT_FRAME = b"\x08\x00\x00\x00\x00\x00\x00\xce"
+
+
+async def test_a_header_table_that_cannot_be_read_costs_the_message_not_the_link(
+    amqp_url: str,
+) -> None:
+    """A header table that cannot be read flags its message, not the connection.
+
+    RabbitMQ passes a nested table's field names through unchecked. One that
+    is not UTF-8 used to abort the consuming connection at every redelivery
+    (every consumer on it with it); now the message arrives with its headers
+    None and the reason, for the consumer to dead-letter.
+    """
+    # A nested table whose field name is not UTF-8.
+    entry = b"\x05inner" + b"F" + struct.pack(">I", 5) + b"\x02\xff\xfe" + b"t\x01"
+    body = b"{}"
+    flags = 0x2000 | 0x0080  # headers, message-id
+    header = (
+        struct.pack(">HHQH", 60, 0, len(body), flags)
+        + struct.pack(">I", len(entry))
+        + entry
+        + bytes([5])
+        + b"bad-1"
+    )
+    async with connected(amqp_url) as conn:
+        ch = await conn.channel()
+        await ch.queue_declare("q")
+        conn._write(
+            pframe.marshal(commands.Basic.Publish(exchange="", routing_key="q"), ch.id)
+            + struct.pack(">BHI", 2, ch.id, len(header))
+            + header
+            + b"\xce"
+            + pframe.marshal(pbody.ContentBody(body), ch.id)
+        )
+        await ch.consume("q")
+        with anyio.fail_after(5):
+            [d] = await ch.get_batch(1)
+        ch.ack(d.tag)
+        assert (d.message_id, d.body, d.headers) == ("bad-1", body, None)
+        assert d.unreadable is not None
+        assert "utf-8" in d.unreadable
+        assert await queue_depth(await conn.channel(), "q") == 0  # still connected
