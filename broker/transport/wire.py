@@ -470,8 +470,10 @@ class WireConnection(asyncio.Protocol):
         if not self._wrote and self._transport is not None:
             self._transport.write(HEARTBEAT_FRAME)
         self._wrote = False
-        # Brokers stop heartbeats to a blocked connection: don't count those.
-        self._missed = 0 if self._heard or self._blocked else self._missed + 1
+        # A blocked connection still hears the broker's heartbeats (RabbitMQ
+        # stops only watching ours): silence is silence, blocked or not, or a
+        # link cut during an alarm would never be found dead.
+        self._missed = 0 if self._heard else self._missed + 1
         self._heard = False
         if self._missed >= 4:  # four half-periods: 2x the heartbeat
             _log.warning(

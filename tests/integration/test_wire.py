@@ -463,6 +463,30 @@ async def test_silent_broker_is_declared_dead_after_two_heartbeats(
         await conn.close()
 
 
+async def test_a_blocked_connection_gone_silent_is_declared_dead_too(
+    amqp_url: str, proxy: FaultProxy
+) -> None:
+    """Blocked by an alarm, then cut: found dead, not waited on until unblocked.
+
+    RabbitMQ keeps sending heartbeats to a blocked connection (it only stops
+    watching the client's), so silence means the link is gone, blocked or not.
+    """
+    conn = await open_conn(proxy.url(amqp_url), heartbeat_s=1)
+    try:
+        ch = await conn.channel()
+        await ch.queue_declare("hb-blocked")
+        proxy.inject(pframe.marshal(commands.Connection.Blocked("test alarm"), 0))
+        await ch.queue_declare("hb-blocked", passive=True)
+        assert conn.is_blocked
+        proxy.thawed.clear()
+        with anyio.fail_after(6):
+            await conn.wait_closed()
+        assert "no frame" in (conn.closed_reason or "")
+    finally:
+        proxy.thawed.set()
+        await conn.close()
+
+
 async def test_publish_timeout_is_indeterminate_and_late_confirms_are_ignored(
     amqp_url: str, proxy: FaultProxy
 ) -> None:
