@@ -49,6 +49,12 @@ __all__ = ["OutboxFeed", "OutboxRelay", "to_message"]
 _DELETE_INTERVAL_S = 0.05
 #: Longest wait between probes while the broker refuses our publishing.
 _REFUSED_MAX_S = 30.0
+#: Rows remembered as in flight when the broker closed the channel (suspects).
+_MAX_SUSPECTS = 10_000
+#: Rounds of its own a suspect may close the channel in before it is parked.
+_SOLO_CLOSES = 3
+#: The longest a suspect waits between its rounds.
+_SUSPECT_DELAY_MAX_S = 2.0
 
 
 @final
@@ -229,6 +235,13 @@ class OutboxRelay(Actor[None]):
         # back-off period; every other row waits in the store until then.
         self._refused_until = 0.0
         self._refusals = Backoff(1.0, _REFUSED_MAX_S)
+        # Rows that were in flight when the broker closed the channel: one of
+        # them made it (a message over its size limit, to an exchange that
+        # does not exist), the rest shared its channel. By id: the size of
+        # round each may go out in (halved at each close it is in, so the
+        # culprit is found in a few rounds, not one row at a time), and how
+        # often it closed the channel alone; at `_SOLO_CLOSES` it is parked.
+        self._suspects: dict[int, list[int]] = {}
 
     async def on_start(self, ctx: Context[None]) -> None:
         """Start the publishing workers and the recovery poller."""
@@ -319,13 +332,15 @@ class OutboxRelay(Actor[None]):
         if self.in_flight == 1:
             self._idle = anyio.Event()
         try:
-            # A row that failed before is published on its own: if the broker
-            # refuses it (and closes the channel, as it does for a message over
-            # its size limit), the rows that shared its first publish are not
-            # held back with it round after round.
-            fresh = [r for r in rows if r.attempts <= 1]
-            rounds = [fresh] if fresh else []
-            rounds.extend([r] for r in rows if r.attempts > 1)
+            # A suspect is published on its own, so that the broker closing
+            # the channel again for it does not hold back the rows that shared
+            # its first publish, round after round. Every other row, retried
+            # or not, goes out together with the rest.
+            suspects = self._suspects
+            clear = [r for r in rows if r.id not in suspects]
+            rounds = [clear] if clear else []
+            if suspects and len(clear) < len(rows):
+                rounds.extend(_suspect_rounds(rows, suspects))
             for n, round_rows in enumerate(rounds):
                 wait_s = self._refused_until - anyio.current_time()
                 if wait_s > 0:
@@ -345,11 +360,67 @@ class OutboxRelay(Actor[None]):
             rows = await self._park_unpublishable(rows, ctx)
             if not rows:
                 return
-        outcomes = await self._transport.publish(
+        closes, _ = self._transport.channel_closes
+        outcomes: Sequence[PublishOutcome] = await self._transport.publish(
             [to_message(r) for r in rows], timeout_s=self._timeout_s
         )
         self._crash.passed("after_confirm_before_mark", len(rows))
+        after, reason = self._transport.channel_closes
+        if after != closes:
+            rows, outcomes = await self._suspect(rows, outcomes, reason, ctx)
         await self._settle(rows, outcomes, ctx)
+
+    async def _suspect(
+        self,
+        rows: Sequence[OutboxRow],
+        outcomes: Sequence[PublishOutcome],
+        reason: str | None,
+        ctx: Context[None],
+    ) -> tuple[Sequence[OutboxRow], Sequence[PublishOutcome]]:
+        """The broker closed the channel during this round: note its suspects.
+
+        Rows left without an answer become suspects (published alone from
+        now on); one that was alone, and has closed the channel
+        `_SOLO_CLOSES` times so, is parked. Returns the rows and outcomes
+        still to settle.
+        """
+        suspects = self._suspects
+        half = max(1, len(rows) // 2)
+        parked: list[OutboxRow] = []
+        for row, outcome in zip(rows, outcomes, strict=True):
+            if outcome is not PublishOutcome.INDETERMINATE:
+                continue
+            known = suspects.get(row.id)
+            if known is None:
+                if len(suspects) < _MAX_SUSPECTS:
+                    suspects[row.id] = [half, 0]
+            elif len(rows) == 1:
+                known[1] += 1
+                if known[1] >= _SOLO_CLOSES:
+                    parked.append(row)
+            else:
+                known[0] = half
+        if not parked or self._transport.refusal is not None:
+            return rows, outcomes
+        why = f"refused by the broker: {reason or 'channel closed'}"[:500]
+        try:
+            await self._store.park_outbox([r.id for r in parked], reason=why)
+        except StoreUnavailable as exc:
+            ctx.log.warning("outbox_mark_failed", error=str(exc), rows=len(parked))
+            return rows, outcomes
+        for row in parked:
+            del suspects[row.id]
+            ctx.log.error(
+                "outbox_message_refused",
+                exchange=row.exchange[:100],
+                routing_key=row.routing_key[:100],
+                message_id=row.message_id[:100],
+                reason=why,
+            )
+        self._metrics.publish_failed.labels("refused_alone").inc(len(parked))
+        gone = {r.id for r in parked}
+        kept = [(r, o) for r, o in zip(rows, outcomes, strict=True) if r.id not in gone]
+        return [r for r, _ in kept], [o for _, o in kept]
 
     async def _settle(
         self,
@@ -361,9 +432,12 @@ class OutboxRelay(Actor[None]):
         nacked: list[OutboxRow] = []
         unknown: list[OutboxRow] = []
         returned: list[OutboxRow] = []
+        suspects = self._suspects
         for row, outcome in zip(rows, outcomes, strict=True):
             if outcome is PublishOutcome.ACK:
                 acked.append(row.id)
+                if suspects:
+                    suspects.pop(row.id, None)
             elif outcome is PublishOutcome.NACK:
                 nacked.append(row)
             elif outcome is PublishOutcome.RETURNED:
@@ -401,14 +475,22 @@ class OutboxRelay(Actor[None]):
             elif unknown:
                 # No answer: the connection dropped, the broker refused the
                 # channel, or the confirm was late. Soon at first, then slower,
-                # so a row the broker keeps refusing cannot become a hot loop.
-                await self._reschedule(
-                    unknown,
-                    "indeterminate",
-                    "outbox_publish_indeterminate",
-                    first_s=0.5,
-                    ctx=ctx,
-                )
+                # so a row the broker keeps refusing cannot become a hot loop;
+                # suspects no slower than `_SUSPECT_DELAY_MAX_S`: their rounds
+                # shrink until the culprit is parked, so they end anyway.
+                suspects = self._suspects
+                suspected = [r for r in unknown if r.id in suspects]
+                others = [r for r in unknown if r.id not in suspects]
+                for group, cap_s in ((others, 60.0), (suspected, _SUSPECT_DELAY_MAX_S)):
+                    if group:
+                        await self._reschedule(
+                            group,
+                            "indeterminate",
+                            "outbox_publish_indeterminate",
+                            first_s=0.5,
+                            cap_s=cap_s,
+                            ctx=ctx,
+                        )
             if returned:
                 await self._store.park_outbox(
                     [r.id for r in returned],
@@ -469,13 +551,30 @@ class OutboxRelay(Actor[None]):
         event: str,
         *,
         first_s: float,
+        cap_s: float = 60.0,
         ctx: Context[None],
     ) -> None:
         """Make *rows* eligible again after a delay that grows with their attempts."""
-        delay = _retry_delay(rows, first_s=first_s)
+        delay = min(cap_s, _retry_delay(rows, first_s=first_s))
         await self._store.reschedule_outbox([r.id for r in rows], delay_s=delay)
         self._metrics.publish_failed.labels(outcome).inc(len(rows))
         ctx.log.warning(event, rows=len(rows), retry_in_s=delay)
+
+
+def _suspect_rounds(
+    rows: Sequence[OutboxRow], suspects: dict[int, list[int]]
+) -> list[list[OutboxRow]]:
+    """*rows*' suspects in rounds no larger than each one's size allows."""
+    by_size: dict[int, list[OutboxRow]] = {}
+    for row in rows:
+        known = suspects.get(row.id)
+        if known is not None:
+            by_size.setdefault(known[0], []).append(row)
+    return [
+        group[n : n + size]
+        for size, group in sorted(by_size.items())
+        for n in range(0, len(group), size)
+    ]
 
 
 def _retry_delay(rows: Sequence[OutboxRow], *, first_s: float) -> float:

@@ -175,6 +175,17 @@ class Transport(Protocol):
         """
         ...
 
+    @property
+    def channel_closes(self) -> tuple[int, str | None]:
+        """How often the broker closed our publishing channel, and why last.
+
+        A message the broker refuses outright (over its size limit, to an
+        exchange that does not exist) closes the channel, and every publish
+        in flight on it ends INDETERMINATE; the count lets a publisher tell
+        that from a lost connection.
+        """
+        ...
+
     async def subscribe(self, queue: str, *, prefetch: int) -> Subscription:
         """Start consuming *queue*, waiting for the connection if it is down."""
         ...

@@ -337,6 +337,8 @@ class AmqpTransport:
         #: Queues the broker will not let us consume, with its words.
         self._consume_refused: dict[str, str] = {}
         self.refusals = 0
+        self._channel_closes = 0
+        self._close_reason: str | None = None
         self.published = 0
         self.confirmed = 0
         self.nacked = 0
@@ -366,6 +368,11 @@ class AmqpTransport:
         Kept until a publish is confirmed again.
         """
         return self._refusal
+
+    @property
+    def channel_closes(self) -> tuple[int, str | None]:
+        """Publishing channels the broker closed, and its last reason."""
+        return self._channel_closes, self._close_reason
 
     async def start(self) -> None:
         """Start both connection supervisors; return once both are connected.
@@ -505,6 +512,8 @@ class AmqpTransport:
         if ch is self._noted:
             return
         self._noted = ch
+        self._channel_closes += 1
+        self._close_reason = ch.closed_reason
         if ch.close_code != _ACCESS_REFUSED:
             _log.warning(
                 "amqp_channel_closed",

@@ -366,6 +366,11 @@ class MemoryTransport:
         """Always ``None``: nothing here checks permissions."""
         return None
 
+    @property
+    def channel_closes(self) -> tuple[int, str | None]:
+        """Always none: nothing here closes a channel."""
+        return 0, None
+
     def status(self) -> dict[str, Any]:
         """The AMQP transport's status shape, plus per-queue message counts."""
         self.run_timers()

@@ -225,6 +225,11 @@ class HeldTransport:
         """The memory transport's (never any)."""
         return self.inner.refusal
 
+    @property
+    def channel_closes(self) -> tuple[int, str | None]:
+        """The memory transport's (never any)."""
+        return self.inner.channel_closes
+
     def status(self) -> dict[str, Any]:
         """The memory transport's status."""
         return self.inner.status()
