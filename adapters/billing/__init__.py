@@ -9,6 +9,7 @@ tests, the demo and the bench.
 from __future__ import annotations
 
 from adapters.billing.client import (
+    ReplayedServerError,
     StripeApi,
     StripeClient,
     StripeSettings,
@@ -42,6 +43,7 @@ __all__ = [
     "StripeApi",
     "StripeClient",
     "StripeSettings",
+    "ReplayedServerError",
     "idempotency_key",
     # Sandbox
     "StripeSandbox",

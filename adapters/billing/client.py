@@ -8,17 +8,25 @@ and nowhere else:
 
 - 429, 5xx, a 409 ``idempotency_key_in_use``, timeouts and connection errors
   → `UpstreamUnavailable` (``retry_after_s`` from ``Retry-After``);
+- 401 and 403, the API key refused (invalid, expired, revoked, or a
+  restricted key without the permission) → `UpstreamUnavailable` too: every
+  command would fail alike until the key is fixed, so the breaker should
+  count it, open and hold the commands, not dead-letter each one. The
+  message says the key was refused and leaves out Stripe's own, which quotes
+  part of the key;
 - any other 4xx → `UpstreamRejected` with Stripe's ``error.code`` (or its
   ``error.type`` when there is no code) as ``code``.
 
 A 500 that Stripe stored under the key is replayed for every retry with that
-key; the message says so (``replayed``), because retrying cannot cure it.
+key for at least 24 hours: that is a `ReplayedServerError` (still an
+`UpstreamUnavailable`), because retrying the same key cannot cure it and a
+caller may want to look the object up and go on under another key.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Annotated, Protocol, TypeVar
 
 import aiohttp
@@ -37,16 +45,40 @@ from adapters.billing.views import (
     Price,
     Product,
     SearchResult,
+    StripeList,
     Subscription,
 )
 from adapters.session import SessionClient, read_bounded, retry_after_s
 from broker.config import Section
 from broker.errors import UpstreamRejected, UpstreamUnavailable
 
-__all__ = ["StripeSettings", "StripeApi", "StripeClient", "idempotency_key"]
+__all__ = [
+    "StripeSettings",
+    "StripeApi",
+    "StripeClient",
+    "ReplayedServerError",
+    "idempotency_key",
+]
 
 T = TypeVar("T")
+
+
+class _Identified(Protocol):
+    @property
+    def id(self) -> str: ...
+
+
+L = TypeVar("L", bound=_Identified)
+
 _MAX_KEY = 255
+_PAGE_SIZE = 100  # Stripe's largest ``limit``
+#: What a 401 or 403 says, instead of Stripe's message (it quotes the key).
+_KEY_REFUSED = {
+    401: "the API key was refused (missing, invalid, expired or revoked); "
+    "check the configured api_key",
+    403: "the API key was refused for this request (a restricted key without "
+    "the permission); check the configured api_key",
+}
 
 
 class StripeSettings(Section, frozen=True):
@@ -77,6 +109,17 @@ class StripeSettings(Section, frozen=True):
         )
 
 
+class ReplayedServerError(UpstreamUnavailable):
+    """Stripe replayed a 5xx it stored under the request's idempotency key.
+
+    Stripe saves the first answer once execution has begun, a 500 included,
+    and replays it for every request with that key until it prunes the key
+    (after 24 hours at the earliest). Transient like any 5xx, but repeating
+    the same key cannot cure it; whether the failed request changed anything
+    is not known (Stripe calls a 500's outcome indeterminate).
+    """
+
+
 def idempotency_key(*parts: str) -> str:
     """Join *parts* into one key of at most 255 characters, deterministically.
 
@@ -93,8 +136,20 @@ def idempotency_key(*parts: str) -> str:
 class StripeApi(Protocol):
     """The calls the billing connector makes; `StripeClient` implements them."""
 
-    async def find_customer_by_metadata(self, key: str, value: str) -> Customer | None:
-        """The first customer whose ``metadata[key]`` is *value*, if any."""
+    async def find_customer_by_metadata(
+        self, key: str, value: str, *, created_since: int | None = None
+    ) -> Customer | None:
+        """The first customer whose ``metadata[key]`` is *value*, if any.
+
+        With *created_since* (unix seconds), customers created since then
+        are listed too, which search may not see yet.
+        """
+        ...
+
+    async def find_subscription_by_metadata(
+        self, customer_id: str, key: str, value: str
+    ) -> Subscription | None:
+        """The customer's subscription whose ``metadata[key]`` is *value*, if any."""
         ...
 
     async def create_customer(
@@ -176,11 +231,34 @@ class StripeClient(SessionClient):
         params: dict[str, FormValue] = {"query": query, "limit": limit}
         return await self.get("/v1/customers/search", params, SearchResult[Customer])
 
-    async def find_customer_by_metadata(self, key: str, value: str) -> Customer | None:
-        """The first customer whose ``metadata[key]`` is *value*, if any."""
+    async def find_customer_by_metadata(
+        self,
+        key: str,
+        value: str,
+        *,
+        created_since: int | None = None,
+        page_size: int = _PAGE_SIZE,
+    ) -> Customer | None:
+        """The first customer whose ``metadata[key]`` is *value*, if any.
+
+        Search first. Search trails writes, so with *created_since* (unix
+        seconds) the customers created since then are also listed
+        (``GET /v1/customers?created[gte]=…``, read from the objects
+        themselves) and checked one by one.
+        """
         quoted = value.replace("\\", "\\\\").replace("'", "\\'")
         page = await self.search_customers(f"metadata['{key}']:'{quoted}'", limit=1)
-        return page.data[0] if page.data else None
+        if page.data:
+            return page.data[0]
+        if created_since is None:
+            return None
+        return await self._first_listed(
+            "/v1/customers",
+            {"created": {"gte": created_since}},
+            StripeList[Customer],
+            lambda customer: customer.metadata.get(key) == value,
+            page_size,
+        )
 
     # --- catalogue ---------------------------------------------------------------
 
@@ -213,6 +291,23 @@ class StripeClient(SessionClient):
         """``POST /v1/subscriptions`` (``customer``, ``items[i][price_data]``…)."""
         return await self.post(
             "/v1/subscriptions", params, idempotency_key, Subscription
+        )
+
+    async def find_subscription_by_metadata(
+        self, customer_id: str, key: str, value: str, *, page_size: int = _PAGE_SIZE
+    ) -> Subscription | None:
+        """The customer's subscription whose ``metadata[key]`` is *value*, if any.
+
+        Pages through ``GET /v1/subscriptions?customer=…&status=all`` (every
+        status, canceled ones too): a list reads the objects themselves, so
+        a subscription created a moment ago is there, unlike in search.
+        """
+        return await self._first_listed(
+            "/v1/subscriptions",
+            {"customer": customer_id, "status": "all"},
+            StripeList[Subscription],
+            lambda subscription: subscription.metadata.get(key) == value,
+            page_size,
         )
 
     async def retrieve_subscription(self, subscription_id: str) -> Subscription:
@@ -264,7 +359,9 @@ class StripeClient(SessionClient):
         """Form-encoded POST with an ``Idempotency-Key``; decode the answer *into*.
 
         Raises:
-            UpstreamUnavailable: retry later (429, 5xx, key in use, network).
+            ReplayedServerError: Stripe replayed a 5xx stored under the key.
+            UpstreamUnavailable: retry later (429, 5xx, key in use, API key
+                refused, network).
             UpstreamRejected: Stripe refused the request (other 4xx).
             ValueError: *idempotency_key* is empty.
         """
@@ -281,11 +378,31 @@ class StripeClient(SessionClient):
         """GET with form-encoded query parameters; decode the answer *into*.
 
         Raises:
-            UpstreamUnavailable: retry later (429, 5xx, network).
+            UpstreamUnavailable: retry later (429, 5xx, API key refused,
+                network).
             UpstreamRejected: Stripe refused the request (other 4xx).
         """
         query = encode_form(params)
         return await self._call("GET", f"{path}?{query}" if query else path, into)
+
+    async def _first_listed(
+        self,
+        path: str,
+        params: Mapping[str, FormValue],
+        into: type[StripeList[L]],
+        match: Callable[[L], bool],
+        page_size: int,
+    ) -> L | None:
+        """The first object of a Stripe list (newest first) that *match*es."""
+        query: dict[str, FormValue] = {**params, "limit": page_size}
+        while True:
+            page = await self.get(path, query, into)
+            for obj in page.data:
+                if match(obj):
+                    return obj
+            if not page.has_more or not page.data:
+                return None
+            query["starting_after"] = page.data[-1].id
 
     async def _call(
         self,
@@ -338,6 +455,9 @@ class StripeClient(SessionClient):
         retry_after: float | None,
         replayed: bool,
     ) -> UpstreamUnavailable | UpstreamRejected:
+        if status in _KEY_REFUSED:
+            detail = f"{what}: HTTP {status}: {_KEY_REFUSED[status]}"
+            return UpstreamUnavailable(self.system, detail, retry_after_s=retry_after)
         try:
             error = msgspec.json.decode(body, type=ErrorBody).error
         except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):
@@ -350,6 +470,8 @@ class StripeClient(SessionClient):
             detail += f" (param {error.param})"
         if replayed:
             detail += " [replayed: Stripe stored this answer under the idempotency key]"
+        if replayed and status >= 500:
+            return ReplayedServerError(self.system, detail, retry_after_s=retry_after)
         if status == 429 or status >= 500 or code == "idempotency_key_in_use":
             return UpstreamUnavailable(self.system, detail, retry_after_s=retry_after)
         return UpstreamRejected(self.system, detail, code=code)

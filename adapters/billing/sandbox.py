@@ -12,11 +12,13 @@ What it reproduces of Stripe's v1 API:
   has begun executing (a 500 raised while executing included) and replays it
   with ``Idempotent-Replayed: true``; the same key with other parameters is
   a 400 ``idempotency_error``; a key still executing is a 409
-  ``idempotency_key_in_use``. Validation failures are not stored;
-- customers (create, update, retrieve, search by ``metadata['k']:'v'``,
-  ``email:``, ``name:``), products, prices, subscriptions (with inline
-  ``price_data``), invoice items, invoices (create, finalize, pay) and
-  events (retrieve);
+  ``idempotency_key_in_use``. Validation failures are not stored. Keys are
+  kept until `StripeSandbox.prune_idempotency_keys` (Stripe: after 24 h);
+- customers (create, update, retrieve, list, search by
+  ``metadata['k']:'v'``, ``email:``, ``name:``), products, prices,
+  subscriptions (with inline ``price_data``; list by customer and status),
+  invoice items, invoices (create, finalize, pay) and events (retrieve);
+  lists paginate as Stripe's do (`adapters.billing.listing`);
 - webhooks: ``customer.subscription.created``, ``invoice.finalized`` and
   ``invoice.paid`` delivered by `WebhookSender` (signed, retried, maybe
   duplicated, in no guaranteed order).
@@ -53,6 +55,7 @@ from adapters.billing.account import StripeAccount
 from adapters.billing.delivery import WebhookEndpoint, WebhookSender
 from adapters.billing.form import CONTENT_TYPE as FORM_CONTENT_TYPE
 from adapters.billing.form import FormError, decode_form, form_pairs
+from adapters.billing.listing import list_customers, list_subscriptions
 from adapters.billing.params import Params, Refusal, read_int, read_str
 from adapters.billing.views import API_VERSION, EventRequest
 from adapters.serving import serve
@@ -161,6 +164,16 @@ class StripeSandbox:
         self._runner, self.url = await serve(self.app, host, port)
         return self.url
 
+    def prune_idempotency_keys(self) -> int:
+        """Forget every stored idempotency key, as Stripe does after 24 hours.
+
+        Returns how many were forgotten. A request repeated on a pruned key
+        executes again.
+        """
+        pruned = len(self._stored)
+        self._stored.clear()
+        return pruned
+
     async def aclose(self) -> None:
         """Stop serving and cancel pending webhook deliveries."""
         if self._runner is not None:
@@ -174,6 +187,11 @@ class StripeSandbox:
         a = self.account
         routes: list[tuple[str, str, _Handler]] = [
             ("POST", r"customers", lambda m, p, r: a.create_customer(p)),
+            (
+                "GET",
+                r"customers",
+                lambda m, p, r: list_customers(a.customers.values(), p),
+            ),
             ("GET", r"customers/search", self._search),
             (
                 "POST",
@@ -183,6 +201,11 @@ class StripeSandbox:
             ("POST", r"products", lambda m, p, r: a.create_product(p)),
             ("POST", r"prices", lambda m, p, r: a.create_price(p)),
             ("POST", r"subscriptions", lambda m, p, r: a.create_subscription(p, r)),
+            (
+                "GET",
+                r"subscriptions",
+                lambda m, p, r: list_subscriptions(a.subscriptions.values(), p),
+            ),
             ("POST", r"invoiceitems", lambda m, p, r: a.create_invoice_item(p)),
             ("POST", r"invoices", lambda m, p, r: a.create_invoice(p)),
             (

@@ -13,10 +13,12 @@ import aiohttp
 import anyio
 import msgspec
 import pytest
+from aiohttp import web
 
 from adapters.billing import StripeClient, StripeSandbox, StripeSettings
-from adapters.billing.client import idempotency_key
+from adapters.billing.client import ReplayedServerError, idempotency_key
 from adapters.billing.form import FormValue
+from adapters.serving import serve
 from broker.config import convert_table
 from broker.errors import ConfigError, UpstreamRejected, UpstreamUnavailable
 from tests.adapters.billing.conftest import API_KEY
@@ -74,16 +76,71 @@ async def test_missing_api_key_is_401_with_stripes_error_body(
     assert "did not provide an API key" in body["error"]["message"]
 
 
-async def test_wrong_key_is_rejected_without_echoing_it(sandbox: StripeSandbox) -> None:
-    """A wrong key is a permanent refusal; the message redacts the key."""
-    async with StripeClient(
-        settings(sandbox, api_key="sk_test_wrongwrongwrong1234")
-    ) as c:
-        with pytest.raises(UpstreamRejected, match="HTTP 401") as caught:
+async def test_a_refused_api_key_is_unavailable_and_never_echoed(
+    sandbox: StripeSandbox,
+) -> None:
+    """A wrong key (401) is the system unavailable, not a refused command.
+
+    During a key rotation every command would fail the same way: as a
+    transient failure the breaker counts it, opens, and the commands wait
+    for the right key instead of going to the dead letters. The message
+    names the system and the refused key, and holds no part of the key.
+    """
+    key = "sk_test_wrongwrongwrong1234"
+    async with StripeClient(settings(sandbox, api_key=key)) as c:
+        with pytest.raises(UpstreamUnavailable) as read:
             await c.retrieve_customer("cus_x")
-    assert caught.value.code == "invalid_request_error"
-    assert "wrongwrongwrong" not in str(caught.value)
-    assert "****1234" in str(caught.value)
+        with pytest.raises(UpstreamUnavailable) as write:
+            await c.create_customer(idempotency_key="k", params=CUSTOMER)
+    for caught in (read, write):
+        message = str(caught.value)
+        assert caught.value.system == "billing"
+        assert message.startswith("billing unavailable:")
+        assert "HTTP 401" in message
+        assert "API key was refused" in message
+        assert "wrongwrong" not in message
+        assert "1234" not in message
+    assert sandbox.counts["auth_failures"] == 2
+
+
+async def _stub(status: int, error: dict[str, str]) -> tuple[web.AppRunner, str]:
+    """A server that answers every request with *status* and Stripe's error body."""
+
+    async def answer(request: web.Request) -> web.Response:
+        return web.json_response({"error": error}, status=status)
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", answer)
+    return await serve(app, "127.0.0.1", 0)
+
+
+async def test_a_key_without_permission_is_unavailable_too() -> None:
+    """403 (a restricted key lacking a permission) is a key problem, not a refusal."""
+    message = "The provided key 'rk_test_***5678' does not have the required perms."
+    runner, url = await _stub(
+        403, {"type": "invalid_request_error", "message": message}
+    )
+    try:
+        async with StripeClient(
+            StripeSettings(api_key="rk_test_5678", base_url=url)
+        ) as c:
+            with pytest.raises(UpstreamUnavailable, match="API key was refused"):
+                await c.retrieve_customer("cus_x")
+    finally:
+        await runner.cleanup()
+
+
+async def test_a_card_error_stays_a_refusal() -> None:
+    """402 is a business refusal: UpstreamRejected with Stripe's code."""
+    error = {"type": "card_error", "code": "card_declined", "message": "Declined."}
+    runner, url = await _stub(402, error)
+    try:
+        async with StripeClient(StripeSettings(api_key=API_KEY, base_url=url)) as c:
+            with pytest.raises(UpstreamRejected) as caught:
+                await c.pay_invoice("in_x", idempotency_key="pay")
+    finally:
+        await runner.cleanup()
+    assert caught.value.code == "card_declined"
 
 
 async def test_basic_auth_with_the_key_as_user_name_is_accepted(
@@ -253,13 +310,19 @@ async def test_validation_failures_are_not_stored(
 async def test_an_execution_error_is_stored_and_replayed(
     sandbox: StripeSandbox, client: StripeClient
 ) -> None:
-    """A 500 raised while executing is replayed on that key, even once healthy."""
+    """A 500 raised while executing is replayed on that key, even once healthy.
+
+    The replay is a `ReplayedServerError` (still transient), so a caller can
+    tell that retrying this key cannot cure it; the first 500 is not.
+    """
     sandbox.knobs.execution_error_rate = 1.0
-    with pytest.raises(UpstreamUnavailable, match="HTTP 500"):
+    with pytest.raises(UpstreamUnavailable, match="HTTP 500") as first:
         await client.create_customer(idempotency_key="doomed", params=CUSTOMER)
+    assert not isinstance(first.value, ReplayedServerError)
     sandbox.knobs.execution_error_rate = 0.0
-    with pytest.raises(UpstreamUnavailable, match="replayed") as caught:
+    with pytest.raises(ReplayedServerError, match="replayed") as caught:
         await client.create_customer(idempotency_key="doomed", params=CUSTOMER)
+    assert isinstance(caught.value, UpstreamUnavailable)
     assert caught.value.retry_after_s is None
     assert sandbox.account.customers == {}
     fresh = await client.create_customer(idempotency_key="fresh", params=CUSTOMER)

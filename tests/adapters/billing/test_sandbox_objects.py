@@ -1,12 +1,13 @@
-"""The sandbox's objects: customers and search, prices, subscriptions, invoices."""
+"""The sandbox's objects: customers, search, lists, prices, subscriptions, invoices."""
 
 from __future__ import annotations
 
+import msgspec
 import pytest
 
 from adapters.billing import StripeClient, StripeSandbox
 from adapters.billing.form import FormValue
-from adapters.billing.views import Price
+from adapters.billing.views import Customer, Price, StripeList, Subscription
 from broker.errors import UpstreamRejected
 
 pytestmark = pytest.mark.anyio
@@ -217,3 +218,88 @@ async def test_items_can_be_added_to_a_draft_only(client: StripeClient) -> None:
             },
         )
     assert caught.value.code == "invoice_not_editable"
+
+
+async def test_customers_are_listed_newest_first_by_creation_time(
+    sandbox: StripeSandbox, client: StripeClient
+) -> None:
+    """``GET /v1/customers`` sees a customer at once, however far search lags."""
+    sandbox.knobs.search_lag_s = 3600
+    old = await client.create_customer(
+        idempotency_key="o", params={"metadata": {"k": "1"}}
+    )
+    sandbox.account.customers[old.id] = msgspec.structs.replace(old, created=1000)
+    new = await client.create_customer(
+        idempotency_key="n", params={"metadata": {"k": "1"}}
+    )
+    assert await client.find_customer_by_metadata("k", "1") is None
+    found = await client.find_customer_by_metadata("k", "1", created_since=2000)
+    assert found == new
+    page = await client.get("/v1/customers", {"limit": 1}, StripeList[Customer])
+    assert ([c.id for c in page.data], page.has_more) == ([new.id], True)
+    rest = await client.get(
+        "/v1/customers", {"starting_after": new.id}, StripeList[Customer]
+    )
+    assert ([c.id for c in rest.data], rest.has_more) == ([old.id], False)
+    back = await client.get(
+        "/v1/customers", {"ending_before": old.id}, StripeList[Customer]
+    )
+    assert [c.id for c in back.data] == [new.id]
+    with pytest.raises(UpstreamRejected) as caught:
+        await client.get(
+            "/v1/customers", {"starting_after": "cus_nope"}, StripeList[Customer]
+        )
+    assert caught.value.code == "resource_missing"
+
+
+async def test_subscriptions_are_found_by_metadata_across_pages(
+    sandbox: StripeSandbox, client: StripeClient
+) -> None:
+    """Paging through a customer's subscriptions, canceled ones included."""
+    customer = await client.create_customer(idempotency_key="c", params={})
+    other = await client.create_customer(idempotency_key="o", params={})
+    await client.create_product(
+        idempotency_key="p", params={"id": "prod_a", "name": "A"}
+    )
+    item: FormValue = {
+        "price_data": {
+            "currency": "usd",
+            "product": "prod_a",
+            "unit_amount": 100,
+            "recurring": {"interval": "month"},
+        }
+    }
+    made = [
+        await client.create_subscription(
+            idempotency_key=f"s{i}",
+            params={
+                "customer": owner.id,
+                "items": [item],
+                "metadata": {"q2c_subscription_id": f"sub-{i}"},
+            },
+        )
+        for i, owner in enumerate([customer, customer, other, customer, customer])
+    ]
+    first = made[0]
+    sandbox.account.subscriptions[first.id] = msgspec.structs.replace(
+        first, status="canceled"
+    )
+    found = await client.find_subscription_by_metadata(
+        customer.id, "q2c_subscription_id", "sub-0", page_size=2
+    )
+    assert found is not None
+    assert (found.id, found.status) == (first.id, "canceled")
+    assert (
+        await client.find_subscription_by_metadata(
+            customer.id, "q2c_subscription_id", "sub-2", page_size=2
+        )
+        is None
+    )  # another customer's
+    default = await client.get(
+        "/v1/subscriptions", {"customer": customer.id}, StripeList[Subscription]
+    )
+    assert [s.id for s in default.data] == [made[4].id, made[3].id, made[1].id]
+    with pytest.raises(UpstreamRejected, match="param status"):
+        await client.get(
+            "/v1/subscriptions", {"status": "gone"}, StripeList[Subscription]
+        )
