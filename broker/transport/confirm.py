@@ -318,9 +318,16 @@ class ConfirmPublisher:
             wake(waiter)
 
     def _on_return(self, message_id: str | None) -> None:
-        # Returns are rare (a routing bug): a linear scan is fine.
+        # Returns are rare (a routing bug): a linear scan is fine. A batch
+        # given up at its deadline is skipped: the return is for a copy still
+        # awaited (republished meanwhile under the same id). The broker
+        # returns at once but confirms a routed copy only once its queue has
+        # it, so a return can overtake the given-up copy's confirm; marking
+        # that copy instead would let the new one's ack settle as ACK.
         for run in self._runs:
             batch = run.batch
+            if batch not in self._batches:
+                continue
             outcomes = batch.outcomes
             for i in range(run.start, run.start + run.count):
                 if (

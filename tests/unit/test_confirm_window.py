@@ -64,3 +64,23 @@ async def test_a_publisher_cancelled_as_a_confirm_frees_the_window_is_cancelled(
     with pytest.raises(asyncio.CancelledError):
         await task
     assert channel._writable_waiters == []
+
+
+async def test_a_return_is_for_the_copy_still_awaited_not_one_given_up() -> None:
+    """A copy given up at its deadline, republished: the return is the new one's.
+
+    The broker returns an unroutable message at once but confirms a routed
+    one only when its queue has it, so a return may overtake the first
+    copy's confirm. Marking that copy let the new copy's ack settle as ACK,
+    and its row was deleted though the message went nowhere.
+    """
+    channel = _channel(window=16)
+    (message,) = MESSAGES[:1]
+    first = await channel.publish_batch([message], 0.01)  # no confirm in time
+    assert first == [PublishOutcome.INDETERMINATE]
+
+    second = asyncio.create_task(channel.publish_batch([message], 30))
+    await asyncio.sleep(0)  # written as delivery tag 2
+    channel._on_return(message.message_id)  # the second copy: no route now
+    channel._on_confirm(2, False, PublishOutcome.ACK)
+    assert await second == [PublishOutcome.RETURNED]
