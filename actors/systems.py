@@ -43,6 +43,7 @@ from adapters.billing import (
 from adapters.cpq import CpqClient, CpqConnector
 from adapters.crm import CrmConnector, SalesforceClient, SalesforceSettings
 from adapters.crm.ingress import SalesforceWebhook, poll_changes
+from adapters.crm.views import UndecodableChange
 from adapters.erp_cloud import SapClient, SapConnector, SapEventWebhook, SapSettings
 from adapters.erp_cloud.mapping import MappingOptions, catalogue_entry
 from adapters.erp_legacy import LegacyErpConnector, LegacyErpSettings
@@ -70,6 +71,8 @@ from broker.errors import (
     ConcurrencyConflict,
     PermanentError,
     PublishFailed,
+    SchemaInvalid,
+    StoreUnavailable,
     TransportUnavailable,
 )
 from broker.gateway import GatewaySettings, system_actor_spec
@@ -516,6 +519,15 @@ class _ChangeFeed(Actor[None]):
     duplicate. A first start reads every retained event (replay id ``-2``).
     A replay id the org no longer retains is logged and the feed resumes from
     the newest events (``-1``); the records changed meanwhile need a re-read.
+
+    A message of a batch that is not a change event we can read (a
+    ``changeType`` this version does not know, a field of the wrong shape) is
+    kept as a dead letter of queue ``/inbound/<system>``, its bytes as
+    received with the reason and headers naming the channel and replay id,
+    and the cursor moves past it with the rest of the batch: one bad event
+    must not hold the feed until retention drops what follows it. A store
+    that cannot be read (at start, or after a conflict) is waited out with
+    back-off; nothing here crashes the ``systems`` subtree for an outage.
     """
 
     def __init__(self, systems: Systems, system: _System) -> None:
@@ -534,80 +546,165 @@ class _ChangeFeed(Actor[None]):
         """Takes no messages."""
 
     async def _follow(self) -> None:
-        rt = self._systems.rt
-        record = await rt.store.load_saga(CURSOR_KIND, self._key)
-        after = int(record.state) if record is not None else -2
-        version = record.version if record is not None else 0
-        backoff = 0.5
+        name = self._system.name
+        after, version = await self._cursor()
+        backoff = Backoff(*_FEED_BACKOFF_S)
         while True:
-            client = self._systems.salesforce.get(self._system.name)
             try:
-                if client is None:
-                    raise UpstreamUnavailable(self._system.name, "client not open")
-                events, last = await poll_changes(
-                    client,
-                    self._channel,
-                    after,
-                    self._batch,
-                    wait_s=self._wait_s,
-                )
-                await publish_inbound(
-                    rt.transport, events, timeout_s=30.0, takes=rt.takes_event
-                )
-                if last != after:
-                    await rt.store.commit_batch(
-                        BatchWrite(
-                            consumer=CURSOR_KIND,
-                            workflow=CURSOR_KIND,
-                            sagas=[
-                                SagaWrite(
-                                    correlation_id=self._key,
-                                    expected_version=version,
-                                    state=str(last).encode(),
-                                )
-                            ],
-                        )
-                    )
-                    version += 1
-                    after = last
-                backoff = 0.5
+                after, version = await self._read_once(after, version)
+                backoff.reset()
             except ConcurrencyConflict:
                 # Another daemon follows the same feed and moved the cursor.
-                record = await rt.store.load_saga(CURSOR_KIND, self._key)
-                after = int(record.state) if record is not None else -2
-                version = record.version if record is not None else 0
+                after, version = await self._cursor()
             except UpstreamRejected as exc:
                 if exc.code != "INVALID_REPLAY_ID":
                     # Refused (access rights, an answer we cannot read): the
                     # operator's to fix. The cursor stays, so nothing is lost
                     # meanwhile; the other systems go on.
+                    delay = backoff.next_delay()
                     _log.error(
                         "change_feed_refused",
-                        system=self._system.name,
+                        system=name,
                         channel=self._channel,
                         error=str(exc),
-                        retry_in_s=backoff,
+                        retry_in_s=round(delay, 2),
                     )
-                    await anyio.sleep(backoff)
-                    backoff = min(backoff * 2, 30.0)
+                    await anyio.sleep(delay)
                     continue
                 _log.error(
                     "change_feed_gap",
-                    system=self._system.name,
+                    system=name,
                     channel=self._channel,
                     replay_id=after,
                     hint="events were lost to retention; re-read changed records",
                 )
                 after = -1
             except TransientError as exc:
+                delay = backoff.next_delay()
                 _log.warning(
                     "change_feed_unavailable",
-                    system=self._system.name,
+                    system=name,
                     error=str(exc),
-                    retry_in_s=backoff,
+                    retry_in_s=round(delay, 2),
                 )
-                await anyio.sleep(backoff)
-                backoff = min(backoff * 2, 30.0)
+                await anyio.sleep(delay)
+
+    async def _read_once(self, after: int, version: int) -> tuple[int, int]:
+        """Read one batch after replay id *after*; publish, keep, move the cursor.
+
+        Returns:
+            The replay id to resume after, and the cursor's version.
+
+        Raises:
+            UpstreamRejected: refused, or a batch whose unreadable messages
+                say nowhere where they sit (it would come back at once).
+            TransientError: the org, RabbitMQ or the store is unavailable;
+                the cursor stays where it was.
+        """
+        rt = self._systems.rt
+        name = self._system.name
+        client = self._systems.salesforce.get(name)
+        if client is None:
+            raise UpstreamUnavailable(name, "client not open")
+        polled = await poll_changes(
+            client, self._channel, after, self._batch, wait_s=self._wait_s
+        )
+        await publish_inbound(
+            rt.transport, polled.inbound, timeout_s=30.0, takes=rt.takes_event
+        )
+        if polled.undecodable:
+            await self._dead_letter(polled.undecodable)
+        if polled.resume_at == after:
+            if polled.undecodable:
+                raise UpstreamRejected(
+                    name,
+                    f"change feed: {len(polled.undecodable)} message(s) "
+                    "without a readable replay id",
+                    code="MALFORMED_RESPONSE",
+                )
+            return after, version
+        await rt.store.commit_batch(
+            BatchWrite(
+                consumer=CURSOR_KIND,
+                workflow=CURSOR_KIND,
+                sagas=[
+                    SagaWrite(
+                        correlation_id=self._key,
+                        expected_version=version,
+                        state=str(polled.resume_at).encode(),
+                    )
+                ],
+            )
+        )
+        return polled.resume_at, version + 1
+
+    async def _cursor(self) -> tuple[int, int]:
+        """The replay id to resume after and the cursor's version, once readable.
+
+        A store that cannot be read is logged and tried again with back-off.
+        """
+        backoff = Backoff(*_FEED_BACKOFF_S)
+        while True:
+            try:
+                record = await self._systems.rt.store.load_saga(CURSOR_KIND, self._key)
+            except StoreUnavailable as exc:
+                delay = backoff.next_delay()
+                _log.warning(
+                    "change_feed_store_unavailable",
+                    system=self._system.name,
+                    channel=self._channel,
+                    error=str(exc),
+                    retry_in_s=round(delay, 2),
+                )
+                await anyio.sleep(delay)
+                continue
+            if record is None:
+                return -2, 0
+            return int(record.state), record.version
+
+    async def _dead_letter(self, undecodable: Sequence[UndecodableChange]) -> None:
+        """Keep each unreadable message as a dead letter, in one write.
+
+        Raises:
+            TransientError: the store is unavailable; the cursor stays, and
+                the batch is read (and kept) again.
+        """
+        name = self._system.name
+        kept = [
+            Refused(
+                f"cdc:{name}",
+                change.body,
+                SchemaInvalid(
+                    f"{name}: change event {change.replay_id} on {self._channel} "
+                    f"is not one we can read: {change.error}"
+                ),
+                headers={
+                    "x-q2c-channel": self._channel,
+                    **(
+                        {"x-q2c-replay-id": str(change.replay_id)}
+                        if change.replay_id is not None
+                        else {}
+                    ),
+                },
+            )
+            for change in undecodable
+        ]
+        rt = self._systems.rt
+        records = await keep_refused(rt.store, rt.feed, f"/inbound/{name}", kept)
+        for record in records:
+            _log.warning(
+                "change_event_dead_lettered",
+                system=name,
+                channel=self._channel,
+                replay_id=record.headers.get("x-q2c-replay-id"),
+                message_id=record.message_id,
+                reason=record.reason,
+                detail=record.detail[:200],
+            )
+
+
+#: The change feed's back-off after a failure: first delay and cap, seconds.
+_FEED_BACKOFF_S = (0.5, 30.0)
 
 
 #: The kind of durable state a change-feed cursor is stored as.

@@ -42,17 +42,20 @@ class ChangeRecord:
     entity: str
     header: ChangeEventHeader
     fields: Fields
+    #: Sent as ``changeType`` instead of the header's: a kind of change a
+    #: newer org could send that this client does not know.
+    wire_change_type: str | None = None
 
     def cometd(self, channel: str | None = None) -> dict[str, Any]:
         """The CometD message delivering this event on *channel*."""
         schema = base64.urlsafe_b64encode(hashlib.sha256(self.entity.encode()).digest())
+        header = msgspec.to_builtins(self.header)
+        if self.wire_change_type is not None:
+            header["changeType"] = self.wire_change_type
         return {
             "data": {
                 "schema": schema[:22].decode(),
-                "payload": {
-                    "ChangeEventHeader": msgspec.to_builtins(self.header),
-                    **self.fields,
-                },
+                "payload": {"ChangeEventHeader": header, **self.fields},
                 "event": {"replayId": self.replay_id},
             },
             "channel": channel or entity_channel(self.entity),
@@ -67,6 +70,7 @@ class _Change:
     fields: Fields
     changed: tuple[str, ...] = ()
     nulled: tuple[str, ...] = ()
+    wire_change_type: str | None = None
 
 
 class Transaction:
@@ -138,13 +142,25 @@ class Transaction:
         )
 
     def header_only(
-        self, entity: str, record_ids: tuple[str, ...], change_type: ChangeType
+        self,
+        entity: str,
+        record_ids: tuple[str, ...],
+        change_type: ChangeType,
+        *,
+        wire_change_type: str | None = None,
     ) -> None:
-        """A header-only event (a gap or overflow) for *record_ids*, or for none."""
+        """A header-only event (a gap or overflow) for *record_ids*, or for none.
+
+        *wire_change_type*, when given, is the ``changeType`` sent instead.
+        """
         for rid in record_ids or ("",):
             self.changes.append(
                 _Change(
-                    entity=entity, record_id=rid, change_type=change_type, fields={}
+                    entity=entity,
+                    record_id=rid,
+                    change_type=change_type,
+                    fields={},
+                    wire_change_type=wire_change_type,
                 )
             )
 
@@ -211,6 +227,7 @@ class ChangeLog:
                 entity=change.entity,
                 header=header,
                 fields=change.fields,
+                wire_change_type=change.wire_change_type,
             )
             self.log.append(record)
             self._counts["change_events"] += 1

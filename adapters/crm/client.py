@@ -12,6 +12,14 @@ Errors are translated here and nowhere else: 429, 5xx, 403
 `UpstreamUnavailable` (with ``Retry-After`` when given); other refusals
 raise `UpstreamRejected` with Salesforce's ``errorCode`` (or the OAuth
 ``error``) as ``code``.
+
+Refused credentials are `UpstreamUnavailable` too, not a refusal of the
+request: the token endpoint's ``invalid_client``, ``invalid_grant`` or
+``unauthorized_client`` (or its 401), and a 401 that a new token does not
+cure. No command can succeed until an operator fixes the secret (during a
+rotation, say), so every command must wait (the system actor's breaker
+opens) rather than be dead-lettered at full rate. The message names the
+system and the OAuth error, never the secret.
 """
 
 from __future__ import annotations
@@ -34,7 +42,8 @@ from adapters.crm.views import (
     SaveResult,
     SObject,
     TokenResponse,
-    decode_cometd,
+    UndecodableChange,
+    decode_cometd_each,
 )
 from adapters.session import SessionClient, read_bounded, retry_after_s
 from broker.config import Section
@@ -55,6 +64,13 @@ _OAUTH_ERROR = msgspec.json.Decoder(OAuthError)
 #: Error codes an org answers with 4xx that pass with time: its API limit, and
 #: a record locked by a user, a flow or a CPQ calculation while we write it.
 _TRANSIENT_CODES = frozenset({"REQUEST_LIMIT_EXCEEDED", "UNABLE_TO_LOCK_ROW"})
+#: The token endpoint's answers (RFC 6749 §5.2) that mean our credentials,
+#: not the request, were refused: a wrong or rotated secret, a disabled or
+#: misconfigured connected app, a user without API access.
+_CREDENTIALS_REFUSED = frozenset(
+    {"invalid_client", "invalid_grant", "unauthorized_client"}
+)
+_TOKEN_PATH = "/services/oauth2/token"
 
 
 class SalesforceSettings(Section, frozen=True):
@@ -309,6 +325,33 @@ class SalesforceClient(SessionClient):
                 the org retains (re-read, then resume from ``-1``).
             UpstreamUnavailable: see the module docstring.
         """
+        events = []
+        for event in await self.replay_each(
+            channel, after_replay_id, limit=limit, wait_s=wait_s
+        ):
+            if isinstance(event, UndecodableChange):
+                raise UpstreamRejected(
+                    self.system,
+                    f"change feed: {event.error}",
+                    code="MALFORMED_RESPONSE",
+                )
+            events.append(event)
+        return tuple(events)
+
+    async def replay_each(
+        self, channel: str, after_replay_id: int, *, limit: int = 100, wait_s: float = 0
+    ) -> tuple[ChangeEvent | UndecodableChange, ...]:
+        """`replay`, decoded message by message (`decode_cometd_each`).
+
+        A message that is not a change event we can read comes back in its
+        place as an `UndecodableChange`, so that a reader can keep it and
+        move past it.
+
+        Raises:
+            UpstreamRejected: ``INVALID_REPLAY_ID`` as for `replay`;
+                ``MALFORMED_RESPONSE`` when the answer is not JSON at all.
+            UpstreamUnavailable: see the module docstring.
+        """
         params = {
             "channel": channel,
             "replayId": str(after_replay_id),
@@ -317,7 +360,7 @@ class SalesforceClient(SessionClient):
         }
         _, body = await self._call("GET", "/cometd/replay", params=params)
         try:
-            return decode_cometd(body)
+            return decode_cometd_each(body)
         except (msgspec.DecodeError, RecursionError) as exc:
             raise UpstreamRejected(
                 self.system, f"change feed: {exc}", code="MALFORMED_RESPONSE"
@@ -346,10 +389,13 @@ class SalesforceClient(SessionClient):
             status, response_headers, body = await self._send(
                 method, instance + path, headers=headers, data=data, params=params
             )
-            if status == 401 and attempt == 1:
-                # The session expired: one new token, one more try.
+            if status == 401:
+                # The session expired: one new token, one more try. A new
+                # token refused too: our credentials are not accepted.
                 self._forget(token)
-                continue
+                if attempt == 1:
+                    continue
+                raise self._credentials_refused(method, path, status, body)
             self._check(method, path, status, response_headers, body)
             return status, body
         raise AssertionError("unreachable")  # pragma: no cover
@@ -361,7 +407,7 @@ class SalesforceClient(SessionClient):
         async with self._auth_lock:
             if self._auth is not None:
                 return self._auth
-            url = self.settings.login_url.rstrip("/") + "/services/oauth2/token"
+            url = self.settings.login_url.rstrip("/") + _TOKEN_PATH
             form = {
                 "grant_type": "client_credentials",
                 "client_id": self.settings.client_id,
@@ -370,10 +416,34 @@ class SalesforceClient(SessionClient):
             status, headers, body = await self._send(
                 "POST", url, headers={"Accept": "application/json"}, form=form
             )
-            self._check("POST", "/services/oauth2/token", status, headers, body)
-            token = self._decode(body, TokenResponse, "/services/oauth2/token")
+            if status == 401 or (
+                status == 400 and _error_of(body)[0] in _CREDENTIALS_REFUSED
+            ):
+                raise self._credentials_refused("POST", _TOKEN_PATH, status, body)
+            self._check("POST", _TOKEN_PATH, status, headers, body)
+            token = self._decode(body, TokenResponse, _TOKEN_PATH)
             self._auth = (token.access_token, token.instance_url.rstrip("/"))
             return self._auth
+
+    def _credentials_refused(
+        self, method: str, path: str, status: int, body: bytes
+    ) -> UpstreamUnavailable:
+        """The org does not accept our credentials: transient, so commands wait.
+
+        The breaker counts it and opens; commands wait for the operator to
+        fix the secret instead of being dead-lettered one by one.
+        """
+        code, message = _error_of(body)
+        said = f"{code}: {message}".strip(": ")[:200]
+        secret = self.settings.client_secret
+        if secret:
+            said = said.replace(secret, "<hidden>")
+        return UpstreamUnavailable(
+            self.system,
+            f"its credentials were refused ({method} {path}: HTTP {status}"
+            f"{' ' + said if said else ''}); check the connected app's "
+            f"client id and secret",
+        )
 
     def _forget(self, token: str) -> None:
         if self._auth is not None and self._auth[0] == token:

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
+from typing import NamedTuple
 
 import msgspec
 
@@ -39,6 +40,7 @@ from adapters.crm.views import (
     Account,
     ChangeEvent,
     ChangeType,
+    UndecodableChange,
     decode_cometd,
     decode_pubsub,
     is_bitmap_encoded,
@@ -49,7 +51,13 @@ from broker.errors import SchemaInvalid
 from canonical.ids import ACCOUNT, OPPORTUNITY, QUOTE, deal_id
 from canonical.q2c import AccountChanged, RecordReadRequired
 
-__all__ = ["SOURCE", "SalesforceWebhook", "inbound_from_change", "poll_changes"]
+__all__ = [
+    "SOURCE",
+    "ChangePoll",
+    "SalesforceWebhook",
+    "inbound_from_change",
+    "poll_changes",
+]
 
 #: CloudEvents ``source`` of events taken from the org.
 SOURCE = "/crm/salesforce"
@@ -189,6 +197,22 @@ def inbound_from_change(
     return _read_back(event, source, deal_of=quote.SBQQ__Opportunity2__c)
 
 
+class ChangePoll(NamedTuple):
+    """One read of the change feed (`poll_changes`).
+
+    Attributes:
+        inbound: the canonical events of the change events read.
+        resume_at: the replay id to resume after: that of the last message
+            read whose replay id is readable, unreadable ones included.
+        undecodable: the messages that are not change events we can read;
+            keep them (as dead letters) before moving to *resume_at*.
+    """
+
+    inbound: list[Inbound]
+    resume_at: int
+    undecodable: list[UndecodableChange]
+
+
 async def poll_changes(
     client: SalesforceClient,
     channel: str,
@@ -197,30 +221,44 @@ async def poll_changes(
     *,
     wait_s: float = 0.0,
     source: str = SOURCE,
-) -> tuple[list[Inbound], int]:
-    """Read the change feed once: the canonical events and the replay id to resume at.
+) -> ChangePoll:
+    """Read the change feed once: canonical events, the unreadable, where to resume.
 
-    A change-feed reader persists the returned replay id after it has
-    published the events (at-least-once; the dedupe id makes repeats
-    harmless). With nothing new, the replay id comes back unchanged.
+    A change-feed reader persists ``resume_at`` after it has published the
+    events and kept the undecodable ones (at-least-once; the dedupe id makes
+    repeats harmless, and a dead letter kept again counts one more attempt).
+    One message that cannot be read costs the others of its batch nothing,
+    and does not hold the feed. With nothing new, the replay id comes back
+    unchanged.
 
     Raises:
         UpstreamRejected: ``INVALID_REPLAY_ID`` when *after_replay_id* is
-            older than the org retains: re-read the records, resume at ``-1``.
+            older than the org retains: re-read the records, resume at ``-1``;
+            ``MALFORMED_RESPONSE`` when the answer is not JSON at all.
         UpstreamUnavailable: the org is down, slow or limiting us.
     """
-    events = await client.replay(channel, after_replay_id, limit=limit, wait_s=wait_s)
-    inbound = [
-        item
-        for event in events
-        for item in inbound_from_change(
-            event,
-            client_id=client.settings.client_id,
-            default_currency=client.settings.default_currency,
-            source=source,
+    read = await client.replay_each(
+        channel, after_replay_id, limit=limit, wait_s=wait_s
+    )
+    inbound: list[Inbound] = []
+    undecodable: list[UndecodableChange] = []
+    resume_at = after_replay_id
+    for event in read:
+        if isinstance(event, UndecodableChange):
+            undecodable.append(event)
+            if event.replay_id is not None:
+                resume_at = event.replay_id
+            continue
+        resume_at = event.replay_id
+        inbound.extend(
+            inbound_from_change(
+                event,
+                client_id=client.settings.client_id,
+                default_currency=client.settings.default_currency,
+                source=source,
+            )
         )
-    ]
-    return inbound, events[-1].replay_id if events else after_replay_id
+    return ChangePoll(inbound, resume_at, undecodable)
 
 
 def _inbound(

@@ -401,9 +401,16 @@ class Org:
         sobject: str,
         record_ids: tuple[str, ...],
         change_type: ChangeType,
+        *,
+        wire_change_type: str | None = None,
     ) -> None:
-        """Add a header-only event (a gap or overflow) to *txn*."""
-        txn.header_only(sobject, record_ids, change_type)
+        """Add a header-only event (a gap or overflow) to *txn*.
+
+        *wire_change_type*, when given, is the ``changeType`` sent instead.
+        """
+        txn.header_only(
+            sobject, record_ids, change_type, wire_change_type=wire_change_type
+        )
 
     # --- internals ----------------------------------------------------------
 

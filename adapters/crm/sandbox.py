@@ -279,6 +279,14 @@ class SalesforceSandbox(UserActions):
         """Invalidate every access token, as a session timeout would."""
         self._tokens.clear()
 
+    def rotate_client_secret(self, secret: str) -> None:
+        """Give the connected app a new consumer secret, as an admin would.
+
+        Tokens already issued stay valid until they expire; new ones need
+        *secret*.
+        """
+        self._client_secret = secret
+
     def state(self) -> dict[str, Any]:
         """Counts for reports and tests (also ``GET /_sandbox/state``)."""
         live = {

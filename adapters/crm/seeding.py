@@ -142,3 +142,20 @@ class UserActions:
         """Append a gap (or overflow) event, as an org does for lost detail."""
         with self.org.transaction() as txn:
             self.org.emit(txn, entity, record_ids, change_type)
+
+    def emit_unknown_change(
+        self, entity: str, record_ids: tuple[str, ...], change_type: str
+    ) -> None:
+        """Append a header-only event whose ``changeType`` is *change_type*.
+
+        A kind of change a later org release could send that the broker does
+        not know (``MERGE``, say): well-formed otherwise.
+        """
+        with self.org.transaction() as txn:
+            self.org.emit(
+                txn,
+                entity,
+                record_ids,
+                ChangeType.GAP_UPDATE,
+                wire_change_type=change_type,
+            )

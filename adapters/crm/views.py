@@ -65,7 +65,9 @@ __all__ = [
     "CometdMessage",
     "PubSubEvent",
     "ChangeEvent",
+    "UndecodableChange",
     "decode_cometd",
+    "decode_cometd_each",
     "decode_pubsub",
 ]
 
@@ -541,6 +543,16 @@ def _header(payload: msgspec.Raw) -> ChangeEventHeader:
     return msgspec.json.decode(payload, type=_HeaderOnly).ChangeEventHeader
 
 
+def _from_cometd(m: CometdMessage) -> ChangeEvent:
+    return ChangeEvent(
+        replay_id=m.data.event.replay_id,
+        header=_header(m.data.payload),
+        payload=m.data.payload,
+        channel=m.channel,
+        schema_id=m.data.schema,
+    )
+
+
 def decode_cometd(body: bytes) -> tuple[ChangeEvent, ...]:
     """Change events from one CometD message or an array of them.
 
@@ -551,16 +563,60 @@ def decode_cometd(body: bytes) -> tuple[ChangeEvent, ...]:
     messages = msgspec.json.decode(body, type=CometdMessage | list[CometdMessage])
     if isinstance(messages, CometdMessage):
         messages = [messages]
-    return tuple(
-        ChangeEvent(
-            replay_id=m.data.event.replay_id,
-            header=_header(m.data.payload),
-            payload=m.data.payload,
-            channel=m.channel,
-            schema_id=m.data.schema,
-        )
-        for m in messages
-    )
+    return tuple(_from_cometd(m) for m in messages)
+
+
+class UndecodableChange(msgspec.Struct, frozen=True, kw_only=True):
+    """A message of a change-feed batch that is not a change event we can read.
+
+    Attributes:
+        body: the message's own bytes, as received.
+        error: why it is not readable (the decoder's message, with the path).
+        replay_id: its ``data.event.replayId``, if that much is readable.
+    """
+
+    body: bytes
+    error: str
+    replay_id: int | None = None
+
+
+class _ReplayData(_View, frozen=True, kw_only=True):
+    event: CometdEvent
+
+
+class _ReplayOnly(_View, frozen=True, kw_only=True):
+    data: _ReplayData
+
+
+def decode_cometd_each(body: bytes) -> tuple[ChangeEvent | UndecodableChange, ...]:
+    """`decode_cometd`, message by message: one bad message spoils no other.
+
+    A message that is not a change event we can read (an unknown
+    ``changeType``, a missing or mistyped field) comes back in its place as
+    an `UndecodableChange`, with its bytes and, when readable, its replay id.
+
+    Raises:
+        msgspec.DecodeError: the body is not JSON.
+    """
+    try:
+        messages = msgspec.json.decode(body, type=list[msgspec.Raw])
+    except msgspec.ValidationError:
+        messages = [msgspec.Raw(body)]  # one message, not an array
+    return tuple(_decode_one(bytes(m)) for m in messages)
+
+
+def _decode_one(body: bytes) -> ChangeEvent | UndecodableChange:
+    try:
+        return _from_cometd(msgspec.json.decode(body, type=CometdMessage))
+    except (msgspec.DecodeError, RecursionError) as exc:
+        error = str(exc) or type(exc).__name__
+    try:
+        replay_id: int | None = msgspec.json.decode(
+            body, type=_ReplayOnly
+        ).data.event.replay_id
+    except (msgspec.DecodeError, RecursionError):
+        replay_id = None
+    return UndecodableChange(body=body, error=error, replay_id=replay_id)
 
 
 def decode_pubsub(body: bytes) -> ChangeEvent:

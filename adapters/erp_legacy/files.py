@@ -13,6 +13,11 @@ the receiver dedups (on the IDoc number or the business key). A file that
 cannot be read as a document, or that its handler refuses for good, moves to
 ``failed/`` with a ``<name>.reason.txt`` beside it: nothing is deleted.
 
+A writer that must not hand the same document over twice (a redelivered
+command) uses `write_once`: it notes each hand-over in a record file of its
+own, since the reader's side may delete what it read (an SAP file port
+does) and then cannot tell "never written" from "already taken".
+
 Every file-system call runs on a worker thread (``anyio.to_thread``).
 """
 
@@ -32,6 +37,7 @@ import structlog
 from anyio.abc import TaskStatus
 
 from broker.errors import PermanentError, TransientError
+from broker.retry import Backoff
 
 __all__ = [
     "UNREADABLE_TRIES",
@@ -40,7 +46,9 @@ __all__ = [
     "FileUnreadable",
     "InboundPoller",
     "PollReport",
+    "handed_over",
     "write_atomic",
+    "write_once",
 ]
 
 T = TypeVar("T")
@@ -48,6 +56,8 @@ _Outcome = Literal["processed", "failed", "deferred", "gone", "changed", "unread
 #: Polls in a row a file may fail to read (permissions, a stale NFS handle)
 #: before it moves to ``failed/``; a passing fault heals within them.
 UNREADABLE_TRIES = 3
+#: The longest wait between two tries to make the folders.
+_FOLDERS_RETRY_CAP_S = 60.0
 
 _log = structlog.get_logger(__name__)
 
@@ -84,6 +94,63 @@ async def write_atomic(directory: Path, name: str, data: bytes) -> Path:
     return target
 
 
+async def write_once(
+    directory: Path, name: str, data: bytes, *, record: Path, again: bool
+) -> bool:
+    """`write_atomic`, noted in *record*; when *again*, only if not handed over yet.
+
+    *record* (an empty file; its folder is made as needed) is made only once
+    ``<name>.xml`` is in place and fsynced, so it never claims a file that
+    was not handed over. With *again* (a redelivery), the file is not
+    written when it is still in *directory* (unread) or *record* exists (it
+    was handed over, and the reader may have taken it since). The check and
+    the write hold the lock that writers of this name in this process share,
+    so an earlier attempt still writing on its worker thread (its caller
+    timed out) finishes first and is seen.
+
+    Returns:
+        Whether it wrote the file.
+
+    Raises:
+        ValueError: *name* is not a plain file name.
+        OSError: as `write_atomic`. A record that cannot be made after the
+            file was handed over is logged (``handover_unrecorded``) instead:
+            the file is out, and a retry would only write it again.
+    """
+    _check_name(name)
+    target = directory / f"{name}.xml"
+    return await anyio.to_thread.run_sync(_write_once, target, data, record, again)
+
+
+def handed_over(directory: Path, name: str, *, record: Path) -> bool:
+    """Whether ``<name>.xml`` waits in *directory* or *record* notes it handed over.
+
+    Blocking: call it on a worker thread.
+    """
+    return (directory / f"{name}.xml").exists() or record.exists()
+
+
+def _write_once(target: Path, data: bytes, record: Path, again: bool) -> bool:
+    with _LOCKS[hash(str(target)) % len(_LOCKS)]:
+        if again and handed_over(target.parent, target.stem, record=record):
+            return False
+        _write_locked(target, data)
+        _fsync_directory(target.parent)
+        try:
+            record.parent.mkdir(parents=True, exist_ok=True)
+            with open(record, "wb") as f:
+                os.fsync(f.fileno())
+            _fsync_directory(record.parent)
+        except OSError as exc:
+            _log.error(
+                "handover_unrecorded",
+                file=target.name,
+                record=str(record),
+                error=f"{type(exc).__name__}: {exc}",
+            )
+    return True
+
+
 def _check_name(name: str) -> None:
     if (
         not name
@@ -94,18 +161,22 @@ def _check_name(name: str) -> None:
 
 
 def _write_atomic(target: Path, data: bytes) -> None:
-    tmp = target.with_suffix(".tmp")
     with _LOCKS[hash(str(target)) % len(_LOCKS)]:
-        try:
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, target)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        _write_locked(target, data)
     _fsync_directory(target.parent)
+
+
+def _write_locked(target: Path, data: bytes) -> None:
+    tmp = target.with_suffix(".tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def _fsync_directory(directory: Path) -> None:
@@ -178,7 +249,8 @@ class InboundPoller(Generic[T]):
     * the file cannot be read (an `OSError`: permissions, a stale NFS
       handle): it is skipped, and after `UNREADABLE_TRIES` polls in a row
       moved to ``failed/``. A directory that cannot be listed (unmounted)
-      is logged and looked at again next poll. Neither ends the poller.
+      is logged and looked at again next poll; folders that cannot be made
+      at start are waited for (see `run`). None of these ends the poller.
     * *parse* raises anything else (a bug the file's bytes found): logged
       with its traceback, and the file moves to ``failed/`` as for a
       `PermanentError` (`FileUnparsable`), so one file cannot stop every poll.
@@ -226,8 +298,26 @@ class InboundPoller(Generic[T]):
     async def run(
         self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED
     ) -> None:
-        """Poll every ``interval_s`` until cancelled; started once the folders exist."""
-        await anyio.to_thread.run_sync(self._make_folders)
+        """Poll every ``interval_s`` until cancelled; started once the folders exist.
+
+        Folders that cannot be made (an unmounted share, a path through a
+        file, no permission) are logged (``inbound_folders_unavailable``)
+        and tried again with back-off, from ``interval_s`` up to a minute:
+        the poller waits for them, it never ends for them.
+        """
+        backoff = Backoff(self._interval_s, max(self._interval_s, _FOLDERS_RETRY_CAP_S))
+        while True:
+            try:
+                await anyio.to_thread.run_sync(self._make_folders)
+                break
+            except OSError as exc:
+                delay = backoff.next_delay()
+                self._log.warning(
+                    "inbound_folders_unavailable",
+                    error=f"{type(exc).__name__}: {exc}",
+                    retry_in_s=round(delay, 2),
+                )
+                await anyio.sleep(delay)
         task_status.started()
         while True:
             await self.poll_once()

@@ -31,6 +31,17 @@ class LegacyErpSettings(Section, frozen=True):
         max_pending_files: the connector refuses to write (retry later) while
             this many IDocs wait unread in ``outbound_dir``: the file port is
             a queue too, and it must stay bounded.
+        sent_dir: where the connector records each ORDERS IDoc it handed
+            over (an empty ``<yyyymmdd>/ORDERS_<docnum>.sent`` per IDoc, by
+            the command's date), so that a redelivered command does not
+            hand it over again after the ERP took (and deleted) the file;
+            empty: ``sent/`` in ``inbound_dir``, beside the broker's other
+            folders there (``processed/``, ``failed/``). The outbound folder
+            stays the ERP's port, holding nothing but IDoc files.
+        sent_retention_days: how long those records are kept; a command
+            redelivered (or replayed from the dead letters) later than
+            this is handed over again, and only the ERP's customer-reference
+            check stands between it and a second order.
         max_file_bytes: inbound files above this size are failed unread.
         poll_interval_s / settle_s / batch: the inbound poller's pace.
     """
@@ -45,6 +56,8 @@ class LegacyErpSettings(Section, frozen=True):
     receiver_partner_type: _SapName = "LS"
     receiver_partner: _SapName = "LEGACYERP"
     max_pending_files: Annotated[int, Meta(ge=1)] = 1000
+    sent_dir: str = ""
+    sent_retention_days: Annotated[int, Meta(ge=1)] = 30
     max_file_bytes: Annotated[int, Meta(ge=1024)] = DEFAULT_MAX_BYTES
     poll_interval_s: Annotated[float, Meta(gt=0)] = 1.0
     settle_s: Annotated[float, Meta(ge=0)] = 0.5
@@ -54,6 +67,11 @@ class LegacyErpSettings(Section, frozen=True):
     def outbound(self) -> Path:
         """`outbound_dir` as a path."""
         return Path(self.outbound_dir)
+
+    @property
+    def sent(self) -> Path:
+        """`sent_dir` as a path (``sent/`` in the inbound folder by default)."""
+        return Path(self.sent_dir) if self.sent_dir else self.inbound / "sent"
 
     @property
     def inbound(self) -> Path:

@@ -31,15 +31,6 @@ async def test_the_first_call_logs_in_and_later_calls_reuse_the_token(org: Org) 
     assert org.sandbox.state()["tokens_issued"] == 1
 
 
-async def test_wrong_credentials_are_refused_with_the_oauth_code(org: Org) -> None:
-    """A bad secret is invalid_client: a refusal, not an outage."""
-    async with SalesforceClient(settings(org.url, client_secret="wrong")) as client:
-        with pytest.raises(UpstreamRejected) as caught:
-            await client.get(v.Account, "001000000000000AAA")
-    assert caught.value.code == "invalid_client"
-    assert "wrong" not in str(caught.value)
-
-
 async def test_an_expired_session_is_renewed_once(org: Org) -> None:
     """401 INVALID_SESSION_ID → a new token and the same call again."""
     account_id = org.sandbox.seed_account("Acme")

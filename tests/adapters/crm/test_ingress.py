@@ -358,30 +358,44 @@ async def test_the_poller_reads_on_from_its_replay_id_and_drops_echoes(
     """Events after the stored id, minus our own writes; nothing new keeps the id."""
     account = org.sandbox.seed_account("Acme", country_code="DE", currency="EUR")
     await org.client.update(account, v.Account(Name="Acme (echo)"))
-    events, last = await poll_changes(org.client, "/data/ChangeEvents", -2, 100)
+    events, last, unreadable = await poll_changes(
+        org.client, "/data/ChangeEvents", -2, 100
+    )
     assert [type(i.event) for i in events] == [AccountChanged]
     assert last == org.sandbox.org.last_replay_id
-    again, same = await poll_changes(org.client, "/data/ChangeEvents", last, 100)
-    assert (again, same) == ([], last)
+    assert unreadable == []
+    again = await poll_changes(org.client, "/data/ChangeEvents", last, 100)
+    assert (again.inbound, again.resume_at) == ([], last)
 
 
 @pytest.mark.anyio
-async def test_the_poller_refuses_a_feed_answer_with_an_impossible_timestamp(
+async def test_the_poller_hands_back_an_event_with_an_impossible_timestamp(
     org: Org,
 ) -> None:
-    """An event past year 9999 is an answer we cannot read: UpstreamRejected.
+    """An event past year 9999 is one we cannot read: handed back, and passed.
 
-    The feed follower logs that (``change_feed_refused``) and keeps its cursor,
-    instead of crashing on an OverflowError at every restart.
+    The feed follower keeps it as a dead letter and moves its cursor past
+    it, instead of reading the same batch again forever (or crashing on an
+    OverflowError at every restart); the other events are read as usual.
     """
     org.sandbox.seed_account("Acme", country_code="DE", currency="EUR")
+    org.sandbox.seed_account("Initech", country_code="DE", currency="EUR")
     log = org.sandbox.org.log
-    log[-1] = dataclasses.replace(
-        log[-1],
-        header=msgspec.structs.replace(log[-1].header, commit_timestamp=10**20),
+    log[0] = dataclasses.replace(
+        log[0],
+        header=msgspec.structs.replace(log[0].header, commit_timestamp=10**20),
     )
+    polled = await poll_changes(org.client, "/data/ChangeEvents", -2, 100)
+    assert [i.event.account.name for i in polled.inbound] == ["Initech"]
+    (bad,) = polled.undecodable
+    assert "commitTimestamp" in bad.error
+    assert bad.replay_id == log[0].replay_id
+    assert msgspec.json.decode(bad.body) == msgspec.json.decode(
+        msgspec.json.encode(log[0].cometd("/data/ChangeEvents"))
+    )
+    assert polled.resume_at == log[-1].replay_id
     with pytest.raises(UpstreamRejected, match="commitTimestamp") as caught:
-        await poll_changes(org.client, "/data/ChangeEvents", -2, 100)
+        await org.client.replay("/data/ChangeEvents", -2)
     assert caught.value.code == "MALFORMED_RESPONSE"
 
 

@@ -49,7 +49,9 @@ async def test_booking_writes_one_orders05_and_reports_it_submitted(
     assert idoc.reference(v.REF_CUSTOMER_PO) == samples.CUSTOMER_REF
 
 
-async def test_a_redelivered_command_rewrites_the_same_bytes(tmp_path: Path) -> None:
+async def test_a_redelivered_command_leaves_one_file_of_the_same_bytes(
+    tmp_path: Path,
+) -> None:
     """Same envelope twice: one file, byte-identical; another key, another file."""
     connector = LegacyErpConnector(samples.settings(tmp_path))
     envelope = samples.booking(COMMAND)
@@ -66,7 +68,7 @@ async def test_a_redelivered_command_rewrites_the_same_bytes(tmp_path: Path) -> 
 async def test_a_redelivery_after_the_erp_read_it_books_no_second_order(
     tmp_path: Path,
 ) -> None:
-    """The ERP's customer-reference check makes the rewrite harmless."""
+    """The hand-over record keeps the IDoc from going out again at all."""
     connector = LegacyErpConnector(samples.settings(tmp_path))
     erp = LegacyErpSandbox(tmp_path / "out", tmp_path / "in", now=lambda: samples.NOW)
     envelope = samples.booking(COMMAND)
@@ -75,8 +77,8 @@ async def test_a_redelivery_after_the_erp_read_it_books_no_second_order(
         await erp.process_once()
         await erp.process_once()
     assert len(erp.orders) == 1
-    assert erp.state().ordrsp_sent == 2
-    assert erp.state().duplicates == 1
+    assert erp.state().ordrsp_sent == 1
+    assert erp.state().duplicates == 0
 
 
 async def test_a_full_outbound_folder_pushes_back(tmp_path: Path) -> None:
