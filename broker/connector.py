@@ -18,13 +18,14 @@ Both are implemented in ``adapters/``; the engine only knows these shapes.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 import msgspec
 
+from broker.errors import PermanentError
 from canonical import Envelope, UtcDatetime
 
-__all__ = ["Connector", "Inbound", "WebhookSource"]
+__all__ = ["Connector", "Inbound", "PartsSource", "RefusedPart", "WebhookSource"]
 
 
 class Connector(Protocol):
@@ -112,5 +113,31 @@ class WebhookSource(Protocol):
 
         Raises:
             SchemaInvalid: the payload is not what this system sends.
+        """
+        ...
+
+
+class RefusedPart(NamedTuple):
+    """One part of a pushed batch that cannot be read: its bytes and why."""
+
+    body: bytes
+    error: PermanentError
+
+
+@runtime_checkable
+class PartsSource(WebhookSource, Protocol):
+    """A `WebhookSource` whose payload is a batch that may be read part by part.
+
+    The ingress takes the parts it can read and keeps each other one as a
+    dead letter of its own, instead of refusing the whole batch for one.
+    """
+
+    def parse_parts(
+        self, headers: Mapping[str, str], body: bytes
+    ) -> tuple[Sequence[Inbound], Sequence[RefusedPart]]:
+        """The canonical events of the readable parts, and the refused parts.
+
+        Raises:
+            SchemaInvalid: the payload as a whole is not what this system sends.
         """
         ...

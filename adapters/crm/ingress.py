@@ -42,11 +42,12 @@ from adapters.crm.views import (
     ChangeType,
     UndecodableChange,
     decode_cometd,
+    decode_cometd_each,
     decode_pubsub,
     is_bitmap_encoded,
     to_id18,
 )
-from broker.connector import Inbound
+from broker.connector import Inbound, RefusedPart
 from broker.errors import SchemaInvalid
 from canonical.ids import ACCOUNT, OPPORTUNITY, QUOTE, deal_id
 from canonical.q2c import AccountChanged, RecordReadRequired
@@ -155,6 +156,39 @@ class SalesforceWebhook:
                 raise SchemaInvalid(
                     f"{self._system}: not a change event: {cometd_error}"
                 ) from cometd_error
+        return self._inbound(events)
+
+    def parse_parts(
+        self, headers: Mapping[str, str], body: bytes
+    ) -> tuple[Sequence[Inbound], Sequence[RefusedPart]]:
+        """`parse`, message by message for a CometD batch.
+
+        A message of the batch that is not a change event we can read is
+        handed back as a refused part (kept as a dead letter of its own) and
+        the others are taken: one bad event spoils no other. A body none of
+        whose messages can be read is judged whole, as `parse` does.
+
+        Raises:
+            SchemaInvalid: the body is not a change event in either form.
+        """
+        try:
+            messages = decode_cometd_each(body)
+        except (msgspec.DecodeError, RecursionError):
+            return self.parse(headers, body), ()
+        events = [m for m in messages if isinstance(m, ChangeEvent)]
+        if not events:
+            return self.parse(headers, body), ()
+        refused = [
+            RefusedPart(
+                m.body,
+                SchemaInvalid(f"{self._system}: not a change event we read: {m.error}"),
+            )
+            for m in messages
+            if isinstance(m, UndecodableChange)
+        ]
+        return self._inbound(events), refused
+
+    def _inbound(self, events: Sequence[ChangeEvent]) -> list[Inbound]:
         return [
             inbound
             for event in events

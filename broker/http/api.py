@@ -44,11 +44,17 @@ class ErrorBody(msgspec.Struct, frozen=True, kw_only=True):
     detail: str
 
 
-class WebhookAccepted(msgspec.Struct, frozen=True, kw_only=True):
-    """The 202 answer to a webhook: the message ids its events were published as."""
+class WebhookAccepted(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """The 202 answer to a webhook: the message ids its events were published as.
+
+    ``refused`` (left out when none) counts the parts of a batch that could
+    not be read: each is kept as a dead letter of its own (``brokerctl dlq
+    list``), the rest taken.
+    """
 
     accepted: int
     message_ids: list[str]
+    refused: int = 0
 
 
 class ApiError(BrokerError):

@@ -67,7 +67,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from broker.actor import Actor, Context
 from broker.config import HttpConfig
-from broker.connector import WebhookSource
+from broker.connector import PartsSource, RefusedPart, WebhookSource
 from broker.errors import (
     ActorStopped,
     ConfigError,
@@ -444,17 +444,28 @@ class HttpServer(Actor[None]):
             # never reach it, nor the log.
             _log.warning("webhook_signature_invalid", system=system, detail=str(exc))
             raise ApiError(401, "signature_invalid", str(exc)) from exc
+        parts: Sequence[RefusedPart] = ()
         try:
-            events = source.parse(request.headers, body)
+            if isinstance(source, PartsSource):
+                events, parts = source.parse_parts(request.headers, body)
+            else:
+                events = source.parse(request.headers, body)
         except PermanentError as exc:
             fields["outcome"] = "dead_letter_failed"
-            await self._dead_letter(system, request, body, exc)
+            await self._dead_letter(system, request, [(body, exc)])
             fields["outcome"] = exc.reason
             raise ApiError(400, exc.reason, str(exc)) from exc
         fields["events"] = len(events)
+        if parts:
+            # Kept before anything is published or answered: the sender
+            # takes a 202 as "all of it is ours now".
+            fields["refused"] = len(parts)
+            await self._dead_letter(system, request, parts)
         if not events:
-            fields["outcome"] = "echo"
-            return _json(WebhookAccepted(accepted=0, message_ids=[]), 202)
+            fields["outcome"] = "echo" if not parts else "refused_parts"
+            return _json(
+                WebhookAccepted(accepted=0, message_ids=[], refused=len(parts)), 202
+            )
 
         messages = [inbound_message(inbound) for inbound in events]
         # Nothing reads such an event (q2c.events' alternate exchange would
@@ -495,17 +506,25 @@ class HttpServer(Actor[None]):
             )
         fields["outcome"] = "accepted"
         ids = [m.message_id for m in messages]
-        return _json(WebhookAccepted(accepted=len(ids), message_ids=ids), 202)
+        return _json(
+            WebhookAccepted(accepted=len(ids), message_ids=ids, refused=len(parts)),
+            202,
+        )
 
     async def _dead_letter(
-        self, system: str, request: web.Request, body: bytes, exc: PermanentError
+        self,
+        system: str,
+        request: web.Request,
+        refused_parts: Sequence[tuple[bytes, PermanentError]],
     ) -> None:
-        refused = Refused(
-            f"webhook:{system}", body, exc, headers=_safe_headers(request.headers)
-        )
+        headers = _safe_headers(request.headers)
+        refused = [
+            Refused(f"webhook:{system}", body, exc, headers=headers)
+            for body, exc in refused_parts
+        ]
         try:
-            (record,) = await keep_refused(
-                self._store, self._feed, f"/webhooks/{system}", [refused]
+            records = await keep_refused(
+                self._store, self._feed, f"/webhooks/{system}", refused
             )
         except TransientError as err:
             # Not stored: the sender must keep the payload and try again.
@@ -516,13 +535,14 @@ class HttpServer(Actor[None]):
                 "the payload is invalid but could not be recorded; retry later",
                 retry_after_s=self._cfg.retry_after_s,
             ) from err
-        _log.warning(
-            "webhook_dead_lettered",
-            system=system,
-            message_id=record.message_id,
-            reason=exc.reason,
-            detail=record.detail[:200],
-        )
+        for record, (_, exc) in zip(records, refused_parts, strict=True):
+            _log.warning(
+                "webhook_dead_lettered",
+                system=system,
+                message_id=record.message_id,
+                reason=exc.reason,
+                detail=record.detail[:200],
+            )
 
     # --- process API ----------------------------------------------------------
 

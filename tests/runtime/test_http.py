@@ -39,6 +39,7 @@ from broker import (
 )
 from broker.codec import decode_envelope
 from broker.config import Config
+from broker.connector import RefusedPart
 from broker.errors import (
     ConfigError,
     PublishFailed,
@@ -118,6 +119,31 @@ class FakeSource:
             for e in events
             if not e.echo
         ]
+
+
+class PartsFakeSource(FakeSource):
+    """`FakeSource` read part by part: an item that is no `VendorEvent` is refused."""
+
+    system = "parts"
+
+    def parse_parts(
+        self, headers: Mapping[str, str], body: bytes
+    ) -> tuple[Sequence[Inbound], Sequence[RefusedPart]]:
+        """The readable items' events; each other item refused with its bytes."""
+        try:
+            items = msgspec.json.decode(body, type=list[msgspec.Raw])
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            raise SchemaInvalid(f"parts: {exc}") from exc
+        good: list[bytes] = []
+        refused: list[RefusedPart] = []
+        for item in items:
+            try:
+                msgspec.json.decode(bytes(item), type=VendorEvent)
+            except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+                refused.append(RefusedPart(bytes(item), SchemaInvalid(f"parts: {exc}")))
+            else:
+                good.append(bytes(item))
+        return self.parse(headers, b"[" + b",".join(good) + b"]"), refused
 
 
 class Thing(msgspec.Struct, frozen=True, kw_only=True):
@@ -931,3 +957,36 @@ async def test_a_polled_event_nothing_reads_is_not_published() -> None:
     with pytest.raises(PublishFailed, match="no queue takes event type"):
         await publish_inbound(transport, [event], timeout_s=1, takes=topology.takes)
     assert transport.status()["published"] == 0
+
+
+async def test_a_batch_with_unreadable_parts_takes_the_rest_and_keeps_each_part() -> (
+    None
+):
+    """202: the readable events published, each unreadable part its own dead letter.
+
+    Refusing the whole batch for one bad part left the good events in a
+    dead letter no queue takes, so they could never be replayed.
+    """
+    bad = b'{"id": "e-2", "thing": 7}'
+    body = (
+        b'[{"id": "e-1", "thing": "t-1"}, ' + bad + b', {"id": "e-3", "thing": "t-3"}]'
+    )
+    async with serving(also=lambda rt: rt.webhook(PartsFakeSource())) as s:
+        async with s.client.post(
+            f"{s.base}/webhooks/parts",
+            data=body,
+            headers={"Content-Type": "application/json", "X-Signature": sign(body)},
+        ) as response:
+            answer = msgspec.json.decode(await response.read())
+        assert response.status == 202
+        assert (answer["accepted"], answer["refused"]) == (2, 1)
+        delivered = await s.on_queue(2)
+        (row,) = await s.store.list_dead_letters(DeadLetterFilter())
+    assert sorted(d.message_id or "" for d in delivered) == sorted(
+        webhook_message_id(SOURCE, i) for i in ("e-1", "e-3")
+    )
+    assert (row.body, row.reason, row.queue) == (
+        bad,
+        "schema_invalid",
+        "/webhooks/parts",
+    )

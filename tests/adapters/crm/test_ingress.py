@@ -441,3 +441,25 @@ async def test_the_sandbox_push_verifies_and_parses_at_the_webhook(org: Org) -> 
         entity="SBQQ__Quote__c", native_ids=(quote,), change_type="UPDATE"
     )
     assert org.sandbox.state()["push_sent"] == 5
+
+
+def test_a_batch_with_an_unreadable_event_takes_the_others_and_hands_it_back() -> None:
+    """Part by part: the unknown changeType is refused alone, with its bytes."""
+    first = message({"recordIds": ["0014H00002LbR7QQAV"]})
+    bad = message({"changeType": "TELEPORT"})
+    second = message({"recordIds": ["0014H00002LbR8QQAV"], "transactionKey": "tk-2"})
+    body = b"[" + b",".join((first, bad, second)) + b"]"
+    events, refused = webhook().parse_parts({}, body)
+    assert len(events) == 2
+    assert {e.subject for e in events} == {
+        "acct-0014H00002LbR7QQAV",
+        "acct-0014H00002LbR8QQAV",
+    }
+    (part,) = refused
+    assert part.body == bad
+    assert isinstance(part.error, SchemaInvalid)
+    assert "TELEPORT" in str(part.error)
+    with pytest.raises(SchemaInvalid):  # none readable: judged whole, as parse does
+        webhook().parse_parts({}, b"[" + bad + b"]")
+    events, refused = webhook().parse_parts({}, first)  # one message, not a list
+    assert (events, list(refused)) == (webhook().parse({}, first), [])
