@@ -16,7 +16,7 @@ import re
 import sqlite3
 from functools import cache
 from importlib import resources
-from typing import Any, Literal, Protocol
+from typing import Any, Final, Literal, Protocol
 
 import anyio
 import asyncpg
@@ -92,6 +92,11 @@ def _read_migrations(dialect: Dialect) -> tuple[Migration, ...]:
     return tuple(found)
 
 
+#: How long one PostgreSQL migration may run (the pool's command timeout is
+#: for the daemon's own statements, seconds long; a migration's index build on
+#: a table of millions of rows is not).
+MIGRATION_TIMEOUT_S: Final = 6 * 3600.0
+
 _PG_LEDGER = """
 CREATE TABLE IF NOT EXISTS schema_migrations (
     name        text        PRIMARY KEY,
@@ -121,8 +126,11 @@ async def apply_postgres(conn: asyncpg.pool.PoolConnectionProxy[Any]) -> list[st
                 "SELECT true FROM schema_migrations WHERE name = $1", migration.name
             ):
                 continue
-            # No arguments: the simple query protocol, which allows many statements.
-            await conn.execute(migration.sql)
+            # No arguments: the simple query protocol, which allows many
+            # statements. Not under the pool's command timeout: an index built
+            # on a large table takes what it takes, and one cut short would be
+            # retried at every start, never applied.
+            await conn.execute(migration.sql, timeout=MIGRATION_TIMEOUT_S)
             await conn.execute(
                 "INSERT INTO schema_migrations (name) VALUES ($1)", migration.name
             )

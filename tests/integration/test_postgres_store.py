@@ -28,7 +28,7 @@ from broker.store import (
     SagaWrite,
 )
 from broker.store import postgres_sql as sql
-from broker.store.migrate import load_migrations, migrate
+from broker.store.migrate import Migration, load_migrations, migrate
 from broker.store.postgres import PostgresStore, store_errors
 from tests import services
 from tests.integration.pg import Admin, OpenStore
@@ -754,4 +754,29 @@ def report(label: str, batches: int, elapsed: float) -> None:
         f"\n{label}: {batches} x 1000 keys in {elapsed:.3f} s = "
         f"{batches * 1000 / elapsed:,.0f} keys/s "
         f"({elapsed / batches * 1000:.1f} ms per batch)"
+    )
+
+
+@pytest.mark.integration
+async def test_a_migration_longer_than_the_command_timeout_is_applied(
+    open_store: OpenStore, admin: Admin, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An index build on a large table outlasts command-timeout-s: it still lands.
+
+    Run under the pool's command timeout, it was cut short at every start and
+    the daemon never came up on the new version.
+    """
+    slow = Migration(
+        name="9999_slow.sql", sql="SELECT pg_sleep(1.5); CREATE TABLE slow_done (x int)"
+    )
+    packaged = await load_migrations("postgres")
+
+    async def with_slow(dialect: str) -> tuple[Migration, ...]:
+        return (*packaged, slow)
+
+    monkeypatch.setattr("broker.store.migrate.load_migrations", with_slow)
+    await open_store(command_timeout_s=0.5)
+    assert await admin.fetchval("SELECT to_regclass('slow_done') IS NOT NULL")
+    assert await admin.fetchval(
+        "SELECT true FROM schema_migrations WHERE name = '9999_slow.sql'"
     )
