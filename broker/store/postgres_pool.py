@@ -130,6 +130,17 @@ class Connections:
         try:
             with connection_errors(conn):
                 yield conn
+        except StoreUnavailable as exc:
+            if isinstance(
+                exc.__cause__, asyncpg.exceptions.ReadOnlySQLTransactionError
+            ):
+                # The server we are connected to was demoted (a failover that
+                # kept the old sessions, a fence): these connections will
+                # never write again; new ones find the primary.
+                await self._replace_all(conn)
+            else:
+                await self._release(conn)
+            raise
         except BaseException:
             await self._release(conn)
             raise
@@ -141,6 +152,20 @@ class Connections:
         # The least recently used is first: return it if a burst left it over.
         if self._idle[0][1] < now - self._idle_return_s:
             await self._release(self._idle.pop(0)[0])
+
+    async def _replace_all(self, conn: Conn) -> None:
+        """Drop *conn* and every other connection: the next calls connect anew."""
+        _log.warning(
+            "postgres_read_only",
+            hint="the server no longer takes writes (demoted primary?); "
+            "reconnecting every connection",
+        )
+        with anyio.move_on_after(self._cfg.command_timeout_s, shield=True):
+            await self._pool.expire_connections()
+            conn.terminate()
+            await self._release(conn)
+            while self._idle:
+                await self._release(self._idle.pop()[0])
 
     def _check_open(self) -> None:
         if self._closing:

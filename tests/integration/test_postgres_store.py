@@ -780,3 +780,20 @@ async def test_a_migration_longer_than_the_command_timeout_is_applied(
     assert await admin.fetchval(
         "SELECT true FROM schema_migrations WHERE name = '9999_slow.sql'"
     )
+
+
+@pytest.mark.integration
+async def test_connections_to_a_read_only_server_are_replaced(
+    open_store: OpenStore,
+) -> None:
+    """A demoted primary's sessions never write again: dropped, and the next works.
+
+    Kept in the pool, every write failed on them until a restart.
+    """
+    store = await open_store(pool_min_size=1, pool_max_size=1)
+    async with store._connection() as conn:
+        await conn.execute("SET default_transaction_read_only = on")
+    with pytest.raises(StoreUnavailable, match="read-only"):
+        await store.commit_batch(write(outbox=outbox_records(1)))
+    await store.commit_batch(write(outbox=outbox_records(1)))
+    assert (await store.counts())["outbox_pending"] == 1
