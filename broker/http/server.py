@@ -560,11 +560,15 @@ class HttpServer(Actor[None]):
                 self._api_inflight -= 1
 
         async def call_route(request: web.Request) -> web.StreamResponse:
+            params = dict(request.match_info)
+            if any("\x00" in value for value in params.values()):
+                # No id holds one; the database could not even look it up.
+                raise ApiError(404, "not_found", "no such resource")
             body = await self._read_body(request) if request.body_exists else b""
             call = ApiRequest(
                 method=request.method,
                 path=request.path,
-                params=dict(request.match_info),
+                params=params,
                 query=request.query,
                 headers=request.headers,
                 body=body,

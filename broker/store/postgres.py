@@ -83,7 +83,7 @@ def _rowcount(status: str) -> int:
 
 
 def _arrays(
-    records: Sequence[object], fields: Sequence[str]
+    records: Sequence[object], fields: Sequence[str], *, untrusted: bool = False
 ) -> list[list[object]] | list[None]:
     """One array per field of *records*, for ``unnest`` to turn into rows.
 
@@ -92,16 +92,36 @@ def _arrays(
     (``unnest`` of NULL is empty, ``cardinality`` of NULL is not > 0), and a
     NULL costs the driver nothing to encode where an empty array costs its
     array encoder (most of a typical batch's 49 arrays are empty).
+
+    PostgreSQL's text and jsonb cannot hold NUL, and one would fail the whole
+    write, on every redelivery. Headers are copied from what arrived, and
+    *untrusted* records (dead letters, journal entries, xref) carry what a
+    producer or a vendor sent, unchecked: their NULs become U+FFFD. The other
+    records' text comes from envelopes the codec checked.
     """
     if not records:
         return [None] * len(fields)
     return [
         [
-            encode_json(getattr(r, f)) if f == "headers" else getattr(r, f)
+            _no_nul_json(encode_json(getattr(r, f)))
+            if f == "headers"
+            else _no_nul(getattr(r, f))
+            if untrusted
+            else getattr(r, f)
             for r in records
         ]
         for f in fields
     ]
+
+
+def _no_nul(value: object) -> object:
+    if isinstance(value, str) and "\x00" in value:
+        return value.replace("\x00", "\ufffd")
+    return value
+
+
+def _no_nul_json(text: str) -> str:
+    return text.replace("\\u0000", "\\ufffd") if "\\u0000" in text else text
 
 
 def _dl_args(flt: DeadLetterFilter) -> tuple[object, ...]:
@@ -285,12 +305,12 @@ class PostgresStore:
             *_arrays(write.sagas, sql.COMMIT_SAGA_FIELDS),
             *_arrays(write.outbox, sql.COMMIT_OUTBOX_FIELDS),
             self._lease_s,
-            *_arrays(write.dead_letters, sql.COMMIT_DEAD_LETTER_FIELDS),
-            *_arrays(write.journal, sql.COMMIT_JOURNAL_FIELDS),
-            *_arrays(write.held, sql.COMMIT_HELD_FIELDS),
+            *_arrays(write.dead_letters, sql.COMMIT_DEAD_LETTER_FIELDS, untrusted=True),
+            *_arrays(write.journal, sql.COMMIT_JOURNAL_FIELDS, untrusted=True),
+            *_arrays(write.held, sql.COMMIT_HELD_FIELDS, untrusted=True),
             *_arrays(write.holds, sql.COMMIT_HOLD_FIELDS),
             list(write.released) or None,
-            *_arrays(write.xref, sql.COMMIT_XREF_FIELDS),
+            *_arrays(write.xref, sql.COMMIT_XREF_FIELDS, untrusted=True),
         )
         with commit_errors():
             rows = await self._fetch(sql.COMMIT_BATCH, *args)

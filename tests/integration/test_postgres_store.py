@@ -23,6 +23,7 @@ from broker.errors import ConcurrencyConflict, ConfigError, StoreUnavailable
 from broker.store import (
     BatchWrite,
     DeadLetterFilter,
+    DeadLetterRecord,
     InboxKey,
     OutboxRecord,
     SagaWrite,
@@ -797,3 +798,31 @@ async def test_connections_to_a_read_only_server_are_replaced(
         await store.commit_batch(write(outbox=outbox_records(1)))
     await store.commit_batch(write(outbox=outbox_records(1)))
     assert (await store.counts())["outbox_pending"] == 1
+
+
+@pytest.mark.integration
+async def test_a_nul_in_what_a_producer_sent_does_not_fail_the_write(
+    open_store: OpenStore,
+) -> None:
+    """A dead letter's message id, headers and detail as received: NULs replaced.
+
+    RabbitMQ passes a property's bytes through unchecked, and PostgreSQL's
+    text and jsonb cannot hold NUL: the write failed, on every redelivery.
+    """
+    store = await open_store()
+    letter = DeadLetterRecord(
+        message_id="m\x00-1",
+        queue="q2c.wf.t.0",
+        routing_key="t",
+        reason="malformed",
+        detail="not JSON near 'a\x00b'",
+        body=b"\x00\x01",
+        headers={"x-note": "a\x00b", "x-ok": 1},
+        correlation_id="c\x00",
+    )
+    await store.commit_batch(write(dead_letters=[letter]))
+    (row,) = await store.list_dead_letters(DeadLetterFilter())
+    assert row.message_id == "m\ufffd-1"
+    assert row.detail == "not JSON near 'a\ufffdb'"
+    assert row.headers == {"x-note": "a\ufffdb", "x-ok": 1}
+    assert row.body == b"\x00\x01"  # bytes are bytes

@@ -990,3 +990,12 @@ async def test_a_batch_with_unreadable_parts_takes_the_rest_and_keeps_each_part(
         "schema_invalid",
         "/webhooks/parts",
     )
+
+
+async def test_an_id_with_a_nul_is_404_not_a_500() -> None:
+    """No id holds a NUL, and PostgreSQL could not even look one up (a 500 before)."""
+    async with serving() as s:
+        url = f"{s.base}/api/v1/things/t%007"
+        async with s.client.get(url) as response:
+            status, answer = response.status, await error_of(response)
+    assert (status, answer["error"]) == (404, "not_found")
