@@ -15,12 +15,16 @@ the Event envelope and maps what the deal needs:
 Stripe delivers at least once and in no order: the dedupe id is the
 event's ``id`` (a resent duplicate keeps it), and the idempotency key is
 the business fact itself (that invoice was paid), so two distinct events
-about one payment still count once.
+about one payment still count once. The event's time is its ``created``
+(unix seconds, UTC), which every retry keeps: Stripe retries for three
+days, and the inbox that dedups is keyed by the day of that time, so a
+resend after midnight must fall on the original's day, not its own.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime
 from typing import final
 
 import msgspec
@@ -85,8 +89,8 @@ class StripeWebhook:
 
         Raises:
             SchemaInvalid: the body is not a Stripe event (or is nested deeper
-                than the JSON decoder goes), or its object is not what its
-                type promises.
+                than the JSON decoder goes, or its ``created`` is no time a
+                `datetime` holds), or its object is not what its type promises.
         """
         try:
             event = _event_decoder.decode(body)
@@ -128,5 +132,6 @@ class StripeWebhook:
                 correlation_id=paid.deal_id,
                 idempotency_key=f"billing.invoice.paid:{invoice.id}",
                 subject=paid.invoice.id,
+                time=datetime.fromtimestamp(event.created, UTC),
             )
         ]

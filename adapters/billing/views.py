@@ -381,12 +381,16 @@ class EventData(View, frozen=True, kw_only=True):
 
 
 class Event(View, frozen=True, kw_only=True):
-    """The webhook envelope (``evt_…``); ``created`` is in unix seconds."""
+    """The webhook envelope (``evt_…``); ``created`` is in unix seconds.
+
+    ``created`` is when Stripe created the event, the same on every retry of
+    its delivery; it is the time of the fact (`adapters.billing.ingress`).
+    """
 
     id: str
     object: str = "event"
     api_version: str | None = None
-    created: int
+    created: UnixTime
     data: EventData
     livemode: bool = False
     pending_webhooks: int = 0

@@ -17,11 +17,17 @@ each type:
 A document whose ``PurchaseOrderByCustomer`` is not a ``Q2C-…`` reference
 belongs to no deal and is dropped the same way. The event's ``source`` and
 ``id`` are the dedupe key; the idempotency key names the SAP document.
+
+The event's time is the CloudEvent's ``time`` (RFC 3339), or, when SAP left
+that out, the data's ``EventRaisedDateTime``, in UTC: both are set when SAP
+raised the event and kept on every redelivery, so a resend after midnight
+falls on the original's day in the inbox that dedups it (keyed by that day).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime
 from typing import Any, TypeVar, final
 
 import msgspec
@@ -103,8 +109,9 @@ class SapEventWebhook:
         """The canonical events in one delivery (often none, see the module doc).
 
         Raises:
-            SchemaInvalid: not a CloudEvent, not an SAP business event, or a
-                known type whose data is not what SAP sends.
+            SchemaInvalid: not a CloudEvent, not an SAP business event, a
+                known type whose data is not what SAP sends, or a time that is
+                no `datetime` once in UTC.
         """
         event = parse_structured(body)
         if not event.type.startswith(_SAP_EVENTS):
@@ -125,6 +132,7 @@ class SapEventWebhook:
                 raise SchemaInvalid(f"{self._system}: {exc}") from exc
             key = f"{self._system}:outbound-delivery:{delivery.OutboundDelivery}"
             subject = canonical.shipment.id
+            raised = delivery.EventRaisedDateTime
         elif event.type == BILLING_DOCUMENT_CREATED:
             billing = _data(event.id, event.data, BillingDocumentEventData)
             ref = deal_ref(billing.PurchaseOrderByCustomer)
@@ -136,19 +144,39 @@ class SapEventWebhook:
                 raise SchemaInvalid(f"{self._system}: {exc}") from exc
             key = f"{self._system}:billing-document:{billing.BillingDocument}"
             subject = canonical.invoice.id
+            raised = billing.EventRaisedDateTime
         else:
             return []
+        # Checked first: a naive EventRaisedDateTime (no offset) is refused there.
+        checked = _checked(self._system, event.id, canonical)
         return [
             Inbound(
-                event=_checked(self._system, event.id, canonical),
+                event=checked,
                 id=event.id,
                 source=event.source,
                 correlation_id=ref.deal_id,
                 idempotency_key=key,
                 subject=subject,
                 traceparent=event.traceparent,
+                time=_utc(self._system, event.id, event.time or raised),
             )
         ]
+
+
+def _utc(system: str, event_id: str, at: datetime | None) -> datetime | None:
+    """*at* in UTC, or SchemaInvalid when UTC is past year 9999 or before year 1.
+
+    ``9999-12-31T23:00:00-05:00`` parses, but its UTC instant is no `datetime`.
+    """
+    if at is None:
+        return None
+    try:
+        return at.astimezone(UTC)
+    except OverflowError as exc:
+        raise SchemaInvalid(
+            f"{system}: event {event_id!r}: time {at.isoformat()} is outside the "
+            "years 1 to 9999 in UTC"
+        ) from exc
 
 
 def _header(headers: Mapping[str, str], name: str) -> str | None:

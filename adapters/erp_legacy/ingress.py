@@ -115,7 +115,17 @@ def inbound_for(idoc: v.Idoc, key: DealRef) -> Inbound:
 
 
 def _created(control: v.EdiDc40) -> datetime | None:
-    """When the ERP created the IDoc (``CREDAT`` / ``CRETIM``, taken as UTC)."""
+    """When the ERP created the IDoc (``CREDAT`` / ``CRETIM``, taken as UTC).
+
+    The same IDoc read again (its file dropped again, or read again after a
+    crash) keeps its control record, so its inbox key falls on the original's
+    day. Without ``CREDAT`` it is None and the publisher stamps the arrival
+    time: a reading after midnight then claims another day. ``CREDAT``
+    without ``CRETIM`` is that day's midnight.
+
+    Raises:
+        SchemaInvalid: ``CREDAT`` or ``CRETIM`` is not a date or time.
+    """
     if not control.credat:
         return None
     what = f"{control.mestyp} IDoc {control.docnum}"

@@ -1,0 +1,123 @@
+"""Inbound IDocs: an event's time is the control record's CREDAT / CRETIM.
+
+The same IDoc read again keeps its control record, so whenever the poller
+reads it, its inbox key falls on the day the ERP created it, not on today.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, date, datetime
+from pathlib import Path
+
+import msgspec
+import pytest
+
+from adapters.erp_legacy import views as v
+from adapters.erp_legacy.connector import LegacyErpConnector
+from adapters.erp_legacy.files import InboundPoller
+from adapters.erp_legacy.idocxml import parse_idoc, parse_idocs
+from adapters.erp_legacy.ingress import inbound_for
+from adapters.erp_legacy.sandbox import LegacyErpSandbox
+from broker.errors import SchemaInvalid
+from canonical.q2c import OrderBookingRequested
+from tests.adapters.arrival import inbox_key_on_arrival
+from tests.adapters.erp_legacy import samples
+
+pytestmark = pytest.mark.anyio
+
+SAMPLE = (
+    Path(__file__).resolve().parents[3]
+    / ".."
+    / "shared"
+    / "payloads"
+    / "idoc_orders05_purchase_order.xml"
+)
+
+
+async def ordrsp(tmp_path: Path) -> v.Idoc:
+    """The ORDRSP the simulated ERP answers the sample order with, at samples.NOW."""
+    connector = LegacyErpConnector(samples.settings(tmp_path))
+    erp = LegacyErpSandbox(tmp_path / "out", tmp_path / "in", now=lambda: samples.NOW)
+    command = OrderBookingRequested(order=samples.order())
+    await connector.handle(command, samples.booking(command, key="book-0"))
+    await erp.process_once()
+    await erp.process_once()
+    read: list[v.Idoc] = []
+
+    async def handle(name: str, idocs: tuple[v.Idoc, ...]) -> None:
+        read.extend(idocs)
+
+    poller = InboundPoller(
+        tmp_path / "in", parse=parse_idocs, handle=handle, settle_s=0
+    )
+    await poller.poll_once()
+    await poller.poll_once()
+    (answer,) = [i for i in read if i.edi_dc40.mestyp == "ORDRSP"]
+    return answer
+
+
+def created(idoc: v.Idoc, credat: str | None, cretim: str | None) -> v.Idoc:
+    control = msgspec.structs.replace(idoc.edi_dc40, credat=credat, cretim=cretim)
+    return msgspec.structs.replace(idoc, edi_dc40=control)
+
+
+async def test_the_same_idoc_read_again_after_midnight_claims_the_originals_day(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Read at 23:59:59 and again at 00:00:05: one inbox key, on the ERP's day."""
+    idoc = await ordrsp(tmp_path)
+    moments = (
+        datetime(2025, 3, 4, 23, 59, 59, tzinfo=UTC),
+        datetime(2025, 3, 5, 0, 0, 5, tzinfo=UTC),
+    )
+    keys = {
+        inbox_key_on_arrival(monkeypatch, at, lambda: inbound_for(idoc, samples.KEY))
+        for at in moments
+    }
+    assert len(keys) == 1
+    ((_, day),) = keys
+    assert day == samples.NOW.date()
+    assert inbound_for(idoc, samples.KEY).time == samples.NOW
+
+
+async def test_without_credat_the_time_is_left_to_the_publisher(
+    tmp_path: Path,
+) -> None:
+    """No CREDAT: None (the arrival stands in), whatever CRETIM says."""
+    idoc = created(await ordrsp(tmp_path), None, "102030")
+    assert inbound_for(idoc, samples.KEY).time is None
+
+
+async def test_credat_without_cretim_is_that_days_midnight(tmp_path: Path) -> None:
+    """The day is what the inbox key needs; the time of day defaults to 00:00."""
+    idoc = created(await ordrsp(tmp_path), "20250304", None)
+    assert inbound_for(idoc, samples.KEY).time == datetime(2025, 3, 4, tzinfo=UTC)
+
+
+@pytest.mark.parametrize(
+    ("credat", "cretim", "field"),
+    [
+        ("20251399", "102030", "CREDAT"),
+        ("2025-03-04", "102030", "CREDAT"),
+        ("00000000", "102030", "CREDAT"),
+        ("20250304", "246000", "CRETIM"),
+    ],
+)
+async def test_a_creation_stamp_that_is_no_datetime_is_schema_invalid(
+    tmp_path: Path, credat: str, cretim: str, field: str
+) -> None:
+    """Refused naming the field (a dead letter of its own), not a crash."""
+    idoc = created(await ordrsp(tmp_path), credat, cretim)
+    with pytest.raises(SchemaInvalid, match=field):
+        inbound_for(idoc, samples.KEY)
+
+
+async def test_the_published_control_records_stamp_is_the_time(tmp_path: Path) -> None:
+    """The public ORDERS05 sample's CREDAT 20141217 / CRETIM 143321, on an ORDRSP."""
+    if not SAMPLE.is_file():
+        pytest.skip(f"{SAMPLE} is absent (the shared payload corpus is not here)")
+    control = parse_idoc(SAMPLE.read_bytes()).edi_dc40
+    idoc = created(await ordrsp(tmp_path), control.credat, control.cretim)
+    at = inbound_for(idoc, samples.KEY).time
+    assert at == datetime(2014, 12, 17, 14, 33, 21, tzinfo=UTC)
+    assert at.date() == date(2014, 12, 17)
