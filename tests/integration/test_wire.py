@@ -64,6 +64,23 @@ async def confirm_channel(conn: WireConnection, window: int = 2048) -> WireChann
     return ch
 
 
+def publish_raw(
+    conn: WireConnection, ch: WireChannel, queue: str, header: bytes, body: bytes
+) -> None:
+    """Publish *body* to *queue* with a content header frame written by hand.
+
+    For properties no well-behaved client would send, which RabbitMQ passes
+    through unchecked.
+    """
+    conn._write(
+        pframe.marshal(commands.Basic.Publish(exchange="", routing_key=queue), ch.id)
+        + struct.pack(">BHI", 2, ch.id, len(header))
+        + header
+        + b"\xce"
+        + pframe.marshal(pbody.ContentBody(body), ch.id)
+    )
+
+
 async def queue_depth(ch: WireChannel, queue: str) -> int:
     return (await ch.queue_declare(queue, passive=True))[1]
 
@@ -212,13 +229,7 @@ async def test_properties_that_are_not_utf8_do_not_cost_the_connection(
     async with connected(amqp_url) as conn:
         ch = await conn.channel()
         await ch.queue_declare("q")
-        conn._write(
-            pframe.marshal(commands.Basic.Publish(exchange="", routing_key="q"), ch.id)
-            + struct.pack(">BHI", 2, ch.id, len(header))
-            + header
-            + b"\xce"
-            + pframe.marshal(pbody.ContentBody(body), ch.id)
-        )
+        publish_raw(conn, ch, "q", header, body)
         await ch.consume("q")
         with anyio.fail_after(5):
             [d] = await ch.get_batch(1)
@@ -803,13 +814,7 @@ async def test_a_header_table_that_cannot_be_read_costs_the_message_not_the_link
     async with connected(amqp_url) as conn:
         ch = await conn.channel()
         await ch.queue_declare("q")
-        conn._write(
-            pframe.marshal(commands.Basic.Publish(exchange="", routing_key="q"), ch.id)
-            + struct.pack(">BHI", 2, ch.id, len(header))
-            + header
-            + b"\xce"
-            + pframe.marshal(pbody.ContentBody(body), ch.id)
-        )
+        publish_raw(conn, ch, "q", header, body)
         await ch.consume("q")
         with anyio.fail_after(5):
             [d] = await ch.get_batch(1)

@@ -7,7 +7,6 @@ given; the poller and the IDoc reader are the real ones.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,10 +17,11 @@ from actors.systems import _IdocInbound
 from adapters.erp_legacy import views as v
 from adapters.erp_legacy.idocxml import parse_idocs, write_idoc
 from broker.codec import decode_envelope
-from broker.store import BatchWrite, OutboxRow
-from broker.transport import OutgoingMessage, PublishOutcome
+from broker.store import OutboxRow
 from broker.transport.topology import DEAD_EXCHANGE
 from tests.adapters.erp_legacy import samples
+from tests.fakes import ConfirmingTransport as Transport
+from tests.fakes import KeepingStore as Store
 
 pytestmark = pytest.mark.anyio
 
@@ -51,32 +51,6 @@ def packet(*idocs: v.Invoic02) -> bytes:
         write_idoc(i).split(b"<INVOIC02>")[1].split(b"</INVOIC02>")[0] for i in idocs
     ]
     return b"<INVOIC02>" + b"".join(bodies) + b"</INVOIC02>"
-
-
-class Transport:
-    """Confirms every message, and keeps it."""
-
-    def __init__(self) -> None:
-        self.published: list[OutgoingMessage] = []
-
-    async def publish(
-        self, messages: Sequence[OutgoingMessage], *, timeout_s: float
-    ) -> list[PublishOutcome]:
-        """Every message confirmed."""
-        self.published.extend(messages)
-        return [PublishOutcome.ACK] * len(messages)
-
-
-class Store:
-    """Keeps every batch written."""
-
-    def __init__(self) -> None:
-        self.writes: list[BatchWrite] = []
-
-    async def commit_batch(self, write: BatchWrite) -> list[OutboxRow]:
-        """Kept; no row leased."""
-        self.writes.append(write)
-        return []
 
 
 class Feed:

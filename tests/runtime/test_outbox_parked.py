@@ -12,7 +12,7 @@ import os
 import shutil
 import sys
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Sequence
 from decimal import Decimal
 from pathlib import Path
 from typing import Any, final
@@ -23,13 +23,13 @@ import pytest
 from structlog.testing import capture_logs
 
 from actors.demo import entry_message
-from actors.ledger import LedgerState, LedgerWorkflow
-from broker import Applied, ChildSpec, Daemon, Runtime, SupervisorSpec
+from broker import ChildSpec, Daemon, Emit, Runtime, SupervisorSpec
 from broker.config import Config
 from broker.store import ParkedOutboxRow
 from canonical import Envelope
 from tests.polling import eventually
 from tests.runtime.test_engine import collect, config, publish, running
+from tests.runtime.trees import ReshapedLedger
 
 pytestmark = pytest.mark.anyio
 
@@ -41,34 +41,14 @@ TREE = "tests.runtime.test_outbox_parked:build_commanding_tree"
 
 
 @final
-class CommandingLedger:
+class CommandingLedger(ReshapedLedger):
     """The ledger, whose output goes to ``q2c.sys.erp`` as a command instead."""
 
-    name = "ledger"
-    state_type = LedgerState
-
-    def __init__(self) -> None:
-        self._inner = LedgerWorkflow()
-
-    @property
-    def events(self) -> Mapping[str, type[Any]]:
-        """The ledger's events."""
-        return self._inner.events
-
-    def initial(self, correlation_id: str) -> LedgerState:
-        """An empty account."""
-        return self._inner.initial(correlation_id)
-
-    def apply(
-        self, state: LedgerState, event: Any, envelope: Envelope
-    ) -> Applied[LedgerState]:
-        """Apply as the ledger; send each emit to the default exchange, to the ERP."""
-        applied = self._inner.apply(state, event, envelope)
-        emits = [
-            msgspec.structs.replace(e, exchange="", routing_key=COMMANDS)
-            for e in applied.emits
+    def reshape(self, event: Any, emits: Sequence[Emit]) -> list[Emit]:
+        """Each emit sent to the default exchange, to the ERP's queue."""
+        return [
+            msgspec.structs.replace(e, exchange="", routing_key=COMMANDS) for e in emits
         ]
-        return Applied(applied.state, emits)
 
 
 def build_commanding_tree(rt: Runtime) -> SupervisorSpec:

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, final
 
 import msgspec
 
 from actors.ledger import LedgerState, LedgerWorkflow
-from broker import Actor, Applied, ChildSpec, Context, Runtime, SupervisorSpec
+from broker import Actor, Applied, ChildSpec, Context, Emit, Runtime, SupervisorSpec
 from broker.errors import UpstreamRejected
 from canonical import Envelope, LedgerEntryApplied, LedgerEntryPosted
 
@@ -128,9 +128,8 @@ def build_ordered_tree(rt: Runtime) -> SupervisorSpec:
     return _app(rt, OrderedLedger())
 
 
-@final
-class TimerLedger:
-    """The ledger, except that memo ``DELAY=<s>`` announces the entry *s* later."""
+class ReshapedLedger:
+    """The ledger, with what it emits reshaped by `reshape` (for subclasses)."""
 
     name = "ledger"
     state_type = LedgerState
@@ -150,13 +149,25 @@ class TimerLedger:
     def apply(
         self, state: LedgerState, event: Any, envelope: Envelope
     ) -> Applied[LedgerState]:
-        """Apply as the ledger; delay what it emits when the memo asks."""
+        """Apply as the ledger; emit what `reshape` makes of its emits."""
         applied = self._inner.apply(state, event, envelope)
+        return Applied(applied.state, self.reshape(event, applied.emits))
+
+    def reshape(self, event: Any, emits: Sequence[Emit]) -> list[Emit]:
+        """*emits* as they are."""
+        return list(emits)
+
+
+@final
+class TimerLedger(ReshapedLedger):
+    """The ledger, except that memo ``DELAY=<s>`` announces the entry *s* later."""
+
+    def reshape(self, event: Any, emits: Sequence[Emit]) -> list[Emit]:
+        """Delayed when the memo asks."""
         if isinstance(event, LedgerEntryPosted) and event.memo.startswith("DELAY="):
             delay_s = float(event.memo.removeprefix("DELAY="))
-            emits = [msgspec.structs.replace(e, delay_s=delay_s) for e in applied.emits]
-            return Applied(applied.state, emits)
-        return applied
+            return [msgspec.structs.replace(e, delay_s=delay_s) for e in emits]
+        return list(emits)
 
 
 def build_timer_tree(rt: Runtime) -> SupervisorSpec:

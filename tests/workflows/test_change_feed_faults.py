@@ -7,7 +7,7 @@ is a stand-in that confirms and keeps every message.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from typing import Any
 
 import anyio
@@ -28,9 +28,9 @@ from broker.codec import decode_envelope
 from broker.errors import StoreUnavailable
 from broker.store import BatchWrite, DeadLetterFilter, SagaRecord, SagaWrite
 from broker.store.sqlite import SqliteStore
-from broker.transport import OutgoingMessage, PublishOutcome
 from canonical.q2c import RecordReadRequired
 from tests.adapters.crm.harness import Org, running_org
+from tests.fakes import ConfirmingTransport as Transport
 from tests.polling import eventually
 
 pytestmark = pytest.mark.anyio
@@ -38,20 +38,6 @@ pytestmark = pytest.mark.anyio
 CHANNEL = "/data/ChangeEvents"
 KEY = f"cdc:crm:{CHANNEL}"
 _ENCODER = msgspec.json.Encoder(decimal_format="number")
-
-
-class Transport:
-    """Confirms every message, and keeps it."""
-
-    def __init__(self) -> None:
-        self.published: list[OutgoingMessage] = []
-
-    async def publish(
-        self, messages: Sequence[OutgoingMessage], *, timeout_s: float
-    ) -> list[PublishOutcome]:
-        """Every message confirmed."""
-        self.published.extend(messages)
-        return [PublishOutcome.ACK] * len(messages)
 
 
 class Rt:

@@ -10,7 +10,6 @@ record what they are given.
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
 from pathlib import Path
 
 import anyio
@@ -23,40 +22,14 @@ from adapters.erp_legacy.idocxml import write_idoc
 from adapters.erp_legacy.settings import LegacyErpSettings
 from broker import Actor, ChildSpec, Context, Strategy, SupervisorSpec
 from broker.config import convert_table
-from broker.store import BatchWrite, OutboxRow
 from broker.system import ActorSystem
-from broker.transport import OutgoingMessage, PublishOutcome
+from tests.fakes import ConfirmingTransport as Transport
+from tests.fakes import KeepingStore as Store
 from tests.polling import eventually
 
 pytestmark = pytest.mark.anyio
 
 OURS = "Q2C-5C0FFEE0DDBA11AB1E00"
-
-
-class Transport:
-    """Confirms every message, and keeps it."""
-
-    def __init__(self) -> None:
-        self.published: list[OutgoingMessage] = []
-
-    async def publish(
-        self, messages: Sequence[OutgoingMessage], *, timeout_s: float
-    ) -> list[PublishOutcome]:
-        """Every message confirmed."""
-        self.published.extend(messages)
-        return [PublishOutcome.ACK] * len(messages)
-
-
-class Store:
-    """Keeps every batch written."""
-
-    def __init__(self) -> None:
-        self.writes: list[BatchWrite] = []
-
-    async def commit_batch(self, write: BatchWrite) -> list[OutboxRow]:
-        """Kept; no row leased."""
-        self.writes.append(write)
-        return []
 
 
 class Rt:
