@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from types import TracebackType
-from typing import Annotated, Any, Final, Protocol, Self, TypeVar
+from typing import Annotated, Any, Final, Protocol, Self, TypeVar, cast
 
 import aiohttp
 import msgspec
@@ -37,6 +37,7 @@ from adapters.erp_cloud.views import (
     A_Product,
     A_SalesOrder,
     Collection,
+    Entity,
     ErrorDetail,
     ODataError,
     SapNotice,
@@ -62,6 +63,7 @@ __all__ = [
 ]
 
 T = TypeVar("T")
+_E = TypeVar("_E", bound=Entity)
 
 SALES_ORDER_SERVICE: Final = "API_SALES_ORDER_SRV"
 BUSINESS_PARTNER_SERVICE: Final = "API_BUSINESS_PARTNER"
@@ -403,13 +405,7 @@ class SapClient:
         Raises:
             SapRejected: an unknown partner or an invalid address (400).
         """
-        reply = await self._call(
-            "POST",
-            BUSINESS_PARTNER_SERVICE,
-            "/A_BusinessPartnerAddress",
-            body=edm.encode(msgspec.structs.replace(address, metadata=None)),
-        )
-        return self._decode(reply, Single[A_BusinessPartnerAddress]).d
+        return await self._create_bp("/A_BusinessPartnerAddress", address)
 
     async def update_partner_address(
         self,
@@ -437,13 +433,7 @@ class SapClient:
             SapRejected: an unknown partner, or it has a number of that
                 category already (400).
         """
-        reply = await self._call(
-            "POST",
-            BUSINESS_PARTNER_SERVICE,
-            "/A_BusinessPartnerTaxNumber",
-            body=edm.encode(msgspec.structs.replace(tax, metadata=None)),
-        )
-        return self._decode(reply, Single[A_BusinessPartnerTaxNumber]).d
+        return await self._create_bp("/A_BusinessPartnerTaxNumber", tax)
 
     async def update_tax_number(
         self,
@@ -461,6 +451,17 @@ class SapClient:
         key = _key(BusinessPartner=partner, BPTaxType=tax_type)
         path = f"/A_BusinessPartnerTaxNumber{key}"
         return await self._patch_bp(path, changes, etag)
+
+    async def _create_bp(self, path: str, entity: _E) -> _E:
+        """POST an ``API_BUSINESS_PARTNER`` entity (metadata dropped); SAP's copy."""
+        reply = await self._call(
+            "POST",
+            BUSINESS_PARTNER_SERVICE,
+            path,
+            body=edm.encode(msgspec.structs.replace(entity, metadata=None)),
+        )
+        answer = cast("type[Single[_E]]", Single[type(entity)])  # type: ignore[misc]
+        return self._decode(reply, answer).d
 
     async def _patch_bp(self, path: str, changes: msgspec.Struct, etag: str) -> str:
         """PATCH an ``API_BUSINESS_PARTNER`` entity with ``If-Match``; its new ETag."""
