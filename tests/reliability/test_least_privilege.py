@@ -22,18 +22,27 @@ from collections.abc import AsyncIterator
 import anyio
 import pytest
 
-from tests.reliability.checker import applied_count, drain_state, wait_applied
+from tests.reliability.checker import (
+    applied_count,
+    connect,
+    drain_state,
+    wait_applied,
+    wait_dead_letters,
+)
 from tests.reliability.faults import rabbitmqctl
-from tests.reliability.harness import SHARD_QUEUES
+from tests.reliability.harness import SHARD_QUEUES, brokerctl
 from tests.reliability.scenario import Scenario
-from tests.reliability.workload import Workload
+from tests.reliability.workload import Workload, raw_message
 
 pytestmark = [pytest.mark.anyio, pytest.mark.integration]
 
 PASSWORD = "least-privilege-pw"
 #: Every q2c exchange but q2c.events, whose outputs are what gets refused.
 WRITE_ALL_BUT_EVENTS = "^q2c[.](?!events$).*"
-WRITE_ALL = "^q2c[.].*"
+#: The README's grant: the q2c exchanges and the default exchange (``amq.default``),
+#: through which commands go to system queues and replays and released messages
+#: go back to theirs.
+WRITE_ALL = "^(q2c[.].*|amq[.]default)$"
 READ_ALL = "^q2c[.].*"
 
 
@@ -159,3 +168,38 @@ async def test_a_refused_queue_is_asked_again_while_the_others_are_consumed(
     await daemon.wait_log(granted, timeout_s=45)
     await daemon.wait_ready()
     await scenario.finish(workload)
+
+
+async def test_the_readme_grant_lets_a_replay_through_the_default_exchange(
+    scenario: Scenario, user: str
+) -> None:
+    """A replay goes back to its queue through ``amq.default``: the grant covers it.
+
+    Granted ``q2c.*`` alone, the broker refused every publish to the default
+    exchange: commands to system queues, replays and released messages.
+    """
+    daemon = scenario.daemon
+    await daemon.declare()
+    await grant(scenario, user, write=WRITE_ALL)
+    await daemon.start(
+        {"amqp": {"url": as_user(scenario, user)}, "topology": {"declare": False}}
+    )
+    await daemon.wait_ready()
+    bad = raw_message("replayed", b"{not json")
+    assert (await scenario.publish([bad])).confirmed == 1
+    [letter] = await wait_dead_letters(scenario.pg_dsn, 1)
+    socket = daemon.spec.socket_path
+    replayed = await brokerctl(socket, "dlq", "replay", str(letter["id"]))
+    assert replayed["replayed"] == [letter["id"]]
+    # Back through its shard queue, and malformed again: a second attempt.
+    with anyio.fail_after(30):
+        while True:
+            async with connect(scenario.pg_dsn) as conn:
+                attempts = await conn.fetchval(
+                    "SELECT attempts FROM dead_letter WHERE id = $1", letter["id"]
+                )
+            if attempts == 2:
+                break
+            await anyio.sleep(0.2)  # bounded poll: the store has no event
+    events = await daemon.log_events()
+    assert not [e for e in events if e["event"] == "amqp_access_refused"]
