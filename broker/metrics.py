@@ -99,7 +99,8 @@ class Metrics:
         self.gateway_calls = Counter(
             "q2c_gateway_calls",
             "Calls to external systems, by system and outcome (ok, rejected, "
-            "invalid, unavailable, timeout, error)",
+            "invalid, unavailable, timeout, error, deferred: the connector's own "
+            "wait, such as a key another daemon holds)",
             ["system", "outcome"],
             registry=r,
         )

@@ -24,6 +24,7 @@ from broker.codec import (
 )
 from broker.errors import (
     PermanentError,
+    RetryLater,
     StoreUnavailable,
     TransientError,
     TransportUnavailable,
@@ -442,6 +443,10 @@ class SystemActor(Actor[None]):
                     gw.system, f"no answer within {timeout_s:g}s"
                 )
                 error.__cause__ = exc
+            except RetryLater as exc:
+                # The connector's own wait (another daemon holds the key it
+                # needs), not the system failing: the breaker does not count it.
+                outcome, error = "deferred", exc
             except TransientError as exc:
                 outcome, error = "unavailable", exc
             except UpstreamRejected as exc:

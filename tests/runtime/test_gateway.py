@@ -14,7 +14,12 @@ from structlog.testing import capture_logs
 
 from broker.codec import encode_envelope, encode_event, utcnow
 from broker.config import Config, load_config
-from broker.errors import ConfigError, UpstreamRejected, UpstreamUnavailable
+from broker.errors import (
+    ConfigError,
+    RetryLater,
+    UpstreamRejected,
+    UpstreamUnavailable,
+)
 from broker.gateway import GatewaySettings, SystemGateway, system_actor_spec
 from broker.letters import message_id_for
 from broker.limits import BreakerState
@@ -55,6 +60,7 @@ class CreateOrder(Event, frozen=True, tag="test.order.create"):
     retry_after_s: float | None = None
     reject: bool = False
     bug: bool = False  # the connector fails with a bug, not the system
+    defer_times: int = 0  # the connector waits on a lock this many calls first
 
 
 class OrderCreated(Event, frozen=True, tag="test.order.created"):
@@ -119,6 +125,7 @@ class FakeErp:
         self.effects: dict[str, str] = {}
         self.failed: dict[str, int] = {}
         self.hung: dict[str, int] = {}
+        self.deferred: dict[str, int] = {}
         self.outage = False
         self.gate: anyio.Event | None = None
         self.in_flight = 0
@@ -158,6 +165,9 @@ class FakeErp:
                 raise UpstreamRejected("erp", "customer 42 is blocked", code="BLOCKED")
             if command.bug:
                 raise RuntimeError(f"no mapping for order {command.order_id}")
+            if self.deferred.setdefault(key, 0) < command.defer_times:
+                self.deferred[key] += 1
+                raise RetryLater(f"another daemon holds {command.order_id}'s key")
             erp_id = self.effects.setdefault(key, f"erp-{len(self.effects) + 1}")
             return [OrderCreated(order_id=command.order_id, erp_id=erp_id)]
         finally:
@@ -490,7 +500,8 @@ async def test_an_unavailable_system_uses_up_time_not_attempts() -> None:
     erp = FakeErp()
     msg = command("o-1", fail_times=99)
     settings = GatewaySettings(rate_per_s=1000, burst=100, breaker_failures=100)
-    cfg = config(BROKER__CORE__UNAVAILABLE_MAX_S="0.5")
+    # Long enough for several calls past max_attempts even on a loaded machine.
+    cfg = config(BROKER__CORE__UNAVAILABLE_MAX_S="3")
     async with running(erp, settings, cfg=cfg) as h:
         await h.send(msg)
         (row,) = await h.dead_letters(1)
@@ -966,3 +977,21 @@ def test_settings_read_from_a_kebab_case_table() -> None:
         msgspec.convert({"rate-per-sec": 5}, GatewaySettings)
     with pytest.raises(msgspec.ValidationError, match="breaker-reset-max-s"):
         msgspec.convert({"breaker-reset-s": 600}, GatewaySettings)
+
+
+async def test_a_connector_waiting_on_a_lock_does_not_open_the_breaker() -> None:
+    """RetryLater (another daemon holds the key) is no failure of the system.
+
+    Counted as one, lock contention could open SAP's breaker and stop every
+    SAP command behind it.
+    """
+    erp = FakeErp()
+    settings = GatewaySettings(rate_per_s=1000, burst=100, breaker_failures=2)
+    async with running(erp, settings) as h:
+        await h.send(*(command(f"o-{n}", defer_times=1) for n in range(4)))
+        await h.results(4)
+        calls = dict(h.gateway.calls)
+        opened = h.gateway.breaker.opened
+
+    assert calls == {"deferred": 4, "ok": 4}
+    assert opened == 0
