@@ -738,6 +738,7 @@ class _IdocInbound(Actor[None]):
     def __init__(self, rt: Runtime, system: str, settings: LegacyErpSettings) -> None:
         self._rt = rt
         self._system = system
+        self._zone = settings.zone
         self._poller = InboundPoller(
             settings.inbound,
             parse=functools.partial(parse_idocs, max_bytes=settings.max_file_bytes),
@@ -773,7 +774,7 @@ class _IdocInbound(Actor[None]):
                 )
                 continue
             try:
-                events.extend(await to_inbound(idoc, resolve=_resolve))
+                events.extend(await to_inbound(idoc, resolve=_resolve, zone=self._zone))
             except PermanentError as exc:
                 refused.append((idoc, exc))
         await publish_inbound(

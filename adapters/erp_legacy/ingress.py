@@ -20,14 +20,14 @@ re-sent order draws dedups against the first.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from datetime import UTC, datetime, time
+from datetime import UTC, datetime, tzinfo
 
 from adapters.erp_legacy import views as v
-from adapters.erp_legacy.idocxml import parse_date, parse_time
 from adapters.erp_legacy.mapping import (
     booking_from_ordrsp,
     customer_po,
     invoice_from_invoic,
+    local_moment,
     shipment_from_desadv,
 )
 from broker.connector import Inbound
@@ -47,8 +47,12 @@ Resolve = Callable[[str], Awaitable[DealRef | None]]
 _OURS = frozenset({"ORDERS", "ORDCHG"})
 
 
-async def to_inbound(idoc: v.Idoc, *, resolve: Resolve) -> list[Inbound]:
+async def to_inbound(
+    idoc: v.Idoc, *, resolve: Resolve, zone: tzinfo = UTC
+) -> list[Inbound]:
     """The canonical events an IDoc from the ERP reports (none for an echo).
+
+    Its dates and times are read in *zone*, the ERP's time zone.
 
     Raises:
         SchemaInvalid: a message type the ERP does not send us, no customer
@@ -69,11 +73,13 @@ async def to_inbound(idoc: v.Idoc, *, resolve: Resolve) -> list[Inbound]:
             f"{control.mestyp} IDoc {control.docnum}: customer PO {po!r} "
             "is not an order of ours"
         )
-    return [inbound_for(idoc, key)]
+    return [inbound_for(idoc, key, zone=zone)]
 
 
-def inbound_for(idoc: v.Idoc, key: DealRef) -> Inbound:
+def inbound_for(idoc: v.Idoc, key: DealRef, *, zone: tzinfo = UTC) -> Inbound:
     """The canonical event of one ORDRSP, DESADV or INVOIC IDoc of *key*'s order.
+
+    Its dates and times are read in *zone*, the ERP's time zone.
 
     Raises:
         SchemaInvalid: another message type, or an IDoc the mapping cannot read.
@@ -91,11 +97,11 @@ def inbound_for(idoc: v.Idoc, key: DealRef) -> Inbound:
                 subject = customer_po(idoc) or control.docnum
                 fact = f"order.rejected:{subject}"
         case v.Delvry03(), "DESADV":
-            event = shipment_from_desadv(idoc, key)
+            event = shipment_from_desadv(idoc, key, zone=zone)
             subject = event.shipment.number
             fact = f"shipment.dispatched:{subject}"
         case v.Invoic02(), "INVOIC":
-            event = invoice_from_invoic(idoc, key)
+            event = invoice_from_invoic(idoc, key, zone=zone)
             subject = event.invoice.number
             fact = f"invoice.issued:{subject}"
         case _:
@@ -110,12 +116,12 @@ def inbound_for(idoc: v.Idoc, key: DealRef) -> Inbound:
         correlation_id=key.deal_id,
         idempotency_key=f"erp-legacy:{fact}",
         subject=subject,
-        time=_created(control),
+        time=_created(control, zone),
     )
 
 
-def _created(control: v.EdiDc40) -> datetime | None:
-    """When the ERP created the IDoc (``CREDAT`` / ``CRETIM``, taken as UTC).
+def _created(control: v.EdiDc40, zone: tzinfo) -> datetime | None:
+    """When the ERP created the IDoc (``CREDAT`` / ``CRETIM`` in *zone*), in UTC.
 
     The same IDoc read again (its file dropped again, or read again after a
     crash) keeps its control record, so its inbox key falls on the original's
@@ -129,8 +135,10 @@ def _created(control: v.EdiDc40) -> datetime | None:
     if not control.credat:
         return None
     what = f"{control.mestyp} IDoc {control.docnum}"
-    day = parse_date(control.credat, field=f"{what} CREDAT")
-    at = (
-        parse_time(control.cretim, field=f"{what} CRETIM") if control.cretim else time()
+    return local_moment(
+        control.credat,
+        control.cretim,
+        zone,
+        date_field=f"{what} CREDAT",
+        time_field=f"{what} CRETIM",
     )
-    return datetime.combine(day, at, tzinfo=UTC)

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable
-from datetime import UTC, date, datetime, time
+from datetime import UTC, date, datetime, time, tzinfo
 from typing import Any, TypeVar
 
 import msgspec
@@ -62,6 +62,7 @@ __all__ = [
     "booking_from_ordrsp",
     "shipment_from_desadv",
     "invoice_from_invoic",
+    "local_moment",
 ]
 
 UNIT = "PCE"
@@ -71,7 +72,9 @@ E = TypeVar("E")
 
 FIELD_MAP: tuple[FieldMapping, ...] = (
     FieldMapping("(idempotency key)", "EDI_DC40.DOCNUM", "sha256 → 16 digits"),
-    FieldMapping("(envelope time)", "EDI_DC40.CREDAT/CRETIM", "UTC, YYYYMMDD/HHMMSS"),
+    FieldMapping(
+        "(envelope time)", "EDI_DC40.CREDAT/CRETIM", "ERP time zone, YYYYMMDD/HHMMSS"
+    ),
     FieldMapping("order.currency", "E1EDK01.CURCY"),
     FieldMapping("order.payment_terms", "E1EDK01.ZTERM"),
     FieldMapping("order.customer_ref", "E1EDK01.BELNR"),
@@ -158,12 +161,13 @@ def to_orders05(
     Args:
         order: the canonical order.
         docnum: its IDoc number (`docnum_for` the command's idempotency key).
-        created_at: the command's time; the control record and document date.
+        created_at: the command's time; the control record and document date,
+            written in the ERP's time zone (``settings.zone``).
         settings: ports and partners for the control record.
         sold_to: the ERP's partner number for the account; `partner_number`
             of the account id when not given.
     """
-    at = created_at.astimezone(UTC)
+    at = created_at.astimezone(settings.zone)
     partner = sold_to or partner_number(order.account.id)
     address = order.account.billing_address
     name = order.account.name[:35]
@@ -321,8 +325,12 @@ def booking_from_ordrsp(
     )
 
 
-def shipment_from_desadv(desadv: v.Delvry03, key: DealRef) -> ShipmentDispatched:
+def shipment_from_desadv(
+    desadv: v.Delvry03, key: DealRef, *, zone: tzinfo = UTC
+) -> ShipmentDispatched:
     """A DESADV as the shipment of the order's physical lines.
+
+    Its goods-issue date and time are the ERP's local time in *zone*.
 
     Raises:
         SchemaInvalid: no delivery header or number, an item without
@@ -337,7 +345,7 @@ def shipment_from_desadv(desadv: v.Delvry03, key: DealRef) -> ShipmentDispatched
         (d for d in header.e1edt13 if d.qualf == v.DATE_GOODS_ISSUE), None
     )
     dispatched_at = (
-        _moment(goods_issue.isdd, goods_issue.isdz, what)
+        _moment(goods_issue.isdd, goods_issue.isdz, what, zone)
         if goods_issue is not None and goods_issue.isdd
         else None
     )
@@ -380,8 +388,12 @@ def _document_status(bsart: str | None) -> str:
     return DOCUMENT_KINDS.get(bsart, f"other:{bsart}")
 
 
-def invoice_from_invoic(invoic: v.Invoic02, key: DealRef) -> InvoiceIssued:
+def invoice_from_invoic(
+    invoic: v.Invoic02, key: DealRef, *, zone: tzinfo = UTC
+) -> InvoiceIssued:
     """An INVOIC02 as the invoice of the order (``status`` from BSART).
+
+    Its document date is the ERP's local day in *zone*.
 
     Raises:
         SchemaInvalid: no invoice number, currency or amount.
@@ -397,7 +409,7 @@ def invoice_from_invoic(invoic: v.Invoic02, key: DealRef) -> InvoiceIssued:
         invoic.total(v.SUM_ITEMS) or invoic.total(v.SUM_INVOICE), header.curcy, what
     )
     issued = invoic.date(v.DATE_DOCUMENT)
-    issued_at = _moment(issued, None, what) if issued else None
+    issued_at = _moment(issued, None, what, zone) if issued else None
     return _checked(
         what,
         lambda: InvoiceIssued(
@@ -438,10 +450,26 @@ def _money(amount: str | None, currency: str | None, what: str) -> Money:
         raise SchemaInvalid(f"{what}: {exc}") from exc
 
 
-def _moment(day: str, clock: str | None, what: str) -> datetime:
-    d: date = parse_date(day, field=f"{what} date")
-    t: time = parse_time(clock, field=f"{what} time") if clock else time()
-    return datetime.combine(d, t, tzinfo=UTC)
+def local_moment(
+    day: str, clock: str | None, zone: tzinfo, *, date_field: str, time_field: str
+) -> datetime:
+    """An IDoc date (and time: midnight without one) in the ERP's *zone*, as UTC.
+
+    IDoc dates and times carry no offset; SAP writes its system time. In the
+    hour a clock change repeats, the earlier reading is taken.
+
+    Raises:
+        SchemaInvalid: *day* or *clock* is not a date or time.
+    """
+    d: date = parse_date(day, field=date_field)
+    t: time = parse_time(clock, field=time_field) if clock else time()
+    return datetime.combine(d, t, tzinfo=zone).astimezone(UTC)
+
+
+def _moment(day: str, clock: str | None, what: str, zone: tzinfo) -> datetime:
+    return local_moment(
+        day, clock, zone, date_field=f"{what} date", time_field=f"{what} time"
+    )
 
 
 def _checked(what: str, build: Callable[[], E]) -> E:

@@ -26,7 +26,7 @@ import random
 import textwrap
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, tzinfo
 from decimal import Decimal
 from pathlib import Path
 from types import TracebackType
@@ -152,6 +152,7 @@ class LegacyErpSandbox:
         interval_s: how often the outbound folder is looked at.
         logical_system: the ERP's ``SNDPRN`` in its answers.
         now: the clock for dates and times in the answers.
+        zone: the ERP's time zone: its IDocs carry local dates and times.
     """
 
     def __init__(
@@ -166,6 +167,7 @@ class LegacyErpSandbox:
         client: str = "100",
         logical_system: str = "LEGACYERP",
         now: Callable[[], datetime] = lambda: datetime.now(UTC),
+        zone: tzinfo = UTC,
     ) -> None:
         self.outbound_dir = outbound_dir
         self.inbound_dir = inbound_dir
@@ -174,7 +176,8 @@ class LegacyErpSandbox:
         self._interval_s = interval_s
         self._client = client
         self._system = logical_system
-        self._now = now
+        self._clock = now
+        self._zone = zone
         self._orders: dict[tuple[str, str], _SalesOrder] = {}
         self._counts = _Counts()
         self._numbers = _Numbers.starting(first_number(number_block))
@@ -521,6 +524,10 @@ class LegacyErpSandbox:
 
     def _today(self) -> str:
         return fmt_date(self._now())
+
+    def _now(self) -> datetime:
+        """The ERP's wall clock: now, in its time zone."""
+        return self._clock().astimezone(self._zone)
 
 
 def _all_materials(order: v.Orders05) -> bool:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from datetime import tzinfo
 from pathlib import Path
 from typing import Annotated
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from msgspec import Meta
 
@@ -42,6 +44,11 @@ class LegacyErpSettings(Section, frozen=True):
             redelivered (or replayed from the dead letters) later than
             this is handed over again, and only the ERP's customer-reference
             check stands between it and a second order.
+        timezone: the ERP's own time zone (an IANA name such as
+            ``Europe/Berlin``). An IDoc carries dates and times without an
+            offset (``CREDAT`` / ``CRETIM``, the document dates): SAP writes
+            them in its system time, so the broker reads them in this zone
+            and writes the ORDERS IDoc's in it too.
         max_file_bytes: inbound files above this size are failed unread.
         poll_interval_s / settle_s / batch: the inbound poller's pace.
     """
@@ -58,10 +65,24 @@ class LegacyErpSettings(Section, frozen=True):
     max_pending_files: Annotated[int, Meta(ge=1)] = 1000
     sent_dir: str = ""
     sent_retention_days: Annotated[int, Meta(ge=1)] = 30
+    timezone: str = "UTC"
     max_file_bytes: Annotated[int, Meta(ge=1024)] = DEFAULT_MAX_BYTES
     poll_interval_s: Annotated[float, Meta(gt=0)] = 1.0
     settle_s: Annotated[float, Meta(ge=0)] = 0.5
     batch: Annotated[int, Meta(ge=1, le=1000)] = 32
+
+    def __post_init__(self) -> None:
+        try:
+            ZoneInfo(self.timezone)
+        except (ZoneInfoNotFoundError, ValueError) as exc:
+            raise ValueError(
+                f"timezone: {self.timezone!r} is not an IANA time zone name"
+            ) from exc
+
+    @property
+    def zone(self) -> tzinfo:
+        """`timezone` as a `tzinfo` (`ZoneInfo` keeps one per name)."""
+        return ZoneInfo(self.timezone)
 
     @property
     def outbound(self) -> Path:
