@@ -16,6 +16,7 @@ workflow it holds its instance.
 
 from __future__ import annotations
 
+import time
 from typing import TYPE_CHECKING, Any
 
 import structlog
@@ -170,9 +171,19 @@ class Pass:
         queue = item.queue
         env = item.envelope
         error = f"{type(exc).__name__}: {exc}"
-        tier = retry.tier_for(item.attempt)
+        since: int | None = None
+        if isinstance(exc, TransientError) and not exc.spends_attempts:
+            # A wait for something outside the message (reference data not
+            # loaded, a key another daemon holds): time, not attempts.
+            now = int(time.time())
+            since = letters.unavailable_since(d) or now
+            tier = retry.wait_for(item.attempt, since, now)
+            exhausted = "unavailable_too_long"
+        else:
+            tier = retry.tier_for(item.attempt)
+            exhausted = "attempts_exhausted"
         if tier is None:
-            out.dead.append("attempts_exhausted")
+            out.dead.append(exhausted)
             cid = d.correlation_id or env.correlation_id
             message_id = self.dead_letter(
                 queue,
@@ -180,7 +191,7 @@ class Pass:
                 PermanentError(error),
                 item.attempt,
                 cid,
-                reason="attempts_exhausted",
+                reason=exhausted,
             )
             return message_id, True
         expected = isinstance(exc, TransientError)
@@ -202,6 +213,7 @@ class Pass:
                 attempt=item.attempt,
                 tier=tier,
                 error=error,
+                unavailable_since=since,
             )
         )
         self.journal.append(

@@ -43,6 +43,14 @@ class TransientError(BrokerError):
 
     retry_after_s: float | None = None
 
+    #: Whether a failure of this kind uses up one of the message's
+    #: ``max-attempts``. A failure that says nothing of the message (its
+    #: system is down, something it waits for is not there yet) does not:
+    #: the message is retried at its tier until it has failed that way for
+    #: ``[core] unavailable-max-s``, then dead-lettered as
+    #: ``unavailable_too_long``.
+    spends_attempts: bool = True
+
 
 class PermanentError(BrokerError):
     """The same message will fail again: dead-letter it now."""
@@ -52,7 +60,13 @@ class PermanentError(BrokerError):
 
 
 class RetryLater(TransientError):
-    """Raised by an actor that wants a redelivery; logged at info, not error."""
+    """Raised by an actor that wants a redelivery; logged at info, not error.
+
+    It waits for something outside the message (a key another daemon holds,
+    reference data not loaded yet), so it spends time, not attempts.
+    """
+
+    spends_attempts = False
 
     def __init__(self, reason: str, *, delay_s: float | None = None) -> None:
         super().__init__(reason)
@@ -101,7 +115,12 @@ class StateUndecodable(PermanentError):
 
 
 class UpstreamUnavailable(TransientError):
-    """An external system timed out, refused the connection, or said 'busy'."""
+    """An external system timed out, refused the connection, or said 'busy'.
+
+    That says nothing of the command: it spends time, not attempts.
+    """
+
+    spends_attempts = False
 
     def __init__(
         self, system: str, detail: str, *, retry_after_s: float | None = None

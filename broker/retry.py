@@ -25,11 +25,20 @@ class RetryPolicy:
     attempts the message is dead-lettered with reason ``attempts_exhausted``.
     """
 
-    def __init__(self, tiers_s: Sequence[float], *, max_attempts: int) -> None:
+    def __init__(
+        self,
+        tiers_s: Sequence[float],
+        *,
+        max_attempts: int,
+        wait_max_s: float = 7 * 86_400.0,
+    ) -> None:
         if not tiers_s:
             raise ValueError("at least one retry tier is needed")
         self._tiers = tuple(tiers_s)
         self.max_attempts = max_attempts
+        #: How long a message may keep failing without spending attempts
+        #: (`TransientError.spends_attempts` false) before it is dead-lettered.
+        self.wait_max_s = wait_max_s
 
     def tier_for(self, attempt: int) -> float | None:
         """The delay tier after failed *attempt*; None once attempts are exhausted."""
@@ -40,6 +49,16 @@ class RetryPolicy:
     def delay_for(self, attempt: int) -> float:
         """The delay tier after failed *attempt*, however many there were."""
         return self._tiers[min(max(attempt, 1) - 1, len(self._tiers) - 1)]
+
+    def wait_for(self, attempt: int, since: int, now: int) -> float | None:
+        """The delay tier for a failure that spends time, not attempts.
+
+        *since* is when (epoch seconds) the run of such failures began, *now*
+        the present; None once the run is older than `wait_max_s`.
+        """
+        if now - since > self.wait_max_s:
+            return None
+        return self.delay_for(attempt)
 
     def __repr__(self) -> str:
         return f"<RetryPolicy tiers={self._tiers} max_attempts={self.max_attempts}>"

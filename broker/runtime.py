@@ -54,7 +54,9 @@ class Runtime:
         #: Rows bounded to 16 relay rounds: what a stalled relay may hold.
         self.feed = OutboxFeed(max_rows=16 * cfg.core.relay_batch)
         self.retry = RetryPolicy(
-            cfg.topology.retry_tiers_s, max_attempts=cfg.core.max_attempts
+            cfg.topology.retry_tiers_s,
+            max_attempts=cfg.core.max_attempts,
+            wait_max_s=cfg.core.unavailable_max_s,
         )
         self.workflows: dict[str, Workflow[Any]] = {}
         #: Webhook sources by system name, served at ``POST /webhooks/<system>``.

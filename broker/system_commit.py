@@ -33,7 +33,6 @@ from broker.errors import (
     ConcurrencyConflict,
     PermanentError,
     TransientError,
-    UpstreamUnavailable,
 )
 from broker.letters import ATTEMPT_HEADER
 from broker.retry import Backoff
@@ -282,18 +281,19 @@ class SystemCommit:
                 error = f"{type(d.error).__name__}: {d.error}"
                 retry_after = getattr(d.error, "retry_after_s", None)
                 since: int | None = None
-                if isinstance(d.error, UpstreamUnavailable):
-                    # The system was down, throttling or silent: that says
-                    # nothing of the command, so it does not use up attempts,
-                    # only time (the breaker keeps the queue still meanwhile).
+                if isinstance(d.error, TransientError) and not d.error.spends_attempts:
+                    # The system was down, throttling or silent, or the
+                    # connector waits on a key another daemon holds: that
+                    # says nothing of the command, so it does not use up
+                    # attempts, only time (the breaker keeps the queue still
+                    # meanwhile).
                     now = int(time.time())
                     since = letters.unavailable_since(d.delivery) or now
-                    if now - since > self._core.unavailable_max_s:
+                    wait = self._rt.retry.wait_for(d.attempt, since, now)
+                    if wait is None:
                         dead_letter(d, "unavailable_too_long", error)
                         continue
-                    tier: float | None = self._longer(
-                        self._rt.retry.delay_for(d.attempt), retry_after
-                    )
+                    tier: float | None = self._longer(wait, retry_after)
                 else:
                     tier = self._tier(d.attempt, retry_after)
                 if tier is None:

@@ -214,6 +214,31 @@ async def test_a_poison_message_is_retried_through_the_tiers_then_dead_lettered(
     assert stages == ["retry_scheduled", "retry_scheduled", "dead_lettered"]
 
 
+async def test_a_workflow_that_waits_spends_time_not_attempts(tmp_path: Path) -> None:
+    """RetryLater from apply: retried past max-attempts, until unavailable-max-s.
+
+    What it waits for (reference data, a key another daemon holds) says
+    nothing of the message; used up in attempts, a slow start of the ERP
+    would have dead-lettered every quote that came in meanwhile.
+    """
+    cfg = config(
+        tmp_path,
+        BROKER__DAEMON__TREE="tests.runtime.trees:build_poison_tree",
+        BROKER__CORE__UNAVAILABLE_MAX_S="1",
+    )
+    waiting = entry_message("acct-w", "e-wait", Decimal(5), memo="WAIT")
+    async with running(cfg) as daemon:
+        await publish(daemon, [waiting])
+        (row,) = await dead_letters(daemon, 1)
+        journal = await daemon.runtime.store.journal("acct-w")
+
+    assert (row.reason, row.body) == ("unavailable_too_long", waiting.body)
+    assert "reference data" in row.detail
+    stages = [j.stage for j in journal if j.message_id == waiting.message_id]
+    assert stages[-1] == "dead_lettered"
+    assert stages.count("retry_scheduled") > 3  # max-attempts is 3
+
+
 async def test_a_permanent_rejection_dead_letters_without_retry(tmp_path: Path) -> None:
     """PermanentError from apply dead-letters on the first attempt."""
     cfg = config(tmp_path, BROKER__DAEMON__TREE="tests.runtime.trees:build_poison_tree")

@@ -514,6 +514,21 @@ async def test_an_unavailable_system_uses_up_time_not_attempts() -> None:
     assert set(stages[:-1]) == {"retry_scheduled"}
 
 
+async def test_a_command_waiting_on_a_lock_past_max_attempts_still_completes() -> None:
+    """RetryLater spends time, not attempts: lock contention loses no command."""
+    erp = FakeErp()
+    settings = GatewaySettings(rate_per_s=1000, burst=100, breaker_failures=2)
+    async with running(erp, settings) as h:
+        await h.send(command("o-1", defer_times=5))
+        await h.results(1)
+        calls = dict(h.gateway.calls)
+        dead = await h.store.list_dead_letters(DeadLetterFilter())
+
+    assert calls == {"deferred": 5, "ok": 1}  # max_attempts is 3
+    assert dead == []
+    assert len(erp.effects) == 1
+
+
 async def test_a_rejected_command_is_dead_lettered_at_once_with_the_reason() -> None:
     """UpstreamRejected: one call, a dead letter naming the refusal, no retry."""
     erp = FakeErp()

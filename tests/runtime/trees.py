@@ -9,7 +9,7 @@ import msgspec
 
 from actors.ledger import LedgerState, LedgerWorkflow
 from broker import Actor, Applied, ChildSpec, Context, Emit, Runtime, SupervisorSpec
-from broker.errors import UpstreamRejected
+from broker.errors import RetryLater, UpstreamRejected
 from canonical import Envelope, LedgerEntryApplied, LedgerEntryPosted
 
 __all__ = [
@@ -26,7 +26,11 @@ __all__ = [
 
 @final
 class PoisonLedger:
-    """The ledger, except that memo "POISON" always fails and "REJECT" is permanent."""
+    """The ledger, except for three memos.
+
+    "POISON" always fails, "REJECT" is refused for good, and "WAIT" always
+    waits for something outside the message (`RetryLater`).
+    """
 
     name = "ledger"
     state_type = LedgerState
@@ -52,6 +56,8 @@ class PoisonLedger:
                 raise RuntimeError("poisoned entry")
             if event.memo == "REJECT":
                 raise UpstreamRejected("ledger", "entry refused by rule")
+            if event.memo == "WAIT":
+                raise RetryLater("the account's reference data is not loaded yet")
         return self._inner.apply(state, event, envelope)
 
 
