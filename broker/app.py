@@ -49,6 +49,7 @@ from broker.handler import DaemonControl
 from broker.http import HttpServer
 from broker.logging import configure_logging
 from broker.outbox import OutboxRelay
+from broker.retention import prune_finished
 from broker.retry import Backoff
 from broker.runtime import Runtime
 from broker.store import Store
@@ -195,6 +196,9 @@ async def open_transport(
 class _Maintenance(Actor[None]):
     """Keeps inbox partitions ahead and drops the ones past retention, hourly.
 
+    Then deletes the finished workflow instances past their own retention
+    (`broker.retention`).
+
     A failed prune is logged and tried again at the next interval: it never
     takes the actor down, since under the root's ``rest_for_one`` that would
     restart the application after it.
@@ -212,24 +216,43 @@ class _Maintenance(Actor[None]):
 
     async def _loop(self, ctx: Context[None]) -> None:
         while True:
-            try:
-                dropped = await self._rt.store.prune(
-                    retention_days=self._rt.cfg.core.inbox_retention_days
-                )
-                ctx.log.info("store_pruned", **dropped)
-            except StoreUnavailable as exc:
-                ctx.log.warning("store_prune_failed", error=str(exc))
-            except ConfigError as exc:
-                # A grant is missing: the operator's fix, so no traceback;
-                # inserts still land in the DEFAULT partitions meanwhile.
-                # Tried again next time.
-                ctx.log.error("store_prune_failed", error=str(exc))  # noqa: TRY400
-            except Exception:
-                # A failure nobody foresaw (a view a DBA put on a partition,
-                # a bug): crashing would restart every later child, and the
-                # prune at start would crash it again until the root gave up.
-                ctx.log.exception("store_prune_failed")
+            await self._guarded(ctx, self._prune)
+            await self._guarded(ctx, self._prune_finished)
             await anyio.sleep(self._interval_s)
+
+    async def _prune(self, ctx: Context[None]) -> None:
+        dropped = await self._rt.store.prune(
+            retention_days=self._rt.cfg.core.inbox_retention_days
+        )
+        ctx.log.info("store_pruned", **dropped)
+
+    async def _prune_finished(self, ctx: Context[None]) -> None:
+        deleted = await prune_finished(
+            self._rt.store,
+            self._rt.workflows,
+            retention_days=self._rt.cfg.core.finished_retention_days,
+        )
+        if deleted:
+            ctx.log.info("finished_instances_pruned", **deleted)
+
+    async def _guarded(
+        self, ctx: Context[None], step: Callable[[Context[None]], Awaitable[None]]
+    ) -> None:
+        """Run one upkeep *step*; a failure is logged, and tried again next time."""
+        try:
+            await step(ctx)
+        except StoreUnavailable as exc:
+            ctx.log.warning("store_prune_failed", step=step.__name__, error=str(exc))
+        except ConfigError as exc:
+            # A grant is missing: the operator's fix, so no traceback;
+            # inserts still land in the DEFAULT partitions meanwhile.
+            # Tried again next time.
+            ctx.log.error("store_prune_failed", step=step.__name__, error=str(exc))  # noqa: TRY400
+        except Exception:
+            # A failure nobody foresaw (a view a DBA put on a partition,
+            # a bug): crashing would restart every later child, and the
+            # prune at start would crash it again until the root gave up.
+            ctx.log.exception("store_prune_failed", step=step.__name__)
 
 
 @final

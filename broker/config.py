@@ -170,13 +170,21 @@ class CoreConfig(Section, frozen=True):
     relay_poll_s: Seconds = 1.0
     outbox_lease_s: Seconds = 30.0
     inbox_retention_days: PositiveInt = 7
+    #: Days a finished workflow instance is kept after its last change
+    #: (`broker.workflow.finished_test`); 0 keeps them all.
+    finished_retention_days: Annotated[int, Meta(ge=0)] = 90
 
 
 class ControlConfig(Section, frozen=True):
     """``[control]``: where the admin socket listens and who may use it."""
 
     socket_path: str = "var/brokerd.sock"
-    allowed_uids: tuple[int, ...] = ()
+    #: Uids served besides the daemon's own and root.
+    allowed_uids: tuple[Annotated[int, Meta(ge=0)], ...] = ()
+    #: A group (name or gid) to give the socket and its directory, 0660 and
+    #: 0750, so that the uids of ``allowed-uids`` in it can connect; "" keeps
+    #: them 0600 and 0700 (the daemon's user and root only).
+    socket_group: str | Annotated[int, Meta(ge=0)] = ""
     max_request_bytes: PositiveInt = 65_536
 
 

@@ -20,11 +20,17 @@ commute (a ledger), not a deal. An ordered workflow may name event types
 in ``unheld``: those are applied even while their instance is held (a
 timer that only reads the state, such as an SLA check: a deal stuck behind
 a parked message is exactly the deal whose SLA must still fall due).
+
+A workflow may also say when an instance is over: a method
+``finished(state) -> bool``. A finished instance that nothing changed for
+``[core] finished-retention-days`` is deleted by the hourly maintenance
+(unless held, or a row of it still waits in the outbox); a message for it
+after that starts a new instance. Without the method, instances are kept.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Generic, Protocol, TypeVar
 
 import msgspec
@@ -32,7 +38,14 @@ import msgspec
 from broker.xref import XrefEntry
 from canonical.envelope import Envelope
 
-__all__ = ["Emit", "Workflow", "Applied", "is_ordered", "unheld_types"]
+__all__ = [
+    "Emit",
+    "Workflow",
+    "Applied",
+    "finished_test",
+    "is_ordered",
+    "unheld_types",
+]
 
 S = TypeVar("S")
 
@@ -86,7 +99,8 @@ class Workflow(Protocol[S]):
     A class attribute ``ordered = True`` (optional, see the module
     docstring) holds an instance's later messages while one is parked;
     ``unheld`` (optional, a frozenset of event types) names those applied
-    even then.
+    even then. A method ``finished(state) -> bool`` (optional) lets
+    finished instances go after the retention.
     """
 
     @property
@@ -124,3 +138,9 @@ def unheld_types(workflow: object) -> frozenset[str]:
     if isinstance(unheld, (frozenset, set, tuple)):
         return frozenset(str(t) for t in unheld)
     return frozenset()
+
+
+def finished_test(workflow: object) -> Callable[[Any], bool] | None:
+    """*workflow*'s ``finished(state)``, or None when it keeps every instance."""
+    finished: object = getattr(workflow, "finished", None)
+    return finished if callable(finished) else None

@@ -607,6 +607,32 @@ class Store(Protocol):
         """One instance's state, for status queries and tests."""
         ...
 
+    async def idle_sagas(
+        self,
+        workflow: str,
+        *,
+        idle_days: int,
+        after: tuple[datetime, str] | None,
+        limit: int,
+    ) -> list[SagaRecord]:
+        """One page of *workflow*'s instances unchanged for *idle_days* days.
+
+        Oldest first, in (``updated_at``, ``correlation_id``) order, after
+        *after* (the last page's last instance's pair; None: from the start).
+        """
+        ...
+
+    async def delete_sagas(
+        self, workflow: str, instances: Sequence[tuple[str, int]]
+    ) -> int:
+        """Delete *workflow*'s *instances* (correlation id, version); return how many.
+
+        An instance changed since it was read (another version), held, or
+        with a row pending in the outbox (a timer due, a result not yet
+        relayed) stays.
+        """
+        ...
+
     async def journal(
         self, correlation_id: str, *, limit: int = 1000
     ) -> list[JournalRow]:

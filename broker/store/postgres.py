@@ -16,6 +16,7 @@ exception chained as the cause.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from datetime import UTC, datetime
 from typing import Final, Literal, final
 
 import asyncpg
@@ -75,6 +76,9 @@ _log = structlog.get_logger(__name__)
 
 #: Rows deleted per statement when pruning tables that are not partitioned.
 PRUNE_CHUNK: Final = 5000
+
+# Before any instance's updated_at: where the first page of idle_sagas starts.
+_BEGINNING: Final = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 def _rowcount(status: str) -> int:
@@ -529,6 +533,29 @@ class PostgresStore:
         """One instance's state, for status queries and tests."""
         rows = await self._fetch(sql.LOAD_SAGA, workflow, correlation_id)
         return saga_record(workflow, rows[0]) if rows else None
+
+    async def idle_sagas(
+        self,
+        workflow: str,
+        *,
+        idle_days: int,
+        after: tuple[datetime, str] | None,
+        limit: int,
+    ) -> list[SagaRecord]:
+        """One page of *workflow*'s instances unchanged for *idle_days* days."""
+        at, cid = after if after is not None else (_BEGINNING, "")
+        rows = await self._fetch(sql.IDLE_SAGAS, workflow, idle_days, at, cid, limit)
+        return [saga_record(workflow, r) for r in rows]
+
+    async def delete_sagas(
+        self, workflow: str, instances: Sequence[tuple[str, int]]
+    ) -> int:
+        """Delete *workflow*'s *instances* unless changed, held or awaited."""
+        if not instances:
+            return 0
+        ids = [cid for cid, _ in instances]
+        versions = [version for _, version in instances]
+        return _rowcount(await self._execute(sql.DELETE_SAGAS, workflow, ids, versions))
 
     async def journal(
         self, correlation_id: str, *, limit: int = 1000

@@ -53,6 +53,8 @@ __all__ = [
     "PURGEABLE",
     "PURGE",
     "LOAD_SAGA",
+    "IDLE_SAGAS",
+    "DELETE_SAGAS",
     "JOURNAL",
     "SET_LOCK_TIMEOUT",
     "ENSURE_PARTITIONS",
@@ -484,6 +486,31 @@ WHERE id = ANY(ARRAY(
     LIMIT $2))
   AND status IN ('released', 'replayed', 'purged')
   AND last_seen < now() - make_interval(days => $1)
+"""
+
+# A workflow's instances without a change for $2 days, after ($3, $4) in
+# (updated_at, correlation_id) order, by saga_idle (0010): one page.
+IDLE_SAGAS = """
+SELECT correlation_id, version, state, updated_at FROM saga
+WHERE workflow = $1
+  AND updated_at < now() - make_interval(days => $2)
+  AND (updated_at, correlation_id) > ($3::timestamptz, $4::text)
+ORDER BY updated_at, correlation_id
+LIMIT $5
+"""
+
+# Instances ($2 ids at $3 versions) that nothing touched since they were
+# read, and that nothing waits to reach: no hold, no row pending in the
+# outbox (a timer due later, a result not yet relayed).
+DELETE_SAGAS = """
+DELETE FROM saga AS s
+USING unnest($2::text[], $3::bigint[]) AS d(cid, version)
+WHERE s.workflow = $1 AND s.correlation_id = d.cid AND s.version = d.version
+  AND NOT EXISTS (
+      SELECT 1 FROM hold AS h WHERE h.workflow = $1 AND h.correlation_id = d.cid)
+  AND NOT EXISTS (
+      SELECT 1 FROM outbox AS o
+      WHERE o.correlation_id = d.cid AND o.sent_at IS NULL AND o.parked_reason IS NULL)
 """
 
 # The parked count reads outbox_parked (0008).

@@ -502,6 +502,39 @@ class SqliteStore:
         )
         return saga_record(workflow, row, when=_utc) if row is not None else None
 
+    async def idle_sagas(
+        self,
+        workflow: str,
+        *,
+        idle_days: int,
+        after: tuple[datetime, str] | None,
+        limit: int,
+    ) -> list[SagaRecord]:
+        """One page of *workflow*'s instances unchanged for *idle_days* days."""
+        at, cid = (after[0].timestamp(), after[1]) if after is not None else (0.0, "")
+        params = {
+            "workflow": workflow,
+            "before": self._clock() - idle_days * 86_400.0,
+            "after_at": at,
+            "after_id": cid,
+            "limit": limit,
+        }
+        rows = await self._locked(
+            lambda conn: conn.execute(sql.IDLE_SAGAS, params).fetchall()
+        )
+        return [saga_record(workflow, r, when=_utc) for r in rows]
+
+    async def delete_sagas(
+        self, workflow: str, instances: Sequence[tuple[str, int]]
+    ) -> int:
+        """Delete *workflow*'s *instances* unless changed, held or awaited."""
+        if not instances:
+            return 0
+        params = {"workflow": workflow, "instances": encode_json(list(instances))}
+        return await self._transaction(
+            lambda conn: conn.execute(sql.DELETE_SAGAS, params).rowcount
+        )
+
     async def journal(
         self, correlation_id: str, *, limit: int = 1000
     ) -> list[JournalRow]:

@@ -12,6 +12,8 @@ __all__ = [
     "CLAIM",
     "CLAIMED_KEYS",
     "LOAD_SAGAS",
+    "IDLE_SAGAS",
+    "DELETE_SAGAS",
     "LOAD_HOLDS",
     "CREATE_SAGA",
     "UPDATE_SAGA",
@@ -462,6 +464,38 @@ DELETE FROM dead_letter WHERE id IN (
     WHERE d.status IN ('released', 'replayed', 'purged') AND d.last_seen < ?
       AND NOT EXISTS (SELECT 1 FROM hold AS h WHERE h.message_id = d.message_id)
     LIMIT ?)
+"""
+
+# A workflow's instances without a change since :before, after (:after_at,
+# :after_id) in (updated_at, correlation_id) order, by saga_idle (0010).
+# :after_at went through a datetime (microseconds), so it may differ from the
+# stored REAL by half a microsecond: within one of it, times count as equal
+# (no two commits come that close) and the id decides.
+IDLE_SAGAS = f"""
+SELECT {_SAGA_COLUMNS} FROM saga INDEXED BY saga_idle
+WHERE workflow = :workflow AND updated_at < :before
+  AND (updated_at > :after_at + 1e-6
+       OR (updated_at >= :after_at - 1e-6 AND correlation_id > :after_id))
+ORDER BY updated_at, correlation_id
+LIMIT :limit
+"""
+
+# Instances (:instances, a JSON array of [id, version]) that nothing touched
+# since they were read, and that nothing waits to reach: no hold, no row
+# pending in the outbox (a timer due later, a result not yet relayed).
+DELETE_SAGAS = """
+DELETE FROM saga
+WHERE workflow = :workflow
+  AND (correlation_id, version) IN (
+      SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]')
+      FROM json_each(:instances))
+  AND NOT EXISTS (
+      SELECT 1 FROM hold AS h
+      WHERE h.workflow = saga.workflow AND h.correlation_id = saga.correlation_id)
+  AND NOT EXISTS (
+      SELECT 1 FROM outbox AS o
+      WHERE o.correlation_id = saga.correlation_id
+        AND o.sent_at IS NULL AND o.parked_reason IS NULL)
 """
 
 COUNTS = """
