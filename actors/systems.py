@@ -34,6 +34,7 @@ import msgspec
 import structlog
 from msgspec import Meta
 
+from actors.cursors import CURSOR_KIND, Announced, Announcements
 from adapters.billing import (
     BillingConnector,
     StripeClient,
@@ -82,7 +83,6 @@ from broker.retry import Backoff
 from broker.store import BatchWrite, SagaWrite
 from canonical import Envelope
 from canonical.commerce import PriceBookEntry, Product
-from canonical.hashing import content_hash
 from canonical.ids import DealRef, deal_ref
 from canonical.q2c import ALL_EVENTS, ProductChanged
 
@@ -414,18 +414,25 @@ class _Clients(Actor[None]):
         that quotes are validated against is refreshed here, so a product or
         price changed in the ERP is in use within *refresh_s*. Each read
         announces only the products whose content changed since the last
-        one (all of them at start: the inbox drops what an earlier run
-        already announced). An outage of SAP or of the broker is waited out;
-        a refusal (the communication user may not read the product API) is
-        logged and tried again at the next refresh: it is the operator's to
-        fix, and the other systems keep running.
+        announcement, which is kept in the store (`Announcements`): a
+        restart announces only what changed meanwhile. An outage of SAP, of
+        the broker or of the store is waited out; a refusal (the
+        communication user may not read the product API) is logged and
+        tried again at the next refresh: it is the operator's to fix, and the
+        other systems keep running.
         """
-        announced: dict[str, str] = {}
+        announced = Announcements(self._systems.rt.store, system)
         backoff = Backoff(1.0, 60.0)
         while True:
             try:
                 await self._announce_catalogue(system, sap, announced)
-            except (UpstreamUnavailable, PublishFailed, TransportUnavailable) as exc:
+            except (
+                UpstreamUnavailable,
+                PublishFailed,
+                TransportUnavailable,
+                StoreUnavailable,
+                ConcurrencyConflict,
+            ) as exc:
                 delay = min(backoff.next_delay(), refresh_s)
                 _log.warning(
                     "catalogue_unavailable",
@@ -447,12 +454,13 @@ class _Clients(Actor[None]):
             await anyio.sleep(refresh_s)
 
     async def _announce_catalogue(
-        self, system: str, sap: SapClient, announced: dict[str, str]
+        self, system: str, sap: SapClient, announced: Announcements
     ) -> None:
         """Read the catalogue whole; update the reference data; announce changes.
 
-        *announced* maps each SKU to the content hash last announced, and is
-        updated once the changes are published.
+        The changes are published first and recorded in *announced* after:
+        a failure in between publishes them again under the same keys, which
+        the inbox drops.
         """
         rt = self._systems.rt
         products = await sap.list_products()
@@ -462,16 +470,11 @@ class _Clients(Actor[None]):
                 [product for product, _ in entries],
                 [price for _, price in entries if price is not None],
             )
-        changes = [
+        news = await announced.news(
             ProductChanged(product=product, prices=(price,) if price else ())
             for product, price in entries
-        ]
-        digests = {change.product.sku: content_hash(change) for change in changes}
-        events = [
-            _product_changed(system, change, digests[change.product.sku])
-            for change in changes
-            if announced.get(change.product.sku) != digests[change.product.sku]
-        ]
+        )
+        events = [_product_changed(system, change, n) for change, n in news]
         for chunk in range(0, len(events), 100):
             await publish_inbound(
                 rt.transport,
@@ -479,8 +482,7 @@ class _Clients(Actor[None]):
                 timeout_s=30.0,
                 takes=rt.takes_event,
             )
-        announced.clear()
-        announced.update(digests)
+        await announced.record(news)
         _log.info(
             "catalogue_loaded",
             system=system,
@@ -492,18 +494,19 @@ class _Clients(Actor[None]):
         """Takes no messages."""
 
 
-def _product_changed(system: str, change: ProductChanged, digest: str) -> Inbound:
-    """The ERP's catalogue entry as an event whose ids are its content (*digest*).
+def _product_changed(system: str, change: ProductChanged, n: Announced) -> Inbound:
+    """The ERP's catalogue entry as an event named by its change *n*.
 
-    The same catalogue read again (at the next start) is a duplicate.
+    The same change published again (after a crash) is a duplicate; a later
+    change to content the product had before is not.
     """
     sku = change.product.sku
     return Inbound(
         event=change,
-        id=f"{sku}@{digest}",
+        id=f"{sku}@{n.change}:{n.digest}",
         source=f"/erp/{system}",
         correlation_id=sku,
-        idempotency_key=f"erp.product.changed:{sku}:{digest}",
+        idempotency_key=f"erp.product.changed:{sku}:{n.change}:{n.digest}",
         subject=sku,
     )
 
@@ -705,10 +708,6 @@ class _ChangeFeed(Actor[None]):
 
 #: The change feed's back-off after a failure: first delay and cap, seconds.
 _FEED_BACKOFF_S = (0.5, 30.0)
-
-
-#: The kind of durable state a change-feed cursor is stored as.
-CURSOR_KIND = "cursor"
 
 
 @final

@@ -485,3 +485,83 @@ async def test_the_erp_catalogue_is_read_again_and_its_changes_reach_the_cpq(
     assert 2 in later
     assert sum(later) == 2  # the rest of the reads found nothing new
     assert boxes.sap.state()["forbidden"] >= 1
+
+
+def _health_price(boxes: Sandboxes) -> Decimal | None:
+    """The CPQ's EUR list price of ``SVC-HEALTH`` (None: not synced yet)."""
+    org = boxes.crm.org
+    entry = org.find("PricebookEntry", "Broker_Key__c", "SVC-HEALTH:EUR")
+    if entry is None:
+        return None
+    price = org.get("PricebookEntry", entry)["UnitPrice"]
+    return Decimal(str(price))
+
+
+async def test_a_price_back_at_an_earlier_value_reaches_the_cpq_and_a_restart_is_quiet(
+    tmp_path: Path,
+) -> None:
+    """3500 → 3900 → 3500 on one day: the CPQ ends at 3500; a restart announces nothing.
+
+    Each change of a product is its own fact, so a price returning to a
+    value it had earlier that day is not mistaken for a repeat of the first
+    announcement. A restart reads the whole catalogue again: what was
+    announced before it is not announced again.
+    """
+    async with AsyncExitStack() as stack:
+        boxes = await start_sandboxes(stack, tmp_path / "systems")
+        systems = boxes.systems()
+        systems["erp_cloud"] = {**systems["erp_cloud"], "catalogue-refresh-s": 1.0}
+        cfg = _config(tmp_path, systems)
+        original = boxes.sap.partners.products["SVC-HEALTH"]
+
+        async def catalog() -> CatalogState | None:
+            record = await daemon.runtime.store.load_saga("catalog", "SVC-HEALTH")
+            if record is None:
+                return None
+            return msgspec.json.decode(record.state, type=CatalogState)
+
+        def reprice(price: str) -> None:
+            boxes.sap.seed_products(
+                [msgspec.structs.replace(original, ListPrice=Decimal(price))]
+            )
+
+        def at(price: str, syncs: int) -> Any:
+            async def probe() -> bool:
+                state = await catalog()
+                return (
+                    state is not None
+                    and state.syncs_requested == syncs
+                    and state.prices[0].list_price == Decimal(price)
+                    and _health_price(boxes) == Decimal(price)
+                )
+
+            return probe
+
+        daemon = Daemon(cfg)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(daemon.run)
+            with anyio.fail_after(20):
+                await daemon.started.wait()
+            await eventually(at("3500.00", 1), timeout_s=20)
+            reprice("3900.00")
+            await eventually(at("3900.00", 2), timeout_s=20)
+            reprice("3500.00")
+            await eventually(at("3500.00", 3), timeout_s=20)
+            daemon.request_shutdown("test finished")
+
+        daemon = Daemon(cfg)
+        with capture_logs() as logs:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(daemon.run)
+                with anyio.fail_after(20):
+                    await daemon.started.wait()
+
+                async def loaded() -> list[MutableMapping[str, Any]]:
+                    return [
+                        line for line in logs if line["event"] == "catalogue_loaded"
+                    ]
+
+                first = (await eventually(loaded, timeout_s=20))[0]
+                daemon.request_shutdown("test finished")
+    assert first["products"] == 20
+    assert first["changed"] == 0
