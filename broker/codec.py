@@ -11,8 +11,10 @@ keys, absurd nesting or numbers, not an envelope), ``unknown_type`` and
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping
 from datetime import UTC, datetime
+from decimal import Decimal
 from typing import Any, NoReturn
 
 import msgspec
@@ -38,8 +40,19 @@ __all__ = [
 ]
 
 _envelope_decoder = msgspec.json.Decoder(Envelope)
+# Untyped, for upcasting: JSON numbers with a fraction stay exact Decimals
+# (a float would turn 1.10 into 1.1 and lose digits past the 15th or so).
+_plain_decoder = msgspec.json.Decoder(float_hook=Decimal)
 _encoder = msgspec.json.Encoder(decimal_format="string")
 _MAX_NUMBER_CHARS = 64
+
+# W3C Trace Context: version-traceid-parentid-flags in lower-case hex, then
+# the end of the value (version 00) or "-" and more fields (a later version).
+# Version ff and all-zero ids are invalid.
+_TRACEPARENT = re.compile(
+    r"(?!ff)[0-9a-f]{2}-(?!0{32})[0-9a-f]{32}-(?!0{16})[0-9a-f]{16}-[0-9a-f]{2}(?:-|\Z)"
+)
+_TRACEPARENT_CHARS = 55
 
 
 def utcnow() -> datetime:
@@ -95,6 +108,19 @@ def check_json(body: bytes) -> None:
         raise UndecodableMessage(f"not JSON: {exc}") from exc
 
 
+def _traceparent(value: str) -> str | None:
+    """*value* if it is a valid W3C ``traceparent``, else None (ignored, per spec).
+
+    A later version is read by its first four fields and kept as version
+    ``00`` with those fields, the way a version-00 participant propagates it.
+    """
+    if _TRACEPARENT.match(value) is None:
+        return None
+    if value[:2] == "00":
+        return value if len(value) == _TRACEPARENT_CHARS else None
+    return "00" + value[2:_TRACEPARENT_CHARS]
+
+
 #: Content types an envelope may be sent with (absent is accepted too).
 JSON_CONTENT_TYPES = frozenset({"application/cloudevents+json", "application/json"})
 
@@ -108,8 +134,14 @@ def decode_envelope(
         MessageTooLarge: *body* is over *max_bytes* (checked before any parsing).
         UndecodableMessage: not a well-formed envelope, declared as
             something other than JSON, with an ``id``, ``type`` or
-            ``correlationid`` too long for an AMQP short string, or with a
-            NUL character in an attribute.
+            ``correlationid`` too long for an AMQP short string, with a
+            NUL character in an attribute, or a ``time`` whose UTC instant
+            is outside the years 1 to 9999.
+
+    The returned envelope's ``time`` is in UTC, so its ``date()`` (the
+    inbox key's day) is the same for the same instant whatever offset it
+    was sent with. An invalid ``traceparent`` is dropped, not refused: W3C
+    Trace Context says to ignore it and start a new trace.
     """
     if len(body) > max_bytes:
         raise MessageTooLarge(f"{len(body)} bytes is over the {max_bytes}-byte limit")
@@ -154,16 +186,41 @@ def decode_envelope(
     ):
         if text is not None and "\x00" in text:
             raise UndecodableMessage(f"envelope {name} contains a NUL character")
-    return env
+    return _normalised(env)
+
+
+def _normalised(env: Envelope) -> Envelope:
+    """*env* with ``time`` in UTC and an invalid ``traceparent`` dropped.
+
+    The usual envelope (written by us: UTC, a valid or no traceparent) costs
+    an identity test and a regex match, and is returned as is.
+    """
+    time = env.time
+    traceparent = env.traceparent
+    if time.tzinfo is not UTC:
+        try:
+            time = time.astimezone(UTC)
+        except OverflowError as exc:
+            raise UndecodableMessage(
+                f"envelope time {env.time.isoformat()} is out of range in UTC"
+            ) from exc
+    if traceparent is not None:
+        traceparent = _traceparent(traceparent)
+    if time is env.time and traceparent is env.traceparent:
+        return env
+    return msgspec.structs.replace(env, time=time, traceparent=traceparent)
 
 
 class Decoders:
-    """One reused decoder per event type a consumer understands."""
+    """One reused decoder per event type a consumer understands.
+
+    The current schema version of a type is looked up per message, so an
+    upcaster registered after the decoders were built still applies.
+    """
 
     def __init__(self, types: Mapping[str, type[Any]]) -> None:
         self._types = dict(types)
         self._decoders = {tag: msgspec.json.Decoder(t) for tag, t in types.items()}
-        self._versions = {tag: current_version(tag) for tag in types}
 
     def __contains__(self, event_type: str) -> bool:
         return event_type in self._decoders
@@ -173,26 +230,39 @@ class Decoders:
 
         Raises:
             UnknownMessageType: no decoder for ``envelope.type``.
-            SchemaInvalid: the data does not match the type's schema.
+            SchemaInvalid: the data does not match the type's schema, its
+                schema version is not readable here, or its upcaster failed.
         """
         decoder = self._decoders.get(envelope.type)
         if decoder is None:
             raise UnknownMessageType(f"no handler for type {envelope.type!r}")
         try:
-            if envelope.schema_version != self._versions[envelope.type]:
+            if envelope.schema_version != current_version(envelope.type):
                 return self._upcast(envelope)
             return decoder.decode(envelope.data)
         except (msgspec.ValidationError, ValueError, TypeError) as exc:
             raise SchemaInvalid(f"{envelope.type}: {exc}") from exc
         except (msgspec.DecodeError, RecursionError) as exc:
             raise SchemaInvalid(f"{envelope.type}: {exc}") from exc
+        except ArithmeticError as exc:
+            # A type's own check that computes, e.g. abs() of 1E+1000000
+            # (decimal.Overflow): the message is bad, the consumer is fine.
+            raise SchemaInvalid(
+                f"{envelope.type}: {type(exc).__name__} in a check of its data"
+            ) from exc
 
     def _upcast(self, envelope: Envelope) -> Any:
         """An older schema version: upcast the plain value, then convert it."""
-        data = msgspec.json.decode(envelope.data)
+        data = _plain_decoder.decode(envelope.data)
         if not isinstance(data, dict):
             raise TypeError("event data is not a JSON object")
-        data = upcast(envelope.type, envelope.schema_version, data)
+        try:
+            data = upcast(envelope.type, envelope.schema_version, data)
+        except Exception as exc:  # an upcaster's bug is this message's: dead-letter it
+            raise SchemaInvalid(
+                f"{envelope.type} v{envelope.schema_version}: "
+                f"{type(exc).__name__}: {exc}"
+            ) from exc
         return msgspec.convert(data, self._types[envelope.type])
 
 

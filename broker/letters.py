@@ -22,6 +22,7 @@ from broker.store import DeadLetterRecord, JournalRecord, OutboxRecord
 from broker.transport import Delivery
 from broker.transport.topology import DEAD_EXCHANGE, retry_exchange
 from canonical.envelope import Envelope
+from canonical.upcast import current_version
 
 __all__ = [
     "ATTEMPT_HEADER",
@@ -106,6 +107,7 @@ def follow_up(
             causation_id=cause.id,
             idempotency_key=key,
             traceparent=cause.traceparent,
+            schema_version=current_version(tag),
             data=encode_event(event),
         )
     )

@@ -15,6 +15,9 @@ from msgspec import Meta
 
 __all__ = ["Canonical", "Event", "UtcDatetime"]
 
+#: An aware datetime. The offset is kept as sent: compare instants, never
+#: take ``.date()`` of it. The envelope's ``time`` alone is turned into UTC
+#: (by the codec), because inbox keys are its day.
 UtcDatetime = Annotated[datetime, Meta(tz=True)]
 
 

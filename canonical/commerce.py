@@ -49,7 +49,7 @@ __all__ = [
 ]
 
 #: A canonical id: lower-case kind prefix, a dash, then letters, digits, ``-``/``_``.
-Id = Annotated[str, Meta(pattern="^[a-z]+-[A-Za-z0-9_-]{1,64}$")]
+Id = Annotated[str, Meta(pattern=r"^[a-z]+-[A-Za-z0-9_-]{1,64}\Z")]
 Name = Annotated[str, Meta(min_length=1, max_length=255)]
 Quantity = Decimal
 LineNumber = Annotated[int, Meta(ge=1, le=999_999)]

@@ -14,6 +14,7 @@ from typing import Annotated
 from msgspec import Meta
 
 from canonical.base import Event
+from canonical.scalars import check_amount
 
 __all__ = [
     "LedgerEntryPosted",
@@ -21,28 +22,21 @@ __all__ = [
     "LedgerEvent",
     "AccountId",
     "check_amount",
+    "check_balance",
 ]
 
 AccountId = Annotated[str, Meta(min_length=1, max_length=64)]
 EntryId = Annotated[str, Meta(min_length=1, max_length=128)]
 
 
-def check_amount(amount: Decimal) -> None:
-    """Refuse amounts that are not finite, or finer than 1e-6, or of 1e15 and more.
+def check_balance(balance: Decimal) -> None:
+    """Refuse a balance that is not finite; a sum of entries has no upper bound.
 
     Raises:
         ValueError: msgspec reports it as a validation error at the field.
     """
-    if not amount.is_finite():
-        raise ValueError(f"amount {amount} is not finite")
-    exponent = amount.as_tuple().exponent
-    if isinstance(exponent, int) and exponent < -6:
-        raise ValueError(f"amount {amount} has more than 6 decimal places")
-    if abs(amount) >= _AMOUNT_LIMIT:
-        raise ValueError("amount is 1e15 or more")
-
-
-_AMOUNT_LIMIT = Decimal("1e15")
+    if not balance.is_finite():
+        raise ValueError(f"balance {balance} is not finite")
 
 
 class LedgerEntryPosted(Event, frozen=True, tag="ledger.entry.posted"):
@@ -65,6 +59,10 @@ class LedgerEntryApplied(Event, frozen=True, tag="ledger.entry.applied"):
     amount: Decimal
     balance: Decimal
     entries: int
+
+    def __post_init__(self) -> None:
+        check_amount(self.amount)
+        check_balance(self.balance)
 
 
 LedgerEvent = LedgerEntryPosted | LedgerEntryApplied

@@ -12,7 +12,6 @@ versions into the current shape before they are decoded.
 
 from __future__ import annotations
 
-from datetime import datetime
 from typing import Annotated, Any, Literal
 
 from msgspec import Meta
@@ -386,7 +385,7 @@ class DealCompleted(Event, frozen=True, kw_only=True, tag="q2c.deal.completed"):
     net_total: Money
     invoice_number: str | None = None
     subscription_id: str | None = None
-    completed_at: datetime
+    completed_at: UtcDatetime
 
 
 def _by_tag(*types: type[Event]) -> dict[str, type[Any]]:

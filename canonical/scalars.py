@@ -24,10 +24,12 @@ __all__ = [
     "check_amount",
 ]
 
-CurrencyCode = Annotated[str, Meta(pattern="^[A-Z]{3}$")]
-CountryCode = Annotated[str, Meta(pattern="^[A-Z]{2}$")]
+# Patterns end in ``\Z``, not ``$``: msgspec searches with `re`, whose ``$``
+# also matches before a trailing newline ("SKU-1\n" would pass).
+CurrencyCode = Annotated[str, Meta(pattern=r"^[A-Z]{3}\Z")]
+CountryCode = Annotated[str, Meta(pattern=r"^[A-Z]{2}\Z")]
 #: Our stock-keeping unit: upper-case letters, digits, ``.``, ``_``, ``-``.
-Sku = Annotated[str, Meta(pattern="^[A-Z0-9][A-Z0-9._-]{1,39}$")]
+Sku = Annotated[str, Meta(pattern=r"^[A-Z0-9][A-Z0-9._-]{1,39}\Z")]
 
 # ISO 4217 active codes (2024), and their minor units where not 2.
 ISO_4217 = frozenset(
@@ -82,7 +84,9 @@ def check_amount(amount: Decimal, *, places: int = 6) -> None:
     exponent = amount.as_tuple().exponent
     if isinstance(exponent, int) and exponent < -places:
         raise ValueError(f"amount {amount} has more than {places} decimal places")
-    if abs(amount) >= _AMOUNT_LIMIT:
+    # copy_abs, not abs(): abs() rounds to the context, and "1E+1000000"
+    # would raise decimal.Overflow instead of failing validation.
+    if amount.copy_abs() >= _AMOUNT_LIMIT:
         raise ValueError("amount is 1e15 or more")
 
 

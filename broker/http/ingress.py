@@ -23,6 +23,7 @@ from broker.store import BatchWrite, DeadLetterRecord, Store
 from broker.transport import Delivery, OutgoingMessage, PublishOutcome, Transport
 from broker.transport.topology import EVENTS_EXCHANGE
 from canonical.envelope import Envelope
+from canonical.upcast import current_version
 
 __all__ = [
     "Refused",
@@ -94,6 +95,7 @@ def inbound_message(inbound: Inbound) -> OutgoingMessage:
         correlation_id=inbound.correlation_id,
         idempotency_key=inbound.idempotency_key,
         traceparent=inbound.traceparent,
+        schema_version=current_version(event_type),
         data=encode_event(inbound.event),
     )
     return OutgoingMessage(
