@@ -26,6 +26,7 @@ from broker import Config, Daemon
 from broker.codec import encode_envelope, encode_event, utcnow
 from broker.transport import OutgoingMessage, PublishOutcome
 from canonical import Envelope, LedgerEntryApplied, LedgerEntryPosted
+from canonical.upcast import current_version
 
 __all__ = ["run_demo", "entry_message"]
 
@@ -41,6 +42,7 @@ def entry_message(
         id=f"demo-{entry_id}",
         source="/demo/ledger",
         type="ledger.entry.posted",
+        schema_version=current_version("ledger.entry.posted"),
         time=utcnow(),
         correlation_id=account,
         idempotency_key=key,

@@ -49,6 +49,7 @@ from broker.codec import (
 from broker.errors import PermanentError
 from canonical.envelope import CONTENT_TYPE, Envelope
 from canonical.ledger import LedgerEntryApplied, LedgerEntryPosted
+from canonical.upcast import current_version
 
 __all__ = ["SCHEMA", "PREFETCH", "HANDLERS", "NaivePipeline", "NaiveVariant", "main"]
 
@@ -188,6 +189,7 @@ class NaivePipeline:
                 id=message_id,
                 source="/bench/naive",
                 type=OUTPUT_TYPE,
+                schema_version=current_version(OUTPUT_TYPE),
                 time=utcnow(),
                 correlation_id=event.account,
                 causation_id=envelope.id,

@@ -36,6 +36,7 @@ from broker.transport.channel import WireChannel
 from broker.transport.wire import WireConnection
 from canonical.envelope import CONTENT_TYPE, Envelope
 from canonical.ledger import LedgerEntryPosted
+from canonical.upcast import current_version
 
 __all__ = [
     "BenchError",
@@ -224,6 +225,7 @@ class Workload:
                 id=message_id,
                 source=_SOURCE,
                 type=INPUT_TYPE,
+                schema_version=current_version(INPUT_TYPE),
                 time=at,
                 correlation_id=account,
                 idempotency_key=key,
