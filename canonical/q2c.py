@@ -351,7 +351,12 @@ class SlaBreached(Event, frozen=True, kw_only=True, tag="q2c.sla.breached"):
 
 
 ExceptionKind = Literal[
-    "quote_rejected", "quote_denied", "order_fallout", "invoice_mismatch"
+    "quote_rejected",
+    "quote_denied",
+    "order_fallout",
+    "booking_mismatch",
+    "duplicate_booking",
+    "invoice_mismatch",
 ]
 
 

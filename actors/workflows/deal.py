@@ -25,14 +25,24 @@ Stages and what moves them on:
 - completed: all of the above, the invoice agreeing with the order:
   ``q2c.deal.completed``.
 - exception: a business rule stopped the deal (quote rejected by validation,
-  quote denied, order fallout, invoice ≠ order): ``q2c.exception.raised``
-  and the CRM opportunity marked for attention. A later invoice of the
-  order's amount (the wrong one cancelled, a right one issued) lifts an
-  invoice mismatch; a revised primary quote
-  approved afterwards (not the same quote read back again) lifts a quote
-  refusal; an ``erp.order.booked`` of the deal's order after its fallout (a
-  clerk fixed it in the ERP) lets the deal go on from the booking, the
-  exception raised staying in its history.
+  quote denied, order fallout, booked total ≠ order, invoice ≠ order):
+  ``q2c.exception.raised`` and the CRM opportunity marked for attention
+  (once the opportunity is known: a denial that overtook it is written when
+  it arrives). Each exception stays open until the fact that lifts it: a
+  later invoice of the order's amount (the wrong one cancelled, a right one
+  issued) lifts an invoice mismatch; a revised primary quote approved
+  afterwards (not the same quote read back again) lifts a quote refusal; an
+  ``erp.order.booked`` of the deal's order after its fallout (a clerk fixed
+  it in the ERP), or at the order's total after a booking mismatch, lifts
+  those. The deal goes on once none is open; what was raised stays in its
+  history (``exceptions``), what is open is ``open_exceptions``.
+
+The order is checked against the ERP's booking before anyone is told: a
+booked total other than the order's is a ``booking_mismatch``, and the CRM,
+the CPQ and billing wait. A second booking of the order under another ERP
+number (a re-sent order file booked twice) is a ``duplicate_booking``
+reported to the operator; the first number stays the order's (state and
+xref), and the deal goes on from it. The same number again is a repeat.
 
 Business exceptions name the document and the amount they hold up; they are
 events for the operator, not dead letters. Integration errors (a malformed
@@ -47,7 +57,9 @@ the latest one requested writes the latest one again.
 
 A deal keeps the ERP it was routed to: the routing decision is taken once,
 when the order is built, and stored in the state; a routing reload changes
-only deals that have not ordered yet.
+only deals that have not ordered yet. It is taken, and the booking SLA is
+dated, as of the quote's approval (the order became possible then), not of
+whichever fact happened to complete the pair.
 """
 
 from __future__ import annotations
@@ -61,7 +73,7 @@ import msgspec
 
 from actors.workflows.enrich import enrich_order
 from actors.workflows.routing import RoutingRegistry
-from actors.workflows.rules import ReferenceData, validate_quote
+from actors.workflows.rules import ReferenceData, validate_for_order
 from broker import Applied, Emit, XrefEntry
 from canonical import Envelope, Money
 from canonical.commerce import (
@@ -150,9 +162,19 @@ class DealState(msgspec.Struct, kw_only=True):
     shipment: Shipment | None = None
     #: Commands and announcements already issued (each once).
     issued: tuple[str, ...] = ()
-    #: Business exceptions raised, by kind.
+    #: Business exceptions raised, by kind: the history (lifted ones stay).
     exceptions: tuple[ExceptionKind, ...] = ()
     violations: tuple[str, ...] = ()
+    #: Business exceptions raised and not lifted: the deal is in ``exception``
+    #: exactly while one is open. (A state stored before this field has none
+    #: here; `apply` derives them from the history, `_open_in_stored`.)
+    open_exceptions: tuple[ExceptionKind, ...] = ()
+    #: When the quote the order is built from was approved: the time the
+    #: order became possible, whichever of quote and opportunity came last.
+    approved_at: datetime | None = None
+    #: Other ERP numbers the order was booked under: duplicates to cancel in
+    #: the ERP (``erp_order_id``, the first, stays the order's).
+    duplicate_orders: tuple[str, ...] = ()
     sla_breached: bool = False
     #: Facts that arrived before the fact they follow (and waited for it).
     out_of_order: int = 0
@@ -218,10 +240,12 @@ class DealWorkflow:
     ) -> Applied[DealState]:
         """Record the fact, then issue what it made possible."""
         s = msgspec.structs.replace(state, stages=dict(state.stages))
+        if s.stage == "exception" and not s.open_exceptions:
+            s.open_exceptions = _open_in_stored(s)
         emits: list[Emit] = []
         self._record(s, event, envelope, emits)
         self._decide(s, envelope, emits)
-        return Applied(s, emits, xref=_xref(event))
+        return Applied(s, emits, xref=_xref(event, s))
 
     # -- record ----------------------------------------------------------------
 
@@ -235,15 +259,30 @@ class DealWorkflow:
                     raise ValueError(f"{opp.id} does not belong to deal {s.deal_id}")
                 s.opportunity = opp
                 _reached(s, "opened", at)
+                if (
+                    s.stage == "exception"
+                    and s.crm_wanted is None
+                    and s.quote is not None
+                    and s.open_exceptions
+                ):
+                    # Raised before the opportunity was known (only the quote
+                    # can be: a denial that overtook it), so the CRM could
+                    # not be told then. It is now.
+                    kind = s.open_exceptions[-1]
+                    note = _note(kind, "quote", s.quote.id, s.quote.net_total)
+                    _tell_crm(s, emits, "Needs Attention", note, key_suffix=kind)
             case QuoteApproved(quote=quote):
                 if quote.primary and s.order is None:
                     s.out_of_order += s.opportunity is None
                     revised = quote != s.quote
                     s.quote = quote
+                    if revised:
+                        # A re-read of the same quote is the same approval.
+                        s.approved_at = at
                     if (
                         revised
                         and s.stage == "exception"
-                        and set(s.exceptions) <= _QUOTE_KINDS
+                        and set(s.open_exceptions) <= _QUOTE_KINDS
                     ):
                         # The rep revised the denied or refused quote and it
                         # was approved: the deal goes on from it (a new
@@ -252,6 +291,7 @@ class DealWorkflow:
                         # approval) is no revision: its refusal stands, and
                         # is not raised twice.
                         s.exceptions, s.violations = (), ()
+                        s.open_exceptions = ()
                         s.stage = "quoted"
                     _reached(s, "quoted", at)
             case QuoteDenied(quote=quote, reason=reason):
@@ -270,17 +310,10 @@ class DealWorkflow:
             case OrderSubmitted(document=document):
                 s.submitted_document = document
             case OrderBooked() as booked:
-                s.erp_order_id = booked.erp_order_id
-                s.erp_status = booked.status
-                s.booked_total = booked.net_total
-                s.booking_warnings = booked.warnings
-                if _fallout_fixed(s, booked):
-                    # A clerk fixed the refused order in the ERP and it was
-                    # booked after all: the deal goes on from the booking.
-                    # The exception raised stays raised (and in `exceptions`).
-                    s.stage = "ordering"
-                if s.stage not in ("completed", "exception"):
-                    _reached(s, "booked", at)
+                if s.erp_order_id in (None, booked.erp_order_id):
+                    self._booked(s, emits, booked, at)
+                else:
+                    _duplicate_booking(s, emits, booked)
             case OrderRejected() as rejected:
                 s.erp_status = "rejected"
                 self._exception(
@@ -319,18 +352,19 @@ class DealWorkflow:
                     _reached(s, "invoiced", at)
                 elif _mismatch_corrected(s, invoice):
                     # The wrong invoice was cancelled and a right one issued:
-                    # it is the order's invoice now, and the deal goes on;
-                    # the CRM shows it won again.
+                    # it is the order's invoice now, and the deal goes on
+                    # (unless another exception is still open); the CRM
+                    # shows it won again.
                     s.invoice = invoice
-                    s.stage = "fulfilling"
-                    _tell_crm(
-                        s,
-                        emits,
-                        "Closed Won",
-                        f"invoice {invoice.number} corrected",
-                        order_number=s.erp_order_id,
-                        key_suffix=f"corrected-{invoice.id}",
-                    )
+                    if _lift(s, "invoice_mismatch", "fulfilling"):
+                        _tell_crm(
+                            s,
+                            emits,
+                            "Closed Won",
+                            f"invoice {invoice.number} corrected",
+                            order_number=s.erp_order_id,
+                            key_suffix=f"corrected-{invoice.id}",
+                        )
             case InvoicePaid():
                 s.invoice_paid = True
             case ShipmentDispatched(shipment=shipment):
@@ -356,6 +390,45 @@ class DealWorkflow:
                     )
             case _:
                 raise TypeError(f"deal cannot apply {type(event).__name__}")
+
+    def _booked(
+        self, s: DealState, emits: list[Emit], booked: OrderBooked, at: datetime
+    ) -> None:
+        """Record the ERP's booking of the order (or its repeat); check its total."""
+        s.erp_order_id = booked.erp_order_id
+        s.erp_status = booked.status
+        s.booked_total = booked.net_total
+        s.booking_warnings = booked.warnings
+        order = s.order
+        if order is not None and booked.order_id == order.id:
+            # A clerk fixed the refused order in the ERP and it was booked
+            # after all: the deal goes on from the booking. The exception
+            # raised stays raised (in `exceptions`).
+            _lift(s, "order_fallout", "ordering")
+            if booked.net_total == order.net_total:
+                # The ERP confirmed it again at the order's total (a clerk
+                # corrected the booked order).
+                _lift(s, "booking_mismatch", "ordering")
+            else:
+                # Checked before the CRM, the CPQ or billing hear of it: a
+                # deal booked at another total would be won, provisioned and
+                # then invoiced at an amount nobody can match.
+                self._exception(
+                    s,
+                    emits,
+                    "booking_mismatch",
+                    "order",
+                    order.id,
+                    order.net_total,
+                    (
+                        f"order {order.id} is {order.net_total}, the {booked.erp}"
+                        f" ERP booked it as order {booked.erp_order_id}"
+                        f" at {booked.net_total}",
+                    ),
+                    at,
+                )
+        if s.stage not in ("completed", "exception"):
+            _reached(s, "booked", at)
 
     @staticmethod
     def _booking_late(s: DealState) -> bool:
@@ -458,7 +531,7 @@ class DealWorkflow:
         assert s.quote is not None
         quote, account = s.quote, s.opportunity.account
         ref = self._reference()
-        result = validate_quote(quote, account, ref)
+        result = validate_for_order(quote, account, ref)
         if not result.ok:
             self._exception(
                 s,
@@ -471,8 +544,12 @@ class DealWorkflow:
                 env.time,
             )
             return
-        # The fact's own time decides the wave, so a replay decides alike.
-        decision = self._routing.route_order(quote, account, ref, at=env.time)
+        # The order became possible when the quote was approved (on an
+        # opportunity that existed already), whichever fact arrived last:
+        # that time decides the wave and dates the SLA, so neither depends
+        # on arrival order, and a replay decides alike.
+        at = s.approved_at or s.stages.get("quoted") or env.time
+        decision = self._routing.route_order(quote, account, ref, at=at)
         order = enrich_order(
             quote,
             account,
@@ -502,7 +579,7 @@ class DealWorkflow:
                 event=TimerElapsed(
                     deal_id=s.deal_id,
                     timer=BOOKING_SLA,
-                    due_at=env.time + timedelta(seconds=self._booking_sla_s),
+                    due_at=at + timedelta(seconds=self._booking_sla_s),
                 ),
                 subject=order.id,
                 key_suffix=BOOKING_SLA,
@@ -521,48 +598,100 @@ class DealWorkflow:
         violations: tuple[str, ...],
         at: datetime,
     ) -> None:
-        """Raise a business exception once per kind; tell the CRM.
+        """Raise a business exception once per kind, stopping the deal; tell the CRM.
 
-        A completed deal is done: a late fact about it raises nothing.
+        The deal stays stopped until the exception is lifted (`_lift`). A
+        completed deal is done: a late fact about it raises nothing.
         """
         if kind in s.exceptions or s.stage == "completed":
             return
-        s.exceptions = (*s.exceptions, kind)
-        s.violations = (*s.violations, *violations)
+        _report(s, emits, kind, document, document_id, amount, violations)
+        s.open_exceptions = (*s.open_exceptions, kind)
         s.stage = "exception"
         _reached(s, "exception", at)
-        emits.append(
-            Emit(
-                event=BusinessException(
-                    deal_id=s.deal_id,
-                    kind=kind,
-                    document=document,
-                    document_id=document_id,
-                    amount=amount,
-                    violations=violations,
-                ),
-                subject=document_id,
-                key_suffix=kind,
-            )
-        )
         _tell_crm(
             s,
             emits,
             "Needs Attention",
-            f"{kind.replace('_', ' ')}: {document} {document_id} ({amount})",
+            _note(kind, document, document_id, amount),
             key_suffix=kind,
         )
 
 
-def _xref(event: Any) -> list[XrefEntry]:
+def _report(
+    s: DealState,
+    emits: list[Emit],
+    kind: ExceptionKind,
+    document: str,
+    document_id: str,
+    amount: Money,
+    violations: tuple[str, ...],
+) -> None:
+    """Announce a business exception and keep it in the deal's history."""
+    if kind not in s.exceptions:
+        s.exceptions = (*s.exceptions, kind)
+    s.violations = (*s.violations, *violations)
+    emits.append(
+        Emit(
+            event=BusinessException(
+                deal_id=s.deal_id,
+                kind=kind,
+                document=document,
+                document_id=document_id,
+                amount=amount,
+                violations=violations,
+            ),
+            subject=document_id,
+            key_suffix=kind,
+        )
+    )
+
+
+def _note(kind: str, document: str, document_id: str, amount: Money) -> str:
+    """What the CRM opportunity shows of a business exception."""
+    return f"{kind.replace('_', ' ')}: {document} {document_id} ({amount})"
+
+
+def _duplicate_booking(s: DealState, emits: list[Emit], booked: OrderBooked) -> None:
+    """The order booked again under another ERP number: report it, keep the first.
+
+    The first booking stays the order's (its number, total and xref), and
+    the deal goes on from it: the duplicate is the operator's to cancel in
+    the ERP, reported once per number, on a completed deal too (it is a live
+    ERP order all the same).
+    """
+    number = booked.erp_order_id
+    if number in s.duplicate_orders:
+        return
+    s.duplicate_orders = (*s.duplicate_orders, number)
+    _report(
+        s,
+        emits,
+        "duplicate_booking",
+        "order",
+        booked.order_id,
+        booked.net_total,
+        (
+            f"order {booked.order_id} booked twice: {s.erp} ERP order"
+            f" {s.erp_order_id} (kept) and {booked.erp} ERP order {number}"
+            f" ({booked.net_total}), a duplicate to cancel",
+        ),
+    )
+
+
+def _xref(event: Any, s: DealState) -> list[XrefEntry]:
     """The native ids a result announces for the deal's documents.
 
     Systems are named by their role (``crm``, ``cpq``, ``erp_cloud``,
     ``erp_legacy``, ``billing``), so a report can join any deal's documents
-    across the systems through the registry alone.
+    across the systems through the registry alone. The order keeps the
+    number it was first booked under (*s* is the state after *event*): a
+    duplicate booking binds nothing.
     """
     match event:
         case OrderBooked(order_id=oid, erp=erp, erp_order_id=native):
+            if native != s.erp_order_id:
+                return []
             return [_entry("order", oid, f"erp_{erp}", native)]
         case OpportunityUpdated(opportunity_id=oid, native_id=native):
             return [_entry("opportunity", oid, "crm", native)]
@@ -591,21 +720,49 @@ _QUOTE_KINDS: frozenset[str] = frozenset({"quote_denied", "quote_rejected"})
 def _mismatch_corrected(s: DealState, invoice: Invoice) -> bool:
     """*invoice*, a later one, matches the order its first invoice did not."""
     return (
-        s.stage == "exception"
-        and set(s.exceptions) == {"invoice_mismatch"}
+        "invoice_mismatch" in s.open_exceptions
         and s.order is not None
         and invoice.amount == s.order.net_total
     )
 
 
-def _fallout_fixed(s: DealState, booked: OrderBooked) -> bool:
-    """*booked* books the deal's order, which stopped the deal only by its fallout."""
-    return (
-        s.stage == "exception"
-        and set(s.exceptions) == {"order_fallout"}
-        and s.order is not None
-        and booked.order_id == s.order.id
-    )
+def _lift(s: DealState, kind: ExceptionKind, resume: Stage) -> bool:
+    """Close the open exception *kind*; once none is open, go on at *resume*.
+
+    Returns whether the deal left its exception.
+    """
+    if kind not in s.open_exceptions:
+        return False
+    s.open_exceptions = tuple(k for k in s.open_exceptions if k != kind)
+    if s.open_exceptions:
+        return False
+    s.stage = resume
+    return True
+
+
+def _open_in_stored(s: DealState) -> tuple[ExceptionKind, ...]:
+    """The open exceptions of a deal in ``exception`` stored before they were kept.
+
+    Such a state has the history alone. A kind raised is open unless the
+    fact that lifts it is already recorded: the order booked after its
+    fallout (its status no longer ``rejected``), an invoice of the order's
+    amount after a mismatch. A quote's refusal is cleared from the history
+    when lifted.
+    """
+    still = tuple(k for k in s.exceptions if not _lifted_in_stored(s, k))
+    return still or s.exceptions
+
+
+def _lifted_in_stored(s: DealState, kind: ExceptionKind) -> bool:
+    if kind == "order_fallout":
+        return s.erp_order_id is not None and s.erp_status != "rejected"
+    if kind == "invoice_mismatch":
+        return (
+            s.order is not None
+            and s.invoice is not None
+            and s.invoice.amount == s.order.net_total
+        )
+    return False
 
 
 def _reached(s: DealState, stage: str, at: datetime) -> None:

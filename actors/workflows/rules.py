@@ -4,10 +4,11 @@
 with the operator's tables (``config/reference.toml``: regions, legal
 entities, payment terms, tax jurisdictions, eligibility, revenue classes).
 `validate_quote` checks a quote against it and reports every broken rule at
-once, so an operator fixes a quote in one pass. It is pure, deterministic and
-allocation-light: the quote-to-cash workflow runs it in ``apply`` for every
-approved quote, and the process API runs it behind
-``POST /api/v1/quotes/{id}/validate`` within a latency budget.
+once, so an operator fixes a quote in one pass (`validate_for_order` adds,
+before an order is built from it, that the quote is the customer's). It is
+pure, deterministic and allocation-light: the quote-to-cash workflow runs
+it in ``apply`` for every approved quote, and the process API runs it
+behind ``POST /api/v1/quotes/{id}/validate`` within a latency budget.
 
 The catalogue decides what a SKU is: a line's family, and whether it is
 active, come from the `Product`, not from the copy on the quote line.
@@ -47,6 +48,7 @@ __all__ = [
     "load_reference_policy",
     "build_reference",
     "validate_quote",
+    "validate_for_order",
     "format_amount",
 ]
 
@@ -63,6 +65,7 @@ ViolationCode = Literal[
     "quantity_not_whole",
     "billing_interval_mismatch",
     "total_mismatch",
+    "account_mismatch",
 ]
 
 Code = Annotated[str, Meta(min_length=1, max_length=40)]
@@ -506,3 +509,28 @@ def validate_quote(
                 f" net total is {format_amount(quote.net_total.amount, currency)}",
             )
     return ValidationResult(ok=not found, violations=tuple(found))
+
+
+def validate_for_order(
+    quote: Quote, account: Account, ref: ReferenceData
+) -> ValidationResult:
+    """Check *quote* before an order for *account* (the opportunity's) is built.
+
+    The quote must be that account's: the order is built for the
+    opportunity's account, so a quote made out to another customer
+    (``account_mismatch``, reported first) would be booked, billed and
+    shipped to the wrong one. Then everything `validate_quote` checks.
+    """
+    result = validate_quote(quote, account, ref)
+    if quote.account_id == account.id:
+        return result
+    total = quote.net_total
+    mismatch = Violation(
+        code="account_mismatch",
+        message=(
+            f"quote {quote.id} ({format_amount(total.amount, total.currency)}) is"
+            f" for account {quote.account_id}, but its opportunity is for account"
+            f" {account.id} ({account.name})"
+        ),
+    )
+    return ValidationResult(ok=False, violations=(mismatch, *result.violations))

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from decimal import Decimal
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import msgspec
 import pytest
@@ -19,7 +19,7 @@ from broker.codec import Decoders, encode_event, utcnow
 from broker.errors import SchemaInvalid
 from canonical import Envelope, Money
 from canonical.commerce import Account
-from canonical.q2c import ALL_EVENTS, OrderBooked
+from canonical.q2c import ALL_EVENTS, BusinessException, ExceptionKind, OrderBooked
 from canonical.upcast import REGISTRY, current_version, upcast, upcaster
 from tests.contract.canonical_samples import samples
 
@@ -45,6 +45,27 @@ def test_golden_sample_round_trips(tag: str) -> None:
     assert encoded == path.read_bytes(), f"{tag} changed shape: see {path}"
     decoded = msgspec.json.decode(path.read_bytes(), type=ALL_EVENTS[tag])
     assert decoded == SAMPLES[tag]
+
+
+def test_business_exception_kinds_are_the_published_ones() -> None:
+    """The kinds an operator's tooling may meet; each decodes from the wire.
+
+    Adding one is a deliberate change of ``q2c.exception.raised``: readers
+    of an older release refuse the new kinds.
+    """
+    kinds = get_args(ExceptionKind)
+    assert kinds == (
+        "quote_rejected",
+        "quote_denied",
+        "order_fallout",
+        "booking_mismatch",
+        "duplicate_booking",
+        "invoice_mismatch",
+    )
+    golden = (GOLDEN / "q2c.exception.raised.json").read_bytes()
+    for kind in kinds:
+        raw = golden.replace(b'"quote_rejected"', f'"{kind}"'.encode(), 1)
+        assert msgspec.json.decode(raw, type=BusinessException).kind == kind
 
 
 def test_tags_follow_domain_entity_verb() -> None:

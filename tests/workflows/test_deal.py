@@ -13,12 +13,14 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 
 from actors.q2c import deal_view
 from actors.workflows.catalogue import demo_reference
 from actors.workflows.deal import DealState, DealWorkflow
 from actors.workflows.routing import RoutingRegistry
+from actors.workflows.rules import validate_for_order
 from broker import Emit
 from broker.codec import encode_event
 from broker.workflow import is_ordered, unheld_types
@@ -44,6 +46,7 @@ from canonical.q2c import (
     OrderBookingRequested,
     OrderRejected,
     QuoteApproved,
+    QuoteDenied,
     QuoteUpdated,
     QuoteUpdateRequested,
     ShipmentDispatched,
@@ -155,6 +158,10 @@ class Deal:
         """The deal's stage now (a call, so checks in sequence do not narrow it)."""
         return self.state.stage
 
+    def open_exceptions(self) -> tuple[str, ...]:
+        """The exceptions still holding the deal (a call, like `stage`)."""
+        return self.state.open_exceptions
+
     def of(self, kind: type[Any]) -> list[Any]:
         """Every emitted event of *kind* so far."""
         return [e.event for e in self.emitted if isinstance(e.event, kind)]
@@ -169,14 +176,14 @@ def deal() -> Deal:
     )
 
 
-def booked(d: Deal, total: Money) -> OrderBooked:
+def booked(d: Deal, total: Money, number: str = "4711") -> OrderBooked:
     order = d.state.order
     assert order is not None
     return OrderBooked(
         order_id=order.id,
         deal_id=DEAL,
         erp=order.erp,
-        erp_order_id="4711",
+        erp_order_id=number,
         status="A",
         net_total=total,
         customer_ref=order.customer_ref,
@@ -614,3 +621,226 @@ def test_only_the_deals_timers_pass_a_hold(deal: Deal) -> None:
     timer_type = TimerElapsed.__struct_config__.tag
     assert unheld_types(deal.wf) == {timer_type}
     assert timer_type in deal.wf.events
+
+
+def test_a_right_invoice_lifts_a_mismatch_after_a_fixed_fallout(deal: Deal) -> None:
+    """Fallout fixed, then a wrong invoice and a right one: the deal completes.
+
+    The fallout, lifted by the booking, stays in the history but no longer
+    holds the deal: the right invoice lifts the mismatch, the one exception
+    still open.
+    """
+    deal.feed(OPPORTUNITY, QuoteApproved(quote=SAAS_ONLY))
+    order = deal.state.order
+    assert order is not None
+    deal.feed(rejected(deal, "credit block"), booked(deal, order.net_total))
+    sub = deal.of(SubscriptionRequested)[0].subscription
+    deal.feed(*confirmed(deal, sub)[:3], invoice(deal, eur("310.00")))
+    assert deal.stage() == "exception"
+
+    right = Invoice(id="inv-2", order_id=order.id, number="9002", amount=eur("300.00"))
+    deal.feed(InvoiceIssued(invoice=right, deal_id=DEAL, erp=order.erp))
+
+    assert deal.stage() == "completed"
+    assert len(deal.of(DealCompleted)) == 1
+    assert deal.state.crm_wanted is not None
+    assert deal.state.crm_wanted.stage == "Closed Won"
+    assert deal.state.exceptions == ("order_fallout", "invoice_mismatch")
+    assert deal.open_exceptions() == ()
+
+
+def _stored_before_open_exceptions(state: DealState) -> DealState:
+    """*state* as the daemon stored it before open exceptions were kept."""
+    raw = msgspec.json.decode(msgspec.json.encode(state))
+    for added in ("open_exceptions", "approved_at", "duplicate_orders"):
+        raw.pop(added, None)
+    return msgspec.json.decode(msgspec.json.encode(raw), type=DealState)
+
+
+def test_a_deal_stuck_in_a_stored_state_is_lifted_by_the_right_invoice(
+    deal: Deal,
+) -> None:
+    """A state stored by the previous release still decodes, and is not stuck.
+
+    It holds only the history (fallout, then mismatch): what is still open
+    is derived from the facts recorded, so the right invoice lifts it.
+    """
+    deal.feed(OPPORTUNITY, QuoteApproved(quote=SAAS_ONLY))
+    order = deal.state.order
+    assert order is not None
+    deal.feed(rejected(deal, "credit block"), booked(deal, order.net_total))
+    sub = deal.of(SubscriptionRequested)[0].subscription
+    deal.feed(*confirmed(deal, sub)[:3], invoice(deal, eur("310.00")))
+    deal.state = _stored_before_open_exceptions(deal.state)
+    assert deal.stage() == "exception"
+
+    right = Invoice(id="inv-2", order_id=order.id, number="9002", amount=eur("300.00"))
+    deal.feed(InvoiceIssued(invoice=right, deal_id=DEAL, erp=order.erp))
+
+    assert deal.stage() == "completed"
+    assert len(deal.of(DealCompleted)) == 1
+
+
+def test_a_second_booking_under_another_number_is_a_duplicate_the_first_stays(
+    deal: Deal,
+) -> None:
+    """A re-sent order file booked twice: reported by both numbers and amount.
+
+    The first number stays the order's, in the state and in the xref; the
+    deal goes on from it. The same number again, or the duplicate again, is
+    a repeat that changes nothing.
+    """
+    deal.feed(OPPORTUNITY, QuoteApproved(quote=SAAS_ONLY))
+    order = deal.state.order
+    assert order is not None
+    first = booked(deal, order.net_total)
+    deal.feed(first)
+    again = booked(deal, order.net_total, number="4712")
+
+    applied = deal.wf.apply(deal.state, again, envelope(again))
+
+    assert applied.xref == []
+    (dup,) = [e.event for e in applied.emits]
+    assert isinstance(dup, BusinessException)
+    assert (dup.kind, dup.document, dup.document_id) == (
+        "duplicate_booking",
+        "order",
+        order.id,
+    )
+    assert dup.amount == eur("300.00")
+    (violation,) = dup.violations
+    assert "4711" in violation
+    assert "4712" in violation
+    assert "300.00 EUR" in violation
+    deal.state = applied.state
+    assert deal.state.erp_order_id == "4711"
+    assert deal.state.duplicate_orders == ("4712",)
+
+    assert deal.feed(again, first) == []
+    (entry,) = deal.wf.apply(deal.state, first, envelope(first)).xref
+    assert entry.native_id == "4711"
+    sub = deal.of(SubscriptionRequested)[0].subscription
+    deal.feed(*confirmed(deal, sub))
+    (done,) = deal.of(DealCompleted)
+    assert done.erp_order_id == "4711"
+
+
+def test_a_quote_for_another_account_than_the_opportunitys_is_refused(
+    deal: Deal,
+) -> None:
+    """A quote made out to another customer than the opportunity's is refused.
+
+    The order would be built for the opportunity's account: the refusal
+    names the quote, both accounts and the amount. Revised for the right
+    account, the quote goes on to an order.
+    """
+    wrong = msgspec.structs.replace(SAAS_ONLY, account_id="acct-001Hn00000OtHeRIAF")
+    (first, *_) = validate_for_order(wrong, ACCOUNT, REF).violations
+    assert first.code == "account_mismatch"
+
+    deal.feed(OPPORTUNITY, QuoteApproved(quote=wrong))
+
+    (refused,) = deal.of(BusinessException)
+    assert (refused.kind, refused.document, refused.amount) == (
+        "quote_rejected",
+        "quote",
+        eur("300.00"),
+    )
+    (violation,) = refused.violations
+    for named in (wrong.id, wrong.account_id, ACCOUNT.id, "300.00 EUR"):
+        assert named in violation
+    assert not deal.of(OrderBookingRequested)
+    assert deal.stage() == "exception"
+    deal.feed(QuoteApproved(quote=SAAS_ONLY))
+    assert len(deal.of(OrderBookingRequested)) == 1
+
+
+def test_routing_and_the_booking_sla_are_dated_by_the_approval(deal: Deal) -> None:
+    """Whichever fact arrives last, the order is routed as of the approval.
+
+    The opportunity was created before DE01's wave 3 moved SaaS to the cloud
+    ERP, the quote approved after it: both arrival orders route to the cloud
+    by wave 3, and date the booking SLA from the approval.
+    """
+    created = datetime(2025, 12, 1, 9, 0, tzinfo=UTC)
+    late = Deal(deal.wf)
+    deal.feed(OPPORTUNITY, at=created)
+    deal.feed(QuoteApproved(quote=SAAS_ONLY))
+    late.feed(QuoteApproved(quote=SAAS_ONLY))
+    late.feed(OPPORTUNITY, at=created)
+
+    for d in (deal, late):
+        assert (d.state.erp, d.state.wave) == ("cloud", "wave-3-dach-digital")
+        (timer,) = d.of(TimerElapsed)
+        assert timer.due_at == NOW + timedelta(seconds=600)
+
+
+def test_a_booking_at_another_total_stops_the_deal_before_anyone_is_told(
+    deal: Deal,
+) -> None:
+    """The ERP booked 330.00 EUR (or 300.00 USD) for a 300.00 EUR order.
+
+    A business exception names the order, the ERP number and both totals;
+    the CRM is told Needs Attention, not Closed Won, and neither the CPQ nor
+    billing hears of the booking. Confirmed again at the order's total (a
+    clerk corrected it), the deal goes on from the booking.
+    """
+    deal.feed(OPPORTUNITY, QuoteApproved(quote=SAAS_ONLY))
+    order = deal.state.order
+    assert order is not None
+
+    out = deal.feed(booked(deal, eur("330.00")))
+
+    assert [type(e.event) for e in out] == [
+        BusinessException,
+        OpportunityUpdateRequested,
+    ]
+    (exc,) = deal.of(BusinessException)
+    assert (exc.kind, exc.document, exc.document_id, exc.amount) == (
+        "booking_mismatch",
+        "order",
+        order.id,
+        eur("300.00"),
+    )
+    (violation,) = exc.violations
+    for named in (order.id, "4711", "300.00 EUR", "330.00 EUR"):
+        assert named in violation
+    assert [u.stage for u in deal.of(OpportunityUpdateRequested)] == ["Needs Attention"]
+    assert deal.stage() == "exception"
+
+    other = Deal(deal.wf)
+    other.feed(OPPORTUNITY, QuoteApproved(quote=SAAS_ONLY))
+    usd = Money(amount=Decimal("300.00"), currency="USD")
+    other.feed(booked(other, usd))
+    assert [e.kind for e in other.of(BusinessException)] == ["booking_mismatch"]
+    assert not other.of(SubscriptionRequested)
+
+    out = deal.feed(booked(deal, order.net_total))
+    assert {type(e.event) for e in out} == {
+        OpportunityUpdateRequested,
+        QuoteUpdateRequested,
+        SubscriptionRequested,
+    }
+    sub = deal.of(SubscriptionRequested)[0].subscription
+    deal.feed(*confirmed(deal, sub))
+    assert deal.stage() == "completed"
+
+
+def test_a_denial_before_the_opportunity_reaches_the_crm_when_it_arrives(
+    deal: Deal,
+) -> None:
+    """A quote denied before the opportunity arrived is written to it on arrival.
+
+    Needs Attention, naming the quote and its amount, once.
+    """
+    out = deal.feed(QuoteDenied(quote=SAAS_ONLY, reason="discount too deep"))
+    assert [type(e.event) for e in out] == [BusinessException]
+    out = deal.feed(OPPORTUNITY)
+
+    (update,) = [e.event for e in out]
+    assert isinstance(update, OpportunityUpdateRequested)
+    assert update.opportunity_id == OPPORTUNITY.opportunity.id
+    assert update.stage == "Needs Attention"
+    assert update.status_note == f"quote denied: quote {SAAS_ONLY.id} (300.00 EUR)"
+    assert deal.feed(OPPORTUNITY) == []
+    assert deal.stage() == "exception"
