@@ -235,6 +235,14 @@ class DealWorkflow:
         """A deal nothing is known about yet."""
         return DealState(deal_id=correlation_id)
 
+    def finished(self, state: DealState) -> bool:
+        """Whether the deal is over: completed (an open exception is not).
+
+        A finished deal nothing changed for ``[core]
+        finished-retention-days`` is deleted (`broker.retention`).
+        """
+        return state.stage == "completed"
+
     def apply(
         self, state: DealState, event: Any, envelope: Envelope
     ) -> Applied[DealState]:
