@@ -8,7 +8,10 @@ watcher, and the process API:
   systems, with the documents' ids in each system;
 - ``POST /api/v1/quotes/{quote_id}/validate``: the synchronous quote check
   (price floor, SKU validity, tax jurisdiction, eligibility) against the
-  ERP's reference data, answered within ``validate-budget-s``.
+  ERP's reference data, answered within ``validate-budget-s``; the same check
+  the deal makes before it orders (`validate_for_order`) once the account of
+  the quote's opportunity is known, so a quote made out to another account
+  is refused here too (``account_mismatch``).
 
 Its settings are the ``[app]`` table of the configuration (`AppSettings`).
 """
@@ -26,7 +29,12 @@ import structlog
 
 from actors.systems import Systems
 from actors.workflows.catalogue import REFERENCE_TOML
-from actors.workflows.deal import DealState, DealWorkflow
+from actors.workflows.deal import (
+    DealState,
+    DealWorkflow,
+    account_of,
+    open_exceptions_of,
+)
 from actors.workflows.routing import RoutingRegistry
 from actors.workflows.rules import (
     ReferenceData,
@@ -34,6 +42,7 @@ from actors.workflows.rules import (
     ValidationResult,
     build_reference,
     load_reference_policy,
+    validate_for_order,
     validate_quote,
 )
 from actors.workflows.sync import AccountSyncWorkflow, CatalogSyncWorkflow
@@ -50,7 +59,7 @@ from broker.config import Section
 from broker.http import ApiError, ApiRequest
 from canonical import Money
 from canonical.commerce import Account, PriceBookEntry, Product, Quote
-from canonical.ids import subscription_id
+from canonical.ids import deal_of_opportunity, subscription_id
 
 __all__ = ["AppSettings", "QuoteToCash", "ReferenceHolder", "DealView"]
 
@@ -154,7 +163,13 @@ class DocumentView(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class DealView(msgspec.Struct, frozen=True, kw_only=True):
-    """``GET /api/v1/deals/{correlation_id}``: the deal across the systems."""
+    """``GET /api/v1/deals/{correlation_id}``: the deal across the systems.
+
+    ``exceptions`` is every business exception raised (the history),
+    ``open_exceptions`` those not lifted yet: the deal is stopped exactly
+    while one is open. ``duplicate_orders`` are the other ERP numbers the
+    order was booked under, for the operator to cancel in the ERP.
+    """
 
     deal_id: str
     stage: str
@@ -167,6 +182,9 @@ class DealView(msgspec.Struct, frozen=True, kw_only=True):
     violations: list[str]
     sla_breached: bool
     version: int
+    # Added later: defaulted, so a reader of an older daemon's view decodes it.
+    open_exceptions: list[str] = []
+    duplicate_orders: list[str] = []
 
 
 class ViolationView(msgspec.Struct, frozen=True, kw_only=True):
@@ -179,7 +197,12 @@ class ViolationView(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class ValidateRequest(msgspec.Struct, frozen=True, kw_only=True):
-    """``POST /api/v1/quotes/{quote_id}/validate``: the quote and its account."""
+    """``POST /api/v1/quotes/{quote_id}/validate``: the quote and its account.
+
+    The account is the customer the order would be for: the quote's
+    opportunity's. A quote made out to another is refused
+    (``account_mismatch``), as the deal would refuse it.
+    """
 
     quote: Quote
     account: Account
@@ -276,6 +299,15 @@ class QuoteToCash:
         with an empty body, are read from the CPQ and the CRM by the quote's
         id (``quote-<cpq id>``), within the same budget.
 
+        The quote is checked as the deal checks it before ordering
+        (`validate_for_order`: made out to its opportunity's account, then
+        everything else) whenever that account is known: from the deal of
+        the quote's opportunity once it recorded the opportunity (what the
+        deal will check against), else from the body. A quote read from the
+        CPQ comes with its own account, which says nothing of the
+        opportunity's: without a deal that knows it, the quote is checked
+        for that account alone (`validate_quote`).
+
         Raises:
             ApiError: 400 for a body about another quote or an id that is not
                 a CPQ quote's; 404 for a quote the CPQ does not know; 503 while
@@ -294,6 +326,7 @@ class QuoteToCash:
         started = time.perf_counter()
         result: ValidationResult | None = None
         with anyio.move_on_after(budget):
+            opportunity: Account | None = None
             if request.body.strip():
                 body = request.json(ValidateRequest)
                 if body.quote.id != quote_id:
@@ -301,9 +334,17 @@ class QuoteToCash:
                         400, "quote_mismatch", f"the body is quote {body.quote.id}"
                     )
                 quote, account = body.quote, body.account
+                opportunity = account
             else:
                 quote, account = await self._read_quote(quote_id)
-            result = validate_quote(quote, account, self.reference())
+            recorded = await self._opportunity_account(quote)
+            if recorded is not None:
+                opportunity = recorded
+            ref = self.reference()
+            if opportunity is None:
+                result = validate_quote(quote, account, ref)
+            else:
+                result = validate_for_order(quote, opportunity, ref)
         if result is None:
             raise ApiError(504, "budget_exceeded", f"validation took over {budget}s")
         return ValidateResponse(
@@ -315,6 +356,17 @@ class QuoteToCash:
             ],
             duration_ms=round((time.perf_counter() - started) * 1000, 3),
         )
+
+    async def _opportunity_account(self, quote: Quote) -> Account | None:
+        """The account of *quote*'s opportunity, if its deal has recorded it."""
+        try:
+            cid = deal_of_opportunity(quote.opportunity_id)
+        except ValueError:
+            return None
+        record = await self.rt.store.load_saga("deal", cid)
+        if record is None:
+            return None
+        return account_of(_state_decoder.decode(record.state))
 
     async def _read_quote(self, quote_id: str) -> tuple[Quote, Account]:
         crm = self.systems.crm()
@@ -419,6 +471,8 @@ def deal_view(s: DealState, version: int) -> DealView:
         violations=list(s.violations),
         sla_breached=s.sla_breached,
         version=version,
+        open_exceptions=list(open_exceptions_of(s)),
+        duplicate_orders=list(s.duplicate_orders),
     )
 
 

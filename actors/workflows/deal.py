@@ -25,24 +25,31 @@ Stages and what moves them on:
 - completed: all of the above, the invoice agreeing with the order:
   ``q2c.deal.completed``.
 - exception: a business rule stopped the deal (quote rejected by validation,
-  quote denied, order fallout, booked total ≠ order, invoice ≠ order):
-  ``q2c.exception.raised`` and the CRM opportunity marked for attention
-  (once the opportunity is known: a denial that overtook it is written when
-  it arrives). Each exception stays open until the fact that lifts it: a
-  later invoice of the order's amount (the wrong one cancelled, a right one
-  issued) lifts an invoice mismatch; a revised primary quote approved
-  afterwards (not the same quote read back again) lifts a quote refusal; an
-  ``erp.order.booked`` of the deal's order after its fallout (a clerk fixed
-  it in the ERP), or at the order's total after a booking mismatch, lifts
-  those. The deal goes on once none is open; what was raised stays in its
-  history (``exceptions``), what is open is ``open_exceptions``.
+  quote denied, order fallout before a booking, booked total ≠ order,
+  invoice ≠ order): ``q2c.exception.raised`` and the CRM opportunity marked
+  for attention (once the opportunity is known: a denial that overtook it is
+  written when it arrives). Each exception stays open until the fact that
+  lifts it: a later invoice of the order's amount (the wrong one cancelled,
+  a right one issued) lifts an invoice mismatch; a revised primary quote
+  approved afterwards (not the same quote read back again) lifts a quote
+  refusal; an ``erp.order.booked`` of the deal's order after its fallout (a
+  clerk keyed it in the ERP: an ORDRSP from the legacy ERP, a
+  ``SalesOrder.Created`` from the cloud ERP), or at the order's total after
+  a booking mismatch, lifts those. The deal goes on once none is open;
+  what was raised stays in its history (``exceptions``), what is open is
+  ``open_exceptions``.
 
 The order is checked against the ERP's booking before anyone is told: a
 booked total other than the order's is a ``booking_mismatch``, and the CRM,
 the CPQ and billing wait. A second booking of the order under another ERP
 number (a re-sent order file booked twice) is a ``duplicate_booking``
 reported to the operator; the first number stays the order's (state and
-xref), and the deal goes on from it. The same number again is a repeat.
+xref), and the deal goes on from it. The same number again is a repeat (a
+redelivery, or the cloud ERP's ``SalesOrder.Created`` echoing our own
+create): nothing is issued again and nothing recorded is lost, its warnings
+join the booking's. A refusal of the order once it is booked (the ERP
+refusing a re-sent order file as a duplicate) does not undo the booking:
+it is kept as a booking warning, and raises no fallout.
 
 Business exceptions name the document and the amount they hold up; they are
 events for the operator, not dead letters. Integration errors (a malformed
@@ -112,7 +119,14 @@ from canonical.q2c import (
     TimerElapsed,
 )
 
-__all__ = ["DealState", "DealWorkflow", "Stage", "system_queue"]
+__all__ = [
+    "DealState",
+    "DealWorkflow",
+    "Stage",
+    "account_of",
+    "open_exceptions_of",
+    "system_queue",
+]
 
 Stage = Literal[
     "opened", "quoted", "ordering", "booked", "fulfilling", "completed", "exception"
@@ -167,7 +181,7 @@ class DealState(msgspec.Struct, kw_only=True):
     violations: tuple[str, ...] = ()
     #: Business exceptions raised and not lifted: the deal is in ``exception``
     #: exactly while one is open. (A state stored before this field has none
-    #: here; `apply` derives them from the history, `_open_in_stored`.)
+    #: here; `open_exceptions_of` derives them from the history.)
     open_exceptions: tuple[ExceptionKind, ...] = ()
     #: When the quote the order is built from was approved: the time the
     #: order became possible, whichever of quote and opportunity came last.
@@ -248,8 +262,7 @@ class DealWorkflow:
     ) -> Applied[DealState]:
         """Record the fact, then issue what it made possible."""
         s = msgspec.structs.replace(state, stages=dict(state.stages))
-        if s.stage == "exception" and not s.open_exceptions:
-            s.open_exceptions = _open_in_stored(s)
+        s.open_exceptions = open_exceptions_of(s)
         emits: list[Emit] = []
         self._record(s, event, envelope, emits)
         self._decide(s, envelope, emits)
@@ -323,17 +336,23 @@ class DealWorkflow:
                 else:
                     _duplicate_booking(s, emits, booked)
             case OrderRejected() as rejected:
-                s.erp_status = "rejected"
-                self._exception(
-                    s,
-                    emits,
-                    "order_fallout",
-                    "order",
-                    rejected.order_id,
-                    rejected.net_total,
-                    (f"{rejected.code}: {rejected.message}",),
-                    at,
-                )
+                if s.erp_order_id is not None:
+                    # Booked already: the ERP refused a copy of the order
+                    # (a re-sent order file, as a duplicate PO). The booking
+                    # stands; the refusal is kept with its warnings.
+                    _refused_after_booking(s, rejected)
+                else:
+                    s.erp_status = "rejected"
+                    self._exception(
+                        s,
+                        emits,
+                        "order_fallout",
+                        "order",
+                        rejected.order_id,
+                        rejected.net_total,
+                        (f"{rejected.code}: {rejected.message}",),
+                        at,
+                    )
             case OpportunityUpdated(native_id=native_id, stage=stage):
                 s.crm_native_id = native_id
                 wanted = s.crm_wanted
@@ -402,11 +421,23 @@ class DealWorkflow:
     def _booked(
         self, s: DealState, emits: list[Emit], booked: OrderBooked, at: datetime
     ) -> None:
-        """Record the ERP's booking of the order (or its repeat); check its total."""
-        s.erp_order_id = booked.erp_order_id
-        s.erp_status = booked.status
-        s.booked_total = booked.net_total
-        s.booking_warnings = booked.warnings
+        """Record the ERP's booking of the order (or its repeat); check its total.
+
+        A repeat (the same number at the total recorded: a redelivery, the
+        cloud ERP's echo of our own create) only adds the warnings not
+        recorded yet (the echo carries none, and may overtake the booking
+        that does): status, total and everything issued stay. The same
+        number at another total is the ERP's new word on the order: recorded
+        and checked.
+        """
+        s.booking_warnings = _merged(s.booking_warnings, booked.warnings)
+        repeat = (
+            s.erp_order_id == booked.erp_order_id and s.booked_total == booked.net_total
+        )
+        if not repeat:
+            s.erp_order_id = booked.erp_order_id
+            s.erp_status = booked.status
+            s.booked_total = booked.net_total
         order = s.order
         if order is not None and booked.order_id == order.id:
             # A clerk fixed the refused order in the ERP and it was booked
@@ -687,6 +718,25 @@ def _duplicate_booking(s: DealState, emits: list[Emit], booked: OrderBooked) -> 
     )
 
 
+def _refused_after_booking(s: DealState, rejected: OrderRejected) -> None:
+    """Keep the ERP's refusal of an order it booked already, as a booking warning.
+
+    The refusal is of a copy (a re-sent order file refused as a duplicate
+    PO): the booking, its status and the deal's stage stand, and no fallout
+    is raised. The same refusal again is recorded once.
+    """
+    note = (
+        f"{rejected.code}: {rejected.message} (refused after the order was"
+        f" booked as {s.erp_order_id}; the booking stands)"
+    )
+    s.booking_warnings = _merged(s.booking_warnings, (note,))
+
+
+def _merged(kept: tuple[str, ...], new: tuple[str, ...]) -> tuple[str, ...]:
+    """*kept*, then those of *new* not in it, in order."""
+    return (*kept, *(w for w in dict.fromkeys(new) if w not in kept))
+
+
 def _xref(event: Any, s: DealState) -> list[XrefEntry]:
     """The native ids a result announces for the deal's documents.
 
@@ -746,6 +796,16 @@ def _lift(s: DealState, kind: ExceptionKind, resume: Stage) -> bool:
         return False
     s.stage = resume
     return True
+
+
+def open_exceptions_of(state: DealState) -> tuple[ExceptionKind, ...]:
+    """The business exceptions holding the deal: raised and not lifted.
+
+    Also for a state stored before they were kept (`_open_in_stored`).
+    """
+    if state.stage == "exception" and not state.open_exceptions:
+        return _open_in_stored(state)
+    return state.open_exceptions
 
 
 def _open_in_stored(s: DealState) -> tuple[ExceptionKind, ...]:

@@ -436,6 +436,9 @@ class OrderBook:
             OrganizationDivision=order.OrganizationDivision,
             SoldToParty=order.SoldToParty,
             PurchaseOrderByCustomer=order.PurchaseOrderByCustomer,
+            TotalNetAmount=edm.edm_decimal(order.TotalNetAmount or Decimal(0)),
+            TransactionCurrency=order.TransactionCurrency,
+            OverallSDProcessStatus=order.OverallSDProcessStatus,
             EventRaisedDateTime=datetime.now(UTC),
         )
         await self._pusher.deliver(self._event(SALES_ORDER_CREATED, created))

@@ -8,14 +8,21 @@ each type:
 - ``…BillingDocument.Created.v1`` → ``erp.invoice.issued`` (the amount is
   what the deal compares with the order: a difference is an invoice
   mismatch);
-- ``…SalesOrder.Created.v1`` → nothing: for our orders it is the echo of our
-  own create, already reported as ``erp.order.booked``; for orders keyed in
-  SAP no deal is waiting;
+- ``…SalesOrder.Created.v1`` → ``erp.order.booked`` (number, status, total),
+  keyed on the sales order. An order a clerk keyed in SAP by hand after the
+  deal's order fell out (with the deal's ``Q2C-…`` reference) lets the deal
+  resume from that booking; for an order the connector created it is the
+  echo of our own create, a second ``erp.order.booked`` with the same
+  number, which the deal takes as a repeat. Without its total (the
+  sandbox's addition, as the billing document's amount) it is dropped with
+  a log line: it cannot stand as a booking, and for our own orders it is
+  only the echo;
 - any other ``sap.s4.beh.*`` type → nothing (a topic the subscription
   carries that the broker does not use).
 
 A document whose ``PurchaseOrderByCustomer`` is not a ``Q2C-…`` reference
-belongs to no deal and is dropped the same way. The event's ``source`` and
+belongs to no deal and is dropped the same way (an order keyed in SAP for a
+customer's own PO number is not ours). The event's ``source`` and
 ``id`` are the dedupe key; the idempotency key names the SAP document.
 
 The event's time is the CloudEvent's ``time`` (RFC 3339), or, when SAP left
@@ -31,11 +38,16 @@ from datetime import UTC, datetime
 from typing import Any, TypeVar, final
 
 import msgspec
+import structlog
 
 from adapters import signing as signature
 from adapters.cloudevents import parse_structured
 from adapters.erp_cloud import edm
-from adapters.erp_cloud.mapping import invoice_issued, shipment_dispatched
+from adapters.erp_cloud.mapping import (
+    invoice_issued,
+    sales_order_booked,
+    shipment_dispatched,
+)
 from adapters.erp_cloud.views import (
     BILLING_DOCUMENT_CREATED,
     OUTBOUND_DELIVERY_CREATED,
@@ -49,6 +61,8 @@ from broker.errors import SchemaInvalid, SignatureInvalid
 from canonical.ids import deal_ref
 
 __all__ = ["SapEventWebhook"]
+
+_log = structlog.get_logger(__name__)
 
 D = TypeVar("D", bound=msgspec.Struct)
 
@@ -119,15 +133,37 @@ class SapEventWebhook:
                 f"{self._system}: {event.type!r} is not an SAP business event"
             )
         if event.type == SALES_ORDER_CREATED:
-            _data(event.id, event.data, SalesOrderEventData)
-            return []
-        if event.type == OUTBOUND_DELIVERY_CREATED:
+            order = _data(event.id, event.data, SalesOrderEventData)
+            ref = deal_ref(order.PurchaseOrderByCustomer)
+            if ref is None:
+                return []
+            if order.TotalNetAmount is None or not order.TransactionCurrency:
+                # Without its total it cannot stand as a booking. For an
+                # order the connector created it is only the echo, already
+                # reported; refusing it would dead-letter every order's echo
+                # from a tenant whose events leave the total out.
+                _log.info(
+                    "sales_order_event_without_total",
+                    system=self._system,
+                    event_id=event.id,
+                    sales_order=order.SalesOrder,
+                    deal_id=ref.deal_id,
+                )
+                return []
+            try:
+                canonical: Any = sales_order_booked(order, ref)
+            except ValueError as exc:
+                raise SchemaInvalid(f"{self._system}: {exc}") from exc
+            key = f"{self._system}:order.booked:{canonical.erp_order_id}"
+            subject = canonical.order_id
+            raised = order.EventRaisedDateTime
+        elif event.type == OUTBOUND_DELIVERY_CREATED:
             delivery = _data(event.id, event.data, OutboundDeliveryEventData)
             ref = deal_ref(delivery.PurchaseOrderByCustomer)
             if ref is None:
                 return []
             try:
-                canonical: Any = shipment_dispatched(delivery, ref, at=event.time)
+                canonical = shipment_dispatched(delivery, ref, at=event.time)
             except ValueError as exc:
                 raise SchemaInvalid(f"{self._system}: {exc}") from exc
             key = f"{self._system}:outbound-delivery:{delivery.OutboundDelivery}"
@@ -167,9 +203,16 @@ def _utc(system: str, event_id: str, at: datetime | None) -> datetime | None:
     """*at* in UTC, or SchemaInvalid when UTC is past year 9999 or before year 1.
 
     ``9999-12-31T23:00:00-05:00`` parses, but its UTC instant is no `datetime`.
+    A time without an offset is no instant either: refused, not read as the
+    host's local time (the canonical events that carry the time refuse it
+    already; an order's booking does not carry it).
     """
     if at is None:
         return None
+    if at.utcoffset() is None:
+        raise SchemaInvalid(
+            f"{system}: event {event_id!r}: time {at.isoformat()} has no UTC offset"
+        )
     try:
         return at.astimezone(UTC)
     except OverflowError as exc:

@@ -3,7 +3,8 @@
 Out: a canonical `Order` becomes an ``A_SalesOrder`` deep insert; an
 `Account` becomes an ``A_BusinessPartner`` with the customer role. Back: the
 created order becomes `OrderBooked`, a refusal `OrderRejected`, the business
-events `ShipmentDispatched` and `InvoiceIssued`, ``A_Product`` the catalogue.
+events `OrderBooked` (a sales order created in SAP), `ShipmentDispatched` and
+`InvoiceIssued`, ``A_Product`` the catalogue.
 No I/O here; the connector calls SAP, the ingress reads its events.
 
 Decisions that are not obvious from the field names:
@@ -73,6 +74,7 @@ from adapters.erp_cloud.views import (
     DeliveryEventItem,
     Navigation,
     OutboundDeliveryEventData,
+    SalesOrderEventData,
     SapNotice,
     expanded,
 )
@@ -102,6 +104,7 @@ __all__ = [
     "from_sales_order",
     "order_booked",
     "order_rejected",
+    "sales_order_booked",
     "to_business_partner",
     "partner_name",
     "to_partner_address",
@@ -432,6 +435,33 @@ def order_booked(
         warnings=tuple(
             f"{n.code}: {n.message}" if n.code else n.message for n in notices
         ),
+    )
+
+
+def sales_order_booked(data: SalesOrderEventData, ref: DealRef) -> OrderBooked:
+    """``erp.order.booked`` for a sales order SAP announced as created.
+
+    For a refused order a clerk keyed in SAP by hand (with the deal's
+    customer reference) this is the booking the deal resumes from; for an
+    order the connector created it is the echo of that booking, with the
+    same number, which the deal takes as a repeat. The number is in SAP's
+    external form (``0000004711`` → ``4711``, as the OData API returns it),
+    so the echo names the order as the create's response did.
+
+    Raises:
+        ValueError: the event carries no amount or currency.
+    """
+    if data.TotalNetAmount is None or not data.TransactionCurrency:
+        raise ValueError(f"sales order {data.SalesOrder} has no amount")
+    number = data.SalesOrder
+    return OrderBooked(
+        order_id=ref.order_id,
+        deal_id=ref.deal_id,
+        erp="cloud",
+        erp_order_id=str(int(number)) if number.isdigit() else number,
+        status=_STATUS.get(data.OverallSDProcessStatus or "", "open"),
+        net_total=Money(amount=data.TotalNetAmount, currency=data.TransactionCurrency),
+        customer_ref=data.PurchaseOrderByCustomer or customer_ref(ref.deal_id),
     )
 
 

@@ -33,10 +33,11 @@ duplicate warning in ``sap-message``, or refused with 400 when the
 
 After an order is created, and when ``push_url`` is set, the sandbox pushes
 SAP's business events to it as CloudEvents (see `adapters.erp_cloud._push`):
-``SalesOrder.Created``, then after ``fulfilment_delay_s`` an
-``OutboundDelivery.Created`` for orders with shipped items and a
-``BillingDocument.Created`` carrying the billed amount (plus
-``invoice_delta``, to provoke an invoice mismatch).
+``SalesOrder.Created`` carrying the order's total and status (whoever
+created it: an order a clerk keys in SAP is announced alike), then after
+``fulfilment_delay_s`` an ``OutboundDelivery.Created`` for orders with
+shipped items and a ``BillingDocument.Created`` carrying the billed amount
+(plus ``invoice_delta``, to provoke an invoice mismatch).
 
 Message codes in the ``ZQ2C_SANDBOX`` class are the sandbox's own, in SAP's
 ``<class>/<number>`` shape. All state is in memory and grows without bound

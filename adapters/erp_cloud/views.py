@@ -534,8 +534,10 @@ class SalesOrderEventData(View, frozen=True, kw_only=True):
     """``data`` of ``sap.s4.beh.salesorder.v1.SalesOrder.*.v1``.
 
     SAP's own payload names the order and its sales area; the sandbox adds
-    ``PurchaseOrderByCustomer`` so the order can be traced to its deal
-    without a read-back.
+    ``PurchaseOrderByCustomer``, the order's total (``TotalNetAmount``,
+    ``TransactionCurrency``) and its status (``OverallSDProcessStatus``),
+    so an order keyed in SAP can be traced to its deal and booked there
+    without a read-back (as the billing document carries its amount).
     """
 
     SalesOrder: str
@@ -545,6 +547,9 @@ class SalesOrderEventData(View, frozen=True, kw_only=True):
     OrganizationDivision: str | None = None
     SoldToParty: str | None = None
     PurchaseOrderByCustomer: str | None = None
+    TotalNetAmount: Decimal | None = None
+    TransactionCurrency: str | None = None
+    OverallSDProcessStatus: str | None = None
     EventRaisedDateTime: datetime | None = None
 
 

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from decimal import ROUND_CEILING, Decimal
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from actors.workflows.rules import (
     build_reference,
     format_amount,
     load_reference_policy,
+    validate_for_order,
     validate_quote,
 )
 from broker.errors import ConfigError
@@ -24,6 +26,7 @@ from canonical.commerce import Account, PriceBookEntry, Product, Quote, QuoteLin
 from canonical.scalars import Money
 
 ACCOUNT = Account(id="acct-1", name="Muster GmbH", country="DE", currency="EUR")
+Validator = Callable[[Quote, Account, ReferenceData], ValidationResult]
 
 
 @functools.cache
@@ -56,6 +59,7 @@ def quote(
     currency: str = "EUR",
     tax_country: str = "DE",
     total: Money | None = None,
+    account: Account = ACCOUNT,
 ) -> Quote:
     if total is None:
         amount = sum((ln.net_total for ln in lines), Decimal(0))
@@ -63,7 +67,7 @@ def quote(
     return Quote(
         id="quote-1",
         opportunity_id="opp-1",
-        account_id=ACCOUNT.id,
+        account_id=account.id,
         currency=currency,
         lines=lines,
         net_total=total,
@@ -144,15 +148,38 @@ def test_no_tax_jurisdiction() -> None:
     assert "tax country BR" in v.message
 
 
-def test_deleted_and_blocked_accounts() -> None:
-    """A deleted account and one on the blocked list are both account_blocked."""
-    q = quote(line(1, "SW-DEV-SEAT", "1200.00"))
+@pytest.mark.parametrize("validate", [validate_quote, validate_for_order])
+def test_deleted_and_blocked_accounts(validate: Validator) -> None:
+    """A deleted account and one on the blocked list are both account_blocked.
+
+    The quote is made out to that account (its opportunity's): checked for
+    an order (as the deal and the endpoint do) it is refused for that alone.
+    """
     deleted = msgspec.structs.replace(ACCOUNT, deleted=True)
     blocked = msgspec.structs.replace(ACCOUNT, id="acct-blocked-001")
     for account, word in ((deleted, "deleted"), (blocked, "blocked")):
-        v = only(validate_quote(q, account, ref()))
+        q = quote(line(1, "SW-DEV-SEAT", "1200.00"), account=account)
+        v = only(validate(q, account, ref()))
         assert v.code == "account_blocked"
         assert v.message == f"account {account.id} (Muster GmbH) is {word}"
+
+
+def test_a_quote_for_another_account_is_refused_for_an_order_first() -> None:
+    """validate_for_order: account_mismatch first, then what validate_quote says."""
+    other = msgspec.structs.replace(ACCOUNT, id="acct-2", name="Other AG")
+    q = quote(line(1, "SW-DEV-SEAT", "1200.00"), tax_country="BR", account=other)
+    assert [v.code for v in validate_quote(q, ACCOUNT, ref()).violations] == [
+        "no_tax_jurisdiction"
+    ]
+    result = validate_for_order(q, ACCOUNT, ref())
+    assert [v.code for v in result.violations] == [
+        "account_mismatch",
+        "no_tax_jurisdiction",
+    ]
+    assert result.violations[0].message == (
+        "quote quote-1 (1200.00 EUR) is for account acct-2, but its opportunity"
+        " is for account acct-1 (Muster GmbH)"
+    )
 
 
 def test_blocked_countries_for_account_and_tax_country() -> None:

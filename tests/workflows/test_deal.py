@@ -846,3 +846,109 @@ def test_a_denial_before_the_opportunity_reaches_the_crm_when_it_arrives(
     assert update.status_note == f"quote denied: quote {SAAS_ONLY.id} (300.00 EUR)"
     assert deal.feed(OPPORTUNITY) == []
     assert deal.stage() == "exception"
+
+
+def test_a_repeat_of_the_booking_changes_nothing_whichever_comes_first(
+    deal: Deal,
+) -> None:
+    """The cloud ERP's echo of our create: the same number and total, no warnings.
+
+    After the connector's booking (with SAP's duplicate-PO warning) the echo
+    issues nothing, keeps the warning and binds the same number; arriving
+    first, the echo books and the connector's booking then only adds its
+    warning. Either way: one CRM, CPQ and billing command each.
+    """
+    deal.feed(OPPORTUNITY, QuoteApproved(quote=SAAS_ONLY))
+    order = deal.state.order
+    assert order is not None
+    warning = "ZQ2C_SANDBOX/030: Purchase order number Q2C-1 already exists"
+    connector = msgspec.structs.replace(
+        booked(deal, order.net_total), status="open", warnings=(warning,)
+    )
+    echo = msgspec.structs.replace(booked(deal, order.net_total), status="open")
+    late = Deal(deal.wf)
+    late.feed(OPPORTUNITY, QuoteApproved(quote=SAAS_ONLY))
+
+    deal.feed(connector)
+    before = deal.state
+    applied = deal.wf.apply(deal.state, echo, envelope(echo))
+    assert applied.emits == []
+    assert applied.state == before
+    (entry,) = applied.xref
+    assert (entry.canonical_id, entry.native_id) == (order.id, "4711")
+
+    late.feed(echo)
+    assert late.feed(connector) == []
+    for d in (deal, applied, late):
+        st = d.state
+        assert (st.erp_order_id, st.erp_status, st.booked_total) == (
+            "4711",
+            "open",
+            order.net_total,
+        )
+        assert st.booking_warnings == (warning,)
+        assert st.stage == "fulfilling"
+    for d in (deal, late):
+        d.feed(echo, connector)
+        assert len(d.of(OpportunityUpdateRequested)) == 1
+        assert len(d.of(QuoteUpdateRequested)) == 1
+        assert len(d.of(SubscriptionRequested)) == 1
+        assert not d.of(BusinessException)
+
+
+def test_a_refusal_after_the_booking_does_not_undo_it(deal: Deal) -> None:
+    """The ERP refused a re-sent copy of a booked order (a duplicate PO).
+
+    No fallout: the deal keeps its booking, status and stage, the refusal
+    is kept once as a booking warning, and the deal completes.
+    """
+    deal.feed(OPPORTUNITY, QuoteApproved(quote=SAAS_ONLY))
+    order = deal.state.order
+    assert order is not None
+    deal.feed(booked(deal, order.net_total))
+    before = deal.state
+
+    refusal = rejected(deal, "PO Q2C-006Hn00000A1b2cIAB already exists")
+    assert deal.feed(refusal, refusal) == []
+
+    assert deal.stage() == "fulfilling"
+    assert deal.open_exceptions() == ()
+    assert not deal.of(BusinessException)
+    assert (deal.state.erp_order_id, deal.state.erp_status) == ("4711", "A")
+    (note,) = deal.state.booking_warnings
+    assert note.startswith("V1/320: PO Q2C-006Hn00000A1b2cIAB already exists")
+    assert "4711" in note
+    assert msgspec.structs.replace(deal.state, booking_warnings=()) == before
+    sub = deal.of(SubscriptionRequested)[0].subscription
+    deal.feed(*confirmed(deal, sub))
+    assert deal.stage() == "completed"
+    assert [u.stage for u in deal.of(OpportunityUpdateRequested)] == ["Closed Won"]
+
+
+def test_the_deal_view_shows_open_exceptions_and_duplicate_orders(
+    deal: Deal,
+) -> None:
+    """``GET /api/v1/deals/{id}`` shows what holds the deal and what to cancel.
+
+    Also for a state stored before open exceptions were kept.
+    """
+    deal.feed(OPPORTUNITY, QuoteApproved(quote=SAAS_ONLY))
+    order = deal.state.order
+    assert order is not None
+    deal.feed(booked(deal, eur("330.00")), booked(deal, eur("330.00"), "4712"))
+
+    view = deal_view(deal.state, 3)
+
+    assert view.open_exceptions == ["booking_mismatch"]
+    assert view.exceptions == ["booking_mismatch", "duplicate_booking"]
+    assert view.duplicate_orders == ["4712"]
+    encoded = msgspec.json.decode(msgspec.json.encode(view))
+    assert encoded["open_exceptions"] == ["booking_mismatch"]
+    assert encoded["duplicate_orders"] == ["4712"]
+
+    fallout = Deal(deal.wf)
+    fallout.feed(OPPORTUNITY, QuoteApproved(quote=SAAS_ONLY))
+    fallout.feed(rejected(fallout, "credit block"))
+    stored = _stored_before_open_exceptions(fallout.state)
+    assert stored.open_exceptions == ()
+    assert deal_view(stored, 2).open_exceptions == ["order_fallout"]

@@ -132,6 +132,10 @@ async def test_deals_complete_and_the_process_api_shows_them(tmp_path: Path) -> 
 
             async with http.get(f"{api}/api/v1/deals/deal-nothing") as resp:
                 assert resp.status == 404
+            # What holds a deal, and the duplicates to cancel, are shown too.
+            async with http.get(f"{api}/api/v1/deals/{deal}") as resp:
+                raw = await resp.json()
+            assert (raw["open_exceptions"], raw["duplicate_orders"]) == ([], [])
 
             # Every request made of a vendor is counted, as the vendor counts it
             # (once no call is in flight: a vendor counts a request first).
@@ -185,6 +189,44 @@ async def test_deals_complete_and_the_process_api_shows_them(tmp_path: Path) -> 
             ) as resp:
                 assert resp.status == 400
 
+            # The check the deal makes before ordering: a quote made out to
+            # another account than its opportunity's is refused, the
+            # opportunity's account taken from the body, or from the deal
+            # once it knows the opportunity (whatever the body says).
+            at_list = msgspec.structs.replace(
+                line, unit_price=Decimal("4200.00"), net_total=Decimal("4200.00")
+            )
+            for_other = msgspec.structs.replace(
+                quote,
+                lines=(at_list,),
+                net_total=Money(amount=Decimal("4200.00"), currency="EUR"),
+                account_id="acct-2",
+            )
+            opportunity = "opp-" + deal.removeprefix("deal-")
+            other = Account(id="acct-2", name="Other AG", country="DE", currency="EUR")
+            for checked, named in (
+                (for_other, account),
+                (
+                    msgspec.structs.replace(for_other, opportunity_id=opportunity),
+                    other,
+                ),
+            ):
+                body = msgspec.json.encode({"quote": checked, "account": named})
+                async with http.post(
+                    f"{api}/api/v1/quotes/quote-Q1/validate", data=body
+                ) as resp:
+                    assert resp.status == 200
+                    verdict = msgspec.json.decode(
+                        await resp.read(), type=ValidateResponse
+                    )
+                assert [v.code for v in verdict.violations] == ["account_mismatch"]
+            record = await daemon.runtime.store.load_saga("deal", deal)
+            assert record is not None
+            held = msgspec.json.decode(record.state, type=DealState).opportunity
+            assert held is not None
+            message = verdict.violations[0].message
+            assert f"opportunity is for account {held.account.id} " in message
+
             # With no body the quote and its account are read from CPQ and CRM.
             approved = kinds["quote"].id
             async with http.post(f"{api}/api/v1/quotes/{approved}/validate") as resp:
@@ -198,9 +240,13 @@ async def test_deals_complete_and_the_process_api_shows_them(tmp_path: Path) -> 
                 assert resp.status == 400
 
             async with http.get(f"{api}/api/v1/openapi.json") as resp:
-                paths = (await resp.json())["paths"]
+                document = await resp.json()
+            paths = document["paths"]
             assert "/api/v1/deals/{correlation_id}" in paths
             assert "/api/v1/quotes/{quote_id}/validate" in paths
+            shown_fields = document["components"]["schemas"]["DealView"]["properties"]
+            for added in ("open_exceptions", "duplicate_orders"):
+                assert shown_fields[added]["type"] == "array"
             daemon.request_shutdown("test finished")
 
 

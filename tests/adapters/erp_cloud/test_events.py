@@ -22,6 +22,7 @@ from adapters.erp_cloud.views import (
     A_SalesOrderItem,
     BillingDocumentEventData,
     OutboundDeliveryEventData,
+    SalesOrderEventData,
 )
 from tests.adapters.erp_cloud.samples import area
 from tests.polling import eventually
@@ -124,7 +125,11 @@ def wire(sandbox: SapSandbox, url: str, **knobs: object) -> None:
 async def test_an_order_pushes_created_delivery_and_billing_in_order(
     sandbox: SapSandbox, client: SapClient, receiver: tuple[Receiver, str]
 ) -> None:
-    """Structured CloudEvents, signed; the billing event carries the billed amount."""
+    """Structured CloudEvents, signed; the order and billing events carry amounts.
+
+    The order event carries the order's total, currency and status: what
+    books an order keyed in SAP for its deal.
+    """
     hook, url = receiver
     wire(sandbox, url)
     created, _ = await client.create_order(order("HW-GATEWAY-200", "SAAS-FLEET-PRO"))
@@ -139,6 +144,14 @@ async def test_an_order_pushes_created_delivery_and_billing_in_order(
         signature.verify(delivery.signature, delivery.body, [SECRET], now=time.time())
         assert delivery.event["specversion"] == "1.0"
         assert delivery.event["source"] == "/default/sap.s4.beh/S4H"
+    ordered = msgspec.convert(first.event["data"], SalesOrderEventData)
+    assert ordered.SalesOrder == created.SalesOrder
+    assert ordered.PurchaseOrderByCustomer == "Q2C-006Hn00000A1b2cIAB"
+    assert (ordered.TotalNetAmount, ordered.TransactionCurrency) == (
+        Decimal("2480"),
+        "EUR",
+    )
+    assert ordered.OverallSDProcessStatus == "A"
     shipped = msgspec.convert(second.event["data"], OutboundDeliveryEventData)
     assert [i.Material for i in shipped.Items] == ["HW-GATEWAY-200"]
     billed = msgspec.convert(third.event["data"], BillingDocumentEventData)

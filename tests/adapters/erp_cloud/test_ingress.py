@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,7 @@ import anyio
 import msgspec
 import pytest
 from aiohttp import web
+from structlog.testing import capture_logs
 
 from adapters import signing as signature
 from adapters.erp_cloud import (
@@ -25,6 +27,7 @@ from adapters.erp_cloud import (
 from broker.connector import Inbound
 from broker.errors import SchemaInvalid, SignatureInvalid
 from canonical.q2c import InvoiceIssued, OrderBooked, ShipmentDispatched
+from canonical.scalars import Money
 from tests.adapters.erp_cloud.samples import booking, order
 
 pytestmark = pytest.mark.anyio
@@ -124,12 +127,47 @@ def test_a_billing_event_becomes_invoice_issued_with_its_trace() -> None:
     assert inbound.traceparent == event["traceparent"]
 
 
-def test_the_order_created_event_is_our_own_echo() -> None:
-    """SalesOrder.Created parses to nothing: the booking was reported already."""
+def order_created(**data: Any) -> dict[str, Any]:
+    """A SalesOrder.Created event of the deal's order, as the sandbox sends it."""
     event = golden("event_billing_document_created.json")
     event["type"] = "sap.s4.beh.salesorder.v1.SalesOrder.Created.v1"
-    event["data"] = {"SalesOrder": "4711", "PurchaseOrderByCustomer": "Q2C-1"}
-    assert SapEventWebhook([SECRET]).parse({}, body_of(event)) == []
+    event["data"] = {
+        "SalesOrder": "4711",
+        "SalesOrganization": "1010",
+        "SoldToParty": "1000001",
+        "PurchaseOrderByCustomer": "Q2C-006Hn00000A1b2cIAB",
+        "TotalNetAmount": "5471.00",
+        "TransactionCurrency": "EUR",
+        "OverallSDProcessStatus": "A",
+        "EventRaisedDateTime": "2025-03-05T08:59:59Z",
+    } | data
+    return event
+
+
+def test_an_order_created_with_our_reference_is_booked_for_its_deal() -> None:
+    """SalesOrder.Created → erp.order.booked: number, status, total; keyed on it.
+
+    A clerk keyed the deal's refused order in SAP by hand: the deal resumes
+    from it. The number is SAP's external form, as the create answers it.
+    """
+    event = order_created(SalesOrder="0000004711")
+    (inbound,) = SapEventWebhook([SECRET]).parse({}, body_of(event))
+    booked = inbound.event
+    assert isinstance(booked, OrderBooked)
+    assert (booked.order_id, booked.deal_id, booked.erp) == (
+        "order-006Hn00000A1b2cIAB",
+        "deal-006Hn00000A1b2cIAB",
+        "cloud",
+    )
+    assert (booked.erp_order_id, booked.status) == ("4711", "open")
+    assert booked.net_total == Money(amount=Decimal("5471.00"), currency="EUR")
+    assert booked.customer_ref == "Q2C-006Hn00000A1b2cIAB"
+    assert booked.warnings == ()
+    assert inbound.correlation_id == "deal-006Hn00000A1b2cIAB"
+    assert inbound.idempotency_key == "erp_cloud:order.booked:4711"
+    assert inbound.subject == "order-006Hn00000A1b2cIAB"
+    assert inbound.time == datetime(2025, 3, 5, 9, tzinfo=UTC)
+    assert (inbound.id, inbound.traceparent) == (event["id"], event["traceparent"])
 
 
 @pytest.mark.parametrize(
@@ -142,13 +180,35 @@ def test_the_order_created_event_is_our_own_echo() -> None:
             }
         },
         {"type": "sap.s4.beh.businesspartner.v1.BusinessPartner.Changed.v1"},
+        {
+            "type": "sap.s4.beh.salesorder.v1.SalesOrder.Created.v1",
+            "data": {"SalesOrder": "4711", "PurchaseOrderByCustomer": "PO-77"},
+        },
     ],
-    ids=["not-our-reference", "unused-topic"],
+    ids=["not-our-reference", "unused-topic", "order-keyed-for-another-po"],
 )
 def test_events_no_deal_waits_for_parse_to_nothing(change: dict[str, Any]) -> None:
     """Documents without a Q2C reference, and topics the broker does not use."""
     event = golden("event_billing_document_created.json") | change
     assert SapEventWebhook([SECRET]).parse({}, body_of(event)) == []
+
+
+def test_an_order_event_without_its_total_is_dropped_not_refused() -> None:
+    """It cannot stand as a booking; for our own orders it is only the echo.
+
+    Refused, it would dead-letter the echo of every order from a tenant
+    whose events leave the total out.
+    """
+    body = body_of(
+        golden("event_billing_document_created.json")
+        | {
+            "type": "sap.s4.beh.salesorder.v1.SalesOrder.Created.v1",
+            "data": {"SalesOrder": "4711", "PurchaseOrderByCustomer": "Q2C-1"},
+        }
+    )
+    with capture_logs() as logs:
+        assert SapEventWebhook([SECRET]).parse({}, body) == []
+    assert [e["event"] for e in logs] == ["sales_order_event_without_total"]
 
 
 @pytest.mark.parametrize(
@@ -196,7 +256,13 @@ def test_events_no_deal_waits_for_parse_to_nothing(change: dict[str, Any]) -> No
             "does not fit ShipmentDispatched",
         ),
     ],
-    ids=["garbage", "foreign-type", "bad-data", "no-amount", "bad-sku"],
+    ids=[
+        "garbage",
+        "foreign-type",
+        "bad-data",
+        "no-amount",
+        "bad-sku",
+    ],
 )
 def test_what_sap_does_not_send_is_schema_invalid(body: bytes, reason: str) -> None:
     """Not a CloudEvent, not SAP's, or data the canonical model refuses."""
@@ -264,7 +330,12 @@ async def webhook() -> AsyncIterator[tuple[Webhook, str]]:
 async def test_a_booked_order_is_shipped_and_invoiced_back_to_its_deal(
     sandbox: SapSandbox, client: SapClient, webhook: tuple[Webhook, str]
 ) -> None:
-    """Connector books; the sandbox's signed events come back as the deal's facts."""
+    """Connector books; the sandbox's signed events come back as the deal's facts.
+
+    The first is SalesOrder.Created, the echo of the connector's own create:
+    the same booking (number, total, order, deal), which the deal takes as
+    a repeat.
+    """
     hook, url = webhook
     sandbox.knobs.push_url = url
     sandbox.knobs.push_secrets = [SECRET]
@@ -279,8 +350,13 @@ async def test_a_booked_order_is_shipped_and_invoiced_back_to_its_deal(
     (booked,) = await connector.handle(command, envelope)
     assert isinstance(booked, OrderBooked)
     with anyio.fail_after(10):
+        echo = await hook.received.receive()
         shipped = await hook.received.receive()
         invoiced = await hook.received.receive()
+    assert isinstance(echo.event, OrderBooked)
+    assert echo.correlation_id == booked.deal_id
+    assert msgspec.structs.replace(echo.event, warnings=booked.warnings) == booked
+    assert echo.idempotency_key == f"erp_cloud:order.booked:{booked.erp_order_id}"
     assert isinstance(shipped.event, ShipmentDispatched)
     assert isinstance(invoiced.event, InvoiceIssued)
     assert shipped.correlation_id == invoiced.correlation_id == order().deal_id

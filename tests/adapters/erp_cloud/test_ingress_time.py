@@ -99,6 +99,33 @@ def test_a_raised_time_without_an_offset_is_schema_invalid() -> None:
         parse(event)
 
 
+def order_created(raised: str) -> dict[str, Any]:
+    """A SalesOrder.Created of the deal's order without a CloudEvent ``time``."""
+    event = golden(BILLING)
+    del event["time"]
+    event["type"] = "sap.s4.beh.salesorder.v1.SalesOrder.Created.v1"
+    event["data"] = {
+        "SalesOrder": "4711",
+        "PurchaseOrderByCustomer": "Q2C-006Hn00000A1b2cIAB",
+        "TotalNetAmount": "5471.00",
+        "TransactionCurrency": "EUR",
+        "EventRaisedDateTime": raised,
+    }
+    return event
+
+
+def test_an_order_booked_is_dated_when_sap_raised_its_event() -> None:
+    """Without ``time``, EventRaisedDateTime dates the booking, in UTC."""
+    at = parse(order_created("2025-03-06T00:30:00+01:00")).time
+    assert at == datetime(2025, 3, 5, 23, 30, tzinfo=UTC)
+
+
+def test_an_order_raised_time_without_an_offset_is_schema_invalid() -> None:
+    """The booking carries no time to check: a naive time is refused, not local."""
+    with pytest.raises(SchemaInvalid, match="2025-03-05T08:59:59 has no UTC offset"):
+        parse(order_created("2025-03-05T08:59:59"))
+
+
 @pytest.mark.parametrize(
     "time", ["9999-12-31T23:00:00-05:00", "0001-01-01T00:30:00+01:00"]
 )
