@@ -15,8 +15,8 @@ import msgspec
 import pytest
 from structlog.testing import capture_logs
 
+from actors.cursors import CURSOR_KIND
 from actors.systems import (
-    CURSOR_KIND,
     LazyConnector,
     SystemTable,
     _ChangeFeed,
