@@ -15,7 +15,7 @@ import tomllib
 import urllib.parse
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar, get_args, get_origin
 
 import msgspec
 from msgspec import Meta
@@ -181,9 +181,9 @@ class ControlConfig(Section, frozen=True):
     socket_path: str = "var/brokerd.sock"
     #: Uids served besides the daemon's own and root.
     allowed_uids: tuple[Annotated[int, Meta(ge=0)], ...] = ()
-    #: A group (name or gid) to give the socket and its directory, 0660 and
-    #: 0750, so that the uids of ``allowed-uids`` in it can connect; "" keeps
-    #: them 0600 and 0700 (the daemon's user and root only).
+    #: A group (name or gid) to give the socket, 0660, and to let through its
+    #: directory, so that the uids of ``allowed-uids`` in it can connect; ""
+    #: keeps the socket 0600 (the daemon's user and root only).
     socket_group: str | Annotated[int, Meta(ge=0)] = ""
     max_request_bytes: PositiveInt = 65_536
 
@@ -334,9 +334,14 @@ def load_config(
 def _set_from_env(raw: dict[str, Any], name: str, value: str) -> None:
     """Set ``BROKER__SECTION[__TABLE...]__KEY`` in *raw*.
 
-    The key is kebab-case (``PUBLISH_TIMEOUT_S`` is ``publish-timeout-s``).
-    A table on the way is the one the file already has, by either spelling;
-    a new one keeps its underscores (system names: ``erp_cloud``).
+    Each part is spelled as the schema says, wherever it sits: a field of a
+    section is kebab-case (``PUBLISH_TIMEOUT_S`` is ``publish-timeout-s``,
+    ``EVENT_QUEUES`` is ``event-queues``); a key the operator names (a
+    system under ``[systems]``, a queue under ``[topology.event-queues]``)
+    keeps its underscores (``erp_cloud``). A key the file already has, in
+    either spelling, is that key; in a table the schema leaves open (a
+    system's own table, ``[app]``: converted later by the adapter or the
+    application, whose settings are kebab-case), a new key is kebab-case.
 
     Raises:
         ConfigError: fewer than two parts, or a part on the way that is not
@@ -346,13 +351,42 @@ def _set_from_env(raw: dict[str, Any], name: str, value: str) -> None:
     if len(parts) < 2 or not all(parts):
         raise ConfigError(f"{name}: expected BROKER__<SECTION>__<KEY>")
     table = raw
-    for depth, part in enumerate(parts[:-1]):
-        key = next((k for k in (part, part.replace("_", "-")) if k in table), part)
+    schema: Any = Config
+    for depth, part in enumerate(parts):
+        key, schema = _env_key(table, part, schema)
+        if depth == len(parts) - 1:
+            table[key] = _env_value(value)
+            return
         table = table.setdefault(key, {})
         if not isinstance(table, dict):
             where = ".".join(parts[: depth + 1])
             raise ConfigError(f"{name}: [{where}] is not a table")
-    table[parts[-1].replace("_", "-")] = _env_value(value)
+
+
+def _env_key(table: Mapping[str, Any], part: str, schema: Any) -> tuple[str, Any]:
+    """The key *part* (lower case, underscores) names in *table*, and its type.
+
+    *schema* is the type of *table*: a `Section`; a ``dict[str, X]`` keyed
+    by names (``X`` not `Any`); or a table of settings the schema leaves
+    open (``dict[str, Any]``, `Any`).
+    """
+    kebab = part.replace("_", "-")
+    if isinstance(schema, type) and issubclass(schema, msgspec.Struct):
+        for field in msgspec.structs.fields(schema):
+            if field.encode_name == kebab:
+                return kebab, _unannotated(field.type)
+        return kebab, Any  # no such field: msgspec names it, with its path
+    existing = next((k for k in (part, kebab) if k in table), None)
+    if get_origin(schema) is dict:
+        values = _unannotated(get_args(schema)[1])
+        if values is not Any:
+            return existing or part, values
+    return existing or kebab, Any
+
+
+def _unannotated(tp: Any) -> Any:
+    """*tp* without its ``Annotated[...]`` constraints."""
+    return get_args(tp)[0] if get_origin(tp) is Annotated else tp
 
 
 def _env_value(value: str) -> Any:

@@ -11,6 +11,7 @@ being parsed) would otherwise reach the log whenever its frame raised.
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 import sys
@@ -25,6 +26,8 @@ __all__ = ["configure_logging", "SENSITIVE_KEYS", "redact"]
 #: Words whose values never reach a log line: a key is masked when it is one
 #: of these or ends in one (``webhook_secret``, ``Authorization``,
 #: ``order_amount``), wherever it sits in the line, nested mappings included.
+#: The plural counts too (``api_tokens``, ``secrets``), and camelCase keys
+#: are split into words (``clientSecret``, ``accessToken``).
 SENSITIVE_KEYS = frozenset(
     {
         "password",
@@ -53,10 +56,17 @@ _SENSITIVE_PAIRS = frozenset({"api_key", "apikey", "private_key", "secret_key"})
 _UNTOUCHED = frozenset({"exc_info", "exception", "_record", "_from_structlog"})
 #: How deep nested mappings and sequences are searched for sensitive keys.
 _MAX_DEPTH = 6
-#: ``scheme://user:password@`` in any string value: the password goes.
-_CREDENTIALS_IN_URL = re.compile(
-    r"(?P<head>[A-Za-z][A-Za-z0-9+.-]*://[^/\s:@]*):[^/\s@]*@"
+#: A URL in any string value, up to the next white space.
+_URL = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<rest>\S+)")
+#: A parameter whose name says secret, in a URL's query or a key=value DSN
+#: (``?access_token=…``, ``host=db password='…'``): its value goes. The
+#: same rule as ``brokerd check-config``'s masking (`broker.cli`).
+_SECRET_PARAM = re.compile(
+    r"(?i)((?:^|[?&;\s])[\w.-]*(?:password|passwd|secret|token|api[_-]?key)"
+    r"[\w.-]*\s*=\s*)('(?:[^'\\]|\\.)*'|[^&;\s]*)"
 )
+#: Where a camelCase key splits into words (``clientSecret``).
+_CAMEL = re.compile(r"(?<=[a-z0-9])(?=[A-Z])")
 
 _LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40}
 #: structlog's ``dict_tracebacks`` without the locals it renders by default.
@@ -73,8 +83,10 @@ def redact(
 
     A value goes when its key is sensitive (`SENSITIVE_KEYS`), at any depth of
     nested mappings, lists and tuples (copied, never changed in place: they
-    belong to the caller); a password written into a URL inside any string
-    goes too.
+    belong to the caller). Inside any string, a URL's user information goes
+    (a password, or a token in the user's place), and so does the value of
+    a query or DSN parameter named like a secret (``?token=``,
+    ``password=``).
     """
     for key, value in event_dict.items():
         if key in _UNTOUCHED:
@@ -87,23 +99,30 @@ def redact(
 
 
 def _sensitive(key: object) -> bool:
-    if not isinstance(key, str):
-        return False
-    name = key.lower().replace("-", "_")
-    if name in SENSITIVE_KEYS or name in _SENSITIVE_PAIRS:
-        return True
-    head, sep, last = name.rpartition("_")
-    if not sep:
-        return False
-    if last in SENSITIVE_KEYS:
-        return True
-    return f"{head.rpartition('_')[2]}_{last}" in _SENSITIVE_PAIRS
+    return isinstance(key, str) and _sensitive_name(key)
+
+
+# Bounded: nested mappings can carry keys from outside (a payload's).
+@functools.lru_cache(maxsize=4096)
+def _sensitive_name(key: str) -> bool:
+    """Whether *key*'s last word, or its last two, name something sensitive."""
+    name = _CAMEL.sub("_", key).lower().replace("-", "_")
+    head, _, last = name.rpartition("_")
+    previous = head.rpartition("_")[2]
+    for word in (last, last[:-1]) if last.endswith("s") else (last,):
+        if word in SENSITIVE_KEYS:
+            return True
+        if (f"{previous}_{word}" if head else word) in _SENSITIVE_PAIRS:
+            return True
+    return False
 
 
 def _scrub(value: Any, depth: int) -> Any:
     if isinstance(value, str):
+        if "=" in value:
+            value = _SECRET_PARAM.sub(r"\1***", value)
         if "://" in value and "@" in value:
-            return _CREDENTIALS_IN_URL.sub(r"\g<head>:***@", value)
+            return _URL.sub(_mask_user_info, value)
         return value
     if depth > _MAX_DEPTH:
         return value
@@ -117,6 +136,26 @@ def _scrub(value: Any, depth: int) -> Any:
     if type(value) is tuple:
         return tuple(_scrub(v, depth + 1) for v in value)
     return value
+
+
+def _mask_user_info(url: re.Match[str]) -> str:
+    """A URL with its user information masked, keeping the user of ``user:pass``.
+
+    The user information ends at the *last* ``@``: a password may hold one
+    (``amqp://q2c:p@ss@rabbit``). An ``@`` after a ``/`` that comes before
+    any ``:`` is in the path (``https://host/users/a@b``), not user
+    information. A password holding ``/`` is masked with what follows.
+    """
+    scheme, rest = url["scheme"], url["rest"]
+    user_info, at, host = rest.rpartition("@")
+    if not at:
+        return url[0]
+    slash, colon = user_info.find("/"), user_info.find(":")
+    if slash >= 0 and (colon < 0 or slash < colon):
+        return url[0]
+    if colon >= 0:
+        return f"{scheme}{user_info[:colon]}:***@{host}"
+    return f"{scheme}***@{host}"  # a token in the user's place
 
 
 def configure_logging(

@@ -7,7 +7,8 @@
 - `broker.control.ctl`: the ``brokerctl`` command line, and
   `broker.control.ctl_views` its human tables.
 - `broker.control.socket_file`: binding the socket file safely (0600 in a
-  0700 directory, stale sockets cleared).
+  0700 directory, or 0660 for ``[control] socket-group``; stale sockets
+  cleared).
 
 Nothing is imported here, so that ``brokerctl`` starts without loading the
 server's dependencies (structlog and its renderers).

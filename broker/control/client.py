@@ -112,8 +112,10 @@ class ControlClient:
             ) from exc
         except PermissionError as exc:
             raise DaemonUnreachable(
-                f"permission denied on {path}: run as the daemon's user, "
-                "or one listed in [control] allowed-uids"
+                f"permission denied on {path}: run as the daemon's user or root; "
+                "another uid must be listed in the daemon's [control] "
+                "allowed-uids and be a member of its [control] socket-group "
+                "(without one, the socket is open to the daemon's user only)"
             ) from exc
         except OSError as exc:
             raise DaemonUnreachable(

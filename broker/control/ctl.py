@@ -1,7 +1,10 @@
 """``brokerctl``: the operator's command line for a running daemon.
 
 Each invocation sends one request over the control socket and prints the
-result, as aligned tables for people or as JSON with ``--json``.
+result, as aligned tables for people or as JSON with ``--json``. A DLQ or
+outbox command naming more ids than one request line may carry (``[control]
+max-request-bytes``) goes as several requests, one after the other, and
+their results are shown as one.
 
 Exit codes: 0 the daemon did it, 1 the daemon refused or failed (or the
 connection broke), 2 usage or configuration error, 3 no daemon reachable.
@@ -12,6 +15,7 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +38,7 @@ from broker.control.ctl_views import (
     xref_owner,
 )
 from broker.control.protocol import (
+    BULK_TIMEOUT_S,
     ActorsRequest,
     DlqListRequest,
     DlqPurgeRequest,
@@ -55,10 +60,21 @@ from broker.control.protocol import (
     TraceRequest,
     XrefFindRequest,
     XrefGetRequest,
+    encode_request,
+    is_bulk,
 )
 from broker.errors import ConfigError, ControlError
 
-__all__ = ["EXIT_OK", "EXIT_FAILED", "EXIT_USAGE", "EXIT_UNREACHABLE", "main", "render"]
+__all__ = [
+    "EXIT_OK",
+    "EXIT_FAILED",
+    "EXIT_USAGE",
+    "EXIT_UNREACHABLE",
+    "main",
+    "render",
+    "split_request",
+    "merge_results",
+]
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -66,6 +82,11 @@ EXIT_USAGE = 2
 EXIT_UNREACHABLE = 3
 
 _FILTERS = ("reason", "queue", "type", "correlation_id")
+#: How long to wait for a reply, unless --timeout says.
+_TIMEOUT_S = 60.0
+#: For a bulk command, beyond the daemon's own deadline for it: its reply
+#: (done, or "did not finish") still has to arrive.
+_BULK_GRACE_S = 30.0
 _KINDS = "e.g. order, account, opportunity, quote, subscription, invoice, product"
 
 
@@ -80,24 +101,135 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = load_config(config_file(args.config))
         socket_path = args.socket or config.control.socket_path
+        pieces = split_request(req, config.control.max_request_bytes)
     except ConfigError as exc:
-        print(f"brokerctl: {exc}", file=sys.stderr)
+        _error(exc)
         return EXIT_USAGE
 
-    client = ControlClient(socket_path, timeout_s=args.timeout)
+    timeout_s = args.timeout
+    if timeout_s is None:
+        timeout_s = BULK_TIMEOUT_S + _BULK_GRACE_S if is_bulk(req) else _TIMEOUT_S
+    client = ControlClient(socket_path, timeout_s=timeout_s)
+    results: list[Any] = []
     try:
-        result = anyio.run(client.request, req)
+        anyio.run(_send_each, client, pieces, results)
     except DaemonUnreachable as exc:
-        print(f"brokerctl: {exc}", file=sys.stderr)
+        _error(exc)
         return EXIT_UNREACHABLE
     except ControlError as exc:
-        print(f"brokerctl: {exc}", file=sys.stderr)
+        if results:  # the parts before this one were carried out: say so
+            _show(args, req, merge_results(results))
+            _error(
+                f"{exc} (part {len(results) + 1} of {len(pieces)} of the ids; "
+                "the parts before it were done, as shown; those after it were "
+                "not sent)"
+            )
+        else:
+            _error(exc)
         return EXIT_FAILED
+    _show(args, req, merge_results(results))
+    return EXIT_OK
+
+
+def _error(message: object) -> None:
+    """Print an error; the daemon's text may quote ids an outside system chose."""
+    print(f"brokerctl: {cell(str(message))}", file=sys.stderr)
+
+
+def _show(args: argparse.Namespace, req: Request, result: Any) -> None:
     if args.json:
         print(msgspec.json.format(msgspec.json.encode(result), indent=2).decode())
     else:
         print(render(req, result))
-    return EXIT_OK
+
+
+async def _send_each(
+    client: ControlClient, pieces: Sequence[Request], results: list[Any]
+) -> None:
+    """Send *pieces* in order, appending each result; stop at the first error."""
+    for piece in pieces:
+        # Appended one by one: the results so far must survive an error.
+        results.append(await client.request(piece))  # noqa: PERF401
+
+
+def split_request(req: Request, max_bytes: int) -> list[Request]:
+    """*req* as requests whose lines fit in *max_bytes*, its ids shared out in order.
+
+    Only a DLQ replay or purge, or an outbox retry or purge, naming ids is
+    split (at most `_MAX_LIMIT` ids each, as the daemon takes); each part
+    keeps every other field, so the parts together select what *req* does.
+
+    Raises:
+        ConfigError: even a part naming one id is longer than *max_bytes*
+            (``[control] max-request-bytes``).
+    """
+    if not isinstance(req, _ById) or not req.ids:
+        _check_fits(req, max_bytes)
+        return [req]
+    ids = req.ids
+    pieces: list[Request] = []
+    start = 0
+    while start < len(ids):
+        # Each further id costs its digits and a comma.
+        room = max_bytes - len(encode_request(_with_ids(req, ids[start : start + 1])))
+        end = start + 1
+        while end < len(ids) and end - start < _MAX_LIMIT:
+            cost = len(str(ids[end])) + 1
+            if cost > room:
+                break
+            room -= cost
+            end += 1
+        piece = _with_ids(req, ids[start:end])
+        _check_fits(piece, max_bytes)
+        pieces.append(piece)
+        start = end
+    return pieces
+
+
+#: The requests that name ids to act on, which `split_request` shares out.
+_ById = DlqReplayRequest | DlqPurgeRequest | OutboxRetryRequest | OutboxPurgeRequest
+
+
+def _with_ids(req: _ById, ids: tuple[int, ...]) -> _ById:
+    if isinstance(req, DlqReplayRequest | DlqPurgeRequest):
+        # *req*'s limit covers every id it names; a part's is capped at what
+        # the daemon takes, and still covers its ids (at most that many).
+        return msgspec.structs.replace(req, ids=ids, limit=min(_MAX_LIMIT, req.limit))
+    return msgspec.structs.replace(req, ids=ids)
+
+
+def _check_fits(req: Request, max_bytes: int) -> None:
+    # The daemon must find the newline within max-request-bytes.
+    size = len(encode_request(req))
+    if size > max_bytes:
+        raise ConfigError(
+            f"the request takes {size} bytes, more than the daemon's "
+            f"[control] max-request-bytes ({max_bytes})"
+        )
+
+
+def merge_results(results: Sequence[Any]) -> Any:
+    """The results of the parts of one split request, as the whole's would be.
+
+    Lists are joined; in a dict result, list fields are joined and counts
+    (``matched``) added up. A single result is returned as it is.
+    """
+    if len(results) == 1:
+        return results[0]
+    if all(isinstance(r, list) for r in results):
+        return [item for r in results for item in r]
+    if not all(isinstance(r, dict) for r in results):
+        return list(results)  # not a shape this daemon sends: shown as it came
+    merged: dict[str, Any] = {}
+    for result in results:
+        for key, value in result.items():
+            if isinstance(value, list):
+                merged.setdefault(key, []).extend(value)
+            elif isinstance(value, int) and not isinstance(value, bool):
+                merged[key] = merged.get(key, 0) + value
+            else:
+                merged.setdefault(key, value)
+    return merged
 
 
 def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
@@ -127,8 +259,11 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
         "--timeout",
         metavar="S",
         type=_positive(float),
-        default=60.0,
-        help="seconds to wait for a reply (default: 60)",
+        default=None,
+        help=f"seconds to wait for a reply (default: {_TIMEOUT_S:g}; "
+        f"{BULK_TIMEOUT_S + _BULK_GRACE_S:g} for dlq replay|purge and outbox "
+        "retry|purge, which the daemon lets run for "
+        f"{BULK_TIMEOUT_S:g})",
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     commands.add_parser("status", help="daemon health")
@@ -349,8 +484,9 @@ def _request(
             "(--reason, --queue, --type, --correlation-id), or --all"
         )
     if args.ids:
-        # Every letter named, not the first --limit of them.
-        selection["limit"] = min(_MAX_LIMIT, max(args.limit, len(args.ids)))
+        # Every letter named, not the first --limit of them (`split_request`
+        # caps each request sent at what the daemon takes).
+        selection["limit"] = max(args.limit, len(args.ids))
     selection.update(ids=tuple(args.ids), dry_run=args.dry_run, all=args.all)
     if args.action == "replay":
         return DlqReplayRequest(max_replays=args.max_replays, **selection)

@@ -50,6 +50,8 @@ __all__ = [
     "ResumeRequest",
     "Request",
     "COMMANDS",
+    "BULK_TIMEOUT_S",
+    "is_bulk",
     # Replies
     "ErrorCode",
     "Reply",
@@ -354,6 +356,24 @@ Request = (
 COMMANDS: frozenset[str] = frozenset(
     str(cls.__struct_config__.tag) for cls in get_args(Request)
 )
+
+#: The daemon's deadline for a bulk command (`is_bulk`), instead of the
+#: short one of every other request; ``brokerctl`` waits this long for one.
+BULK_TIMEOUT_S = 600.0
+
+
+def is_bulk(req: Request) -> bool:
+    """Whether *req* acts on many rows: a DLQ replay or purge, an outbox retry or purge.
+
+    An outbox retry or purge of ``all`` works through every parked row, a
+    thousand per statement; cut off by the short per-request deadline it
+    would stop half-way, so these run under `BULK_TIMEOUT_S`.
+    """
+    return isinstance(
+        req,
+        DlqReplayRequest | DlqPurgeRequest | OutboxRetryRequest | OutboxPurgeRequest,
+    )
+
 
 _UNFILTERED = (
     "refusing to {verb} every dead letter: name ids or a filter "

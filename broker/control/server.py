@@ -5,20 +5,28 @@ The server owns the socket file and the connections; what each command
 Hardening follows RELIABILITY.md §6.3:
 
 - the parent directory is created with mode 0700 when missing, and the
-  socket is bound under umask 0177 and then chmod-ed 0600;
+  socket is bound under umask 0177 and then chmod-ed 0600; with ``[control]
+  socket-group`` the socket goes to that group, 0660, and the group is let
+  through the directory, so that the uids of ``allowed-uids`` can connect;
 - on start, an existing path is replaced only if it is a socket and
-  nothing answers on it; a live one means another daemon owns it (these
-  two in `broker.control.socket_file`);
-- each connection's SO_PEERCRED uid is checked *before* anything is read;
+  nothing answers on it; a live one means another daemon owns it (these two
+  in `broker.control.socket_file`);
+- each connection's SO_PEERCRED uid is checked *before* anything is read:
+  the daemon's own uid, root and the uids of ``allowed-uids`` are admitted;
 - a line longer than ``max_request_bytes`` is refused and the connection
-  closed; every request has a deadline, idle connections are dropped, and
-  the number of open connections is bounded;
+  closed; every request has a deadline (a longer one for the bulk commands
+  that act on many rows), idle connections are dropped, and the number of
+  open connections is bounded;
+- a failed ``accept()`` for want of resources (file descriptors, memory)
+  is logged and retried after a short, growing pause: it must not crash
+  the server, whose restarts count against the root supervisor's intensity;
 - one ``control_command`` log line per request: peer, command, outcome,
   never arguments or bodies.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import socket
 import struct
@@ -35,6 +43,7 @@ from anyio.streams.buffered import BufferedByteReceiveStream
 from broker.config import ControlConfig
 from broker.control import socket_file
 from broker.control.protocol import (
+    BULK_TIMEOUT_S,
     ActorsRequest,
     DlqListRequest,
     DlqPurgeRequest,
@@ -61,15 +70,25 @@ from broker.control.protocol import (
     command_name,
     decode_request,
     encode_reply,
+    is_bulk,
 )
 from broker.errors import BrokerError
 from broker.store import DeadLetterFilter
 
-__all__ = ["ControlHandler", "ControlServer"]
+__all__ = ["ControlHandler", "ControlServer", "allowed_uids"]
 
 log = structlog.get_logger(__name__)
 
-_PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
+_PEERCRED = struct.Struct("iII")  # struct ucred: pid_t pid; uid_t uid; gid_t gid
+#: accept() failures that say "not now" (resources run out, or the peer
+#: gave up before we took its connection), not "this socket is broken".
+_ACCEPT_TRANSIENT = frozenset(
+    {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM, errno.ECONNABORTED}
+)
+#: The pause after a transient accept() failure: doubled after each further
+#: one, up to the maximum; a successful accept() starts over.
+_ACCEPT_BACKOFF_S = 0.1
+_ACCEPT_BACKOFF_MAX_S = 1.0
 
 
 class ControlHandler(Protocol):
@@ -180,12 +199,16 @@ class ControlServer:
     """Serve the control socket until cancelled; run it as a supervised child.
 
     Args:
-        cfg: ``[control]``: socket path, allowed uids, request size limit.
-            An empty ``allowed_uids`` admits the daemon's own uid and root;
-            a non-empty one admits exactly the uids listed.
+        cfg: ``[control]``: socket path, allowed uids, socket group, request
+            size limit. The daemon's own uid and root are always admitted,
+            the uids of ``allowed_uids`` besides them.
         handler: carries out the commands.
         max_connections: open connections beyond this are refused at once.
         request_timeout_s: deadline for the handler to answer one request.
+        bulk_timeout_s: the deadline instead for the commands that act on
+            many rows (`broker.control.protocol.is_bulk`): an outbox retry
+            or purge of ``all`` works through every parked row, a thousand
+            at a time, and must not be cut off half-way by the short one.
         idle_timeout_s: a connection that sends no complete line for this
             long is closed.
     """
@@ -197,14 +220,17 @@ class ControlServer:
         *,
         max_connections: int = 16,
         request_timeout_s: float = 30.0,
+        bulk_timeout_s: float = BULK_TIMEOUT_S,
         idle_timeout_s: float = 60.0,
     ) -> None:
         self._path = cfg.socket_path
+        self._group = cfg.socket_group
         self._max_request_bytes = cfg.max_request_bytes
-        self._allowed = _allowed_uids(cfg.allowed_uids)
+        self._allowed = allowed_uids(cfg.allowed_uids)
         self._handler = handler
         self._max_connections = max_connections
         self._request_timeout_s = request_timeout_s
+        self._bulk_timeout_s = bulk_timeout_s
         self._idle_timeout_s = idle_timeout_s
         self._connections = 0
 
@@ -224,10 +250,11 @@ class ControlServer:
 
         Raises:
             ControlError: the path is held by a live daemon or is not a
-                socket, or binding failed.
+                socket, the socket group is unknown or not ours to give,
+                or binding failed.
         """
         sock, identity = await anyio.to_thread.run_sync(
-            socket_file.bind, self._path, self._max_connections
+            socket_file.bind, self._path, self._max_connections, self._group
         )
         try:
             listener = await anyio.abc.SocketListener.from_socket(sock)
@@ -239,11 +266,39 @@ class ControlServer:
             async with listener, anyio.create_task_group() as tg:
                 log.info("control_socket_bound", path=self._path)
                 task_status.started()
-                while True:
-                    stream = await listener.accept()
-                    tg.start_soon(self._connection, stream)
+                await self._accept_forever(listener, tg)
         finally:
             await socket_file.remove_shielded(self._path, identity)
+
+    async def _accept_forever(
+        self, listener: anyio.abc.SocketListener, tg: anyio.abc.TaskGroup
+    ) -> None:
+        """Accept connections; ride out accept() failures for want of resources.
+
+        With the file descriptors used up (EMFILE), accept() fails at once
+        and the connection stays queued: retrying at once would spin, and
+        crashing would only restart the server into the same state. So
+        pause, longer each time up to a second, and try again.
+        """
+        backoff_s = _ACCEPT_BACKOFF_S
+        while True:
+            try:
+                stream = await listener.accept()
+            except (OSError, anyio.BrokenResourceError) as exc:
+                cause = _transient_accept_error(exc)
+                if cause is None:
+                    raise
+                log.warning(
+                    "control_accept_failed",
+                    error=errno.errorcode.get(cause.errno or 0, str(cause.errno)),
+                    detail=cause.strerror,
+                    retry_in_s=backoff_s,
+                )
+                await anyio.sleep(backoff_s)
+                backoff_s = min(backoff_s * 2, _ACCEPT_BACKOFF_MAX_S)
+                continue
+            backoff_s = _ACCEPT_BACKOFF_S
+            tg.start_soon(self._connection, stream)
 
     async def _connection(self, stream: anyio.abc.SocketStream) -> None:
         async with stream:
@@ -255,7 +310,9 @@ class ControlServer:
                 await self._send(
                     stream,
                     Reply.failure(
-                        f"uid {uid} may not use this control socket", "forbidden"
+                        f"uid {uid} may not use this control socket: the daemon "
+                        "admits its own uid, root and [control] allowed-uids",
+                        "forbidden",
                     ),
                 )
                 return
@@ -334,7 +391,9 @@ class ControlServer:
 
     async def _execute(self, req: Request, command: str, uid: int) -> Reply:
         """Run one request under its deadline and map failures to error codes."""
-        with anyio.move_on_after(self._request_timeout_s):
+        bulk = is_bulk(req)
+        deadline_s = self._bulk_timeout_s if bulk else self._request_timeout_s
+        with anyio.move_on_after(deadline_s):
             try:
                 return Reply(ok=True, result=await self._dispatch(req, uid))
             except KeyError as exc:
@@ -351,9 +410,16 @@ class ControlServer:
                 return Reply.failure(
                     f"internal error: {type(exc).__name__}: {exc}", "failed"
                 )
-        return Reply.failure(
-            f"{command} did not finish within {self._request_timeout_s:g}s", "failed"
-        )
+        late = f"{command} did not finish within {deadline_s:g}s"
+        if bulk:
+            # Outbox rows are done a thousand per commit, dead letters in one
+            # transaction: either way, what was committed stays, and a rerun
+            # acts on what is left (rows done are no longer parked).
+            late += (
+                "; what it committed before then stays done: list what is left "
+                "and run it again for the rest"
+            )
+        return Reply.failure(late, "failed")
 
     async def _dispatch(self, req: Request, uid: int) -> Any:
         handler = self._handler
@@ -421,13 +487,33 @@ class ControlServer:
         return False
 
 
-def _allowed_uids(configured: Iterable[int]) -> frozenset[int]:
-    uids = frozenset(configured)
-    return uids or frozenset({os.geteuid(), 0})
+def allowed_uids(configured: Iterable[int]) -> frozenset[int]:
+    """The peer uids admitted: the daemon's own, root's, and *configured*.
+
+    ``[control] allowed-uids`` adds to the first two, never replaces them:
+    listing an operator's uid must not lock out the daemon's own user.
+    """
+    return frozenset({os.geteuid(), 0, *configured})
+
+
+def _transient_accept_error(exc: BaseException) -> OSError | None:
+    """The OSError behind a failed accept() if it is worth retrying, else None.
+
+    AnyIO's asyncio backend raises `anyio.BrokenResourceError` from the
+    OSError; a raw OSError is taken as well.
+    """
+    cause = exc.__cause__ if isinstance(exc, anyio.BrokenResourceError) else exc
+    if isinstance(cause, OSError) and cause.errno in _ACCEPT_TRANSIENT:
+        return cause
+    return None
 
 
 def _peer_credentials(sock: socket.socket) -> tuple[int, int]:
-    """The (uid, pid) of the process that connected, from SO_PEERCRED."""
+    """The (uid, pid) of the process that connected, from SO_PEERCRED.
+
+    uid_t is unsigned: a uid above 2**31 (user namespaces, some directory
+    services) must not come out negative.
+    """
     raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
     pid, uid, _gid = _PEERCRED.unpack(raw)
     return uid, pid

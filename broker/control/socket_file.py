@@ -6,12 +6,20 @@ runs `bind` in a worker thread. The parent directory is created with mode
 an existing path is replaced only if it is a socket nobody answers on; and
 on exit only the file this process bound is removed.
 
+With a socket group (``[control] socket-group``), the socket is given to
+that group with mode 0660, and its directory (if only the daemon may enter
+it) with mode 0750: a uid in the group can then connect at all, and the
+server still admits it only if it is listed in ``[control] allowed-uids``.
+Unix permissions decide who may *connect*; the peer uid check decides who
+is *served*.
+
 Internal: not for use outside broker/control.
 """
 
 from __future__ import annotations
 
 import contextlib
+import grp
 import os
 import socket
 import stat
@@ -28,16 +36,29 @@ log = structlog.get_logger(__name__)
 _PROBE_TIMEOUT_S = 1.0
 
 
-def bind(path: str, backlog: int) -> tuple[socket.socket, tuple[int, int]]:
+def bind(
+    path: str, backlog: int, group: str | int = ""
+) -> tuple[socket.socket, tuple[int, int]]:
     """Create the directory, clear a stale socket, bind 0600 and listen.
+
+    With *group* (a group name or gid; ``""`` for none) the socket becomes
+    0660 and of that group, and the group is let through the directory
+    (`_share_directory`).
 
     Returns the listening socket and the file's (st_dev, st_ino), so that
     only this socket file is removed on exit.
+
+    Raises:
+        ControlError: the path cannot be prepared or bound, the group is
+            unknown, or the directory or the socket cannot be given to it.
     """
     parent = os.path.dirname(os.path.abspath(path))
+    gid = _gid(group)
     try:
         if not os.path.isdir(parent):
             os.makedirs(parent, mode=0o700, exist_ok=True)
+        if gid is not None:
+            _share_directory(parent, gid, group)
         _clear_stale(path)
     except OSError as exc:
         raise ControlError(f"cannot prepare control socket {path}: {exc}") from exc
@@ -50,7 +71,10 @@ def bind(path: str, backlog: int) -> tuple[socket.socket, tuple[int, int]]:
             sock.bind(path)
         finally:
             os.umask(previous)
-        os.chmod(path, 0o600)
+        if gid is not None:
+            # Group first, then the group's bits: never 0660 to the wrong group.
+            _give_to_group(path, gid, group, follow_symlinks=False)
+        os.chmod(path, 0o600 if gid is None else 0o660)
         sock.listen(backlog)
         sock.setblocking(False)
         info = os.stat(path)
@@ -61,6 +85,71 @@ def bind(path: str, backlog: int) -> tuple[socket.socket, tuple[int, int]]:
         sock.close()
         raise
     return sock, (info.st_dev, info.st_ino)
+
+
+def _gid(group: str | int) -> int | None:
+    """The gid *group* names (a name, or a number), None for ``""``.
+
+    Raises:
+        ControlError: no such group.
+    """
+    if group == "":
+        return None
+    if isinstance(group, int):
+        return group
+    try:
+        return grp.getgrnam(group).gr_gid
+    except KeyError:
+        if group.isdigit():
+            return int(group)
+        raise ControlError(
+            f"[control] socket-group: no group named {group!r}"
+        ) from None
+
+
+def _share_directory(parent: str, gid: int, group: str | int) -> None:
+    """Let the members of *gid* through the socket's directory.
+
+    A directory that lets them through already (search permission for the
+    group or for everyone: ``/run``, say) is left as it is. One that only
+    the daemon may enter (the 0700 one `bind` creates) is given to the
+    group, 0750. Anything else is refused rather than changed: its group
+    or its mode may matter to someone else.
+
+    Raises:
+        ControlError: the directory is shared and keeps the group out, or
+            the daemon may not give it to the group (it is not a member).
+    """
+    info = os.stat(parent)
+    mode = stat.S_IMODE(info.st_mode)
+    if mode & 0o001 or (info.st_gid == gid and mode & 0o010):
+        return
+    if info.st_uid != os.geteuid() or mode & 0o077:
+        raise ControlError(
+            f"[control] socket-group: {parent} keeps group {group!r} out and is "
+            "not the daemon's private directory: give the socket a directory of "
+            f"its own (created 0750 for the group), or chgrp {group} {parent} "
+            "and chmod g+x it"
+        )
+    _give_to_group(parent, gid, group)
+    os.chmod(parent, 0o750)
+
+
+def _give_to_group(
+    path: str, gid: int, group: str | int, *, follow_symlinks: bool = True
+) -> None:
+    """Give *path* to group *gid* (chgrp).
+
+    Raises:
+        ControlError: the daemon may not (its user is not in the group).
+    """
+    try:
+        os.chown(path, -1, gid, follow_symlinks=follow_symlinks)
+    except PermissionError as exc:
+        raise ControlError(
+            f"[control] socket-group: cannot give {path} to group {group!r}: "
+            "the daemon's user must be a member of it"
+        ) from exc
 
 
 def _clear_stale(path: str) -> None:

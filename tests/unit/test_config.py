@@ -83,3 +83,53 @@ def test_a_config_file_that_is_not_utf8_is_a_config_error(tmp_path: Path) -> Non
     path.write_bytes(b'[daemon]\nname = "caf\xe9"\n')
     with pytest.raises(ConfigError, match=r"latin1\.toml"):
         load_config(path, environ={})
+
+
+def test_an_environment_table_missing_from_the_file_gets_the_schemas_name() -> None:
+    """EVENT_QUEUES is the field event-queues; the queue named in it keeps its name."""
+    cfg = load_config(
+        environ={
+            "BROKER__TOPOLOGY__EVENT_QUEUES__REPORTING": '["deal.completed"]',
+            "BROKER__TOPOLOGY__EVENT_QUEUES__AUDIT_FEED": '["order.placed"]',
+        }
+    )
+    assert cfg.topology.event_queues == {
+        "reporting": ("deal.completed",),
+        "audit_feed": ("order.placed",),
+    }
+
+
+def test_a_system_named_in_the_environment_keeps_its_underscores() -> None:
+    """BROKER__SYSTEMS__ERP_CLOUD is system erp_cloud; its own keys are kebab-case."""
+    cfg = load_config(
+        environ={
+            "BROKER__SYSTEMS__ERP_CLOUD": '{kind = "sap-s4"}',
+            "BROKER__SYSTEMS__CRM__BASE_URL": "http://crm",
+            "BROKER__APP__BOOKING_SLA_S": "10",
+        }
+    )
+    assert cfg.systems == {
+        "erp_cloud": {"kind": "sap-s4"},
+        "crm": {"base-url": "http://crm"},
+    }
+    assert cfg.app == {"booking-sla-s": "10"}
+    assert set(cfg.topology.systems) == {"crm", "erp_cloud"}
+
+
+def test_a_key_the_file_has_is_overridden_in_its_own_spelling(tmp_path: Path) -> None:
+    """A queue the file names audit-feed is that queue, not a second audit_feed."""
+    path = tmp_path / "b.toml"
+    path.write_text('[topology.event-queues]\naudit-feed = ["order.placed"]\n')
+    cfg = load_config(
+        path, environ={"BROKER__TOPOLOGY__EVENT_QUEUES__AUDIT_FEED": '["deal.won"]'}
+    )
+    assert cfg.topology.event_queues == {"audit-feed": ("deal.won",)}
+
+
+def test_the_control_socket_group_is_a_group_name_or_a_gid(tmp_path: Path) -> None:
+    """[control] socket-group takes a name or a number (resolved when binding)."""
+    path = tmp_path / "b.toml"
+    path.write_text("[control]\nsocket-group = 1001\n")
+    assert load_config(path, environ={}).control.socket_group == 1001
+    named = load_config(environ={"BROKER__CONTROL__SOCKET_GROUP": "q2c-ops"})
+    assert named.control.socket_group == "q2c-ops"

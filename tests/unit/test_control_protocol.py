@@ -19,6 +19,7 @@ from anyio.streams.buffered import BufferedByteReceiveStream
 from structlog.testing import capture_logs
 
 from broker.config import ControlConfig
+from broker.control import server as server_module
 from broker.control.client import ControlClient, DaemonUnreachable
 from broker.control.protocol import (
     ActorsRequest,
@@ -29,6 +30,7 @@ from broker.control.protocol import (
     DrainRequest,
     HoldListRequest,
     HoldReleaseRequest,
+    OutboxPurgeRequest,
     PauseRequest,
     QueuesRequest,
     Reply,
@@ -548,6 +550,59 @@ async def test_a_request_past_its_deadline_fails(cfg: ControlConfig) -> None:
             )
 
 
+class SlowPurge(FakeHandler):
+    """An outbox purge that runs until ``finish`` is set, like one of many chunks."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.started = anyio.Event()
+        self.finish = anyio.Event()
+
+    async def outbox_purge(
+        self, ids: tuple[int, ...] | None, /, *, dry_run: bool, by: str
+    ) -> dict[str, Any]:
+        """Purges rows 1 to 3000 once released."""
+        self.started.set()
+        await self.finish.wait()
+        return {"purged": list(range(1, 3001)), "skipped": []}
+
+
+async def test_a_bulk_command_outlives_the_request_deadline(cfg: ControlConfig) -> None:
+    """``outbox purge --all`` runs past request_timeout_s; other requests do not.
+
+    The purge starts first; a hanging restart sent after it gets past its
+    deadline, so the purge has been running longer than that deadline too.
+    """
+    handler = SlowPurge()
+    async with serving(cfg, handler, request_timeout_s=0.05):
+        client = ControlClient(cfg.socket_path)
+        async with anyio.create_task_group() as tg:
+            purged: list[Any] = []
+
+            async def purge() -> None:
+                purged.append(await client.request(OutboxPurgeRequest(all=True)))
+
+            tg.start_soon(purge)
+            await handler.started.wait()
+            with pytest.raises(RequestRefused, match=r"did not finish within 0\.05s"):
+                await client.request(RestartRequest(actor_id="hang"))
+            handler.finish.set()
+    assert purged == [{"purged": list(range(1, 3001)), "skipped": []}]
+
+
+async def test_a_bulk_command_past_its_deadline_says_what_stays_done(
+    cfg: ControlConfig,
+) -> None:
+    """Cut off by bulk_timeout_s, the reply says what stays done and how to go on."""
+    async with serving(cfg, SlowPurge(), bulk_timeout_s=0.05):
+        with pytest.raises(RequestRefused) as caught:
+            await ControlClient(cfg.socket_path).request(OutboxPurgeRequest(all=True))
+    assert str(caught.value) == (
+        "outbox_purge did not finish within 0.05s; what it committed before then "
+        "stays done: list what is left and run it again for the rest"
+    )
+
+
 async def test_one_connection_carries_many_lines_like_socat(cfg: ControlConfig) -> None:
     """Each line on one connection gets a reply, in order; blank lines are skipped."""
     payload = b'{"cmd": "status"}\n\n{"cmd": "reboot"}\n{"cmd": "drain", "x": 1}\n'
@@ -626,26 +681,45 @@ async def test_a_path_that_is_not_a_socket_is_left_alone(run_dir: str) -> None:
     assert await path.read_text() == "keep me"
 
 
-async def test_a_peer_whose_uid_is_not_allowed_is_refused(run_dir: str) -> None:
-    """With allowed_uids not listing our uid, the request is refused unread."""
-    cfg = ControlConfig(
-        socket_path=f"{run_dir}/c.sock", allowed_uids=(os.geteuid() + 4242,)
+@pytest.fixture
+def stranger(monkeypatch: pytest.MonkeyPatch) -> int:
+    """Every peer's SO_PEERCRED says this uid: neither ours, root's nor listed.
+
+    Connecting as another uid needs root (see test_control_socket.py).
+    """
+    uid = os.geteuid() + 4242
+    credentials = server_module._peer_credentials
+    monkeypatch.setattr(
+        server_module,
+        "_peer_credentials",
+        lambda sock: (uid, credentials(sock)[1]),
     )
+    return uid
+
+
+async def test_a_peer_whose_uid_is_not_allowed_is_refused(
+    run_dir: str, stranger: int
+) -> None:
+    """A uid neither the daemon's, root's nor listed is refused, the request unread."""
+    cfg = ControlConfig(socket_path=f"{run_dir}/c.sock", allowed_uids=(stranger + 1,))
     handler = FakeHandler()
     with capture_logs() as logs:
         async with serving(cfg, handler):
             with pytest.raises(RequestRefused, match="may not use") as caught:
                 await ControlClient(cfg.socket_path).request(DrainRequest())
     assert caught.value.code == "forbidden"
+    assert "[control] allowed-uids" in str(caught.value)
     assert handler.calls == []
     refused = [e for e in logs if e["event"] == "control_peer_refused"]
-    assert refused[0]["peer_uid"] == os.geteuid()
+    assert refused[0]["peer_uid"] == stranger
     assert refused[0]["peer_pid"] == os.getpid()
 
 
-async def test_the_uid_is_checked_before_anything_is_read(run_dir: str) -> None:
+async def test_the_uid_is_checked_before_anything_is_read(
+    run_dir: str, stranger: int
+) -> None:
     """A refused peer gets its reply without having sent a byte."""
-    cfg = ControlConfig(socket_path=f"{run_dir}/c.sock", allowed_uids=(65534,))
+    cfg = ControlConfig(socket_path=f"{run_dir}/c.sock")
     async with serving(cfg, FakeHandler()):
         replies = await exchange(cfg.socket_path, b"")
     assert [(r.ok, r.code) for r in replies] == [(False, "forbidden")]

@@ -160,3 +160,64 @@ def test_an_exception_is_still_rendered_after_redaction(log_buffer: io.BytesIO) 
         structlog.get_logger("probe").error("failed", exc_info=True)
     record = json.loads(log_buffer.getvalue())
     assert record["exception"][0]["exc_value"] == "cannot parse 't=2,v1=a'"
+
+
+def test_plural_and_camel_case_secret_keys_are_masked(log_buffer: io.BytesIO) -> None:
+    """``webhook_secrets``, ``api_tokens``, ``accessToken``, ``clientSecret`` go."""
+    structlog.get_logger("probe").warning(
+        "probe",
+        webhook_secrets=["whsec_a", "whsec_b"],
+        api_tokens=("tok-a",),
+        secrets={"crm": "s-1"},
+        tokens=["t-1"],
+        passwords=["pw-1"],
+        api_keys=["k-1"],
+        session={"accessToken": "at-1", "clientSecret": "cs-1", "clientId": "c-7"},
+        status="ok",
+        address="Main St 1",
+    )
+    out = log_buffer.getvalue()
+    record = json.loads(out)
+    for key in ("webhook_secrets", "api_tokens", "secrets", "tokens", "passwords"):
+        assert record[key] == "***", key
+    assert record["api_keys"] == "***"
+    assert record["session"] == {
+        "accessToken": "***",
+        "clientSecret": "***",
+        "clientId": "c-7",
+    }
+    assert (record["status"], record["address"]) == ("ok", "Main St 1")
+    for secret in (b"whsec_", b"tok-a", b"s-1", b"t-1", b"pw-1", b"k-1", b"at-1"):
+        assert secret not in out
+
+
+def test_passwords_with_an_at_sign_and_secret_parameters_are_masked(
+    log_buffer: io.BytesIO,
+) -> None:
+    """The last ``@`` ends a URL's user information; ``?token=`` and DSN values go."""
+    structlog.get_logger("probe").error(
+        "connect_failed",
+        error="cannot reach amqp://q2c:p@ss@rabbit:5672/q2c (refused)",
+        callback="POST https://hooks.example/cb?id=7&token=tk-99&access_token=at-9",
+        conn="host=db port=5432 user=broker password='pw with space' sslmode=require",
+        plain="host=db password=hunter2",
+        github="https://ghp_t0k3n@github.com/acme/repo.git",
+        path="https://crm.example/contacts/alice@example.com",
+        note="a=b and c=d",
+    )
+    out = log_buffer.getvalue()
+    record = json.loads(out)
+    assert record["error"] == "cannot reach amqp://q2c:***@rabbit:5672/q2c (refused)"
+    assert record["callback"] == (
+        "POST https://hooks.example/cb?id=7&token=***&access_token=***"
+    )
+    assert record["conn"] == (
+        "host=db port=5432 user=broker password=*** sslmode=require"
+    )
+    assert record["plain"] == "host=db password=***"
+    assert record["github"] == "https://***@github.com/acme/repo.git"
+    assert record["path"] == "https://crm.example/contacts/alice@example.com"
+    assert record["note"] == "a=b and c=d"
+    for secret in (b"p@ss", b"ss@rabbit", b"tk-99", b"at-9", b"pw with", b"hunter2"):
+        assert secret not in out
+    assert b"t0k3n" not in out
