@@ -10,7 +10,6 @@ configuration (secrets masked). Exit status: 0 ok, 1 failure, 2 usage,
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 from typing import Any
 
@@ -19,7 +18,7 @@ import msgspec
 
 from broker.config import DEFAULT_CONFIG, Config, config_file, load_config
 from broker.errors import BrokerError, ConfigError
-from broker.logging import configure_logging
+from broker.logging import SECRET_PARAM, configure_logging
 
 __all__ = ["main", "ctl_main", "DEFAULT_CONFIG"]
 
@@ -103,18 +102,11 @@ def _mask(value: Any, key: str = "") -> Any:
     if isinstance(value, str):
         # A password may also sit in a DSN's query (``?password=``) or in
         # its key=value form (``host=db password=…``).
-        value = _SECRET_PARAM.sub(r"\1***", value)
+        value = SECRET_PARAM.sub(r"\1***", value)
         if "://" in value and "@" in value:
             scheme, _, rest = value.partition("://")
             return f"{scheme}://***@{rest.rpartition('@')[2]}"
     return value
-
-
-#: A parameter whose name says secret, in a URL's query or a key=value DSN.
-_SECRET_PARAM = re.compile(
-    r"(?i)((?:^|[?&;\s])[\w.-]*(?:password|secret|token)[\w.-]*\s*=\s*)"
-    r"('(?:[^'\\]|\\.)*'|[^&;\s]*)"
-)
 
 
 def _demo(cfg: Config, deals: int, entries: int) -> int:

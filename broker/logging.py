@@ -21,7 +21,7 @@ from typing import Any, Literal
 import msgspec
 import structlog
 
-__all__ = ["configure_logging", "SENSITIVE_KEYS", "redact"]
+__all__ = ["configure_logging", "SECRET_PARAM", "SENSITIVE_KEYS", "redact"]
 
 #: Words whose values never reach a log line: a key is masked when it is one
 #: of these or ends in one (``webhook_secret``, ``Authorization``,
@@ -61,7 +61,7 @@ _URL = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<rest>\S+)")
 #: A parameter whose name says secret, in a URL's query or a key=value DSN
 #: (``?access_token=…``, ``host=db password='…'``): its value goes. The
 #: same rule as ``brokerd check-config``'s masking (`broker.cli`).
-_SECRET_PARAM = re.compile(
+SECRET_PARAM = re.compile(
     r"(?i)((?:^|[?&;\s])[\w.-]*(?:password|passwd|secret|token|api[_-]?key)"
     r"[\w.-]*\s*=\s*)('(?:[^'\\]|\\.)*'|[^&;\s]*)"
 )
@@ -120,7 +120,7 @@ def _sensitive_name(key: str) -> bool:
 def _scrub(value: Any, depth: int) -> Any:
     if isinstance(value, str):
         if "=" in value:
-            value = _SECRET_PARAM.sub(r"\1***", value)
+            value = SECRET_PARAM.sub(r"\1***", value)
         if "://" in value and "@" in value:
             return _URL.sub(_mask_user_info, value)
         return value
