@@ -171,6 +171,15 @@ class DaemonControl:
         Returns:
             ``{"retried": [ids], "skipped": [{"id", "reason": "not_parked"}]}``
         """
+        if not dry_run:
+            # Before the work, which commits chunk by chunk: a run cut short
+            # still says who started it and on what.
+            _log.info(
+                "outbox_retry_started",
+                ids=None if ids is None else len(ids),
+                all=ids is None,
+                by=by,
+            )
         retried = await self._d.runtime.store.retry_parked_outbox(ids, dry_run=dry_run)
         skipped = _skipped(ids, retried)
         if not dry_run:
@@ -192,6 +201,13 @@ class DaemonControl:
         Returns:
             ``{"purged": [ids], "skipped": [{"id", "reason": "not_parked"}]}``
         """
+        if not dry_run:
+            _log.info(
+                "outbox_purge_started",
+                ids=None if ids is None else len(ids),
+                all=ids is None,
+                by=by,
+            )
         purged = await self._d.runtime.store.purge_parked_outbox(ids, dry_run=dry_run)
         skipped = _skipped(ids, purged)
         if not dry_run:

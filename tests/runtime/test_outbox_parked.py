@@ -139,6 +139,8 @@ async def test_a_parked_command_arrives_once_its_queue_exists_and_it_is_retried(
     assert again == {"retried": [], "skipped": []}
     assert delivery.message_id == row.message_id
     assert msgspec.json.decode(delivery.body, type=Envelope).id == body.id
+    [started] = [x for x in logs if x["event"] == "outbox_retry_started"]
+    assert (started["ids"], started["by"]) == (2, f"uid {os.geteuid()}")
     [line] = [x for x in logs if x["event"] == "outbox_rows_retried"]
     assert line["count"] == 1
     assert line["skipped"] == 1
