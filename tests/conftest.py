@@ -5,6 +5,8 @@ from __future__ import annotations
 import functools
 import inspect
 import os
+import shutil
+import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any, cast
 
@@ -130,3 +132,16 @@ async def real_store(backend: str) -> AsyncIterator[Store]:
         yield store
     finally:
         await store.aclose()
+
+
+@pytest.fixture
+def socket_path() -> Iterator[str]:
+    """A control socket path short enough for AF_UNIX (tmp_path may not be).
+
+    In a directory of its own under /tmp, removed afterwards.
+    """
+    directory = tempfile.mkdtemp(prefix="ctl", dir="/tmp")
+    try:
+        yield f"{directory}/brokerd.sock"
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)

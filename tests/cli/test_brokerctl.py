@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -356,16 +354,6 @@ def _acted(done: str, ids: tuple[int, ...] | None) -> dict[str, Any]:
     named = parked if ids is None else list(ids)
     skipped = [{"id": i, "reason": "not_parked"} for i in named if i not in parked]
     return {done: [i for i in parked if i in named], "skipped": skipped}
-
-
-@pytest.fixture
-def socket_path() -> Iterator[str]:
-    """A socket path short enough for AF_UNIX, in a directory removed afterwards."""
-    directory = tempfile.mkdtemp(prefix="ctl", dir="/tmp")
-    try:
-        yield f"{directory}/brokerd.sock"
-    finally:
-        shutil.rmtree(directory, ignore_errors=True)
 
 
 @asynccontextmanager

@@ -7,9 +7,6 @@ run; and the daemon's error text is escaped like every other value shown.
 
 from __future__ import annotations
 
-import shutil
-import tempfile
-from collections.abc import Iterator
 from typing import Any, ClassVar
 
 import pytest
@@ -40,16 +37,6 @@ BIG = 1_000_000
 OUTBOX_IDS = [7, 42, *range(BIG + 1, BIG + 9_999)]
 #: 10,000 ids: the fake replays 1-899 and skips 900-1000 (and the others).
 LETTER_IDS = [*range(1, 1_001), *range(BIG + 1, BIG + 9_001)]
-
-
-@pytest.fixture
-def sock() -> Iterator[str]:
-    """A socket path short enough for AF_UNIX, in a directory removed afterwards."""
-    directory = tempfile.mkdtemp(prefix="ctl", dir="/tmp")
-    try:
-        yield f"{directory}/brokerd.sock"
-    finally:
-        shutil.rmtree(directory, ignore_errors=True)
 
 
 # -- long id lists --------------------------------------------------------------
@@ -89,11 +76,13 @@ def test_a_request_that_cannot_fit_is_a_usage_error() -> None:
         ctl.split_request(OutboxPurgeRequest(ids=(1, 2)), 40)
 
 
-async def test_outbox_retry_of_ten_thousand_ids_reaches_the_daemon(sock: str) -> None:
+async def test_outbox_retry_of_ten_thousand_ids_reaches_the_daemon(
+    socket_path: str,
+) -> None:
     """10,000 ids (some 70 KB) go as several requests; the results are shown as one."""
-    async with daemon(sock) as handler:
+    async with daemon(socket_path) as handler:
         done = await brokerctl(
-            "--socket", sock, "outbox", "retry", *map(str, OUTBOX_IDS)
+            "--socket", socket_path, "outbox", "retry", *map(str, OUTBOX_IDS)
         )
     text = out(done)
     assert text.startswith("retried 2 parked outbox rows: 7, 42\n")
@@ -103,10 +92,14 @@ async def test_outbox_retry_of_ten_thousand_ids_reaches_the_daemon(sock: str) ->
     assert [i for ids, _, _ in calls for i in ids] == OUTBOX_IDS
 
 
-async def test_dlq_replay_of_ten_thousand_ids_adds_up_the_parts(sock: str) -> None:
+async def test_dlq_replay_of_ten_thousand_ids_adds_up_the_parts(
+    socket_path: str,
+) -> None:
     """The parts' replayed, skipped and matched add up; no limit is said reached."""
-    async with daemon(sock) as handler:
-        done = await brokerctl("--socket", sock, "dlq", "replay", *map(str, LETTER_IDS))
+    async with daemon(socket_path) as handler:
+        done = await brokerctl(
+            "--socket", socket_path, "dlq", "replay", *map(str, LETTER_IDS)
+        )
     text = out(done)
     assert text.startswith("replayed 899 dead letters: 1, 2, 3")
     assert "skipped 50 (replayed --max-replays times already): 900, 901" in text
@@ -166,10 +159,10 @@ def client(monkeypatch: pytest.MonkeyPatch) -> type[_Client]:
     ],
 )
 def test_bulk_commands_wait_as_long_as_the_daemon_lets_them_run(
-    client: type[_Client], sock: str, args: list[str], timeout_s: float
+    client: type[_Client], socket_path: str, args: list[str], timeout_s: float
 ) -> None:
     """A retry or purge waits past the daemon's bulk deadline; --timeout still rules."""
-    assert main(["--socket", sock, *args]) == EXIT_FAILED
+    assert main(["--socket", socket_path, *args]) == EXIT_FAILED
     assert client.timeouts == [timeout_s]
 
 
@@ -185,14 +178,14 @@ def test_bulk_commands_wait_as_long_as_the_daemon_lets_them_run(
 )
 def test_the_daemons_error_text_is_escaped(
     client: type[_Client],
-    sock: str,
+    socket_path: str,
     capsys: pytest.CaptureFixture[str],
     error: Exception,
     code: int,
 ) -> None:
     """Escape sequences in an error (ids chosen by producers) print as text."""
     client.replies = [error]
-    assert main(["--socket", sock, "restart", "x"]) == code
+    assert main(["--socket", socket_path, "restart", "x"]) == code
     err = capsys.readouterr().err
     assert "\x1b" not in err
     assert "\x07" not in err
@@ -201,7 +194,7 @@ def test_the_daemons_error_text_is_escaped(
 
 
 def test_a_part_that_fails_is_named_after_what_the_parts_before_it_did(
-    client: type[_Client], sock: str, capsys: pytest.CaptureFixture[str]
+    client: type[_Client], socket_path: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """The first part's rows are shown as done; the error says which part failed."""
     client.replies = [
@@ -209,7 +202,7 @@ def test_a_part_that_fails_is_named_after_what_the_parts_before_it_did(
         RequestRefused("store unavailable", code="failed"),
     ]
     ids = map(str, OUTBOX_IDS)
-    assert main(["--socket", sock, "outbox", "purge", *ids]) == EXIT_FAILED
+    assert main(["--socket", socket_path, "outbox", "purge", *ids]) == EXIT_FAILED
     printed = capsys.readouterr()
     assert printed.out == "purged 2 parked outbox rows: 7, 42\n"
     assert printed.err == (

@@ -8,9 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
-from collections.abc import Iterator
 
 import pytest
 
@@ -30,16 +27,6 @@ pytestmark = pytest.mark.anyio
 
 #: What the server passes as *by* for this process's requests.
 BY = f"uid {os.geteuid()}"
-
-
-@pytest.fixture
-def sock() -> Iterator[str]:
-    """A socket path short enough for AF_UNIX, in a directory removed afterwards."""
-    directory = tempfile.mkdtemp(prefix="ctl", dir="/tmp")
-    try:
-        yield f"{directory}/brokerd.sock"
-    finally:
-        shutil.rmtree(directory, ignore_errors=True)
 
 
 @pytest.mark.parametrize(
@@ -80,10 +67,12 @@ def test_an_unguarded_or_malformed_outbox_request_is_refused(line: bytes) -> Non
     assert caught.value.code == "bad_request"
 
 
-async def test_outbox_list_prints_a_table_and_sends_the_limit(sock: str) -> None:
+async def test_outbox_list_prints_a_table_and_sends_the_limit(socket_path: str) -> None:
     """Newest first as the daemon sent them, in UTC; the default exchange named."""
-    async with daemon(sock) as handler:
-        text = out(await brokerctl("--socket", sock, "outbox", "list", "--limit", "2"))
+    async with daemon(socket_path) as handler:
+        text = out(
+            await brokerctl("--socket", socket_path, "outbox", "list", "--limit", "2")
+        )
     assert text == (
         "ID  MESSAGE ID  EXCHANGE    ROUTING KEY        TYPE              "
         "CORRELATION ID  BYTES  CREATED               REASON\n"
@@ -98,19 +87,19 @@ async def test_outbox_list_prints_a_table_and_sends_the_limit(sock: str) -> None
     assert handler.calls == [("outbox_list", 2)]
 
 
-async def test_outbox_list_json_and_the_default_limit(sock: str) -> None:
+async def test_outbox_list_json_and_the_default_limit(socket_path: str) -> None:
     """--json prints the rows untouched; without --limit, 100 are asked for."""
-    async with daemon(sock) as handler:
-        text = out(await brokerctl("--socket", sock, "outbox", "list", "--json"))
+    async with daemon(socket_path) as handler:
+        text = out(await brokerctl("--socket", socket_path, "outbox", "list", "--json"))
     assert json.loads(text) == PARKED
     assert handler.calls == [("outbox_list", 100)]
 
 
-async def test_outbox_show_prints_the_row_with_its_body(sock: str) -> None:
+async def test_outbox_show_prints_the_row_with_its_body(socket_path: str) -> None:
     """One row as aligned pairs, headers nested, the body as text."""
-    async with daemon(sock):
-        text = out(await brokerctl("--socket", sock, "outbox", "show", "42"))
-        missing = await brokerctl("--socket", sock, "outbox", "show", "9")
+    async with daemon(socket_path):
+        text = out(await brokerctl("--socket", socket_path, "outbox", "show", "42"))
+        missing = await brokerctl("--socket", socket_path, "outbox", "show", "9")
     assert "routing_key     q2c.sys.erp_cloud\n" in text
     assert "headers:\n  x-q2c-system  erp_cloud\n" in text
     assert text.endswith("body            {}\n")
@@ -118,10 +107,14 @@ async def test_outbox_show_prints_the_row_with_its_body(sock: str) -> None:
     assert missing.stderr.decode() == "brokerctl: no parked outbox row 9\n"
 
 
-async def test_retry_names_what_it_unparked_and_what_it_skipped(sock: str) -> None:
+async def test_retry_names_what_it_unparked_and_what_it_skipped(
+    socket_path: str,
+) -> None:
     """Named ids reach the handler with the peer's uid; skipped ones are listed."""
-    async with daemon(sock) as handler:
-        text = out(await brokerctl("--socket", sock, "outbox", "retry", "42", "9"))
+    async with daemon(socket_path) as handler:
+        text = out(
+            await brokerctl("--socket", socket_path, "outbox", "retry", "42", "9")
+        )
     assert text == (
         "retried 1 parked outbox row: 42\n"
         "the relay publishes them within [core] relay-poll-s\n"
@@ -130,25 +123,29 @@ async def test_retry_names_what_it_unparked_and_what_it_skipped(sock: str) -> No
     assert handler.calls == [("outbox_retry", ((42, 9), False, BY))]
 
 
-async def test_retry_all_dry_run_says_what_would_go(sock: str) -> None:
+async def test_retry_all_dry_run_says_what_would_go(socket_path: str) -> None:
     """--all sends no ids (every parked row); --dry-run says so and does nothing."""
-    async with daemon(sock) as handler:
+    async with daemon(socket_path) as handler:
         text = out(
-            await brokerctl("--socket", sock, "outbox", "retry", "--all", "--dry-run")
+            await brokerctl(
+                "--socket", socket_path, "outbox", "retry", "--all", "--dry-run"
+            )
         )
     assert text == "would retry 2 parked outbox rows: 7, 42 (dry run)\n"
     assert handler.calls == [("outbox_retry", (None, True, BY))]
 
 
-async def test_purge_prints_the_ids_purged_or_json(sock: str) -> None:
+async def test_purge_prints_the_ids_purged_or_json(socket_path: str) -> None:
     """A purge lists the ids it deleted; --json gives the daemon's result."""
-    async with daemon(sock) as handler:
-        text = out(await brokerctl("--socket", sock, "outbox", "purge", "--all"))
+    async with daemon(socket_path) as handler:
+        text = out(await brokerctl("--socket", socket_path, "outbox", "purge", "--all"))
         raw = out(
-            await brokerctl("--socket", sock, "outbox", "purge", "7", "--json")
+            await brokerctl("--socket", socket_path, "outbox", "purge", "7", "--json")
         )  # fmt: skip
         dry = out(
-            await brokerctl("--socket", sock, "outbox", "purge", "5", "--dry-run")
+            await brokerctl(
+                "--socket", socket_path, "outbox", "purge", "5", "--dry-run"
+            )
         )
     assert text == "purged 2 parked outbox rows: 7, 42\n"
     assert json.loads(raw) == {"purged": [7], "skipped": []}
@@ -173,10 +170,10 @@ async def test_purge_prints_the_ids_purged_or_json(sock: str) -> None:
     ],
 )
 async def test_retry_and_purge_need_ids_or_all(
-    sock: str, args: tuple[str, ...]
+    socket_path: str, args: tuple[str, ...]
 ) -> None:
     """Neither, both, or a bad id is a usage error: exit 2, nothing sent."""
-    async with daemon(sock) as handler:
-        done = await brokerctl("--socket", sock, *args)
+    async with daemon(socket_path) as handler:
+        done = await brokerctl("--socket", socket_path, *args)
     assert done.returncode == 2
     assert handler.calls == []

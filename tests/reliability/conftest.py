@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import shutil
 import tempfile
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -19,16 +19,6 @@ from tests.reliability.scenario import Scenario
 def vhost(amqp_url: str) -> str:
     """The test's own vhost name."""
     return services.vhost_of(amqp_url)
-
-
-@pytest.fixture
-def socket_path() -> Iterator[str]:
-    """A control socket path short enough for AF_UNIX (tmp_path may not be)."""
-    directory = tempfile.mkdtemp(prefix="q2cr", dir="/tmp")
-    try:
-        yield f"{directory}/brokerd.sock"
-    finally:
-        shutil.rmtree(directory, ignore_errors=True)
 
 
 @pytest.fixture

@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import sys
-import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from decimal import Decimal
 from pathlib import Path
 from typing import Any, final
@@ -62,29 +60,26 @@ def build_commanding_tree(rt: Runtime) -> SupervisorSpec:
     )
 
 
-@pytest.fixture
-def sock() -> Iterator[str]:
-    """A control socket path short enough for AF_UNIX (tmp_path may not be)."""
-    directory = tempfile.mkdtemp(prefix="ctl", dir="/tmp")
-    try:
-        yield f"{directory}/brokerd.sock"
-    finally:
-        shutil.rmtree(directory, ignore_errors=True)
-
-
-def daemon_config(tmp_path: Path, sock: str, **overrides: str) -> Config:
+def daemon_config(tmp_path: Path, socket_path: str, **overrides: str) -> Config:
     return config(
         tmp_path,
         BROKER__DAEMON__TREE=TREE,
-        BROKER__CONTROL__SOCKET_PATH=sock,
+        BROKER__CONTROL__SOCKET_PATH=socket_path,
         **overrides,
     )
 
 
-async def brokerctl(sock: str, *args: str) -> Any:
+async def brokerctl(socket_path: str, *args: str) -> Any:
     """Run ``brokerctl --json`` on *args*; return its parsed output."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("BROKER__")}
-    argv = [sys.executable, "-m", "broker.control.ctl", "--socket", sock, "--json"]
+    argv = [
+        sys.executable,
+        "-m",
+        "broker.control.ctl",
+        "--socket",
+        socket_path,
+        "--json",
+    ]
     done = await anyio.run_process([*argv, *args], check=False, cwd=ROOT, env=env)
     assert done.returncode == 0, done.stderr.decode()
     return json.loads(done.stdout)
@@ -95,7 +90,7 @@ async def parked(daemon: Daemon) -> list[ParkedOutboxRow]:
 
 
 async def test_a_parked_command_arrives_once_its_queue_exists_and_it_is_retried(
-    tmp_path: Path, sock: str
+    tmp_path: Path, socket_path: str
 ) -> None:
     """Unroutable: parked, listed and shown; declared and retried: delivered once.
 
@@ -103,11 +98,11 @@ async def test_a_parked_command_arrives_once_its_queue_exists_and_it_is_retried(
     daemon declares ``q2c.sys.erp`` when it starts again.
     """
     entry = entry_message("acct-c", "e-c", Decimal(4))
-    async with running(daemon_config(tmp_path, sock)) as daemon:
+    async with running(daemon_config(tmp_path, socket_path)) as daemon:
         await publish(daemon, [entry])
         [row] = await eventually(lambda: parked(daemon), timeout_s=20)
-        listed = await brokerctl(sock, "outbox", "list")
-        shown = await brokerctl(sock, "outbox", "show", str(row.id))
+        listed = await brokerctl(socket_path, "outbox", "list")
+        shown = await brokerctl(socket_path, "outbox", "show", str(row.id))
 
     assert (row.exchange, row.routing_key) == ("", COMMANDS)
     assert row.reason == "unroutable (returned by the broker)"
@@ -116,14 +111,16 @@ async def test_a_parked_command_arrives_once_its_queue_exists_and_it_is_retried(
     body = msgspec.json.decode(shown["body"], type=Envelope)
     assert (body.type, body.correlation_id) == ("ledger.entry.applied", "acct-c")
 
-    fixed = daemon_config(tmp_path, sock, BROKER__TOPOLOGY__SYSTEMS='["erp"]')
+    fixed = daemon_config(tmp_path, socket_path, BROKER__TOPOLOGY__SYSTEMS='["erp"]')
     async with running(fixed) as daemon:
         assert [r.id for r in await parked(daemon)] == [row.id]  # still parked
         with capture_logs() as logs:
-            dry = await brokerctl(sock, "outbox", "retry", "--all", "--dry-run")
-            retried = await brokerctl(sock, "outbox", "retry", str(row.id), "999")
+            dry = await brokerctl(socket_path, "outbox", "retry", "--all", "--dry-run")
+            retried = await brokerctl(
+                socket_path, "outbox", "retry", str(row.id), "999"
+            )
         [delivery] = await collect(daemon, COMMANDS, 1)
-        again = await brokerctl(sock, "outbox", "retry", "--all")
+        again = await brokerctl(socket_path, "outbox", "retry", "--all")
 
         async def published() -> bool:
             counts = await daemon.runtime.store.counts()

@@ -41,6 +41,14 @@ async def ordrsp(tmp_path: Path) -> v.Idoc:
     erp = LegacyErpSandbox(tmp_path / "out", tmp_path / "in", now=lambda: samples.NOW)
     command = OrderBookingRequested(order=samples.order())
     await connector.handle(command, samples.booking(command, key="book-0"))
+    (answer,) = [
+        i for i in await answers(erp, tmp_path) if i.edi_dc40.mestyp == "ORDRSP"
+    ]
+    return answer
+
+
+async def answers(erp: LegacyErpSandbox, tmp_path: Path) -> list[v.Idoc]:
+    """Let the simulated ERP answer what is in its outbound folder; read it all."""
     await erp.process_once()
     await erp.process_once()
     read: list[v.Idoc] = []
@@ -53,8 +61,7 @@ async def ordrsp(tmp_path: Path) -> v.Idoc:
     )
     await poller.poll_once()
     await poller.poll_once()
-    (answer,) = [i for i in read if i.edi_dc40.mestyp == "ORDRSP"]
-    return answer
+    return read
 
 
 def created(idoc: v.Idoc, credat: str | None, cretim: str | None) -> v.Idoc:
@@ -176,18 +183,7 @@ async def test_an_erp_in_another_zone_round_trips_through_the_sandbox(
         local.strftime("%Y%m%d"),
         local.strftime("%H%M%S"),
     )
-    await erp.process_once()
-    await erp.process_once()
-    read: list[v.Idoc] = []
-
-    async def handle(name: str, idocs: tuple[v.Idoc, ...]) -> None:
-        read.extend(idocs)
-
-    poller = InboundPoller(
-        tmp_path / "in", parse=parse_idocs, handle=handle, settle_s=0
-    )
-    await poller.poll_once()
-    await poller.poll_once()
+    read = await answers(erp, tmp_path)
     assert {i.edi_dc40.mestyp for i in read} >= {"ORDRSP", "INVOIC"}
     for idoc in read:
         assert idoc.edi_dc40.cretim == samples.NOW.astimezone(BERLIN).strftime("%H%M%S")
