@@ -163,7 +163,12 @@ async def open_transport(
 
     if tls is None:
         tls = await load_tls(cfg.amqp)
-    transport = AmqpTransport(cfg.amqp, name=cfg.daemon.name, tls=tls)
+    transport = AmqpTransport(
+        cfg.amqp,
+        name=cfg.daemon.name,
+        tls=tls,
+        max_body_bytes=cfg.core.max_dead_letter_bytes,
+    )
     try:
         await transport.start()
         if cfg.topology.declare:

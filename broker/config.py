@@ -158,6 +158,11 @@ class CoreConfig(Section, frozen=True):
     batch_linger_s: Annotated[float, Meta(ge=0, le=1)] = 0.005
     commit_writers: Annotated[int, Meta(ge=1, le=64)] = 2
     max_message_bytes: PositiveInt = 1_048_576
+    #: Of a message over ``max-message-bytes``, how many bytes its dead
+    #: letter keeps: up to this, all of them; past it (a hostile 100 MiB
+    #: body), the AMQP consumer keeps this many and counts the rest off
+    #: unbuffered, and the dead letter says it was cut.
+    max_dead_letter_bytes: PositiveInt = 16 * 1_048_576
     max_attempts: PositiveInt = 5
     #: A command that fails only because its system is unavailable (down,
     #: throttling, not answering, refusing our credentials) is retried at the
@@ -173,6 +178,13 @@ class CoreConfig(Section, frozen=True):
     #: Days a finished workflow instance is kept after its last change
     #: (`broker.workflow.finished_test`); 0 keeps them all.
     finished_retention_days: Annotated[int, Meta(ge=0)] = 90
+
+    def __post_init__(self) -> None:
+        if self.max_dead_letter_bytes < self.max_message_bytes:
+            raise ValueError(
+                "max-dead-letter-bytes must be at least max-message-bytes "
+                f"({self.max_message_bytes})"
+            )
 
 
 class ControlConfig(Section, frozen=True):

@@ -34,7 +34,12 @@ from broker.actor import Actor, Context
 from broker.codec import Decoders, decode_envelope
 from broker.commit import GroupCommit, Item
 from broker.config import CoreConfig
-from broker.errors import PermanentError, TransportUnavailable, UndecodableMessage
+from broker.errors import (
+    MessageTooLarge,
+    PermanentError,
+    TransportUnavailable,
+    UndecodableMessage,
+)
 from broker.faults import CrashHook
 from broker.metrics import Metrics
 from broker.outbox import OutboxFeed
@@ -170,6 +175,8 @@ class WorkflowShard(Actor[None]):
         max_bytes = self._core.max_message_bytes
         for d in deliveries:
             try:
+                if d.oversize is not None:
+                    raise MessageTooLarge(d.oversize)
                 if d.unreadable is not None:
                     raise UndecodableMessage(d.unreadable)
                 envelope = decode_envelope(

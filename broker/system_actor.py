@@ -23,6 +23,7 @@ from broker.codec import (
     decode_envelope,
 )
 from broker.errors import (
+    MessageTooLarge,
     PermanentError,
     RetryLater,
     StoreUnavailable,
@@ -359,6 +360,8 @@ class SystemActor(Actor[None]):
         commands: list[_Command] = []
         for d in deliveries:
             try:
+                if d.oversize is not None:
+                    raise MessageTooLarge(d.oversize)
                 if d.unreadable is not None:
                     raise UndecodableMessage(d.unreadable)
                 envelope = decode_envelope(

@@ -4,12 +4,16 @@ Media types ``application/cloudevents+json`` (one event, structured content
 mode) and ``application/cloudevents-batch+json`` (an array of them). Members
 are decoded one at a time from `msgspec.Raw`, so ``data`` keeps the exact JSON
 text it was sent with and a bad member of a batch spoils only itself.
+
+Each event must also pass `broker.codec.check_json`, as an envelope on the
+AMQP side must: msgspec reads ``{"id": "A", "id": "B"}`` as event B where
+another reader sees A, so duplicate names (and the other ambiguities it
+refuses) make the event invalid here too.
 """
 
 from __future__ import annotations
 
 import base64
-import binascii
 
 import msgspec
 
@@ -20,7 +24,8 @@ from adapters.cloudevents.views import (
     from_attributes,
     is_json_media_type,
 )
-from broker.errors import SchemaInvalid
+from broker.codec import check_json
+from broker.errors import SchemaInvalid, UndecodableMessage
 
 __all__ = ["parse_structured", "parse_batch", "BATCH_CONTENT_TYPE", "CONTENT_TYPE"]
 
@@ -41,13 +46,15 @@ def parse_structured(body: bytes) -> CloudEventView:
 
     Raises:
         SchemaInvalid: the body is not a JSON object (or is nested deeper
-            than the JSON decoder goes), or not a valid CloudEvent (the
-            message names the attribute at fault).
+            than the JSON decoder goes), is ambiguous JSON (a name twice, a
+            huge number), or is not a valid CloudEvent (the message names
+            the attribute at fault).
     """
     try:
         members = _object_decoder.decode(body)
     except (msgspec.DecodeError, msgspec.ValidationError, RecursionError) as exc:
         raise SchemaInvalid(f"CloudEvent is not a JSON object: {exc}") from exc
+    _check_unambiguous(body)
     return _event(members)
 
 
@@ -76,12 +83,25 @@ def parse_batch(body: bytes) -> list[CloudEventView | MemberError]:
             )
             continue
         try:
+            _check_unambiguous(bytes(raw))
+        except SchemaInvalid as exc:
+            # Not even its id can be trusted: it may be one of two.
+            results.append(MemberError(index=index, id=None, reason=str(exc)))
+            continue
+        try:
             results.append(_event(members))
         except SchemaInvalid as exc:
             results.append(
                 MemberError(index=index, id=_id_of(members), reason=str(exc))
             )
     return results
+
+
+def _check_unambiguous(text: bytes) -> None:
+    try:
+        check_json(text)
+    except UndecodableMessage as exc:
+        raise SchemaInvalid(f"CloudEvent is ambiguous JSON: {exc}") from exc
 
 
 def _event(members: _Members) -> CloudEventView:
@@ -138,7 +158,7 @@ def _base64_text(where: str, raw: msgspec.Raw | None) -> str | None:
 def _base64(where: str, text: str) -> bytes:
     try:
         return base64.b64decode(text, validate=True)
-    except binascii.Error as exc:
+    except ValueError as exc:  # binascii.Error, or a character outside ASCII
         raise SchemaInvalid(
             f"{where}: 'data_base64' is not valid base64: {exc}"
         ) from exc

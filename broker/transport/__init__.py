@@ -65,6 +65,7 @@ class Delivery:
         "exchange",
         "headers",
         "message_id",
+        "oversize",
         "redelivered",
         "routing_key",
         "tag",
@@ -86,6 +87,7 @@ class Delivery:
         content_type: str | None = None,
         headers: dict[str, Any] | None = None,
         unreadable: str | None = None,
+        oversize: str | None = None,
     ) -> None:
         self.tag = tag
         self.body = body
@@ -100,11 +102,17 @@ class Delivery:
         #: Why the message's AMQP headers could not be read (they are then
         #: None): a delivery to dead-letter by its body, not to apply.
         self.unreadable = unreadable
+        #: Why the body was cut: its declared size is over the transport's
+        #: limit, so only its first limit + 1 bytes were kept (still over
+        #: the limit, so no decoder takes them for a whole message). A
+        #: delivery to dead-letter as oversize, never to decode.
+        self.oversize = oversize
 
     def __repr__(self) -> str:
         return (
             f"<Delivery {self.tag} {self.routing_key!r} id={self.message_id!r} "
-            f"{len(self.body)}B{' redelivered' if self.redelivered else ''}>"
+            f"{len(self.body)}B{' cut' if self.oversize else ''}"
+            f"{' redelivered' if self.redelivered else ''}>"
         )
 
 

@@ -308,6 +308,10 @@ class AmqpTransport:
             ``"<name> consume"``.
         tls: the context for an ``amqps://`` URL (`broker.transport.tls`);
             ``None`` uses the system's defaults.
+        max_body_bytes: ``[core] max-message-bytes``: a delivery whose body
+            is declared larger is cut, not buffered whole, and flagged
+            (`Delivery.oversize`; see `WireChannel.consume`). None buffers
+            every body whole.
 
     Raises:
         ConfigError: ``cfg.url`` is not an AMQP URL.
@@ -319,12 +323,14 @@ class AmqpTransport:
         *,
         name: str = "q2c-broker",
         tls: ssl.SSLContext | None = None,
+        max_body_bytes: int | None = None,
     ) -> None:
         try:
             parse_url(cfg.url)
         except ValueError as exc:
             raise ConfigError(f"amqp.url: {exc}") from exc
         self._cfg = cfg
+        self._max_body_bytes = max_body_bytes
         self._ready = asyncio.Event()
         self._pub = _Link(f"{name} publish", cfg, self._update_ready, tls)
         self._con = _Link(f"{name} consume", cfg, self._update_ready, tls)
@@ -420,7 +426,7 @@ class AmqpTransport:
                 raise
             try:
                 await ch.qos(prefetch)
-                tag = await ch.consume(queue)
+                tag = await ch.consume(queue, max_body_bytes=self._max_body_bytes)
             except ClosedByBroker as exc:
                 if exc.code != _ACCESS_REFUSED or conn.is_closed:
                     raise

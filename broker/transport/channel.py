@@ -4,7 +4,8 @@ A channel runs its synchronous methods (``Channel.Open``, ``Basic.Qos``,
 ``Basic.Consume``, declarations, ``Channel.Close``) one at a time under a
 lock, as AMQP requires. It assembles Basic.Deliver and its content frames
 into slotted `Delivery` objects on a deque that `WireChannel.get_batch`
-drains, and writes Basic.Ack / Basic.Nack by hand. Publishing with confirms
+drains (a body declared over the consumer's limit is counted off, not
+buffered), and writes Basic.Ack / Basic.Nack by hand. Publishing with confirms
 comes from `ConfirmPublisher`; the connection parses the frames and hands
 each channel its own.
 """
@@ -44,6 +45,8 @@ __all__ = ["WireChannel", "CLOSE_TIMEOUT_S"]
 
 #: How long a polite close waits for the broker's CloseOk before giving up.
 CLOSE_TIMEOUT_S: Final = 5.0
+#: Over any body size (a 64-bit field): no limit.
+_NO_LIMIT: Final = 1 << 64
 
 
 @final
@@ -78,6 +81,7 @@ class WireChannel(ConfirmPublisher):
         self._content_size = 0
         self._content_parts: list[bytes] = []
         self._content_got = 0
+        self._max_body = _NO_LIMIT
         self._init_publishing()
 
     def __repr__(self) -> str:
@@ -176,9 +180,27 @@ class WireChannel(ConfirmPublisher):
         self._on_close = callback
 
     async def consume(
-        self, queue: str, consumer_tag: str | None = None, *, exclusive: bool = False
+        self,
+        queue: str,
+        consumer_tag: str | None = None,
+        *,
+        exclusive: bool = False,
+        max_body_bytes: int | None = None,
     ) -> str:
-        """Start consuming *queue* with manual acks; return the consumer tag."""
+        """Start consuming *queue* with manual acks; return the consumer tag.
+
+        A message whose content header declares a body over *max_body_bytes*
+        is not buffered whole (RabbitMQ allows 128 MiB, times the prefetch):
+        its first *max_body_bytes* + 1 bytes are kept, the rest is counted
+        off as it arrives, and it is handed over with `Delivery.oversize`
+        saying so, for the consumer to dead-letter. None keeps every body.
+
+        Raises:
+            ValueError: *max_body_bytes* is below 1.
+        """
+        if max_body_bytes is not None and max_body_bytes < 1:
+            raise ValueError(f"max_body_bytes must be at least 1, not {max_body_bytes}")
+        self._max_body = _NO_LIMIT if max_body_bytes is None else max_body_bytes
         reply = await self.rpc(
             commands.Basic.Consume(
                 queue=queue, consumer_tag=consumer_tag or "", exclusive=exclusive
@@ -367,13 +389,22 @@ class WireChannel(ConfirmPublisher):
             d.type = buf[p + 1 : p + 1 + n].decode(errors="replace")
         self._content_size = size
         self._content_got = 0
-        if size == 0:
+        if size > self._max_body:
+            limit = self._max_body
+            d.oversize = (
+                f"body of {size} bytes declared, over the {limit}-byte limit: "
+                f"cut to its first {limit + 1} bytes"
+            )
+        elif size == 0:
             self._content_done(d)
 
     def _on_body(self, buf: bytearray, start: int, end: int) -> None:
         d = self._content
         if d is None:
             raise ValueError(f"channel {self.id}: content body without a header")
+        if d.oversize is not None:
+            self._count_off(d, buf, start, end)
+            return
         chunk = bytes(buf[start:end])
         got = self._content_got + len(chunk)
         if got == self._content_size and not self._content_parts:
@@ -385,6 +416,22 @@ class WireChannel(ConfirmPublisher):
                 return
             d.body = b"".join(self._content_parts)
             self._content_parts = []
+        self._content_done(d)
+
+    def _count_off(self, d: Delivery, buf: bytearray, start: int, end: int) -> None:
+        # Keep one byte past the limit: what is kept is over the limit itself,
+        # so a decoder (or a dead letter's replay) never takes it for a whole
+        # message that happens to parse.
+        got = self._content_got
+        room = self._max_body + 1 - got
+        if room > 0:
+            self._content_parts.append(bytes(buf[start : min(end, start + room)]))
+        got += end - start
+        if got < self._content_size:
+            self._content_got = got
+            return
+        d.body = b"".join(self._content_parts)
+        self._content_parts = []
         self._content_done(d)
 
     def _content_done(self, d: Delivery) -> None:

@@ -4,19 +4,21 @@ pamqp marshals the handshake and the rare methods; hand-written `struct`
 code handles the frames that come once per message: Basic.Deliver with its
 content header and body, Basic.Publish with its content, and Basic.Ack /
 Basic.Nack in both directions. This module owns what that code shares: the
-frame layouts and method ids, short strings, field tables (encoded and
-decoded without pamqp for the common value types), the broker's Close as an
-exception (`ClosedByBroker`) and the ``amqp://`` URL (`parse_url`).
+frame layouts and method ids, short strings, field tables (encoded without
+pamqp for the common value types, decoded without it for all), the broker's
+Close as an exception (`ClosedByBroker`) and the ``amqp://`` URL
+(`parse_url`).
 """
 
 from __future__ import annotations
 
+import datetime
 import struct
 import urllib.parse
 from collections.abc import Mapping
+from decimal import Decimal
 from typing import Any, Final, final
 
-from pamqp import decode as pdecode
 from pamqp import encode as pencode
 from pamqp import frame as pframe
 from pamqp.base import Frame
@@ -181,8 +183,21 @@ def encode_table(headers: Mapping[str, Any]) -> bytes:
 
 
 def decode_table(buf: bytearray, p: int, end: int) -> dict[str, Any]:
-    """Decode a field table; common value types skip pamqp's generic path."""
+    """Decode the field table in ``buf[p:end]``, in time linear in its size.
+
+    Values read as pamqp reads them; the common types are read inline.
+
+    Raises:
+        ValueError: more than `MAX_TABLE_VALUES` values, nesting deeper than
+            `MAX_TABLE_DEPTH`, an unknown field type, a nested field name
+            that is not UTF-8, a value past its table or array, a timestamp
+            out of range.
+        IndexError, struct.error: the table runs past the buffer.
+    """
+    if end - p > _UNCOUNTED_BYTES:
+        return _Nested(buf).table(p, end, 1)
     out: dict[str, Any] = {}
+    nested: _Nested | None = None
     while p < end:
         n = buf[p]
         key = buf[p + 1 : p + 1 + n].decode(errors="replace")
@@ -212,9 +227,146 @@ def decode_table(buf: bytearray, p: int, end: int) -> dict[str, Any]:
             out[key] = bool(buf[p + 1])
             p += 2
         else:  # nested tables, arrays, timestamps, floats ...: rare
-            used, out[key] = pdecode.embedded_value(bytes(buf[p:end]))
-            p += used
+            if nested is None:
+                nested = _Nested(buf)
+            out[key], p = nested.value(p, end, 1)
     return out
+
+
+# The values decode_table does not read inline are read here, as pamqp reads
+# them but in place and bounded. pamqp copies the rest of the table for every value it
+# reads (quadratic: a third of a second for a 128 KiB table of voids),
+# recurses without a bound (a RecursionError escapes the protocol callback and
+# costs the connection), and lets a value run past the table holding it.
+
+#: Most values read from one header table; a table with more is unreadable.
+#: Even read in place, a frame's worth of one-byte values (128 KiB) would hold
+#: the event loop for tens of milliseconds.
+MAX_TABLE_VALUES: Final = 1024
+#: Up to this size (the usual table is a few hundred bytes), the common values
+#: at a table's top are read uncounted: at three bytes each, few fit.
+_UNCOUNTED_BYTES: Final = 2 * MAX_TABLE_VALUES
+#: Deepest nesting of tables and arrays read; RabbitMQ's own x-death is two.
+MAX_TABLE_DEPTH: Final = 16
+
+#: Fixed-size values by type byte.
+_FIXED: Final[dict[int, struct.Struct]] = {
+    0x62: _I8,  # b
+    0x42: struct.Struct(">B"),  # B
+    0x73: _I16,  # s
+    0x75: U16,  # u
+    0x49: _I32,  # I
+    0x69: U32,  # i
+    0x6C: _I64,  # l
+    0x4C: _I64,  # L: signed, as pamqp reads it
+    0x66: struct.Struct(">f"),  # f
+    0x64: struct.Struct(">d"),  # d
+}
+#: Size of every value with no length in front.
+_SIZES: Final[dict[int, int]] = {
+    **{kind: layout.size for kind, layout in _FIXED.items()},
+    0x56: 0,  # V: void
+    0x74: 1,  # t: boolean
+    0x54: 8,  # T: timestamp
+    0x44: 5,  # D: decimal
+}
+#: Values with a 32-bit length in front: long string, table, array, byte array.
+_SIZED: Final = frozenset(b"SFAx")
+
+
+@final
+class _Nested:
+    """Reads one header table's values one by one, counting them to the limit.
+
+    Used for the rarer types, and for every value of a table too big for
+    decode_table's inline reading.
+    """
+
+    __slots__ = ("buf", "left")
+
+    def __init__(self, buf: bytearray) -> None:
+        self.buf = buf
+        self.left = MAX_TABLE_VALUES
+
+    def value(self, p: int, end: int, depth: int) -> tuple[Any, int]:
+        """The value whose type byte is at *p*, and where the next one starts.
+
+        The value must end by *end*, the end of the table or array holding
+        it; *depth* counts the tables and arrays around it.
+        """
+        self.left -= 1
+        if self.left < 0:
+            raise ValueError(f"field table of over {MAX_TABLE_VALUES} values")
+        buf = self.buf
+        kind = buf[p]
+        p += 1
+        if kind in _SIZED:
+            q = p + 4 + U32.unpack_from(buf, p)[0]
+        else:
+            size = _SIZES.get(kind)
+            if size is None:
+                raise ValueError(f"unknown field type {bytes((kind,))!r}")
+            q = p + size
+        if q > end:
+            raise ValueError(f"field value {bytes((kind,))!r} runs past its table")
+        layout = _FIXED.get(kind)
+        if layout is not None:
+            return layout.unpack_from(buf, p)[0], q
+        if kind == 0x56:  # V: void
+            return None, q
+        if kind == 0x74:  # t: boolean
+            return bool(buf[p]), q
+        if kind == 0x54:  # T: timestamp
+            return _timestamp(U64.unpack_from(buf, p)[0]), q
+        if kind == 0x44:  # D: decimal (scale, signed 32-bit value)
+            raw = _I32.unpack_from(buf, p + 1)[0]
+            return Decimal(raw) * Decimal(10) ** -buf[p], q
+        return self._sized(kind, p + 4, q, depth), q
+
+    def _sized(self, kind: int, p: int, end: int, depth: int) -> Any:
+        buf = self.buf
+        if kind == 0x53:  # S: long string (bytes when not UTF-8, as pamqp does)
+            raw = bytes(buf[p:end])
+            try:
+                return raw.decode()
+            except UnicodeDecodeError:
+                return raw
+        if kind == 0x78:  # x: byte array
+            return bytearray(buf[p:end])
+        if depth >= MAX_TABLE_DEPTH:
+            raise ValueError(f"field tables nested over {MAX_TABLE_DEPTH} deep")
+        if kind == 0x46:  # F: table
+            return self.table(p, end, depth + 1)
+        array: list[Any] = []  # A: array
+        while p < end:
+            value, p = self.value(p, end, depth + 1)
+            array.append(value)
+        return array
+
+    def table(self, p: int, end: int, depth: int) -> dict[str, Any]:
+        """The table in ``buf[p:end]``, itself *depth* deep (the headers: 1)."""
+        buf = self.buf
+        # Strict below the top, as pamqp: a nested name not UTF-8 is unreadable.
+        errors = "replace" if depth == 1 else "strict"
+        out: dict[str, Any] = {}
+        while p < end:
+            start = p + 1
+            p = start + buf[p]
+            if p >= end:
+                raise ValueError("field table entry runs past its table")
+            key = buf[start:p].decode(errors=errors)
+            out[key], p = self.value(p, end, depth)
+        return out
+
+
+def _timestamp(seconds: int) -> datetime.datetime:
+    # Past 2106, it is likely milliseconds (pamqp's reading).
+    try:
+        return datetime.datetime.fromtimestamp(
+            seconds / 1000.0 if seconds > 0xFFFFFFFF else seconds, tz=datetime.UTC
+        )
+    except (OverflowError, OSError) as exc:
+        raise ValueError(f"timestamp {seconds} is out of range") from exc
 
 
 def method_frame(channel: int, method: Frame) -> bytes:

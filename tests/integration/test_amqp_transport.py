@@ -105,6 +105,38 @@ async def test_round_trip_and_status(amqp_url: str, transport: AmqpTransport) ->
     assert transport.status()["subscriptions"] == []
 
 
+async def test_a_body_over_max_body_bytes_is_delivered_cut_and_flagged(
+    amqp_url: str,
+) -> None:
+    """``max_body_bytes`` reaches every subscription's channel.
+
+    The daemon passes ``[core] max-message-bytes``: a bigger message arrives
+    with its first limit + 1 bytes and `Delivery.oversize` set, for the
+    consumer to dead-letter, instead of being buffered whole.
+    """
+    await declare(amqp_url, "work")
+    t = AmqpTransport(cfg(amqp_url), name="limited", max_body_bytes=100)
+    with anyio.fail_after(10):
+        await t.start()
+    try:
+        sub = await t.subscribe("work", prefetch=10)
+        body = bytes(range(256)) * 2
+        fits = b"f" * 100
+        out = [
+            OutgoingMessage(exchange="", routing_key="work", body=b, message_id=i)
+            for i, b in (("big", body), ("fits", fits))
+        ]
+        assert await t.publish(out, timeout_s=5) == [ACK, ACK]
+        big, small = await take(sub, 2)
+        sub.ack(small.tag, multiple=True)
+    finally:
+        await t.aclose()
+    assert (big.message_id, big.body) == ("big", body[:101])
+    assert big.oversize is not None
+    assert "body of 512 bytes declared, over the 100-byte limit" in big.oversize
+    assert (small.message_id, small.body, small.oversize) == ("fits", fits, None)
+
+
 async def test_killed_connections_recover_and_redeliver(
     amqp_url: str, transport: AmqpTransport
 ) -> None:

@@ -288,6 +288,42 @@ async def test_bodies_larger_than_frame_max_round_trip(amqp_url: str) -> None:
     assert [d.body for d in got] == [big, b""]
 
 
+async def test_a_body_over_the_consumers_limit_arrives_cut_and_flagged(
+    amqp_url: str,
+) -> None:
+    """Over *max_body_bytes*: the first limit + 1 bytes and why; the rest intact.
+
+    Counted off frame by frame rather than assembled: RabbitMQ lets a message
+    be 128 MiB, and a consumer with a large prefetch held every one whole.
+    """
+    async with connected(amqp_url) as conn:
+        ch = await confirm_channel(conn)
+        await ch.queue_declare("big")
+        big = bytes(range(256)) * (3 * conn.frame_max // 256 + 7)
+        small = b"s" * 1024
+        outcomes = await ch.publish_batch(
+            [msg("big", 1, big), msg("big", 2, small), msg("big", 3, b"")], 10
+        )
+        assert outcomes == [ACK, ACK, ACK]
+        sub = await conn.channel()
+        await sub.consume("big", max_body_bytes=1024)
+        got: list[Delivery] = []
+        with anyio.fail_after(5):
+            while len(got) < 3:
+                got += await sub.get_batch(10)
+        sub.ack(got[-1].tag, multiple=True)
+    assert [(d.message_id, d.body) for d in got] == [
+        ("m-1", big[:1025]),
+        ("m-2", small),
+        ("m-3", b""),
+    ]
+    assert got[0].oversize == (
+        f"body of {len(big)} bytes declared, over the 1024-byte limit: "
+        "cut to its first 1025 bytes"
+    )
+    assert (got[1].oversize, got[2].oversize) == (None, None)
+
+
 async def test_pipelined_publish_through_a_small_window_all_acked(
     amqp_url: str,
 ) -> None:

@@ -137,17 +137,21 @@ async def test_oversize_input_is_dead_lettered_without_being_decoded(
 
     A 5000-byte body of invalid UTF-8 is ``oversize``, not ``malformed``: the
     size is checked before any decoding. A valid but padded envelope is
-    ``oversize`` too. Both keep their bytes; the workload is untouched.
+    ``oversize`` too. Both keep their bytes; the workload is untouched. A
+    body past ``max-dead-letter-bytes`` is not buffered whole: its letter
+    keeps that many bytes and one more, and says it was cut.
     """
     daemon = scenario.daemon
     workload = Workload.build(1000)
     pad = b'{"type":"ledger.entry.posted","pad":"' + b"x" * 5000 + b'"}'
     bad = [
         raw_message("garbage", b"\xff" * 5000),
+        raw_message("huge", b"\xff" * 20_000),
         raw_message("padded", envelope_with_data(pad, entry_id="padded")),
     ]
     stream = [*workload.stream[:500], *bad, *workload.stream[500:]]
-    await daemon.start({"core": {"max-message-bytes": 4096}})
+    limits = {"max-message-bytes": 4096, "max-dead-letter-bytes": 8192}
+    await daemon.start({"core": limits})
     await daemon.wait_ready()
     assert (await scenario.publish(stream)).confirmed == len(stream)
 
@@ -156,8 +160,13 @@ async def test_oversize_input_is_dead_lettered_without_being_decoded(
     for m, letter in zip(bad, letters, strict=True):
         assert letter["message_id"] == m.message_id
         assert (letter["reason"], letter["attempts"]) == ("oversize", 1), letter
-        assert letter["body"] == m.body
-        assert "4096-byte limit" in letter["detail"]
+        if m.message_id == "bad-huge":
+            assert letter["body"] == m.body[:8193]
+            assert "20000 bytes declared" in letter["detail"], letter["detail"]
+            assert "cut" in letter["detail"]
+        else:
+            assert letter["body"] == m.body
+            assert "4096-byte limit" in letter["detail"]
 
     outcome = await scenario.finish(workload)
     assert outcome.report.dead_letters == len(bad)

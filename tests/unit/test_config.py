@@ -133,3 +133,16 @@ def test_the_control_socket_group_is_a_group_name_or_a_gid(tmp_path: Path) -> No
     assert load_config(path, environ={}).control.socket_group == 1001
     named = load_config(environ={"BROKER__CONTROL__SOCKET_GROUP": "q2c-ops"})
     assert named.control.socket_group == "q2c-ops"
+
+
+def test_a_dead_letter_may_not_keep_less_than_a_message_may_hold() -> None:
+    """max-dead-letter-bytes below max-message-bytes would cut bodies never refused."""
+    with pytest.raises(ConfigError, match="max-dead-letter-bytes"):
+        load_config(
+            environ={
+                "BROKER__CORE__MAX_MESSAGE_BYTES": "8192",
+                "BROKER__CORE__MAX_DEAD_LETTER_BYTES": "4096",
+            }
+        )
+    ok = load_config(environ={"BROKER__CORE__MAX_DEAD_LETTER_BYTES": "1048576"})
+    assert ok.core.max_dead_letter_bytes == ok.core.max_message_bytes

@@ -205,6 +205,30 @@ def test_invalid_base64_is_refused_naming_the_member(text: str) -> None:
         parsed(data_base64=text)
 
 
+@pytest.mark.parametrize(
+    "text",
+    ["é", "YWJj\u00e9", "\u0661\u0662\u0663\u0664"],
+    ids=["e-acute", "ascii-then-e-acute", "arabic-digits"],
+)
+def test_base64_outside_ascii_is_refused_and_spoils_only_its_member(text: str) -> None:
+    """Non-ASCII ``data_base64`` is invalid base64, not a crash (a 500, retried).
+
+    ``b64decode`` raises a plain ValueError for it, not ``binascii.Error``.
+    """
+    with pytest.raises(SchemaInvalid, match="'data_base64' is not valid base64"):
+        parsed(data_base64=text)
+    results = parse_batch(
+        msgspec.json.encode(
+            [{**REQUIRED, "id": "bad", "data_base64": text}, {**REQUIRED, "id": "ok"}]
+        )
+    )
+    assert isinstance(results[0], MemberError)
+    assert (results[0].index, results[0].id) == (0, "bad")
+    assert "'data_base64' is not valid base64" in results[0].reason
+    assert isinstance(results[1], CloudEventView)
+    assert results[1].id == "ok"
+
+
 def test_data_and_data_base64_are_mutually_exclusive() -> None:
     """An event may not carry both."""
     with pytest.raises(SchemaInvalid, match="mutually exclusive"):
@@ -254,6 +278,52 @@ def test_batch_reports_each_member_on_its_own() -> None:
     assert isinstance(results[3], MemberError)
     assert results[3].id == "evt-1"
     assert "'type'" in results[3].reason
+
+
+AMBIGUOUS = [
+    pytest.param(
+        b'{"specversion": "1.0", "id": "A", "id": "B", "source": "/s", "type": "t"}',
+        "duplicate JSON key 'id'",
+        id="duplicate-id",
+    ),
+    pytest.param(
+        b'{"specversion": "1.0", "id": "A", "source": "/s", "type": "t",'
+        b' "data": {"total": 1, "total": 2}}',
+        "duplicate JSON key 'total'",
+        id="duplicate-in-data",
+    ),
+    pytest.param(
+        b'{"specversion": "1.0", "id": "A", "source": "/s", "type": "t",'
+        b' "data": {"n": 1' + b"0" * 80 + b"}}",
+        "JSON number of 81 characters",
+        id="huge-number",
+    ),
+]
+
+
+@pytest.mark.parametrize(("body", "reason"), AMBIGUOUS)
+def test_ambiguous_json_is_refused_as_on_the_amqp_side(
+    body: bytes, reason: str
+) -> None:
+    """A name given twice (last wins in msgspec, first in others) is invalid.
+
+    The same check as an envelope's on the AMQP side (`check_json`), so an
+    event the webhook accepts is never one the consumers dead-letter.
+    """
+    with pytest.raises(SchemaInvalid, match=f"CloudEvent is ambiguous JSON: {reason}"):
+        parse_structured(body)
+
+
+@pytest.mark.parametrize(("body", "reason"), AMBIGUOUS)
+def test_an_ambiguous_batch_member_spoils_only_itself(body: bytes, reason: str) -> None:
+    """Its error names no id (it may hold two); the other members still parse."""
+    good = msgspec.json.encode({**REQUIRED, "id": "ok"})
+    results = parse_batch(b"[" + good + b", " + body + b"]")
+    assert isinstance(results[0], CloudEventView)
+    assert results[0].id == "ok"
+    assert isinstance(results[1], MemberError)
+    assert (results[1].index, results[1].id) == (1, None)
+    assert reason in results[1].reason
 
 
 def test_an_empty_batch_is_valid() -> None:
