@@ -69,7 +69,7 @@ ViolationCode = Literal[
 ]
 
 Code = Annotated[str, Meta(min_length=1, max_length=40)]
-EntityCode = Annotated[str, Meta(pattern=r"^[A-Z0-9]{1,4}$")]
+EntityCode = Annotated[str, Meta(pattern=r"^[A-Z0-9]{1,4}\Z")]
 SalesOrg = Annotated[str, Meta(min_length=1, max_length=4)]
 TwoChars = Annotated[str, Meta(min_length=1, max_length=2)]
 Plant = Annotated[str, Meta(min_length=1, max_length=4)]
@@ -170,7 +170,7 @@ class PaymentTermsRule(_Section, frozen=True):
 
     countries: Annotated[tuple[str, ...], Meta(min_length=1)]
     terms: TermsKey
-    min_total: dict[Annotated[str, Meta(pattern="^[A-Z]{3}$")], Decimal] = (
+    min_total: dict[Annotated[str, Meta(pattern=r"^[A-Z]{3}\Z")], Decimal] = (
         msgspec.field(default_factory=dict)
     )
 

@@ -95,9 +95,9 @@ class SalesforceSettings(Section, frozen=True):
     login_url: str
     client_id: Annotated[str, Meta(min_length=1)]
     client_secret: str = ""
-    api_version: Annotated[str, Meta(pattern=r"^\d{2}\.\d$")] = "60.0"
+    api_version: Annotated[str, Meta(pattern=r"^\d{2}\.\d\Z")] = "60.0"
     timeout_s: Annotated[float, Meta(gt=0)] = 10.0
-    default_currency: Annotated[str, Meta(pattern="^[A-Z]{3}$")] = "USD"
+    default_currency: Annotated[str, Meta(pattern=r"^[A-Z]{3}\Z")] = "USD"
     webhook_secrets: tuple[str, ...] = ()
     webhook_tolerance_s: Annotated[float, Meta(gt=0)] = 300.0
 

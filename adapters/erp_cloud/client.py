@@ -102,7 +102,7 @@ class SapSettings(Section, frozen=True):
     base_url: Annotated[str, Meta(pattern=r"^https?://")]
     username: Annotated[str, Meta(min_length=1)]
     password: str = ""
-    sap_client: Annotated[str, Meta(pattern=r"^\d{3}$")] | None = None
+    sap_client: Annotated[str, Meta(pattern=r"^\d{3}\Z")] | None = None
     timeout_s: Annotated[float, Meta(gt=0)] = 10.0
     system: str = "erp_cloud"
 

@@ -15,7 +15,7 @@ from broker.config import Section
 __all__ = ["LegacyErpSettings"]
 
 # SAP port and partner names are at most ten characters (EDIPOA, EDIPRN).
-_SapName = Annotated[str, Meta(pattern="^[A-Z0-9_/]{1,10}$")]
+_SapName = Annotated[str, Meta(pattern=r"^[A-Z0-9_/]{1,10}\Z")]
 
 
 class LegacyErpSettings(Section, frozen=True):
@@ -55,7 +55,7 @@ class LegacyErpSettings(Section, frozen=True):
 
     outbound_dir: str
     inbound_dir: str
-    client: Annotated[str, Meta(pattern="^[0-9]{3}$")] = "100"
+    client: Annotated[str, Meta(pattern=r"^[0-9]{3}\Z")] = "100"
     sender_port: _SapName = "Q2CBROKER"
     sender_partner_type: _SapName = "LS"
     sender_partner: _SapName = "Q2CBROKER"

@@ -75,9 +75,9 @@ LetterStatus = Literal["parked", "held", "released", "replayed", "purged", "open
 Text = Annotated[str, Meta(min_length=1, max_length=512)]
 RowId = Annotated[int, Meta(ge=1)]
 #: A system's name, as in ``[topology] systems``: ``crm``, ``erp_cloud`` …
-SystemName = Annotated[str, Meta(pattern=r"^[a-z][a-z0-9_]*$", max_length=64)]
+SystemName = Annotated[str, Meta(pattern=r"^[a-z][a-z0-9_]*\Z", max_length=64)]
 #: An xref kind: ``order``, ``account``, ``product``, ``invoice`` …
-XrefKind = Annotated[str, Meta(pattern=r"^[a-z][a-z0-9_.-]*$", max_length=64)]
+XrefKind = Annotated[str, Meta(pattern=r"^[a-z][a-z0-9_.-]*\Z", max_length=64)]
 
 
 class RequestRefused(ControlError):

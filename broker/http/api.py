@@ -212,6 +212,27 @@ def _json_content(schema: Mapping[str, Any]) -> dict[str, Any]:
     return {"application/json": {"schema": dict(schema)}}
 
 
+def _ecma_patterns(schema: Any) -> Any:
+    r"""*schema* with each ``pattern``'s Python end anchor ``\Z`` written ``$``.
+
+    The types anchor with ``\Z`` (Python's ``$`` also matches before a final
+    newline); JSON Schema patterns are ECMA-262, where ``$`` is the end of
+    the input and ``\Z`` is no anchor at all.
+    """
+    if isinstance(schema, dict):
+        return {
+            k: (
+                v[:-2] + "$"
+                if k == "pattern" and isinstance(v, str) and v.endswith("\\Z")
+                else _ecma_patterns(v)
+            )
+            for k, v in schema.items()
+        }
+    if isinstance(schema, list):
+        return [_ecma_patterns(v) for v in schema]
+    return schema
+
+
 def openapi_document(
     routes: Sequence[ApiRoute],
     systems: Sequence[str],
@@ -234,6 +255,7 @@ def openapi_document(
     schemas, components = msgspec.json.schema_components(
         types, ref_template="#/components/schemas/{name}"
     )
+    schemas, components = _ecma_patterns(schemas), _ecma_patterns(components)
     by_type = dict(zip(types, schemas, strict=True))
     error = _json_content(by_type[ErrorBody])
     retry_after = {

@@ -7,7 +7,7 @@ process API shows them across the systems and validates quotes on request.
 from __future__ import annotations
 
 import random
-from collections.abc import MutableMapping
+from collections.abc import Iterator, MutableMapping
 from contextlib import AsyncExitStack
 from decimal import Decimal
 from pathlib import Path
@@ -247,7 +247,24 @@ async def test_deals_complete_and_the_process_api_shows_them(tmp_path: Path) -> 
             shown_fields = document["components"]["schemas"]["DealView"]["properties"]
             for added in ("open_exceptions", "duplicate_orders"):
                 assert shown_fields[added]["type"] == "array"
+            # JSON Schema patterns are ECMA-262: "$" ends them; "\\Z" is no anchor.
+            patterns = list(_patterns(document))
+            assert any(p.endswith("$") for p in patterns)
+            assert not any(p.endswith("\\Z") for p in patterns)
             daemon.request_shutdown("test finished")
+
+
+def _patterns(node: object) -> Iterator[str]:
+    """Every ``pattern`` in a JSON document."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key == "pattern" and isinstance(value, str):
+                yield value
+            else:
+                yield from _patterns(value)
+    elif isinstance(node, list):
+        for value in node:
+            yield from _patterns(value)
 
 
 async def test_a_poison_message_holds_its_deal_only_until_it_is_purged(
