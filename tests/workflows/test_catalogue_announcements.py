@@ -7,7 +7,6 @@ test sets, a transport that confirms and keeps every message, and a real
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from decimal import Decimal
 from typing import Any
 
@@ -111,16 +110,6 @@ class Reader:
             decode_envelope(m.body, max_bytes=1 << 20).idempotency_key
             for m in self.rt.transport.published
         ]
-
-
-@pytest.fixture
-async def store() -> AsyncIterator[SqliteStore]:
-    """A private in-memory store."""
-    opened = await SqliteStore.open(":memory:")
-    try:
-        yield opened
-    finally:
-        await opened.aclose()
 
 
 async def test_a_price_changing_back_and_forth_is_a_new_change_each_time(

@@ -86,16 +86,6 @@ async def org() -> AsyncIterator[Org]:
         yield running
 
 
-@pytest.fixture
-async def store() -> AsyncIterator[SqliteStore]:
-    """A private in-memory store."""
-    opened = await SqliteStore.open(":memory:")
-    try:
-        yield opened
-    finally:
-        await opened.aclose()
-
-
 def change_feed(rt: Rt, client: SalesforceClient) -> _ChangeFeed:
     """The follower of system ``crm``'s feed, long-polling briefly."""
     table = SystemTable(

@@ -11,7 +11,6 @@ its own).
 from __future__ import annotations
 
 import itertools
-import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -38,7 +37,6 @@ from adapters.erp_cloud import (
 )
 from broker import Emit
 from broker.codec import encode_event
-from broker.connector import Inbound
 from canonical import Envelope, Money
 from canonical.commerce import Account, Opportunity, Quote, QuoteLine
 from canonical.q2c import (
@@ -52,6 +50,7 @@ from canonical.q2c import (
     QuoteUpdateRequested,
     SubscriptionRequested,
 )
+from tests.adapters.erp_cloud.test_ingress import Webhook
 
 pytestmark = pytest.mark.anyio
 
@@ -129,27 +128,10 @@ class Deal:
         return out
 
 
-class Webhook:
-    """The broker's ``/webhooks/erp_cloud``: verify, then parse each delivery."""
-
-    def __init__(self) -> None:
-        self.hook = SapEventWebhook([SECRET])
-        self.send, self.received = anyio.create_memory_object_stream[Inbound](10)
-        self.app = web.Application()
-        self.app.router.add_post("/webhooks/erp_cloud", self._post)
-
-    async def _post(self, request: web.Request) -> web.Response:
-        body = await request.read()
-        self.hook.verify(dict(request.headers), body, now=time.time())
-        for inbound in self.hook.parse(dict(request.headers), body):
-            await self.send.send(inbound)
-        return web.Response(status=202)
-
-
 @pytest.fixture
 async def sap() -> AsyncIterator[tuple[SapSandbox, SapClient, Webhook]]:
     """The SAP sandbox pushing its events to the webhook, and a client of it."""
-    webhook = Webhook()
+    webhook = Webhook(SapEventWebhook([SECRET]))
     runner = web.AppRunner(webhook.app)
     await runner.setup()
     await web.TCPSite(runner, "127.0.0.1", 0).start()
