@@ -177,7 +177,7 @@ class Pass:
             # loaded, a key another daemon holds): time, not attempts.
             now = int(time.time())
             since = letters.unavailable_since(d) or now
-            tier = retry.wait_for(item.attempt, since, now)
+            tier = retry.wait_for(letters.waits_of(d) + 1, since, now)
             exhausted = "unavailable_too_long"
         else:
             tier = retry.tier_for(item.attempt)

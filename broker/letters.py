@@ -27,7 +27,9 @@ from canonical.upcast import current_version
 __all__ = [
     "ATTEMPT_HEADER",
     "UNAVAILABLE_SINCE_HEADER",
+    "WAITS_HEADER",
     "unavailable_since",
+    "waits_of",
     "dead_letter",
     "follow_up",
     "journal",
@@ -42,6 +44,9 @@ __all__ = [
 ATTEMPT_HEADER = "x-q2c-attempt"
 #: Epoch seconds of the first of a run of failures for want of the system.
 UNAVAILABLE_SINCE_HEADER = "x-q2c-unavailable-since"
+#: How many waits in a row (failures that spend time, not attempts) the
+#: message has met: it picks the wait's tier, growing as a run goes on.
+WAITS_HEADER = "x-q2c-waits"
 
 
 def message_id_for(idempotency_key: str) -> str:
@@ -185,16 +190,23 @@ def retry(
 ) -> OutboxRecord:
     """The copy of a failed delivery that waits in tier *tier*, then comes back.
 
-    *unavailable_since* (epoch seconds) marks a failure of the system's
-    availability, and since when the command has met only those
-    (`UNAVAILABLE_SINCE_HEADER`); None drops the mark.
+    *unavailable_since* (epoch seconds) marks a wait: a failure that says
+    nothing of the message (its system unavailable, something it needs not
+    there yet), and since when the message has met only those
+    (`UNAVAILABLE_SINCE_HEADER`). A wait does not spend an attempt: the
+    copy keeps *attempt* and counts the run in `WAITS_HEADER`. None is a
+    failure of the message: the next attempt, and the run of waits ends.
     """
     headers = plain_headers(d.headers)
     headers.pop(UNAVAILABLE_SINCE_HEADER, None)
-    headers[ATTEMPT_HEADER] = attempt + 1
     headers["x-q2c-reason"] = error[:500]
-    if unavailable_since is not None:
+    if unavailable_since is None:
+        headers.pop(WAITS_HEADER, None)
+        headers[ATTEMPT_HEADER] = attempt + 1
+    else:
         headers[UNAVAILABLE_SINCE_HEADER] = unavailable_since
+        headers[WAITS_HEADER] = waits_of(d) + 1
+        headers[ATTEMPT_HEADER] = attempt
     return OutboxRecord(
         message_id=message_id,
         exchange=retry_exchange(tier),
@@ -210,3 +222,9 @@ def unavailable_since(d: Delivery) -> int | None:
     """Since when (epoch seconds) *d* has failed only for want of its system."""
     raw = d.headers.get(UNAVAILABLE_SINCE_HEADER) if d.headers else None
     return raw if isinstance(raw, int) and not isinstance(raw, bool) else None
+
+
+def waits_of(d: Delivery) -> int:
+    """How many waits in a row *d* has met (0: none, or the run ended)."""
+    raw = d.headers.get(WAITS_HEADER) if d.headers else None
+    return raw if isinstance(raw, int) and not isinstance(raw, bool) and raw > 0 else 0

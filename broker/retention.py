@@ -7,9 +7,10 @@ change. Without it the saga table grows by one row per deal for ever.
 
 `prune_finished` pages through each such workflow's idle instances, oldest
 first, decodes each state and asks the workflow. The delete re-checks the
-version it read, so an instance a message changed in between stays; held
-instances and instances with a row still pending in the outbox (a timer
-due later) stay too. A state this daemon cannot decode (written by another
+version it read, so an instance a message changed in between stays (one a
+message reads while it is deleted gets that message as a new instance, as
+if it came after); held instances and instances with a timer due later
+stay too. A state this daemon cannot decode (written by another
 version of the workflow) is left alone. Pages are bounded, so the work
 interleaves with the batches the store is committing meanwhile.
 """

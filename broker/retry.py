@@ -50,15 +50,15 @@ class RetryPolicy:
         """The delay tier after failed *attempt*, however many there were."""
         return self._tiers[min(max(attempt, 1) - 1, len(self._tiers) - 1)]
 
-    def wait_for(self, attempt: int, since: int, now: int) -> float | None:
-        """The delay tier for a failure that spends time, not attempts.
+    def wait_for(self, waits: int, since: int, now: int) -> float | None:
+        """The delay tier for the *waits*-th failure in a run that spends time.
 
         *since* is when (epoch seconds) the run of such failures began, *now*
         the present; None once the run is older than `wait_max_s`.
         """
         if now - since > self.wait_max_s:
             return None
-        return self.delay_for(attempt)
+        return self.delay_for(waits)
 
     def __repr__(self) -> str:
         return f"<RetryPolicy tiers={self._tiers} max_attempts={self.max_attempts}>"

@@ -289,7 +289,8 @@ class SystemCommit:
                     # meanwhile).
                     now = int(time.time())
                     since = letters.unavailable_since(d.delivery) or now
-                    wait = self._rt.retry.wait_for(d.attempt, since, now)
+                    waits = letters.waits_of(d.delivery) + 1
+                    wait = self._rt.retry.wait_for(waits, since, now)
                     if wait is None:
                         dead_letter(d, "unavailable_too_long", error)
                         continue

@@ -24,7 +24,7 @@ a parked message is exactly the deal whose SLA must still fall due).
 A workflow may also say when an instance is over: a method
 ``finished(state) -> bool``. A finished instance that nothing changed for
 ``[core] finished-retention-days`` is deleted by the hourly maintenance
-(unless held, or a row of it still waits in the outbox); a message for it
+(unless held, or a timer of it is still to fall due); a message for it
 after that starts a new instance. Without the method, instances are kept.
 """
 

@@ -55,6 +55,7 @@ __all__ = [
     "HoldWrite",
     "DeadLetterStatus",
     "REPLAY_HEADER",
+    "REPLAY_DROPS",
     "StatusFilter",
     "XrefEntry",
     "XrefConflict",
@@ -70,6 +71,11 @@ DeadLetterStatus = Literal["parked", "held", "released", "replayed", "purged"]
 #: The header of a dead letter's copy sent back by ``replay_dead_letters``:
 #: how many times it has been (1 the first time).
 REPLAY_HEADER: Final = "x-q2c-replay"
+
+#: Headers a replayed copy does not carry on: the marks of a run of waits
+#: (since when, how many) that ended in the dead letter. A replay starts
+#: waiting afresh.
+REPLAY_DROPS: Final = ("x-q2c-unavailable-since", "x-q2c-waits")
 
 #: A filter's status: one status, or ``open`` for parked and held alike.
 StatusFilter = Literal["parked", "held", "released", "replayed", "purged", "open"]
@@ -628,8 +634,7 @@ class Store(Protocol):
         """Delete *workflow*'s *instances* (correlation id, version); return how many.
 
         An instance changed since it was read (another version), held, or
-        with a row pending in the outbox (a timer due, a result not yet
-        relayed) stays.
+        with a timer due later (a pending outbox row due after now) stays.
         """
         ...
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Final
 
-from broker.store import REPLAY_HEADER
+from broker.store import REPLAY_DROPS, REPLAY_HEADER
 
 __all__ = [
     "EXACT_COUNT_CAP",
@@ -396,7 +396,8 @@ WITH picked AS (
     INSERT INTO outbox (message_id, exchange, routing_key, body, correlation_id, type,
                         headers)
     SELECT message_id, '', queue, body, correlation_id, type,
-           headers || jsonb_build_object('{REPLAY_HEADER}', replays)
+           (headers - '{REPLAY_DROPS[0]}' - '{REPLAY_DROPS[1]}')
+               || jsonb_build_object('{REPLAY_HEADER}', replays)
     FROM replayed
     ORDER BY id
 )
@@ -500,17 +501,21 @@ LIMIT $5
 """
 
 # Instances ($2 ids at $3 versions) that nothing touched since they were
-# read, and that nothing waits to reach: no hold, no row pending in the
-# outbox (a timer due later, a result not yet relayed).
+# read, and that nothing waits to reach: no hold, no timer due later. The
+# timers are the pending outbox rows due after now, read by outbox_due's
+# range (few: an outage's backlog is due already), not the whole outbox.
 DELETE_SAGAS = """
+WITH timers AS MATERIALIZED (
+    SELECT o.correlation_id FROM outbox AS o
+    WHERE greatest(o.next_attempt_at, o.lease_until) > now()
+      AND o.sent_at IS NULL AND o.parked_reason IS NULL
+)
 DELETE FROM saga AS s
 USING unnest($2::text[], $3::bigint[]) AS d(cid, version)
 WHERE s.workflow = $1 AND s.correlation_id = d.cid AND s.version = d.version
   AND NOT EXISTS (
       SELECT 1 FROM hold AS h WHERE h.workflow = $1 AND h.correlation_id = d.cid)
-  AND NOT EXISTS (
-      SELECT 1 FROM outbox AS o
-      WHERE o.correlation_id = d.cid AND o.sent_at IS NULL AND o.parked_reason IS NULL)
+  AND NOT EXISTS (SELECT 1 FROM timers AS t WHERE t.correlation_id = d.cid)
 """
 
 # The parked count reads outbox_parked (0008).

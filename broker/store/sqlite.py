@@ -530,7 +530,11 @@ class SqliteStore:
         """Delete *workflow*'s *instances* unless changed, held or awaited."""
         if not instances:
             return 0
-        params = {"workflow": workflow, "instances": encode_json(list(instances))}
+        params = {
+            "workflow": workflow,
+            "instances": encode_json(list(instances)),
+            "now": self._clock(),
+        }
         return await self._transaction(
             lambda conn: conn.execute(sql.DELETE_SAGAS, params).rowcount
         )

@@ -15,7 +15,7 @@ from __future__ import annotations
 import sqlite3
 from typing import Any
 
-from broker.store import REPLAY_HEADER, DeadLetterFilter
+from broker.store import REPLAY_DROPS, REPLAY_HEADER, DeadLetterFilter
 from broker.store import sqlite_sql as sql
 from broker.store.rows import decode_headers, encode_json, releasable, release_detail
 
@@ -64,7 +64,7 @@ def replay(
                 body,
                 correlation_id,
                 type_,
-                encode_json({**decode_headers(headers), REPLAY_HEADER: replays}),
+                encode_json(_replayed_headers(headers, replays)),
                 now,
                 0,
                 now,
@@ -170,3 +170,10 @@ def _promote(
         ),
     )
     return str(message_id)
+
+
+def _replayed_headers(stored: str, replays: int) -> dict[str, object]:
+    """A dead letter's headers as its replayed copy carries them."""
+    headers = {k: v for k, v in decode_headers(stored).items() if k not in REPLAY_DROPS}
+    headers[REPLAY_HEADER] = replays
+    return headers

@@ -474,15 +474,16 @@ DELETE FROM dead_letter WHERE id IN (
 IDLE_SAGAS = f"""
 SELECT {_SAGA_COLUMNS} FROM saga INDEXED BY saga_idle
 WHERE workflow = :workflow AND updated_at < :before
-  AND (updated_at > :after_at + 1e-6
-       OR (updated_at >= :after_at - 1e-6 AND correlation_id > :after_id))
+  AND updated_at >= :after_at - 1e-6
+  AND (updated_at > :after_at + 1e-6 OR correlation_id > :after_id)
 ORDER BY updated_at, correlation_id
 LIMIT :limit
 """
 
 # Instances (:instances, a JSON array of [id, version]) that nothing touched
-# since they were read, and that nothing waits to reach: no hold, no row
-# pending in the outbox (a timer due later, a result not yet relayed).
+# since they were read, and that nothing waits to reach: no hold, no timer
+# due later. The timers are the pending outbox rows due after :now, read by
+# outbox_due's range (few: an outage's backlog is due already).
 DELETE_SAGAS = """
 DELETE FROM saga
 WHERE workflow = :workflow
@@ -492,10 +493,11 @@ WHERE workflow = :workflow
   AND NOT EXISTS (
       SELECT 1 FROM hold AS h
       WHERE h.workflow = saga.workflow AND h.correlation_id = saga.correlation_id)
-  AND NOT EXISTS (
-      SELECT 1 FROM outbox AS o
-      WHERE o.correlation_id = saga.correlation_id
-        AND o.sent_at IS NULL AND o.parked_reason IS NULL)
+  AND correlation_id NOT IN (
+      SELECT o.correlation_id FROM outbox AS o INDEXED BY outbox_due
+      WHERE max(o.next_attempt_at, coalesce(o.lease_until, 0)) > :now
+        AND o.sent_at IS NULL AND o.parked_reason IS NULL
+        AND o.correlation_id IS NOT NULL)
 """
 
 COUNTS = """

@@ -447,14 +447,22 @@ async def test_dead_letters_are_listed_newest_first_and_filtered(store: Store) -
 async def test_replay_sends_the_original_back_to_its_queue_via_the_outbox(
     store: Store,
 ) -> None:
-    """Same id and body, default exchange to the original queue, plus x-q2c-replay."""
+    """Same id and body, default exchange to the original queue, plus x-q2c-replay.
+
+    The marks of a run of waits (since when, how many) stay behind.
+    """
     await add_dead_letters(
         store,
         dead_letter(
             "d1",
             queue="q2c.sys.erp",
             body=b'{"original": true}',
-            headers={"x-source": "crm"},
+            # A run of waits that ended here: a replay starts waiting afresh.
+            headers={
+                "x-source": "crm",
+                "x-q2c-unavailable-since": 1_700_000_000,
+                "x-q2c-waits": 4,
+            },
             correlation_id="deal-1",
             type="order.placed",
         ),
