@@ -33,6 +33,7 @@ from broker.errors import (
     UpstreamRejected,
     UpstreamUnavailable,
 )
+from broker.letters import WAITS_HEADER
 from broker.limits import BreakerState
 from broker.store import REPLAY_HEADER, OutboxRecord
 from broker.system_commit import (
@@ -75,14 +76,17 @@ class _Command:
     def first_attempt(self) -> bool:
         """No earlier attempt can have reached the system.
 
-        Not redelivered (a crash or a nack), not back from a retry tier, not
-        sent back from the dead letters by an operator.
+        Not redelivered (a crash or a nack), not back from a retry tier
+        (after a failure, or a wait: a call that timed out may have landed),
+        not sent back from the dead letters by an operator.
         """
         d = self.delivery
         return (
             self.attempt == 1
             and not d.redelivered
-            and not (d.headers and REPLAY_HEADER in d.headers)
+            and not (
+                d.headers and (REPLAY_HEADER in d.headers or WAITS_HEADER in d.headers)
+            )
         )
 
     def done(self, kind: Kind, **kw: Any) -> Done:
