@@ -56,14 +56,26 @@ _SENSITIVE_PAIRS = frozenset({"api_key", "apikey", "private_key", "secret_key"})
 _UNTOUCHED = frozenset({"exc_info", "exception", "_record", "_from_structlog"})
 #: How deep nested mappings and sequences are searched for sensitive keys.
 _MAX_DEPTH = 6
-#: A URL in any string value, up to the next white space.
-_URL = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<rest>\S+)")
-#: A parameter whose name says secret, in a URL's query or a key=value DSN
-#: (``?access_token=…``, ``host=db password='…'``): its value goes. The
-#: same rule as ``brokerd check-config``'s masking (`broker.cli`).
+#: Characters that never occur unencoded in a URL (RFC 3986), besides space.
+_NOT_URL = r"\s\"<>\\^`{|}"
+#: A URL's scheme and authority (user information, host, port), in any
+#: string value; the authority ends at the first ``/``, ``?`` or ``#``. The
+#: tail is the rest of the URL up to an ``@`` (and no ``:``), for a password
+#: that holds one of those three unencoded. Linear: a scheme starts no later
+#: than at a word's start, and nothing is taken back (possessive).
+_URL = re.compile(
+    rf"(?<![A-Za-z0-9+.-])(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*+://)"
+    rf"(?P<authority>[^/?#{_NOT_URL}]*+)(?P<tail>[/?#][^@:{_NOT_URL}]*+@)?"
+)
+#: A parameter whose name ends in a word that says secret, in a URL's query
+#: or a key=value DSN (``?access_token=…``, ``host=db password='…'``): its
+#: value goes; ``tokenizer=`` and ``password_changed_at=`` stay. The same
+#: rule as ``brokerd check-config``'s masking (`broker.cli`). Linear: nothing
+#: follows the name's free part but the word, so it is taken back only once.
 SECRET_PARAM = re.compile(
-    r"(?i)((?:^|[?&;\s])[\w.-]*(?:password|passwd|secret|token|api[_-]?key)"
-    r"[\w.-]*\s*=\s*)('(?:[^'\\]|\\.)*'|[^&;\s]*)"
+    r"(?i)((?:^|[?&;\s])[\w.-]*(?:password|passwd|secret|token"
+    r"|(?:api|secret|private|access)[_-]?key)s?\s*+=\s*+)"
+    r"('(?:[^'\\]|\\.)*+'|[^&;\s]*+)"
 )
 #: Where a camelCase key splits into words (``clientSecret``).
 _CAMEL = re.compile(r"(?<=[a-z0-9])(?=[A-Z])")
@@ -141,21 +153,24 @@ def _scrub(value: Any, depth: int) -> Any:
 def _mask_user_info(url: re.Match[str]) -> str:
     """A URL with its user information masked, keeping the user of ``user:pass``.
 
-    The user information ends at the *last* ``@``: a password may hold one
-    (``amqp://q2c:p@ss@rabbit``). An ``@`` after a ``/`` that comes before
-    any ``:`` is in the path (``https://host/users/a@b``), not user
-    information. A password holding ``/`` is masked with what follows.
+    The user information is in the authority only (before the first ``/``,
+    ``?`` or ``#``), and ends at its *last* ``@``: a password may hold one
+    (``amqp://q2c:p@ss@rabbit``), while an ``@`` further on is in the path
+    or the query (``http://crm:8080/users/a@b.com``). An authority with no
+    ``@`` but a ``:`` that starts no port (``amqp://q2c:pa/ss@rabbit``) has
+    a password holding ``/``, ``?`` or ``#``: it runs to the next ``@``.
     """
-    scheme, rest = url["scheme"], url["rest"]
-    user_info, at, host = rest.rpartition("@")
+    scheme, authority, tail = url["scheme"], url["authority"], url["tail"] or ""
+    user_info, at, host = authority.rpartition("@")
     if not at:
-        return url[0]
-    slash, colon = user_info.find("/"), user_info.find(":")
-    if slash >= 0 and (colon < 0 or slash < colon):
-        return url[0]
-    if colon >= 0:
-        return f"{scheme}{user_info[:colon]}:***@{host}"
-    return f"{scheme}***@{host}"  # a token in the user's place
+        _, colon, port = authority.partition(":")
+        if not tail or not colon or port.isdigit() or authority.startswith("["):
+            return url[0]
+        user_info, host, tail = authority + tail[:-1], "", ""
+    user, colon, _ = user_info.partition(":")
+    if colon:
+        return f"{scheme}{user}:***@{host}{tail}"
+    return f"{scheme}***@{host}{tail}"  # a token in the user's place
 
 
 def configure_logging(

@@ -8,8 +8,9 @@ on exit only the file this process bound is removed.
 
 With a socket group (``[control] socket-group``), the socket is given to
 that group with mode 0660, and its directory (if only the daemon may enter
-it) with mode 0750: a uid in the group can then connect at all, and the
-server still admits it only if it is listed in ``[control] allowed-uids``.
+it, and it is the socket's own) with mode 0750: a uid in the group can then
+connect at all, and the server still admits it only if it is listed in
+``[control] allowed-uids``.
 Unix permissions decide who may *connect*; the peer uid check decides who
 is *served*.
 
@@ -55,10 +56,13 @@ def bind(
     parent = os.path.dirname(os.path.abspath(path))
     gid = _gid(group)
     try:
+        created = False
         if not os.path.isdir(parent):
-            os.makedirs(parent, mode=0o700, exist_ok=True)
+            with contextlib.suppress(FileExistsError):  # lost a race: not ours
+                os.makedirs(parent, mode=0o700)
+                created = True
         if gid is not None:
-            _share_directory(parent, gid, group)
+            _share_directory(parent, path, gid, group, created=created)
         _clear_stale(path)
     except OSError as exc:
         raise ControlError(f"cannot prepare control socket {path}: {exc}") from exc
@@ -107,32 +111,52 @@ def _gid(group: str | int) -> int | None:
         ) from None
 
 
-def _share_directory(parent: str, gid: int, group: str | int) -> None:
-    """Let the members of *gid* through the socket's directory.
+def _share_directory(
+    parent: str, path: str, gid: int, group: str | int, *, created: bool
+) -> None:
+    """Let the members of *gid* through the socket's directory, *parent*.
 
     A directory that lets them through already (search permission for the
     group or for everyone: ``/run``, say) is left as it is. One that only
-    the daemon may enter (the 0700 one `bind` creates) is given to the
-    group, 0750. Anything else is refused rather than changed: its group
-    or its mode may matter to someone else.
+    the daemon may enter is given to the group, 0750, if it is the socket's
+    own: `bind` just *created* it, or it holds nothing but the socket *path*
+    (a stale one, from an earlier run). Anything else is refused rather than
+    changed: its group or its mode may matter to someone else, and a private
+    directory holding more than the socket (the default ``var/``, with the
+    store and the journal; the service's home, with its config) would become
+    listable, and its files readable, by the group.
 
     Raises:
-        ControlError: the directory is shared and keeps the group out, or
-            the daemon may not give it to the group (it is not a member).
+        ControlError: the directory keeps the group out and is shared or
+            holds more than the socket, or the daemon may not give it to the
+            group (it is not a member).
     """
     info = os.stat(parent)
     mode = stat.S_IMODE(info.st_mode)
     if mode & 0o001 or (info.st_gid == gid and mode & 0o010):
         return
     if info.st_uid != os.geteuid() or mode & 0o077:
-        raise ControlError(
-            f"[control] socket-group: {parent} keeps group {group!r} out and is "
-            "not the daemon's private directory: give the socket a directory of "
-            f"its own (created 0750 for the group), or chgrp {group} {parent} "
-            "and chmod g+x it"
-        )
-    _give_to_group(parent, gid, group)
-    os.chmod(parent, 0o750)
+        why = "is not the daemon's private directory"
+        hint = f", or chgrp {group} {parent} and chmod g+x it"
+    elif not created and not _holds_only(parent, path):
+        why, hint = "holds more than the socket", ""
+    else:
+        _give_to_group(parent, gid, group)
+        os.chmod(parent, 0o750)
+        return
+    raise ControlError(
+        f"[control] socket-group: {parent} keeps group {group!r} out and {why}: "
+        f"give the socket a directory of its own (created 0750 for the group){hint}"
+    )
+
+
+def _holds_only(parent: str, path: str) -> bool:
+    """Whether directory *parent* is empty but for a socket at *path*."""
+    name = os.path.basename(path)
+    for entry in os.listdir(parent):
+        if entry != name or not stat.S_ISSOCK(os.lstat(path).st_mode):
+            return False
+    return True
 
 
 def _give_to_group(

@@ -217,7 +217,8 @@ def _ecma_patterns(schema: Any) -> Any:
 
     The types anchor with ``\Z`` (Python's ``$`` also matches before a final
     newline); JSON Schema patterns are ECMA-262, where ``$`` is the end of
-    the input and ``\Z`` is no anchor at all.
+    the input and ``\Z`` is no anchor at all. Tuples (the top-level schemas
+    `msgspec.json.schema_components` returns) come back as lists.
     """
     if isinstance(schema, dict):
         return {
@@ -228,7 +229,7 @@ def _ecma_patterns(schema: Any) -> Any:
             )
             for k, v in schema.items()
         }
-    if isinstance(schema, list):
+    if isinstance(schema, (list, tuple)):
         return [_ecma_patterns(v) for v in schema]
     return schema
 

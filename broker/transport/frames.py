@@ -266,6 +266,7 @@ _FIXED: Final[dict[int, struct.Struct]] = {
 _SIZES: Final[dict[int, int]] = {
     **{kind: layout.size for kind, layout in _FIXED.items()},
     0x56: 0,  # V: void
+    0x00: 0,  # void too: undocumented, "seen in the wild" (pamqp reads it)
     0x74: 1,  # t: boolean
     0x54: 8,  # T: timestamp
     0x44: 5,  # D: decimal
@@ -312,7 +313,7 @@ class _Nested:
         layout = _FIXED.get(kind)
         if layout is not None:
             return layout.unpack_from(buf, p)[0], q
-        if kind == 0x56:  # V: void
+        if kind == 0x56 or kind == 0x00:  # V, or 0x00 as pamqp reads it: void
             return None, q
         if kind == 0x74:  # t: boolean
             return bool(buf[p]), q

@@ -239,6 +239,45 @@ async def test_a_private_directory_is_opened_to_the_socket_group(run_dir: str) -
     assert (stat.S_IMODE(parent.st_mode), parent.st_gid) == (0o750, os.getgid())
 
 
+async def test_a_private_directory_holding_more_than_the_socket_is_not_shared(
+    run_dir: str,
+) -> None:
+    """The daemon's 0700 data directory (``var/``, the store beside) stays 0700."""
+    data = f"{run_dir}/var"
+    os.mkdir(data, 0o700)
+    os.close(os.open(f"{data}/q2c.sqlite", os.O_CREAT | os.O_WRONLY, 0o600))
+    before = os.stat(data)
+    cfg = ControlConfig(socket_path=f"{data}/c.sock", socket_group=str(os.getgid()))
+    server = server_module.ControlServer(cfg, FakeHandler())
+    with (
+        anyio.fail_after(10),
+        pytest.raises(ControlError, match="holds more than the socket") as caught,
+    ):
+        await server.serve()
+    assert "give the socket a directory of its own" in str(caught.value)
+    after = os.stat(data)
+    assert (stat.S_IMODE(after.st_mode), after.st_gid) == (0o700, before.st_gid)
+    assert os.listdir(data) == ["q2c.sqlite"]
+
+
+@pytest.mark.parametrize("stale", [False, True], ids=["empty", "stale-socket"])
+def test_a_private_directory_holding_only_the_socket_is_shared(
+    run_dir: str, stale: bool
+) -> None:
+    """An existing 0700 directory, empty or with a stale socket of ours, goes 0750."""
+    own = f"{run_dir}/run"
+    os.mkdir(own, 0o700)
+    path = f"{own}/c.sock"
+    if stale:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as dead:
+            dead.bind(path)  # closed without unlinking: nobody answers on it
+    sock, _ = socket_file.bind(path, 1, str(os.getgid()))
+    sock.close()
+    parent = os.stat(own)
+    assert (stat.S_IMODE(parent.st_mode), parent.st_gid) == (0o750, os.getgid())
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o660
+
+
 # -- accept() failures ----------------------------------------------------------
 
 

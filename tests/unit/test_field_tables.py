@@ -112,6 +112,23 @@ def test_tables_read_as_pamqp_reads_them(headers: dict[str, Any]) -> None:
     assert read(table) == pamqp_reads(table)
 
 
+@pytest.mark.parametrize("padding", [b"", PADDING], ids=["inline", "counted"])
+def test_type_byte_0x00_reads_as_void_as_pamqp_reads_it(padding: bytes) -> None:
+    """0x00, undocumented but seen in the wild, is void (None), as in pamqp."""
+    table = (
+        entry(b"zero", b"\x00", b"")
+        + entry(b"a", b"", sized(b"A", b"\x00" + b"b\x07" + b"\x00"))
+        + entry(b"F", b"", sized(b"F", entry(b"z", b"\x00", b"")))
+        + entry(b"after", b"b", b"\x05")
+        + padding
+    )
+    theirs = pamqp_reads(table)
+    assert read(table) == theirs
+    assert theirs["zero"] is None
+    assert theirs["a"] == [None, 7, None]
+    assert (theirs["F"], theirs["after"]) == ({"z": None}, 5)
+
+
 def test_a_table_holds_at_most_1024_values() -> None:
     """Entries and the values nested in them count alike; the 1025th is refused."""
     voids = b"".join(entry(b"%d" % i, b"V", b"") for i in range(1024))

@@ -5,12 +5,13 @@ from __future__ import annotations
 import io
 import json
 import logging
+import time
 from collections.abc import Iterator
 
 import pytest
 import structlog
 
-from broker.logging import configure_logging
+from broker.logging import configure_logging, redact
 
 
 @pytest.fixture(autouse=True)
@@ -221,3 +222,69 @@ def test_passwords_with_an_at_sign_and_secret_parameters_are_masked(
     for secret in (b"p@ss", b"ss@rabbit", b"tk-99", b"at-9", b"pw with", b"hunter2"):
         assert secret not in out
     assert b"t0k3n" not in out
+
+
+def test_an_at_sign_past_a_urls_authority_leaves_the_url_alone(
+    log_buffer: io.BytesIO,
+) -> None:
+    """Only the authority holds user information: paths, queries and JSON stay."""
+    lines = {
+        "path": "GET http://crm:8080/api/users/jane@x.com failed",
+        "query": "https://api.example.com:443/search?q=a@b.com",
+        "json": '{"url":"http://crm","email":"a@b.com"}',
+        "json_port": '{"url":"http://127.0.0.1:8731/erp","email":"a@b.com"}',
+        "ipv6": "http://[::1]:8080/users/a@b.com",
+    }
+    structlog.get_logger("probe").error("call_failed", **lines)
+    record = json.loads(log_buffer.getvalue())
+    assert {key: record[key] for key in lines} == lines
+
+
+def test_a_password_holding_a_slash_is_masked_to_its_at_sign(
+    log_buffer: io.BytesIO,
+) -> None:
+    """An unencoded ``/`` in a password (no port after the ``:``) is masked too."""
+    structlog.get_logger("probe").error(
+        "connect_failed", error="amqp://q2c:pa/ss@rabbit/q2c refused"
+    )
+    out = log_buffer.getvalue()
+    assert json.loads(out)["error"] == "amqp://q2c:***@rabbit/q2c refused"
+    assert b"pa/ss" not in out
+
+
+def test_a_parameter_is_masked_only_when_its_name_ends_in_a_secret_word(
+    log_buffer: io.BytesIO,
+) -> None:
+    """``tokenizer=``, ``token_count=`` stay; ``aws_secret_access_key=`` goes."""
+    structlog.get_logger("probe").info(
+        "probe",
+        note=(
+            "tokenizer=fast token_count=5 password_changed_at=2024-01-01 "
+            "secret_santa=on"
+        ),
+        cmd="--aws_secret_access_key=ak-1 --clientSecret=cs-1 api-keys=k-1",
+    )
+    out = log_buffer.getvalue()
+    record = json.loads(out)
+    assert record["note"] == (
+        "tokenizer=fast token_count=5 password_changed_at=2024-01-01 secret_santa=on"
+    )
+    assert record["cmd"] == (
+        "--aws_secret_access_key=*** --clientSecret=*** api-keys=***"
+    )
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        "x=1 " + "token" * 8000,
+        "x://@ " + "a" * 40000,
+        "http://u:p/" + "a" * 40000 + " @",
+    ],
+    ids=["secret-words", "scheme-letters", "url-tail"],
+)
+def test_redaction_of_a_long_word_takes_linear_time(line: str) -> None:
+    """40 KB words that made the patterns backtrack (seconds) take milliseconds."""
+    started = time.perf_counter()
+    redact(None, "info", {"line": line})
+    assert time.perf_counter() - started < 0.5
