@@ -252,18 +252,29 @@ class DealWorkflow:
     def finished(self, state: DealState) -> bool:
         """Whether the deal is over: completed (an open exception is not).
 
-        A finished deal nothing changed for ``[core]
-        finished-retention-days`` is deleted (`broker.retention`).
+        An instance that never started (a late fact of a deal the retention
+        deleted already) is over too. A finished deal nothing changed for
+        ``[core] finished-retention-days`` is deleted (`broker.retention`).
         """
-        return state.stage == "completed"
+        return state.stage == "completed" or _unstarted(state)
 
     def apply(
         self, state: DealState, event: Any, envelope: Envelope
     ) -> Applied[DealState]:
-        """Record the fact, then issue what it made possible."""
+        """Record the fact, then issue what it made possible.
+
+        A fact that can only follow an order, for a deal that has not started
+        (none of opportunity, quote, order is known), records nothing: it is
+        a late one of a deal the retention deleted (an annual subscription's
+        payment, a duplicate booking), not the start of a new deal.
+        """
+        if _unstarted(state) and not isinstance(event, _STARTERS):
+            return Applied(state, [], xref=[])
         s = msgspec.structs.replace(state, stages=dict(state.stages))
         s.open_exceptions = open_exceptions_of(s)
         emits: list[Emit] = []
+        if s.stage == "exception" and not s.open_exceptions:
+            _resume_stored(s, emits)
         self._record(s, event, envelope, emits)
         self._decide(s, envelope, emits)
         return Applied(s, emits, xref=_xref(event, s))
@@ -333,6 +344,11 @@ class DealWorkflow:
             case OrderBooked() as booked:
                 if s.erp_order_id in (None, booked.erp_order_id):
                     self._booked(s, emits, booked, at)
+                elif _rebooked(s, booked):
+                    # The clerk keyed a right order for the mismatched one:
+                    # the new number is the order's, the old one a duplicate.
+                    _replaced_booking(s, emits, booked)
+                    self._booked(s, emits, booked, at)
                 else:
                     _duplicate_booking(s, emits, booked)
             case OrderRejected() as rejected:
@@ -384,13 +400,11 @@ class DealWorkflow:
                     # shows it won again.
                     s.invoice = invoice
                     if _lift(s, "invoice_mismatch", "fulfilling"):
-                        _tell_crm(
+                        _won_again(
                             s,
                             emits,
-                            "Closed Won",
                             f"invoice {invoice.number} corrected",
-                            order_number=s.erp_order_id,
-                            key_suffix=f"corrected-{invoice.id}",
+                            f"corrected-{invoice.id}",
                         )
             case InvoicePaid():
                 s.invoice_paid = True
@@ -443,11 +457,19 @@ class DealWorkflow:
             # A clerk fixed the refused order in the ERP and it was booked
             # after all: the deal goes on from the booking. The exception
             # raised stays raised (in `exceptions`).
-            _lift(s, "order_fallout", "ordering")
+            resumed = _lift(s, "order_fallout", "ordering")
             if booked.net_total == order.net_total:
-                # The ERP confirmed it again at the order's total (a clerk
-                # corrected the booked order).
-                _lift(s, "booking_mismatch", "ordering")
+                # The ERP confirmed it at the order's total (a clerk
+                # corrected the booked order, or keyed a right one).
+                resumed = _lift(s, "booking_mismatch", "ordering") or resumed
+                if resumed:
+                    _won_again(
+                        s,
+                        emits,
+                        f"order {booked.erp_order_id} booked in the"
+                        f" {booked.erp} ERP at {booked.net_total}",
+                        f"rebooked-{booked.erp_order_id}",
+                    )
             else:
                 # Checked before the CRM, the CPQ or billing hear of it: a
                 # deal booked at another total would be won, provisioned and
@@ -613,16 +635,18 @@ class DealWorkflow:
                 subject=order.id,
             )
         )
+        # The SLA runs from the approval: the timer falls due then, not a
+        # full SLA after whichever fact came last (at once if that was late
+        # already; never later than the SLA, should the fact that completed
+        # the pair carry an earlier time than the approval).
+        due_at = at + timedelta(seconds=self._booking_sla_s)
+        left_s = (due_at - env.time).total_seconds()
         emits.append(
             Emit(
-                event=TimerElapsed(
-                    deal_id=s.deal_id,
-                    timer=BOOKING_SLA,
-                    due_at=at + timedelta(seconds=self._booking_sla_s),
-                ),
+                event=TimerElapsed(deal_id=s.deal_id, timer=BOOKING_SLA, due_at=due_at),
                 subject=order.id,
                 key_suffix=BOOKING_SLA,
-                delay_s=self._booking_sla_s,
+                delay_s=max(0.0, min(self._booking_sla_s, left_s)),
             )
         )
 
@@ -639,10 +663,12 @@ class DealWorkflow:
     ) -> None:
         """Raise a business exception once per kind, stopping the deal; tell the CRM.
 
-        The deal stays stopped until the exception is lifted (`_lift`). A
-        completed deal is done: a late fact about it raises nothing.
+        The deal stays stopped until the exception is lifted (`_lift`); once
+        lifted, the same kind raised again (a later booking at a wrong total)
+        stops it again. A completed deal is done: a late fact about it raises
+        nothing.
         """
-        if kind in s.exceptions or s.stage == "completed":
+        if kind in s.open_exceptions or s.stage == "completed":
             return
         _report(s, emits, kind, document, document_id, amount, violations)
         s.open_exceptions = (*s.open_exceptions, kind)
@@ -718,6 +744,46 @@ def _duplicate_booking(s: DealState, emits: list[Emit], booked: OrderBooked) -> 
     )
 
 
+def _rebooked(s: DealState, booked: OrderBooked) -> bool:
+    """*booked*, under another number, replaces a booking at a wrong total.
+
+    The booking mismatch is open and the new booking is of the order at its
+    total: a clerk keyed a right order (the wrong one is to be cancelled).
+    """
+    return (
+        "booking_mismatch" in s.open_exceptions
+        and s.order is not None
+        and booked.order_id == s.order.id
+        and booked.net_total == s.order.net_total
+    )
+
+
+def _replaced_booking(s: DealState, emits: list[Emit], booked: OrderBooked) -> None:
+    """Report the mismatched booking as the duplicate to cancel; forget it.
+
+    Its number joins ``duplicate_orders`` (reported once) and the order is
+    unbooked, so `DealWorkflow._booked` takes *booked* as the order's.
+    """
+    old = s.erp_order_id
+    assert old is not None
+    if old not in s.duplicate_orders:
+        s.duplicate_orders = (*s.duplicate_orders, old)
+        _report(
+            s,
+            emits,
+            "duplicate_booking",
+            "order",
+            booked.order_id,
+            s.booked_total or booked.net_total,
+            (
+                f"order {booked.order_id} booked twice: {s.erp} ERP order {old}"
+                f" ({s.booked_total}), a duplicate to cancel, and {booked.erp}"
+                f" ERP order {booked.erp_order_id} ({booked.net_total}) (kept)",
+            ),
+        )
+    s.erp_order_id, s.erp_status, s.booked_total = None, None, None
+
+
 def _refused_after_booking(s: DealState, rejected: OrderRejected) -> None:
     """Keep the ERP's refusal of an order it booked already, as a booking warning.
 
@@ -771,6 +837,51 @@ def _entry(kind: str, canonical_id: str, system: str, native_id: str) -> XrefEnt
     )
 
 
+#: Facts that start a deal; any other needs a deal started (`_unstarted`).
+_STARTERS = (OpportunityCreated, QuoteApproved, QuoteDenied)
+
+
+def _unstarted(s: DealState) -> bool:
+    """Nothing that starts a deal is known: no opportunity, quote or order."""
+    return s.opportunity is None and s.quote is None and s.order is None
+
+
+def _resume_stored(s: DealState, emits: list[Emit]) -> None:
+    """Go on with a stored deal in ``exception`` of which none is open.
+
+    The stage is the latest one its facts reached; `DealWorkflow._decide`
+    then issues what they made possible. A status the previous release
+    overwrote with ``rejected`` after the booking is the booking's again.
+    """
+    if s.erp_order_id is not None and s.erp_status == "rejected":
+        s.erp_status = "open"
+    reached = [st for st in _ORDERED_STAGES[:-1] if st in s.stages]
+    s.stage = reached[-1] if reached else "opened"  # type: ignore[assignment]
+    _won_again(s, emits, f"order {s.erp_order_id} booked", "resumed")
+
+
+def _won_again(s: DealState, emits: list[Emit], note: str, key_suffix: str) -> None:
+    """The deal left its exceptions: the CRM, told it was won before, shows it again.
+
+    Before it was told (``crm_update`` not issued) `DealWorkflow._decide`
+    tells it, once; a deal the CRM shows won already is left alone.
+    """
+    wanted = s.crm_wanted
+    if (
+        "crm_update" in s.issued
+        and s.erp_order_id is not None
+        and (wanted is None or wanted.stage != "Closed Won")
+    ):
+        _tell_crm(
+            s,
+            emits,
+            "Closed Won",
+            note,
+            order_number=s.erp_order_id,
+            key_suffix=key_suffix,
+        )
+
+
 #: Exceptions a revised, approved quote lifts (no order was made yet).
 _QUOTE_KINDS: frozenset[str] = frozenset({"quote_denied", "quote_rejected"})
 
@@ -812,18 +923,21 @@ def _open_in_stored(s: DealState) -> tuple[ExceptionKind, ...]:
     """The open exceptions of a deal in ``exception`` stored before they were kept.
 
     Such a state has the history alone. A kind raised is open unless the
-    fact that lifts it is already recorded: the order booked after its
-    fallout (its status no longer ``rejected``), an invoice of the order's
-    amount after a mismatch. A quote's refusal is cleared from the history
-    when lifted.
+    fact that lifts it is already recorded: the order booked (before or
+    after its fallout), an invoice of the order's amount after a mismatch. A
+    quote's refusal is cleared from the history when lifted. None open: the
+    deal goes on from its facts (`_resume_stored`).
     """
-    still = tuple(k for k in s.exceptions if not _lifted_in_stored(s, k))
-    return still or s.exceptions
+    return tuple(k for k in s.exceptions if not _lifted_in_stored(s, k))
 
 
 def _lifted_in_stored(s: DealState, kind: ExceptionKind) -> bool:
     if kind == "order_fallout":
-        return s.erp_order_id is not None and s.erp_status != "rejected"
+        # Booked: the previous release raised fallout for a refusal that
+        # came after the booking too (and set the status to ``rejected``).
+        return s.erp_order_id is not None
+    if kind == "duplicate_booking":
+        return True  # reported, never holds the deal
     if kind == "invoice_mismatch":
         return (
             s.order is not None

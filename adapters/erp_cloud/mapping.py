@@ -102,6 +102,7 @@ __all__ = [
     "sales_area_of",
     "to_sales_order",
     "from_sales_order",
+    "erp_order_number",
     "order_booked",
     "order_rejected",
     "sales_order_booked",
@@ -416,6 +417,16 @@ def _line_number(external: str | None, item: str | None) -> int:
     raise ValueError(f"item {item!r} has no usable number")
 
 
+def erp_order_number(number: str) -> str:
+    """SAP's sales order number in its external form: ``0000004711`` → ``4711``.
+
+    The OData API returns it so; the business events and some tenants' create
+    responses send it zero-padded. Every booking takes its number from here,
+    so the echo of a create names the order as the create's response did.
+    """
+    return str(int(number)) if number.isdigit() else number
+
+
 def order_booked(
     order: Order, created: A_SalesOrder, notices: Sequence[SapNotice] = ()
 ) -> OrderBooked:
@@ -426,7 +437,7 @@ def order_booked(
         order_id=order.id,
         deal_id=order.deal_id,
         erp="cloud",
-        erp_order_id=created.SalesOrder or "",
+        erp_order_id=erp_order_number(created.SalesOrder or ""),
         status=_STATUS.get(created.OverallSDProcessStatus or "", "open"),
         net_total=order.net_total
         if total is None
@@ -445,8 +456,7 @@ def sales_order_booked(data: SalesOrderEventData, ref: DealRef) -> OrderBooked:
     customer reference) this is the booking the deal resumes from; for an
     order the connector created it is the echo of that booking, with the
     same number, which the deal takes as a repeat. The number is in SAP's
-    external form (``0000004711`` → ``4711``, as the OData API returns it),
-    so the echo names the order as the create's response did.
+    external form (`erp_order_number`), as `order_booked`'s is.
 
     Raises:
         ValueError: the event carries no amount or currency.
@@ -458,7 +468,7 @@ def sales_order_booked(data: SalesOrderEventData, ref: DealRef) -> OrderBooked:
         order_id=ref.order_id,
         deal_id=ref.deal_id,
         erp="cloud",
-        erp_order_id=str(int(number)) if number.isdigit() else number,
+        erp_order_id=erp_order_number(number),
         status=_STATUS.get(data.OverallSDProcessStatus or "", "open"),
         net_total=Money(amount=data.TotalNetAmount, currency=data.TransactionCurrency),
         customer_ref=data.PurchaseOrderByCustomer or customer_ref(ref.deal_id),

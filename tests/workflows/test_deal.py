@@ -952,3 +952,239 @@ def test_the_deal_view_shows_open_exceptions_and_duplicate_orders(
     stored = _stored_before_open_exceptions(fallout.state)
     assert stored.open_exceptions == ()
     assert deal_view(stored, 2).open_exceptions == ["order_fallout"]
+
+
+def test_a_right_order_keyed_after_a_booking_mismatch_replaces_the_wrong_one(
+    deal: Deal,
+) -> None:
+    """SAP booked 4711 at 330.00 for a 300.00 order; the clerk keyed 4712 at 300.00.
+
+    4712 becomes the order's number (state and xref), 4711 is reported once
+    as the duplicate to cancel, the mismatch is lifted and the deal
+    completes on 4712. Either booking again changes nothing.
+    """
+    deal.feed(OPPORTUNITY, QuoteApproved(quote=SAAS_ONLY))
+    order = deal.state.order
+    assert order is not None
+    deal.feed(booked(deal, eur("330.00")))
+    right = booked(deal, order.net_total, number="4712")
+
+    applied = deal.wf.apply(deal.state, right, envelope(right))
+
+    (entry,) = applied.xref
+    assert (entry.canonical_id, entry.native_id) == (order.id, "4712")
+    (dup,) = [e.event for e in applied.emits if isinstance(e.event, BusinessException)]
+    assert (dup.kind, dup.document_id) == ("duplicate_booking", order.id)
+    (violation,) = dup.violations
+    assert "4711 (330.00 EUR), a duplicate to cancel" in violation
+    assert "4712 (300.00 EUR) (kept)" in violation
+    deal.state = applied.state
+    deal.emitted.extend(applied.emits)
+    assert (deal.state.erp_order_id, deal.state.booked_total) == ("4712", eur("300"))
+    assert deal.state.duplicate_orders == ("4711",)
+    assert deal.open_exceptions() == ()
+    assert deal.stage() == "fulfilling"
+    assert deal.state.crm_wanted is not None
+    assert (deal.state.crm_wanted.stage, deal.state.crm_wanted.order_number) == (
+        "Closed Won",
+        "4712",
+    )
+
+    assert deal.feed(booked(deal, eur("330.00")), right) == []
+    sub = deal.of(SubscriptionRequested)[0].subscription
+    deal.feed(*confirmed(deal, sub))
+    (done,) = deal.of(DealCompleted)
+    assert done.erp_order_id == "4712"
+    assert [e.kind for e in deal.of(BusinessException)] == [
+        "booking_mismatch",
+        "duplicate_booking",
+    ]
+
+
+def test_a_booking_mismatch_after_a_lifted_one_stops_the_deal_again(
+    deal: Deal,
+) -> None:
+    """330.00, corrected to 300.00, then 330.00 again: the deal stops again.
+
+    A lifted exception is history, not immunity: the later wrong total is
+    raised (and the CRM told) afresh, and the deal does not complete on it.
+    """
+    deal.feed(OPPORTUNITY, QuoteApproved(quote=SAAS_ONLY))
+    order = deal.state.order
+    assert order is not None
+    deal.feed(booked(deal, eur("330.00")), booked(deal, order.net_total))
+    assert deal.stage() == "fulfilling"
+
+    out = deal.feed(booked(deal, eur("330.00")))
+
+    assert [type(e.event) for e in out] == [
+        BusinessException,
+        OpportunityUpdateRequested,
+    ]
+    assert [e.kind for e in deal.of(BusinessException)] == ["booking_mismatch"] * 2
+    assert deal.stage() == "exception"
+    assert deal.open_exceptions() == ("booking_mismatch",)
+    sub = deal.of(SubscriptionRequested)[0].subscription
+    deal.feed(*confirmed(deal, sub))
+    assert not deal.of(DealCompleted)
+    assert deal.stage() == "exception"
+
+
+def test_a_lift_shows_the_crm_the_deal_won_again_after_it_was_told_otherwise(
+    deal: Deal,
+) -> None:
+    """Closed Won, then Needs Attention: once nothing is open, Closed Won again.
+
+    A booking at a wrong total after the win, and a wrong invoice: the right
+    invoice lifts its mismatch (the booking's still holds, nothing is told),
+    the right booking the last one, and the CRM is told Closed Won, as a new
+    command. The deal completes.
+    """
+    deal.feed(OPPORTUNITY, QuoteApproved(quote=SAAS_ONLY))
+    order = deal.state.order
+    assert order is not None
+    deal.feed(booked(deal, order.net_total))
+    sub = deal.of(SubscriptionRequested)[0].subscription
+    deal.feed(*confirmed(deal, sub)[:3], invoice(deal, eur("310.00")))
+    deal.feed(booked(deal, eur("330.00")))
+    assert deal.open_exceptions() == ("invoice_mismatch", "booking_mismatch")
+    right = Invoice(id="inv-2", order_id=order.id, number="9002", amount=eur("300.00"))
+
+    assert deal.feed(InvoiceIssued(invoice=right, deal_id=DEAL, erp=order.erp)) == []
+    out = deal.feed(booked(deal, order.net_total))
+
+    crm = [e for e in out if isinstance(e.event, OpportunityUpdateRequested)]
+    (update,) = crm
+    assert (update.event.stage, update.event.order_number) == ("Closed Won", "4711")
+    assert update.key_suffix  # a new command, not the first Closed Won again
+    assert [u.stage for u in deal.of(OpportunityUpdateRequested)] == [
+        "Closed Won",
+        "Needs Attention",
+        "Needs Attention",
+        "Closed Won",
+    ]
+    assert deal.stage() == "completed"
+    assert len(deal.of(DealCompleted)) == 1
+
+
+def test_a_stored_fallout_raised_after_the_booking_does_not_hold_the_deal(
+    deal: Deal,
+) -> None:
+    """The previous release raised fallout for a refusal after the booking.
+
+    Such a stored state (status ``rejected``, stage ``exception``, only the
+    history) has nothing open: the deal goes on from its facts, with the
+    booking's status back, tells the CRM it is won again, and completes.
+    """
+    deal.feed(OPPORTUNITY, QuoteApproved(quote=SAAS_ONLY))
+    order = deal.state.order
+    assert order is not None
+    deal.feed(booked(deal, order.net_total))
+    attention = OpportunityUpdateRequested(
+        opportunity_id=OPPORTUNITY.opportunity.id,
+        stage="Needs Attention",
+        status_note=f"order fallout: order {order.id} (300.00 EUR)",
+    )
+    old = msgspec.structs.replace(
+        deal.state,
+        stage="exception",
+        erp_status="rejected",
+        exceptions=("order_fallout",),
+        crm_wanted=attention,
+        stages={**deal.state.stages, "exception": NOW},
+    )
+    deal.state = _stored_before_open_exceptions(old)
+    assert deal_view(deal.state, 2).open_exceptions == []
+
+    sub = deal.of(SubscriptionRequested)[0].subscription
+    out = deal.feed(*confirmed(deal, sub))
+
+    assert deal.stage() == "completed"
+    assert deal.state.erp_status == "open"
+    assert len(deal.of(DealCompleted)) == 1
+    (won,) = [e.event for e in out if isinstance(e.event, OpportunityUpdateRequested)]
+    assert (won.stage, won.order_number) == ("Closed Won", "4711")
+
+
+def test_late_facts_of_a_deleted_deal_start_nothing(deal: Deal) -> None:
+    """After the retention deleted a deal, its late facts record nothing.
+
+    A payment, a booking, a refusal, an invoice, a shipment, a subscription,
+    a CRM or CPQ confirmation or a timer, for a deal with no opportunity,
+    quote or order: the state stays as it was, nothing is issued or bound,
+    and the empty instance counts as finished (its row goes after the
+    retention too). A quote approved before its opportunity still waits.
+    """
+    order_ref = "order-006Hn00000A1b2cIAB"
+    empty = deal.state
+    paid = Invoice(id="inv-9", order_id=order_ref, number="in_9", amount=eur("300"))
+    late: list[Any] = [
+        InvoicePaid(invoice=paid, deal_id=DEAL, native_id="in_9"),
+        OrderBooked(
+            order_id=order_ref,
+            deal_id=DEAL,
+            erp="cloud",
+            erp_order_id="4712",
+            status="open",
+            net_total=eur("300.00"),
+            customer_ref="Q2C-006Hn00000A1b2cIAB",
+        ),
+        OrderRejected(
+            order_id=order_ref,
+            deal_id=DEAL,
+            erp="cloud",
+            code="V1/320",
+            message="PO already exists",
+            net_total=eur("300.00"),
+        ),
+        InvoiceIssued(invoice=paid, deal_id=DEAL, erp="cloud"),
+        ShipmentDispatched(
+            shipment=Shipment(id="ship-1", order_id=order_ref, number="8001"),
+            deal_id=DEAL,
+            erp="cloud",
+        ),
+        SubscriptionCreated(
+            subscription_id="sub-006Hn00000A1b2cIAB",
+            deal_id=DEAL,
+            order_id=order_ref,
+            native_id="sub_1",
+            amount_per_period=eur("300.00"),
+            status="active",
+        ),
+        crm_updated("Closed Won"),
+        QuoteUpdated(quote_id=SAAS_ONLY.id, status="ordered", native_id="a0Q"),
+        TimerElapsed(deal_id=DEAL, timer="booking_sla", due_at=NOW),
+    ]
+    for event in late:
+        applied = deal.wf.apply(
+            empty, event, envelope(event, NOW + timedelta(days=400))
+        )
+        assert (applied.state, applied.emits, applied.xref) == (empty, [], []), event
+    assert deal.wf.finished(empty)
+
+    assert deal.feed(QuoteApproved(quote=SAAS_ONLY)) == []
+    assert not deal.wf.finished(deal.state)
+    deal.feed(OPPORTUNITY)
+    assert len(deal.of(OrderBookingRequested)) == 1
+
+
+def test_the_booking_sla_timer_falls_due_when_the_sla_does(deal: Deal) -> None:
+    """The SLA runs from the approval, not from the fact that completed the pair.
+
+    The opportunity arriving two hours after the approval finds the SLA
+    breached already: the timer fires at once. Four minutes after, it fires
+    six minutes later; a completing fact dated before the approval waits no
+    longer than the SLA.
+    """
+    deal.feed(QuoteApproved(quote=SAAS_ONLY))
+    deal.feed(OPPORTUNITY, at=NOW + timedelta(hours=2))
+    soon, early = Deal(deal.wf), Deal(deal.wf)
+    soon.feed(QuoteApproved(quote=SAAS_ONLY))
+    soon.feed(OPPORTUNITY, at=NOW + timedelta(minutes=4))
+    early.feed(QuoteApproved(quote=SAAS_ONLY))
+    early.feed(OPPORTUNITY, at=NOW - timedelta(days=1))
+
+    for d, delay_s in ((deal, 0.0), (soon, 360.0), (early, 600.0)):
+        (timer,) = [e for e in d.emitted if isinstance(e.event, TimerElapsed)]
+        assert timer.event.due_at == NOW + timedelta(seconds=600)
+        assert timer.delay_s == delay_s

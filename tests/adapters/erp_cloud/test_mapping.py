@@ -31,6 +31,7 @@ from adapters.erp_cloud.mapping import (
     order_booked,
     order_rejected,
     sales_area_of,
+    sales_order_booked,
     search_term,
     shipment_dispatched,
     tax_changes,
@@ -47,6 +48,7 @@ from adapters.erp_cloud.views import (
     BillingDocumentEventData,
     Collection,
     OutboundDeliveryEventData,
+    SalesOrderEventData,
     SapNotice,
     Single,
     expanded,
@@ -139,6 +141,31 @@ def test_the_created_order_becomes_the_pinned_booking() -> None:
     assert booked.erp_order_id == "4711"
     assert booked.net_total == golden_order().net_total
     assert booked.warnings == ("V4/115: PO already exists",)
+
+
+def test_a_zero_padded_number_names_the_order_alike_in_create_and_event() -> None:
+    """SAP sends ``0000004711``: the create's answer and its echo both say ``4711``.
+
+    Otherwise the deal would take the echo of its own create for a second
+    booking under another number (a duplicate to cancel).
+    """
+    order = golden_order()
+    created = golden_input("sales_order_created.json", Single[A_SalesOrder]).d
+    padded = msgspec.structs.replace(created, SalesOrder="0000004711")
+    event = SalesOrderEventData(
+        SalesOrder="0000004711",
+        PurchaseOrderByCustomer=order.customer_ref,
+        TotalNetAmount=order.net_total.amount,
+        TransactionCurrency=order.net_total.currency,
+    )
+    ref = DealRef(deal_id=order.deal_id, order_id=order.id)
+
+    from_create = order_booked(order, padded)
+    from_event = sales_order_booked(event, ref)
+
+    assert from_create.erp_order_id == from_event.erp_order_id == "4711"
+    keyed = msgspec.structs.replace(created, SalesOrder="SO-17")
+    assert order_booked(order, keyed).erp_order_id == "SO-17"
 
 
 def test_a_refusal_becomes_the_pinned_rejection() -> None:
