@@ -21,7 +21,13 @@ from broker.config import Config
 from broker.errors import SupervisorGaveUp
 from broker.handler import DaemonControl
 from broker.outbox import OutboxFeed
-from broker.store import BatchWrite, DeadLetterFilter, DeadLetterRecord, DeadLetterRow
+from broker.store import (
+    BatchWrite,
+    DeadLetterFilter,
+    DeadLetterRecord,
+    DeadLetterRow,
+    SagaWrite,
+)
 from broker.store.sqlite import SqliteStore
 from broker.transport import Delivery, OutgoingMessage, PublishOutcome
 from canonical import Envelope, LedgerEntryApplied
@@ -506,3 +512,69 @@ async def test_a_failing_prune_is_logged_and_restarts_nothing(
     assert _restarts(tree) == 0
     (line,) = [line for line in logs if line["event"] == "store_prune_failed"]
     assert line["log_level"] == "error"
+
+
+async def test_the_maintenance_deletes_finished_instances_past_their_retention(
+    tmp_path: Path,
+) -> None:
+    """At start, then hourly: closed accounts idle for the retention go.
+
+    An account closed long ago goes; one still open stays however old, and
+    one closed yesterday stays.
+    """
+    states = {
+        "acct-closed": LedgerState(balance=Decimal(3), entries=2),
+        "acct-open": LedgerState(balance=Decimal(1), entries=1),
+        "acct-recent": LedgerState(balance=Decimal(5), entries=2),
+    }
+    store = await SqliteStore.open(str(tmp_path / "q2c.sqlite3"))
+    try:
+        await store.commit_batch(
+            BatchWrite(
+                consumer="ledger",
+                workflow="ledger",
+                sagas=[
+                    SagaWrite(
+                        correlation_id=cid,
+                        expected_version=0,
+                        state=msgspec.json.encode(state),
+                    )
+                    for cid, state in states.items()
+                ],
+            )
+        )
+    finally:
+        await store.aclose()
+    with sqlite3.connect(tmp_path / "q2c.sqlite3") as db:
+        db.execute(
+            "UPDATE saga SET updated_at = updated_at - ? WHERE correlation_id != ?",
+            (30 * 86_400.0, "acct-recent"),
+        )
+        db.execute(
+            "UPDATE saga SET updated_at = updated_at - ? WHERE correlation_id = ?",
+            (86_400.0, "acct-recent"),
+        )
+    cfg = config(
+        tmp_path,
+        BROKER__DAEMON__TREE="tests.runtime.trees:build_closing_tree",
+        BROKER__CORE__FINISHED_RETENTION_DAYS="7",
+    )
+    with capture_logs() as logs:
+        async with running(cfg) as daemon:
+
+            async def pruned() -> bool:
+                return (
+                    await daemon.runtime.store.load_saga("ledger", "acct-closed")
+                    is None
+                )
+
+            await eventually(pruned)
+            kept = {
+                cid
+                for cid in states
+                if await daemon.runtime.store.load_saga("ledger", cid) is not None
+            }
+
+    assert kept == {"acct-open", "acct-recent"}
+    (line,) = [e for e in logs if e["event"] == "finished_instances_pruned"]
+    assert line["ledger"] == 1

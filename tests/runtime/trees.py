@@ -16,7 +16,9 @@ __all__ = [
     "OrderedLedger",
     "OrderedState",
     "PoisonLedger",
+    "ClosingLedger",
     "TimerLedger",
+    "build_closing_tree",
     "build_crashing_tree",
     "build_ordered_tree",
     "build_poison_tree",
@@ -72,6 +74,41 @@ def _app(rt: Runtime, workflow: Any) -> SupervisorSpec:
 def build_poison_tree(rt: Runtime) -> SupervisorSpec:
     """One workflow subtree running `PoisonLedger`."""
     return _app(rt, PoisonLedger())
+
+
+@final
+class ClosingLedger:
+    """The ledger, whose accounts are over once they hold two entries."""
+
+    name = "ledger"
+    state_type = LedgerState
+
+    def __init__(self) -> None:
+        self._inner = LedgerWorkflow()
+
+    @property
+    def events(self) -> Mapping[str, type[Any]]:
+        """The ledger's events."""
+        return self._inner.events
+
+    def initial(self, correlation_id: str) -> LedgerState:
+        """An empty account."""
+        return self._inner.initial(correlation_id)
+
+    def apply(
+        self, state: LedgerState, event: Any, envelope: Envelope
+    ) -> Applied[LedgerState]:
+        """As the ledger does."""
+        return self._inner.apply(state, event, envelope)
+
+    def finished(self, state: LedgerState) -> bool:
+        """Two entries close an account."""
+        return state.entries >= 2
+
+
+def build_closing_tree(rt: Runtime) -> SupervisorSpec:
+    """One workflow subtree running `ClosingLedger`."""
+    return _app(rt, ClosingLedger())
 
 
 class OrderedState(msgspec.Struct, frozen=True, kw_only=True):
