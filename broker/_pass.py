@@ -16,7 +16,6 @@ workflow it holds its instance.
 
 from __future__ import annotations
 
-import time
 from typing import TYPE_CHECKING, Any
 
 import structlog
@@ -171,17 +170,9 @@ class Pass:
         queue = item.queue
         env = item.envelope
         error = f"{type(exc).__name__}: {exc}"
-        since: int | None = None
-        if isinstance(exc, TransientError) and not exc.spends_attempts:
-            # A wait for something outside the message (reference data not
-            # loaded, a key another daemon holds): time, not attempts.
-            now = int(time.time())
-            since = letters.unavailable_since(d) or now
-            tier = retry.wait_for(letters.waits_of(d) + 1, since, now)
-            exhausted = "unavailable_too_long"
-        else:
-            tier = retry.tier_for(item.attempt)
-            exhausted = "attempts_exhausted"
+        # A wait for something outside the message (reference data not
+        # loaded, a key another daemon holds) spends time, not attempts.
+        tier, since, exhausted = letters.next_tier(retry, exc, d, item.attempt)
         if tier is None:
             out.dead.append(exhausted)
             cid = d.correlation_id or env.correlation_id

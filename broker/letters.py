@@ -14,15 +14,26 @@ the system actor (`broker.gateway`), record outcomes the same way:
 from __future__ import annotations
 
 import hashlib
+import time
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from broker.codec import encode_envelope, encode_event
-from broker.store import DeadLetterRecord, JournalRecord, OutboxRecord
+from broker.errors import TransientError
+from broker.store import (
+    UNAVAILABLE_SINCE_HEADER,
+    WAITS_HEADER,
+    DeadLetterRecord,
+    JournalRecord,
+    OutboxRecord,
+)
 from broker.transport import Delivery
 from broker.transport.topology import DEAD_EXCHANGE, retry_exchange
 from canonical.envelope import Envelope
 from canonical.upcast import current_version
+
+if TYPE_CHECKING:
+    from broker.retry import RetryPolicy
 
 __all__ = [
     "ATTEMPT_HEADER",
@@ -30,6 +41,7 @@ __all__ = [
     "WAITS_HEADER",
     "unavailable_since",
     "waits_of",
+    "next_tier",
     "dead_letter",
     "follow_up",
     "journal",
@@ -42,11 +54,6 @@ __all__ = [
 
 #: Delivery attempts so far, counted durably in the message itself.
 ATTEMPT_HEADER = "x-q2c-attempt"
-#: Epoch seconds of the first of a run of failures for want of the system.
-UNAVAILABLE_SINCE_HEADER = "x-q2c-unavailable-since"
-#: How many waits in a row (failures that spend time, not attempts) the
-#: message has met: it picks the wait's tier, growing as a run goes on.
-WAITS_HEADER = "x-q2c-waits"
 
 
 def message_id_for(idempotency_key: str) -> str:
@@ -228,3 +235,23 @@ def waits_of(d: Delivery) -> int:
     """How many waits in a row *d* has met (0: none, or the run ended)."""
     raw = d.headers.get(WAITS_HEADER) if d.headers else None
     return raw if isinstance(raw, int) and not isinstance(raw, bool) and raw > 0 else 0
+
+
+def next_tier(
+    policy: RetryPolicy, error: BaseException | None, d: Delivery, attempt: int
+) -> tuple[float | None, int | None, str]:
+    """Where *d*, failed with *error* on *attempt*, goes next.
+
+    Returns the retry tier (None: dead-letter it), since when a wait's run
+    has lasted (None for a failure of the message: pass it to `retry`), and
+    the dead letter's reason should there be no tier. A wait (a
+    `TransientError` that does not spend attempts) goes up the tiers by its
+    run of waits until ``unavailable-max-s``; any other failure by its
+    attempt until ``max-attempts``.
+    """
+    if isinstance(error, TransientError) and not error.spends_attempts:
+        now = int(time.time())
+        since = unavailable_since(d) or now
+        tier = policy.wait_for(waits_of(d) + 1, since, now)
+        return tier, since, "unavailable_too_long"
+    return policy.tier_for(attempt), None, "attempts_exhausted"

@@ -280,26 +280,17 @@ class SystemCommit:
             else:
                 error = f"{type(d.error).__name__}: {d.error}"
                 retry_after = getattr(d.error, "retry_after_s", None)
-                since: int | None = None
-                if isinstance(d.error, TransientError) and not d.error.spends_attempts:
-                    # The system was down, throttling or silent, or the
-                    # connector waits on a key another daemon holds: that
-                    # says nothing of the command, so it does not use up
-                    # attempts, only time (the breaker keeps the queue still
-                    # meanwhile).
-                    now = int(time.time())
-                    since = letters.unavailable_since(d.delivery) or now
-                    waits = letters.waits_of(d.delivery) + 1
-                    wait = self._rt.retry.wait_for(waits, since, now)
-                    if wait is None:
-                        dead_letter(d, "unavailable_too_long", error)
-                        continue
-                    tier: float | None = self._longer(wait, retry_after)
-                else:
-                    tier = self._tier(d.attempt, retry_after)
+                # The system was down, throttling or silent, or the connector
+                # waits on a key another daemon holds: that says nothing of
+                # the command, so it does not use up attempts, only time (the
+                # breaker keeps the queue still meanwhile).
+                tier, since, exhausted = letters.next_tier(
+                    self._rt.retry, d.error, d.delivery, d.attempt
+                )
                 if tier is None:
-                    dead_letter(d, "attempts_exhausted", error)
+                    dead_letter(d, exhausted, error)
                     continue
+                tier = self._longer(tier, retry_after)
                 d.outcome, d.reason = "retry_scheduled", f"{tier:g}s"
                 outbox.append(
                     letters.retry(
@@ -328,11 +319,6 @@ class SystemCommit:
             dead_letters=dead,
             journal=journal,
         )
-
-    def _tier(self, attempt: int, retry_after_s: float | None) -> float | None:
-        """The retry tier after failed *attempt*, at least *retry_after_s* long."""
-        tier = self._rt.retry.tier_for(attempt)
-        return None if tier is None else self._longer(tier, retry_after_s)
 
     def _longer(self, tier: float, retry_after_s: float | None) -> float:
         """*tier*, or the shortest tier at least *retry_after_s* long."""

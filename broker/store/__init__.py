@@ -56,6 +56,8 @@ __all__ = [
     "DeadLetterStatus",
     "REPLAY_HEADER",
     "REPLAY_DROPS",
+    "UNAVAILABLE_SINCE_HEADER",
+    "WAITS_HEADER",
     "StatusFilter",
     "XrefEntry",
     "XrefConflict",
@@ -72,10 +74,16 @@ DeadLetterStatus = Literal["parked", "held", "released", "replayed", "purged"]
 #: how many times it has been (1 the first time).
 REPLAY_HEADER: Final = "x-q2c-replay"
 
+#: Epoch seconds of the first of a run of failures for want of the system.
+UNAVAILABLE_SINCE_HEADER: Final = "x-q2c-unavailable-since"
+#: How many waits in a row (failures that spend time, not attempts) the
+#: message has met: it picks the wait's tier, growing as a run goes on.
+WAITS_HEADER: Final = "x-q2c-waits"
+
 #: Headers a replayed copy does not carry on: the marks of a run of waits
 #: (since when, how many) that ended in the dead letter. A replay starts
 #: waiting afresh.
-REPLAY_DROPS: Final = ("x-q2c-unavailable-since", "x-q2c-waits")
+REPLAY_DROPS: Final = (UNAVAILABLE_SINCE_HEADER, WAITS_HEADER)
 
 #: A filter's status: one status, or ``open`` for parked and held alike.
 StatusFilter = Literal["parked", "held", "released", "replayed", "purged", "open"]
