@@ -26,13 +26,8 @@ __all__ = [
 ]
 
 
-@final
-class PoisonLedger:
-    """The ledger, except for three memos.
-
-    "POISON" always fails, "REJECT" is refused for good, and "WAIT" always
-    waits for something outside the message (`RetryLater`).
-    """
+class ReshapedLedger:
+    """The ledger, with what it emits reshaped by `reshape` (for subclasses)."""
 
     name = "ledger"
     state_type = LedgerState
@@ -52,6 +47,26 @@ class PoisonLedger:
     def apply(
         self, state: LedgerState, event: Any, envelope: Envelope
     ) -> Applied[LedgerState]:
+        """Apply as the ledger; emit what `reshape` makes of its emits."""
+        applied = self._inner.apply(state, event, envelope)
+        return Applied(applied.state, self.reshape(event, applied.emits))
+
+    def reshape(self, event: Any, emits: Sequence[Emit]) -> list[Emit]:
+        """*emits* as they are."""
+        return list(emits)
+
+
+@final
+class PoisonLedger(ReshapedLedger):
+    """The ledger, except for three memos.
+
+    "POISON" always fails, "REJECT" is refused for good, and "WAIT" always
+    waits for something outside the message (`RetryLater`).
+    """
+
+    def apply(
+        self, state: LedgerState, event: Any, envelope: Envelope
+    ) -> Applied[LedgerState]:
         """Fail on the markers, else behave as the ledger."""
         if isinstance(event, LedgerEntryPosted):
             if event.memo == "POISON":
@@ -60,7 +75,7 @@ class PoisonLedger:
                 raise UpstreamRejected("ledger", "entry refused by rule")
             if event.memo == "WAIT":
                 raise RetryLater("the account's reference data is not loaded yet")
-        return self._inner.apply(state, event, envelope)
+        return super().apply(state, event, envelope)
 
 
 def _app(rt: Runtime, workflow: Any) -> SupervisorSpec:
@@ -77,29 +92,8 @@ def build_poison_tree(rt: Runtime) -> SupervisorSpec:
 
 
 @final
-class ClosingLedger:
+class ClosingLedger(ReshapedLedger):
     """The ledger, whose accounts are over once they hold two entries."""
-
-    name = "ledger"
-    state_type = LedgerState
-
-    def __init__(self) -> None:
-        self._inner = LedgerWorkflow()
-
-    @property
-    def events(self) -> Mapping[str, type[Any]]:
-        """The ledger's events."""
-        return self._inner.events
-
-    def initial(self, correlation_id: str) -> LedgerState:
-        """An empty account."""
-        return self._inner.initial(correlation_id)
-
-    def apply(
-        self, state: LedgerState, event: Any, envelope: Envelope
-    ) -> Applied[LedgerState]:
-        """As the ledger does."""
-        return self._inner.apply(state, event, envelope)
 
     def finished(self, state: LedgerState) -> bool:
         """Two entries close an account."""
@@ -169,36 +163,6 @@ class OrderedLedger:
 def build_ordered_tree(rt: Runtime) -> SupervisorSpec:
     """One workflow subtree running `OrderedLedger`."""
     return _app(rt, OrderedLedger())
-
-
-class ReshapedLedger:
-    """The ledger, with what it emits reshaped by `reshape` (for subclasses)."""
-
-    name = "ledger"
-    state_type = LedgerState
-
-    def __init__(self) -> None:
-        self._inner = LedgerWorkflow()
-
-    @property
-    def events(self) -> Mapping[str, type[Any]]:
-        """The ledger's events."""
-        return self._inner.events
-
-    def initial(self, correlation_id: str) -> LedgerState:
-        """An empty account."""
-        return self._inner.initial(correlation_id)
-
-    def apply(
-        self, state: LedgerState, event: Any, envelope: Envelope
-    ) -> Applied[LedgerState]:
-        """Apply as the ledger; emit what `reshape` makes of its emits."""
-        applied = self._inner.apply(state, event, envelope)
-        return Applied(applied.state, self.reshape(event, applied.emits))
-
-    def reshape(self, event: Any, emits: Sequence[Emit]) -> list[Emit]:
-        """*emits* as they are."""
-        return list(emits)
 
 
 @final
